@@ -1,0 +1,19 @@
+//! # fp8lm-kernels: the op set
+//!
+//! The model (in `fp8lm-trainer`) is written once against the traits here; each backend
+//! implements them. Today there is one backend, [`Cpu`]; a CUDA backend would implement
+//! the same traits (it is not written yet, and nothing here claims it works).
+//!
+//! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
+//!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
+//!   O(mk + kn), not O(mnk).
+//!
+//! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
+
+pub mod gemm;
+
+pub use gemm::{GemmOps, GemmShape, MatRef};
+
+/// The CPU backend (multithreaded with rayon).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("fp8lm");
+}

@@ -1,0 +1,21 @@
+//! Token sources. Every source yields `(inputs, targets)` batches of `B x T` token ids
+//! (targets are inputs shifted by one), in a seeded, reproducible order whose position
+//! can be saved in a checkpoint and restored.
+
+pub mod synthetic;
+
+/// A source of training and validation batches.
+pub trait Dataset: Send {
+    fn vocab_size(&self) -> usize;
+    /// Fill `inputs` and `targets` (each `b * t`) with the next training batch and advance.
+    fn next_train_batch(&mut self, b: usize, t: usize, inputs: &mut [u32], targets: &mut [u32]);
+    /// Fill validation batch number `index` (deterministic, independent of training position).
+    fn val_batch(&self, index: usize, b: usize, t: usize, inputs: &mut [u32], targets: &mut [u32]);
+    /// Opaque training position, restored by [`Dataset::set_position`] on resume.
+    fn position(&self) -> u64;
+    fn set_position(&mut self, pos: u64);
+    /// Known entropy floor in nats per token, if the source is synthetic.
+    fn entropy_floor(&self) -> Option<f64> {
+        None
+    }
+}

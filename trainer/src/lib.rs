@@ -1,0 +1,11 @@
+//! # fp8lm-trainer: model, data, training loop
+//!
+//! Owns the GPT model (explicit forward and backward per layer, written once against the
+//! `fp8lm-kernels` op set), the precision modes (fp32, bf16, FP8 O1/O2/O3), data sources
+//! and tokenizers, the training loop, checkpoints and metrics.
+
+pub mod config;
+pub mod data;
+pub mod rng;
+
+pub use config::{Arch, ModelConfig, Precision, RunConfig};
