@@ -319,7 +319,10 @@ mod tests {
             for (g, w) in got.iter().zip(chunk) {
                 // half quiets signalling NaNs, the shift keeps them: both are NaN.
                 let w = w.to_f32();
-                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{g} {w}");
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{g} {w}"
+                );
             }
         }
     }
