@@ -253,12 +253,13 @@ fn k_zero() {
 #[test]
 fn grid_and_thread_independence() {
     assert_eq!(grid(4, 4, 4, 8).threads, 1, "tiny products stay serial");
+    // 24 column panels: 6 strips of 4 (several per thread, none under 4 panels)
     assert_eq!(
         grid(256, 768, 768, 2),
         Grid {
             threads: 2,
             row_parts: 1,
-            col_parts: 2
+            col_parts: 6
         }
     );
     assert_eq!(
@@ -266,9 +267,10 @@ fn grid_and_thread_independence() {
         Grid {
             threads: 2,
             row_parts: 1,
-            col_parts: 4
+            col_parts: 8
         }
     );
+    // one column panel: split the rows instead
     assert_eq!(
         grid(300, 20, 400, 3),
         Grid {
