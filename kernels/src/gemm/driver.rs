@@ -56,6 +56,12 @@ struct SendPtr(*mut f32);
 // SAFETY: work items write disjoint tiles of C; the pointer outlives the parallel loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// Via a method, so closures capture the wrapper, not the bare pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// How the output is divided among threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +108,7 @@ enum Side {
 }
 
 /// Pack panel `x0 .. x0 + w` x `p0 .. p0 + kc` of operand `mat` (A or B of shape `s`).
+#[allow(clippy::too_many_arguments)]
 fn pack<const W: usize>(
     isa: Isa,
     side: Side,
@@ -258,8 +265,6 @@ pub(crate) fn gemm_f32(
         let a_panels = &*a_panels;
 
         let item = |it: usize| {
-            // Capture the whole wrapper (edition 2021 would capture just the raw field).
-            let c_ptr = c_ptr;
             let (ri, ci) = (it / g.col_parts, it % g.col_parts);
             let (ip0, ip1) = (ri * rows_per, ((ri + 1) * rows_per).min(mp));
             let (jp0, jp1) = (ci * cols_per, ((ci + 1) * cols_per).min(np));
@@ -285,7 +290,7 @@ pub(crate) fn gemm_f32(
                         // SAFETY: the tile [ip*MR.., jp*NR..] lies inside C (full tiles)
                         // and belongs to this work item alone; `isa` came from detection.
                         unsafe {
-                            let dst = c_ptr.0.add(ip * MR * n + jp * NR);
+                            let dst = c_ptr.get().add(ip * MR * n + jp * NR);
                             if rows == MR && cols == NR {
                                 tile(isa, kc, a_panel, b_panel, dst, n, alpha, beta_one);
                             } else {

@@ -21,6 +21,7 @@ use super::{Isa, MR, NR};
 /// `c` must be valid for an `MR x NR` tile at stride `ldc`, and `isa` must be supported
 /// by this CPU (it is when it came from [`Isa::detect`]).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tile(
     isa: Isa,
     kc: usize,
