@@ -166,6 +166,15 @@ pub trait GemmOps: Send + Sync {
 }
 
 fn check_lens(s: &GemmShape, a: &MatRef<'_>, b: &MatRef<'_>, c_len: usize) {
+    for (name, m) in [("A", a), ("B", b)] {
+        if let MatRef::Fp8 { scale, format, .. } = m {
+            assert!(
+                scale.is_finite() && *scale > 0.0,
+                "gemm: {name} ({}) has scale {scale}; scales must be finite and > 0",
+                format.name()
+            );
+        }
+    }
     assert_eq!(
         a.len(),
         s.m * s.k,
@@ -199,7 +208,23 @@ fn check_out_len(s: &GemmShape, c_len: usize) {
     );
 }
 
-/// Rows per parallel chunk of the output conversions.
+thread_local! {
+    /// The f32 result before conversion to bf16/FP8, reused across calls: a fresh
+    /// m x n buffer would page-fault its way through every GEMM.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = SCRATCH.take();
+    if v.len() < len {
+        v = vec![0.0; len];
+    }
+    let r = f(&mut v[..len]);
+    SCRATCH.set(v);
+    r
+}
+
+/// Elements per parallel chunk of the output conversions.
 const FINISH_CHUNK: usize = 1 << 16;
 
 fn finish_bf16(f: &[f32], c: &mut [bf16], accumulate: bool) {
@@ -320,5 +345,52 @@ impl GemmOps for Cpu {
             accumulate,
             rayon::current_num_threads(),
         );
+    }
+
+    fn gemm_bf16_out(
+        &self,
+        s: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c: &mut [bf16],
+        accumulate: bool,
+    ) {
+        check_lens(&s, &a, &b, c.len());
+        with_scratch(c.len(), |f| {
+            driver::gemm_f32(
+                Isa::detect(),
+                s,
+                a,
+                b,
+                f,
+                false,
+                rayon::current_num_threads(),
+            );
+            finish_bf16(f, c, accumulate);
+        })
+    }
+
+    fn gemm_fp8_out(
+        &self,
+        s: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        out: &mut [u8],
+        out_format: Fp8Format,
+        out_scale: f32,
+    ) -> f32 {
+        check_lens(&s, &a, &b, out.len());
+        with_scratch(out.len(), |f| {
+            driver::gemm_f32(
+                Isa::detect(),
+                s,
+                a,
+                b,
+                f,
+                false,
+                rayon::current_num_threads(),
+            );
+            finish_fp8(f, out, out_format, out_scale)
+        })
     }
 }

@@ -416,3 +416,47 @@ fn wrong_length_panics_with_message() {
         false,
     );
 }
+
+/// A backend that only provides `gemm` gets the output variants from the trait's
+/// defaults; they must agree with the Cpu overrides bit for bit.
+#[test]
+fn default_output_variants_match_cpu() {
+    struct OnlyGemm;
+    impl GemmOps for OnlyGemm {
+        fn gemm(&self, s: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+            Cpu.gemm(s, a, b, c, acc)
+        }
+    }
+    let mut rng = Rng(5);
+    let s = shape(20, 70, 30, true, false);
+    let a = Mat::random(&mut rng, 20 * 30, Ty::E5M2, 4.0);
+    let b = Mat::random(&mut rng, 30 * 70, Ty::E4M3, 4.0);
+    let old: Vec<bf16> = (0..20 * 70).map(|_| bf16::from_f32(rng.sym())).collect();
+    let (mut h1, mut h2) = (old.clone(), old.clone());
+    Cpu.gemm_bf16_out(s, a.as_ref(), b.as_ref(), &mut h1, true);
+    OnlyGemm.gemm_bf16_out(s, a.as_ref(), b.as_ref(), &mut h2, true);
+    assert_eq!(h1, h2);
+    let (mut q1, mut q2) = (vec![0u8; 20 * 70], vec![0u8; 20 * 70]);
+    let m1 = Cpu.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q1, Fp8Format::E4M3, 16.0);
+    let m2 = OnlyGemm.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q2, Fp8Format::E4M3, 16.0);
+    assert_eq!((q1, m1), (q2, m2));
+}
+
+/// An FP8 operand with a zero (or non-finite) scale is refused by name.
+#[test]
+#[should_panic(expected = "gemm: B (e5m2) has scale 0")]
+fn zero_scale_panics_with_message() {
+    let mut c = vec![0f32; 1];
+    let b = MatRef::Fp8 {
+        data: &[0u8],
+        format: Fp8Format::E5M2,
+        scale: 0.0,
+    };
+    Cpu.gemm(
+        shape(1, 1, 1, false, false),
+        MatRef::F32(&[1.0]),
+        b,
+        &mut c,
+        false,
+    );
+}
