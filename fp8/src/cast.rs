@@ -195,6 +195,56 @@ pub fn par_fp8_to_f32_amax(fmt: Fp8Format, src: &[u8], inv_scale: f32, dst: &mut
     amax_from_bits(acc)
 }
 
+/// `dst[i] = f16(src[i] * scale)`, round to nearest even, IEEE overflow to +-inf (the
+/// FP16 casts of master weights and second moments, whose scales keep values in
+/// range). Returns the unscaled input amax, NaN if any input is NaN. Bit-identical to
+/// `half::f16::from_f32(x * scale)` on every backend, NaN payloads included.
+pub fn f32_to_f16_amax(src: &[f32], scale: f32, dst: &mut [f16]) -> f32 {
+    f32_to_f16_amax_with(Backend::detect(), src, scale, dst)
+}
+
+/// [`f32_to_f16_amax`] on an explicit backend (unavailable falls back to portable).
+pub fn f32_to_f16_amax_with(backend: Backend, src: &[f32], scale: f32, dst: &mut [f16]) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f32_to_f16_amax: src and dst lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::f32_to_f16(src, scale, dst) });
+    }
+    let _ = backend;
+    amax_from_bits(portable::f32_to_f16(src, scale, dst))
+}
+
+/// `dst[i] = f32(src[i]) * inv_scale`; returns the amax of the unscaled f16 values.
+pub fn f16_to_f32_amax(src: &[f16], inv_scale: f32, dst: &mut [f32]) -> f32 {
+    f16_to_f32_amax_with(Backend::detect(), src, inv_scale, dst)
+}
+
+/// [`f16_to_f32_amax`] on an explicit backend (unavailable falls back to portable).
+pub fn f16_to_f32_amax_with(
+    backend: Backend,
+    src: &[f16],
+    inv_scale: f32,
+    dst: &mut [f32],
+) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f16_to_f32_amax: src and dst lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::f16_to_f32(src, inv_scale, dst) });
+    }
+    let _ = backend;
+    amax_from_bits(portable::f16_to_f32(src, inv_scale, dst))
+}
+
 /// `max |x|` over a slice; NaN if any element is NaN; 0 for an empty slice.
 pub fn amax_f32(src: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

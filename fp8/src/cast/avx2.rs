@@ -192,3 +192,42 @@ pub(crate) unsafe fn amax_f32(src: &[f32]) -> u32 {
     );
     hmax_u32(acc).max(portable::amax_f32(&src[blocks * 32..]))
 }
+
+/// f32 -> f16 with F16C's round-to-nearest-even conversion (overflow -> inf, as IEEE).
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn f32_to_f16(src: &[f32], scale: f32, dst: &mut [f16]) -> u32 {
+    debug_assert_eq!(src.len(), dst.len());
+    let abs_mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let vs = _mm256_set1_ps(scale);
+    let mut acc = _mm256_setzero_si256();
+    let blocks = src.len() / 8;
+    for i in 0..blocks {
+        let x = _mm256_loadu_ps(src.as_ptr().add(i * 8));
+        acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), abs_mask));
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm256_mul_ps(x, vs),
+        );
+        _mm_storeu_si128(dst.as_mut_ptr().add(i * 8) as *mut __m128i, h);
+    }
+    let done = blocks * 8;
+    let tail = portable::f32_to_f16(&src[done..], scale, &mut dst[done..]);
+    hmax_u32(acc).max(tail)
+}
+
+/// f16 -> f32 (exact widening) times `inv_scale`.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn f16_to_f32(src: &[f16], inv_scale: f32, dst: &mut [f32]) -> u32 {
+    debug_assert_eq!(src.len(), dst.len());
+    let abs_mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let vs = _mm256_set1_ps(inv_scale);
+    let mut acc = _mm256_setzero_si256();
+    let blocks = src.len() / 8;
+    for i in 0..blocks {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i * 8) as *const __m128i));
+        acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), abs_mask));
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i * 8), _mm256_mul_ps(x, vs));
+    }
+    let done = blocks * 8;
+    let tail = portable::f16_to_f32(&src[done..], inv_scale, &mut dst[done..]);
+    hmax_u32(acc).max(tail)
+}

@@ -64,3 +64,22 @@ pub(crate) fn fp8_to_f32(table: &[f32; 256], src: &[u8], inv_scale: f32, dst: &m
 pub(crate) fn amax_f32(src: &[f32]) -> u32 {
     src.iter().fold(0u32, |acc, &x| fold_amax_bits(acc, x))
 }
+
+pub(crate) fn f32_to_f16(src: &[f32], scale: f32, dst: &mut [f16]) -> u32 {
+    let mut acc = 0u32;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        acc = fold_amax_bits(acc, x);
+        *d = f16::from_f32(x * scale);
+    }
+    acc
+}
+
+pub(crate) fn f16_to_f32(src: &[f16], inv_scale: f32, dst: &mut [f32]) -> u32 {
+    let mut acc = 0u32;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        let v = x.to_f32();
+        acc = fold_amax_bits(acc, v);
+        *d = v * inv_scale;
+    }
+    acc
+}
