@@ -10,9 +10,10 @@
 //!
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
 
+pub mod bench;
 pub mod gemm;
 
-pub use gemm::{GemmOps, GemmShape, MatRef};
+pub use gemm::{GemmOps, GemmShape, Isa, MatRef};
 
 /// The CPU backend (multithreaded with rayon).
 #[derive(Clone, Copy, Debug, Default)]
