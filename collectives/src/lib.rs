@@ -19,9 +19,57 @@
 pub mod buf;
 pub mod comm;
 pub mod error;
+pub mod grad;
 pub mod local;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
 pub use error::{CommError, Result};
+pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
 pub use local::{run_ranks, LocalComm};
+#[cfg(feature = "mpi")]
+pub mod mpi_comm;
+#[cfg(feature = "mpi")]
+pub use mpi_comm::MpiComm;
+
+/// True when this process was started by an MPI launcher (OpenMPI's `mpirun`, or a
+/// PMI/PMIx launcher such as `srun`/`mpiexec.hydra`), judged by the environment.
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The communicator for this process: MPI's world when started by an MPI launcher, else
+/// a single in-process rank (use [`run_ranks`] for several in-process ranks). Started by
+/// `mpirun` but built without the `mpi` feature is an error, not a silent 1-rank run.
+pub fn init() -> Result<Box<dyn Communicator>> {
+    if launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        {
+            return Ok(Box::new(MpiComm::init()?));
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            return Err(CommError::new(
+                0,
+                "init",
+                "started by an MPI launcher (OMPI_COMM_WORLD_SIZE/PMI_* set) but built \
+                 without the `mpi` feature; rebuild with `--features mpi`",
+            ));
+        }
+    }
+    Ok(Box::new(LocalComm::group(1).pop().expect("one rank")))
+}
+
+/// Unwrap `r`, or tear the whole job down through `comm.abort` with a message naming this
+/// rank and the cause (MPI: every rank exits non-zero promptly).
+pub fn or_abort<T, E: std::fmt::Display>(
+    comm: &dyn Communicator,
+    r: std::result::Result<T, E>,
+) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => comm.abort(&format!("error: {e}")),
+    }
+}
