@@ -10,6 +10,8 @@
 //! The trainer owns the model's compute weights (f32 buffers the layers read); an
 //! optimizer reads gradients, updates its own state and writes new compute weights back.
 
+pub mod adamw;
 pub mod api;
 
+pub use adamw::AdamW;
 pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
