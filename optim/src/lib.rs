@@ -18,3 +18,4 @@ pub mod fp8_adam;
 pub mod lanes;
 
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub mod zero;
