@@ -264,7 +264,7 @@ impl RunConfig {
         if m.context < 2 {
             return Err(bad("model.context", m.context, "an integer >= 2"));
         }
-        if m.channels % m.heads != 0 {
+        if !m.channels.is_multiple_of(m.heads) {
             return Err(bad(
                 "model.heads",
                 m.heads,
@@ -275,7 +275,7 @@ impl RunConfig {
                 ),
             ));
         }
-        if m.arch == Arch::Llama && (m.channels / m.heads) % 2 != 0 {
+        if m.arch == Arch::Llama && !(m.channels / m.heads).is_multiple_of(2) {
             return Err(bad(
                 "model.heads",
                 m.heads,
@@ -387,7 +387,7 @@ impl RunConfig {
 
 fn divisors(n: usize) -> String {
     let d: Vec<String> = (1..=n)
-        .filter(|k| n % k == 0)
+        .filter(|k| n.is_multiple_of(*k))
         .take(8)
         .map(|k| k.to_string())
         .collect();

@@ -101,12 +101,10 @@ fn check_tree(
                 ))
             }
             (Value::Float(_), Value::Integer(i)) => *value = Value::Float(*i as f64),
-            (Value::Integer(_), Value::Integer(i)) if *i < 0 => {
-                // Most integer keys are counts; signed ones (fp8.margin) are range-checked
-                // later by validate(), which names the allowed range.
-                if !matches!(path.as_str(), "fp8.margin") {
-                    return Err(err(origin, &path, *i, "an integer >= 0"));
-                }
+            // Most integer keys are counts; signed ones (fp8.margin) are range-checked
+            // later by validate(), which names the allowed range.
+            (Value::Integer(_), Value::Integer(i)) if *i < 0 && path != "fp8.margin" => {
+                return Err(err(origin, &path, *i, "an integer >= 0"));
             }
             (d, v) if std::mem::discriminant(d) != std::mem::discriminant(v) => {
                 return Err(err(origin, &path, show(v), type_name(d)))
