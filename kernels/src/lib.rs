@@ -17,8 +17,10 @@
 
 pub mod bench;
 pub mod gemm;
+pub mod layers;
 
 pub use gemm::{GemmOps, GemmShape, Isa, MatRef};
+pub use layers::LayerOps;
 
 /// The CPU backend (multithreaded with rayon).
 #[derive(Clone, Copy, Debug, Default)]
