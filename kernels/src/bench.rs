@@ -36,6 +36,11 @@ pub struct GemmBenchRow {
     /// Operand types: `e4m3xe4m3`, `bf16`, `f32`.
     pub dtype: &'static str,
     pub gflops: f64,
+    /// GFLOP per second of process CPU time (best run): with one thread this is the
+    /// speed the core delivers while it runs us, much less sensitive to other processes
+    /// on a shared machine than wall time. With several threads it also counts time
+    /// threads spend spinning at joins.
+    pub cpu_gflops: Option<f64>,
     /// Threads the implementation used.
     pub threads: usize,
     /// Best wall time of one GEMM.
@@ -63,25 +68,47 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// CPU time consumed by this process so far (all threads), if the OS reports it.
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+        }
+    }
+    None
+}
+
 /// One case to time: (implementation, dtype, threads, the GEMM call).
 type Case<'a> = (&'static str, &'static str, usize, Box<dyn FnMut() + 'a>);
 
 /// Best-of timing, interleaved: one warm-up each, then round-robin over the cases until
 /// `budget` per case is spent (at least 3 runs each), so that a burst of load from other
-/// processes hits all cases alike. Returns the best time per case.
-fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<Duration> {
+/// processes hits all cases alike. Returns the best wall time and the best process CPU
+/// time per case.
+fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<(Duration, Option<Duration>)> {
     for c in cases.iter_mut() {
         (c.3)();
     }
-    let mut best = vec![Duration::MAX; cases.len()];
+    let mut best = vec![(Duration::MAX, None::<Duration>); cases.len()];
     let start = Instant::now();
     let total = budget * cases.len() as u32;
     let mut rounds = 0;
     while rounds < 3 || start.elapsed() < total {
         for (c, b) in cases.iter_mut().zip(best.iter_mut()) {
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), process_cpu_time());
             (c.3)();
-            *b = (*b).min(t.elapsed());
+            b.0 = b.0.min(t.elapsed());
+            if let (Some(c0), Some(c1)) = (cpu0, process_cpu_time()) {
+                let cpu = c1.saturating_sub(c0);
+                b.1 = Some(b.1.map_or(cpu, |x| x.min(cpu)));
+            }
         }
         rounds += 1;
     }
@@ -207,14 +234,16 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
             ),
         ];
         let best = time_interleaved(budget, &mut cases);
-        for (case, best) in cases.iter().zip(best) {
+        for (case, (best, cpu)) in cases.iter().zip(best) {
+            let flops = 2.0 * (m * n * k) as f64;
             rows.push(GemmBenchRow {
                 m,
                 n,
                 k,
                 implementation: case.0,
                 dtype: case.1,
-                gflops: 2.0 * (m * n * k) as f64 / best.as_secs_f64() / 1e9,
+                gflops: flops / best.as_secs_f64() / 1e9,
+                cpu_gflops: cpu.map(|c| flops / c.as_secs_f64().max(1e-9) / 1e9),
                 threads: case.2,
                 best,
             });
@@ -227,45 +256,58 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
 }
 
 impl GemmBenchReport {
-    fn find(&self, shape: (usize, usize, usize), implementation: &str, dtype: &str) -> Option<f64> {
+    fn find(
+        &self,
+        shape: (usize, usize, usize),
+        implementation: &str,
+        dtype: &str,
+        cpu: bool,
+    ) -> Option<f64> {
         self.rows
             .iter()
             .find(|r| {
                 (r.m, r.n, r.k) == shape && r.implementation == implementation && r.dtype == dtype
             })
-            .map(|r| r.gflops)
+            .and_then(|r| if cpu { r.cpu_gflops } else { Some(r.gflops) })
     }
 
-    /// Per shape: (shape, fp8 / our f32, our f32 / best crate f32).
-    pub fn ratios(&self) -> Vec<((usize, usize, usize), f64, f64)> {
+    /// Per shape: (shape, fp8 / our f32, our f32 / best crate f32), from wall-time
+    /// GFLOP/s, or from GFLOP per CPU-second when `cpu` (None where not measured).
+    pub fn ratios(&self, cpu: bool) -> Vec<((usize, usize, usize), f64, f64)> {
         let mut shapes: Vec<_> = self.rows.iter().map(|r| (r.m, r.n, r.k)).collect();
         shapes.dedup();
         shapes
             .into_iter()
             .filter_map(|sh| {
-                let f32_ours = self.find(sh, "fp8lm", "f32")?;
-                let fp8 = self.find(sh, "fp8lm", "e4m3xe4m3")?;
+                let f32_ours = self.find(sh, "fp8lm", "f32", cpu)?;
+                let fp8 = self.find(sh, "fp8lm", "e4m3xe4m3", cpu)?;
                 let best_crate = ["gemm-crate", "matrixmultiply"]
                     .iter()
-                    .filter_map(|i| self.find(sh, i, "f32"))
+                    .filter_map(|i| self.find(sh, i, "f32", cpu))
                     .fold(0.0, f64::max);
                 Some((sh, fp8 / f32_ours, f32_ours / best_crate))
             })
             .collect()
     }
 
-    /// One line per target per shape, `ok` or `MISS`.
+    /// One line per target per shape with the wall-time ratio and, where measured, the
+    /// CPU-time ratio; `ok` / `MISS` judged on the wall-time ratio.
     pub fn checks(&self) -> Vec<String> {
-        self.ratios()
+        let cpu = self.ratios(true);
+        self.ratios(false)
             .into_iter()
-            .flat_map(|((m, n, k), fp8_ratio, f32_ratio)| {
+            .flat_map(|(sh, fp8_ratio, f32_ratio)| {
+                let (m, n, k) = sh;
+                let c = cpu.iter().find(|c| c.0 == sh);
+                let cpu_fp8 = c.map_or(String::new(), |c| format!(", per cpu-s {:.2}", c.1));
+                let cpu_f32 = c.map_or(String::new(), |c| format!(", per cpu-s {:.2}", c.2));
                 [
                     format!(
-                        "{m}x{n}x{k}: fp8/f32 = {fp8_ratio:.2} (target >= 0.90) {}",
+                        "{m}x{n}x{k}: fp8/f32 = {fp8_ratio:.2}{cpu_fp8} (target >= 0.90) {}",
                         if fp8_ratio >= 0.9 { "ok" } else { "MISS" }
                     ),
                     format!(
-                        "{m}x{n}x{k}: f32/best-crate = {f32_ratio:.2} (target >= 0.85) {}",
+                        "{m}x{n}x{k}: f32/best-crate = {f32_ratio:.2}{cpu_f32} (target >= 0.85) {}",
                         if f32_ratio >= 0.85 { "ok" } else { "MISS" }
                     ),
                 ]
@@ -276,16 +318,18 @@ impl GemmBenchReport {
     /// A plain-text table of the rows followed by the target checks.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "GEMM, layout out = inp @ W^T, best of runs, kernel isa {}\n{:>16} {:>15} {:>10} {:>9} {:>7} {:>10}\n",
-            self.isa, "M x N x K", "impl", "dtype", "GFLOP/s", "threads", "ms"
+            "GEMM, layout out = inp @ W^T, best of runs, kernel isa {}\n{:>16} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
+            self.isa, "M x N x K", "impl", "dtype", "GFLOP/s", "GFLOP/cpu-s", "threads", "ms"
         );
         for r in &self.rows {
+            let cpu = r.cpu_gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
             s += &format!(
-                "{:>16} {:>15} {:>10} {:>9.1} {:>7} {:>10.3}\n",
+                "{:>16} {:>15} {:>10} {:>9.1} {:>11} {:>7} {:>10.3}\n",
                 format!("{}x{}x{}", r.m, r.n, r.k),
                 r.implementation,
                 r.dtype,
                 r.gflops,
+                cpu,
                 r.threads,
                 r.best.as_secs_f64() * 1e3
             );
@@ -308,7 +352,7 @@ mod tests {
         let rep = gemm_bench(&[(33, 40, 17)], Duration::from_millis(1));
         assert_eq!(rep.rows.len(), 5);
         assert!(rep.rows.iter().all(|r| r.gflops > 0.0 && r.threads >= 1));
-        assert_eq!(rep.ratios().len(), 1);
+        assert_eq!(rep.ratios(false).len(), 1);
         assert_eq!(rep.checks().len(), 2);
         assert!(rep.table().contains("33x40x17"));
     }
