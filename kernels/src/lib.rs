@@ -10,7 +10,7 @@
 //!   ([`GemmOps::gemm_bf16_out`]) or FP8 with the result's amax
 //!   ([`GemmOps::gemm_fp8_out`]). The CPU kernel is picked at run time ([`Isa`]:
 //!   AVX-512F, AVX2+FMA, or portable).
-//! - [`bench`]: GEMM throughput of ours against the `gemm` and `matrixmultiply` crates
+//! - [`bench`](mod@bench): GEMM throughput of ours against the `gemm` and `matrixmultiply` crates
 //!   (`cargo run --release -p fp8lm-kernels --example bench_gemm`).
 //!
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.

@@ -1,15 +1,17 @@
 //! The blocked, threaded CPU GEMM: `C (+)= alpha * op(A) @ op(B)` into an f32 C.
 //!
-//! Blocking (Goto/BLIS style, sizes for a core with 48 KiB L1 and 2 MiB L2):
-//! - K is cut into blocks of at most [`KC`] steps (balanced: 768 -> 3 x 256).
-//! - Per K-block, all of A is packed once into `[m/MR][kc][MR]` panels (in parallel,
-//!   shared by all threads; `m * kc * 4` bytes, 1 MiB at m = 1024 -> L2).
-//! - The output is split into a grid of work items: column strips of at most
-//!   [`STRIP`] columns (B strip packed by the thread that owns it, `kc * 768 * 4` =
-//!   768 KiB -> L2), and row ranges only when there are too few strips to feed every
-//!   thread. The strip count is a multiple of the thread count so threads finish together.
-//! - Inside an item: for each B panel (32 KiB, stays in L1), run the kernel against
-//!   every A panel of the item's rows.
+//! Blocking (Goto/BLIS style, for a core with 48 KiB L1 and 2 MiB L2):
+//! - K is cut into blocks of at most `kc_max_for(isa)` steps (512 for AVX-512, 256
+//!   otherwise), balanced: k = 768 -> 2 x 384.
+//! - A is packed into `[k-block][m/MR][kc][MR]` panels, in parallel, shared by all
+//!   threads, for as many K-blocks at once as fit [`A_PACK_FLOATS`] (all of them for the
+//!   model's shapes), so a GEMM is typically two parallel phases: pack A, then compute.
+//! - The output is split into work items: column strips (several per thread, so rayon
+//!   can rebalance when another process takes a core; at most [`STRIP`] columns), and
+//!   row ranges only when there are too few strips to feed every thread. Each item packs
+//!   its own B strip per K-block (`kc * width * 4` bytes, L2-sized) and, for each B panel,
+//!   runs the kernel against every A panel of its rows (A panel reused from L1, B panel
+//!   from L1/L2).
 //!
 //! Threading is rayon (the global pool); products under [`SERIAL_FLOPS`] run on the
 //! calling thread, where fork/join would cost more than the work.
@@ -21,8 +23,16 @@ use fp8lm_fp8::Fp8Format;
 use rayon::prelude::*;
 use std::cell::Cell;
 
-/// Largest K-block.
-pub(crate) const KC: usize = 256;
+/// Largest K-block for a kernel. Measured (single thread, GFLOP per CPU-second, shared
+/// machine): the AVX-512 kernel gains ~5-8% from 256 to 512 (fewer epilogue passes over
+/// C; the 64 KiB B panel streams from L2 fast enough at 16 B/cycle); the AVX2 kernel,
+/// half as fast, prefers 256.
+pub(crate) fn kc_max_for(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 512,
+        _ => 256,
+    }
+}
 /// Widest column strip of one work item.
 const STRIP: usize = 768;
 /// Column strips per thread (for load balancing), and the narrowest strip in panels.
@@ -216,7 +226,7 @@ pub(crate) fn gemm_f32(
     }
     let alpha = combined_scale(&a, &b);
     let g = grid(m, n, k, pool_threads);
-    let k_blocks = k.div_ceil(KC);
+    let k_blocks = k.div_ceil(kc_max_for(isa));
     let kc_max = k.div_ceil(k_blocks);
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
     let rows_per = mp.div_ceil(g.row_parts);
