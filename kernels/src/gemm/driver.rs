@@ -40,7 +40,7 @@ const STRIPS_PER_THREAD: usize = 4;
 const MIN_STRIP_PANELS: usize = 4;
 /// Packed A is built for as many K-blocks at once as fit in this many floats (16 MiB),
 /// so that a whole typical GEMM needs one parallel pack phase and one compute phase.
-const A_PACK_FLOATS: usize = 1 << 22;
+pub(crate) const A_PACK_FLOATS: usize = 1 << 22;
 /// Below this many flops (2mnk) a GEMM runs single-threaded.
 const SERIAL_FLOPS: usize = 1 << 21;
 

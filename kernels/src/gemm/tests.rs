@@ -460,3 +460,26 @@ fn zero_scale_panics_with_message() {
         false,
     );
 }
+
+/// A tall A with a long K needs more than one pack-A phase (packed A is capped at
+/// `A_PACK_FLOATS`); results must still match the reference, accumulation included.
+#[test]
+fn several_pack_phases() {
+    let mut rng = Rng(6);
+    let (m, n, k) = (2048, 3, 2100);
+    for ta in [false, true] {
+        let s = shape(m, n, k, ta, false);
+        let a = Mat::random(&mut rng, m * k, Ty::E4M3, 64.0);
+        let b = Mat::random(&mut rng, k * n, Ty::E5M2, 1024.0);
+        let want = reference(s, &a, &b);
+        let isa = Isa::detect();
+        let a_block = m.div_ceil(MR) * super::driver::kc_max_for(isa) * MR;
+        assert!(
+            k.div_ceil(super::driver::kc_max_for(isa)) * a_block > super::driver::A_PACK_FLOATS
+        );
+        let c_old: Vec<f32> = (0..m * n).map(|_| rng.sym()).collect();
+        let mut c = c_old.clone();
+        Cpu.gemm(s, a.as_ref(), b.as_ref(), &mut c, true);
+        check(&format!("{s:?}"), k, &c, &want, Some(&c_old));
+    }
+}
