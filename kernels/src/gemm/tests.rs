@@ -246,6 +246,32 @@ fn k_zero() {
     assert!(c.iter().all(|&x| x == 7.0));
     Cpu.gemm(s, MatRef::F32(&[]), MatRef::F32(&[]), &mut c, false);
     assert!(c.iter().all(|&x| x == 0.0));
+    // empty outputs: nothing to do, nothing to touch
+    let mut none: [f32; 0] = [];
+    Cpu.gemm(
+        shape(0, 5, 4, true, false),
+        MatRef::F32(&[]),
+        MatRef::F32(&[1.0; 20]),
+        &mut none,
+        false,
+    );
+    Cpu.gemm(
+        shape(4, 0, 4, false, true),
+        MatRef::F32(&[1.0; 16]),
+        MatRef::F32(&[]),
+        &mut none,
+        false,
+    );
+    let mut q = vec![9u8; 15];
+    let amax = Cpu.gemm_fp8_out(
+        s,
+        MatRef::F32(&[]),
+        MatRef::F32(&[]),
+        &mut q,
+        Fp8Format::E4M3,
+        1.0,
+    );
+    assert_eq!((amax, q), (0.0, vec![0u8; 15]));
 }
 
 /// The thread grid: strips per thread multiple, row splits when n is narrow; and the
