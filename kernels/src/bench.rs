@@ -8,7 +8,8 @@
 //! after one warm-up (best-of, since the machine may be shared: the minimum is the least
 //! disturbed run). GFLOP/s counts `2 M N K` flops.
 //!
-//! The targets: FP8 >= 0.9x our f32 on every shape; our f32 within 15% of the best
+//! Both crates pick their kernel at run time (AVX-512 where present; the `gemm` crate is
+//! built with its `x86-v4` feature for that). The targets: FP8 >= 0.9x our f32 on every shape; our f32 within 15% of the best
 //! crate. [`GemmBenchReport::checks`] states both from the rows.
 
 use crate::gemm::Isa;
