@@ -177,36 +177,22 @@ fn check_lens(s: &GemmShape, a: &MatRef<'_>, b: &MatRef<'_>, c_len: usize) {
             );
         }
     }
-    assert_eq!(
-        a.len(),
-        s.m * s.k,
-        "gemm: A has {} elements, shape {}x{} needs {}",
-        a.len(),
-        s.m,
-        s.k,
-        s.m * s.k
-    );
-    assert_eq!(
-        b.len(),
-        s.k * s.n,
-        "gemm: B has {} elements, shape {}x{} needs {}",
-        b.len(),
-        s.k,
-        s.n,
-        s.k * s.n
-    );
+    check_len("A", a.len(), s.m, s.k);
+    check_len("B", b.len(), s.k, s.n);
     check_out_len(s, c_len);
 }
 
 fn check_out_len(s: &GemmShape, c_len: usize) {
+    check_len("C", c_len, s.m, s.n);
+}
+
+fn check_len(name: &str, len: usize, rows: usize, cols: usize) {
+    let Some(need) = rows.checked_mul(cols) else {
+        panic!("gemm: {name} shape {rows}x{cols} overflows usize");
+    };
     assert_eq!(
-        c_len,
-        s.m * s.n,
-        "gemm: C has {} elements, shape {}x{} needs {}",
-        c_len,
-        s.m,
-        s.n,
-        s.m * s.n
+        len, need,
+        "gemm: {name} has {len} elements, shape {rows}x{cols} needs {need}"
     );
 }
 
