@@ -44,8 +44,9 @@ const MIN_STRIP_PANELS: usize = 4;
 /// Packed A is built for as many K-blocks at once as fit in this many floats (16 MiB),
 /// so that a whole typical GEMM needs one parallel pack phase and one compute phase.
 pub(crate) const A_PACK_FLOATS: usize = 1 << 22;
-/// Below this many flops (2mnk) a GEMM runs single-threaded.
-const SERIAL_FLOPS: usize = 1 << 21;
+/// Below this many flops (2mnk, ~60 us on one core) a GEMM runs single-threaded: two
+/// rayon joins cost several microseconds, more when other processes hold the cores.
+const SERIAL_FLOPS: usize = 1 << 23;
 
 thread_local! {
     /// Per-thread packing buffers, reused across calls (large fresh allocations would
