@@ -61,6 +61,14 @@ pub struct GemmBenchReport {
     pub rows: Vec<GemmBenchRow>,
     /// Our kernel ISA (`avx512`, `avx2`, `scalar`).
     pub isa: &'static str,
+    /// The 1-minute load average when the run ended (Linux), to judge how contended the
+    /// machine was: above the core count, wall-time figures are unreliable.
+    pub load_average: Option<f64>,
+}
+
+fn load_average() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().next()?.parse().ok()
 }
 
 /// Minimal deterministic data (the figures do not depend on the values).
@@ -246,6 +254,7 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
     GemmBenchReport {
         rows,
         isa: Isa::detect().name(),
+        load_average: load_average(),
     }
 }
 
@@ -362,6 +371,7 @@ pub fn gemm_bench_backward(shapes: &[(usize, usize, usize)], budget: Duration) -
     GemmBenchReport {
         rows,
         isa: Isa::detect().name(),
+        load_average: load_average(),
     }
 }
 
@@ -437,8 +447,12 @@ impl GemmBenchReport {
 
     /// A plain-text table of the rows followed by the target checks.
     pub fn table(&self) -> String {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let load = self.load_average.map_or(String::new(), |l| {
+            format!(", load average {l:.1} on {cores} cores")
+        });
         let mut s = format!(
-            "GEMM, best of runs, kernel isa {}\n{:>16} {:>6} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
+            "GEMM, best of runs, kernel isa {}{load}\n{:>16} {:>6} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
             self.isa, "M x N x K", "layout", "impl", "dtype", "GFLOP/s", "GFLOP/cpu-s", "threads", "ms"
         );
         for r in &self.rows {
