@@ -101,6 +101,9 @@ fn process_cpu_time() -> Option<Duration> {
     None
 }
 
+/// Pause before each timed run.
+const SETTLE: Duration = Duration::from_millis(3);
+
 /// One case to time: (implementation, dtype, threads, the GEMM call).
 type Case<'a> = (&'static str, &'static str, usize, Box<dyn FnMut() + 'a>);
 
@@ -117,7 +120,13 @@ fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<(Duration, 
     let total = budget * cases.len() as u32;
     let mut rounds = 0;
     while rounds < 3 || start.elapsed() < total {
-        for (c, b) in cases.iter_mut().zip(best.iter_mut()) {
+        // Rotate the starting case each round so no case always follows the same one.
+        let nc = cases.len();
+        for i in (0..nc).map(|i| (i + rounds) % nc) {
+            let (c, b) = (&mut cases[i], &mut best[i]);
+            // Let the previous case's pool threads (rayon's, matrixmultiply's) finish
+            // spinning and sleep, so their CPU time is not charged to this case.
+            std::thread::sleep(SETTLE);
             let (t, cpu0) = (Instant::now(), process_cpu_time());
             (c.3)();
             b.0 = b.0.min(t.elapsed());
