@@ -14,6 +14,7 @@
 //! optimizer's FP8 moments, checkpoints) must agree on these bits exactly, so they are
 //! defined once here and tested exhaustively.
 
+pub mod bench;
 pub mod cast;
 pub mod format;
 pub mod scaled;
