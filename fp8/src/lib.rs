@@ -48,5 +48,5 @@ pub mod scaled;
 pub mod scaling;
 
 pub use format::{CastMode, Fp8Format, E4M3, E5M2};
-pub use scaled::{ScaledF16, ScaledFp8};
+pub use scaled::{ScaledError, ScaledF16, ScaledFp8};
 pub use scaling::{scale_for_amax, Quantized, ScaleRounding, ScaleState, ScalingRecipe};

@@ -275,3 +275,20 @@ fn scaled_f16_round_trip_within_half_ulp() {
 fn shape_mismatch_names_the_problem() {
     ScaledFp8::quantize_current(&[0.0; 11], &[3, 4], Fp8Format::E4M3, 0);
 }
+
+#[test]
+fn from_parts_rejects_bad_parts_with_named_errors() {
+    use fp8lm_fp8::ScaledError;
+    let ok = ScaledFp8::from_parts(vec![0x38; 6], &[2, 3], Fp8Format::E4M3, 4.0).unwrap();
+    assert_eq!(ok.dequantize(), vec![0.25; 6]);
+    let e = ScaledFp8::from_parts(vec![0; 5], &[2, 3], Fp8Format::E4M3, 1.0).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "shape [2, 3] holds 6 elements but the data has 5"
+    );
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let e = ScaledF16::from_parts(vec![half::f16::ZERO; 6], &[6], bad).unwrap_err();
+        assert!(matches!(e, ScaledError::Scale(_)), "{bad}");
+        assert!(e.to_string().contains("not a positive finite"));
+    }
+}
