@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod data;
+pub mod model;
 pub mod rng;
+pub mod train;
 
 pub use config::{Arch, ModelConfig, Precision, RunConfig};
+pub use train::{StepStats, Trainer};
