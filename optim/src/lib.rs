@@ -15,3 +15,9 @@ pub mod api;
 
 pub use adamw::AdamW;
 pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+pub mod experiment;
+pub mod fp8_adam;
+pub mod lanes;
+
+pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub mod zero;
