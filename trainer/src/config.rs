@@ -117,8 +117,8 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: 5e-3,
-            min_lr: 5e-4,
+            lr: 2e-3,
+            min_lr: 2e-4,
             warmup_steps: 5,
             beta1: 0.9,
             beta2: 0.95,
