@@ -71,7 +71,7 @@ impl Default for ModelConfig {
             layers: 2,
             heads: 4,
             channels: 64,
-            context: 64,
+            context: 16,
             vocab: 0,
         }
     }
@@ -117,9 +117,9 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: 3e-3,
-            min_lr: 3e-4,
-            warmup_steps: 20,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup_steps: 5,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -173,7 +173,7 @@ impl Default for RunConfig {
             eval_every: 50,
             eval_batches: 8,
             tokenizer: "byte".into(),
-            batch: 8,
+            batch: 32,
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
             fp8: Fp8Config::default(),
