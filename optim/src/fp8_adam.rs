@@ -43,6 +43,9 @@
 //! tensor's amax), where it was rounded on the provisional grid.
 //! [`Fp8Adam::stats`] counts how often steps 3's fix-ups ran.
 
+// Three states indexed in lockstep (master, exp_avg, exp_avg_sq) read best as indices.
+#![allow(clippy::needless_range_loop)]
+
 use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
 use crate::lanes::{f16_decode, f16_encode, fp8_lane, Fp8Lane};
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16, ScaledFp8};
@@ -343,11 +346,12 @@ impl ChunkMut<'_> {
     }
 }
 
-/// A chunk of the incoming gradient; `factor` folds grad_scale and the FP8 scale.
+/// A chunk of the incoming gradient with grad_scale (and the FP8 tensor's 1/scale, a
+/// power of two, so the multiply equals the reference's exact division).
 #[derive(Clone, Copy)]
 enum GradChunk<'a> {
     F32(&'a [f32], f32),
-    Fp8(&'a [u8], &'static Fp8Lane, f32),
+    Fp8(&'a [u8], &'static Fp8Lane, f32, f32),
 }
 
 impl GradChunk<'_> {
@@ -359,9 +363,9 @@ impl GradChunk<'_> {
                     *d = x * f;
                 }
             }
-            GradChunk::Fp8(g, lane, f) => {
+            GradChunk::Fp8(g, lane, inv_scale, f) => {
                 for (d, &b) in dst.iter_mut().zip(g) {
-                    *d = lane.decode(b) * f;
+                    *d = lane.decode(b) * inv_scale * f;
                 }
             }
         }
@@ -375,9 +379,9 @@ struct StepConsts {
     b2: f32,
     one_minus_b1: f32,
     one_minus_b2: f32,
-    /// 1 - b1^t and 1 - b2^t.
-    bc1: f32,
-    bc2: f32,
+    /// 1 / (1 - b1^t) and 1 / (1 - b2^t), computed in f64 (as the fp32 AdamW does).
+    inv_bc1: f32,
+    inv_bc2: f32,
     eps: f32,
     lr: f32,
     /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
@@ -424,8 +428,8 @@ fn update_chunk(
     for i in 0..n {
         let g = gb[i];
         let m = k.b1 * mb[i] + k.one_minus_b1 * g;
-        let v = k.b2 * vb[i] + k.one_minus_b2 * (g * g);
-        let u = (m / k.bc1) / ((v / k.bc2).sqrt() + k.eps);
+        let v = k.b2 * vb[i] + k.one_minus_b2 * g * g;
+        let u = (m * k.inv_bc1) / ((v * k.inv_bc2).sqrt() + k.eps);
         let w = wb[i] - k.lr * (u + k.wd * wb[i]);
         mb[i] = m;
         vb[i] = v;
@@ -623,12 +627,12 @@ impl Fp8Adam {
                     .map(|c| c.iter().fold(0u8, |a, &b| a.max(b & 0x7F)))
                     .reduce(|| 0, u8::max);
                 let lane = fp8_lane(q.format);
-                let f = grad_scale / q.scale;
+                let inv = 1.0 / q.scale;
                 let a = lane.decode(top) / q.scale;
                 let c = q
                     .data
                     .chunks(CHUNK)
-                    .map(|c| GradChunk::Fp8(c, lane, f))
+                    .map(|c| GradChunk::Fp8(c, lane, inv, grad_scale))
                     .collect();
                 (a, c)
             }
@@ -778,8 +782,8 @@ impl Optimizer for Fp8Adam {
             b2: h.beta2,
             one_minus_b1: 1.0 - h.beta1,
             one_minus_b2: 1.0 - h.beta2,
-            bc1: 1.0 - h.beta1.powi(t),
-            bc2: 1.0 - h.beta2.powi(t),
+            inv_bc1: (1.0 / (1.0 - (h.beta1 as f64).powi(t))) as f32,
+            inv_bc2: (1.0 / (1.0 - (h.beta2 as f64).powi(t))) as f32,
             eps: h.eps,
             lr,
             wd: 0.0,
