@@ -47,7 +47,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
-use crate::lanes::{f16_decode, f16_encode, fp8_lane, Fp8Lane};
+use crate::lanes::{
+    f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
+    fp8_lane, fp8_rescale_slice,
+};
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16, ScaledFp8};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -200,10 +203,10 @@ impl Buf {
                 .map(ChunkMut::F16)
                 .collect(),
             Buf::Fp8(t) => {
-                let lane = fp8_lane(t.format);
+                let f = t.format;
                 t.data
                     .chunks_mut(CHUNK)
-                    .map(|c| ChunkMut::Fp8(c, lane))
+                    .map(|c| ChunkMut::Fp8(c, f))
                     .collect()
             }
         }
@@ -289,42 +292,26 @@ impl Buf {
 enum ChunkMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [u16]),
-    Fp8(&'a mut [u8], &'static Fp8Lane),
+    Fp8(&'a mut [u8], Fp8Format),
 }
 
 impl ChunkMut<'_> {
     /// `dst[i] = stored[i] / scale`.
-    #[inline]
+    #[inline(always)]
     fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
         match self {
             ChunkMut::F32(s) => dst.copy_from_slice(s),
-            ChunkMut::F16(s) => {
-                for (d, &h) in dst.iter_mut().zip(s.iter()) {
-                    *d = f16_decode(h) * inv_scale;
-                }
-            }
-            ChunkMut::Fp8(s, lane) => {
-                for (d, &b) in dst.iter_mut().zip(s.iter()) {
-                    *d = lane.decode(b) * inv_scale;
-                }
-            }
+            ChunkMut::F16(s) => f16_decode_slice(s, inv_scale, dst),
+            ChunkMut::Fp8(s, f) => fp8_decode_slice(*f, s, inv_scale, 1.0, dst),
         }
     }
     /// `stored[i] = encode(src[i] * scale)`.
-    #[inline]
+    #[inline(always)]
     fn encode(&mut self, src: &[f32], scale: f32) {
         match self {
             ChunkMut::F32(s) => s.copy_from_slice(src),
-            ChunkMut::F16(s) => {
-                for (h, &x) in s.iter_mut().zip(src) {
-                    *h = f16_encode(x * scale);
-                }
-            }
-            ChunkMut::Fp8(s, lane) => {
-                for (b, &x) in s.iter_mut().zip(src) {
-                    *b = lane.encode(x * scale);
-                }
-            }
+            ChunkMut::F16(s) => f16_encode_slice(src, scale, s),
+            ChunkMut::Fp8(s, f) => fp8_encode_slice(*f, src, scale, s),
         }
     }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
@@ -337,11 +324,7 @@ impl ChunkMut<'_> {
                     *h = f16_encode(f16_decode(*h) * factor);
                 }
             }
-            ChunkMut::Fp8(s, lane) => {
-                for b in s.iter_mut() {
-                    *b = lane.encode(lane.decode(*b) * factor);
-                }
-            }
+            ChunkMut::Fp8(s, f) => fp8_rescale_slice(*f, s, factor),
         }
     }
 }
@@ -351,11 +334,11 @@ impl ChunkMut<'_> {
 #[derive(Clone, Copy)]
 enum GradChunk<'a> {
     F32(&'a [f32], f32),
-    Fp8(&'a [u8], &'static Fp8Lane, f32, f32),
+    Fp8(&'a [u8], Fp8Format, f32, f32),
 }
 
 impl GradChunk<'_> {
-    #[inline]
+    #[inline(always)]
     fn decode(&self, dst: &mut [f32]) {
         match *self {
             GradChunk::F32(g, f) => {
@@ -363,11 +346,7 @@ impl GradChunk<'_> {
                     *d = x * f;
                 }
             }
-            GradChunk::Fp8(g, lane, inv_scale, f) => {
-                for (d, &b) in dst.iter_mut().zip(g) {
-                    *d = lane.decode(b) * inv_scale * f;
-                }
-            }
+            GradChunk::Fp8(g, fmt, inv_scale, f) => fp8_decode_slice(fmt, g, inv_scale, f, dst),
         }
     }
 }
@@ -400,8 +379,51 @@ struct ChunkOut {
 
 /// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
 /// the provisional scales would overflow, then nothing is written).
+///
+/// Multiversioned: the same code compiled for AVX2 when the CPU has it (the portable
+/// build targets SSE2; the integer bit tricks of the casts gain most from 8 lanes).
+/// Both versions are the same Rust expressions without FMA contraction, so their
+/// results are bit-identical.
 #[allow(clippy::too_many_arguments)]
 fn update_chunk(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { update_chunk_avx2(w, m, v, p, g, k, old_scale, scale, limits) };
+    }
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_chunk_avx2(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_chunk_impl(
     w: &mut ChunkMut,
     m: &mut ChunkMut,
     v: &mut ChunkMut,
@@ -423,8 +445,9 @@ fn update_chunk(
     w.decode(1.0 / old_scale[0], wb);
     m.decode(1.0 / old_scale[1], mb);
     v.decode(1.0 / old_scale[2], vb);
-    let (mut aw, mut am, mut av, mut ar) = (0f32, 0f32, 0f32, 0f32);
-    let mut nan = false;
+    // amax as the integer max of |x|'s bits: same order as the floats for non-negative
+    // values, NaN above infinity (so it flags NaN too), and it vectorises as pmaxud.
+    let (mut aw, mut am, mut av, mut ar) = (0u32, 0u32, 0u32, 0u32);
     for i in 0..n {
         let g = gb[i];
         let m = k.b1 * mb[i] + k.one_minus_b1 * g;
@@ -434,13 +457,14 @@ fn update_chunk(
         mb[i] = m;
         vb[i] = v;
         wb[i] = w;
-        aw = aw.max(w.abs());
-        am = am.max(m.abs());
-        av = av.max(v);
-        ar = ar.max(u.abs());
-        nan |= w.is_nan() | m.is_nan() | v.is_nan();
+        aw = aw.max(w.to_bits() & 0x7FFF_FFFF);
+        am = am.max(m.to_bits() & 0x7FFF_FFFF);
+        av = av.max(v.to_bits() & 0x7FFF_FFFF);
+        ar = ar.max(u.to_bits() & 0x7FFF_FFFF);
     }
-    let amax = [aw, am, av];
+    let nan = aw.max(am).max(av) > 0x7F80_0000;
+    let ar = f32::from_bits(ar);
+    let amax = [f32::from_bits(aw), f32::from_bits(am), f32::from_bits(av)];
     if let Some(lim) = limits {
         if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
             return ChunkOut {
@@ -632,7 +656,7 @@ impl Fp8Adam {
                 let c = q
                     .data
                     .chunks(CHUNK)
-                    .map(|c| GradChunk::Fp8(c, lane, inv, grad_scale))
+                    .map(|c| GradChunk::Fp8(c, q.format, inv, grad_scale))
                     .collect();
                 (a, c)
             }

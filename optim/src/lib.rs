@@ -20,4 +20,5 @@ pub mod fp8_adam;
 pub mod lanes;
 
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub mod bench;
 pub mod zero;
