@@ -46,7 +46,7 @@
 // Three states indexed in lockstep (master, exp_avg, exp_avg_sq) read best as indices.
 #![allow(clippy::needless_range_loop)]
 
-use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
 use crate::lanes::{
     f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
     fp8_lane, fp8_rescale_slice,
@@ -839,6 +839,17 @@ impl Optimizer for Fp8Adam {
 
     fn state_bytes(&self) -> usize {
         self.state_data_bytes() + self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8
+    }
+
+    fn state_breakdown(&self) -> StateBytes {
+        let kind =
+            |s: usize| -> usize { self.tensors.iter().map(|t| t.bufs[s].data_bytes()).sum() };
+        StateBytes {
+            master: kind(0),
+            exp_avg: kind(1),
+            exp_avg_sq: kind(2),
+            scalars: self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8,
+        }
     }
 
     fn export_state(&self) -> Vec<(String, StateTensor)> {

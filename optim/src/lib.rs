@@ -14,7 +14,7 @@ pub mod adamw;
 pub mod api;
 
 pub use adamw::AdamW;
-pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
 pub mod experiment;
 pub mod fp8_adam;
 pub mod lanes;

@@ -12,4 +12,5 @@ pub mod rng;
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod checkpoint;
+pub mod memory;
 pub mod tokenizer;
