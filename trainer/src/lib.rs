@@ -14,5 +14,6 @@ pub mod train;
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod checkpoint;
+pub mod memory;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};
