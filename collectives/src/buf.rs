@@ -146,7 +146,7 @@ fn nan_min(a: f32, b: f32) -> f32 {
 pub fn combine_f32(op: ReduceOp, acc: &mut [f32], incoming: &[f32]) {
     debug_assert_eq!(acc.len(), incoming.len());
     match op {
-        ReduceOp::Sum => acc.iter_mut().zip(incoming).for_each(|(a, &b)| *a = b + *a),
+        ReduceOp::Sum => acc.iter_mut().zip(incoming).for_each(|(a, &b)| *a += b),
         ReduceOp::Max => acc
             .iter_mut()
             .zip(incoming)

@@ -384,8 +384,8 @@ impl GradAllReducer {
             }
         }
         if method == GradMethod::Fp8Lm {
-            for t in 0..k {
-                self.update_mu(t, report.saturated[t], lens[t]);
+            for (t, &len) in lens.iter().enumerate() {
+                self.update_mu(t, report.saturated[t], len);
             }
             report.mu = self.mu.clone();
         }
@@ -479,8 +479,8 @@ impl GradAllReducer {
                 off += lens[t];
             }
         }
-        for t in 0..k {
-            self.update_mu(t, report.saturated[t], lens[t]);
+        for (t, &len) in lens.iter().enumerate() {
+            self.update_mu(t, report.saturated[t], len);
         }
         report.mu = self.mu.clone();
         self.steps += 1;

@@ -16,6 +16,7 @@
 //! each element type is defined in [`buf`]. NCCL (not buildable here) would slot in as
 //! another backend of the same trait.
 
+pub mod bench;
 pub mod buf;
 pub mod comm;
 pub mod error;
