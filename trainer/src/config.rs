@@ -184,3 +184,212 @@ impl Default for RunConfig {
         }
     }
 }
+
+/// A configuration problem, found before any work starts. Names the key, the offending
+/// value and what would have been accepted, so the user can fix it without reading code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Where the value came from: a file name, `--set`, or `config`.
+    pub origin: String,
+    /// Dotted key path, e.g. `model.heads`.
+    pub key: String,
+    /// The value as the user wrote it.
+    pub value: String,
+    /// What is allowed instead.
+    pub allowed: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: invalid value for key `{}`: {}; allowed: {}",
+            self.origin, self.key, self.value, self.allowed
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> ConfigError {
+    ConfigError {
+        origin: "config".into(),
+        key: key.into(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+/// Vocabulary size of a tokenizer name (the only two this project ships).
+pub fn tokenizer_vocab(name: &str) -> Option<usize> {
+    match name {
+        "byte" => Some(256),
+        "gpt2" => Some(50257),
+        _ => None,
+    }
+}
+
+impl RunConfig {
+    /// Reject impossible values. Called by the loader; call it again after editing a
+    /// config by hand. Checks only the configuration itself plus the existence of
+    /// `data.path` (a missing data file must fail before a model is allocated).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let pos = |key: &str, v: usize| {
+            if v == 0 {
+                Err(bad(key, v, "an integer >= 1"))
+            } else {
+                Ok(())
+            }
+        };
+        pos("max_steps", self.max_steps)?;
+        pos("batch", self.batch)?;
+        if self.eval_every > 0 {
+            pos("eval_batches", self.eval_batches)?;
+        }
+        if self.run_dir.trim().is_empty() {
+            return Err(bad("run_dir", "\"\"", "a directory path"));
+        }
+        let tok_vocab = tokenizer_vocab(&self.tokenizer).ok_or_else(|| {
+            bad(
+                "tokenizer",
+                format!("{:?}", self.tokenizer),
+                "\"byte\" or \"gpt2\"",
+            )
+        })?;
+
+        let m = &self.model;
+        pos("model.layers", m.layers)?;
+        pos("model.heads", m.heads)?;
+        pos("model.channels", m.channels)?;
+        if m.context < 2 {
+            return Err(bad("model.context", m.context, "an integer >= 2"));
+        }
+        if !m.channels.is_multiple_of(m.heads) {
+            return Err(bad(
+                "model.heads",
+                m.heads,
+                format!(
+                    "a divisor of model.channels = {} (e.g. {})",
+                    m.channels,
+                    divisors(m.channels)
+                ),
+            ));
+        }
+        if m.arch == Arch::Llama && !(m.channels / m.heads).is_multiple_of(2) {
+            return Err(bad(
+                "model.heads",
+                m.heads,
+                format!(
+                    "for arch \"llama\" (rotary positions) the head size model.channels / model.heads \
+                     must be even, here {} / {} = {}",
+                    m.channels,
+                    m.heads,
+                    m.channels / m.heads
+                ),
+            ));
+        }
+        if m.vocab != 0 && m.vocab < tok_vocab {
+            return Err(bad(
+                "model.vocab",
+                m.vocab,
+                format!(
+                    "0 (take it from the tokenizer) or >= {tok_vocab}, the vocabulary of tokenizer \"{}\"",
+                    self.tokenizer
+                ),
+            ));
+        }
+
+        let o = &self.optim;
+        let finite_pos = |key: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(key, v, "a finite number > 0"))
+            }
+        };
+        let finite_nonneg = |key: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(bad(key, v, "a finite number >= 0"))
+            }
+        };
+        finite_pos("optim.lr", o.lr)?;
+        if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return Err(bad(
+                "optim.min_lr",
+                o.min_lr,
+                format!("a number in [0, optim.lr = {}]", o.lr),
+            ));
+        }
+        for (key, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(bad(key, b, "a number in [0, 1)"));
+            }
+        }
+        finite_pos("optim.eps", o.eps)?;
+        finite_nonneg("optim.weight_decay", o.weight_decay)?;
+        finite_nonneg("optim.grad_clip", o.grad_clip)?;
+
+        let f = &self.fp8;
+        if f.recipe != "delayed" && f.recipe != "current" {
+            return Err(bad(
+                "fp8.recipe",
+                format!("{:?}", f.recipe),
+                "\"delayed\" or \"current\"",
+            ));
+        }
+        pos("fp8.amax_history", f.amax_history)?;
+        if !(0..=16).contains(&f.margin) {
+            return Err(bad(
+                "fp8.margin",
+                f.margin,
+                "an integer in 0..=16 (binades)",
+            ));
+        }
+
+        let d = &self.data;
+        if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return Err(bad(
+                "data.val_fraction",
+                d.val_fraction,
+                "a number strictly between 0 and 1",
+            ));
+        }
+        if d.path.is_empty() {
+            if self.tokenizer != "byte" {
+                return Err(bad(
+                    "tokenizer",
+                    format!("{:?}", self.tokenizer),
+                    "\"byte\" when data.path is empty (the embedded corpus is byte-level text)",
+                ));
+            }
+        } else if !std::path::Path::new(&d.path).exists() {
+            return Err(bad(
+                "data.path",
+                format!("{:?} (no such file or directory)", d.path),
+                "an existing text file, folder of .txt files, or llm.c .bin shard(s); \
+                 empty for the embedded corpus",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Vocabulary size the model is built with.
+    pub fn vocab(&self) -> usize {
+        if self.model.vocab != 0 {
+            self.model.vocab
+        } else {
+            tokenizer_vocab(&self.tokenizer).unwrap_or(256)
+        }
+    }
+}
+
+fn divisors(n: usize) -> String {
+    let d: Vec<String> = (1..=n)
+        .filter(|k| n.is_multiple_of(*k))
+        .take(8)
+        .map(|k| k.to_string())
+        .collect();
+    d.join(", ")
+}

@@ -5,7 +5,11 @@
 //! and tokenizers, the training loop, checkpoints and metrics.
 
 pub mod config;
+pub mod config_file;
 pub mod data;
 pub mod rng;
 
-pub use config::{Arch, ModelConfig, Precision, RunConfig};
+pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
+pub use config_file::{load_config, load_config_str};
+pub mod checkpoint;
+pub mod tokenizer;

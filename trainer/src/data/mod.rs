@@ -2,7 +2,12 @@
 //! (targets are inputs shifted by one), in a seeded, reproducible order whose position
 //! can be saved in a checkpoint and restored.
 
+pub mod shards;
 pub mod synthetic;
+pub mod text;
+pub mod tokens;
+
+pub use tokens::{open_dataset, TokenDataset};
 
 /// A source of training and validation batches.
 pub trait Dataset: Send {

@@ -187,7 +187,7 @@ mod tests {
             let mut prev = 0.0;
             for &(s, cum) in row {
                 if s == idx(w[2]) {
-                    nll -= (cum - prev as f64).ln();
+                    nll -= (cum - prev).ln();
                     break;
                 }
                 prev = cum;

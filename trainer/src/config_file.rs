@@ -1,0 +1,430 @@
+//! Loading a [`RunConfig`]: TOML file, then `--set key=value` overrides, then validation.
+//!
+//! Why a tree walk instead of plain serde: serde's messages for a nested TOML table do
+//! not name the full key path, and `--set` values arrive as untyped strings. So the user's
+//! tree is checked against the tree of the defaults (every key exists there with its type):
+//! unknown keys, wrong types and bad enum strings are reported as `key = value` plus what
+//! is allowed, and `--set` strings are coerced to the type of the key they replace before
+//! anything is deserialised.
+
+use crate::config::{ConfigError, RunConfig};
+use toml::{Table, Value};
+
+/// String-valued keys with a closed set of values, checked before deserialising.
+const ENUMS: &[(&str, &[&str])] = &[
+    ("precision", &["fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]),
+    ("tokenizer", &["byte", "gpt2"]),
+    ("model.arch", &["gpt2", "llama"]),
+    ("fp8.recipe", &["delayed", "current"]),
+];
+
+fn err(
+    origin: &str,
+    key: &str,
+    value: impl std::fmt::Display,
+    allowed: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        origin: origin.into(),
+        key: key.into(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+fn defaults_tree() -> Table {
+    match Value::try_from(RunConfig::default()) {
+        Ok(Value::Table(t)) => t,
+        _ => unreachable!("RunConfig::default() serialises to a TOML table"),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a number",
+        Value::Boolean(_) => "true or false",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn keys_of(t: &Table, prefix: &str) -> String {
+    let mut k: Vec<String> = t.keys().map(|k| join(prefix, k)).collect();
+    k.sort();
+    k.join(", ")
+}
+
+/// Check `user` against `defaults`: every key known, every value of the right type.
+/// Integers are accepted (and converted) where a float is expected.
+fn check_tree(
+    user: &mut Table,
+    defaults: &Table,
+    prefix: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    for (key, value) in user.iter_mut() {
+        let path = join(prefix, key);
+        let Some(default) = defaults.get(key) else {
+            return Err(err(
+                origin,
+                &path,
+                format!("{} (unknown key)", show(value)),
+                format!("one of the known keys: {}", keys_of(defaults, prefix)),
+            ));
+        };
+        match (default, &mut *value) {
+            (Value::Table(d), Value::Table(u)) => check_tree(u, d, &path, origin)?,
+            (Value::Table(d), v) => {
+                return Err(err(
+                    origin,
+                    &path,
+                    show(v),
+                    format!("a table with keys {}", keys_of(d, &path)),
+                ))
+            }
+            (Value::Float(_), Value::Integer(i)) => *value = Value::Float(*i as f64),
+            // Most integer keys are counts; signed ones (fp8.margin) are range-checked
+            // later by validate(), which names the allowed range.
+            (Value::Integer(_), Value::Integer(i)) if *i < 0 && path != "fp8.margin" => {
+                return Err(err(origin, &path, *i, "an integer >= 0"));
+            }
+            (d, v) if std::mem::discriminant(d) != std::mem::discriminant(v) => {
+                return Err(err(origin, &path, show(v), type_name(d)))
+            }
+            _ => {}
+        }
+        if let (Some((_, allowed)), Value::String(s)) =
+            (ENUMS.iter().find(|(k, _)| *k == path), &*value)
+        {
+            if !allowed.contains(&s.as_str()) {
+                let list: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+                return Err(err(
+                    origin,
+                    &path,
+                    show(value),
+                    format!("one of {}", list.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parse a `--set` value into the type of the key it replaces.
+fn coerce(key: &str, raw: &str, default: &Value) -> Result<Value, ConfigError> {
+    let origin = "--set";
+    let raw_unquoted = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    Ok(match default {
+        Value::String(_) => Value::String(raw_unquoted.to_string()),
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse::<i64>()
+                .map_err(|_| err(origin, key, format!("{raw:?}"), "an integer"))?,
+        ),
+        Value::Float(_) => Value::Float(
+            raw.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| err(origin, key, format!("{raw:?}"), "a finite number"))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(match raw.trim() {
+            "true" => true,
+            "false" => false,
+            _ => return Err(err(origin, key, format!("{raw:?}"), "true or false")),
+        }),
+        Value::Table(t) => {
+            return Err(err(
+                origin,
+                key,
+                format!("{raw:?}"),
+                format!("set one of its keys instead: {}", keys_of(t, key)),
+            ))
+        }
+        other => {
+            // Arrays / datetimes: parse as a TOML expression.
+            let parsed: Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| err(origin, key, format!("{raw:?}"), type_name(other)))?;
+            parsed["v"].clone()
+        }
+    })
+}
+
+/// Apply one `key=value` override to the tree.
+fn apply_override(tree: &mut Table, defaults: &Table, kv: &str) -> Result<(), ConfigError> {
+    let Some((key, raw)) = kv.split_once('=') else {
+        return Err(err(
+            "--set",
+            kv,
+            "(no `=`)",
+            "key=value, e.g. --set model.layers=4",
+        ));
+    };
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut d = defaults;
+    let mut t = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let prefix = parts[..i].join(".");
+        let Some(dv) = d.get(*part) else {
+            return Err(err(
+                "--set",
+                key,
+                format!("{raw:?} (unknown key)"),
+                format!("one of the known keys: {}", keys_of(d, &prefix)),
+            ));
+        };
+        if i + 1 == parts.len() {
+            let v = coerce(key, raw, dv)?;
+            t.insert(part.to_string(), v);
+            return Ok(());
+        }
+        let Value::Table(dt) = dv else {
+            return Err(err(
+                "--set",
+                key,
+                format!("{raw:?}"),
+                format!(
+                    "`{}` is not a table; did you mean --set {}={raw}?",
+                    join(&prefix, part),
+                    join(&prefix, part)
+                ),
+            ));
+        };
+        d = dt;
+        let entry = t
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(next) = entry else {
+            return Err(err("--set", key, format!("{raw:?}"), "a key under a table"));
+        };
+        t = next;
+    }
+    Ok(())
+}
+
+fn merge(base: &mut Table, over: Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Build a validated config from TOML text (empty = all defaults) and `--set` overrides.
+/// `origin` names the text's source (a file name) in error messages.
+pub fn load_config_str(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+) -> Result<RunConfig, ConfigError> {
+    let mut tree: Table = toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        let line = e
+            .span()
+            .map(|s| {
+                format!(
+                    " (line {})",
+                    text[..s.start.min(text.len())].lines().count().max(1)
+                )
+            })
+            .unwrap_or_default();
+        err(
+            origin,
+            "(syntax)",
+            format!("not valid TOML{line}: {msg}"),
+            "TOML: key = value lines, [table] headers",
+        )
+    })?;
+    let defaults = defaults_tree();
+    check_tree(&mut tree, &defaults, "", origin)?;
+    for kv in overrides {
+        apply_override(&mut tree, &defaults, kv)?;
+    }
+    check_tree(&mut tree, &defaults, "", "--set")?;
+    // Lay the user's keys over the full default tree: a partial table such as `[data]`
+    // must keep RunConfig::default()'s other values, not the sub-struct's own defaults.
+    let mut full = defaults;
+    merge(&mut full, tree);
+    let cfg: RunConfig = Value::Table(full)
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            err(origin, "(config)", e.message(), "see configs/example.toml")
+        })?;
+    cfg.validate().map_err(|mut e| {
+        let from_set = overrides
+            .iter()
+            .any(|kv| kv.split_once('=').map(|(k, _)| k.trim()) == Some(e.key.as_str()));
+        e.origin = if from_set {
+            "--set".into()
+        } else {
+            origin.into()
+        };
+        e
+    })?;
+    Ok(cfg)
+}
+
+/// [`load_config_str`] on a file; `None` = defaults only.
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    overrides: &[String],
+) -> Result<RunConfig, ConfigError> {
+    match path {
+        None => load_config_str("", "defaults", overrides),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                err(
+                    &p.display().to_string(),
+                    "--config",
+                    format!("{:?} ({e})", p.display().to_string()),
+                    "a readable TOML file",
+                )
+            })?;
+            load_config_str(&text, &p.display().to_string(), overrides)
+        }
+    }
+}
+
+/// The resolved config as TOML (written to the run directory).
+pub fn to_toml(cfg: &RunConfig) -> String {
+    toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# could not serialise config: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, sets: &[&str]) -> Result<RunConfig, ConfigError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load_config_str(text, "run.toml", &sets)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let cfg = load("", &[]).unwrap();
+        assert_eq!(cfg, RunConfig::default());
+        let again = load(&to_toml(&cfg), &[]).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn overrides_coerce_types_and_win_over_file() {
+        let cfg = load(
+            "max_steps = 10\n[optim]\nlr = 1\n[model]\nlayers = 3\n",
+            &[
+                "model.layers=4",
+                "optim.lr=0.5",
+                "precision=fp8-o2",
+                "tokenizer=\"byte\"",
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.max_steps, 10);
+        assert_eq!(cfg.model.layers, 4);
+        assert_eq!(cfg.optim.lr, 0.5);
+        assert_eq!(cfg.precision, crate::Precision::Fp8O2);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_alternatives() {
+        let e = load("[model]\nlayer = 3\n", &[]).unwrap_err();
+        assert_eq!(e.key, "model.layer");
+        assert_eq!(e.origin, "run.toml");
+        let msg = e.to_string();
+        assert!(msg.contains("model.layers"), "{msg}");
+        assert!(msg.contains("unknown key"), "{msg}");
+        let e = load("", &["optim.learning_rate=3"]).unwrap_err();
+        assert_eq!(
+            (e.origin.as_str(), e.key.as_str()),
+            ("--set", "optim.learning_rate")
+        );
+        assert!(e.allowed.contains("optim.lr"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = load("max_steps = \"ten\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "max_steps");
+        assert!(
+            e.value.contains("ten") && e.allowed.contains("integer"),
+            "{e}"
+        );
+        let e = load("", &["batch=eight"]).unwrap_err();
+        assert_eq!(e.key, "batch");
+        assert!(e.to_string().contains("\"eight\""), "{e}");
+        let e = load("model = 3\n", &[]).unwrap_err();
+        assert!(e.allowed.contains("model.heads"), "{e}");
+        let e = load("batch = -1\n", &[]).unwrap_err();
+        assert!(e.allowed.contains(">= 0"), "{e}");
+        let e = load("", &["optim.lr=fast"]).unwrap_err();
+        assert_eq!(e.key, "optim.lr");
+    }
+
+    #[test]
+    fn bad_enum_values_list_the_choices() {
+        let e = load("precision = \"fp9\"\n", &[]).unwrap_err();
+        assert_eq!(e.key, "precision");
+        assert!(
+            e.value.contains("fp9") && e.allowed.contains("fp8-o2"),
+            "{e}"
+        );
+        let e = load("", &["tokenizer=sentencepiece"]).unwrap_err();
+        assert!(e.allowed.contains("\"gpt2\""), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        let e = load("[model]\nheads = 5\nchannels = 64\n", &[]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("model.heads", "5"));
+        assert!(e.allowed.contains("divisor of model.channels = 64"), "{e}");
+        let e = load("batch = 0\n", &[]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("batch", "0"));
+        let e = load("", &["data.path=/no/such/file.bin"]).unwrap_err();
+        assert_eq!(e.key, "data.path");
+        assert_eq!(e.origin, "--set");
+        assert!(
+            e.value.contains("/no/such/file.bin") && e.value.contains("no such file"),
+            "{e}"
+        );
+        let e = load("[optim]\nbeta2 = 1.0\n", &[]).unwrap_err();
+        assert_eq!(e.key, "optim.beta2");
+        let e = load("", &["model.vocab=100"]).unwrap_err();
+        assert!(e.allowed.contains("256"), "{e}");
+        let e = load("", &["tokenizer=gpt2"]).unwrap_err();
+        assert!(e.allowed.contains("embedded corpus"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let e = load("max_steps = 10\nseed = = 3\n", &[]).unwrap_err();
+        assert_eq!(e.origin, "run.toml");
+        assert!(e.value.contains("line 2"), "{e}");
+        let e = load("", &["max_steps"]).unwrap_err();
+        assert!(e.allowed.contains("key=value"), "{e}");
+    }
+}
