@@ -220,7 +220,7 @@ pub fn combine_fp8(fmt: Fp8Format, op: ReduceOp, acc: &mut [u8], incoming: &[u8]
         ReduceOp::Sum => {
             let t = fp8_sum_table(fmt);
             for (a, &b) in acc.iter_mut().zip(incoming) {
-                *a = t[((b as usize) << 8) | *a as usize];
+                *a = t[(((b as usize) << 8) | *a as usize) & 0xFFFF];
             }
         }
         ReduceOp::Max | ReduceOp::Min => {

@@ -444,40 +444,49 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         let dec = decode_table(fmt);
+        // Re-quantise each tensor in place through its 256-entry table.
+        for (t, g) in grads.iter_mut().enumerate() {
+            let q = self.mu[t] * s_g[t];
+            let ratio = q / g.scale;
+            let mut lut = [0u8; 256];
+            for (v, l) in lut.iter_mut().enumerate() {
+                *l = fmt.encode(dec[v] * ratio, true);
+            }
+            let mut flushed = 0u64;
+            for v in g.data.iter_mut() {
+                let w = lut[*v as usize];
+                flushed += (*v & 0x7F != 0 && w & 0x7F == 0) as u64;
+                *v = w;
+            }
+            report.flushed[t] = flushed;
+            report.scales[t] = n * q;
+            g.scale = n * q;
+        }
         for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            let total: usize = lens[b.clone()].iter().sum();
-            let mut buf = Vec::with_capacity(total);
-            for t in b.clone() {
-                let g = &grads[t];
-                let q = self.mu[t] * s_g[t];
-                let ratio = q / g.scale;
-                let mut lut = [0u8; 256];
-                for (v, l) in lut.iter_mut().enumerate() {
-                    *l = fmt.encode(dec[v] * ratio, true);
+            if b.len() == 1 {
+                // A bucket of one tensor is reduced where it lies (no packing copy).
+                let g = &mut grads[b.start];
+                comm.all_reduce(BufMut::Fp8(&mut g.data, fmt), ReduceOp::Sum)?;
+            } else {
+                let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
+                for g in &grads[b.clone()] {
+                    buf.extend_from_slice(&g.data);
                 }
-                let start = buf.len();
-                buf.extend(g.data.iter().map(|&v| lut[v as usize]));
-                report.flushed[t] = g
-                    .data
-                    .iter()
-                    .zip(&buf[start..])
-                    .filter(|(&v, &w)| v & 0x7F != 0 && w & 0x7F == 0)
-                    .count() as u64;
-                report.scales[t] = n * q;
+                comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+                let mut off = 0;
+                for g in &mut grads[b] {
+                    let l = g.data.len();
+                    g.data.copy_from_slice(&buf[off..off + l]);
+                    off += l;
+                }
             }
-            comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-            let mut off = 0;
-            for t in b {
-                let g = &mut grads[t];
-                g.data.copy_from_slice(&buf[off..off + lens[t]]);
-                g.scale = report.scales[t];
-                report.saturated[t] = g
-                    .data
-                    .iter()
-                    .filter(|&&q| q & 0x7F == fmt.max_bits())
-                    .count() as u64;
-                off += lens[t];
-            }
+        }
+        for (t, g) in grads.iter().enumerate() {
+            report.saturated[t] = g
+                .data
+                .iter()
+                .filter(|&&q| q & 0x7F == fmt.max_bits())
+                .count() as u64;
         }
         for (t, &len) in lens.iter().enumerate() {
             self.update_mu(t, report.saturated[t], len);
