@@ -8,7 +8,8 @@
 //! - `bf16`: bf16 gradients, bf16 sum with per-hop rounding.
 //! - `fp8lm`: FP8 (E5M2) gradients with their own scales, as FP8-LM's weight-gradient
 //!   GEMMs produce them: scale agreement (one small all-reduce), table re-quantisation,
-//!   FP8 sum, result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]).
+//!   FP8 sum, result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]),
+//!   with mu = 1/2 (steady state: at mu = 1 the re-quantisation would be skipped).
 //! - `fp8lm-from-f32`: the same starting from f32 gradients, including the amax pass and
 //!   the f32 -> FP8 cast ([`GradAllReducer::all_reduce_fp8`]).
 //!
@@ -109,6 +110,9 @@ pub fn allreduce(comm: &dyn Communicator, elements: usize, reps: usize) -> Resul
         method: GradMethod::Fp8Lm,
         format: Fp8Format::E5M2,
         bucket_bytes: usize::MAX,
+        // Steady state: mu has halved at least once (mu = 1 would make the
+        // re-quantisation table the identity, which is skipped).
+        initial_mu: 0.5,
         ..Default::default()
     };
     let g8 = ScaledFp8::quantize_current(&g, &[elements], Fp8Format::E5M2, 0).0;

@@ -32,7 +32,7 @@
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{BufMut, ReduceOp};
+use crate::buf::{count_masked_eq, BufMut, ReduceOp};
 use crate::comm::Communicator;
 use crate::error::{CommError, Result};
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
@@ -361,19 +361,15 @@ impl GradAllReducer {
             for t in b.clone() {
                 let dst = &mut buf[off..off + lens[t]];
                 f32_to_fp8_amax(fmt, grads[t], scales[t].0, dst);
-                report.flushed[t] = grads[t]
-                    .iter()
-                    .zip(dst.iter())
-                    .filter(|(&x, &q)| x != 0.0 && q & 0x7F == 0)
-                    .count() as u64;
+                let zeros_in = grads[t].iter().filter(|&&x| x == 0.0).count() as u64;
+                report.flushed[t] = count_masked_eq(dst, 0x7F, 0) - zeros_in;
                 off += lens[t];
             }
             comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
             let mut off = 0;
             for t in b {
                 let data = buf[off..off + lens[t]].to_vec();
-                report.saturated[t] =
-                    data.iter().filter(|&&q| q & 0x7F == fmt.max_bits()).count() as u64;
+                report.saturated[t] = count_masked_eq(&data, 0x7F, fmt.max_bits());
                 out.push(ScaledFp8 {
                     data,
                     shape: vec![lens[t]],
@@ -450,15 +446,21 @@ impl GradAllReducer {
             let ratio = q / g.scale;
             let mut lut = [0u8; 256];
             for (v, l) in lut.iter_mut().enumerate() {
-                *l = fmt.encode(dec[v] * ratio, true);
+                // NaN codes keep their exact bits.
+                *l = if dec[v].is_nan() {
+                    v as u8
+                } else {
+                    fmt.encode(dec[v] * ratio, true)
+                };
             }
-            let mut flushed = 0u64;
-            for v in g.data.iter_mut() {
-                let w = lut[*v as usize];
-                flushed += (*v & 0x7F != 0 && w & 0x7F == 0) as u64;
-                *v = w;
+            // +-0 map to themselves, so codes that became zero = zeros after - before.
+            let zeros_before = count_masked_eq(&g.data, 0x7F, 0);
+            if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
+                for v in g.data.iter_mut() {
+                    *v = lut[*v as usize];
+                }
             }
-            report.flushed[t] = flushed;
+            report.flushed[t] = count_masked_eq(&g.data, 0x7F, 0) - zeros_before;
             report.scales[t] = n * q;
             g.scale = n * q;
         }
@@ -482,11 +484,7 @@ impl GradAllReducer {
             }
         }
         for (t, g) in grads.iter().enumerate() {
-            report.saturated[t] = g
-                .data
-                .iter()
-                .filter(|&&q| q & 0x7F == fmt.max_bits())
-                .count() as u64;
+            report.saturated[t] = count_masked_eq(&g.data, 0x7F, fmt.max_bits());
         }
         for (t, &len) in lens.iter().enumerate() {
             self.update_mu(t, report.saturated[t], len);
