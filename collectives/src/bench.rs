@@ -6,6 +6,7 @@
 //! each hop costs, not two different algorithms. Rows:
 //! - `f32`: f32 gradients, f32 sum.
 //! - `bf16`: bf16 gradients, bf16 sum with per-hop rounding.
+//! - `fp8-sum`: the bare FP8 (E5M2) sum of the bytes, per-hop rounded (no scales).
 //! - `fp8lm`: FP8 (E5M2) gradients with their own scales, as FP8-LM's weight-gradient
 //!   GEMMs produce them: scale agreement (one small all-reduce), table re-quantisation,
 //!   FP8 sum, result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]),
@@ -106,6 +107,22 @@ pub fn allreduce(comm: &dyn Communicator, elements: usize, reps: usize) -> Resul
     row("bf16", 2, t);
     drop((buf, gb));
 
+    let g8 = ScaledFp8::quantize_current(&g, &[elements], Fp8Format::E5M2, 0).0;
+    let buf = std::cell::RefCell::new(g8.data.clone());
+    let t = timed(
+        comm,
+        reps,
+        || buf.borrow_mut().copy_from_slice(&g8.data),
+        || {
+            comm.all_reduce(
+                BufMut::Fp8(&mut buf.borrow_mut(), Fp8Format::E5M2),
+                ReduceOp::Sum,
+            )
+        },
+    )?;
+    row("fp8-sum", 1, t);
+    drop(buf);
+
     let cfg = GradAllReduceConfig {
         method: GradMethod::Fp8Lm,
         format: Fp8Format::E5M2,
@@ -115,7 +132,6 @@ pub fn allreduce(comm: &dyn Communicator, elements: usize, reps: usize) -> Resul
         initial_mu: 0.5,
         ..Default::default()
     };
-    let g8 = ScaledFp8::quantize_current(&g, &[elements], Fp8Format::E5M2, 0).0;
     let t8 = std::cell::RefCell::new(vec![g8.clone()]);
     let mut red = GradAllReducer::new(cfg.clone());
     let t = timed(
@@ -182,13 +198,14 @@ mod tests {
     fn bench_runs_and_fp8_moves_a_quarter_of_f32_bytes() {
         let rows = run_ranks(2, |c| allreduce(c, 10_000, 1)).unwrap();
         let r = &rows[0];
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.len(), 5);
         let f32b = r[0].bytes_sent;
         // Ring all-reduce: 2 (N-1)/N * len * 4 bytes = 40_000 for N = 2.
         assert_eq!(f32b, 40_000);
         assert_eq!(r[1].bytes_sent, f32b / 2);
         // FP8: a quarter, plus the 4-byte scale agreement.
-        assert_eq!(r[2].bytes_sent, f32b / 4 + 4);
+        assert_eq!(r[2].bytes_sent, f32b / 4);
+        assert_eq!(r[3].bytes_sent, f32b / 4 + 4);
         assert!(format_rows(r, 2, "local", 10_000).contains("fp8lm"));
     }
 }
