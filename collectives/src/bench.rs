@@ -161,6 +161,21 @@ pub fn allreduce(comm: &dyn Communicator, elements: usize, reps: usize) -> Resul
     Ok(rows)
 }
 
+/// Whole `fp8lm bench allreduce` subcommand: on MPI's world when started by `mpirun`
+/// (needs the `mpi` feature), else on `local_ranks` in-process ranks. Returns the table
+/// on rank 0 (print it), `None` on the other MPI ranks.
+pub fn run(elements: usize, reps: usize, local_ranks: usize) -> Result<Option<String>> {
+    if crate::launched_by_mpi() {
+        let comm = crate::init()?;
+        let rows = allreduce(&*comm, elements, reps)?;
+        Ok((comm.rank() == 0).then(|| format_rows(&rows, comm.size(), comm.backend(), elements)))
+    } else {
+        let n = local_ranks.max(1);
+        let rows = crate::run_ranks(n, |c| allreduce(c, elements, reps))?;
+        Ok(Some(format_rows(&rows[0], n, "local", elements)))
+    }
+}
+
 /// The benchmark table, with bytes and time relative to the f32 row.
 pub fn format_rows(rows: &[BenchRow], ranks: usize, backend: &str, elements: usize) -> String {
     let base = rows.iter().find(|r| r.name == "f32");
@@ -207,5 +222,7 @@ mod tests {
         assert_eq!(r[2].bytes_sent, f32b / 4);
         assert_eq!(r[3].bytes_sent, f32b / 4 + 4);
         assert!(format_rows(r, 2, "local", 10_000).contains("fp8lm"));
+        let table = run(1000, 1, 3).unwrap().unwrap();
+        assert!(table.contains("3 ranks (local backend)"), "{table}");
     }
 }
