@@ -12,4 +12,6 @@ pub mod rng;
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod checkpoint;
+pub mod metrics;
+pub mod plot;
 pub mod tokenizer;
