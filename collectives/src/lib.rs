@@ -1,6 +1,75 @@
 //! # fp8lm-collectives: moving tensors between ranks
 //!
-//! Will own the `Communicator` trait (all-reduce, reduce-scatter, all-gather, broadcast,
-//! barrier on f32/bf16/f16/FP8 buffers), its in-process (threads) and MPI implementations,
-//! and the FP8-LM gradient all-reduce (automatic scaling, shared minimum scale, FP8 sum
-//! with per-hop re-rounding).
+//! - [`Communicator`]: all-reduce (sum, max, min), reduce-scatter, all-gather, broadcast,
+//!   barrier on typed buffers ([`BufMut`]: f32, bf16, f16, FP8 bytes), scalar all-reduces
+//!   for amax/scale agreement and a u64 agreement check for config hashes.
+//! - Backends: [`LocalComm`] (threads of one process, [`run_ranks`]) and, behind the
+//!   cargo feature `mpi`, `MpiComm` (OpenMPI through the `mpi` crate). [`init`] picks MPI
+//!   when the process was started by `mpirun`.
+//! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
+//!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
+//!
+//! Why reductions are written here rather than delegated to `MPI_Allreduce`: the FP8 sum
+//! must re-round at every hop in a documented, deterministic order, and the in-process
+//! backend must give bit-identical results. So every reduction is one ring algorithm over
+//! point-to-point exchange ([`comm`]), shared by all backends; the per-hop arithmetic of
+//! each element type is defined in [`buf`]. NCCL (not buildable here) would slot in as
+//! another backend of the same trait.
+
+pub mod buf;
+pub mod comm;
+pub mod error;
+pub mod grad;
+pub mod local;
+
+pub use buf::{BufMut, Dtype, ReduceOp};
+pub use comm::{chunk_range, Communicator};
+pub use error::{CommError, Result};
+pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
+pub use local::{run_ranks, LocalComm};
+#[cfg(feature = "mpi")]
+pub mod mpi_comm;
+#[cfg(feature = "mpi")]
+pub use mpi_comm::MpiComm;
+
+/// True when this process was started by an MPI launcher (OpenMPI's `mpirun`, or a
+/// PMI/PMIx launcher such as `srun`/`mpiexec.hydra`), judged by the environment.
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The communicator for this process: MPI's world when started by an MPI launcher, else
+/// a single in-process rank (use [`run_ranks`] for several in-process ranks). Started by
+/// `mpirun` but built without the `mpi` feature is an error, not a silent 1-rank run.
+pub fn init() -> Result<Box<dyn Communicator>> {
+    if launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        {
+            return Ok(Box::new(MpiComm::init()?));
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            return Err(CommError::new(
+                0,
+                "init",
+                "started by an MPI launcher (OMPI_COMM_WORLD_SIZE/PMI_* set) but built \
+                 without the `mpi` feature; rebuild with `--features mpi`",
+            ));
+        }
+    }
+    Ok(Box::new(LocalComm::group(1).pop().expect("one rank")))
+}
+
+/// Unwrap `r`, or tear the whole job down through `comm.abort` with a message naming this
+/// rank and the cause (MPI: every rank exits non-zero promptly).
+pub fn or_abort<T, E: std::fmt::Display>(
+    comm: &dyn Communicator,
+    r: std::result::Result<T, E>,
+) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => comm.abort(&format!("error: {e}")),
+    }
+}

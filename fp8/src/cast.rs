@@ -1,93 +1,258 @@
 //! Bulk casts over slices, returning the input's amax from the same pass.
 //!
-//! The portable loops here define the semantics; vectorised paths (x86-64 AVX2/F16C,
-//! selected at run time) must be bit-identical to them on every input.
+//! Semantics (every backend, every input, bit for bit): `dst[i] = fp8(src[i] * scale)`
+//! where the product is one f32 multiply (the input widened exactly to f32 first) and
+//! the cast is [`Fp8Format::encode_mode`] — by default [`CastMode::SatFinite`], i.e.
+//! exactly `E4M3::from_f32` / `E5M2::from_f32`. The returned amax is `max |src[i]|` of
+//! the *unscaled* input (what scaling recipes track), or NaN if any input is NaN.
+//!
+//! Backends: the portable loop ([`Backend::Portable`]) and AVX2 (+F16C) on x86-64
+//! ([`Backend::Avx2`]), picked at run time with `is_x86_feature_detected!`. The plain
+//! functions are single-threaded; the `par_*` variants split large slices over the rayon
+//! pool (chunks of [`PAR_CHUNK`] elements). Callers that already run one tensor per
+//! thread should use the plain ones.
 
-use crate::format::Fp8Format;
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use crate::format::{CastMode, EncodeConsts, Fp8Format};
 use half::{bf16, f16};
+use portable::amax_from_bits;
+use rayon::prelude::*;
 
-/// `dst[i] = fp8(src[i] * scale)` (saturating, RNE). Returns `max |src[i]|` over the
-/// non-NaN inputs (the unscaled amax, which is what scaling recipes track); a NaN input
-/// makes the returned amax NaN so callers can detect it.
-pub fn f32_to_fp8_amax(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) -> f32 {
-    assert_eq!(src.len(), dst.len(), "f32_to_fp8_amax: length mismatch");
-    let mut amax = 0f32;
-    let mut saw_nan = false;
-    for (d, &x) in dst.iter_mut().zip(src) {
-        saw_nan |= x.is_nan();
-        amax = amax.max(x.abs());
-        *d = fmt.encode(x * scale, true);
+/// Which implementation a bulk cast runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Plain Rust loop over the branch-free scalar encoder; runs everywhere.
+    Portable,
+    /// x86-64 AVX2 with F16C (every AVX2 CPU has F16C), 32 elements per iteration.
+    Avx2,
+}
+
+impl Backend {
+    /// The fastest backend this CPU supports.
+    pub fn detect() -> Backend {
+        if Backend::Avx2.is_available() {
+            Backend::Avx2
+        } else {
+            Backend::Portable
+        }
     }
-    if saw_nan {
-        f32::NAN
-    } else {
-        amax
+
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Portable => true,
+            Backend::Avx2 => avx2_available(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Portable => "portable",
+            Backend::Avx2 => "avx2",
+        }
     }
 }
 
-/// bf16 input variant of [`f32_to_fp8_amax`].
-pub fn bf16_to_fp8_amax(fmt: Fp8Format, src: &[bf16], scale: f32, dst: &mut [u8]) -> f32 {
-    assert_eq!(src.len(), dst.len(), "bf16_to_fp8_amax: length mismatch");
-    let mut amax = 0f32;
-    let mut saw_nan = false;
-    for (d, &x) in dst.iter_mut().zip(src) {
-        let x = x.to_f32();
-        saw_nan |= x.is_nan();
-        amax = amax.max(x.abs());
-        *d = fmt.encode(x * scale, true);
-    }
-    if saw_nan {
-        f32::NAN
-    } else {
-        amax
-    }
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_available() -> bool {
+    false
 }
 
-/// f16 input variant of [`f32_to_fp8_amax`].
-pub fn f16_to_fp8_amax(fmt: Fp8Format, src: &[f16], scale: f32, dst: &mut [u8]) -> f32 {
-    assert_eq!(src.len(), dst.len(), "f16_to_fp8_amax: length mismatch");
-    let mut amax = 0f32;
-    let mut saw_nan = false;
-    for (d, &x) in dst.iter_mut().zip(src) {
-        let x = x.to_f32();
-        saw_nan |= x.is_nan();
-        amax = amax.max(x.abs());
-        *d = fmt.encode(x * scale, true);
-    }
-    if saw_nan {
-        f32::NAN
-    } else {
-        amax
-    }
+/// Slices are split into chunks of this many elements by the `par_*` casts (256 KiB of
+/// f32 input: big enough that rayon's overhead is noise, small enough to balance).
+pub const PAR_CHUNK: usize = 1 << 16;
+
+macro_rules! to_fp8 {
+    ($(#[$doc:meta])* $name:ident, $with:ident, $par:ident, $t:ty, $avx2:ident, $portable:ident) => {
+        $(#[$doc])*
+        pub fn $name(fmt: Fp8Format, src: &[$t], scale: f32, dst: &mut [u8]) -> f32 {
+            $with(fmt, CastMode::SatFinite, Backend::detect(), src, scale, dst)
+        }
+
+        /// As the function without `_with`, under an explicit cast mode and backend (an
+        /// unavailable backend falls back to [`Backend::Portable`]; results are identical).
+        pub fn $with(
+            fmt: Fp8Format,
+            mode: CastMode,
+            backend: Backend,
+            src: &[$t],
+            scale: f32,
+            dst: &mut [u8],
+        ) -> f32 {
+            assert_eq!(
+                src.len(),
+                dst.len(),
+                concat!(stringify!($name), ": src and dst lengths differ")
+            );
+            let k = EncodeConsts::new(fmt, mode);
+            #[cfg(target_arch = "x86_64")]
+            if backend == Backend::Avx2 && avx2_available() {
+                // SAFETY: the required CPU features were detected just above.
+                return amax_from_bits(unsafe { avx2::$avx2(&k, src, scale, dst) });
+            }
+            let _ = backend;
+            amax_from_bits(portable::$portable(&k, src, scale, dst))
+        }
+
+        /// Rayon-parallel variant (same result, bit for bit, as the single-threaded one).
+        pub fn $par(fmt: Fp8Format, src: &[$t], scale: f32, dst: &mut [u8]) -> f32 {
+            assert_eq!(
+                src.len(),
+                dst.len(),
+                concat!(stringify!($par), ": src and dst lengths differ")
+            );
+            let backend = Backend::detect();
+            let acc = src
+                .par_chunks(PAR_CHUNK)
+                .zip(dst.par_chunks_mut(PAR_CHUNK))
+                .map(|(s, d)| $with(fmt, CastMode::SatFinite, backend, s, scale, d).to_bits() & 0x7FFF_FFFF)
+                .max()
+                .unwrap_or(0);
+            amax_from_bits(acc)
+        }
+    };
 }
 
-/// `dst[i] = decode(src[i]) * inv_scale` (pass `1.0 / scale` to dequantise).
-/// Returns the amax of the decoded (unscaled) FP8 values.
+to_fp8!(
+    /// `dst[i] = fp8(src[i] * scale)` (round to nearest even, saturating like
+    /// `from_f32`). Returns `max |src[i]|` (unscaled), NaN if any input is NaN.
+    f32_to_fp8_amax,
+    f32_to_fp8_amax_with,
+    par_f32_to_fp8_amax,
+    f32,
+    f32_to_fp8,
+    f32_to_fp8
+);
+to_fp8!(
+    /// bf16 input variant of [`f32_to_fp8_amax`] (the input is widened exactly to f32).
+    bf16_to_fp8_amax,
+    bf16_to_fp8_amax_with,
+    par_bf16_to_fp8_amax,
+    bf16,
+    bf16_to_fp8,
+    bf16_to_fp8
+);
+to_fp8!(
+    /// f16 input variant of [`f32_to_fp8_amax`] (the input is widened exactly to f32).
+    f16_to_fp8_amax,
+    f16_to_fp8_amax_with,
+    par_f16_to_fp8_amax,
+    f16,
+    f16_to_fp8,
+    f16_to_fp8
+);
+
+/// `dst[i] = decode(src[i]) * inv_scale` (pass `1.0 / scale` to dequantise; for a
+/// power-of-two scale that reciprocal and the product are exact). Returns the amax of
+/// the decoded, unscaled FP8 values (NaN if any code is NaN).
 pub fn fp8_to_f32_amax(fmt: Fp8Format, src: &[u8], inv_scale: f32, dst: &mut [f32]) -> f32 {
-    assert_eq!(src.len(), dst.len(), "fp8_to_f32_amax: length mismatch");
-    let table = decode_table(fmt);
-    let mut amax = 0f32;
-    for (d, &b) in dst.iter_mut().zip(src) {
-        let v = table[b as usize];
-        amax = amax.max(v.abs());
-        *d = v * inv_scale;
-    }
-    amax
+    fp8_to_f32_amax_with(fmt, Backend::detect(), src, inv_scale, dst)
 }
 
-/// `max |x|` over a slice; NaN if any element is NaN.
+/// [`fp8_to_f32_amax`] on an explicit backend (unavailable falls back to portable).
+pub fn fp8_to_f32_amax_with(
+    fmt: Fp8Format,
+    backend: Backend,
+    src: &[u8],
+    inv_scale: f32,
+    dst: &mut [f32],
+) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8_to_f32_amax: src and dst lengths differ"
+    );
+    let table = decode_table(fmt);
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::fp8_to_f32(table, src, inv_scale, dst) });
+    }
+    let _ = backend;
+    amax_from_bits(portable::fp8_to_f32(table, src, inv_scale, dst))
+}
+
+/// Rayon-parallel [`fp8_to_f32_amax`].
+pub fn par_fp8_to_f32_amax(fmt: Fp8Format, src: &[u8], inv_scale: f32, dst: &mut [f32]) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "par_fp8_to_f32_amax: src and dst lengths differ"
+    );
+    let backend = Backend::detect();
+    let acc = src
+        .par_chunks(PAR_CHUNK)
+        .zip(dst.par_chunks_mut(PAR_CHUNK))
+        .map(|(s, d)| fp8_to_f32_amax_with(fmt, backend, s, inv_scale, d).to_bits() & 0x7FFF_FFFF)
+        .max()
+        .unwrap_or(0);
+    amax_from_bits(acc)
+}
+
+/// `dst[i] = f16(src[i] * scale)`, round to nearest even, IEEE overflow to +-inf (the
+/// FP16 casts of master weights and second moments, whose scales keep values in
+/// range). Returns the unscaled input amax, NaN if any input is NaN. Bit-identical to
+/// `half::f16::from_f32(x * scale)` on every backend, NaN payloads included.
+pub fn f32_to_f16_amax(src: &[f32], scale: f32, dst: &mut [f16]) -> f32 {
+    f32_to_f16_amax_with(Backend::detect(), src, scale, dst)
+}
+
+/// [`f32_to_f16_amax`] on an explicit backend (unavailable falls back to portable).
+pub fn f32_to_f16_amax_with(backend: Backend, src: &[f32], scale: f32, dst: &mut [f16]) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f32_to_f16_amax: src and dst lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::f32_to_f16(src, scale, dst) });
+    }
+    let _ = backend;
+    amax_from_bits(portable::f32_to_f16(src, scale, dst))
+}
+
+/// `dst[i] = f32(src[i]) * inv_scale`; returns the amax of the unscaled f16 values.
+pub fn f16_to_f32_amax(src: &[f16], inv_scale: f32, dst: &mut [f32]) -> f32 {
+    f16_to_f32_amax_with(Backend::detect(), src, inv_scale, dst)
+}
+
+/// [`f16_to_f32_amax`] on an explicit backend (unavailable falls back to portable).
+pub fn f16_to_f32_amax_with(
+    backend: Backend,
+    src: &[f16],
+    inv_scale: f32,
+    dst: &mut [f32],
+) -> f32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f16_to_f32_amax: src and dst lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx2 && avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::f16_to_f32(src, inv_scale, dst) });
+    }
+    let _ = backend;
+    amax_from_bits(portable::f16_to_f32(src, inv_scale, dst))
+}
+
+/// `max |x|` over a slice; NaN if any element is NaN; 0 for an empty slice.
 pub fn amax_f32(src: &[f32]) -> f32 {
-    let mut amax = 0f32;
-    let mut saw_nan = false;
-    for &x in src {
-        saw_nan |= x.is_nan();
-        amax = amax.max(x.abs());
+    #[cfg(target_arch = "x86_64")]
+    if avx2_available() {
+        // SAFETY: the required CPU features were detected just above.
+        return amax_from_bits(unsafe { avx2::amax_f32(src) });
     }
-    if saw_nan {
-        f32::NAN
-    } else {
-        amax
-    }
+    amax_from_bits(portable::amax_f32(src))
 }
 
 static E4M3_TABLE: [f32; 256] = build_table(Fp8Format::E4M3);

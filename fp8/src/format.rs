@@ -104,6 +104,28 @@ impl Fp8Format {
         f32::from_bits(sign | (((e + 127) as u32) << 23) | (mant << (23 - m)))
     }
 
+    /// Encode under an explicit [`CastMode`] (the reference, built on [`Self::encode`]).
+    pub fn encode_mode(self, x: f32, mode: CastMode) -> u8 {
+        match mode {
+            CastMode::SatAll => self.encode(x, true),
+            CastMode::NonSat => self.encode(x, false),
+            CastMode::SatFinite => {
+                if x.is_infinite() && self.inf_bits().is_some() {
+                    self.encode(x, false)
+                } else {
+                    self.encode(x, true)
+                }
+            }
+        }
+    }
+
+    /// Same result as [`Self::encode_mode`], computed with integer rounding of the f32
+    /// bit pattern instead of a division (the algorithm the bulk casts vectorise).
+    #[inline]
+    pub fn encode_fast(self, x: f32, mode: CastMode) -> u8 {
+        EncodeConsts::new(self, mode).encode(x)
+    }
+
     /// Encode with round-to-nearest-even. `saturate` chooses what finite overflow and
     /// infinities become: +-max (training casts) or the format's overflow value (NaN for
     /// E4M3, infinity for E5M2). NaN always maps to NaN, keeping the sign bit.
@@ -153,6 +175,110 @@ impl Fp8Format {
     }
 }
 
+/// What a cast does with values outside the format's finite range (NaN always stays NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum CastMode {
+    /// The training cast, `E4M3::from_f32` / `E5M2::from_f32`: finite overflow saturates
+    /// to +-max; +-inf stays +-inf where the format has infinities (E5M2) and saturates
+    /// where it has none (E4M3).
+    #[default]
+    SatFinite,
+    /// Everything that is not NaN saturates, infinities included (`encode(x, true)`;
+    /// what MS-AMP's and the `float8` crate's E5M2 casts do).
+    SatAll,
+    /// `from_f32_nonsaturating`: overflow and +-inf become the format's overflow value
+    /// (NaN for E4M3, +-inf for E5M2), so callers can detect it.
+    NonSat,
+}
+
+/// Constants of the branch-free encoder shared by the portable bulk loop and the SIMD
+/// kernels (see [`Fp8Format::encode_fast`]). All codes are unsigned magnitudes (sign 0).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EncodeConsts {
+    /// `23 - mantissa_bits`: f32 mantissa bits dropped by the normal-range rounding.
+    pub shift: u32,
+    /// `2^(shift-1) - 1`: added with the kept LSB, gives round-to-nearest-even.
+    pub round_bias: u32,
+    /// `(127 - bias) << mantissa_bits`: rebias from f32's exponent to the format's.
+    pub rebias: u32,
+    /// f32 bits of the smallest normal of the format; below it the subnormal path runs.
+    pub min_normal_bits: u32,
+    /// `2^(emin - m + 23)`: adding it to a subnormal-range magnitude makes the FPU round
+    /// at the format's subnormal quantum (its ulp is exactly that quantum).
+    pub magic: f32,
+    pub max_code: u32,
+    pub overflow_code: u32,
+    pub inf_code: u32,
+    pub nan_code: u32,
+}
+
+impl EncodeConsts {
+    pub(crate) const fn new(fmt: Fp8Format, mode: CastMode) -> Self {
+        let m = fmt.mantissa_bits();
+        let bias = fmt.exponent_bias();
+        let emin = 1 - bias;
+        let shift = 23 - m;
+        let overflow_value = match fmt.inf_bits() {
+            Some(inf) => inf,
+            None => fmt.nan_bits(),
+        };
+        let (overflow_code, inf_code) = match mode {
+            CastMode::SatFinite => (fmt.max_bits(), overflow_value),
+            CastMode::SatAll => (fmt.max_bits(), fmt.max_bits()),
+            CastMode::NonSat => (overflow_value, overflow_value),
+        };
+        // E4M3 has no infinity: under SatFinite an infinite input saturates like any
+        // other overflow.
+        let inf_code = match (fmt.inf_bits(), mode) {
+            (None, CastMode::SatFinite) => fmt.max_bits(),
+            _ => inf_code,
+        };
+        EncodeConsts {
+            shift,
+            round_bias: (1 << (shift - 1)) - 1,
+            rebias: ((127 - bias) as u32) << m,
+            min_normal_bits: ((emin + 127) as u32) << 23,
+            magic: f32::from_bits(((emin - m as i32 + 23 + 127) as u32) << 23),
+            max_code: fmt.max_bits() as u32,
+            overflow_code: overflow_code as u32,
+            inf_code: inf_code as u32,
+            nan_code: fmt.nan_bits() as u32,
+        }
+    }
+
+    /// Branch-free RNE encode of one f32 (the scalar twin of the SIMD kernels).
+    #[inline(always)]
+    pub(crate) fn encode(&self, y: f32) -> u8 {
+        let b = y.to_bits();
+        let sign = (b >> 24) & 0x80;
+        let ab = b & 0x7FFF_FFFF;
+        // Normal range: round the f32 bit pattern itself to `m` mantissa bits (a carry
+        // into the exponent field is the correct next binade).
+        let lsb = (ab >> self.shift) & 1;
+        let r = ab.wrapping_add(self.round_bias + lsb) >> self.shift;
+        let code_n = r.wrapping_sub(self.rebias);
+        // Subnormal range: let the FPU round (a + magic) at the subnormal quantum.
+        let code_s = (f32::from_bits(ab) + self.magic)
+            .to_bits()
+            .wrapping_sub(self.magic.to_bits());
+        let mut code = if ab < self.min_normal_bits {
+            code_s
+        } else {
+            code_n
+        };
+        if code > self.max_code {
+            code = self.overflow_code;
+        }
+        if ab == 0x7F80_0000 {
+            code = self.inf_code;
+        }
+        if ab > 0x7F80_0000 {
+            code = self.nan_code;
+        }
+        (code | sign) as u8
+    }
+}
+
 /// 2^e for e within f32's normal range, built from bits (exact, no libm).
 #[inline]
 pub(crate) fn pow2(e: i32) -> f32 {
@@ -174,10 +300,7 @@ macro_rules! fp8_type {
             /// (E4M3) / finite overflow saturates, infinities stay infinite (E5M2); NaN stays NaN.
             #[inline]
             pub fn from_f32(x: f32) -> Self {
-                if matches!($fmt, Fp8Format::E5M2) && x.is_infinite() {
-                    return Self($fmt.encode(x, false));
-                }
-                Self($fmt.encode(x, true))
+                Self($fmt.encode_mode(x, CastMode::SatFinite))
             }
             /// Round to nearest even without saturation: overflow becomes NaN (E4M3) or
             /// infinity (E5M2), so callers can detect it.

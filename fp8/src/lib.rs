@@ -19,6 +19,6 @@ pub mod format;
 pub mod scaled;
 pub mod scaling;
 
-pub use format::{Fp8Format, E4M3, E5M2};
+pub use format::{CastMode, Fp8Format, E4M3, E5M2};
 pub use scaled::{ScaledF16, ScaledFp8};
-pub use scaling::{scale_for_amax, ScaleRounding, ScaleState, ScalingRecipe};
+pub use scaling::{scale_for_amax, Quantized, ScaleRounding, ScaleState, ScalingRecipe};

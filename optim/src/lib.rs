@@ -10,6 +10,14 @@
 //! The trainer owns the model's compute weights (f32 buffers the layers read); an
 //! optimizer reads gradients, updates its own state and writes new compute weights back.
 
+pub mod adamw;
 pub mod api;
 
+pub use adamw::AdamW;
 pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+pub mod experiment;
+pub mod fp8_adam;
+pub mod lanes;
+
+pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub mod zero;

@@ -1,0 +1,310 @@
+//! Typed communication buffers and the per-hop reduction semantics of every element type.
+//!
+//! A reduction combines two operands at each hop of the algorithm and rounds the result
+//! back to the buffer's own type right away, as NCCL does for its native low-precision
+//! types:
+//!
+//! | type | sum | max / min |
+//! |---|---|---|
+//! | f32 | f32 add | exact, NaN wins |
+//! | bf16, f16 | decode, add in f32, round to nearest even | exact, NaN wins |
+//! | FP8 (E4M3/E5M2) | decode, add in f32, re-encode RNE, saturating | exact, NaN wins |
+//!
+//! "Saturating" means a finite sum beyond the format's max (and, for E5M2, an infinity)
+//! becomes +-max; NaN stays NaN. This is the training-cast convention of `fp8lm-fp8` and
+//! makes an FP8 sum's overflow visible as values stuck at +-max, which is exactly what
+//! the FP8-LM automatic scaling counts. The FP8 sum is a 64 KiB table
+//! `(a, b) -> encode(decode(a) + decode(b))` built once from the reference scalar casts,
+//! so every hop is bit-exact with them and costs one load.
+
+use fp8lm_fp8::{cast::decode_table, Fp8Format};
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+/// Element type of a buffer. FP8 buffers are bytes whose meaning is given by the format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+    Fp8(Fp8Format),
+}
+
+impl Dtype {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::Fp8(_) => 1,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::Fp8(f) => f.name(),
+        }
+    }
+}
+
+/// Reduction operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+/// A mutable, typed buffer handed to a collective (object-safe alternative to generics).
+#[derive(Debug)]
+pub enum BufMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+    F16(&'a mut [f16]),
+    /// FP8 values as raw bytes, interpreted in the given format.
+    Fp8(&'a mut [u8], Fp8Format),
+}
+
+impl BufMut<'_> {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            BufMut::F32(_) => Dtype::F32,
+            BufMut::Bf16(_) => Dtype::Bf16,
+            BufMut::F16(_) => Dtype::F16,
+            BufMut::Fp8(_, f) => Dtype::Fp8(*f),
+        }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            BufMut::F32(b) => b.len(),
+            BufMut::Bf16(b) => b.len(),
+            BufMut::F16(b) => b.len(),
+            BufMut::Fp8(b, _) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The buffer's bytes (native endianness; every rank of a job runs on the same kind
+    /// of host, so no byte swapping is done).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            BufMut::F32(b) => elem_bytes_mut(b),
+            BufMut::Bf16(b) => elem_bytes_mut(b),
+            BufMut::F16(b) => elem_bytes_mut(b),
+            BufMut::Fp8(b, _) => b,
+        }
+    }
+}
+
+/// Plain-old-data element types whose bytes may be sent as they are.
+///
+/// # Safety
+/// Implementors must have no padding and accept every bit pattern.
+pub unsafe trait Pod: Copy + Default + Send + 'static {}
+unsafe impl Pod for f32 {}
+unsafe impl Pod for bf16 {}
+unsafe impl Pod for f16 {}
+unsafe impl Pod for u8 {}
+unsafe impl Pod for u64 {}
+
+pub fn elem_bytes<T: Pod>(s: &[T]) -> &[u8] {
+    // SAFETY: T is Pod (no padding), u8 has alignment 1, the length covers the same memory.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+pub fn elem_bytes_mut<T: Pod>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid T, so writes through the bytes are fine.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+#[inline]
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline]
+fn nan_min(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// `acc[i] = op(incoming[i], acc[i])` for f32.
+pub fn combine_f32(op: ReduceOp, acc: &mut [f32], incoming: &[f32]) {
+    debug_assert_eq!(acc.len(), incoming.len());
+    match op {
+        ReduceOp::Sum => acc.iter_mut().zip(incoming).for_each(|(a, &b)| *a = b + *a),
+        ReduceOp::Max => acc
+            .iter_mut()
+            .zip(incoming)
+            .for_each(|(a, &b)| *a = nan_max(b, *a)),
+        ReduceOp::Min => acc
+            .iter_mut()
+            .zip(incoming)
+            .for_each(|(a, &b)| *a = nan_min(b, *a)),
+    }
+}
+
+fn combine_half<T: Pod>(
+    op: ReduceOp,
+    acc: &mut [T],
+    incoming: &[T],
+    to: impl Fn(T) -> f32,
+    from: impl Fn(f32) -> T,
+) {
+    debug_assert_eq!(acc.len(), incoming.len());
+    let f: fn(f32, f32) -> f32 = match op {
+        ReduceOp::Sum => |b, a| b + a,
+        ReduceOp::Max => nan_max,
+        ReduceOp::Min => nan_min,
+    };
+    for (a, &b) in acc.iter_mut().zip(incoming) {
+        *a = from(f(to(b), to(*a)));
+    }
+}
+
+/// bf16: decode, combine in f32, round to nearest even.
+pub fn combine_bf16(op: ReduceOp, acc: &mut [bf16], incoming: &[bf16]) {
+    combine_half(op, acc, incoming, bf16::to_f32, bf16::from_f32)
+}
+
+/// f16: decode, combine in f32, round to nearest even (overflow becomes infinity, as in
+/// IEEE f16 arithmetic).
+pub fn combine_f16(op: ReduceOp, acc: &mut [f16], incoming: &[f16]) {
+    combine_half(op, acc, incoming, f16::to_f32, f16::from_f32)
+}
+
+/// The 64 KiB FP8 sum table: `t[(a << 8) | b] = encode_sat(decode(a) + decode(b))`.
+pub fn fp8_sum_table(fmt: Fp8Format) -> &'static [u8; 65536] {
+    static E4M3: OnceLock<Box<[u8; 65536]>> = OnceLock::new();
+    static E5M2: OnceLock<Box<[u8; 65536]>> = OnceLock::new();
+    let cell = match fmt {
+        Fp8Format::E4M3 => &E4M3,
+        Fp8Format::E5M2 => &E5M2,
+    };
+    cell.get_or_init(|| {
+        let dec = decode_table(fmt);
+        let mut t = Box::new([0u8; 65536]);
+        for a in 0..256usize {
+            for b in 0..256usize {
+                t[(a << 8) | b] = fmt.encode(dec[a] + dec[b], true);
+            }
+        }
+        t
+    })
+}
+
+/// One FP8 hop, scalar form (the definition the table is built from).
+#[inline]
+pub fn fp8_add(fmt: Fp8Format, a: u8, b: u8) -> u8 {
+    fmt.encode(fmt.decode(a) + fmt.decode(b), true)
+}
+
+/// `acc[i] = op(incoming[i], acc[i])` on FP8 bytes.
+pub fn combine_fp8(fmt: Fp8Format, op: ReduceOp, acc: &mut [u8], incoming: &[u8]) {
+    debug_assert_eq!(acc.len(), incoming.len());
+    match op {
+        ReduceOp::Sum => {
+            let t = fp8_sum_table(fmt);
+            for (a, &b) in acc.iter_mut().zip(incoming) {
+                *a = t[((b as usize) << 8) | *a as usize];
+            }
+        }
+        ReduceOp::Max | ReduceOp::Min => {
+            let dec = decode_table(fmt);
+            let f = if op == ReduceOp::Max {
+                nan_max
+            } else {
+                nan_min
+            };
+            for (a, &b) in acc.iter_mut().zip(incoming) {
+                let (x, y) = (dec[b as usize], dec[*a as usize]);
+                let r = f(x, y);
+                // Keep the exact operand bits (preserves -0 and the NaN pattern).
+                *a = if r.is_nan() {
+                    if x.is_nan() {
+                        b
+                    } else {
+                        *a
+                    }
+                } else if r.to_bits() == x.to_bits() {
+                    b
+                } else {
+                    *a
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_sum_table_matches_scalar_definition_everywhere() {
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let t = fp8_sum_table(fmt);
+            for a in 0..=255u8 {
+                for b in 0..=255u8 {
+                    let want = fp8_add(fmt, a, b);
+                    let got = t[((a as usize) << 8) | b as usize];
+                    let (w, g) = (fmt.decode(want), fmt.decode(got));
+                    assert!(w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_sum_saturates_and_rounds_to_nearest_even() {
+        let f = Fp8Format::E4M3;
+        let e = |x: f32| f.encode(x, true);
+        assert_eq!(f.decode(fp8_add(f, e(448.0), e(448.0))), 448.0);
+        assert_eq!(f.decode(fp8_add(f, e(-448.0), e(-64.0))), -448.0);
+        // 1 + 1/16 is a tie between 1 and 1.125 in E4M3: even mantissa wins -> 1.
+        assert_eq!(f.decode(fp8_add(f, e(1.0), e(0.0625))), 1.0);
+        // 1.125 + 1/16 is a tie between 1.125 and 1.25: even -> 1.25.
+        assert_eq!(f.decode(fp8_add(f, e(1.125), e(0.0625))), 1.25);
+        let g = Fp8Format::E5M2;
+        let inf = g.inf_bits().unwrap();
+        assert_eq!(g.decode(fp8_add(g, inf, g.encode(1.0, true))), 57344.0);
+        assert!(g.decode(fp8_add(g, g.nan_bits(), 0)).is_nan());
+    }
+
+    #[test]
+    fn max_min_propagate_nan_and_are_exact() {
+        let mut a = vec![1.0f32, f32::NAN, -3.0];
+        combine_f32(ReduceOp::Max, &mut a, &[2.0, 0.0, -4.0]);
+        assert_eq!(a[0], 2.0);
+        assert!(a[1].is_nan());
+        assert_eq!(a[2], -3.0);
+        let f = Fp8Format::E5M2;
+        let mut b = vec![f.encode(1.0, true), f.encode(-2.0, true)];
+        combine_fp8(
+            f,
+            ReduceOp::Min,
+            &mut b,
+            &[f.encode(0.5, true), f.nan_bits()],
+        );
+        assert_eq!(f.decode(b[0]), 0.5);
+        assert!(f.decode(b[1]).is_nan());
+        let mut h = vec![bf16::from_f32(1.0)];
+        combine_bf16(ReduceOp::Sum, &mut h, &[bf16::from_f32(1.0 / 512.0)]);
+        // bf16 spacing at 1 is 2^-7: adding 2^-9 (a quarter ulp) rounds back to 1 at the hop.
+        assert_eq!(h[0].to_f32(), 1.0);
+    }
+}

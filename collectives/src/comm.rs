@@ -1,0 +1,244 @@
+//! The `Communicator` trait and the ring algorithms every backend shares.
+//!
+//! A backend supplies only point-to-point exchange, broadcast and barrier; all reductions
+//! are the ring algorithms below, written once over [`Communicator::sendrecv_bytes`]. So
+//! the in-process and the MPI backend perform the same hops in the same order and produce
+//! bit-identical results for the same rank count, in every element type.
+//!
+//! ## Summation order (all element types, all ops)
+//! A buffer of `len` elements is cut into `N` chunks, chunk `c` being
+//! [`chunk_range`]`(len, N, c)` = `c*len/N .. (c+1)*len/N`. Reduce-scatter runs `N-1`
+//! steps around the ring `r -> r+1`; chunk `c` starts at rank `c+1` and each rank on
+//! its way adds its own value to the partial result it received, so an element of chunk
+//! `c` is
+//!
+//! ```text
+//! (((x[c+1] + x[c+2]) + x[c+3]) + ... ) + x[c]        (indices mod N)
+//! ```
+//!
+//! with each `+` rounded to the buffer's type (see [`crate::buf`]). Rank `c` then holds
+//! the finished chunk `c`, and the all-gather passes finished chunks around unchanged.
+//! [`reference_all_reduce`] computes the same thing serially; tests compare against it.
+//!
+//! Bytes sent per rank by an all-reduce: `2 (N-1)/N * len * sizeof(T)` (plus nothing
+//! else), the bandwidth-optimal figure.
+
+use crate::buf::{
+    combine_bf16, combine_f16, combine_f32, combine_fp8, elem_bytes, elem_bytes_mut, BufMut, Pod,
+    ReduceOp,
+};
+use crate::error::{CommError, Result};
+use std::ops::Range;
+
+/// Elements `c*len/n .. (c+1)*len/n`: chunk `c` of `n` (sizes differ by at most one).
+pub fn chunk_range(len: usize, n: usize, c: usize) -> Range<usize> {
+    (c * len / n)..((c + 1) * len / n)
+}
+
+/// A group of ranks that can exchange buffers. Object safe: use `&dyn Communicator`.
+///
+/// Every collective must be called by all ranks of the group, in the same order, with
+/// buffers of the same length and type. Failures are `Err(CommError)` naming the rank and
+/// the operation; a peer that failed or left makes the waiting ranks fail too, rather than
+/// hang (in-process: through the group's abort flag; MPI: through `MPI_Abort`).
+pub trait Communicator {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// "local" (threads in one process) or "mpi".
+    fn backend(&self) -> &'static str;
+
+    /// Send `send` to rank `to` while receiving exactly `recv.len()` bytes from rank
+    /// `from` (deadlock-free when every rank does it at once, as the ring does).
+    fn sendrecv_bytes(
+        &self,
+        op: &str,
+        to: usize,
+        send: &[u8],
+        from: usize,
+        recv: &mut [u8],
+    ) -> Result<()>;
+
+    /// Copy `root`'s `buf` into every other rank's `buf` (same length everywhere).
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
+
+    /// Wait until every rank has reached the barrier.
+    fn barrier(&self) -> Result<()>;
+
+    /// Total payload bytes this rank has sent so far (point-to-point and broadcast).
+    fn bytes_sent(&self) -> u64;
+
+    /// Tear the whole job down with `reason` (MPI: `MPI_Abort`, exit code 1 on every
+    /// rank; in-process: mark the group failed and panic this thread).
+    fn abort(&self, reason: &str) -> !;
+
+    // ---- provided: the ring algorithms -------------------------------------------
+
+    /// In-place all-reduce. Summation order: see the module docs.
+    fn all_reduce(&self, mut buf: BufMut, op: ReduceOp) -> Result<()> {
+        self.reduce_scatter(buf.reborrow(), op)?;
+        self.all_gather(buf)
+    }
+
+    /// In-place reduce-scatter: afterwards `buf[chunk_range(len, N, rank)]` holds the
+    /// reduced values of this rank's chunk (the rest of `buf` is scratch). Returns that range.
+    fn reduce_scatter(&self, buf: BufMut, op: ReduceOp) -> Result<Range<usize>> {
+        let what = "reduce_scatter";
+        match buf {
+            BufMut::F32(b) => ring_reduce_scatter(self, what, b, |a, x| combine_f32(op, a, x)),
+            BufMut::Bf16(b) => ring_reduce_scatter(self, what, b, |a, x| combine_bf16(op, a, x)),
+            BufMut::F16(b) => ring_reduce_scatter(self, what, b, |a, x| combine_f16(op, a, x)),
+            BufMut::Fp8(b, f) => {
+                ring_reduce_scatter(self, what, b, |a, x| combine_fp8(f, op, a, x))
+            }
+        }
+    }
+
+    /// In-place all-gather: rank `r` contributes `buf[chunk_range(len, N, r)]`; afterwards
+    /// every rank holds all chunks.
+    fn all_gather(&self, buf: BufMut) -> Result<()> {
+        match buf {
+            BufMut::F32(b) => ring_all_gather(self, "all_gather", b),
+            BufMut::Bf16(b) => ring_all_gather(self, "all_gather", b),
+            BufMut::F16(b) => ring_all_gather(self, "all_gather", b),
+            BufMut::Fp8(b, _) => ring_all_gather(self, "all_gather", b),
+        }
+    }
+
+    /// Typed broadcast from `root`.
+    fn broadcast(&self, mut buf: BufMut, root: usize) -> Result<()> {
+        if root >= self.size() {
+            return Err(CommError::new(
+                self.rank(),
+                "broadcast",
+                format!("root rank {root} out of range for {} ranks", self.size()),
+            ));
+        }
+        self.broadcast_bytes(buf.bytes_mut(), root)
+    }
+
+    /// All-reduce of one f32 (amax agreement: `Max`; shared scale: `Min`).
+    fn all_reduce_scalar(&self, x: f32, op: ReduceOp) -> Result<f32> {
+        let mut v = [x];
+        self.all_reduce(BufMut::F32(&mut v), op)?;
+        Ok(v[0])
+    }
+
+    /// Every rank's `mine` (all the same length), concatenated in rank order.
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<u8>> {
+        let k = mine.len();
+        let mut out = vec![0u8; k * self.size()];
+        out[k * self.rank()..k * (self.rank() + 1)].copy_from_slice(mine);
+        ring_all_gather(self, "all_gather_bytes", &mut out)?;
+        Ok(out)
+    }
+
+    /// Check that every rank holds the same `value` (e.g. a config hash); the error names
+    /// the ranks that disagree with rank 0, on every rank.
+    fn agree_u64(&self, what: &str, value: u64) -> Result<()> {
+        let all = self.all_gather_bytes(&value.to_le_bytes())?;
+        let vals: Vec<u64> = all
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let odd: Vec<String> = vals
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v != vals[0])
+            .map(|(r, v)| format!("rank {r} has {v:#018x}"))
+            .collect();
+        if odd.is_empty() {
+            Ok(())
+        } else {
+            Err(CommError::new(
+                self.rank(),
+                format!("agree({what})"),
+                format!(
+                    "{what} differs between ranks: rank 0 has {:#018x}, {}",
+                    vals[0],
+                    odd.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+impl<'a> BufMut<'a> {
+    /// A shorter-lived view of the same buffer (to pass it to two operations in turn).
+    pub fn reborrow(&mut self) -> BufMut<'_> {
+        match self {
+            BufMut::F32(b) => BufMut::F32(b),
+            BufMut::Bf16(b) => BufMut::Bf16(b),
+            BufMut::F16(b) => BufMut::F16(b),
+            BufMut::Fp8(b, f) => BufMut::Fp8(b, *f),
+        }
+    }
+}
+
+/// Ring reduce-scatter over `sendrecv_bytes`; `combine(acc, incoming)` sets
+/// `acc = incoming op acc`. Rank `r` ends with chunk `r` reduced.
+pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
+    comm: &C,
+    what: &str,
+    buf: &mut [T],
+    combine: impl Fn(&mut [T], &[T]),
+) -> Result<Range<usize>> {
+    let (n, r, len) = (comm.size(), comm.rank(), buf.len());
+    if n == 1 {
+        return Ok(0..len);
+    }
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let mut scratch = vec![T::default(); len.div_ceil(n)];
+    for s in 0..n - 1 {
+        let send_c = (r + 2 * n - s - 1) % n;
+        let recv_c = (r + 2 * n - s - 2) % n;
+        let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
+        let recv = &mut scratch[..rr.len()];
+        comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
+        combine(&mut buf[rr], recv);
+    }
+    Ok(chunk_range(len, n, r))
+}
+
+/// Ring all-gather over `sendrecv_bytes`: rank `r` contributes chunk `r`.
+pub fn ring_all_gather<T: Pod, C: Communicator + ?Sized>(
+    comm: &C,
+    what: &str,
+    buf: &mut [T],
+) -> Result<()> {
+    let (n, r, len) = (comm.size(), comm.rank(), buf.len());
+    if n == 1 {
+        return Ok(());
+    }
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let mut scratch = vec![T::default(); len.div_ceil(n)];
+    for s in 0..n - 1 {
+        let send_c = (r + n - s) % n;
+        let recv_c = (r + 2 * n - s - 1) % n;
+        let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
+        let recv = &mut scratch[..rr.len()];
+        comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
+        buf[rr].copy_from_slice(recv);
+    }
+    Ok(())
+}
+
+/// Serial reference of the ring all-reduce: the exact order of the module docs, for
+/// inputs[rank]. Used by tests to check backends bit for bit.
+pub fn reference_all_reduce<T: Pod>(inputs: &[Vec<T>], combine: impl Fn(&mut [T], &[T])) -> Vec<T> {
+    let n = inputs.len();
+    let len = inputs[0].len();
+    let mut out = vec![T::default(); len];
+    for c in 0..n {
+        let range = chunk_range(len, n, c);
+        let mut acc = inputs[(c + 1) % n][range.clone()].to_vec();
+        for k in 2..=n {
+            let own = &inputs[(c + k) % n][range.clone()];
+            // The hop's combine is op(incoming partial, own value) written into `own`'s slot.
+            let mut slot = own.to_vec();
+            combine(&mut slot, &acc);
+            acc = slot;
+        }
+        out[range].copy_from_slice(&acc);
+    }
+    out
+}

@@ -1,0 +1,324 @@
+//! GEMM: `C[m,n] (+)= op(A)[m,k] @ op(B)[k,n]`, row-major, f32 accumulation.
+//!
+//! `op(A)` is A itself (stored `[m,k]`) or its transpose (A stored `[k,m]`); likewise
+//! `op(B)` is B stored `[k,n]` or, transposed, stored `[n,k]`. The three GEMMs of a linear
+//! layer `out = inp @ W^T` (W stored `[OC, C]` as in llm.c) are:
+//!   forward  out[BT,OC]  = inp[BT,C] @ W^T        (trans_b)
+//!   dinp     dinp[BT,C]  = dout[BT,OC] @ W[OC,C]   (plain)
+//!   dW       dW[OC,C]    = dout^T @ inp[BT,C]      (trans_a)
+//!
+//! Operands may be f32, bf16 or scaled FP8 in any mix (the FP8 recipe uses E4M3 x E4M3
+//! forward, E5M2 x E4M3 for dinp and E5M2 x E4M3 transposed for dW). Accumulation is
+//! always f32. The CPU implementation ([`Cpu`]) is in three parts:
+//! - `pack`: operand blocks are copied into kernel panels, bf16/FP8 decoded to exact f32
+//!   on the way (O(mk + kn) decode work, the FP8 values stay exact),
+//! - `kernel`: an 8x32 f32 FMA micro-kernel (AVX-512F, AVX2+FMA, or portable),
+//! - `driver`: cache blocking and rayon threading.
+//!
+//! The scales of FP8 operands are applied as one factor `1 / (scale_a * scale_b)` in the
+//! epilogue, once per output element and K-block (of at most 256 steps): with the
+//! default power-of-two scales that multiply is exact.
+//!
+//! Why our own kernel rather than the `gemm` or `matrixmultiply` crate: neither exposes
+//! its packing, so decoding FP8 would need an extra f32 copy of both operands per call;
+//! packing our own panels makes the decode free-riding on a copy f32 also needs, so the
+//! FP8 GEMM runs as fast as the f32 one. Both crates are measured against ours in
+//! [`crate::bench`].
+
+mod driver;
+mod kernel;
+mod pack;
+#[cfg(test)]
+mod tests;
+
+use crate::Cpu;
+use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
+use fp8lm_fp8::Fp8Format;
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Micro-kernel tile: rows of A per panel.
+pub(crate) const MR: usize = 8;
+/// Micro-kernel tile: columns of B per panel.
+pub(crate) const NR: usize = 32;
+
+/// One GEMM operand. FP8 operands carry their format and scale (`real = stored / scale`).
+#[derive(Clone, Copy, Debug)]
+pub enum MatRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    Fp8 {
+        data: &'a [u8],
+        format: Fp8Format,
+        scale: f32,
+    },
+}
+
+impl MatRef<'_> {
+    /// Short name of the element type, for reports (`f32`, `bf16`, `e4m3`, `e5m2`).
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            MatRef::F32(_) => "f32",
+            MatRef::Bf16(_) => "bf16",
+            MatRef::Fp8 { format, .. } => format.name(),
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            MatRef::F32(s) => s.len(),
+            MatRef::Bf16(s) => s.len(),
+            MatRef::Fp8 { data, .. } => data.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Element `i` as a real (descaled) f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            MatRef::F32(s) => s[i],
+            MatRef::Bf16(s) => s[i].to_f32(),
+            MatRef::Fp8 {
+                data,
+                format,
+                scale,
+            } => decode_table(*format)[data[i] as usize] / scale,
+        }
+    }
+}
+
+/// Problem size and operand layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A is stored `[k, m]` and used transposed.
+    pub trans_a: bool,
+    /// B is stored `[n, k]` and used transposed.
+    pub trans_b: bool,
+}
+
+impl GemmShape {
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        GemmShape {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+        }
+    }
+    pub fn trans_a(mut self) -> Self {
+        self.trans_a = true;
+        self
+    }
+    pub fn trans_b(mut self) -> Self {
+        self.trans_b = true;
+        self
+    }
+}
+
+/// Matrix products with f32 accumulation.
+///
+/// The output variants beyond [`GemmOps::gemm`] have default implementations (compute in
+/// f32, then convert) so a new backend only has to provide `gemm`; [`Cpu`] overrides them.
+pub trait GemmOps: Send + Sync {
+    /// `C = op(A) @ op(B)`, or `C += ...` when `accumulate`. Panics on slice lengths that
+    /// do not match the shape (a programming error, not an input error).
+    fn gemm(&self, shape: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool);
+
+    /// As [`GemmOps::gemm`] with a bf16 output: the f32 result (plus the old value of `c`
+    /// when `accumulate`, added in f32) is rounded to bf16 once, to nearest even.
+    fn gemm_bf16_out(
+        &self,
+        shape: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c: &mut [bf16],
+        accumulate: bool,
+    ) {
+        check_out_len(&shape, c.len());
+        let mut f = vec![0f32; c.len()];
+        self.gemm(shape, a, b, &mut f, false);
+        finish_bf16(&f, c, accumulate);
+    }
+
+    /// `out = fp8(op(A) @ op(B) * out_scale)` (saturating, round to nearest even, the
+    /// casts of `fp8lm_fp8`), returning the amax of the f32 result before scaling (NaN
+    /// if the result holds a NaN) — what a scaling recipe needs for the next scale.
+    fn gemm_fp8_out(
+        &self,
+        shape: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        out: &mut [u8],
+        out_format: Fp8Format,
+        out_scale: f32,
+    ) -> f32 {
+        check_out_len(&shape, out.len());
+        let mut f = vec![0f32; out.len()];
+        self.gemm(shape, a, b, &mut f, false);
+        finish_fp8(&f, out, out_format, out_scale)
+    }
+}
+
+fn check_lens(s: &GemmShape, a: &MatRef<'_>, b: &MatRef<'_>, c_len: usize) {
+    assert_eq!(
+        a.len(),
+        s.m * s.k,
+        "gemm: A has {} elements, shape {}x{} needs {}",
+        a.len(),
+        s.m,
+        s.k,
+        s.m * s.k
+    );
+    assert_eq!(
+        b.len(),
+        s.k * s.n,
+        "gemm: B has {} elements, shape {}x{} needs {}",
+        b.len(),
+        s.k,
+        s.n,
+        s.k * s.n
+    );
+    check_out_len(s, c_len);
+}
+
+fn check_out_len(s: &GemmShape, c_len: usize) {
+    assert_eq!(
+        c_len,
+        s.m * s.n,
+        "gemm: C has {} elements, shape {}x{} needs {}",
+        c_len,
+        s.m,
+        s.n,
+        s.m * s.n
+    );
+}
+
+/// Rows per parallel chunk of the output conversions.
+const FINISH_CHUNK: usize = 1 << 16;
+
+fn finish_bf16(f: &[f32], c: &mut [bf16], accumulate: bool) {
+    let conv = |(src, dst): (&[f32], &mut [bf16])| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(if accumulate { d.to_f32() + v } else { v });
+        }
+    };
+    f.par_chunks(FINISH_CHUNK)
+        .zip(c.par_chunks_mut(FINISH_CHUNK))
+        .for_each(conv);
+}
+
+fn finish_fp8(f: &[f32], out: &mut [u8], fmt: Fp8Format, scale: f32) -> f32 {
+    f.par_chunks(FINISH_CHUNK)
+        .zip(out.par_chunks_mut(FINISH_CHUNK))
+        .map(|(src, dst)| f32_to_fp8_amax(fmt, src, scale, dst))
+        .reduce(|| 0.0, nan_max)
+}
+
+/// max that propagates NaN (an amax of NaN must reach the scaling recipe).
+fn nan_max(x: f32, y: f32) -> f32 {
+    if x.is_nan() || y.is_nan() {
+        f32::NAN
+    } else {
+        x.max(y)
+    }
+}
+
+/// Which micro-kernel / packer the CPU uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F kernel (packing with AVX2 + F16C).
+    Avx512,
+    /// AVX2 + FMA kernel (packing with AVX2 + F16C).
+    Avx2,
+    /// Portable loops.
+    Scalar,
+}
+
+impl Isa {
+    /// The best kernel this CPU supports (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let v3 = is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c");
+                if v3 && is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if v3 {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// This ISA and every slower one this CPU also runs (for tests).
+    pub fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Scalar],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Scalar],
+            Isa::Scalar => vec![Isa::Scalar],
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+}
+
+impl Cpu {
+    /// [`GemmOps::gemm`] with an explicit kernel choice (`isa` must be one of
+    /// [`Isa::available`], or this panics) — for tests and benchmarks.
+    pub fn gemm_with_isa(
+        &self,
+        isa: Isa,
+        shape: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        assert!(
+            Isa::available().contains(&isa),
+            "gemm: kernel {isa:?} is not supported by this CPU"
+        );
+        check_lens(&shape, &a, &b, c.len());
+        driver::gemm_f32(
+            isa,
+            shape,
+            a,
+            b,
+            c,
+            accumulate,
+            rayon::current_num_threads(),
+        );
+    }
+}
+
+impl GemmOps for Cpu {
+    fn gemm(&self, s: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+        check_lens(&s, &a, &b, c.len());
+        driver::gemm_f32(
+            Isa::detect(),
+            s,
+            a,
+            b,
+            c,
+            accumulate,
+            rayon::current_num_threads(),
+        );
+    }
+}

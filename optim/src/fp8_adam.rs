@@ -1,0 +1,885 @@
+//! The FP8-LM optimizer: AdamW with low-precision state, 6 bytes per parameter.
+//!
+//! Per parameter tensor (recipe section 4): master weights FP16 with a per-tensor scale
+//! (2 B), first moment FP8 E4M3 with a per-tensor scale (1 B), second moment FP16 with a
+//! per-tensor scale (2 B); the gradient arrives FP8 (E5M2 by default, 1 B, owned by the
+//! model). Each format is configurable ([`StateFormat`]) for ablations.
+//!
+//! ## The update
+//! Per element, in f32: decode `w, m, v, g`, then exactly the fp32 AdamW update
+//! (llm.c's form, as the fp32 AdamW reference):
+//! ```text
+//! m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//! u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+//! w = w - lr (u + wd w)        (wd only on tensors with ParamMeta.weight_decay)
+//! ```
+//! and re-encode each state with a power-of-two scale from its *new* amax. The model's
+//! compute weights are then set to the f32 view of the new master (`params == master /
+//! scale` exactly, always).
+//!
+//! ## One pass over memory although the scale depends on the result
+//! The encode needs the new amax, which is known only after every element is updated.
+//! Re-reading the state (a second pass) or buffering f32 values would cost more memory
+//! traffic than the whole fp32 optimizer saves. Instead, per tensor:
+//! 1. *Predict* each state's new amax from scalars kept from the last step: for the
+//!    moments a bound, `b1 A_m + (1-b1) G` and `b2 A_v + (1-b2) G^2` (G: this step's
+//!    gradient amax, a 1-byte-per-parameter max over FP8 magnitudes, since FP8 byte
+//!    order equals magnitude order); for the master `A_w |1 - lr wd| + lr max(R, 1)`
+//!    (R: last step's max |u|). Its power-of-two scale is the provisional scale.
+//! 2. One fused pass, chunk by chunk (2048 elements, in parallel): decode into an
+//!    L1-resident scratch, update, measure the chunk's new amax. A chunk whose values
+//!    would overflow the provisional scale is *deferred*: nothing is written, so its old
+//!    state is intact. Otherwise it is encoded and written.
+//! 3. The true new amax is the max of the chunk amaxes; its scale is the stored scale.
+//!    If it differs from the provisional one (the amax crossed a binade against the
+//!    prediction), the written chunks are re-scaled by the exact power-of-two ratio over
+//!    the compact state only, and deferred chunks are recomputed from their intact old
+//!    state with the final scale.
+//!
+//! So the stored scale is always the power of two of the new amax, nothing ever
+//! saturates, and the common step is one pass. Because power-of-two scaling is exact,
+//! a re-scaled value equals the directly encoded one except in the format's subnormal
+//! tail (values below 2^-14 (f16) / 2^-6 (E4M3) of the format's range, relative to the
+//! tensor's amax), where it was rounded on the provisional grid.
+//! [`Fp8Adam::stats`] counts how often steps 3's fix-ups ran.
+
+use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+use crate::lanes::{f16_decode, f16_encode, fp8_lane, Fp8Lane};
+use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16, ScaledFp8};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// Elements per chunk of the fused pass: four f32 scratch rows of 8 KiB stay in L1/L2.
+pub const CHUNK: usize = 2048;
+
+/// Storage format of one optimizer state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateFormat {
+    F32,
+    /// FP16 with a per-tensor power-of-two scale.
+    F16,
+    /// FP8 with a per-tensor power-of-two scale.
+    Fp8(Fp8Format),
+}
+
+impl StateFormat {
+    pub fn bytes_per_elem(self) -> usize {
+        match self {
+            StateFormat::F32 => 4,
+            StateFormat::F16 => 2,
+            StateFormat::Fp8(_) => 1,
+        }
+    }
+    /// Largest finite stored magnitude; `None` for f32 (stored unscaled).
+    fn fmt_max(self) -> Option<f32> {
+        match self {
+            StateFormat::F32 => None,
+            StateFormat::F16 => Some(ScaledF16::FMT_MAX),
+            StateFormat::Fp8(f) => Some(f.max()),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            StateFormat::F32 => "f32",
+            StateFormat::F16 => "f16",
+            StateFormat::Fp8(Fp8Format::E4M3) => "e4m3",
+            StateFormat::Fp8(Fp8Format::E5M2) => "e5m2",
+        }
+    }
+}
+
+/// Hyper-parameters and state formats.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8AdamConfig {
+    pub hyper: AdamWHyper,
+    pub master: StateFormat,
+    pub exp_avg: StateFormat,
+    pub exp_avg_sq: StateFormat,
+}
+
+impl Fp8AdamConfig {
+    /// FP8-LM's formats: master FP16, first moment E4M3, second moment FP16.
+    pub fn fp8_lm(hyper: AdamWHyper) -> Self {
+        Fp8AdamConfig {
+            hyper,
+            master: StateFormat::F16,
+            exp_avg: StateFormat::Fp8(Fp8Format::E4M3),
+            exp_avg_sq: StateFormat::F16,
+        }
+    }
+    /// Every state in f32 (the same code path as an fp32 AdamW; for ablations).
+    pub fn all_f32(hyper: AdamWHyper) -> Self {
+        Fp8AdamConfig {
+            hyper,
+            master: StateFormat::F32,
+            exp_avg: StateFormat::F32,
+            exp_avg_sq: StateFormat::F32,
+        }
+    }
+    pub fn formats(&self) -> [StateFormat; 3] {
+        [self.master, self.exp_avg, self.exp_avg_sq]
+    }
+    /// Optimizer state bytes per parameter (master + moments; gradients excluded).
+    pub fn state_bytes_per_param(&self) -> usize {
+        self.formats().iter().map(|f| f.bytes_per_elem()).sum()
+    }
+}
+
+/// Counters of the fused pass's fix-ups (see the module docs), for reports and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fp8AdamStats {
+    /// Tensor updates performed.
+    pub tensor_steps: u64,
+    /// State re-scales after the pass (a state's amax left the predicted binade).
+    pub rescales: u64,
+    /// Chunks recomputed because the prediction would have overflowed.
+    pub deferred_chunks: u64,
+    /// New amax values that were zero or non-finite (previous scale kept).
+    pub nonfinite_or_zero_amax: u64,
+}
+
+const STATE_NAMES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
+
+/// One stored state tensor.
+#[derive(Clone, Debug, PartialEq)]
+enum Buf {
+    F32(Vec<f32>),
+    F16(ScaledF16),
+    Fp8(ScaledFp8),
+}
+
+impl Buf {
+    fn zeros(fmt: StateFormat, shape: &[usize]) -> Buf {
+        match fmt {
+            StateFormat::F32 => Buf::F32(vec![0.0; shape.iter().product()]),
+            StateFormat::F16 => Buf::F16(ScaledF16::zeros(shape)),
+            StateFormat::Fp8(f) => Buf::Fp8(ScaledFp8::zeros(shape, f)),
+        }
+    }
+    fn format(&self) -> StateFormat {
+        match self {
+            Buf::F32(_) => StateFormat::F32,
+            Buf::F16(_) => StateFormat::F16,
+            Buf::Fp8(t) => StateFormat::Fp8(t.format),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Buf::F32(d) => d.len(),
+            Buf::F16(t) => t.data.len(),
+            Buf::Fp8(t) => t.data.len(),
+        }
+    }
+    fn scale(&self) -> f32 {
+        match self {
+            Buf::F32(_) => 1.0,
+            Buf::F16(t) => t.scale,
+            Buf::Fp8(t) => t.scale,
+        }
+    }
+    fn set_scale(&mut self, s: f32) {
+        match self {
+            Buf::F32(_) => {}
+            Buf::F16(t) => t.scale = s,
+            Buf::Fp8(t) => t.scale = s,
+        }
+    }
+    fn data_bytes(&self) -> usize {
+        self.len() * self.format().bytes_per_elem()
+    }
+    fn chunks_mut(&mut self) -> Vec<ChunkMut<'_>> {
+        match self {
+            Buf::F32(d) => d.chunks_mut(CHUNK).map(ChunkMut::F32).collect(),
+            Buf::F16(t) => t
+                .data
+                .reinterpret_cast_mut()
+                .chunks_mut(CHUNK)
+                .map(ChunkMut::F16)
+                .collect(),
+            Buf::Fp8(t) => {
+                let lane = fp8_lane(t.format);
+                t.data
+                    .chunks_mut(CHUNK)
+                    .map(|c| ChunkMut::Fp8(c, lane))
+                    .collect()
+            }
+        }
+    }
+    /// Real values (stored / scale).
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Buf::F32(d) => d.clone(),
+            Buf::F16(t) => t.dequantize(),
+            Buf::Fp8(t) => t.dequantize(),
+        }
+    }
+    fn to_state(&self) -> StateTensor {
+        match self {
+            Buf::F32(d) => StateTensor::F32(d.clone()),
+            Buf::F16(t) => StateTensor::F16 {
+                data: t.data.clone(),
+                scale: t.scale,
+            },
+            Buf::Fp8(t) => StateTensor::Fp8(t.clone()),
+        }
+    }
+    /// Replace the contents from a checkpoint entry of the same format and length.
+    fn load(&mut self, st: StateTensor, name: &str) -> Result<(), String> {
+        let want = self.format();
+        let n = self.len();
+        let bad_len =
+            |got: usize| format!("optimizer state {name:?}: {got} elements, the parameter has {n}");
+        let bad_scale =
+            |s: f32| format!("optimizer state {name:?}: scale {s} is not a positive finite number");
+        match (self, st) {
+            (Buf::F32(d), StateTensor::F32(v)) => {
+                if v.len() != n {
+                    return Err(bad_len(v.len()));
+                }
+                *d = v;
+            }
+            (Buf::F16(t), StateTensor::F16 { data, scale }) => {
+                if data.len() != n {
+                    return Err(bad_len(data.len()));
+                }
+                if !(scale.is_finite() && scale > 0.0) {
+                    return Err(bad_scale(scale));
+                }
+                t.data = data;
+                t.scale = scale;
+            }
+            (Buf::Fp8(t), StateTensor::Fp8(q)) => {
+                if q.data.len() != n {
+                    return Err(bad_len(q.data.len()));
+                }
+                if q.format != t.format {
+                    return Err(format!(
+                        "optimizer state {name:?}: stored as {}, this run keeps it as {}",
+                        q.format.name(),
+                        t.format.name()
+                    ));
+                }
+                if !(q.scale.is_finite() && q.scale > 0.0) {
+                    return Err(bad_scale(q.scale));
+                }
+                t.data = q.data;
+                t.scale = q.scale;
+            }
+            (_, st) => {
+                let got = match st {
+                    StateTensor::F32(_) => "f32",
+                    StateTensor::F16 { .. } => "f16",
+                    StateTensor::Fp8(_) => "fp8",
+                    StateTensor::Scalar(_) => "a scalar",
+                };
+                return Err(format!(
+                    "optimizer state {name:?}: stored as {got}, this run keeps it as {}",
+                    want.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A mutable chunk of one state, typed by format.
+enum ChunkMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [u16]),
+    Fp8(&'a mut [u8], &'static Fp8Lane),
+}
+
+impl ChunkMut<'_> {
+    /// `dst[i] = stored[i] / scale`.
+    #[inline]
+    fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
+        match self {
+            ChunkMut::F32(s) => dst.copy_from_slice(s),
+            ChunkMut::F16(s) => {
+                for (d, &h) in dst.iter_mut().zip(s.iter()) {
+                    *d = f16_decode(h) * inv_scale;
+                }
+            }
+            ChunkMut::Fp8(s, lane) => {
+                for (d, &b) in dst.iter_mut().zip(s.iter()) {
+                    *d = lane.decode(b) * inv_scale;
+                }
+            }
+        }
+    }
+    /// `stored[i] = encode(src[i] * scale)`.
+    #[inline]
+    fn encode(&mut self, src: &[f32], scale: f32) {
+        match self {
+            ChunkMut::F32(s) => s.copy_from_slice(src),
+            ChunkMut::F16(s) => {
+                for (h, &x) in s.iter_mut().zip(src) {
+                    *h = f16_encode(x * scale);
+                }
+            }
+            ChunkMut::Fp8(s, lane) => {
+                for (b, &x) in s.iter_mut().zip(src) {
+                    *b = lane.encode(x * scale);
+                }
+            }
+        }
+    }
+    /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
+    /// except in the subnormal range.
+    fn rescale(&mut self, factor: f32) {
+        match self {
+            ChunkMut::F32(_) => {}
+            ChunkMut::F16(s) => {
+                for h in s.iter_mut() {
+                    *h = f16_encode(f16_decode(*h) * factor);
+                }
+            }
+            ChunkMut::Fp8(s, lane) => {
+                for b in s.iter_mut() {
+                    *b = lane.encode(lane.decode(*b) * factor);
+                }
+            }
+        }
+    }
+}
+
+/// A chunk of the incoming gradient; `factor` folds grad_scale and the FP8 scale.
+#[derive(Clone, Copy)]
+enum GradChunk<'a> {
+    F32(&'a [f32], f32),
+    Fp8(&'a [u8], &'static Fp8Lane, f32),
+}
+
+impl GradChunk<'_> {
+    #[inline]
+    fn decode(&self, dst: &mut [f32]) {
+        match *self {
+            GradChunk::F32(g, f) => {
+                for (d, &x) in dst.iter_mut().zip(g) {
+                    *d = x * f;
+                }
+            }
+            GradChunk::Fp8(g, lane, f) => {
+                for (d, &b) in dst.iter_mut().zip(g) {
+                    *d = lane.decode(b) * f;
+                }
+            }
+        }
+    }
+}
+
+/// Per-step constants of the update for one tensor.
+#[derive(Clone, Copy, Debug)]
+struct StepConsts {
+    b1: f32,
+    b2: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    /// 1 - b1^t and 1 - b2^t.
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    lr: f32,
+    /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
+    wd: f32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ChunkOut {
+    /// amax of the new (pre-encode) values of master, exp_avg, exp_avg_sq.
+    amax: [f32; 3],
+    saw_nan: bool,
+    /// max |u| (the Adam direction before lr).
+    ratio: f32,
+    deferred: bool,
+}
+
+/// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
+/// the provisional scales would overflow, then nothing is written).
+#[allow(clippy::too_many_arguments)]
+fn update_chunk(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    let n = p.len();
+    // Scratch rows: g, w, m, v (each CHUNK f32).
+    let mut gb = [0f32; CHUNK];
+    let mut wb = [0f32; CHUNK];
+    let mut mb = [0f32; CHUNK];
+    let mut vb = [0f32; CHUNK];
+    let (gb, wb, mb, vb) = (&mut gb[..n], &mut wb[..n], &mut mb[..n], &mut vb[..n]);
+    g.decode(gb);
+    w.decode(1.0 / old_scale[0], wb);
+    m.decode(1.0 / old_scale[1], mb);
+    v.decode(1.0 / old_scale[2], vb);
+    let (mut aw, mut am, mut av, mut ar) = (0f32, 0f32, 0f32, 0f32);
+    let mut nan = false;
+    for i in 0..n {
+        let g = gb[i];
+        let m = k.b1 * mb[i] + k.one_minus_b1 * g;
+        let v = k.b2 * vb[i] + k.one_minus_b2 * (g * g);
+        let u = (m / k.bc1) / ((v / k.bc2).sqrt() + k.eps);
+        let w = wb[i] - k.lr * (u + k.wd * wb[i]);
+        mb[i] = m;
+        vb[i] = v;
+        wb[i] = w;
+        aw = aw.max(w.abs());
+        am = am.max(m.abs());
+        av = av.max(v);
+        ar = ar.max(u.abs());
+        nan |= w.is_nan() | m.is_nan() | v.is_nan();
+    }
+    let amax = [aw, am, av];
+    if let Some(lim) = limits {
+        if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
+            return ChunkOut {
+                amax,
+                saw_nan: nan,
+                ratio: ar,
+                deferred: true,
+            };
+        }
+    }
+    w.encode(wb, scale[0]);
+    m.encode(mb, scale[1]);
+    v.encode(vb, scale[2]);
+    // Compute weights are the f32 view of what the master now stores.
+    w.decode(1.0 / scale[0], p);
+    ChunkOut {
+        amax,
+        saw_nan: nan,
+        ratio: ar,
+        deferred: false,
+    }
+}
+
+/// State of one parameter tensor.
+#[derive(Clone, Debug)]
+struct TensorState {
+    meta: ParamMeta,
+    /// master, exp_avg, exp_avg_sq.
+    bufs: [Buf; 3],
+    /// amax of each state's values after the last step (for the prediction).
+    amax: [f32; 3],
+    /// max |u| of the last step.
+    ratio: f32,
+}
+
+/// AdamW with FP16 master weights, FP8 first moment and FP16 second moment (by default).
+#[derive(Clone, Debug)]
+pub struct Fp8Adam {
+    cfg: Fp8AdamConfig,
+    tensors: Vec<TensorState>,
+    step: u64,
+    stats: Fp8AdamStats,
+}
+
+/// Per-tensor scalars held besides the data: 3 scales, 3 amaxes, 1 ratio (f32 each).
+pub const SCALAR_BYTES_PER_TENSOR: usize = 7 * 4;
+
+impl Fp8Adam {
+    /// Build the state for `metas` and quantise the master weights from `params`, which
+    /// are then overwritten with the master's f32 view (so the model computes with
+    /// exactly what the optimizer holds from step 0).
+    pub fn new(
+        metas: &[ParamMeta],
+        params: &mut [&mut [f32]],
+        cfg: Fp8AdamConfig,
+    ) -> Result<Self, String> {
+        if metas.len() != params.len() {
+            return Err(format!(
+                "Fp8Adam: {} parameter descriptions but {} parameter buffers",
+                metas.len(),
+                params.len()
+            ));
+        }
+        let mut tensors = Vec::with_capacity(metas.len());
+        for (meta, p) in metas.iter().zip(params.iter_mut()) {
+            if meta.numel() != p.len() {
+                return Err(format!(
+                    "Fp8Adam: parameter {:?} has shape {:?} ({} elements) but its buffer holds {}",
+                    meta.name,
+                    meta.shape,
+                    meta.numel(),
+                    p.len()
+                ));
+            }
+            let shape = &meta.shape;
+            let mut master = Buf::zeros(cfg.master, shape);
+            let amax_w = fp8lm_fp8::cast::amax_f32(p);
+            if !amax_w.is_finite() {
+                return Err(format!(
+                    "Fp8Adam: parameter {:?} has non-finite initial values",
+                    meta.name
+                ));
+            }
+            let s = cfg
+                .master
+                .fmt_max()
+                .and_then(|mx| scale_for_amax(mx, amax_w, 0, ScaleRounding::PowerOfTwo))
+                .unwrap_or(1.0);
+            master.set_scale(s);
+            for (c, pc) in master.chunks_mut().iter_mut().zip(p.chunks_mut(CHUNK)) {
+                c.encode(pc, s);
+                c.decode(1.0 / s, pc);
+            }
+            tensors.push(TensorState {
+                meta: meta.clone(),
+                bufs: [
+                    master,
+                    Buf::zeros(cfg.exp_avg, shape),
+                    Buf::zeros(cfg.exp_avg_sq, shape),
+                ],
+                amax: [amax_w, 0.0, 0.0],
+                ratio: 0.0,
+            });
+        }
+        Ok(Fp8Adam {
+            cfg,
+            tensors,
+            step: 0,
+            stats: Fp8AdamStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Fp8AdamConfig {
+        &self.cfg
+    }
+    pub fn stats(&self) -> Fp8AdamStats {
+        self.stats
+    }
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+    /// Scales of (master, exp_avg, exp_avg_sq) of tensor `i` (1.0 for f32 states).
+    pub fn scales(&self, i: usize) -> [f32; 3] {
+        let b = &self.tensors[i].bufs;
+        [b[0].scale(), b[1].scale(), b[2].scale()]
+    }
+    /// Real values of (master, exp_avg, exp_avg_sq) of tensor `i`.
+    pub fn state_f32(&self, i: usize) -> [Vec<f32>; 3] {
+        let b = &self.tensors[i].bufs;
+        [b[0].to_f32(), b[1].to_f32(), b[2].to_f32()]
+    }
+    /// Bytes of state data only (no scalars): exactly numel x bytes_per_param.
+    pub fn state_data_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.bufs.iter())
+            .map(Buf::data_bytes)
+            .sum()
+    }
+
+    fn step_tensor(
+        ts: &mut TensorState,
+        p: &mut [f32],
+        grad: &Grad<'_>,
+        k: StepConsts,
+        grad_scale: f32,
+        stats: &mut Fp8AdamStats,
+    ) {
+        let n = p.len();
+        let name = &ts.meta.name;
+        assert_eq!(
+            n,
+            ts.bufs[0].len(),
+            "Fp8Adam: parameter {name:?} changed size"
+        );
+        // Gradient amax (for the moment bounds) and per-chunk views.
+        let (g_amax, gchunks): (f32, Vec<GradChunk>) = match grad {
+            Grad::F32(g) => {
+                assert_eq!(
+                    g.len(),
+                    n,
+                    "Fp8Adam: gradient of {name:?} has the wrong length"
+                );
+                let a = g
+                    .par_chunks(1 << 16)
+                    .map(fp8lm_fp8::cast::amax_f32)
+                    .reduce(|| 0.0, nan_max);
+                let c = g
+                    .chunks(CHUNK)
+                    .map(|c| GradChunk::F32(c, grad_scale))
+                    .collect();
+                (a, c)
+            }
+            Grad::Fp8(q) => {
+                assert_eq!(
+                    q.data.len(),
+                    n,
+                    "Fp8Adam: gradient of {name:?} has the wrong length"
+                );
+                // FP8 byte order (sign stripped) is magnitude order, NaN/inf on top.
+                let top = q
+                    .data
+                    .par_chunks(1 << 16)
+                    .map(|c| c.iter().fold(0u8, |a, &b| a.max(b & 0x7F)))
+                    .reduce(|| 0, u8::max);
+                let lane = fp8_lane(q.format);
+                let f = grad_scale / q.scale;
+                let a = lane.decode(top) / q.scale;
+                let c = q
+                    .data
+                    .chunks(CHUNK)
+                    .map(|c| GradChunk::Fp8(c, lane, f))
+                    .collect();
+                (a, c)
+            }
+        };
+        let g_amax = g_amax * grad_scale.abs();
+        let fmts = [
+            ts.bufs[0].format(),
+            ts.bufs[1].format(),
+            ts.bufs[2].format(),
+        ];
+        // 1. Provisional scales from the predicted new amax.
+        let pred = [
+            ts.amax[0] * (1.0 - k.lr * k.wd).abs() + k.lr * ts.ratio.max(1.0),
+            (k.b1 * ts.amax[1] + k.one_minus_b1 * g_amax) * 1.0625,
+            (k.b2 * ts.amax[2] + k.one_minus_b2 * g_amax * g_amax) * 1.0625,
+        ];
+        let s_old = [ts.bufs[0].scale(), ts.bufs[1].scale(), ts.bufs[2].scale()];
+        let mut s_prov = s_old;
+        let mut limit = [f32::INFINITY; 3];
+        for s in 0..3 {
+            if let Some(mx) = fmts[s].fmt_max() {
+                limit[s] = mx;
+                if let Some(sc) = scale_for_amax(mx, pred[s], 0, ScaleRounding::PowerOfTwo) {
+                    s_prov[s] = sc;
+                }
+            }
+        }
+        // 2. The fused pass.
+        let [b0, b1, b2] = &mut ts.bufs;
+        let mut wc = b0.chunks_mut();
+        let mut mc = b1.chunks_mut();
+        let mut vc = b2.chunks_mut();
+        let mut pc: Vec<&mut [f32]> = p.chunks_mut(CHUNK).collect();
+        let outs: Vec<ChunkOut> = wc
+            .par_iter_mut()
+            .zip(&mut mc)
+            .zip(&mut vc)
+            .zip(&mut pc)
+            .zip(&gchunks)
+            .map(|((((w, m), v), p), g)| {
+                update_chunk(w, m, v, p, *g, &k, s_old, s_prov, Some(limit))
+            })
+            .collect();
+        // 3. The true amax and scale; fix-ups if they differ from the provisional ones.
+        let mut amax = [0f32; 3];
+        let mut nan = false;
+        let mut ratio = 0f32;
+        for o in &outs {
+            for s in 0..3 {
+                amax[s] = amax[s].max(o.amax[s]);
+            }
+            nan |= o.saw_nan;
+            ratio = ratio.max(o.ratio);
+        }
+        let mut s_final = s_prov;
+        for s in 0..3 {
+            if nan {
+                amax[s] = f32::NAN;
+            }
+            if let Some(mx) = fmts[s].fmt_max() {
+                match scale_for_amax(mx, amax[s], 0, ScaleRounding::PowerOfTwo) {
+                    Some(sc) => s_final[s] = sc,
+                    None => stats.nonfinite_or_zero_amax += 1,
+                }
+            }
+        }
+        let factors = [
+            s_final[0] / s_prov[0],
+            s_final[1] / s_prov[1],
+            s_final[2] / s_prov[2],
+        ];
+        let any_deferred = outs.iter().any(|o| o.deferred);
+        for s in 0..3 {
+            if factors[s] != 1.0 {
+                stats.rescales += 1;
+            }
+        }
+        if factors.iter().any(|&f| f != 1.0) || any_deferred {
+            let inv_w = 1.0 / s_final[0];
+            wc.par_iter_mut()
+                .zip(&mut mc)
+                .zip(&mut vc)
+                .zip(&mut pc)
+                .zip(&gchunks)
+                .zip(&outs)
+                .for_each(|(((((w, m), v), p), g), o)| {
+                    if o.deferred {
+                        update_chunk(w, m, v, p, *g, &k, s_old, s_final, None);
+                        return;
+                    }
+                    if factors[0] != 1.0 {
+                        w.rescale(factors[0]);
+                        w.decode(inv_w, p);
+                    }
+                    if factors[1] != 1.0 {
+                        m.rescale(factors[1]);
+                    }
+                    if factors[2] != 1.0 {
+                        v.rescale(factors[2]);
+                    }
+                });
+            stats.deferred_chunks += outs.iter().filter(|o| o.deferred).count() as u64;
+        }
+        drop((wc, mc, vc));
+        for s in 0..3 {
+            ts.bufs[s].set_scale(s_final[s]);
+        }
+        // A NaN step must not poison the next prediction: keep the last finite amax.
+        for s in 0..3 {
+            if amax[s].is_finite() {
+                ts.amax[s] = amax[s];
+            }
+        }
+        if ratio.is_finite() {
+            ts.ratio = ratio;
+        }
+        stats.tensor_steps += 1;
+    }
+}
+
+/// max that propagates NaN (a NaN anywhere must not be hidden by f32::max).
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+impl Optimizer for Fp8Adam {
+    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
+        assert_eq!(
+            params.len(),
+            self.tensors.len(),
+            "Fp8Adam: parameter count changed"
+        );
+        assert_eq!(
+            grads.len(),
+            self.tensors.len(),
+            "Fp8Adam: gradient count mismatch"
+        );
+        self.step += 1;
+        let h = self.cfg.hyper;
+        let t = self.step.min(i32::MAX as u64) as i32;
+        let base = StepConsts {
+            b1: h.beta1,
+            b2: h.beta2,
+            one_minus_b1: 1.0 - h.beta1,
+            one_minus_b2: 1.0 - h.beta2,
+            bc1: 1.0 - h.beta1.powi(t),
+            bc2: 1.0 - h.beta2.powi(t),
+            eps: h.eps,
+            lr,
+            wd: 0.0,
+        };
+        let wd = h.weight_decay;
+        // Tensors in parallel, chunks within a tensor in parallel (rayon nests).
+        let stats: Vec<Fp8AdamStats> = self
+            .tensors
+            .par_iter_mut()
+            .zip(params.par_iter_mut())
+            .zip(grads.par_iter())
+            .map(|((ts, p), g)| {
+                let mut st = Fp8AdamStats::default();
+                let k = StepConsts {
+                    wd: if ts.meta.weight_decay { wd } else { 0.0 },
+                    ..base
+                };
+                Self::step_tensor(ts, p, g, k, grad_scale, &mut st);
+                st
+            })
+            .collect();
+        for s in stats {
+            self.stats.tensor_steps += s.tensor_steps;
+            self.stats.rescales += s.rescales;
+            self.stats.deferred_chunks += s.deferred_chunks;
+            self.stats.nonfinite_or_zero_amax += s.nonfinite_or_zero_amax;
+        }
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.state_data_bytes() + self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8
+    }
+
+    fn export_state(&self) -> Vec<(String, StateTensor)> {
+        let mut out = vec![("step".to_string(), StateTensor::Scalar(self.step as f64))];
+        for t in &self.tensors {
+            for (s, b) in t.bufs.iter().enumerate() {
+                out.push((format!("{}.{}", t.meta.name, STATE_NAMES[s]), b.to_state()));
+            }
+            for (s, &a) in t.amax.iter().enumerate() {
+                let name = format!("{}.{}.amax", t.meta.name, STATE_NAMES[s]);
+                out.push((name, StateTensor::Scalar(a as f64)));
+            }
+            let name = format!("{}.update_amax", t.meta.name);
+            out.push((name, StateTensor::Scalar(t.ratio as f64)));
+        }
+        out
+    }
+
+    fn import_state(&mut self, state: Vec<(String, StateTensor)>) -> Result<(), String> {
+        let expected = 1 + self.tensors.len() * 7;
+        if state.len() != expected {
+            return Err(format!(
+                "optimizer state has {} entries, expected {expected} (step + 7 per tensor for {} tensors)",
+                state.len(),
+                self.tensors.len()
+            ));
+        }
+        // Validate into a copy so a bad checkpoint leaves this optimizer untouched.
+        let mut tensors = self.tensors.clone();
+        let mut it = state.into_iter();
+        let scalar = |e: Option<(String, StateTensor)>, want: &str| -> Result<f64, String> {
+            match e {
+                Some((n, StateTensor::Scalar(x))) if n == want => Ok(x),
+                Some((n, _)) if n == want => {
+                    Err(format!("optimizer state {want:?} is not a scalar"))
+                }
+                Some((n, _)) => Err(format!(
+                    "optimizer state: expected entry {want:?}, found {n:?}"
+                )),
+                None => Err(format!("optimizer state: missing entry {want:?}")),
+            }
+        };
+        let step = scalar(it.next(), "step")?;
+        if !(step >= 0.0 && step.fract() == 0.0) {
+            return Err(format!(
+                "optimizer state \"step\" = {step} is not a step count"
+            ));
+        }
+        for t in tensors.iter_mut() {
+            for s in 0..3 {
+                let want = format!("{}.{}", t.meta.name, STATE_NAMES[s]);
+                match it.next() {
+                    Some((n, st)) if n == want => t.bufs[s].load(st, &want)?,
+                    Some((n, _)) => {
+                        return Err(format!(
+                            "optimizer state: expected entry {want:?}, found {n:?}"
+                        ))
+                    }
+                    None => return Err(format!("optimizer state: missing entry {want:?}")),
+                }
+            }
+            for s in 0..3 {
+                let want = format!("{}.{}.amax", t.meta.name, STATE_NAMES[s]);
+                t.amax[s] = scalar(it.next(), &want)? as f32;
+            }
+            t.ratio = scalar(it.next(), &format!("{}.update_amax", t.meta.name))? as f32;
+        }
+        self.tensors = tensors;
+        self.step = step as u64;
+        Ok(())
+    }
+}
