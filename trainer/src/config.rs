@@ -149,6 +149,8 @@ pub struct RunConfig {
     pub seed: u64,
     pub run_dir: String,
     pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest ones); 0 keeps all.
+    pub checkpoint_keep: usize,
     pub eval_every: usize,
     /// Batches averaged per evaluation.
     pub eval_batches: usize,
@@ -170,6 +172,7 @@ impl Default for RunConfig {
             seed: 1337,
             run_dir: "runs/default".into(),
             checkpoint_every: 0,
+            checkpoint_keep: 3,
             eval_every: 50,
             eval_batches: 8,
             tokenizer: "byte".into(),
