@@ -27,7 +27,9 @@ pub enum BenchCmd {
 }
 
 fn not_built(what: &str, provider: &str) -> Result<()> {
-    bail!("`fp8lm bench {what}` is not built yet: it needs {provider}, which has not landed on main")
+    bail!(
+        "`fp8lm bench {what}` is not built yet: it needs {provider}, which has not landed on main"
+    )
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -43,9 +45,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             print!("{}", report.table());
             Ok(())
         }
-        BenchCmd::Cast => not_built("cast", "fp8lm_fp8::bench (the FP8 engineer's cast benchmark)"),
-        BenchCmd::Train => not_built("train", "fp8lm_trainer::bench (the model engineer's step benchmark)"),
+        BenchCmd::Cast => not_built(
+            "cast",
+            "fp8lm_fp8::bench (the FP8 engineer's cast benchmark)",
+        ),
+        BenchCmd::Train => not_built(
+            "train",
+            "fp8lm_trainer::bench (the model engineer's step benchmark)",
+        ),
         BenchCmd::Memory => not_built("memory", "the memory ledger (the optimizer engineer's)"),
-        BenchCmd::Allreduce => not_built("allreduce", "fp8lm_collectives::bench (the collectives engineer's)"),
+        BenchCmd::Allreduce => not_built(
+            "allreduce",
+            "fp8lm_collectives::bench (the collectives engineer's)",
+        ),
     }
 }

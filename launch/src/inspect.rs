@@ -20,7 +20,10 @@ fn human(bytes: usize) -> String {
 
 fn table(group: &str, tensors: &[CkptTensor]) {
     println!("\n{group}: {} tensors", tensors.len());
-    println!("  {:<40} {:<8} {:<16} {:>12} {:>10}", "name", "dtype", "shape", "scale", "bytes");
+    println!(
+        "  {:<40} {:<8} {:<16} {:>12} {:>10}",
+        "name", "dtype", "shape", "scale", "bytes"
+    );
     let mut by_dtype: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for t in tensors {
         let scale = t.scale.map_or("-".to_string(), |s| format!("{s:.4e}"));
@@ -63,13 +66,25 @@ pub fn inspect(path: &Path) -> Result<()> {
         c.model.context,
         c.vocab()
     );
-    println!("  data          {} (position {})", if c.data.path.is_empty() { "embedded corpus" } else { &c.data.path }, m.data_position);
+    println!(
+        "  data          {} (position {})",
+        if c.data.path.is_empty() {
+            "embedded corpus"
+        } else {
+            &c.data.path
+        },
+        m.data_position
+    );
     println!("  rng state     {:#018x}", m.rng_state);
     if let Some(obj) = m.scaling.as_object() {
         println!("  fp8 scaling   {} scaling states", obj.len());
     }
     for (f, s) in &m.files {
-        println!("  file          {f}: {} (crc32 {}) verified", human(s.bytes as usize), s.crc32);
+        println!(
+            "  file          {f}: {} (crc32 {}) verified",
+            human(s.bytes as usize),
+            s.crc32
+        );
     }
     for (g, tensors) in &ck.groups {
         table(g, tensors);

@@ -6,6 +6,7 @@
 
 mod bench;
 mod inspect;
+#[allow(dead_code)] // the run loop uses Progress once the Trainer lands
 mod progress;
 mod run;
 
@@ -163,13 +164,16 @@ fn main() {
             shard_tokens,
             prefix,
         } => run::tokenize(&input, &output, &tokenizer, shard_tokens, &prefix),
-        Cmd::Config { cfg } => run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c))),
+        Cmd::Config { cfg } => {
+            run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
+        }
         Cmd::Bench { which } => bench::run(which),
     };
     if let Err(e) = result {
         progress::finish_all();
         eprintln!("error: {e:#}");
-        let usage = e.downcast_ref::<fp8lm_trainer::ConfigError>().is_some() || e.downcast_ref::<UsageError>().is_some();
+        let usage = e.downcast_ref::<fp8lm_trainer::ConfigError>().is_some()
+            || e.downcast_ref::<UsageError>().is_some();
         std::process::exit(if usage { 2 } else { 1 });
     }
 }

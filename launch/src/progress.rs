@@ -64,10 +64,13 @@ pub struct Progress {
 impl Progress {
     pub fn new(start_step: u64, total: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
+            let b =
+                ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
             b.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps (eta {eta}) {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} steps (eta {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             b.set_position(start_step);
             b
@@ -88,10 +91,15 @@ impl Progress {
         match &self.bar {
             Some(b) => {
                 b.set_position(done);
-                b.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {tokens_per_s:.0} tok/s"));
+                b.set_message(format!(
+                    "loss {loss:.4} | lr {lr:.2e} | {tokens_per_s:.0} tok/s"
+                ));
             }
             None => {
-                if done == 1 || done % self.every == 0 || done == self.total || self.last_log.elapsed() > Duration::from_secs(30)
+                if done == 1
+                    || done % self.every == 0
+                    || done == self.total
+                    || self.last_log.elapsed() > Duration::from_secs(30)
                 {
                     self.last_log = Instant::now();
                     tracing::info!(

@@ -113,7 +113,13 @@ impl CkptTensor {
         )
     }
     pub fn f64(name: &str, shape: &[usize], data: &[f64]) -> Self {
-        Self::raw(name, CkptDtype::F64, shape, data.iter().flat_map(|v| v.to_le_bytes()).collect(), None)
+        Self::raw(
+            name,
+            CkptDtype::F64,
+            shape,
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            None,
+        )
     }
     pub fn bf16(name: &str, shape: &[usize], data: &[bf16]) -> Self {
         Self::raw(
@@ -204,9 +210,17 @@ impl CkptTensor {
     /// Values of an F64 tensor (optimizer scalars), refusing any other dtype.
     pub fn as_f64_exact(&self) -> Result<Vec<f64>> {
         if self.dtype != CkptDtype::F64 {
-            bail!("tensor {}: stored as {}, expected F64", self.name, self.dtype.name());
+            bail!(
+                "tensor {}: stored as {}, expected F64",
+                self.name,
+                self.dtype.name()
+            );
         }
-        Ok(self.bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect())
+        Ok(self
+            .bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
     }
     /// Values of an F32 tensor, refusing any other dtype (exact restore of fp32 state).
     pub fn as_f32_exact(&self) -> Result<Vec<f32>> {
