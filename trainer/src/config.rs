@@ -362,9 +362,13 @@ impl RunConfig {
         if d.path.is_empty() {
             if self.tokenizer != "byte" {
                 return Err(bad(
-                    "tokenizer",
-                    format!("{:?}", self.tokenizer),
-                    "\"byte\" when data.path is empty (the embedded corpus is byte-level text)",
+                    "data.path",
+                    "\"\" (the embedded corpus)",
+                    format!(
+                        "a text file, folder or .bin shard(s) for tokenizer {:?}; \
+                         the embedded corpus is byte-level text (tokenizer = \"byte\")",
+                        self.tokenizer
+                    ),
                 ));
             }
         } else if !std::path::Path::new(&d.path).exists() {
