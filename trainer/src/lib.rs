@@ -13,6 +13,7 @@ pub mod train;
 
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
+pub mod bench;
 pub mod checkpoint;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};
