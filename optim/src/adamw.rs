@@ -108,8 +108,11 @@ impl Optimizer for AdamW {
                     match grad {
                         Grad::F32(g) => k.apply(p, m, v, |j| g[off + j]),
                         Grad::Fp8(t) => {
-                            let table = decode_table(t.format);
-                            k.apply(p, m, v, |j| table[t.data[off + j] as usize] / t.scale)
+                            // decode and descale folded into one 256-entry table (the same
+                            // `value / scale` division, done once per code)
+                            let mut table = *decode_table(t.format);
+                            table.iter_mut().for_each(|x| *x /= t.scale);
+                            k.apply(p, m, v, |j| table[t.data[off + j] as usize])
                         }
                     }
                 });

@@ -2,9 +2,10 @@
 //! forward / backward / optimizer, with the share of the step spent inside GEMMs.
 //!
 //! Two models: the default small one and GPT-2 124M dimensions (L=12, H=12, C=768,
-//! V=50257, T=64, B=4). Each (model, precision) is built once, runs one warm-up step,
-//! then `steps` timed steps; the row reports the fastest step (best-of, since the machine
-//! may be shared: the minimum is the least disturbed run). Data: the built-in synthetic
+//! V=50257, T=64, B=4). The three precisions of a model are built side by side (about
+//! 7 GB at 124M dims), run one warm-up step each, then `steps` timed steps round-robin;
+//! each row reports its fastest step (best-of, since the machine may be shared: the
+//! minimum is the least disturbed run). Data: the built-in synthetic
 //! corpus (token ids < 256, valid for any vocabulary).
 //!
 //! The targets, stated by [`TrainBenchReport::checks`]: at 124M dims at least 70%
@@ -66,25 +67,32 @@ pub fn default_cases(include_124m: bool) -> Vec<(String, RunConfig)> {
 /// Time fp32, bf16 and fp8-o1 on each case.
 pub fn bench_train(cases: &[(String, RunConfig)], steps: usize) -> Result<TrainBenchReport> {
     let mut rows = Vec::new();
+    let precisions = [Precision::Fp32, Precision::Bf16, Precision::Fp8O1];
     for (name, base) in cases {
-        for p in [Precision::Fp32, Precision::Bf16, Precision::Fp8O1] {
+        let mut runs = Vec::new();
+        for p in precisions {
             let mut cfg = base.clone();
             cfg.precision = p;
             cfg.max_steps = steps + 1;
             let mut data = MarkovCorpus::new(cfg.seed);
             let mut tr = Trainer::new(&cfg, data.vocab_size())?;
             tr.train_step(&mut data)?; // warm-up: page in buffers, first scales
-            let mut best = None::<crate::train::StepStats>;
-            for _ in 0..steps.max(1) {
-                let st = tr.train_step(&mut data)?;
+            runs.push((tr, data, None::<crate::train::StepStats>));
+        }
+        // Round-robin over the precisions, so load from other processes hits all alike.
+        for _ in 0..steps.max(1) {
+            for (tr, data, best) in runs.iter_mut() {
+                let st = tr.train_step(data)?;
                 let total = st.forward + st.backward + st.optimizer;
                 if best
                     .as_ref()
                     .is_none_or(|b| total < b.forward + b.backward + b.optimizer)
                 {
-                    best = Some(st);
+                    *best = Some(st);
                 }
             }
+        }
+        for ((tr, _, best), p) in runs.into_iter().zip(precisions) {
             let b = best.expect("at least one step");
             rows.push(TrainBenchRow {
                 model: name.clone(),
