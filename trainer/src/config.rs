@@ -149,6 +149,8 @@ pub struct RunConfig {
     pub seed: u64,
     pub run_dir: String,
     pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest ones); 0 keeps all.
+    pub checkpoint_keep: usize,
     pub eval_every: usize,
     /// Batches averaged per evaluation.
     pub eval_batches: usize,
@@ -170,6 +172,7 @@ impl Default for RunConfig {
             seed: 1337,
             run_dir: "runs/default".into(),
             checkpoint_every: 0,
+            checkpoint_keep: 3,
             eval_every: 50,
             eval_batches: 8,
             tokenizer: "byte".into(),
@@ -359,9 +362,13 @@ impl RunConfig {
         if d.path.is_empty() {
             if self.tokenizer != "byte" {
                 return Err(bad(
-                    "tokenizer",
-                    format!("{:?}", self.tokenizer),
-                    "\"byte\" when data.path is empty (the embedded corpus is byte-level text)",
+                    "data.path",
+                    "\"\" (the embedded corpus)",
+                    format!(
+                        "a text file, folder or .bin shard(s) for tokenizer {:?}; \
+                         the embedded corpus is byte-level text (tokenizer = \"byte\")",
+                        self.tokenizer
+                    ),
                 ));
             }
         } else if !std::path::Path::new(&d.path).exists() {

@@ -28,5 +28,8 @@ pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod bench;
 pub mod checkpoint;
+pub mod memory;
+pub mod metrics;
+pub mod plot;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};
