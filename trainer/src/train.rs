@@ -66,12 +66,30 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
                 .iter()
                 .sum::<f64>(),
             Grad::Fp8(t) => {
+                // Exact and fast: histogram the codes, then sum count * value^2.
+                let hist = t
+                    .data
+                    .par_chunks(1 << 16)
+                    .map(|c| {
+                        let mut h = [0u64; 256];
+                        c.iter().for_each(|&b| h[b as usize] += 1);
+                        h
+                    })
+                    .reduce(
+                        || [0u64; 256],
+                        |mut a, b| {
+                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                            a
+                        },
+                    );
                 let table = fp8lm_fp8::cast::decode_table(t.format);
                 let inv = 1.0 / t.scale as f64;
-                let s: f64 = t
-                    .data
+                // (empty bins skipped: the NaN codes' values would poison the sum)
+                let s: f64 = hist
                     .iter()
-                    .map(|&b| (table[b as usize] as f64).powi(2))
+                    .zip(table)
+                    .filter(|(&n, _)| n > 0)
+                    .map(|(&n, &v)| n as f64 * (v as f64).powi(2))
                     .sum();
                 s * inv * inv
             }
