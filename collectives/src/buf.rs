@@ -146,7 +146,7 @@ fn nan_min(a: f32, b: f32) -> f32 {
 pub fn combine_f32(op: ReduceOp, acc: &mut [f32], incoming: &[f32]) {
     debug_assert_eq!(acc.len(), incoming.len());
     match op {
-        ReduceOp::Sum => acc.iter_mut().zip(incoming).for_each(|(a, &b)| *a = b + *a),
+        ReduceOp::Sum => acc.iter_mut().zip(incoming).for_each(|(a, &b)| *a += b),
         ReduceOp::Max => acc
             .iter_mut()
             .zip(incoming)
@@ -176,8 +176,36 @@ fn combine_half<T: Pod>(
     }
 }
 
+/// f32 -> bf16 bits, round to nearest even; NaN stays (quiet) NaN. Bit-identical to
+/// `half::bf16::from_f32` (tested), but branch-free so the sum loop vectorises.
+#[inline]
+fn bf16_bits_rne(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `count of elements equal to `v` after masking with `m``, vectorisable (u8 lanes
+/// summed in blocks of 255).
+pub fn count_masked_eq(data: &[u8], m: u8, v: u8) -> u64 {
+    data.chunks(255)
+        .map(|c| c.iter().map(|&q| (q & m == v) as u8).sum::<u8>() as u64)
+        .sum()
+}
+
 /// bf16: decode, combine in f32, round to nearest even.
 pub fn combine_bf16(op: ReduceOp, acc: &mut [bf16], incoming: &[bf16]) {
+    if op == ReduceOp::Sum {
+        for (a, &b) in acc.iter_mut().zip(incoming) {
+            *a = bf16::from_bits(bf16_bits_rne(b.to_f32() + a.to_f32()));
+        }
+        return;
+    }
     combine_half(op, acc, incoming, bf16::to_f32, bf16::from_f32)
 }
 
@@ -220,7 +248,7 @@ pub fn combine_fp8(fmt: Fp8Format, op: ReduceOp, acc: &mut [u8], incoming: &[u8]
         ReduceOp::Sum => {
             let t = fp8_sum_table(fmt);
             for (a, &b) in acc.iter_mut().zip(incoming) {
-                *a = t[((b as usize) << 8) | *a as usize];
+                *a = t[(((b as usize) << 8) | *a as usize) & 0xFFFF];
             }
         }
         ReduceOp::Max | ReduceOp::Min => {
@@ -283,6 +311,42 @@ mod tests {
         let inf = g.inf_bits().unwrap();
         assert_eq!(g.decode(fp8_add(g, inf, g.encode(1.0, true))), 57344.0);
         assert!(g.decode(fp8_add(g, g.nan_bits(), 0)).is_nan());
+    }
+
+    #[test]
+    fn fast_bf16_rounding_matches_half_and_counting_is_exact() {
+        let mut s = 0x1234_5678_9ABC_DEF1u64;
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            1.0,
+        ];
+        for i in 0..2_000_000u64 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let x = if i < specials.len() as u64 {
+                specials[i as usize]
+            } else {
+                f32::from_bits(s as u32)
+            };
+            let want = bf16::from_f32(x);
+            let got = bf16::from_bits(bf16_bits_rne(x));
+            assert!(
+                want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                "{x:e} ({:#x}): {:#x} vs {:#x}",
+                x.to_bits(),
+                want.to_bits(),
+                got.to_bits()
+            );
+        }
+        let d: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let want = d.iter().filter(|&&q| q & 0x7F == 0x7B).count() as u64;
+        assert_eq!(count_masked_eq(&d, 0x7F, 0x7B), want);
     }
 
     #[test]

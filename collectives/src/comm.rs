@@ -210,16 +210,27 @@ pub fn ring_all_gather<T: Pod, C: Communicator + ?Sized>(
         return Ok(());
     }
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-    let mut scratch = vec![T::default(); len.div_ceil(n)];
     for s in 0..n - 1 {
         let send_c = (r + n - s) % n;
         let recv_c = (r + 2 * n - s - 1) % n;
         let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
-        let recv = &mut scratch[..rr.len()];
-        comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
-        buf[rr].copy_from_slice(recv);
+        // Different chunks never overlap: receive straight into place.
+        let (send, recv) = disjoint(buf, sr, rr);
+        comm.sendrecv_bytes(what, next, elem_bytes(send), prev, elem_bytes_mut(recv))?;
     }
     Ok(())
+}
+
+/// `(&buf[a], &mut buf[b])` for non-overlapping ranges.
+fn disjoint<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [T]) {
+    assert!(a.end <= b.start || b.end <= a.start, "overlapping chunks");
+    if a.end <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
 }
 
 /// Serial reference of the ring all-reduce: the exact order of the module docs, for

@@ -32,7 +32,7 @@
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{BufMut, ReduceOp};
+use crate::buf::{count_masked_eq, BufMut, ReduceOp};
 use crate::comm::Communicator;
 use crate::error::{CommError, Result};
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
@@ -361,19 +361,15 @@ impl GradAllReducer {
             for t in b.clone() {
                 let dst = &mut buf[off..off + lens[t]];
                 f32_to_fp8_amax(fmt, grads[t], scales[t].0, dst);
-                report.flushed[t] = grads[t]
-                    .iter()
-                    .zip(dst.iter())
-                    .filter(|(&x, &q)| x != 0.0 && q & 0x7F == 0)
-                    .count() as u64;
+                let zeros_in = grads[t].iter().filter(|&&x| x == 0.0).count() as u64;
+                report.flushed[t] = count_masked_eq(dst, 0x7F, 0) - zeros_in;
                 off += lens[t];
             }
             comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
             let mut off = 0;
             for t in b {
                 let data = buf[off..off + lens[t]].to_vec();
-                report.saturated[t] =
-                    data.iter().filter(|&&q| q & 0x7F == fmt.max_bits()).count() as u64;
+                report.saturated[t] = count_masked_eq(&data, 0x7F, fmt.max_bits());
                 out.push(ScaledFp8 {
                     data,
                     shape: vec![lens[t]],
@@ -384,8 +380,8 @@ impl GradAllReducer {
             }
         }
         if method == GradMethod::Fp8Lm {
-            for t in 0..k {
-                self.update_mu(t, report.saturated[t], lens[t]);
+            for (t, &len) in lens.iter().enumerate() {
+                self.update_mu(t, report.saturated[t], len);
             }
             report.mu = self.mu.clone();
         }
@@ -444,43 +440,54 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         let dec = decode_table(fmt);
-        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            let total: usize = lens[b.clone()].iter().sum();
-            let mut buf = Vec::with_capacity(total);
-            for t in b.clone() {
-                let g = &grads[t];
-                let q = self.mu[t] * s_g[t];
-                let ratio = q / g.scale;
-                let mut lut = [0u8; 256];
-                for (v, l) in lut.iter_mut().enumerate() {
-                    *l = fmt.encode(dec[v] * ratio, true);
-                }
-                let start = buf.len();
-                buf.extend(g.data.iter().map(|&v| lut[v as usize]));
-                report.flushed[t] = g
-                    .data
-                    .iter()
-                    .zip(&buf[start..])
-                    .filter(|(&v, &w)| v & 0x7F != 0 && w & 0x7F == 0)
-                    .count() as u64;
-                report.scales[t] = n * q;
+        // Re-quantise each tensor in place through its 256-entry table.
+        for (t, g) in grads.iter_mut().enumerate() {
+            let q = self.mu[t] * s_g[t];
+            let ratio = q / g.scale;
+            let mut lut = [0u8; 256];
+            for (v, l) in lut.iter_mut().enumerate() {
+                // NaN codes keep their exact bits.
+                *l = if dec[v].is_nan() {
+                    v as u8
+                } else {
+                    fmt.encode(dec[v] * ratio, true)
+                };
             }
-            comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-            let mut off = 0;
-            for t in b {
-                let g = &mut grads[t];
-                g.data.copy_from_slice(&buf[off..off + lens[t]]);
-                g.scale = report.scales[t];
-                report.saturated[t] = g
-                    .data
-                    .iter()
-                    .filter(|&&q| q & 0x7F == fmt.max_bits())
-                    .count() as u64;
-                off += lens[t];
+            // +-0 map to themselves, so codes that became zero = zeros after - before.
+            let zeros_before = count_masked_eq(&g.data, 0x7F, 0);
+            if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
+                for v in g.data.iter_mut() {
+                    *v = lut[*v as usize];
+                }
+            }
+            report.flushed[t] = count_masked_eq(&g.data, 0x7F, 0) - zeros_before;
+            report.scales[t] = n * q;
+            g.scale = n * q;
+        }
+        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
+            if b.len() == 1 {
+                // A bucket of one tensor is reduced where it lies (no packing copy).
+                let g = &mut grads[b.start];
+                comm.all_reduce(BufMut::Fp8(&mut g.data, fmt), ReduceOp::Sum)?;
+            } else {
+                let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
+                for g in &grads[b.clone()] {
+                    buf.extend_from_slice(&g.data);
+                }
+                comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+                let mut off = 0;
+                for g in &mut grads[b] {
+                    let l = g.data.len();
+                    g.data.copy_from_slice(&buf[off..off + l]);
+                    off += l;
+                }
             }
         }
-        for t in 0..k {
-            self.update_mu(t, report.saturated[t], lens[t]);
+        for (t, g) in grads.iter().enumerate() {
+            report.saturated[t] = count_masked_eq(&g.data, 0x7F, fmt.max_bits());
+        }
+        for (t, &len) in lens.iter().enumerate() {
+            self.update_mu(t, report.saturated[t], len);
         }
         report.mu = self.mu.clone();
         self.steps += 1;

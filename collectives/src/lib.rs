@@ -6,6 +6,8 @@
 //! - Backends: [`LocalComm`] (threads of one process, [`run_ranks`]) and, behind the
 //!   cargo feature `mpi`, `MpiComm` (OpenMPI through the `mpi` crate). [`init`] picks MPI
 //!   when the process was started by `mpirun`.
+//! - [`dp`]: config agreement across ranks (hash all-gather) and batch sharding.
+//! - [`bench`]: the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
 //! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
 //!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
 //!
@@ -16,14 +18,17 @@
 //! each element type is defined in [`buf`]. NCCL (not buildable here) would slot in as
 //! another backend of the same trait.
 
+pub mod bench;
 pub mod buf;
 pub mod comm;
+pub mod dp;
 pub mod error;
 pub mod grad;
 pub mod local;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
+pub use dp::{agree_config, config_hash, shard_range};
 pub use error::{CommError, Result};
 pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
 pub use local::{run_ranks, LocalComm};

@@ -141,3 +141,25 @@ impl Communicator for MpiComm {
         self.world.abort(1)
     }
 }
+
+/// Baselines for the benchmark only, not used by the library: MPI's own all-reduce, with
+/// MPI choosing the algorithm and the reduction order. The FP8 sum with per-hop
+/// re-rounding is not associative, so declaring it an MPI operation gives results that
+/// depend on MPI's internal choices; this is why the library uses its ring instead.
+impl MpiComm {
+    /// `MPI_Allreduce(MPI_SUM)` on f32.
+    pub fn native_all_reduce_f32_sum(&self, send: &[f32], recv: &mut [f32]) {
+        self.world
+            .all_reduce_into(send, recv, mpi::collective::SystemOperation::sum());
+    }
+
+    /// `MPI_Allreduce` on FP8 bytes with the per-hop FP8 sum as a user operation.
+    pub fn user_op_fp8_sum(&self, send: &[u8], recv: &mut [u8], fmt: fp8lm_fp8::Fp8Format) {
+        let op = mpi::collective::UserOperation::commutative(move |x, y| {
+            let x: &[u8] = x.downcast().expect("fp8 user op on u8 buffers");
+            let y: &mut [u8] = y.downcast().expect("fp8 user op on u8 buffers");
+            crate::buf::combine_fp8(fmt, crate::ReduceOp::Sum, y, x);
+        });
+        self.world.all_reduce_into(send, recv, &op);
+    }
+}

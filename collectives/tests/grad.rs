@@ -212,3 +212,58 @@ fn scaled_fp8_inputs_follow_the_recipe_literally() {
     assert!((e2 / r2).sqrt() < 0.3, "{}", (e2 / r2).sqrt());
     assert_eq!(rep.mu.len(), 1);
 }
+
+#[test]
+fn scaled_fp8_bucket_of_two_tensors_matches_the_packed_reference() {
+    // Two tensors with their own scales share one bucket: the ring runs over the packed
+    // bytes, so the reference is the ring order over the concatenation.
+    let fmt = Fp8Format::E5M2;
+    let grads = step_grads(5);
+    let cut = 1000;
+    let inputs: Vec<Vec<ScaledFp8>> = grads
+        .iter()
+        .map(|g| {
+            vec![
+                ScaledFp8::quantize_current(&g[..cut], &[cut], fmt, 0).0,
+                ScaledFp8::quantize_current(&g[cut..4096], &[4096 - cut], fmt, 0).0,
+            ]
+        })
+        .collect();
+    let outs = run_ranks(RANKS, |c| {
+        let mut red = GradAllReducer::new(GradAllReduceConfig::default());
+        let mut t = inputs[c.rank()].clone();
+        red.all_reduce_scaled_fp8(c, &mut t)?;
+        Ok::<_, fp8lm_collectives::CommError>(t)
+    })
+    .unwrap();
+    let s_g: Vec<f32> = (0..2)
+        .map(|t| {
+            inputs
+                .iter()
+                .map(|r| r[t].scale)
+                .fold(f32::INFINITY, f32::min)
+        })
+        .collect();
+    let packed: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|r| {
+            r.iter()
+                .zip(&s_g)
+                .flat_map(|(t, &s)| {
+                    t.data
+                        .iter()
+                        .map(move |&b| fmt.encode(fmt.decode(b) * (s / t.scale), true))
+                })
+                .collect()
+        })
+        .collect();
+    let want = fp8lm_collectives::comm::reference_all_reduce(&packed, |a, x| {
+        fp8lm_collectives::buf::combine_fp8(fmt, fp8lm_collectives::ReduceOp::Sum, a, x)
+    });
+    for o in &outs {
+        assert_eq!(o[0].data, want[..cut]);
+        assert_eq!(o[1].data, want[cut..]);
+        assert_eq!(o[0].scale, RANKS as f32 * s_g[0]);
+        assert_eq!(o[1].scale, RANKS as f32 * s_g[1]);
+    }
+}
