@@ -181,15 +181,36 @@ impl Fp8Adam {
         params: &mut [&mut [f32]],
         cfg: Fp8AdamConfig,
     ) -> Result<Self, String> {
-        if metas.len() != params.len() {
+        Self::with_low_precision(metas, params, cfg, &vec![true; metas.len()])
+    }
+
+    /// As [`Fp8Adam::new`], but only tensors with `low_precision[i]` keep the configured
+    /// formats; the others keep f32 master weights and moments (the fp32 AdamW's exact
+    /// update). MS-AMP does the same: only the weights of FP8 linear layers get low-bit
+    /// state, while LayerNorm gains and biases, whose values sit near 1 or 0 and move by
+    /// less than an FP16 ulp late in training, stay in f32 (about 1% of a GPT-2's
+    /// parameters).
+    pub fn with_low_precision(
+        metas: &[ParamMeta],
+        params: &mut [&mut [f32]],
+        cfg: Fp8AdamConfig,
+        low_precision: &[bool],
+    ) -> Result<Self, String> {
+        if metas.len() != params.len() || metas.len() != low_precision.len() {
             return Err(format!(
-                "Fp8Adam: {} parameter descriptions but {} parameter buffers",
+                "Fp8Adam: {} parameter descriptions but {} parameter buffers and {} precision flags",
                 metas.len(),
-                params.len()
+                params.len(),
+                low_precision.len()
             ));
         }
         let mut tensors = Vec::with_capacity(metas.len());
-        for (meta, p) in metas.iter().zip(params.iter_mut()) {
+        for ((meta, p), &low) in metas.iter().zip(params.iter_mut()).zip(low_precision) {
+            let [f_master, f_m, f_v] = if low {
+                cfg.formats()
+            } else {
+                [StateFormat::F32; 3]
+            };
             if meta.numel() != p.len() {
                 return Err(format!(
                     "Fp8Adam: parameter {:?} has shape {:?} ({} elements) but its buffer holds {}",
@@ -200,7 +221,7 @@ impl Fp8Adam {
                 ));
             }
             let shape = &meta.shape;
-            let mut master = Buf::zeros(cfg.master, shape);
+            let mut master = Buf::zeros(f_master, shape);
             let amax_w = fp8lm_fp8::cast::amax_f32(p);
             if !amax_w.is_finite() {
                 return Err(format!(
@@ -208,8 +229,7 @@ impl Fp8Adam {
                     meta.name
                 ));
             }
-            let s = cfg
-                .master
+            let s = f_master
                 .fmt_max()
                 .and_then(|mx| scale_for_amax(mx, amax_w, 0, ScaleRounding::PowerOfTwo))
                 .unwrap_or(1.0);
@@ -220,11 +240,7 @@ impl Fp8Adam {
             }
             tensors.push(TensorState {
                 meta: meta.clone(),
-                bufs: [
-                    master,
-                    Buf::zeros(cfg.exp_avg, shape),
-                    Buf::zeros(cfg.exp_avg_sq, shape),
-                ],
+                bufs: [master, Buf::zeros(f_m, shape), Buf::zeros(f_v, shape)],
                 amax: [amax_w, 0.0, 0.0],
                 ratio: 0.0,
             });
