@@ -37,8 +37,10 @@ fn gpt2_default_fp8_o2_matches_fp32_within_2_percent_over_seeds() {
     let seeds = [1u64, 2, 3, 4];
     let (mut sum32, mut sum8) = (0f64, 0f64);
     for &seed in &seeds {
-        let mut cfg = RunConfig::default();
-        cfg.seed = seed;
+        let mut cfg = RunConfig {
+            seed,
+            ..RunConfig::default()
+        };
         let (l32, s32) = run(&cfg);
         cfg.precision = Precision::Fp8O2;
         let (l8, s8) = run(&cfg);
