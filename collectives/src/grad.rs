@@ -177,6 +177,35 @@ fn buckets(lens: &[usize], elem_bytes: usize, cap: usize) -> Vec<std::ops::Range
     out
 }
 
+/// FP8 sum of every tensor's bytes across ranks, bucket by bucket: a bucket of one
+/// tensor is reduced where it lies, several small ones are packed into one buffer.
+fn sum_fp8_buckets(
+    comm: &dyn Communicator,
+    tensors: &mut [ScaledFp8],
+    fmt: Fp8Format,
+    bucket_bytes: usize,
+) -> Result<()> {
+    let lens: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+    for b in buckets(&lens, 1, bucket_bytes) {
+        if b.len() == 1 {
+            comm.all_reduce(BufMut::Fp8(&mut tensors[b.start].data, fmt), ReduceOp::Sum)?;
+            continue;
+        }
+        let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
+        for t in &tensors[b.clone()] {
+            buf.extend_from_slice(&t.data);
+        }
+        comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+        let mut off = 0;
+        for t in &mut tensors[b] {
+            let l = t.data.len();
+            t.data.copy_from_slice(&buf[off..off + l]);
+            off += l;
+        }
+    }
+    Ok(())
+}
+
 fn pow2_scale(fmt_max: f32, amax: f32) -> f32 {
     scale_for_amax(fmt_max, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(f32::INFINITY)
 }
@@ -354,30 +383,22 @@ impl GradAllReducer {
             nonfinite,
             bytes_sent: 0,
         };
-        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            let total: usize = lens[b.clone()].iter().sum();
-            let mut buf = vec![0u8; total];
-            let mut off = 0;
-            for t in b.clone() {
-                let dst = &mut buf[off..off + lens[t]];
-                f32_to_fp8_amax(fmt, grads[t], scales[t].0, dst);
-                let zeros_in = grads[t].iter().filter(|&&x| x == 0.0).count() as u64;
-                report.flushed[t] = count_masked_eq(dst, 0x7F, 0) - zeros_in;
-                off += lens[t];
-            }
-            comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-            let mut off = 0;
-            for t in b {
-                let data = buf[off..off + lens[t]].to_vec();
-                report.saturated[t] = count_masked_eq(&data, 0x7F, fmt.max_bits());
-                out.push(ScaledFp8 {
-                    data,
-                    shape: vec![lens[t]],
-                    format: fmt,
-                    scale: scales[t].1,
-                });
-                off += lens[t];
-            }
+        // Quantise straight into the output tensors.
+        for (t, g) in grads.iter().enumerate() {
+            let mut data = vec![0u8; lens[t]];
+            f32_to_fp8_amax(fmt, g, scales[t].0, &mut data);
+            let zeros_in = g.iter().filter(|&&x| x == 0.0).count() as u64;
+            report.flushed[t] = count_masked_eq(&data, 0x7F, 0) - zeros_in;
+            out.push(ScaledFp8 {
+                data,
+                shape: vec![lens[t]],
+                format: fmt,
+                scale: scales[t].1,
+            });
+        }
+        sum_fp8_buckets(comm, &mut out, fmt, self.cfg.bucket_bytes)?;
+        for (t, o) in out.iter().enumerate() {
+            report.saturated[t] = count_masked_eq(&o.data, 0x7F, fmt.max_bits());
         }
         if method == GradMethod::Fp8Lm {
             for (t, &len) in lens.iter().enumerate() {
@@ -464,25 +485,7 @@ impl GradAllReducer {
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            if b.len() == 1 {
-                // A bucket of one tensor is reduced where it lies (no packing copy).
-                let g = &mut grads[b.start];
-                comm.all_reduce(BufMut::Fp8(&mut g.data, fmt), ReduceOp::Sum)?;
-            } else {
-                let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
-                for g in &grads[b.clone()] {
-                    buf.extend_from_slice(&g.data);
-                }
-                comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-                let mut off = 0;
-                for g in &mut grads[b] {
-                    let l = g.data.len();
-                    g.data.copy_from_slice(&buf[off..off + l]);
-                    off += l;
-                }
-            }
-        }
+        sum_fp8_buckets(comm, grads, fmt, self.cfg.bucket_bytes)?;
         for (t, g) in grads.iter().enumerate() {
             report.saturated[t] = count_masked_eq(&g.data, 0x7F, fmt.max_bits());
         }
