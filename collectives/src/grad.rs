@@ -35,6 +35,7 @@
 use crate::buf::{count_masked_eq, BufMut, ReduceOp};
 use crate::comm::Communicator;
 use crate::error::{CommError, Result};
+use crate::lut::apply_lut;
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
@@ -477,9 +478,7 @@ impl GradAllReducer {
             // +-0 map to themselves, so codes that became zero = zeros after - before.
             let zeros_before = count_masked_eq(&g.data, 0x7F, 0);
             if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
-                for v in g.data.iter_mut() {
-                    *v = lut[*v as usize];
-                }
+                apply_lut(&mut g.data, &lut);
             }
             report.flushed[t] = count_masked_eq(&g.data, 0x7F, 0) - zeros_before;
             report.scales[t] = n * q;

@@ -25,6 +25,7 @@ pub mod dp;
 pub mod error;
 pub mod grad;
 pub mod local;
+pub mod lut;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
