@@ -32,7 +32,7 @@
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{count_masked_eq, BufMut, ReduceOp};
+use crate::buf::{count_magnitude_in, BufMut, ReduceOp};
 use crate::comm::Communicator;
 use crate::error::{CommError, Result};
 use crate::lut::apply_lut;
@@ -389,7 +389,7 @@ impl GradAllReducer {
             let mut data = vec![0u8; lens[t]];
             f32_to_fp8_amax(fmt, g, scales[t].0, &mut data);
             let zeros_in = g.iter().filter(|&&x| x == 0.0).count() as u64;
-            report.flushed[t] = count_masked_eq(&data, 0x7F, 0) - zeros_in;
+            report.flushed[t] = count_magnitude_in(&data, 0, 0) - zeros_in;
             out.push(ScaledFp8 {
                 data,
                 shape: vec![lens[t]],
@@ -399,7 +399,7 @@ impl GradAllReducer {
         }
         sum_fp8_buckets(comm, &mut out, fmt, self.cfg.bucket_bytes)?;
         for (t, o) in out.iter().enumerate() {
-            report.saturated[t] = count_masked_eq(&o.data, 0x7F, fmt.max_bits());
+            report.saturated[t] = count_magnitude_in(&o.data, fmt.max_bits(), fmt.max_bits());
         }
         if method == GradMethod::Fp8Lm {
             for (t, &len) in lens.iter().enumerate() {
@@ -475,18 +475,21 @@ impl GradAllReducer {
                     fmt.encode(dec[v] * ratio, true)
                 };
             }
-            // +-0 map to themselves, so codes that became zero = zeros after - before.
-            let zeros_before = count_masked_eq(&g.data, 0x7F, 0);
+            // The table is monotone in magnitude, so the non-zero codes it flushes to
+            // zero are the magnitudes 1..=k.
+            let k = (1..=0x7Fu8)
+                .take_while(|&v| lut[v as usize] & 0x7F == 0)
+                .count() as u8;
+            report.flushed[t] = count_magnitude_in(&g.data, 1, k);
             if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
                 apply_lut(&mut g.data, &lut);
             }
-            report.flushed[t] = count_masked_eq(&g.data, 0x7F, 0) - zeros_before;
             report.scales[t] = n * q;
             g.scale = n * q;
         }
         sum_fp8_buckets(comm, grads, fmt, self.cfg.bucket_bytes)?;
         for (t, g) in grads.iter().enumerate() {
-            report.saturated[t] = count_masked_eq(&g.data, 0x7F, fmt.max_bits());
+            report.saturated[t] = count_magnitude_in(&g.data, fmt.max_bits(), fmt.max_bits());
         }
         for (t, &len) in lens.iter().enumerate() {
             self.update_mu(t, report.saturated[t], len);
