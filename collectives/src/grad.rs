@@ -315,6 +315,19 @@ impl GradAllReducer {
         comm: &dyn Communicator,
         grads: &[&[f32]],
     ) -> Result<(Vec<ScaledFp8>, GradReport)> {
+        let mut out = Vec::new();
+        let report = self.all_reduce_fp8_into(comm, grads, &mut out)?;
+        Ok((out, report))
+    }
+
+    /// [`Self::all_reduce_fp8`] into caller-owned tensors, reused from step to step (their
+    /// buffers are resized as needed; fresh 64 MiB allocations cost page faults).
+    pub fn all_reduce_fp8_into(
+        &mut self,
+        comm: &dyn Communicator,
+        grads: &[&[f32]],
+        out: &mut Vec<ScaledFp8>,
+    ) -> Result<GradReport> {
         let method = self.cfg.method;
         if !method.is_fp8() {
             return Err(CommError::new(
@@ -375,7 +388,6 @@ impl GradAllReducer {
             .collect();
         // 2. Quantise into buckets, FP8-sum each bucket, unpack.
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
-        let mut out: Vec<ScaledFp8> = Vec::with_capacity(k);
         let mut report = GradReport {
             saturated: vec![0; k],
             flushed: vec![0; k],
@@ -385,19 +397,20 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         // Quantise straight into the output tensors.
-        for (t, g) in grads.iter().enumerate() {
-            let mut data = vec![0u8; lens[t]];
-            f32_to_fp8_amax(fmt, g, scales[t].0, &mut data);
-            let zeros_in = g.iter().filter(|&&x| x == 0.0).count() as u64;
-            report.flushed[t] = count_magnitude_in(&data, 0, 0) - zeros_in;
-            out.push(ScaledFp8 {
-                data,
-                shape: vec![lens[t]],
-                format: fmt,
-                scale: scales[t].1,
-            });
+        out.truncate(k);
+        while out.len() < k {
+            out.push(ScaledFp8::zeros(&[0], fmt));
         }
-        sum_fp8_buckets(comm, &mut out, fmt, self.cfg.bucket_bytes)?;
+        for (t, (g, o)) in grads.iter().zip(out.iter_mut()).enumerate() {
+            o.data.resize(lens[t], 0);
+            o.shape = vec![lens[t]];
+            o.format = fmt;
+            o.scale = scales[t].1;
+            f32_to_fp8_amax(fmt, g, scales[t].0, &mut o.data);
+            let zeros_in: usize = g.iter().map(|&x| (x == 0.0) as usize).sum();
+            report.flushed[t] = count_magnitude_in(&o.data, 0, 0) - zeros_in as u64;
+        }
+        sum_fp8_buckets(comm, out, fmt, self.cfg.bucket_bytes)?;
         for (t, o) in out.iter().enumerate() {
             report.saturated[t] = count_magnitude_in(&o.data, fmt.max_bits(), fmt.max_bits());
         }
@@ -409,7 +422,7 @@ impl GradAllReducer {
         }
         self.steps += 1;
         report.bytes_sent = comm.bytes_sent() - sent0;
-        Ok((out, report))
+        Ok(report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
