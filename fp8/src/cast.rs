@@ -12,9 +12,9 @@
 //! pool (chunks of [`PAR_CHUNK`] elements). Callers that already run one tensor per
 //! thread should use the plain ones.
 
-mod portable;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod portable;
 
 use crate::format::{CastMode, EncodeConsts, Fp8Format};
 use half::{bf16, f16};
@@ -225,12 +225,7 @@ pub fn f16_to_f32_amax(src: &[f16], inv_scale: f32, dst: &mut [f32]) -> f32 {
 }
 
 /// [`f16_to_f32_amax`] on an explicit backend (unavailable falls back to portable).
-pub fn f16_to_f32_amax_with(
-    backend: Backend,
-    src: &[f16],
-    inv_scale: f32,
-    dst: &mut [f32],
-) -> f32 {
+pub fn f16_to_f32_amax_with(backend: Backend, src: &[f16], inv_scale: f32, dst: &mut [f32]) -> f32 {
     assert_eq!(
         src.len(),
         dst.len(),

@@ -4,6 +4,11 @@
 //! against, bit for bit. Rounding is to nearest, ties to even, computed exactly: the input
 //! is divided by the format's quantum at its binade (a power of two, so the division is
 //! exact in f32) and rounded with `round_ties_even`.
+//!
+//! The bulk casts use a second, branch-free formulation ([`Fp8Format::encode_fast`]):
+//! integer round-to-nearest-even of the f32 bit pattern in the normal range, and the
+//! FPU's own rounding of `|x| + 2^(emin - m + 23)` in the subnormal range. Both are
+//! checked against an independent nearest-value reference in `tests/exhaustive.rs`.
 
 /// Static description of an FP8 format (exponent/mantissa split, bias, specials).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -18,6 +18,34 @@ fn numel(shape: &[usize], len: usize, what: &str) -> usize {
     n
 }
 
+/// Why a scaled tensor could not be built from parts (e.g. loaded from a checkpoint).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScaledError {
+    #[error("shape {shape:?} holds {expected} elements but the data has {actual}")]
+    Length {
+        shape: Vec<usize>,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("scale {0} is not a positive finite number (real = stored / scale)")]
+    Scale(f32),
+}
+
+fn check_parts(shape: &[usize], len: usize, scale: f32) -> Result<(), ScaledError> {
+    let expected: usize = shape.iter().product();
+    if expected != len {
+        return Err(ScaledError::Length {
+            shape: shape.to_vec(),
+            expected,
+            actual: len,
+        });
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(ScaledError::Scale(scale));
+    }
+    Ok(())
+}
+
 /// An FP8 tensor with a per-tensor scale.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaledFp8 {
@@ -30,6 +58,22 @@ pub struct ScaledFp8 {
 }
 
 impl ScaledFp8 {
+    /// Build from parts, checking that `data` fills `shape` and the scale is usable.
+    pub fn from_parts(
+        data: Vec<u8>,
+        shape: &[usize],
+        format: Fp8Format,
+        scale: f32,
+    ) -> Result<Self, ScaledError> {
+        check_parts(shape, data.len(), scale)?;
+        Ok(ScaledFp8 {
+            data,
+            shape: shape.to_vec(),
+            format,
+            scale,
+        })
+    }
+
     pub fn zeros(shape: &[usize], format: Fp8Format) -> Self {
         ScaledFp8 {
             data: vec![0; shape.iter().product()],
@@ -115,6 +159,16 @@ pub struct ScaledF16 {
 impl ScaledF16 {
     /// Largest finite f16.
     pub const FMT_MAX: f32 = 65504.0;
+
+    /// Build from parts, checking that `data` fills `shape` and the scale is usable.
+    pub fn from_parts(data: Vec<f16>, shape: &[usize], scale: f32) -> Result<Self, ScaledError> {
+        check_parts(shape, data.len(), scale)?;
+        Ok(ScaledF16 {
+            data,
+            shape: shape.to_vec(),
+            scale,
+        })
+    }
 
     pub fn zeros(shape: &[usize]) -> Self {
         ScaledF16 {

@@ -40,12 +40,21 @@ fn all_256_codes_decode_per_spec() {
             let want = ref_decode(fmt, b);
             let got = fmt.decode(b);
             assert!(same_value(got, want), "{fmt:?} {b:#04x}: {got} vs {want}");
-            assert!(same_value(table[b as usize], want), "table {fmt:?} {b:#04x}");
+            assert!(
+                same_value(table[b as usize], want),
+                "table {fmt:?} {b:#04x}"
+            );
         }
     }
     for b in 0..=255u8 {
-        assert!(same_value(E4M3::from_bits(b).to_f32(), ref_decode(Fp8Format::E4M3, b)));
-        assert!(same_value(E5M2::from_bits(b).to_f32(), ref_decode(Fp8Format::E5M2, b)));
+        assert!(same_value(
+            E4M3::from_bits(b).to_f32(),
+            ref_decode(Fp8Format::E4M3, b)
+        ));
+        assert!(same_value(
+            E5M2::from_bits(b).to_f32(),
+            ref_decode(Fp8Format::E5M2, b)
+        ));
         assert_eq!(E4M3::from_bits(b).to_bits(), b);
         assert_eq!(E5M2::from_bits(b).to_bits(), b);
     }
@@ -77,14 +86,27 @@ fn check_scalar(xs: &[f32], what: &str) {
             for &x in xs {
                 let want = r.encode(x, mode);
                 let got = fmt.encode_mode(x, mode);
-                assert_eq!(got, want, "{what} {fmt:?} {mode:?} x={x:e} ({:#010x})", x.to_bits());
+                assert_eq!(
+                    got,
+                    want,
+                    "{what} {fmt:?} {mode:?} x={x:e} ({:#010x})",
+                    x.to_bits()
+                );
                 let fast = fmt.encode_fast(x, mode);
-                assert_eq!(fast, want, "fast {what} {fmt:?} {mode:?} x={x:e} ({:#010x})", x.to_bits());
+                assert_eq!(
+                    fast,
+                    want,
+                    "fast {what} {fmt:?} {mode:?} x={x:e} ({:#010x})",
+                    x.to_bits()
+                );
             }
         }
         // The public type API: from_f32 is SatFinite, from_f32_nonsaturating is NonSat.
         for &x in xs {
-            let (sat, non) = (r.encode(x, CastMode::SatFinite), r.encode(x, CastMode::NonSat));
+            let (sat, non) = (
+                r.encode(x, CastMode::SatFinite),
+                r.encode(x, CastMode::NonSat),
+            );
             match fmt {
                 Fp8Format::E4M3 => {
                     assert_eq!(E4M3::from_f32(x).to_bits(), sat, "E4M3::from_f32({x:e})");
@@ -100,7 +122,10 @@ fn check_scalar(xs: &[f32], what: &str) {
 }
 
 /// Bulk casts of `src` (as `T`, widened by `widen`) with `scale` must equal the scalar
-/// cast of `widen(x) * scale`, on every backend and mode; amax must match too.
+/// cast of `widen(x) * scale`, on every backend and mode; amax must match too. With
+/// scale 1 the expected bytes come from the independent reference; for other scales
+/// from the scalar `encode_mode` (itself checked against the reference by
+/// `check_scalar`), which keeps this fast enough for CI.
 fn check_bulk<T: Copy>(
     src: &[T],
     widen: impl Fn(T) -> f32,
@@ -118,7 +143,13 @@ fn check_bulk<T: Copy>(
         for fmt in FORMATS {
             let r = RefEncoder::new(fmt);
             for mode in MODES {
-                let want: Vec<u8> = wide.iter().map(|&x| r.encode(x * scale, mode)).collect();
+                let want: Vec<u8> = if scale == 1.0 {
+                    wide.iter().map(|&x| r.encode(x, mode)).collect()
+                } else {
+                    wide.iter()
+                        .map(|&x| fmt.encode_mode(x * scale, mode))
+                        .collect()
+                };
                 for backend in backends() {
                     // Offsets make the SIMD kernels see every alignment and tail length.
                     for off in [0usize, 1, 31] {
@@ -164,14 +195,23 @@ fn every_bf16_encodes_correctly() {
     let src: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
     let wide: Vec<f32> = src.iter().map(|x| x.to_f32()).collect();
     check_scalar(&wide, "bf16");
-    check_bulk(&src, |x| x.to_f32(), cast::bf16_to_fp8_amax_with, "bf16->fp8");
+    check_bulk(
+        &src,
+        |x| x.to_f32(),
+        cast::bf16_to_fp8_amax_with,
+        "bf16->fp8",
+    );
 }
 
 #[test]
 fn seeded_f32_set_encodes_correctly() {
-    // ~0.5M boundary/special values and neighbours plus random ones, both signs.
-    let n_random = if cfg!(debug_assertions) { 100_000 } else { 1_000_000 };
-    let xs = f32_test_set(n_random, 0x5EED_F8);
+    // ~60k boundary/special values and neighbours plus 2 x n_random random ones, both signs.
+    let n_random = if cfg!(debug_assertions) {
+        100_000
+    } else {
+        400_000
+    };
+    let xs = f32_test_set(n_random, 0x005E_EDF8);
     check_scalar(&xs, "f32");
     check_bulk(&xs, |x| x, cast::f32_to_fp8_amax_with, "f32->fp8");
 }
@@ -191,12 +231,33 @@ fn bulk_amax_semantics() {
         );
         assert_eq!(amax, 60.0);
         src[77] = f32::NEG_INFINITY;
-        let amax = cast::f32_to_fp8_amax_with(Fp8Format::E4M3, CastMode::SatFinite, backend, &src, 1.0, &mut dst);
+        let amax = cast::f32_to_fp8_amax_with(
+            Fp8Format::E4M3,
+            CastMode::SatFinite,
+            backend,
+            &src,
+            1.0,
+            &mut dst,
+        );
         assert_eq!(amax, f32::INFINITY);
         src[3] = -f32::NAN;
-        let amax = cast::f32_to_fp8_amax_with(Fp8Format::E4M3, CastMode::SatFinite, backend, &src, 1.0, &mut dst);
+        let amax = cast::f32_to_fp8_amax_with(
+            Fp8Format::E4M3,
+            CastMode::SatFinite,
+            backend,
+            &src,
+            1.0,
+            &mut dst,
+        );
         assert!(amax.is_nan());
-        let amax = cast::f32_to_fp8_amax_with(Fp8Format::E4M3, CastMode::SatFinite, backend, &[], 1.0, &mut []);
+        let amax = cast::f32_to_fp8_amax_with(
+            Fp8Format::E4M3,
+            CastMode::SatFinite,
+            backend,
+            &[],
+            1.0,
+            &mut [],
+        );
         assert_eq!(amax, 0.0);
     }
     let mut v: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -216,22 +277,30 @@ fn bulk_decode_matches_table_on_every_backend() {
     for fmt in FORMATS {
         let table = cast::decode_table(fmt);
         // Without NaN codes: amax is the largest finite (or inf) magnitude.
-        let finite: Vec<u8> = codes.iter().copied().filter(|&b| !table[b as usize].is_nan()).collect();
+        let finite: Vec<u8> = codes
+            .iter()
+            .copied()
+            .filter(|&b| !table[b as usize].is_nan())
+            .collect();
         for inv_scale in [1.0f32, 0.125, 3.0] {
             for backend in backends() {
                 for (src, has_nan) in [(&codes, true), (&finite, false)] {
                     for off in [0usize, 5] {
                         let src = &src[off..];
                         let mut dst = vec![0f32; src.len()];
-                        let amax = cast::fp8_to_f32_amax_with(fmt, backend, src, inv_scale, &mut dst);
+                        let amax =
+                            cast::fp8_to_f32_amax_with(fmt, backend, src, inv_scale, &mut dst);
                         for (i, &b) in src.iter().enumerate() {
                             let want = table[b as usize] * inv_scale;
                             assert!(
-                                dst[i].to_bits() == want.to_bits() || (dst[i].is_nan() && want.is_nan()),
+                                dst[i].to_bits() == want.to_bits()
+                                    || (dst[i].is_nan() && want.is_nan()),
                                 "{fmt:?} {backend:?} code {b:#04x}"
                             );
                         }
-                        let want_amax = src.iter().fold(0f32, |m, &b| m.max(table[b as usize].abs()));
+                        let want_amax = src
+                            .iter()
+                            .fold(0f32, |m, &b| m.max(table[b as usize].abs()));
                         if has_nan {
                             assert!(amax.is_nan());
                         } else {
@@ -257,9 +326,15 @@ fn parallel_casts_match_single_threaded() {
         assert_eq!(amax_a, amax_b);
         let s16: Vec<f16> = src.iter().map(|&x| f16::from_f32(x)).collect();
         let sb16: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
-        assert_eq!(cast::f16_to_fp8_amax(fmt, &s16, 2.0, &mut a), cast::par_f16_to_fp8_amax(fmt, &s16, 2.0, &mut b));
+        assert_eq!(
+            cast::f16_to_fp8_amax(fmt, &s16, 2.0, &mut a),
+            cast::par_f16_to_fp8_amax(fmt, &s16, 2.0, &mut b)
+        );
         assert_eq!(a, b);
-        assert_eq!(cast::bf16_to_fp8_amax(fmt, &sb16, 2.0, &mut a), cast::par_bf16_to_fp8_amax(fmt, &sb16, 2.0, &mut b));
+        assert_eq!(
+            cast::bf16_to_fp8_amax(fmt, &sb16, 2.0, &mut a),
+            cast::par_bf16_to_fp8_amax(fmt, &sb16, 2.0, &mut b)
+        );
         assert_eq!(a, b);
         let (mut fa, mut fb) = (vec![0f32; n], vec![0f32; n]);
         let am1 = cast::fp8_to_f32_amax(fmt, &a, 0.5, &mut fa);

@@ -48,7 +48,10 @@ impl RefF16 {
 
 fn backends() -> Vec<Backend> {
     if cfg!(target_arch = "x86_64") {
-        assert!(Backend::Avx2.is_available(), "AVX2+F16C missing: SIMD path untested");
+        assert!(
+            Backend::Avx2.is_available(),
+            "AVX2+F16C missing: SIMD path untested"
+        );
         vec![Backend::Portable, Backend::Avx2]
     } else {
         vec![Backend::Portable]
@@ -63,7 +66,11 @@ fn half_f32_to_f16_rounds_correctly() {
     for b in 0..0x7C00u32 {
         let mid = (f16::from_bits(b as u16).to_f64() + f16::from_bits(b as u16 + 1).to_f64()) / 2.0;
         let m = mid as f32;
-        xs.extend([m, f32::from_bits(m.to_bits() + 1), f32::from_bits(m.to_bits().max(1) - 1)]);
+        xs.extend([
+            m,
+            f32::from_bits(m.to_bits() + 1),
+            f32::from_bits(m.to_bits().max(1) - 1),
+        ]);
         xs.extend([-m]);
     }
     for &x in &xs {
@@ -80,7 +87,10 @@ fn bulk_f16_casts_match_half_bit_for_bit() {
     let mut xs = f32_test_set(100_000, 0xF17);
     xs.extend((0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()));
     for scale in [1.0f32, 2f32.powi(10), 0.37] {
-        let want: Vec<u16> = xs.iter().map(|&x| f16::from_f32(x * scale).to_bits()).collect();
+        let want: Vec<u16> = xs
+            .iter()
+            .map(|&x| f16::from_f32(x * scale).to_bits())
+            .collect();
         for backend in backends() {
             for off in [0usize, 3] {
                 let src = &xs[off..];
@@ -90,7 +100,7 @@ fn bulk_f16_casts_match_half_bit_for_bit() {
                     assert_eq!(d.to_bits(), want[off + i], "{backend:?} x={:e}", src[i]);
                 }
                 assert!(amax.is_nan()); // the set holds NaNs
-                // And back: f16 -> f32 is exact, times inv_scale.
+                                        // And back: f16 -> f32 is exact, times inv_scale.
                 let mut back = vec![0f32; src.len()];
                 cast::f16_to_f32_amax_with(backend, &dst, 0.5, &mut back);
                 for (b, d) in back.iter().zip(&dst) {

@@ -45,7 +45,10 @@ fn float8_encode_equals_sat_all_except_nan_payloads() {
         for &x in &xs {
             let theirs = theirs_encode(fmt, x);
             if x.is_nan() {
-                assert!(fmt.decode(theirs).is_nan(), "{fmt:?} NaN {x:?} -> {theirs:#04x}");
+                assert!(
+                    fmt.decode(theirs).is_nan(),
+                    "{fmt:?} NaN {x:?} -> {theirs:#04x}"
+                );
                 assert_eq!(theirs & 0x80 != 0, x.is_sign_negative());
                 nan_payload_codes += (theirs & 0x7F != fmt.nan_bits()) as usize;
             } else {

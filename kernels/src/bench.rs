@@ -1,9 +1,10 @@
 //! GEMM throughput: our FP8, bf16 and f32 GEMMs against the f32 GEMMs of the `gemm` and
 //! `matrixmultiply` crates, measured in the same run on the same data.
 //!
-//! Layout: the forward GEMM of a linear layer, `out[M,N] = inp[M,K] @ W[N,K]^T`
+//! [`gemm_bench`]: the forward GEMM of a linear layer, `out[M,N] = inp[M,K] @ W[N,K]^T`
 //! (`trans_b`), for every implementation (the crates get the same strides). FP8 is
-//! E4M3 x E4M3 as in the forward pass. Each figure is the best of several timed runs
+//! E4M3 x E4M3 as in the forward pass. [`gemm_bench_backward`]: the two backward GEMMs
+//! (E5M2 x E4M3), ours only, FP8 against f32. Each figure is the best of several timed runs
 //! after one warm-up (best-of, since the machine may be shared: the minimum is the least
 //! disturbed run). GFLOP/s counts `2 M N K` flops.
 //!
@@ -25,6 +26,9 @@ pub const GEMM_BENCH_SHAPES: [(usize, usize, usize); 4] = [
     (256, 3072, 768),
 ];
 
+/// (M, N, K, layout) of a measured GEMM.
+pub type GemmKey = (usize, usize, usize, &'static str);
+
 /// One measured (implementation, dtype, shape).
 #[derive(Clone, Debug)]
 pub struct GemmBenchRow {
@@ -33,9 +37,17 @@ pub struct GemmBenchRow {
     pub k: usize,
     /// `fp8lm` (ours), `gemm-crate`, `matrixmultiply`.
     pub implementation: &'static str,
-    /// Operand types: `e4m3xe4m3`, `bf16`, `f32`.
+    /// Operand types: `e4m3xe4m3`, `e5m2xe4m3`, `bf16`, `f32`.
     pub dtype: &'static str,
+    /// Which GEMM of a linear layer: `fwd` (`inp @ W^T`), `dinp` (`dout @ W`), `dW`
+    /// (`dout^T @ inp`).
+    pub layout: &'static str,
     pub gflops: f64,
+    /// GFLOP per second of process CPU time (best run): with one thread this is the
+    /// speed the core delivers while it runs us, much less sensitive to other processes
+    /// on a shared machine than wall time. With several threads it also counts time
+    /// threads spend spinning at joins.
+    pub cpu_gflops: Option<f64>,
     /// Threads the implementation used.
     pub threads: usize,
     /// Best wall time of one GEMM.
@@ -63,25 +75,47 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// CPU time consumed by this process so far (all threads), if the OS reports it.
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        if rc == 0 {
+            return Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+        }
+    }
+    None
+}
+
 /// One case to time: (implementation, dtype, threads, the GEMM call).
 type Case<'a> = (&'static str, &'static str, usize, Box<dyn FnMut() + 'a>);
 
 /// Best-of timing, interleaved: one warm-up each, then round-robin over the cases until
 /// `budget` per case is spent (at least 3 runs each), so that a burst of load from other
-/// processes hits all cases alike. Returns the best time per case.
-fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<Duration> {
+/// processes hits all cases alike. Returns the best wall time and the best process CPU
+/// time per case.
+fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<(Duration, Option<Duration>)> {
     for c in cases.iter_mut() {
         (c.3)();
     }
-    let mut best = vec![Duration::MAX; cases.len()];
+    let mut best = vec![(Duration::MAX, None::<Duration>); cases.len()];
     let start = Instant::now();
     let total = budget * cases.len() as u32;
     let mut rounds = 0;
     while rounds < 3 || start.elapsed() < total {
         for (c, b) in cases.iter_mut().zip(best.iter_mut()) {
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), process_cpu_time());
             (c.3)();
-            *b = (*b).min(t.elapsed());
+            b.0 = b.0.min(t.elapsed());
+            if let (Some(c0), Some(c1)) = (cpu0, process_cpu_time()) {
+                let cpu = c1.saturating_sub(c0);
+                b.1 = Some(b.1.map_or(cpu, |x| x.min(cpu)));
+            }
         }
         rounds += 1;
     }
@@ -206,19 +240,123 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
                 }),
             ),
         ];
-        let best = time_interleaved(budget, &mut cases);
-        for (case, best) in cases.iter().zip(best) {
-            rows.push(GemmBenchRow {
-                m,
-                n,
-                k,
-                implementation: case.0,
-                dtype: case.1,
-                gflops: 2.0 * (m * n * k) as f64 / best.as_secs_f64() / 1e9,
-                threads: case.2,
-                best,
-            });
-        }
+        push_rows(&mut rows, (m, n, k), "fwd", budget, &mut cases);
+    }
+    GemmBenchReport {
+        rows,
+        isa: Isa::detect().name(),
+    }
+}
+
+/// Time `cases` (interleaved) and append their rows.
+fn push_rows(
+    rows: &mut Vec<GemmBenchRow>,
+    (m, n, k): (usize, usize, usize),
+    layout: &'static str,
+    budget: Duration,
+    cases: &mut [Case<'_>],
+) {
+    let best = time_interleaved(budget, cases);
+    for (case, (best, cpu)) in cases.iter().zip(best) {
+        let flops = 2.0 * (m * n * k) as f64;
+        rows.push(GemmBenchRow {
+            m,
+            n,
+            k,
+            implementation: case.0,
+            dtype: case.1,
+            layout,
+            gflops: flops / best.as_secs_f64() / 1e9,
+            cpu_gflops: cpu.map(|c| flops / c.as_secs_f64().max(1e-9) / 1e9),
+            threads: case.2,
+            best,
+        });
+    }
+}
+
+/// The two backward GEMMs of a linear layer whose forward GEMM has shape `(M, N, K)`
+/// (`out[M,N] = inp[M,K] @ W[N,K]^T`), ours only, FP8 as the recipe has them (E5M2
+/// output gradient x E4M3 weight / activation) against our f32 in the same layout:
+/// `dinp[M,K] = dout[M,N] @ W[N,K]` (GEMM shape `(M, K, N)`, plain) and
+/// `dW[N,K] = dout^T @ inp` (GEMM shape `(N, K, M)`, `trans_a`).
+pub fn gemm_bench_backward(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBenchReport {
+    let threads = rayon::current_num_threads();
+    let mut rows = Vec::new();
+    for &(m, n, k) in shapes {
+        let inp = data(m * k, 3);
+        let w = data(n * k, 4);
+        let dout = data(m * n, 5);
+        let q = |x: &[f32], fmt: Fp8Format, scale: f32| -> Vec<u8> {
+            x.iter().map(|&v| fmt.encode(v * scale, true)).collect()
+        };
+        let (inp8, w8, dout8) = (
+            q(&inp, Fp8Format::E4M3, 256.0),
+            q(&w, Fp8Format::E4M3, 256.0),
+            q(&dout, Fp8Format::E5M2, 4096.0),
+        );
+        let e4 = |d| MatRef::Fp8 {
+            data: d,
+            format: Fp8Format::E4M3,
+            scale: 256.0,
+        };
+        let e5 = |d| MatRef::Fp8 {
+            data: d,
+            format: Fp8Format::E5M2,
+            scale: 4096.0,
+        };
+        let (inp, w, dout, inp8, w8, dout8) = (&inp, &w, &dout, &inp8, &w8, &dout8);
+        let mut c: Vec<Vec<f32>> = (0..2).map(|_| vec![0f32; m.max(n) * k]).collect();
+        let (c0, c1) = c.split_at_mut(1);
+        let (c0, c1) = (&mut c0[0], &mut c1[0]);
+        let s = GemmShape::new(m, k, n);
+        let mut cases: Vec<Case<'_>> = vec![
+            (
+                "fp8lm",
+                "e5m2xe4m3",
+                threads,
+                Box::new(|| Cpu.gemm(s, e5(dout8), e4(w8), &mut c0[..m * k], false)),
+            ),
+            (
+                "fp8lm",
+                "f32",
+                threads,
+                Box::new(|| {
+                    Cpu.gemm(
+                        s,
+                        MatRef::F32(dout),
+                        MatRef::F32(w),
+                        &mut c1[..m * k],
+                        false,
+                    )
+                }),
+            ),
+        ];
+        push_rows(&mut rows, (m, k, n), "dinp", budget, &mut cases);
+        drop(cases);
+        let s = GemmShape::new(n, k, m).trans_a();
+        let mut cases: Vec<Case<'_>> = vec![
+            (
+                "fp8lm",
+                "e5m2xe4m3",
+                threads,
+                Box::new(|| Cpu.gemm(s, e5(dout8), e4(inp8), &mut c0[..n * k], false)),
+            ),
+            (
+                "fp8lm",
+                "f32",
+                threads,
+                Box::new(|| {
+                    Cpu.gemm(
+                        s,
+                        MatRef::F32(dout),
+                        MatRef::F32(inp),
+                        &mut c1[..n * k],
+                        false,
+                    )
+                }),
+            ),
+        ];
+        push_rows(&mut rows, (n, k, m), "dW", budget, &mut cases);
     }
     GemmBenchReport {
         rows,
@@ -227,65 +365,91 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
 }
 
 impl GemmBenchReport {
-    fn find(&self, shape: (usize, usize, usize), implementation: &str, dtype: &str) -> Option<f64> {
+    fn find(
+        &self,
+        key: (usize, usize, usize, &str),
+        imp: &str,
+        fp8: bool,
+        cpu: bool,
+    ) -> Option<f64> {
         self.rows
             .iter()
             .find(|r| {
-                (r.m, r.n, r.k) == shape && r.implementation == implementation && r.dtype == dtype
+                (r.m, r.n, r.k, r.layout) == key
+                    && r.implementation == imp
+                    && (if fp8 {
+                        r.dtype.starts_with('e')
+                    } else {
+                        r.dtype == "f32"
+                    })
             })
-            .map(|r| r.gflops)
+            .and_then(|r| if cpu { r.cpu_gflops } else { Some(r.gflops) })
     }
 
-    /// Per shape: (shape, fp8 / our f32, our f32 / best crate f32).
-    pub fn ratios(&self) -> Vec<((usize, usize, usize), f64, f64)> {
-        let mut shapes: Vec<_> = self.rows.iter().map(|r| (r.m, r.n, r.k)).collect();
-        shapes.dedup();
-        shapes
-            .into_iter()
-            .filter_map(|sh| {
-                let f32_ours = self.find(sh, "fp8lm", "f32")?;
-                let fp8 = self.find(sh, "fp8lm", "e4m3xe4m3")?;
+    /// Per (shape, layout): fp8 / our f32, and our f32 / best crate f32 where crates were
+    /// measured; from wall-time GFLOP/s, or from GFLOP per CPU-second when `cpu`.
+    pub fn ratios(&self, cpu: bool) -> Vec<(GemmKey, f64, Option<f64>)> {
+        let mut keys: Vec<GemmKey> = self
+            .rows
+            .iter()
+            .map(|r| (r.m, r.n, r.k, r.layout))
+            .collect();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|key| {
+                let f32_ours = self.find(key, "fp8lm", false, cpu)?;
+                let fp8 = self.find(key, "fp8lm", true, cpu)?;
                 let best_crate = ["gemm-crate", "matrixmultiply"]
                     .iter()
-                    .filter_map(|i| self.find(sh, i, "f32"))
-                    .fold(0.0, f64::max);
-                Some((sh, fp8 / f32_ours, f32_ours / best_crate))
+                    .filter_map(|i| self.find(key, i, false, cpu))
+                    .reduce(f64::max);
+                Some((key, fp8 / f32_ours, best_crate.map(|b| f32_ours / b)))
             })
             .collect()
     }
 
-    /// One line per target per shape, `ok` or `MISS`.
+    /// One line per target per (shape, layout) with the wall-time ratio and, where
+    /// measured, the CPU-time ratio; `ok` / `MISS` judged on the wall-time ratio.
     pub fn checks(&self) -> Vec<String> {
-        self.ratios()
-            .into_iter()
-            .flat_map(|((m, n, k), fp8_ratio, f32_ratio)| {
-                [
-                    format!(
-                        "{m}x{n}x{k}: fp8/f32 = {fp8_ratio:.2} (target >= 0.90) {}",
-                        if fp8_ratio >= 0.9 { "ok" } else { "MISS" }
-                    ),
-                    format!(
-                        "{m}x{n}x{k}: f32/best-crate = {f32_ratio:.2} (target >= 0.85) {}",
-                        if f32_ratio >= 0.85 { "ok" } else { "MISS" }
-                    ),
-                ]
-            })
-            .collect()
+        let cpu = self.ratios(true);
+        let mut out = Vec::new();
+        for (key, fp8_ratio, f32_ratio) in self.ratios(false) {
+            let (m, n, k, layout) = key;
+            let c = cpu.iter().find(|c| c.0 == key);
+            let cpu_fp8 = c.map_or(String::new(), |c| format!(", per cpu-s {:.2}", c.1));
+            out.push(format!(
+                "{m}x{n}x{k} {layout}: fp8/f32 = {fp8_ratio:.2}{cpu_fp8} (target >= 0.90) {}",
+                if fp8_ratio >= 0.9 { "ok" } else { "MISS" }
+            ));
+            if let Some(f32_ratio) = f32_ratio {
+                let cpu_f32 = c
+                    .and_then(|c| c.2)
+                    .map_or(String::new(), |r| format!(", per cpu-s {r:.2}"));
+                out.push(format!(
+                    "{m}x{n}x{k} {layout}: f32/best-crate = {f32_ratio:.2}{cpu_f32} (target >= 0.85) {}",
+                    if f32_ratio >= 0.85 { "ok" } else { "MISS" }
+                ));
+            }
+        }
+        out
     }
 
     /// A plain-text table of the rows followed by the target checks.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "GEMM, layout out = inp @ W^T, best of runs, kernel isa {}\n{:>16} {:>15} {:>10} {:>9} {:>7} {:>10}\n",
-            self.isa, "M x N x K", "impl", "dtype", "GFLOP/s", "threads", "ms"
+            "GEMM, best of runs, kernel isa {}\n{:>16} {:>6} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
+            self.isa, "M x N x K", "layout", "impl", "dtype", "GFLOP/s", "GFLOP/cpu-s", "threads", "ms"
         );
         for r in &self.rows {
+            let cpu = r.cpu_gflops.map_or("-".to_string(), |g| format!("{g:.1}"));
             s += &format!(
-                "{:>16} {:>15} {:>10} {:>9.1} {:>7} {:>10.3}\n",
+                "{:>16} {:>6} {:>15} {:>10} {:>9.1} {:>11} {:>7} {:>10.3}\n",
                 format!("{}x{}x{}", r.m, r.n, r.k),
+                r.layout,
                 r.implementation,
                 r.dtype,
                 r.gflops,
+                cpu,
                 r.threads,
                 r.best.as_secs_f64() * 1e3
             );
@@ -308,8 +472,12 @@ mod tests {
         let rep = gemm_bench(&[(33, 40, 17)], Duration::from_millis(1));
         assert_eq!(rep.rows.len(), 5);
         assert!(rep.rows.iter().all(|r| r.gflops > 0.0 && r.threads >= 1));
-        assert_eq!(rep.ratios().len(), 1);
+        assert_eq!(rep.ratios(false).len(), 1);
         assert_eq!(rep.checks().len(), 2);
         assert!(rep.table().contains("33x40x17"));
+        let back = gemm_bench_backward(&[(33, 40, 17)], Duration::from_millis(1));
+        assert_eq!(back.rows.len(), 4);
+        assert_eq!(back.ratios(false).len(), 2);
+        assert_eq!(back.checks().len(), 2, "no crate rows: fp8/f32 checks only");
     }
 }

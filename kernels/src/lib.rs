@@ -6,7 +6,12 @@
 //!
 //! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
 //!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
-//!   O(mk + kn), not O(mnk).
+//!   O(mk + kn), not O(mnk). Outputs f32 ([`GemmOps::gemm`], optionally `C +=`), bf16
+//!   ([`GemmOps::gemm_bf16_out`]) or FP8 with the result's amax
+//!   ([`GemmOps::gemm_fp8_out`]). The CPU kernel is picked at run time ([`Isa`]:
+//!   AVX-512F, AVX2+FMA, or portable).
+//! - [`bench`](mod@bench): GEMM throughput of ours against the `gemm` and `matrixmultiply` crates
+//!   (`cargo run --release -p fp8lm-kernels --example bench_gemm`).
 //!
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
 

@@ -1,3 +1,179 @@
+//! `fp8lm`: train, evaluate, sample, inspect checkpoints, tokenize text, benchmark.
+//!
+//! Every subcommand validates its inputs before doing any work and reports problems as
+//! one readable line naming the file, key or value at fault (exit code 2 for usage and
+//! configuration errors, 1 for failures while running).
+
+mod bench;
+mod inspect;
+#[allow(dead_code)] // the run loop uses Progress once the Trainer lands
+mod progress;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Examples:
+  fp8lm train                                   # tiny model on the embedded corpus (~1-2 min)
+  fp8lm train --config configs/gpt2-124m.toml --set data.path=shards/ --set max_steps=100
+  fp8lm train --set precision=fp8-o1 --set run_dir=runs/fp8
+  fp8lm train --resume runs/default             # continue from the newest checkpoint
+  fp8lm sample --checkpoint runs/default --prompt 'the '
+  fp8lm inspect runs/default/checkpoints/step_00000300
+  fp8lm tokenize --input book.txt --output shards/ --tokenizer gpt2
+  fp8lm bench gemm
+
+Every config key is documented in configs/example.toml.";
+
+#[derive(Parser)]
+#[command(name = "fp8lm", version, about = "Train language models in FP8 mixed precision (the FP8-LM recipe).", after_help = AFTER_HELP)]
+struct Cli {
+    /// Log level filter (also RUST_LOG), e.g. `debug` or `fp8lm_trainer=debug`.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Config sources shared by the commands that build a model.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ConfigArgs {
+    /// TOML run config (defaults: configs/tiny.toml's values). Keys: configs/example.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set model.layers=4 --set precision=fp8-o1`. Applied after
+    /// --config, in order; the value is parsed as the key's type.
+    #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model. With no arguments: the tiny default on the embedded synthetic corpus.
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Continue a run: a run directory (newest checkpoint) or a checkpoint directory.
+        /// The checkpoint's config is used unless --config is given; --set still applies.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+    },
+    /// Validation loss of a checkpoint (on its own data, or on --set data.path=...).
+    Eval {
+        /// Checkpoint directory or run directory.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Overrides on the checkpoint's config (data.path, eval_batches, batch).
+        #[arg(long = "set", short = 's', value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Generate text from a checkpoint.
+    Sample {
+        /// Checkpoint directory or run directory.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// Softmax temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// List a checkpoint's tensors: name, dtype, shape, scale, bytes; and its metadata.
+    Inspect {
+        /// Checkpoint directory, run directory, or a single .safetensors file.
+        checkpoint: PathBuf,
+    },
+    /// Tokenize text into llm.c `.bin` shards (readable by llm.c and by `data.path`).
+    Tokenize {
+        /// A UTF-8 text file or a folder of them (joined with the document separator).
+        #[arg(long, short = 'i')]
+        input: PathBuf,
+        /// Output folder for `<prefix>_000000.bin`, ...
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// `byte` (vocab 256) or `gpt2` (GPT-2 BPE, vocab 50257).
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Maximum tokens per shard.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+        /// File name prefix.
+        #[arg(long, default_value = "shard")]
+        prefix: String,
+    },
+    /// Print the resolved config (file + overrides, validated) as TOML.
+    Config {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Benchmarks that print figures (GEMM, casts, a training step, memory, all-reduce).
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCmd,
+    },
+}
+
+fn init_tracing(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let f = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(progress::LogWriter)
+        .with_target(false)
+        .init();
+}
+
+/// Errors that are the user's input (exit 2) rather than a failure while running (exit 1).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
 fn main() {
-    println!("fp8lm");
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let result = match cli.cmd {
+        Cmd::Train { cfg, resume } => run::train(&cfg, resume.as_deref()),
+        Cmd::Eval { checkpoint, set } => run::eval(&checkpoint, &set),
+        Cmd::Sample {
+            checkpoint,
+            prompt,
+            tokens,
+            temperature,
+            seed,
+        } => run::sample(&checkpoint, &prompt, tokens, temperature, seed),
+        Cmd::Inspect { checkpoint } => inspect::inspect(&checkpoint),
+        Cmd::Tokenize {
+            input,
+            output,
+            tokenizer,
+            shard_tokens,
+            prefix,
+        } => run::tokenize(&input, &output, &tokenizer, shard_tokens, &prefix),
+        Cmd::Config { cfg } => {
+            run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
+        }
+        Cmd::Bench { which } => bench::run(which),
+    };
+    if let Err(e) = result {
+        progress::finish_all();
+        eprintln!("error: {e:#}");
+        let usage = e.downcast_ref::<fp8lm_trainer::ConfigError>().is_some()
+            || e.downcast_ref::<UsageError>().is_some();
+        std::process::exit(if usage { 2 } else { 1 });
+    }
 }

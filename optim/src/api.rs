@@ -55,6 +55,23 @@ pub enum StateTensor {
     Scalar(f64),
 }
 
+/// Bytes of optimizer state by kind, for memory ledgers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Master weights held by the optimizer (0 when the model's f32 weights are the master).
+    pub master: usize,
+    pub exp_avg: usize,
+    pub exp_avg_sq: usize,
+    /// Per-tensor scales, amaxes, step counters.
+    pub scalars: usize,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> usize {
+        self.master + self.exp_avg + self.exp_avg_sq + self.scalars
+    }
+}
+
 /// A parameter update rule with its state.
 pub trait Optimizer: Send {
     /// Update every tensor: `params[i]` are the model's compute weights (f32), updated in
@@ -63,6 +80,17 @@ pub trait Optimizer: Send {
     fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32);
     /// Bytes of state held (master weights, moments), excluding the model's own buffers.
     fn state_bytes(&self) -> usize;
+    /// [`Optimizer::state_bytes`] by kind. The default suits optimizers holding two
+    /// equal-sized moments and nothing else (the fp32 AdamW).
+    fn state_breakdown(&self) -> StateBytes {
+        let b = self.state_bytes();
+        StateBytes {
+            master: 0,
+            exp_avg: b / 2,
+            exp_avg_sq: b - b / 2,
+            scalars: 0,
+        }
+    }
     /// Named state for checkpoints, in a stable order.
     fn export_state(&self) -> Vec<(String, StateTensor)>;
     /// Restore state written by [`Optimizer::export_state`]; errors name the offending entry.

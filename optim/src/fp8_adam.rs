@@ -43,8 +43,14 @@
 //! tensor's amax), where it was rounded on the provisional grid.
 //! [`Fp8Adam::stats`] counts how often steps 3's fix-ups ran.
 
-use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
-use crate::lanes::{f16_decode, f16_encode, fp8_lane, Fp8Lane};
+// Three states indexed in lockstep (master, exp_avg, exp_avg_sq) read best as indices.
+#![allow(clippy::needless_range_loop)]
+
+use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+use crate::lanes::{
+    f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
+    fp8_lane, fp8_rescale_slice,
+};
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16, ScaledFp8};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -197,10 +203,10 @@ impl Buf {
                 .map(ChunkMut::F16)
                 .collect(),
             Buf::Fp8(t) => {
-                let lane = fp8_lane(t.format);
+                let f = t.format;
                 t.data
                     .chunks_mut(CHUNK)
-                    .map(|c| ChunkMut::Fp8(c, lane))
+                    .map(|c| ChunkMut::Fp8(c, f))
                     .collect()
             }
         }
@@ -286,42 +292,26 @@ impl Buf {
 enum ChunkMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [u16]),
-    Fp8(&'a mut [u8], &'static Fp8Lane),
+    Fp8(&'a mut [u8], Fp8Format),
 }
 
 impl ChunkMut<'_> {
     /// `dst[i] = stored[i] / scale`.
-    #[inline]
+    #[inline(always)]
     fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
         match self {
             ChunkMut::F32(s) => dst.copy_from_slice(s),
-            ChunkMut::F16(s) => {
-                for (d, &h) in dst.iter_mut().zip(s.iter()) {
-                    *d = f16_decode(h) * inv_scale;
-                }
-            }
-            ChunkMut::Fp8(s, lane) => {
-                for (d, &b) in dst.iter_mut().zip(s.iter()) {
-                    *d = lane.decode(b) * inv_scale;
-                }
-            }
+            ChunkMut::F16(s) => f16_decode_slice(s, inv_scale, dst),
+            ChunkMut::Fp8(s, f) => fp8_decode_slice(*f, s, inv_scale, 1.0, dst),
         }
     }
     /// `stored[i] = encode(src[i] * scale)`.
-    #[inline]
+    #[inline(always)]
     fn encode(&mut self, src: &[f32], scale: f32) {
         match self {
             ChunkMut::F32(s) => s.copy_from_slice(src),
-            ChunkMut::F16(s) => {
-                for (h, &x) in s.iter_mut().zip(src) {
-                    *h = f16_encode(x * scale);
-                }
-            }
-            ChunkMut::Fp8(s, lane) => {
-                for (b, &x) in s.iter_mut().zip(src) {
-                    *b = lane.encode(x * scale);
-                }
-            }
+            ChunkMut::F16(s) => f16_encode_slice(src, scale, s),
+            ChunkMut::Fp8(s, f) => fp8_encode_slice(*f, src, scale, s),
         }
     }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
@@ -334,24 +324,21 @@ impl ChunkMut<'_> {
                     *h = f16_encode(f16_decode(*h) * factor);
                 }
             }
-            ChunkMut::Fp8(s, lane) => {
-                for b in s.iter_mut() {
-                    *b = lane.encode(lane.decode(*b) * factor);
-                }
-            }
+            ChunkMut::Fp8(s, f) => fp8_rescale_slice(*f, s, factor),
         }
     }
 }
 
-/// A chunk of the incoming gradient; `factor` folds grad_scale and the FP8 scale.
+/// A chunk of the incoming gradient with grad_scale (and the FP8 tensor's 1/scale, a
+/// power of two, so the multiply equals the reference's exact division).
 #[derive(Clone, Copy)]
 enum GradChunk<'a> {
     F32(&'a [f32], f32),
-    Fp8(&'a [u8], &'static Fp8Lane, f32),
+    Fp8(&'a [u8], Fp8Format, f32, f32),
 }
 
 impl GradChunk<'_> {
-    #[inline]
+    #[inline(always)]
     fn decode(&self, dst: &mut [f32]) {
         match *self {
             GradChunk::F32(g, f) => {
@@ -359,11 +346,7 @@ impl GradChunk<'_> {
                     *d = x * f;
                 }
             }
-            GradChunk::Fp8(g, lane, f) => {
-                for (d, &b) in dst.iter_mut().zip(g) {
-                    *d = lane.decode(b) * f;
-                }
-            }
+            GradChunk::Fp8(g, fmt, inv_scale, f) => fp8_decode_slice(fmt, g, inv_scale, f, dst),
         }
     }
 }
@@ -375,9 +358,9 @@ struct StepConsts {
     b2: f32,
     one_minus_b1: f32,
     one_minus_b2: f32,
-    /// 1 - b1^t and 1 - b2^t.
-    bc1: f32,
-    bc2: f32,
+    /// 1 / (1 - b1^t) and 1 / (1 - b2^t), computed in f64 (as the fp32 AdamW does).
+    inv_bc1: f32,
+    inv_bc2: f32,
     eps: f32,
     lr: f32,
     /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
@@ -396,8 +379,51 @@ struct ChunkOut {
 
 /// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
 /// the provisional scales would overflow, then nothing is written).
+///
+/// Multiversioned: the same code compiled for AVX2 when the CPU has it (the portable
+/// build targets SSE2; the integer bit tricks of the casts gain most from 8 lanes).
+/// Both versions are the same Rust expressions without FMA contraction, so their
+/// results are bit-identical.
 #[allow(clippy::too_many_arguments)]
 fn update_chunk(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { update_chunk_avx2(w, m, v, p, g, k, old_scale, scale, limits) };
+    }
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_chunk_avx2(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_chunk_impl(
     w: &mut ChunkMut,
     m: &mut ChunkMut,
     v: &mut ChunkMut,
@@ -419,24 +445,26 @@ fn update_chunk(
     w.decode(1.0 / old_scale[0], wb);
     m.decode(1.0 / old_scale[1], mb);
     v.decode(1.0 / old_scale[2], vb);
-    let (mut aw, mut am, mut av, mut ar) = (0f32, 0f32, 0f32, 0f32);
-    let mut nan = false;
+    // amax as the integer max of |x|'s bits: same order as the floats for non-negative
+    // values, NaN above infinity (so it flags NaN too), and it vectorises as pmaxud.
+    let (mut aw, mut am, mut av, mut ar) = (0u32, 0u32, 0u32, 0u32);
     for i in 0..n {
         let g = gb[i];
         let m = k.b1 * mb[i] + k.one_minus_b1 * g;
-        let v = k.b2 * vb[i] + k.one_minus_b2 * (g * g);
-        let u = (m / k.bc1) / ((v / k.bc2).sqrt() + k.eps);
+        let v = k.b2 * vb[i] + k.one_minus_b2 * g * g;
+        let u = (m * k.inv_bc1) / ((v * k.inv_bc2).sqrt() + k.eps);
         let w = wb[i] - k.lr * (u + k.wd * wb[i]);
         mb[i] = m;
         vb[i] = v;
         wb[i] = w;
-        aw = aw.max(w.abs());
-        am = am.max(m.abs());
-        av = av.max(v);
-        ar = ar.max(u.abs());
-        nan |= w.is_nan() | m.is_nan() | v.is_nan();
+        aw = aw.max(w.to_bits() & 0x7FFF_FFFF);
+        am = am.max(m.to_bits() & 0x7FFF_FFFF);
+        av = av.max(v.to_bits() & 0x7FFF_FFFF);
+        ar = ar.max(u.to_bits() & 0x7FFF_FFFF);
     }
-    let amax = [aw, am, av];
+    let nan = aw.max(am).max(av) > 0x7F80_0000;
+    let ar = f32::from_bits(ar);
+    let amax = [f32::from_bits(aw), f32::from_bits(am), f32::from_bits(av)];
     if let Some(lim) = limits {
         if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
             return ChunkOut {
@@ -623,12 +651,12 @@ impl Fp8Adam {
                     .map(|c| c.iter().fold(0u8, |a, &b| a.max(b & 0x7F)))
                     .reduce(|| 0, u8::max);
                 let lane = fp8_lane(q.format);
-                let f = grad_scale / q.scale;
+                let inv = 1.0 / q.scale;
                 let a = lane.decode(top) / q.scale;
                 let c = q
                     .data
                     .chunks(CHUNK)
-                    .map(|c| GradChunk::Fp8(c, lane, f))
+                    .map(|c| GradChunk::Fp8(c, q.format, inv, grad_scale))
                     .collect();
                 (a, c)
             }
@@ -778,8 +806,8 @@ impl Optimizer for Fp8Adam {
             b2: h.beta2,
             one_minus_b1: 1.0 - h.beta1,
             one_minus_b2: 1.0 - h.beta2,
-            bc1: 1.0 - h.beta1.powi(t),
-            bc2: 1.0 - h.beta2.powi(t),
+            inv_bc1: (1.0 / (1.0 - (h.beta1 as f64).powi(t))) as f32,
+            inv_bc2: (1.0 / (1.0 - (h.beta2 as f64).powi(t))) as f32,
             eps: h.eps,
             lr,
             wd: 0.0,
@@ -811,6 +839,17 @@ impl Optimizer for Fp8Adam {
 
     fn state_bytes(&self) -> usize {
         self.state_data_bytes() + self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8
+    }
+
+    fn state_breakdown(&self) -> StateBytes {
+        let kind =
+            |s: usize| -> usize { self.tensors.iter().map(|t| t.bufs[s].data_bytes()).sum() };
+        StateBytes {
+            master: kind(0),
+            exp_avg: kind(1),
+            exp_avg_sq: kind(2),
+            scalars: self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8,
+        }
     }
 
     fn export_state(&self) -> Vec<(String, StateTensor)> {

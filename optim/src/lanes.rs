@@ -155,6 +155,70 @@ pub fn f16_decode(h: u16) -> f32 {
     f32::from_bits(if e == 0 { sub } else { norm } | sign)
 }
 
+// Slice loops. `#[inline(always)]` so that they are compiled inside the optimizer's
+// multiversioned kernel (AVX2 when the CPU has it), and each format's constants fold.
+
+macro_rules! per_format {
+    ($fmt:expr, $lane:ident => $body:expr) => {
+        match $fmt {
+            Fp8Format::E4M3 => {
+                let $lane = &E4M3_LANE;
+                $body
+            }
+            Fp8Format::E5M2 => {
+                let $lane = &E5M2_LANE;
+                $body
+            }
+        }
+    };
+}
+
+/// `dst[i] = decode(src[i]) * a * b` (two multiplies, in that order).
+#[inline(always)]
+pub fn fp8_decode_slice(fmt: Fp8Format, src: &[u8], a: f32, b: f32, dst: &mut [f32]) {
+    per_format!(fmt, lane => {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = lane.decode(x) * a * b;
+        }
+    })
+}
+
+/// `dst[i] = encode(src[i] * scale)`.
+#[inline(always)]
+pub fn fp8_encode_slice(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) {
+    per_format!(fmt, lane => {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = lane.encode(x * scale);
+        }
+    })
+}
+
+/// `x[i] = encode(decode(x[i]) * factor)`.
+#[inline(always)]
+pub fn fp8_rescale_slice(fmt: Fp8Format, x: &mut [u8], factor: f32) {
+    per_format!(fmt, lane => {
+        for b in x.iter_mut() {
+            *b = lane.encode(lane.decode(*b) * factor);
+        }
+    })
+}
+
+/// `dst[i] = f16(src[i]) * a`.
+#[inline(always)]
+pub fn f16_decode_slice(src: &[u16], a: f32, dst: &mut [f32]) {
+    for (d, &h) in dst.iter_mut().zip(src) {
+        *d = f16_decode(h) * a;
+    }
+}
+
+/// `dst[i] = f16(src[i] * scale)`.
+#[inline(always)]
+pub fn f16_encode_slice(src: &[f32], scale: f32, dst: &mut [u16]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f16_encode(x * scale);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

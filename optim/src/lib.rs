@@ -14,10 +14,11 @@ pub mod adamw;
 pub mod api;
 
 pub use adamw::AdamW;
-pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
 pub mod experiment;
 pub mod fp8_adam;
 pub mod lanes;
 
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub mod bench;
 pub mod zero;

@@ -41,6 +41,7 @@ pub enum CkptDtype {
     F8E5M2,
     U8,
     I64,
+    F64,
 }
 
 impl CkptDtype {
@@ -53,6 +54,7 @@ impl CkptDtype {
             CkptDtype::F8E5M2 => Dtype::F8_E5M2,
             CkptDtype::U8 => Dtype::U8,
             CkptDtype::I64 => Dtype::I64,
+            CkptDtype::F64 => Dtype::F64,
         }
     }
     fn from_st(d: Dtype) -> Option<Self> {
@@ -64,6 +66,7 @@ impl CkptDtype {
             Dtype::F8_E5M2 => CkptDtype::F8E5M2,
             Dtype::U8 => CkptDtype::U8,
             Dtype::I64 => CkptDtype::I64,
+            Dtype::F64 => CkptDtype::F64,
             _ => return None,
         })
     }
@@ -107,6 +110,15 @@ impl CkptTensor {
             shape,
             data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             scale,
+        )
+    }
+    pub fn f64(name: &str, shape: &[usize], data: &[f64]) -> Self {
+        Self::raw(
+            name,
+            CkptDtype::F64,
+            shape,
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            None,
         )
     }
     pub fn bf16(name: &str, shape: &[usize], data: &[bf16]) -> Self {
@@ -194,6 +206,21 @@ impl CkptTensor {
                 other.name()
             ),
         })
+    }
+    /// Values of an F64 tensor (optimizer scalars), refusing any other dtype.
+    pub fn as_f64_exact(&self) -> Result<Vec<f64>> {
+        if self.dtype != CkptDtype::F64 {
+            bail!(
+                "tensor {}: stored as {}, expected F64",
+                self.name,
+                self.dtype.name()
+            );
+        }
+        Ok(self
+            .bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
     }
     /// Values of an F32 tensor, refusing any other dtype (exact restore of fp32 state).
     pub fn as_f32_exact(&self) -> Result<Vec<f32>> {
@@ -311,6 +338,13 @@ fn serialize_group(tensors: &[CkptTensor], meta: &HashMap<String, String>) -> Re
         views.push((n.clone(), TensorView::new(Dtype::F32, vec![1], b)?));
     }
     Ok(safetensors::tensor::serialize(views, &Some(meta.clone()))?)
+}
+
+/// Read one safetensors file on its own (no checksum: that lives in `checkpoint.json`),
+/// pairing FP8 tensors with their `.scale` tensors.
+pub fn read_safetensors_file(file: &Path) -> Result<Vec<CkptTensor>> {
+    let bytes = fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+    parse_group(file, &bytes)
 }
 
 fn parse_group(file: &Path, bytes: &[u8]) -> Result<Vec<CkptTensor>> {

@@ -71,7 +71,7 @@ impl Default for ModelConfig {
             layers: 2,
             heads: 4,
             channels: 64,
-            context: 64,
+            context: 16,
             vocab: 0,
         }
     }
@@ -117,9 +117,9 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: 3e-3,
-            min_lr: 3e-4,
-            warmup_steps: 20,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup_steps: 5,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -149,6 +149,8 @@ pub struct RunConfig {
     pub seed: u64,
     pub run_dir: String,
     pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest ones); 0 keeps all.
+    pub checkpoint_keep: usize,
     pub eval_every: usize,
     /// Batches averaged per evaluation.
     pub eval_batches: usize,
@@ -170,10 +172,11 @@ impl Default for RunConfig {
             seed: 1337,
             run_dir: "runs/default".into(),
             checkpoint_every: 0,
+            checkpoint_keep: 3,
             eval_every: 50,
             eval_batches: 8,
             tokenizer: "byte".into(),
-            batch: 8,
+            batch: 32,
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
             fp8: Fp8Config::default(),
@@ -359,9 +362,13 @@ impl RunConfig {
         if d.path.is_empty() {
             if self.tokenizer != "byte" {
                 return Err(bad(
-                    "tokenizer",
-                    format!("{:?}", self.tokenizer),
-                    "\"byte\" when data.path is empty (the embedded corpus is byte-level text)",
+                    "data.path",
+                    "\"\" (the embedded corpus)",
+                    format!(
+                        "a text file, folder or .bin shard(s) for tokenizer {:?}; \
+                         the embedded corpus is byte-level text (tokenizer = \"byte\")",
+                        self.tokenizer
+                    ),
                 ));
             }
         } else if !std::path::Path::new(&d.path).exists() {

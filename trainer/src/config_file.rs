@@ -416,7 +416,50 @@ mod tests {
         let e = load("", &["model.vocab=100"]).unwrap_err();
         assert!(e.allowed.contains("256"), "{e}");
         let e = load("", &["tokenizer=gpt2"]).unwrap_err();
+        assert_eq!(e.key, "data.path");
         assert!(e.allowed.contains("embedded corpus"), "{e}");
+    }
+
+    fn keys(t: &Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let p = join(prefix, k);
+            match v {
+                Value::Table(sub) => keys(sub, &p, out),
+                _ => out.push(p),
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_configs_load_and_example_documents_every_key() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let example = std::fs::read_to_string(dir.join("example.toml")).unwrap();
+        assert_eq!(
+            load(&example, &[]).unwrap(),
+            RunConfig::default(),
+            "example.toml shows the defaults"
+        );
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        keys(&defaults_tree(), "", &mut want);
+        keys(&toml::from_str(&example).unwrap(), "", &mut got);
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "configs/example.toml must list every key");
+        let tiny = std::fs::read_to_string(dir.join("tiny.toml")).unwrap();
+        assert_eq!(
+            load(&tiny, &[]).unwrap(),
+            RunConfig::default(),
+            "tiny.toml is the default"
+        );
+        let gpt2 = std::fs::read_to_string(dir.join("gpt2-124m.toml")).unwrap();
+        let e = load(&gpt2, &[]).unwrap_err();
+        assert_eq!(e.key, "data.path", "{e}");
+        let here = dir.join("gpt2-124m.toml").display().to_string();
+        let cfg = load(&gpt2, &[format!("data.path={here}").as_str()]).unwrap();
+        assert_eq!(
+            (cfg.model.layers, cfg.model.channels, cfg.vocab()),
+            (12, 768, 50304)
+        );
     }
 
     #[test]

@@ -7,9 +7,15 @@
 pub mod config;
 pub mod config_file;
 pub mod data;
+pub mod model;
 pub mod rng;
+pub mod train;
 
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod checkpoint;
+pub mod memory;
+pub mod metrics;
+pub mod plot;
 pub mod tokenizer;
+pub use train::{StepStats, Trainer};

@@ -107,7 +107,12 @@ unsafe fn hmax_u32(acc: __m256i) -> u32 {
 macro_rules! encode_loop {
     ($name:ident, $t:ty, $features:literal, $portable:path, |$p:ident| $load:expr) => {
         #[target_feature(enable = $features)]
-        pub(crate) unsafe fn $name(k: &EncodeConsts, src: &[$t], scale: f32, dst: &mut [u8]) -> u32 {
+        pub(crate) unsafe fn $name(
+            k: &EncodeConsts,
+            src: &[$t],
+            scale: f32,
+            dst: &mut [u8],
+        ) -> u32 {
             debug_assert_eq!(src.len(), dst.len());
             let v = broadcast(k);
             let vs = _mm256_set1_ps(scale);
@@ -119,7 +124,8 @@ macro_rules! encode_loop {
                 for (j, cj) in c.iter_mut().enumerate() {
                     let $p = base.add(8 * j);
                     let x: __m256 = $load;
-                    acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), v.abs_mask));
+                    acc =
+                        _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), v.abs_mask));
                     *cj = encode8(&v, _mm256_mul_ps(x, vs));
                 }
                 let out = pack32(c[0], c[1], c[2], c[3]);
@@ -132,7 +138,9 @@ macro_rules! encode_loop {
     };
 }
 
-encode_loop!(f32_to_fp8, f32, "avx2", portable::f32_to_fp8, |p| _mm256_loadu_ps(p));
+encode_loop!(f32_to_fp8, f32, "avx2", portable::f32_to_fp8, |p| {
+    _mm256_loadu_ps(p)
+});
 encode_loop!(bf16_to_fp8, bf16, "avx2", portable::bf16_to_fp8, |p| {
     // bf16 is the top half of an f32: widen and shift, exact.
     let h = _mm_loadu_si128(p as *const __m128i);
@@ -204,9 +212,7 @@ pub(crate) unsafe fn f32_to_f16(src: &[f32], scale: f32, dst: &mut [f16]) -> u32
     for i in 0..blocks {
         let x = _mm256_loadu_ps(src.as_ptr().add(i * 8));
         acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), abs_mask));
-        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-            _mm256_mul_ps(x, vs),
-        );
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(x, vs));
         _mm_storeu_si128(dst.as_mut_ptr().add(i * 8) as *mut __m128i, h);
     }
     let done = blocks * 8;

@@ -119,7 +119,10 @@ impl RefEncoder {
 
     /// Finite non-negative values of the format, ascending (no virtual entry).
     pub fn finite_values(&self) -> Vec<f64> {
-        self.vals[..self.vals.len() - 1].iter().map(|v| v.0).collect()
+        self.vals[..self.vals.len() - 1]
+            .iter()
+            .map(|v| v.0)
+            .collect()
     }
 
     /// The virtual next value above max.

@@ -1,15 +1,17 @@
 //! The blocked, threaded CPU GEMM: `C (+)= alpha * op(A) @ op(B)` into an f32 C.
 //!
-//! Blocking (Goto/BLIS style, sizes for a core with 48 KiB L1 and 2 MiB L2):
-//! - K is cut into blocks of at most [`KC`] steps (balanced: 768 -> 3 x 256).
-//! - Per K-block, all of A is packed once into `[m/MR][kc][MR]` panels (in parallel,
-//!   shared by all threads; `m * kc * 4` bytes, 1 MiB at m = 1024 -> L2).
-//! - The output is split into a grid of work items: column strips of at most
-//!   [`STRIP`] columns (B strip packed by the thread that owns it, `kc * 768 * 4` =
-//!   768 KiB -> L2), and row ranges only when there are too few strips to feed every
-//!   thread. The strip count is a multiple of the thread count so threads finish together.
-//! - Inside an item: for each B panel (32 KiB, stays in L1), run the kernel against
-//!   every A panel of the item's rows.
+//! Blocking (Goto/BLIS style, for a core with 48 KiB L1 and 2 MiB L2):
+//! - K is cut into blocks of at most `kc_max_for(isa)` steps (512 for AVX-512, 256
+//!   otherwise), balanced: k = 768 -> 2 x 384.
+//! - A is packed into `[k-block][m/MR][kc][MR]` panels, in parallel, shared by all
+//!   threads, for as many K-blocks at once as fit [`A_PACK_FLOATS`] (all of them for the
+//!   model's shapes), so a GEMM is typically two parallel phases: pack A, then compute.
+//! - The output is split into work items: column strips (several per thread, so rayon
+//!   can rebalance when another process takes a core; at most [`STRIP`] columns), and
+//!   row ranges only when there are too few strips to feed every thread. Each item packs
+//!   its own B strip per K-block (`kc * width * 4` bytes, L2-sized) and, for each B panel,
+//!   runs the kernel against every A panel of its rows (A panel reused from L1, B panel
+//!   from L1/L2).
 //!
 //! Threading is rayon (the global pool); products under [`SERIAL_FLOPS`] run on the
 //! calling thread, where fork/join would cost more than the work.
@@ -21,10 +23,24 @@ use fp8lm_fp8::Fp8Format;
 use rayon::prelude::*;
 use std::cell::Cell;
 
-/// Largest K-block.
-pub(crate) const KC: usize = 256;
+/// Largest K-block for a kernel. Measured (single thread, GFLOP per CPU-second, shared
+/// machine): the AVX-512 kernel gains ~5-8% from 256 to 512 (fewer epilogue passes over
+/// C; the 64 KiB B panel streams from L2 fast enough at 16 B/cycle); the AVX2 kernel,
+/// half as fast, prefers 256.
+pub(crate) fn kc_max_for(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 512,
+        _ => 256,
+    }
+}
 /// Widest column strip of one work item.
 const STRIP: usize = 768;
+/// Column strips per thread (for load balancing), and the narrowest strip in panels.
+const STRIPS_PER_THREAD: usize = 4;
+const MIN_STRIP_PANELS: usize = 4;
+/// Packed A is built for as many K-blocks at once as fit in this many floats (16 MiB),
+/// so that a whole typical GEMM needs one parallel pack phase and one compute phase.
+pub(crate) const A_PACK_FLOATS: usize = 1 << 22;
 /// Below this many flops (2mnk) a GEMM runs single-threaded.
 const SERIAL_FLOPS: usize = 1 << 21;
 
@@ -50,6 +66,12 @@ struct SendPtr(*mut f32);
 // SAFETY: work items write disjoint tiles of C; the pointer outlives the parallel loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// Via a method, so closures capture the wrapper, not the bare pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// How the output is divided among threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +90,14 @@ pub(crate) fn grid(m: usize, n: usize, k: usize, pool_threads: usize) -> Grid {
         pool_threads.max(1)
     };
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-    let cols = n.div_ceil(STRIP).next_multiple_of(t).min(np).max(1);
+    // Several strips per thread so rayon can rebalance when a core is busy elsewhere,
+    // but none narrower than MIN_STRIP_PANELS (the per-strip overheads stay small).
+    let cols = if t == 1 {
+        n.div_ceil(STRIP)
+    } else {
+        n.div_ceil(STRIP).max(STRIPS_PER_THREAD * t)
+    };
+    let cols = cols.min((np / MIN_STRIP_PANELS).max(1));
     let rows = if cols >= t {
         1
     } else {
@@ -89,6 +118,7 @@ enum Side {
 }
 
 /// Pack panel `x0 .. x0 + w` x `p0 .. p0 + kc` of operand `mat` (A or B of shape `s`).
+#[allow(clippy::too_many_arguments)]
 fn pack<const W: usize>(
     isa: Isa,
     side: Side,
@@ -196,31 +226,51 @@ pub(crate) fn gemm_f32(
     }
     let alpha = combined_scale(&a, &b);
     let g = grid(m, n, k, pool_threads);
-    let k_blocks = k.div_ceil(KC);
+    let k_blocks = k.div_ceil(kc_max_for(isa));
     let kc_max = k.div_ceil(k_blocks);
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
     let rows_per = mp.div_ceil(g.row_parts);
     let cols_per = np.div_ceil(g.col_parts);
     let items = g.row_parts * g.col_parts;
 
+    let a_block = mp * kc_max * MR; // floats of packed A per K-block
+    let blocks_per_phase = (A_PACK_FLOATS / a_block).clamp(1, k_blocks);
+
     let mut a_vec = A_BUF.take();
-    let a_pack = aligned(&mut a_vec, mp * kc_max * MR);
+    let a_pack = aligned(&mut a_vec, blocks_per_phase * a_block);
     let c_ptr = SendPtr(c.as_mut_ptr());
 
-    let mut p0 = 0;
-    while p0 < k {
-        let kc = kc_max.min(k - p0);
-        let beta_one = accumulate || p0 > 0;
-        let a_len = kc * MR;
-        let pack_a = |(ip, dst): (usize, &mut [f32])| {
-            let x0 = ip * MR;
-            pack::<MR>(isa, Side::A, &s, &a, x0, MR.min(m - x0), p0, kc, dst);
+    // One phase = pack A for a run of K-blocks (parallel), then every work item runs
+    // those K-blocks over its part of C (parallel). Two joins per phase.
+    for phase0 in (0..k_blocks).step_by(blocks_per_phase) {
+        let phase = phase0..(phase0 + blocks_per_phase).min(k_blocks);
+        let kc_of = |bi: usize| kc_max.min(k - bi * kc_max);
+        let pack_a = |(pi, dst): (usize, &mut [f32])| {
+            let (bi, ip) = (phase0 + pi / mp, pi % mp);
+            let (x0, kc) = (ip * MR, kc_of(bi));
+            pack::<MR>(
+                isa,
+                Side::A,
+                &s,
+                &a,
+                x0,
+                MR.min(m - x0),
+                bi * kc_max,
+                kc,
+                &mut dst[..kc * MR],
+            );
         };
-        let a_panels = &mut a_pack[..mp * a_len];
+        let a_panels = &mut a_pack[..phase.len() * a_block];
         if g.threads > 1 {
-            a_panels.par_chunks_mut(a_len).enumerate().for_each(pack_a);
+            a_panels
+                .par_chunks_mut(kc_max * MR)
+                .enumerate()
+                .for_each(pack_a);
         } else {
-            a_panels.chunks_mut(a_len).enumerate().for_each(pack_a);
+            a_panels
+                .chunks_mut(kc_max * MR)
+                .enumerate()
+                .for_each(pack_a);
         }
         let a_panels = &*a_panels;
 
@@ -231,34 +281,32 @@ pub(crate) fn gemm_f32(
             if ip0 >= ip1 || jp0 >= jp1 {
                 return;
             }
-            let b_len = kc * NR;
             let mut b_vec = B_BUF.take();
-            let b_pack = aligned(&mut b_vec, (jp1 - jp0) * b_len);
-            for (jp, dst) in (jp0..jp1).zip(b_pack.chunks_mut(b_len)) {
-                let x0 = jp * NR;
-                pack::<NR>(isa, Side::B, &s, &b, x0, NR.min(n - x0), p0, kc, dst);
-            }
-            let c_ptr = c_ptr;
-            for (jp, b_panel) in (jp0..jp1).zip(b_pack.chunks(b_len)) {
-                let cols = NR.min(n - jp * NR);
-                for ip in ip0..ip1 {
-                    let rows = MR.min(m - ip * MR);
-                    let a_panel = &a_panels[ip * a_len..(ip + 1) * a_len];
-                    // SAFETY: the tile [ip*MR.., jp*NR..] lies inside C (full tiles) and
-                    // belongs to this work item alone; `isa` came from detection.
-                    unsafe {
-                        let dst = c_ptr.0.add(ip * MR * n + jp * NR);
-                        if rows == MR && cols == NR {
-                            tile(isa, kc, a_panel, b_panel, dst, n, alpha, beta_one);
-                        } else {
-                            let mut t = [0f32; MR * NR];
-                            tile(isa, kc, a_panel, b_panel, t.as_mut_ptr(), NR, 1.0, false);
-                            for r in 0..rows {
-                                for j in 0..cols {
-                                    let d = dst.add(r * n + j);
-                                    let v = alpha * t[r * NR + j];
-                                    *d = if beta_one { *d + v } else { v };
-                                }
+            let b_pack = aligned(&mut b_vec, (jp1 - jp0) * kc_max * NR);
+            for bi in phase.clone() {
+                let (p0, kc) = (bi * kc_max, kc_of(bi));
+                let beta_one = accumulate || bi > 0;
+                let (a_len, b_len) = (kc * MR, kc * NR);
+                let a_blk = &a_panels[(bi - phase0) * a_block..];
+                for (jp, dst) in (jp0..jp1).zip(b_pack.chunks_mut(b_len)) {
+                    let x0 = jp * NR;
+                    pack::<NR>(isa, Side::B, &s, &b, x0, NR.min(n - x0), p0, kc, dst);
+                }
+                for (jp, b_panel) in (jp0..jp1).zip(b_pack.chunks(b_len)) {
+                    let cols = NR.min(n - jp * NR);
+                    for ip in ip0..ip1 {
+                        let rows = MR.min(m - ip * MR);
+                        let a_panel = &a_blk[ip * kc_max * MR..][..a_len];
+                        // SAFETY: the tile [ip*MR.., jp*NR..] lies inside C (full tiles)
+                        // and belongs to this work item alone; `isa` came from detection.
+                        unsafe {
+                            let dst = c_ptr.get().add(ip * MR * n + jp * NR);
+                            if rows == MR && cols == NR {
+                                tile(isa, kc, a_panel, b_panel, dst, n, alpha, beta_one);
+                            } else {
+                                edge_tile(
+                                    isa, kc, a_panel, b_panel, dst, n, rows, cols, alpha, beta_one,
+                                );
                             }
                         }
                     }
@@ -271,9 +319,37 @@ pub(crate) fn gemm_f32(
         } else {
             (0..items).for_each(item);
         }
-        p0 += kc;
     }
     A_BUF.set(a_vec);
+}
+
+/// A tile cut by the matrix edge: compute the full tile into a local buffer, then copy
+/// the `rows x cols` part that exists.
+///
+/// # Safety
+/// `dst` must be valid for a `rows x cols` tile at stride `ldc`; `isa` supported.
+#[allow(clippy::too_many_arguments)]
+unsafe fn edge_tile(
+    isa: Isa,
+    kc: usize,
+    a_panel: &[f32],
+    b_panel: &[f32],
+    dst: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    alpha: f32,
+    beta_one: bool,
+) {
+    let mut t = [0f32; MR * NR];
+    tile(isa, kc, a_panel, b_panel, t.as_mut_ptr(), NR, 1.0, false);
+    for r in 0..rows {
+        for j in 0..cols {
+            let d = dst.add(r * ldc + j);
+            let v = alpha * t[r * NR + j];
+            *d = if beta_one { *d + v } else { v };
+        }
+    }
 }
 
 /// `1 / (scale_a * scale_b)`, rounded once (computed in f64).

@@ -8,8 +8,9 @@
 //!
 //! Three versions, chosen once at run time ([`Isa::detect`]):
 //! - AVX-512F: 16 zmm accumulators (8 rows x 2 vectors), A values broadcast from memory.
-//! - AVX2+FMA: 16 ymm registers are too few for an 8x32 tile, so the tile is done as four
-//!   4x16 sub-tiles (8 accumulators each), each re-reading its half-panels from L1.
+//! - AVX2+FMA: 16 ymm registers are too few for an 8x32 tile, so the tile is done in
+//!   three register-sized passes (6x16, 6x16, 2x32), each re-reading its part of the
+//!   panels from L1.
 //! - portable scalar loops (any CPU; correct, not fast).
 
 use super::{Isa, MR, NR};
@@ -21,6 +22,7 @@ use super::{Isa, MR, NR};
 /// `c` must be valid for an `MR x NR` tile at stride `ldc`, and `isa` must be supported
 /// by this CPU (it is when it came from [`Isa::detect`]).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tile(
     isa: Isa,
     kc: usize,
@@ -37,19 +39,13 @@ pub(crate) unsafe fn tile(
         Isa::Avx512 => tile_avx512(kc, a.as_ptr(), b.as_ptr(), c, ldc, alpha, beta_one),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            for rh in 0..2 {
-                for ch in 0..2 {
-                    sub_avx2(
-                        kc,
-                        a.as_ptr().add(rh * 4),
-                        b.as_ptr().add(ch * 16),
-                        c.add(rh * 4 * ldc + ch * 16),
-                        ldc,
-                        alpha,
-                        beta_one,
-                    );
-                }
-            }
+            // 16 ymm registers: rows 0..6 in two 6x16 passes (12 accumulators each),
+            // rows 6..8 in one 2x32 pass (8 accumulators). Each pass has at least 8
+            // independent FMA chains (4-cycle latency x 2 ports) and needs <= 15 registers.
+            let (a, b) = (a.as_ptr(), b.as_ptr());
+            sub_avx2::<6, 2>(kc, a, b, c, ldc, alpha, beta_one);
+            sub_avx2::<6, 2>(kc, a, b.add(16), c.add(16), ldc, alpha, beta_one);
+            sub_avx2::<2, 4>(kc, a.add(6), b, c.add(6 * ldc), ldc, alpha, beta_one);
         }
         _ => tile_scalar(kc, a, b, c, ldc, alpha, beta_one),
     }
@@ -122,10 +118,10 @@ unsafe fn tile_avx512(
     }
 }
 
-/// A 4x16 sub-tile: rows `a[p*MR .. p*MR+4]`, columns `b[p*NR .. p*NR+16]`.
+/// An `R x 8V` sub-tile: rows `a[p*MR .. p*MR + R]`, columns `b[p*NR .. p*NR + 8V]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sub_avx2(
+unsafe fn sub_avx2<const R: usize, const V: usize>(
     kc: usize,
     mut a: *const f32,
     mut b: *const f32,
@@ -135,31 +131,32 @@ unsafe fn sub_avx2(
     beta_one: bool,
 ) {
     use std::arch::x86_64::*;
-    let mut lo = [_mm256_setzero_ps(); 4];
-    let mut hi = [_mm256_setzero_ps(); 4];
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
     for _ in 0..kc {
-        let b0 = _mm256_loadu_ps(b);
-        let b1 = _mm256_loadu_ps(b.add(8));
-        for r in 0..4 {
+        let mut bv = [_mm256_setzero_ps(); V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm256_loadu_ps(b.add(8 * v));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
             let av = _mm256_broadcast_ss(&*a.add(r));
-            lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+            for (x, &bx) in row.iter_mut().zip(&bv) {
+                *x = _mm256_fmadd_ps(av, bx, *x);
+            }
         }
         a = a.add(MR);
         b = b.add(NR);
     }
     let al = _mm256_set1_ps(alpha);
-    for r in 0..4 {
+    for (r, row) in acc.iter().enumerate() {
         let cr = c.add(r * ldc);
-        if beta_one {
-            _mm256_storeu_ps(cr, _mm256_fmadd_ps(al, lo[r], _mm256_loadu_ps(cr)));
-            _mm256_storeu_ps(
-                cr.add(8),
-                _mm256_fmadd_ps(al, hi[r], _mm256_loadu_ps(cr.add(8))),
-            );
-        } else {
-            _mm256_storeu_ps(cr, _mm256_mul_ps(al, lo[r]));
-            _mm256_storeu_ps(cr.add(8), _mm256_mul_ps(al, hi[r]));
+        for (v, &x) in row.iter().enumerate() {
+            let d = cr.add(8 * v);
+            let y = if beta_one {
+                _mm256_fmadd_ps(al, x, _mm256_loadu_ps(d))
+            } else {
+                _mm256_mul_ps(al, x)
+            };
+            _mm256_storeu_ps(d, y);
         }
     }
 }

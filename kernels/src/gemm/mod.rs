@@ -3,9 +3,11 @@
 //! `op(A)` is A itself (stored `[m,k]`) or its transpose (A stored `[k,m]`); likewise
 //! `op(B)` is B stored `[k,n]` or, transposed, stored `[n,k]`. The three GEMMs of a linear
 //! layer `out = inp @ W^T` (W stored `[OC, C]` as in llm.c) are:
+//! ```text
 //!   forward  out[BT,OC]  = inp[BT,C] @ W^T        (trans_b)
 //!   dinp     dinp[BT,C]  = dout[BT,OC] @ W[OC,C]   (plain)
 //!   dW       dW[OC,C]    = dout^T @ inp[BT,C]      (trans_a)
+//! ```
 //!
 //! Operands may be f32, bf16 or scaled FP8 in any mix (the FP8 recipe uses E4M3 x E4M3
 //! forward, E5M2 x E4M3 for dinp and E5M2 x E4M3 transposed for dW). Accumulation is
@@ -166,6 +168,15 @@ pub trait GemmOps: Send + Sync {
 }
 
 fn check_lens(s: &GemmShape, a: &MatRef<'_>, b: &MatRef<'_>, c_len: usize) {
+    for (name, m) in [("A", a), ("B", b)] {
+        if let MatRef::Fp8 { scale, format, .. } = m {
+            assert!(
+                scale.is_finite() && *scale > 0.0,
+                "gemm: {name} ({}) has scale {scale}; scales must be finite and > 0",
+                format.name()
+            );
+        }
+    }
     assert_eq!(
         a.len(),
         s.m * s.k,
@@ -199,7 +210,23 @@ fn check_out_len(s: &GemmShape, c_len: usize) {
     );
 }
 
-/// Rows per parallel chunk of the output conversions.
+thread_local! {
+    /// The f32 result before conversion to bf16/FP8, reused across calls: a fresh
+    /// m x n buffer would page-fault its way through every GEMM.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = SCRATCH.take();
+    if v.len() < len {
+        v = vec![0.0; len];
+    }
+    let r = f(&mut v[..len]);
+    SCRATCH.set(v);
+    r
+}
+
+/// Elements per parallel chunk of the output conversions.
 const FINISH_CHUNK: usize = 1 << 16;
 
 fn finish_bf16(f: &[f32], c: &mut [bf16], accumulate: bool) {
@@ -241,33 +268,64 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best kernel this CPU supports (detected once).
+    /// The kernel the CPU GEMM uses: the best this CPU supports, or the one named by the
+    /// environment variable `FP8LM_GEMM_ISA` (`avx512`, `avx2`, `scalar`) if this CPU
+    /// supports it (for measuring the slower paths). Decided once per process.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let v3 = is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c");
-                if v3 && is_x86_feature_detected!("avx512f") {
-                    return Isa::Avx512;
-                }
-                if v3 {
-                    return Isa::Avx2;
-                }
+            let best = Isa::best();
+            match std::env::var("FP8LM_GEMM_ISA") {
+                Err(_) => best,
+                Ok(v) => match Isa::available_below(best)
+                    .into_iter()
+                    .find(|i| i.name() == v)
+                {
+                    Some(i) => i,
+                    None => {
+                        eprintln!(
+                            "warning: FP8LM_GEMM_ISA={v:?} is not one of {:?} (supported \
+                             here); using {}",
+                            Isa::available_below(best)
+                                .iter()
+                                .map(|i| i.name())
+                                .collect::<Vec<_>>(),
+                            best.name()
+                        );
+                        best
+                    }
+                },
             }
-            Isa::Scalar
         })
     }
 
-    /// This ISA and every slower one this CPU also runs (for tests).
-    pub fn available() -> Vec<Isa> {
-        match Isa::detect() {
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v3 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if v3 && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if v3 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    fn available_below(best: Isa) -> Vec<Isa> {
+        match best {
             Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Scalar],
             Isa::Avx2 => vec![Isa::Avx2, Isa::Scalar],
             Isa::Scalar => vec![Isa::Scalar],
         }
+    }
+
+    /// Every kernel this CPU runs, fastest first (for tests).
+    pub fn available() -> Vec<Isa> {
+        Isa::available_below(Isa::best())
     }
 
     pub fn name(self) -> &'static str {
@@ -320,5 +378,52 @@ impl GemmOps for Cpu {
             accumulate,
             rayon::current_num_threads(),
         );
+    }
+
+    fn gemm_bf16_out(
+        &self,
+        s: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c: &mut [bf16],
+        accumulate: bool,
+    ) {
+        check_lens(&s, &a, &b, c.len());
+        with_scratch(c.len(), |f| {
+            driver::gemm_f32(
+                Isa::detect(),
+                s,
+                a,
+                b,
+                f,
+                false,
+                rayon::current_num_threads(),
+            );
+            finish_bf16(f, c, accumulate);
+        })
+    }
+
+    fn gemm_fp8_out(
+        &self,
+        s: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        out: &mut [u8],
+        out_format: Fp8Format,
+        out_scale: f32,
+    ) -> f32 {
+        check_lens(&s, &a, &b, out.len());
+        with_scratch(out.len(), |f| {
+            driver::gemm_f32(
+                Isa::detect(),
+                s,
+                a,
+                b,
+                f,
+                false,
+                rayon::current_num_threads(),
+            );
+            finish_fp8(f, out, out_format, out_scale)
+        })
     }
 }

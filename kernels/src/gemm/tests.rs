@@ -132,7 +132,7 @@ fn reference(s: GemmShape, a: &Mat, b: &Mat) -> Vec<(f64, f64)> {
 
 /// `c_old` (when accumulating) is rounded into once per K-block, and once more by alpha.
 fn check(label: &str, k: usize, got: &[f32], want: &[(f64, f64)], c_old: Option<&[f32]>) {
-    let old_roundings = (k.div_ceil(super::driver::KC) + 2) as f64;
+    let old_roundings = (k.div_ceil(256) + 2) as f64; // 256 = the smallest K-block
     for (idx, (&g, &(r, tol))) in got.iter().zip(want).enumerate() {
         let old = c_old.map_or(0.0, |c| c[idx] as f64);
         let tol = tol + old_roundings * U * old.abs() + f64::MIN_POSITIVE;
@@ -246,6 +246,32 @@ fn k_zero() {
     assert!(c.iter().all(|&x| x == 7.0));
     Cpu.gemm(s, MatRef::F32(&[]), MatRef::F32(&[]), &mut c, false);
     assert!(c.iter().all(|&x| x == 0.0));
+    // empty outputs: nothing to do, nothing to touch
+    let mut none: [f32; 0] = [];
+    Cpu.gemm(
+        shape(0, 5, 4, true, false),
+        MatRef::F32(&[]),
+        MatRef::F32(&[1.0; 20]),
+        &mut none,
+        false,
+    );
+    Cpu.gemm(
+        shape(4, 0, 4, false, true),
+        MatRef::F32(&[1.0; 16]),
+        MatRef::F32(&[]),
+        &mut none,
+        false,
+    );
+    let mut q = vec![9u8; 15];
+    let amax = Cpu.gemm_fp8_out(
+        s,
+        MatRef::F32(&[]),
+        MatRef::F32(&[]),
+        &mut q,
+        Fp8Format::E4M3,
+        1.0,
+    );
+    assert_eq!((amax, q), (0.0, vec![0u8; 15]));
 }
 
 /// The thread grid: strips per thread multiple, row splits when n is narrow; and the
@@ -253,12 +279,13 @@ fn k_zero() {
 #[test]
 fn grid_and_thread_independence() {
     assert_eq!(grid(4, 4, 4, 8).threads, 1, "tiny products stay serial");
+    // 24 column panels: 6 strips of 4 (several per thread, none under 4 panels)
     assert_eq!(
         grid(256, 768, 768, 2),
         Grid {
             threads: 2,
             row_parts: 1,
-            col_parts: 2
+            col_parts: 6
         }
     );
     assert_eq!(
@@ -266,9 +293,10 @@ fn grid_and_thread_independence() {
         Grid {
             threads: 2,
             row_parts: 1,
-            col_parts: 4
+            col_parts: 8
         }
     );
+    // one column panel: split the rows instead
     assert_eq!(
         grid(300, 20, 400, 3),
         Grid {
@@ -413,4 +441,71 @@ fn wrong_length_panics_with_message() {
         &mut c,
         false,
     );
+}
+
+/// A backend that only provides `gemm` gets the output variants from the trait's
+/// defaults; they must agree with the Cpu overrides bit for bit.
+#[test]
+fn default_output_variants_match_cpu() {
+    struct OnlyGemm;
+    impl GemmOps for OnlyGemm {
+        fn gemm(&self, s: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+            Cpu.gemm(s, a, b, c, acc)
+        }
+    }
+    let mut rng = Rng(5);
+    let s = shape(20, 70, 30, true, false);
+    let a = Mat::random(&mut rng, 20 * 30, Ty::E5M2, 4.0);
+    let b = Mat::random(&mut rng, 30 * 70, Ty::E4M3, 4.0);
+    let old: Vec<bf16> = (0..20 * 70).map(|_| bf16::from_f32(rng.sym())).collect();
+    let (mut h1, mut h2) = (old.clone(), old.clone());
+    Cpu.gemm_bf16_out(s, a.as_ref(), b.as_ref(), &mut h1, true);
+    OnlyGemm.gemm_bf16_out(s, a.as_ref(), b.as_ref(), &mut h2, true);
+    assert_eq!(h1, h2);
+    let (mut q1, mut q2) = (vec![0u8; 20 * 70], vec![0u8; 20 * 70]);
+    let m1 = Cpu.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q1, Fp8Format::E4M3, 16.0);
+    let m2 = OnlyGemm.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q2, Fp8Format::E4M3, 16.0);
+    assert_eq!((q1, m1), (q2, m2));
+}
+
+/// An FP8 operand with a zero (or non-finite) scale is refused by name.
+#[test]
+#[should_panic(expected = "gemm: B (e5m2) has scale 0")]
+fn zero_scale_panics_with_message() {
+    let mut c = vec![0f32; 1];
+    let b = MatRef::Fp8 {
+        data: &[0u8],
+        format: Fp8Format::E5M2,
+        scale: 0.0,
+    };
+    Cpu.gemm(
+        shape(1, 1, 1, false, false),
+        MatRef::F32(&[1.0]),
+        b,
+        &mut c,
+        false,
+    );
+}
+
+/// A tall A with a long K needs more than one pack-A phase (packed A is capped at
+/// `A_PACK_FLOATS`); results must still match the reference, accumulation included.
+#[test]
+fn several_pack_phases() {
+    let mut rng = Rng(6);
+    let (m, n, k) = (2048, 3, 2100);
+    for ta in [false, true] {
+        let s = shape(m, n, k, ta, false);
+        let a = Mat::random(&mut rng, m * k, Ty::E4M3, 64.0);
+        let b = Mat::random(&mut rng, k * n, Ty::E5M2, 1024.0);
+        let want = reference(s, &a, &b);
+        let isa = Isa::detect();
+        let a_block = m.div_ceil(MR) * super::driver::kc_max_for(isa) * MR;
+        assert!(
+            k.div_ceil(super::driver::kc_max_for(isa)) * a_block > super::driver::A_PACK_FLOATS
+        );
+        let c_old: Vec<f32> = (0..m * n).map(|_| rng.sym()).collect();
+        let mut c = c_old.clone();
+        Cpu.gemm(s, a.as_ref(), b.as_ref(), &mut c, true);
+        check(&format!("{s:?}"), k, &c, &want, Some(&c_old));
+    }
 }

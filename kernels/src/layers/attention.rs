@@ -6,7 +6,7 @@
 //! valid for `t2 <= t`, zero above the diagonal). One rayon task per `(b, h)` pair.
 
 use super::real::{axpy, dot};
-use super::{Real, SyncPtr, ROW_BLOCK};
+use super::{row_block, Real, SyncPtr};
 use rayon::prelude::*;
 
 /// out[b,t,c] = softmax(q k^T / sqrt(hs), causal) v, per head; att[b,nh,t,t] saved.
@@ -130,13 +130,14 @@ pub fn rope_table<T: Real>(t: usize, hs: usize, theta: f64) -> Vec<T> {
 /// Rotate pairs (2i, 2i+1) of every head of q and k by the position's angle, in place.
 /// `sign` = +1 forward, -1 the inverse rotation (backward: R^T = R(-angle)).
 fn rope_apply<T: Real>(qkv: &mut [T], table: &[T], t: usize, c: usize, nh: usize, sign: T) {
+    let rb = row_block(3 * c);
     let hs = c / nh;
     assert!(qkv.len() % (3 * c * t) == 0 && table.len() >= t * hs);
-    qkv.par_chunks_mut(3 * c * ROW_BLOCK)
+    qkv.par_chunks_mut(3 * c * rb)
         .enumerate()
         .for_each(|(blk, rows)| {
             for (r, row) in rows.chunks_mut(3 * c).enumerate() {
-                let pos = (blk * ROW_BLOCK + r) % t;
+                let pos = (blk * rb + r) % t;
                 let tab = &table[pos * hs..(pos + 1) * hs];
                 for x in row[..2 * c].chunks_mut(hs) {
                     for i in 0..hs / 2 {

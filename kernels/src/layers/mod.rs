@@ -32,8 +32,11 @@ pub use real::Real;
 
 use crate::Cpu;
 
-/// Rows per rayon task for row-parallel ops (keeps task overhead small on tiny rows).
-pub(crate) const ROW_BLOCK: usize = 16;
+/// Rows per rayon task for row-parallel ops over rows of `c` elements: about 8K elements
+/// per task, so task overhead stays small on narrow models.
+pub(crate) fn row_block(c: usize) -> usize {
+    (8192 / c.max(1)).max(1)
+}
 /// Columns per rayon task for column reductions (dweight/dbias over rows).
 pub(crate) const COL_BLOCK: usize = 32;
 

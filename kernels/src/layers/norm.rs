@@ -1,6 +1,6 @@
 //! LayerNorm (GPT-2) and RMSNorm (LLaMA), over the last dimension `c`, in f32.
 
-use super::{Real, COL_BLOCK, ROW_BLOCK};
+use super::{row_block, Real, COL_BLOCK};
 use rayon::prelude::*;
 
 const EPS: f64 = 1e-5;
@@ -15,13 +15,14 @@ pub fn layernorm_forward<T: Real>(
     b: &[T],
 ) {
     let c = w.len();
+    let rb = row_block(c);
     let n = mean.len();
     assert!(out.len() == n * c && inp.len() == n * c && rstd.len() == n && b.len() == c);
     let inv_c = T::from_f64(1.0 / c as f64);
-    out.par_chunks_mut(c * ROW_BLOCK)
-        .zip(mean.par_chunks_mut(ROW_BLOCK))
-        .zip(rstd.par_chunks_mut(ROW_BLOCK))
-        .zip(inp.par_chunks(c * ROW_BLOCK))
+    out.par_chunks_mut(c * rb)
+        .zip(mean.par_chunks_mut(rb))
+        .zip(rstd.par_chunks_mut(rb))
+        .zip(inp.par_chunks(c * rb))
         .for_each(|(((out, mean), rstd), inp)| {
             for (r, (o, x)) in out.chunks_mut(c).zip(inp.chunks(c)).enumerate() {
                 let m = x.iter().fold(T::ZERO, |s, &v| s + v) * inv_c;
@@ -49,6 +50,7 @@ pub fn layernorm_backward<T: Real>(
     rstd: &[T],
 ) {
     let c = w.len();
+    let rb = row_block(c);
     let n = mean.len();
     assert!(
         dinp.len() == n * c
@@ -58,11 +60,11 @@ pub fn layernorm_backward<T: Real>(
             && dw.len() == c
     );
     let inv_c = T::from_f64(1.0 / c as f64);
-    dinp.par_chunks_mut(c * ROW_BLOCK)
+    dinp.par_chunks_mut(c * rb)
         .enumerate()
         .for_each(|(blk, dinp)| {
             for (r, di) in dinp.chunks_mut(c).enumerate() {
-                let row = blk * ROW_BLOCK + r;
+                let row = blk * rb + r;
                 let (x, dy) = (&inp[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c]);
                 let (m, s) = (mean[row], rstd[row]);
                 let (mut dnorm_mean, mut dnorm_norm_mean) = (T::ZERO, T::ZERO);
@@ -100,12 +102,13 @@ pub fn layernorm_backward<T: Real>(
 /// out[n,c] = inp * rstd * w with rstd = 1/sqrt(mean(inp^2) + eps); rstd[n] saved.
 pub fn rmsnorm_forward<T: Real>(out: &mut [T], rstd: &mut [T], inp: &[T], w: &[T]) {
     let c = w.len();
+    let rb = row_block(c);
     let n = rstd.len();
     assert!(out.len() == n * c && inp.len() == n * c);
     let inv_c = T::from_f64(1.0 / c as f64);
-    out.par_chunks_mut(c * ROW_BLOCK)
-        .zip(rstd.par_chunks_mut(ROW_BLOCK))
-        .zip(inp.par_chunks(c * ROW_BLOCK))
+    out.par_chunks_mut(c * rb)
+        .zip(rstd.par_chunks_mut(rb))
+        .zip(inp.par_chunks(c * rb))
         .for_each(|((out, rstd), inp)| {
             for (r, (o, x)) in out.chunks_mut(c).zip(inp.chunks(c)).enumerate() {
                 let ms = x.iter().fold(T::ZERO, |s, &v| s + v * v) * inv_c;
@@ -128,14 +131,15 @@ pub fn rmsnorm_backward<T: Real>(
     rstd: &[T],
 ) {
     let c = w.len();
+    let rb = row_block(c);
     let n = rstd.len();
     assert!(dinp.len() == n * c && dout.len() == n * c && inp.len() == n * c && dw.len() == c);
     let inv_c = T::from_f64(1.0 / c as f64);
-    dinp.par_chunks_mut(c * ROW_BLOCK)
+    dinp.par_chunks_mut(c * rb)
         .enumerate()
         .for_each(|(blk, dinp)| {
             for (r, di) in dinp.chunks_mut(c).enumerate() {
-                let row = blk * ROW_BLOCK + r;
+                let row = blk * rb + r;
                 let (x, dy) = (&inp[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c]);
                 let s = rstd[row];
                 let mut dn_n = T::ZERO;

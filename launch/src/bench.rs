@@ -1,0 +1,62 @@
+//! `fp8lm bench ...`: benchmarks that print figures. Each wraps the bench function the
+//! owning crate exposes; one whose crate has not provided it yet says so and fails,
+//! rather than printing made-up numbers. Figures from a shared machine are noisy: each
+//! bench compares implementations measured in the same run.
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use std::time::Duration;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// GEMM throughput: our FP8 / bf16 / f32 GEMMs vs the `gemm` and `matrixmultiply`
+    /// crates on GPT-2-like shapes (best of several runs).
+    Gemm {
+        /// Time budget per (implementation, shape) in milliseconds.
+        #[arg(long, default_value_t = 400)]
+        budget_ms: u64,
+    },
+    /// Bulk FP8 cast throughput (f32 -> E4M3/E5M2 with amax, and back).
+    Cast,
+    /// One training step per precision (fp32, bf16, fp8-o1, ...): time and tokens/s.
+    Train,
+    /// Memory by category (weights, gradients, optimizer state, activations) per precision.
+    Memory,
+    /// FP8 gradient all-reduce vs f32 all-reduce (in-process ranks).
+    Allreduce,
+}
+
+fn not_built(what: &str, provider: &str) -> Result<()> {
+    bail!(
+        "`fp8lm bench {what}` is not built yet: it needs {provider}, which has not landed on main"
+    )
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Gemm { budget_ms } => {
+            use fp8lm_kernels::bench::{gemm_bench, GEMM_BENCH_SHAPES};
+            println!(
+                "GEMM benchmark ({} ms per case, {} threads; figures on a shared machine are noisy, compare rows of this run)",
+                budget_ms,
+                rayon::current_num_threads()
+            );
+            let report = gemm_bench(&GEMM_BENCH_SHAPES, Duration::from_millis(budget_ms));
+            print!("{}", report.table());
+            Ok(())
+        }
+        BenchCmd::Cast => not_built(
+            "cast",
+            "fp8lm_fp8::bench (the FP8 engineer's cast benchmark)",
+        ),
+        BenchCmd::Train => not_built(
+            "train",
+            "fp8lm_trainer::bench (the model engineer's step benchmark)",
+        ),
+        BenchCmd::Memory => not_built("memory", "the memory ledger (the optimizer engineer's)"),
+        BenchCmd::Allreduce => not_built(
+            "allreduce",
+            "fp8lm_collectives::bench (the collectives engineer's)",
+        ),
+    }
+}

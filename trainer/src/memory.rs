@@ -1,0 +1,255 @@
+//! The memory ledger: every large buffer of a run, by category, in bytes.
+//!
+//! FP8-LM's memory claim is about the *optimizer-facing* state: master weights,
+//! gradients (as the optimizer receives them), first and second moments. In fp32 that is
+//! 4 + 4 + 4 + 4 = 16 bytes per parameter; in fp8-o2, 2 + 1 + 1 + 2 = 6. The ledger keeps
+//! those four categories apart from everything else a step allocates (compute copies of
+//! the weights, activations, backward workspace, communication buffers), so the claim
+//! can be checked on a real run ([`MemoryLedger::state_bytes_per_param`]) and the whole
+//! ledger checked against the process's resident memory ([`resident_bytes`]).
+//!
+//! Classification rules (applied by whoever fills the ledger):
+//! - the buffer the layers read is *compute weights*, unless it is itself the master
+//!   (fp32, bf16 and fp8-o1 keep f32 weights that the optimizer updates in place);
+//! - a *gradient* is the buffer the optimizer reads; when the backward accumulates in a
+//!   wider buffer first and casts (f32 -> FP8), that accumulation buffer is *workspace*.
+
+use fp8lm_optim::Optimizer;
+use std::fmt::Write as _;
+
+/// What a buffer is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// Weights as the layers read them (FP8 copies for the GEMMs, an f32 view of a
+    /// low-precision master).
+    ComputeWeights,
+    MasterWeights,
+    /// Gradients as the optimizer receives them.
+    Gradients,
+    FirstMoment,
+    SecondMoment,
+    Activations,
+    /// Scratch of forward/backward (e.g. the f32 gradient accumulation an FP8 run casts
+    /// from, GEMM packing buffers).
+    Workspace,
+    CommunicationBuffers,
+}
+
+impl Category {
+    pub const ALL: [Category; 8] = [
+        Category::ComputeWeights,
+        Category::MasterWeights,
+        Category::Gradients,
+        Category::FirstMoment,
+        Category::SecondMoment,
+        Category::Activations,
+        Category::Workspace,
+        Category::CommunicationBuffers,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::ComputeWeights => "compute weights",
+            Category::MasterWeights => "master weights",
+            Category::Gradients => "gradients",
+            Category::FirstMoment => "first moment",
+            Category::SecondMoment => "second moment",
+            Category::Activations => "activations",
+            Category::Workspace => "workspace",
+            Category::CommunicationBuffers => "communication buffers",
+        }
+    }
+    /// Part of the optimizer+gradient+master state FP8-LM's 6 B/param counts.
+    pub fn is_optimizer_state(self) -> bool {
+        matches!(
+            self,
+            Category::MasterWeights
+                | Category::Gradients
+                | Category::FirstMoment
+                | Category::SecondMoment
+        )
+    }
+}
+
+/// One buffer (or group of like buffers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub category: Category,
+    /// What and in which format, e.g. "f32 weights", "E4M3 first moment".
+    pub label: String,
+    pub bytes: usize,
+}
+
+/// Bytes by category for a model of `params` parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryLedger {
+    pub params: usize,
+    pub entries: Vec<Entry>,
+}
+
+impl MemoryLedger {
+    pub fn new(params: usize) -> Self {
+        MemoryLedger {
+            params,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Record a buffer; zero-byte entries are skipped.
+    pub fn add(&mut self, category: Category, label: impl Into<String>, bytes: usize) {
+        if bytes > 0 {
+            self.entries.push(Entry {
+                category,
+                label: label.into(),
+                bytes,
+            });
+        }
+    }
+
+    /// Record an optimizer's state: master weights, moments, and its per-tensor scalars
+    /// (counted with the master, which they mostly scale).
+    pub fn add_optimizer(&mut self, opt: &dyn Optimizer, formats: [&str; 3]) {
+        let s = opt.state_breakdown();
+        self.add(
+            Category::MasterWeights,
+            format!("{} master weights (optimizer)", formats[0]),
+            s.master,
+        );
+        self.add(
+            Category::FirstMoment,
+            format!("{} first moment", formats[1]),
+            s.exp_avg,
+        );
+        self.add(
+            Category::SecondMoment,
+            format!("{} second moment", formats[2]),
+            s.exp_avg_sq,
+        );
+        self.add(
+            Category::MasterWeights,
+            "per-tensor scales, amaxes, step",
+            s.scalars,
+        );
+    }
+
+    pub fn category_bytes(&self, c: Category) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| e.category == c)
+            .map(|e| e.bytes)
+            .sum()
+    }
+
+    pub fn total(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// Master + gradients + both moments.
+    pub fn state_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| e.category.is_optimizer_state())
+            .map(|e| e.bytes)
+            .sum()
+    }
+
+    /// [`MemoryLedger::state_bytes`] per parameter (16 in fp32, 6 + scalars in fp8-o2).
+    pub fn state_bytes_per_param(&self) -> f64 {
+        self.state_bytes() as f64 / self.params.max(1) as f64
+    }
+
+    /// A table: every entry under its category, category totals, bytes/param.
+    pub fn report(&self, title: &str) -> String {
+        let mb = |b: usize| b as f64 / (1 << 20) as f64;
+        let per = |b: usize| b as f64 / self.params.max(1) as f64;
+        let mut s = String::new();
+        let _ = writeln!(s, "{title}: {} parameters", self.params);
+        let _ = writeln!(
+            s,
+            "  {:<52} {:>11} {:>9}",
+            "category / buffer", "MiB", "B/param"
+        );
+        for c in Category::ALL {
+            let tot = self.category_bytes(c);
+            let _ = writeln!(s, "  {:<52} {:>11.1} {:>9.3}", c.name(), mb(tot), per(tot));
+            for e in self.entries.iter().filter(|e| e.category == c) {
+                let _ = writeln!(
+                    s,
+                    "    {:<50} {:>11.1} {:>9.3}",
+                    e.label,
+                    mb(e.bytes),
+                    per(e.bytes)
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "  {:<52} {:>11.1} {:>9.3}",
+            "optimizer + gradient + master state",
+            mb(self.state_bytes()),
+            self.state_bytes_per_param()
+        );
+        let _ = writeln!(
+            s,
+            "  {:<52} {:>11.1} {:>9.3}",
+            "total",
+            mb(self.total()),
+            per(self.total())
+        );
+        s
+    }
+}
+
+/// Resident set size of this process in bytes (Linux `/proc/self/statm`, 4 KiB pages);
+/// `None` where that file does not exist.
+pub fn resident_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fp8lm_optim::zero::gpt2_metas;
+    use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig};
+
+    #[test]
+    fn categories_and_per_param_figures() {
+        let metas = gpt2_metas(2, 64, 64, 256);
+        let n: usize = metas.iter().map(|m| m.numel()).sum();
+        let h = AdamWHyper::default();
+        // fp32: the f32 weights are the master.
+        let mut l = MemoryLedger::new(n);
+        l.add(Category::MasterWeights, "f32 weights", 4 * n);
+        l.add(Category::Gradients, "f32 gradients", 4 * n);
+        l.add_optimizer(&AdamW::new(&metas, h), ["-", "f32", "f32"]);
+        l.add(Category::Activations, "acts", 1000);
+        assert_eq!(l.state_bytes_per_param(), 16.0);
+        assert_eq!(l.total(), 16 * n + 1000);
+        // fp8-o2.
+        let mut p: Vec<Vec<f32>> = metas.iter().map(|m| vec![0.01; m.numel()]).collect();
+        let mut ps: Vec<&mut [f32]> = p.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let opt = Fp8Adam::new(&metas, &mut ps, Fp8AdamConfig::fp8_lm(h)).unwrap();
+        let mut l = MemoryLedger::new(n);
+        l.add(Category::ComputeWeights, "f32 view of the master", 4 * n);
+        l.add(Category::Gradients, "E5M2 gradients", n);
+        l.add(Category::Workspace, "f32 gradient accumulation", 4 * n);
+        l.add_optimizer(&opt, ["f16", "e4m3", "f16"]);
+        let scalars = metas.len() * fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR + 8;
+        assert_eq!(l.state_bytes(), 6 * n + scalars);
+        assert_eq!(l.category_bytes(Category::MasterWeights), 2 * n + scalars);
+        assert_eq!(l.category_bytes(Category::FirstMoment), n);
+        assert_eq!(l.category_bytes(Category::SecondMoment), 2 * n);
+        let r = l.report("fp8-o2");
+        assert!(
+            r.contains("e4m3 first moment") && r.contains("communication buffers"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn resident_bytes_reads_statm() {
+        let r = resident_bytes().expect("/proc/self/statm on Linux");
+        assert!(r > 0);
+    }
+}

@@ -1,0 +1,355 @@
+//! The one linear layer every GEMM of the model goes through, in each precision mode.
+//!
+//! `out[n, oc] = inp[n, c] @ W[oc, c]^T (+ bias)`; its three GEMMs (forward, dinp, dW)
+//! take their operands in the mode's format, always accumulating in f32:
+//! - fp32: f32 operands (the reference);
+//! - bf16: inputs, weights and output gradients rounded to bf16;
+//! - fp8 (O1): inputs and weights in E4M3, output gradients in E5M2, each with a
+//!   per-tensor scale from its [`ScaleState`] (delayed by default; the first cast of a
+//!   delayed tensor has no history yet and uses its own amax). The weight gradient leaves
+//!   the backward in FP8 ([`WGRAD_FORMAT`]) with a current (just-in-time) scale:
+//!   [`Linear::quantize_wgrad`].
+//!
+//! The forward's quantised input and weight are kept for the backward, so the dW and dinp
+//! GEMMs see exactly the operands the forward used (as on a GPU).
+
+use fp8lm_fp8::cast;
+use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
+use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Format of the FP8 weight gradients (the project's convention: gradients in E5M2).
+pub const WGRAD_FORMAT: Fp8Format = Fp8Format::E5M2;
+
+/// Elements per rayon task for casts.
+const CAST_CHUNK: usize = 16384;
+
+/// Precision of the linear layers' GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LinearPrecision {
+    Fp32,
+    Bf16,
+    /// FP8-LM O1 with the given scaling recipe and margin (binades).
+    Fp8 {
+        recipe: ScalingRecipe,
+        margin: i32,
+    },
+}
+
+/// What the last cast of one FP8 tensor did, plus running totals (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CastStats {
+    /// amax of the tensor (unscaled) and the scale it was cast with, last cast.
+    pub amax: f32,
+    pub scale: f32,
+    /// Values that saturated at the format's max / nonzero values that became zero,
+    /// last cast.
+    pub overflow: u64,
+    pub underflow: u64,
+    pub numel: u64,
+    pub total_overflow: u64,
+    pub total_underflow: u64,
+    pub casts: u64,
+}
+
+/// One FP8 operand of a linear layer: its scaling state and quantised storage.
+#[derive(Clone, Debug)]
+pub struct Fp8Operand {
+    pub state: ScaleState,
+    pub stats: CastStats,
+    data: Vec<u8>,
+    /// Scale of the data currently held.
+    scale: f32,
+}
+
+impl Fp8Operand {
+    fn new(format: Fp8Format, recipe: ScalingRecipe, margin: i32, cap: usize) -> Self {
+        let mut state = ScaleState::new(format, recipe);
+        state.margin = margin;
+        Fp8Operand {
+            state,
+            stats: CastStats::default(),
+            data: vec![0; cap],
+            scale: 1.0,
+        }
+    }
+
+    /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
+    /// the scaling history and the stats; evaluation casts leave both untouched.
+    fn quantize(&mut self, src: &[f32], record: bool) {
+        let st = &mut self.state;
+        let fmt = st.format;
+        let needs_own_amax =
+            matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
+        let scale = if needs_own_amax {
+            let amax = par_amax(src);
+            if record && matches!(st.recipe, ScalingRecipe::Current) {
+                st.scale_for_cast(amax)
+            } else {
+                scale_for_amax(fmt.max(), amax, st.margin, st.rounding).unwrap_or(st.scale)
+            }
+        } else {
+            st.scale
+        };
+        let (amax, overflow, underflow) =
+            cast_counting(fmt, src, scale, &mut self.data[..src.len()]);
+        self.scale = scale;
+        if record {
+            if let ScalingRecipe::Delayed { .. } = st.recipe {
+                st.record_amax(amax);
+            }
+            let s = &mut self.stats;
+            (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
+                (amax, scale, overflow, underflow, src.len() as u64);
+            s.total_overflow += overflow;
+            s.total_underflow += underflow;
+            s.casts += 1;
+        }
+    }
+
+    fn mat(&self, len: usize) -> MatRef<'_> {
+        MatRef::Fp8 {
+            data: &self.data[..len],
+            format: self.state.format,
+            scale: self.scale,
+        }
+    }
+}
+
+/// FP8 state of one linear layer: input x and weight w (E4M3), output gradient dy (E5M2),
+/// and the FP8 weight gradient handed to the optimizer.
+#[derive(Clone, Debug)]
+pub struct Fp8Linear {
+    pub x: Fp8Operand,
+    pub w: Fp8Operand,
+    pub dy: Fp8Operand,
+    pub wgrad: ScaledFp8,
+    pub wgrad_stats: CastStats,
+}
+
+#[derive(Clone, Debug)]
+struct Bf16Cache {
+    x: Vec<bf16>,
+    w: Vec<bf16>,
+    dy: Vec<bf16>,
+}
+
+/// One linear layer's precision state (the weights themselves live in the model's flat
+/// buffer and are passed in).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub name: String,
+    /// Input width c and output width oc.
+    pub c: usize,
+    pub oc: usize,
+    pub precision: LinearPrecision,
+    pub fp8: Option<Fp8Linear>,
+    bf16: Option<Bf16Cache>,
+    /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
+    gemm_time: Duration,
+}
+
+impl Linear {
+    /// `rows` is the largest row count (B*T) the layer will see.
+    pub fn new(name: String, c: usize, oc: usize, rows: usize, precision: LinearPrecision) -> Self {
+        let fp8 = match precision {
+            LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
+                x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c),
+                w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c),
+                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, rows * oc),
+                wgrad: ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT),
+                wgrad_stats: CastStats::default(),
+            }),
+            _ => None,
+        };
+        let bf16 = (precision == LinearPrecision::Bf16).then(|| Bf16Cache {
+            x: vec![bf16::ZERO; rows * c],
+            w: vec![bf16::ZERO; oc * c],
+            dy: vec![bf16::ZERO; rows * oc],
+        });
+        Linear {
+            name,
+            c,
+            oc,
+            precision,
+            fp8,
+            bf16,
+            gemm_time: Duration::ZERO,
+        }
+    }
+
+    pub fn take_gemm_time(&mut self) -> Duration {
+        std::mem::take(&mut self.gemm_time)
+    }
+
+    fn gemm(&mut self, shape: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+        let t0 = Instant::now();
+        Cpu.gemm(shape, a, b, c, acc);
+        self.gemm_time += t0.elapsed();
+    }
+
+    /// out[n,oc] = inp[n,c] @ w[oc,c]^T + bias[oc]. `record`: update FP8 scaling history.
+    pub fn forward(
+        &mut self,
+        out: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        record: bool,
+    ) {
+        let (c, oc) = (self.c, self.oc);
+        assert!(
+            out.len() == n * oc && inp.len() == n * c && w.len() == oc * c,
+            "{}: shape mismatch",
+            self.name
+        );
+        let shape = GemmShape::new(n, oc, c).trans_b();
+        // Temporarily move the caches out so the GEMM timer can borrow self.
+        match self.precision {
+            LinearPrecision::Fp32 => self.gemm(shape, MatRef::F32(inp), MatRef::F32(w), out, false),
+            LinearPrecision::Bf16 => {
+                let mut cache = self.bf16.take().expect("bf16 cache");
+                to_bf16(inp, &mut cache.x[..n * c]);
+                to_bf16(w, &mut cache.w);
+                self.gemm(
+                    shape,
+                    MatRef::Bf16(&cache.x[..n * c]),
+                    MatRef::Bf16(&cache.w),
+                    out,
+                    false,
+                );
+                self.bf16 = Some(cache);
+            }
+            LinearPrecision::Fp8 { .. } => {
+                let mut f = self.fp8.take().expect("fp8 state");
+                f.x.quantize(inp, record);
+                f.w.quantize(w, record);
+                self.gemm(shape, f.x.mat(n * c), f.w.mat(oc * c), out, false);
+                self.fp8 = Some(f);
+            }
+        }
+        if let Some(b) = bias {
+            Cpu.bias_forward(out, b);
+        }
+    }
+
+    /// dinp[n,c] = dout @ w (overwritten); dw[oc,c] += dout^T @ inp; dbias += sum(dout).
+    /// Must follow this layer's own `forward` on the same `inp`/`w` (it reuses their casts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &mut self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        n: usize,
+    ) {
+        let (c, oc) = (self.c, self.oc);
+        assert!(
+            dinp.len() == n * c && dw.len() == oc * c && dout.len() == n * oc && inp.len() == n * c,
+            "{}: shape mismatch",
+            self.name
+        );
+        if let Some(db) = dbias {
+            Cpu.bias_backward(db, dout);
+        }
+        let s_dinp = GemmShape::new(n, c, oc); // dout[n,oc] @ w[oc,c]
+        let s_dw = GemmShape::new(oc, c, n).trans_a(); // dout[n,oc]^T @ inp[n,c]
+        match self.precision {
+            LinearPrecision::Fp32 => {
+                self.gemm(s_dinp, MatRef::F32(dout), MatRef::F32(w), dinp, false);
+                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, true);
+            }
+            LinearPrecision::Bf16 => {
+                let mut cache = self.bf16.take().expect("bf16 cache");
+                to_bf16(dout, &mut cache.dy[..n * oc]);
+                let dy = MatRef::Bf16(&cache.dy[..n * oc]);
+                self.gemm(s_dinp, dy, MatRef::Bf16(&cache.w), dinp, false);
+                self.gemm(s_dw, dy, MatRef::Bf16(&cache.x[..n * c]), dw, true);
+                self.bf16 = Some(cache);
+            }
+            LinearPrecision::Fp8 { .. } => {
+                let mut f = self.fp8.take().expect("fp8 state");
+                f.dy.quantize(dout, true);
+                self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
+                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, true);
+                self.fp8 = Some(f);
+            }
+        }
+    }
+
+    /// FP8 mode: cast the finished f32 weight gradient (all contributions summed, e.g. a
+    /// tied embedding's) to [`WGRAD_FORMAT`] with a current power-of-two scale.
+    pub fn quantize_wgrad(&mut self, dw_f32: &[f32]) {
+        if let Some(f) = self.fp8.as_mut() {
+            let amax = par_amax(dw_f32);
+            let scale =
+                scale_for_amax(WGRAD_FORMAT.max(), amax, 0, Default::default()).unwrap_or(1.0);
+            let (amax, overflow, underflow) =
+                cast_counting(WGRAD_FORMAT, dw_f32, scale, &mut f.wgrad.data);
+            f.wgrad.scale = scale;
+            let s = &mut f.wgrad_stats;
+            (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
+                (amax, scale, overflow, underflow, dw_f32.len() as u64);
+            s.total_overflow += overflow;
+            s.total_underflow += underflow;
+            s.casts += 1;
+        }
+    }
+}
+
+fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    dst.par_chunks_mut(CAST_CHUNK)
+        .zip(src.par_chunks(CAST_CHUNK))
+        .for_each(|(d, s)| d.convert_from_f32_slice(s));
+}
+
+/// max |x| over the slice (NaN if any NaN), in parallel with a fixed combine order.
+pub fn par_amax(src: &[f32]) -> f32 {
+    let parts: Vec<f32> = src.par_chunks(CAST_CHUNK).map(cast::amax_f32).collect();
+    parts.iter().fold(0f32, |m, &x| {
+        if x.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(x)
+        }
+    })
+}
+
+/// Saturating RNE cast `dst = fp8(src * scale)` (the fp8 crate's bulk cast), in parallel;
+/// returns (amax of src, values that saturated, nonzero values flushed to zero).
+pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) -> (f32, u64, u64) {
+    let max = fmt.max();
+    let parts: Vec<(f32, u64, u64)> = dst
+        .par_chunks_mut(CAST_CHUNK)
+        .zip(src.par_chunks(CAST_CHUNK))
+        .map(|(d, s)| {
+            let amax = cast::f32_to_fp8_amax(fmt, s, scale, d);
+            let (mut over, mut under) = (0u64, 0u64);
+            if amax * scale > max || amax.is_nan() {
+                over = s.iter().filter(|x| (**x * scale).abs() > max).count() as u64;
+            }
+            for (&x, &b) in s.iter().zip(d.iter()) {
+                under += (x != 0.0 && b & 0x7F == 0) as u64;
+            }
+            (amax, over, under)
+        })
+        .collect();
+    parts.iter().fold((0f32, 0, 0), |(m, o, u), &(a, po, pu)| {
+        (
+            if a.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(a)
+            },
+            o + po,
+            u + pu,
+        )
+    })
+}

@@ -1,0 +1,194 @@
+//! Trainer state <-> [`Checkpoint`]: everything a resumed run needs to continue bit for
+//! bit: the model's f32 parameters, the optimizer's state (in its own formats: FP16
+//! masters and FP8 moments keep their dtypes and scales), the step counter, the RNG, the
+//! data position and every FP8 scaling state (scale and amax history).
+//!
+//! Floats in the JSON scaling state are f32 printed by serde_json's shortest round-trip
+//! formatting, so they parse back to the identical bits; a non-finite `last_amax` (a
+//! report-only field) is stored as `null`.
+
+use anyhow::{bail, Context, Result};
+use fp8lm_fp8::{Fp8Format, ScaleState, ScaledFp8};
+use fp8lm_optim::StateTensor;
+use half::f16;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+use crate::checkpoint::{Checkpoint, CheckpointMeta, CkptDtype, CkptTensor, FORMAT};
+use crate::data::Dataset;
+use crate::train::Trainer;
+
+fn scale_state_json(s: &ScaleState) -> Value {
+    json!({
+        "format": format!("{:?}", s.format),
+        "scale": s.scale,
+        "amax_history": s.amax_history,
+        "zero_amax_count": s.zero_amax_count,
+        "nonfinite_amax_count": s.nonfinite_amax_count,
+        "last_amax": if s.last_amax.is_finite() { json!(s.last_amax) } else { Value::Null },
+    })
+}
+
+fn restore_scale_state(name: &str, s: &mut ScaleState, v: &Value) -> Result<()> {
+    let f = |k: &str| -> Result<f32> {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+            .with_context(|| format!("scaling state {name}: missing or non-numeric `{k}`"))
+    };
+    let u = |k: &str| -> Result<u64> {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .with_context(|| format!("scaling state {name}: missing `{k}`"))
+    };
+    let fmt = v.get("format").and_then(Value::as_str).unwrap_or("");
+    if fmt != format!("{:?}", s.format) {
+        bail!("scaling state {name}: format {fmt:?} in checkpoint, {:?} in this model", s.format);
+    }
+    s.scale = f("scale")?;
+    s.amax_history = v
+        .get("amax_history")
+        .and_then(Value::as_array)
+        .with_context(|| format!("scaling state {name}: missing `amax_history`"))?
+        .iter()
+        .map(|x| x.as_f64().map(|x| x as f32))
+        .collect::<Option<Vec<f32>>>()
+        .with_context(|| format!("scaling state {name}: non-numeric amax history"))?;
+    s.zero_amax_count = u("zero_amax_count")?;
+    s.nonfinite_amax_count = u("nonfinite_amax_count")?;
+    s.last_amax = v.get("last_amax").and_then(Value::as_f64).map_or(f32::NAN, |x| x as f32);
+    Ok(())
+}
+
+fn state_to_tensor(name: &str, st: &StateTensor) -> CkptTensor {
+    match st {
+        StateTensor::F32(v) => CkptTensor::f32(name, &[v.len()], v),
+        StateTensor::F16 { data, scale } => CkptTensor::f16(name, &[data.len()], data, Some(*scale)),
+        StateTensor::Fp8(t) => CkptTensor::from_scaled_fp8(name, t),
+        StateTensor::Scalar(x) => CkptTensor::f64(name, &[1], &[*x]),
+    }
+}
+
+fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor> {
+    let n = t.numel();
+    let want = match template {
+        StateTensor::F32(v) => v.len(),
+        StateTensor::F16 { data, .. } => data.len(),
+        StateTensor::Fp8(s) => s.data.len(),
+        StateTensor::Scalar(_) => 1,
+    };
+    if n != want {
+        bail!("optimizer state {}: {n} elements in checkpoint, {want} expected", t.name);
+    }
+    Ok(match template {
+        StateTensor::F32(_) => StateTensor::F32(t.as_f32_exact()?),
+        StateTensor::Scalar(_) => StateTensor::Scalar(t.as_f64_exact()?[0]),
+        StateTensor::F16 { .. } => {
+            if t.dtype != CkptDtype::F16 {
+                bail!("optimizer state {}: stored as {}, expected F16", t.name, t.dtype.name());
+            }
+            let data = t.bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+            StateTensor::F16 {
+                data,
+                scale: t.scale.unwrap_or(1.0),
+            }
+        }
+        StateTensor::Fp8(tmpl) => {
+            let format = match t.dtype {
+                CkptDtype::F8E4M3 => Fp8Format::E4M3,
+                CkptDtype::F8E5M2 => Fp8Format::E5M2,
+                other => bail!("optimizer state {}: stored as {}, expected FP8", t.name, other.name()),
+            };
+            if format != tmpl.format {
+                bail!("optimizer state {}: {format:?} in checkpoint, {:?} expected", t.name, tmpl.format);
+            }
+            StateTensor::Fp8(ScaledFp8 {
+                data: t.bytes.clone(),
+                shape: tmpl.shape.clone(),
+                format,
+                scale: t.scale.unwrap_or(1.0),
+            })
+        }
+    })
+}
+
+/// Capture a trainer (after `trainer.step()` steps) and its data position.
+pub fn capture(tr: &Trainer, data: &dyn Dataset, extra: Value) -> Checkpoint {
+    let mut scaling = serde_json::Map::new();
+    for v in tr.fp8_tensors() {
+        scaling.insert(v.name.clone(), scale_state_json(v.state));
+    }
+    let meta = CheckpointMeta {
+        format: FORMAT.into(),
+        step: tr.step(),
+        config: tr.cfg.clone(),
+        rng_state: tr.rng.state,
+        data_position: data.position(),
+        scaling: Value::Object(scaling),
+        extra,
+        files: BTreeMap::new(),
+    };
+    let mut ck = Checkpoint::new(meta);
+    let model: Vec<CkptTensor> = tr
+        .model()
+        .named_params()
+        .map(|(m, p)| CkptTensor::f32(&m.name, &m.shape, p))
+        .collect();
+    ck.groups.insert("model".into(), model);
+    let opt: Vec<CkptTensor> = tr
+        .optimizer()
+        .export_state()
+        .iter()
+        .map(|(n, s)| state_to_tensor(n, s))
+        .collect();
+    ck.groups.insert("optimizer".into(), opt);
+    ck
+}
+
+/// Load model weights only (for `eval` / `sample`), checking names and shapes.
+pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
+    ck.check_model_shape(&tr.cfg)?;
+    let metas: Vec<_> = tr.model().layout.metas.clone();
+    for m in &metas {
+        let t = ck.tensor("model", &m.name, &m.shape)?;
+        let v = t.to_f32()?;
+        tr.model_mut()
+            .set_param(&m.name, &v)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Restore everything [`capture`] saved, so training continues bit for bit.
+pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
+    restore_weights(tr, ck)?;
+    let template = tr.optimizer().export_state();
+    let stored = ck
+        .groups
+        .get("optimizer")
+        .with_context(|| format!("{}: no optimizer.safetensors", ck.dir.display()))?;
+    let mut state = Vec::with_capacity(template.len());
+    for (name, tmpl) in &template {
+        let t = stored.iter().find(|t| &t.name == name).with_context(|| {
+            format!(
+                "{}/optimizer.safetensors: no state tensor {name} (was the checkpoint written with another optimizer or precision?)",
+                ck.dir.display()
+            )
+        })?;
+        state.push((name.clone(), tensor_to_state(t, tmpl)?));
+    }
+    tr.optimizer_mut()
+        .import_state(state)
+        .map_err(|e| anyhow::anyhow!("{}/optimizer.safetensors: {e}", ck.dir.display()))?;
+    let scaling = ck.meta.scaling.as_object().cloned().unwrap_or_default();
+    for (name, st) in tr.fp8_scale_states_mut() {
+        let v = scaling.get(&name).with_context(|| {
+            format!("{}: no FP8 scaling state for {name} (checkpoint precision differs?)", ck.dir.display())
+        })?;
+        restore_scale_state(&name, st, v)?;
+    }
+    tr.set_step(ck.meta.step);
+    tr.rng.state = ck.meta.rng_state;
+    data.set_position(ck.meta.data_position);
+    Ok(())
+}

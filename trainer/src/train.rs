@@ -1,0 +1,412 @@
+//! The training engine: one optimizer step at a time, as the CLI's run loop drives it.
+//!
+//! [`Trainer::train_step`]: next batch -> forward -> backward -> global gradient norm ->
+//! skip if non-finite -> clip -> AdamW with the scheduled learning rate. A step whose loss
+//! or gradient norm is non-finite never reaches the weights or the optimizer's moments;
+//! it is counted ([`Trainer::skipped_steps`]), reported in [`StepStats::skipped`], and the
+//! FP8 scaling states have already recorded the non-finite amax (they keep their previous
+//! scale, see `fp8lm_fp8::ScaleState`).
+
+use crate::config::{OptimConfig, Precision, RunConfig};
+use crate::data::Dataset;
+use crate::model::{CastStats, Dims, LinearPrecision, Model};
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use fp8lm_fp8::{ScaleState, ScalingRecipe};
+use fp8lm_optim::{AdamW, AdamWHyper, Grad, Optimizer};
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+/// What one step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// Index of this step (0-based; the trainer's step counter before it ran).
+    pub step: u64,
+    /// Mean training loss of the batch (nats/token).
+    pub loss: f32,
+    /// Global L2 norm of the gradients, before clipping.
+    pub grad_norm: f32,
+    pub lr: f32,
+    /// True when the update was skipped (non-finite loss or gradients).
+    pub skipped: bool,
+    /// Tokens processed (B * T).
+    pub tokens: usize,
+    pub forward: Duration,
+    pub backward: Duration,
+    pub optimizer: Duration,
+    /// Time inside GEMMs (part of forward + backward).
+    pub gemm: Duration,
+}
+
+/// Learning rate at `step`: linear warmup to `lr` over `warmup_steps`, then cosine decay
+/// to `min_lr` at `max_steps` (and `min_lr` after).
+pub fn lr_at(o: &OptimConfig, step: u64, max_steps: usize) -> f32 {
+    let (s, w, m) = (step as f64, o.warmup_steps as f64, max_steps as f64);
+    if s < w {
+        return (o.lr as f64 * (s + 1.0) / w) as f32;
+    }
+    if s >= m || m <= w {
+        return o.min_lr;
+    }
+    let frac = (s - w) / (m - w);
+    let coeff = 0.5 * (1.0 + (std::f64::consts::PI * frac).cos());
+    (o.min_lr as f64 + coeff * (o.lr as f64 - o.min_lr as f64)) as f32
+}
+
+/// Global L2 norm over all gradient tensors (FP8 ones decoded), accumulated in f64 in a
+/// fixed order.
+pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
+    let sq: f64 = grads
+        .iter()
+        .map(|g| match g {
+            Grad::F32(s) => s
+                .par_chunks(16384)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect::<Vec<_>>()
+                .iter()
+                .sum::<f64>(),
+            Grad::Fp8(t) => {
+                let table = fp8lm_fp8::cast::decode_table(t.format);
+                let inv = 1.0 / t.scale as f64;
+                let s: f64 = t
+                    .data
+                    .iter()
+                    .map(|&b| (table[b as usize] as f64).powi(2))
+                    .sum();
+                s * inv * inv
+            }
+        })
+        .sum();
+    sq.sqrt() as f32
+}
+
+/// Clip factor for a global norm (1 when clipping is off or not needed).
+pub fn clip_scale(grad_norm: f32, clip: f32) -> f32 {
+    if clip > 0.0 && grad_norm > clip {
+        clip / grad_norm
+    } else {
+        1.0
+    }
+}
+
+/// One named FP8 operand's state, for metrics and checkpoints.
+pub struct Fp8TensorView<'a> {
+    /// `<linear>.x`, `<linear>.w`, `<linear>.dy` (e.g. `h.0.attn.qkv.dy`).
+    pub name: String,
+    pub state: &'a ScaleState,
+    pub stats: &'a CastStats,
+}
+
+/// The training engine: model, optimizer, schedule, step counter and RNG.
+pub struct Trainer {
+    pub cfg: RunConfig,
+    model: Model,
+    optimizer: Box<dyn Optimizer>,
+    step: u64,
+    skipped: u64,
+    /// Sampling RNG state (checkpointed so `sample` after resume is reproducible).
+    pub rng: Rng,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+/// The linear precision a run's config asks for; O2/O3 are not implemented here yet.
+pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
+    Ok(match cfg.precision {
+        Precision::Fp32 => LinearPrecision::Fp32,
+        Precision::Bf16 => LinearPrecision::Bf16,
+        Precision::Fp8O1 => {
+            let recipe = match cfg.fp8.recipe.as_str() {
+                "delayed" => {
+                    if cfg.fp8.amax_history == 0 {
+                        bail!("fp8.amax_history must be at least 1 for the delayed recipe, got 0");
+                    }
+                    ScalingRecipe::Delayed { history_len: cfg.fp8.amax_history }
+                }
+                "current" => ScalingRecipe::Current,
+                other => bail!("fp8.recipe = {other:?} is not a scaling recipe; use \"delayed\" or \"current\""),
+            };
+            LinearPrecision::Fp8 {
+                recipe,
+                margin: cfg.fp8.margin,
+            }
+        }
+        p @ (Precision::Fp8O2 | Precision::Fp8O3) => {
+            bail!("precision = \"{}\" is not yet implemented (the FP8 optimizer / FP8 ZeRO land it); use fp32, bf16 or fp8-o1", p.name())
+        }
+    })
+}
+
+impl Trainer {
+    /// A freshly initialised model (seeded by `cfg.seed`) with fp32 AdamW. `vocab` is the
+    /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
+    /// key at fault.
+    pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
+        let dims = Dims::from_config(cfg, vocab)?;
+        let precision = linear_precision(cfg)?;
+        let o = &cfg.optim;
+        if !(o.lr.is_finite() && o.lr >= 0.0 && o.min_lr.is_finite() && o.min_lr >= 0.0) {
+            bail!(
+                "optim.lr = {} / optim.min_lr = {} must be finite and non-negative",
+                o.lr,
+                o.min_lr
+            );
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            bail!(
+                "optim.beta1 = {} and optim.beta2 = {} must lie in [0, 1)",
+                o.beta1,
+                o.beta2
+            );
+        }
+        let model = Model::new(dims, precision, cfg.seed);
+        let hyper = AdamWHyper {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        };
+        let optimizer = Box::new(AdamW::new(&model.layout.metas, hyper));
+        let rows = dims.b * dims.t;
+        Ok(Trainer {
+            cfg: cfg.clone(),
+            model,
+            optimizer,
+            step: 0,
+            skipped: 0,
+            rng: Rng::new(cfg.seed ^ 0x5A3D_1E00),
+            inputs: vec![0; rows],
+            targets: vec![0; rows],
+        })
+    }
+
+    /// Swap in another optimizer (e.g. the FP8 one), built over `model().layout.metas`.
+    pub fn set_optimizer(&mut self, opt: Box<dyn Optimizer>) {
+        self.optimizer = opt;
+    }
+    pub fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+    pub fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
+        self.optimizer.as_mut()
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+    /// Steps taken so far (including skipped ones); the next step's index.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    /// Set the step counter (resume from a checkpoint).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Every FP8 operand's scaling state and cast statistics, in a stable order (empty
+    /// unless the precision is FP8).
+    pub fn fp8_tensors(&self) -> Vec<Fp8TensorView<'_>> {
+        let mut out = Vec::new();
+        for lin in &self.model.linears {
+            if let Some(f) = &lin.fp8 {
+                for (suffix, op) in [("x", &f.x), ("w", &f.w), ("dy", &f.dy)] {
+                    out.push(Fp8TensorView {
+                        name: format!("{}.{suffix}", lin.name),
+                        state: &op.state,
+                        stats: &op.stats,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Mutable scaling states by the names of [`Trainer::fp8_tensors`] (checkpoint restore).
+    pub fn fp8_scale_states_mut(&mut self) -> Vec<(String, &mut ScaleState)> {
+        let mut out = Vec::new();
+        for lin in &mut self.model.linears {
+            let name = lin.name.clone();
+            if let Some(f) = &mut lin.fp8 {
+                out.push((format!("{name}.x"), &mut f.x.state));
+                out.push((format!("{name}.w"), &mut f.w.state));
+                out.push((format!("{name}.dy"), &mut f.dy.state));
+            }
+        }
+        out
+    }
+
+    fn check_tokens(&self, what: &str) -> Result<()> {
+        let v = self.model.dims.v;
+        for (i, (&x, &y)) in self.inputs.iter().zip(&self.targets).enumerate() {
+            if x as usize >= v || y as usize >= v {
+                bail!(
+                    "{what}: token id {} at position {i} is outside the model's vocabulary of {v}",
+                    x.max(y)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on the next training batch.
+    pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
+        let d = self.model.dims;
+        let t0 = Instant::now();
+        data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+        self.check_tokens("training batch")?;
+        self.model.take_gemm_time();
+        let loss = self
+            .model
+            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
+            .expect("targets given");
+        let t1 = Instant::now();
+        self.model.backward();
+        let t2 = Instant::now();
+        let gemm = self.model.take_gemm_time();
+
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
+        let (mut params, grads) = self.model.params_and_grads();
+        let grad_norm = global_grad_norm(&grads);
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            self.skipped += 1;
+            tracing::warn!(
+                step = self.step,
+                loss,
+                grad_norm,
+                "non-finite loss or gradients: step skipped"
+            );
+        } else {
+            self.optimizer
+                .step(&mut params, &grads, lr, clip_scale(grad_norm, clip));
+        }
+        let t3 = Instant::now();
+        let stats = StepStats {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            skipped,
+            tokens: d.b * d.t,
+            forward: t1 - t0,
+            backward: t2 - t1,
+            optimizer: t3 - t2,
+            gemm,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Mean validation loss over validation batches `0..batches` (no state changes; FP8
+    /// scaling histories are not advanced).
+    pub fn evaluate(&mut self, data: &dyn Dataset, batches: usize) -> Result<f32> {
+        if batches == 0 {
+            bail!("evaluate: eval_batches must be at least 1");
+        }
+        let d = self.model.dims;
+        let mut sum = 0f64;
+        for i in 0..batches {
+            data.val_batch(i, d.b, d.t, &mut self.inputs, &mut self.targets);
+            self.check_tokens("validation batch")?;
+            sum += self
+                .model
+                .forward(&self.inputs, Some(&self.targets), d.b, d.t, false)
+                .expect("targets") as f64;
+            self.model.take_gemm_time();
+        }
+        Ok((sum / batches as f64) as f32)
+    }
+
+    /// Mean loss of one given batch (`inputs`, `targets` each `b * t`), no update.
+    pub fn loss_on(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f32> {
+        let d = self.model.dims;
+        if b == 0 || t == 0 || b > d.b || t > d.t || inputs.len() != b * t || targets.len() != b * t
+        {
+            bail!("loss_on: batch {b}x{t} with {} inputs / {} targets does not fit the model (B={}, T={})", inputs.len(), targets.len(), d.b, d.t);
+        }
+        if let Some(&bad) = inputs.iter().chain(targets).find(|&&x| x as usize >= d.v) {
+            bail!(
+                "loss_on: token id {bad} is outside the model's vocabulary of {}",
+                d.v
+            );
+        }
+        Ok(self
+            .model
+            .forward(inputs, Some(targets), b, t, false)
+            .expect("targets"))
+    }
+
+    /// Continue `prompt` by `n` tokens. `temperature <= 0` is greedy; otherwise tokens are
+    /// drawn from softmax(logits / temperature) with an RNG seeded by `seed`. The context
+    /// is the last T tokens.
+    pub fn sample(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+        temperature: f32,
+        seed: u64,
+    ) -> Result<Vec<u32>> {
+        let d = self.model.dims;
+        if prompt.is_empty() {
+            bail!("sample: the prompt is empty; give at least one token");
+        }
+        if let Some(&bad) = prompt.iter().find(|&&x| x as usize >= d.v) {
+            bail!(
+                "sample: prompt token id {bad} is outside the model's vocabulary of {}",
+                d.v
+            );
+        }
+        if !temperature.is_finite() {
+            bail!("sample: temperature {temperature} is not finite");
+        }
+        let mut rng = Rng::new(seed);
+        let mut seq = prompt.to_vec();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ctx = &seq[seq.len().saturating_sub(d.t)..];
+            let t = ctx.len();
+            self.model.forward(ctx, None, 1, t, false);
+            let logits = self.model.logits_row(t - 1);
+            let next = if temperature <= 0.0 {
+                logits
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                        if v > bv {
+                            (i, v)
+                        } else {
+                            (bi, bv)
+                        }
+                    })
+                    .0
+            } else {
+                let maxv = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let w: Vec<f64> = logits
+                    .iter()
+                    .map(|&x| ((x as f64 - maxv) / temperature as f64).exp())
+                    .collect();
+                let total: f64 = w.iter().sum();
+                let mut u = rng.next_f64() * total;
+                let mut pick = w.len() - 1;
+                for (i, &wi) in w.iter().enumerate() {
+                    if u < wi {
+                        pick = i;
+                        break;
+                    }
+                    u -= wi;
+                }
+                pick
+            };
+            seq.push(next as u32);
+            out.push(next as u32);
+        }
+        self.model.take_gemm_time();
+        Ok(out)
+    }
+}
