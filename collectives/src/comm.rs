@@ -260,7 +260,7 @@ fn disjoint<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [
 }
 
 /// Serial reference of the ring all-reduce: the exact order of the module docs, for
-/// inputs[rank]. Used by tests to check backends bit for bit.
+/// `inputs[rank]`. Used by tests to check backends bit for bit.
 pub fn reference_all_reduce<T: Pod>(inputs: &[Vec<T>], combine: impl Fn(&mut [T], &[T])) -> Vec<T> {
     let n = inputs.len();
     let len = inputs[0].len();

@@ -7,7 +7,7 @@
 //!   cargo feature `mpi`, `MpiComm` (OpenMPI through the `mpi` crate). [`init`] picks MPI
 //!   when the process was started by `mpirun`.
 //! - [`dp`]: config agreement across ranks (hash all-gather) and batch sharding.
-//! - [`bench`]: the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
+//! - [`bench`](mod@bench): the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
 //! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
 //!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
 //!
