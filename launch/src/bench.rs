@@ -22,8 +22,20 @@ pub enum BenchCmd {
     Train,
     /// Memory by category (weights, gradients, optimizer state, activations) per precision.
     Memory,
-    /// FP8 gradient all-reduce vs f32 all-reduce (in-process ranks).
-    Allreduce,
+    /// Gradient all-reduce in f32, bf16 and FP8 (FP8-LM): bytes sent per rank and time.
+    /// Runs on MPI's ranks under `mpirun` (build with `--features mpi`), else on
+    /// in-process ranks.
+    Allreduce {
+        /// Gradient elements per rank.
+        #[arg(long, default_value_t = 64 << 20)]
+        elements: usize,
+        /// Repetitions (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// In-process ranks when not started by mpirun.
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+    },
 }
 
 fn not_built(what: &str, provider: &str) -> Result<()> {
@@ -54,9 +66,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "fp8lm_trainer::bench (the model engineer's step benchmark)",
         ),
         BenchCmd::Memory => not_built("memory", "the memory ledger (the optimizer engineer's)"),
-        BenchCmd::Allreduce => not_built(
-            "allreduce",
-            "fp8lm_collectives::bench (the collectives engineer's)",
-        ),
+        BenchCmd::Allreduce {
+            elements,
+            reps,
+            ranks,
+        } => {
+            // Only rank 0 gets the table; the other MPI ranks print nothing.
+            if let Some(table) = fp8lm_collectives::bench::run(elements, reps, ranks)? {
+                println!("(shared machine: figures are noisy, compare rows of this run)");
+                print!("{table}");
+            }
+            Ok(())
+        }
     }
 }
