@@ -6,7 +6,7 @@
 
 mod bench;
 mod inspect;
-#[allow(dead_code)] // the run loop uses Progress once the Trainer lands
+
 mod progress;
 mod run;
 
@@ -129,6 +129,7 @@ fn init_tracing(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(f)
         .with_writer(progress::LogWriter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
