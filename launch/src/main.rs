@@ -145,6 +145,13 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn main() {
+    // Rust ignores SIGPIPE, turning a closed pipe (`| head`) into a panic on the next
+    // print; the default action ends the process quietly, as CLI tools do.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_DFL at start-up, before any threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing(&cli.log);
     let result = match cli.cmd {

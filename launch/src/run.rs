@@ -396,7 +396,9 @@ fn trainer_from_checkpoint(
 }
 
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
-    let (ck, cfg, _) = trainer_from_checkpoint(path, sets)?;
+    let ck = Checkpoint::load(path)?;
+    let cfg = config_from_checkpoint(&ck, sets)?;
+    ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     snapshot::restore_weights(&mut tr, &ck)?;
