@@ -31,5 +31,6 @@ pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod snapshot;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};
