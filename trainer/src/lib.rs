@@ -20,6 +20,7 @@
 pub mod config;
 pub mod config_file;
 pub mod data;
+pub mod distributed;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -36,6 +36,10 @@ pub struct StepStats {
     pub optimizer: Duration,
     /// Time inside GEMMs (part of forward + backward).
     pub gemm: Duration,
+    /// Time in collectives (loss, gradient reduction, weight broadcast; zero on a
+    /// single-rank run), including packing and FP8 re-quantisation for the reduction and
+    /// waiting for slower ranks.
+    pub comm: Duration,
 }
 
 /// Learning rate at `step`: linear warmup to `lr` over `warmup_steps`, then cosine decay
@@ -118,23 +122,26 @@ pub struct Fp8TensorView<'a> {
 /// The training engine: model, optimizer, schedule, step counter and RNG.
 pub struct Trainer {
     pub cfg: RunConfig,
-    model: Model,
-    optimizer: Box<dyn Optimizer>,
-    step: u64,
-    skipped: u64,
+    pub(crate) model: Model,
+    pub(crate) optimizer: Box<dyn Optimizer>,
+    pub(crate) step: u64,
+    pub(crate) skipped: u64,
     /// Sampling RNG state (checkpointed so `sample` after resume is reproducible).
     pub rng: Rng,
-    inputs: Vec<u32>,
-    targets: Vec<u32>,
+    pub(crate) inputs: Vec<u32>,
+    pub(crate) targets: Vec<u32>,
+    /// Data-parallel state (see [`crate::distributed`]); `None` on a single-rank run.
+    pub(crate) dist: Option<Box<crate::distributed::DistState>>,
 }
 
 /// The linear precision a run's config asks for (fp8-o2 computes like fp8-o1; it differs
-/// in the optimizer); O3 is not implemented here yet.
+/// in the optimizer and, for O3, where its state lives).
 pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
     Ok(match cfg.precision {
         Precision::Fp32 => LinearPrecision::Fp32,
         Precision::Bf16 => LinearPrecision::Bf16,
-        Precision::Fp8O1 | Precision::Fp8O2 => {
+        // fp8-o2/o3 compute like fp8-o1; they differ in the optimizer and where its state lives.
+        Precision::Fp8O1 | Precision::Fp8O2 | Precision::Fp8O3 => {
             let recipe = match cfg.fp8.recipe.as_str() {
                 "delayed" => {
                     if cfg.fp8.amax_history == 0 {
@@ -149,9 +156,6 @@ pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
                 recipe,
                 margin: cfg.fp8.margin,
             }
-        }
-        p @ Precision::Fp8O3 => {
-            bail!("precision = \"{}\" is not yet implemented (FP8 ZeRO lands it); use fp32, bf16, fp8-o1 or fp8-o2", p.name())
         }
     })
 }
@@ -210,6 +214,7 @@ impl Trainer {
             rng: Rng::new(cfg.seed ^ 0x5A3D_1E00),
             inputs: vec![0; rows],
             targets: vec![0; rows],
+            dist: None,
         })
     }
 
@@ -273,7 +278,7 @@ impl Trainer {
         out
     }
 
-    fn check_tokens(&self, what: &str) -> Result<()> {
+    pub(crate) fn check_tokens(&self, what: &str) -> Result<()> {
         let v = self.model.dims.v;
         for (i, (&x, &y)) in self.inputs.iter().zip(&self.targets).enumerate() {
             if x as usize >= v || y as usize >= v {
@@ -288,6 +293,14 @@ impl Trainer {
 
     /// One optimizer step on the next training batch.
     pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
+        if let Some(dist) = &self.dist {
+            bail!(
+                "train_step: this trainer is rank {} of {} data-parallel ranks; call \
+                 train_step_dist with the communicator",
+                dist.rank,
+                dist.size
+            );
+        }
         let d = self.model.dims;
         let t0 = Instant::now();
         data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
@@ -331,6 +344,7 @@ impl Trainer {
             backward: t2 - t1,
             optimizer: t3 - t2,
             gemm,
+            comm: Duration::ZERO,
         };
         self.step += 1;
         Ok(stats)
