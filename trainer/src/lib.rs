@@ -20,6 +20,7 @@
 pub mod config;
 pub mod config_file;
 pub mod data;
+pub mod distributed;
 pub mod model;
 pub mod rng;
 pub mod train;
@@ -31,5 +32,6 @@ pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod snapshot;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};

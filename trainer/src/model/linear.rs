@@ -137,6 +137,19 @@ struct Bf16Cache {
     dy: Vec<bf16>,
 }
 
+/// Bytes held by one linear layer's precision state ([`Linear::memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearMemory {
+    /// E4M3 copy of the weight.
+    pub fp8_weight: usize,
+    /// E4M3 input and E5M2 output-gradient copies.
+    pub fp8_activations: usize,
+    /// FP8 weight gradient handed to the optimizer.
+    pub fp8_wgrad: usize,
+    /// bf16 copies of input, weight and output gradient (bf16 runs).
+    pub bf16_cache: usize,
+}
+
 /// One linear layer's precision state (the weights themselves live in the model's flat
 /// buffer and are passed in).
 #[derive(Clone, Debug)]
@@ -179,6 +192,20 @@ impl Linear {
             bf16,
             gemm_time: Duration::ZERO,
         }
+    }
+
+    /// Bytes of this layer's precision state, for the memory ledger.
+    pub fn memory(&self) -> LinearMemory {
+        let mut m = LinearMemory::default();
+        if let Some(f) = &self.fp8 {
+            m.fp8_weight = f.w.data.len();
+            m.fp8_activations = f.x.data.len() + f.dy.data.len();
+            m.fp8_wgrad = f.wgrad.data.len();
+        }
+        if let Some(b) = &self.bf16 {
+            m.bf16_cache = 2 * (b.x.len() + b.w.len() + b.dy.len());
+        }
+        m
     }
 
     pub fn take_gemm_time(&mut self) -> Duration {
