@@ -1,6 +1,8 @@
 //! Trainer behaviour: determinism, non-finite steps skipped, clear errors, sampling,
 //! schedule, and the whole model in FP8/bf16 against fp32 on the same weights.
 
+#![allow(clippy::field_reassign_with_default)] // configs read best as default + overrides
+
 use fp8lm_optim::Grad;
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
