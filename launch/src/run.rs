@@ -21,9 +21,20 @@ use std::time::Instant;
 use crate::progress::Progress;
 use crate::{ConfigArgs, UsageError};
 
-/// Resolve `--config` + `--set` into a validated config.
+/// The default run's config (`fp8lm train` without --config), compiled in.
+pub const TINY_TOML: &str = include_str!("../../configs/tiny.toml");
+
+/// Resolve `--config` (default: the built-in configs/tiny.toml) + `--set` into a
+/// validated config.
 pub fn load(args: &ConfigArgs) -> Result<RunConfig> {
-    Ok(load_config(args.config.as_deref(), &args.set)?)
+    match &args.config {
+        Some(p) => Ok(load_config(Some(p), &args.set)?),
+        None => Ok(load_config_str(
+            TINY_TOML,
+            "configs/tiny.toml (built in)",
+            &args.set,
+        )?),
+    }
 }
 
 /// A checkpoint's config with `--set` overrides applied (validated again).
