@@ -47,7 +47,7 @@ pub enum BenchCmd {
     /// FP8 gradient all-reduce vs f32 all-reduce: in-process ranks, or MPI under mpirun.
     Allreduce {
         /// Gradient elements per rank.
-        #[arg(long, default_value_t = 16 << 20)]
+        #[arg(long, default_value_t = 64 << 20)]
         elements: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
