@@ -315,7 +315,7 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     } else {
         tail.iter().sum::<f32>() / tail.len() as f32
     };
-    let ledger = crate::bench::ledger(&tr);
+    let ledger = fp8lm_trainer::memory::MemoryLedger::for_trainer(&tr);
     let by_cat: Vec<(String, usize)> = fp8lm_trainer::memory::Category::ALL
         .iter()
         .map(|c| (c.name().to_string(), ledger.category_bytes(*c)))
