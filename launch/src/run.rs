@@ -162,6 +162,14 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             (cfg, None, dir)
         }
     };
+    // Data parallelism when started by mpirun (every rank runs this same function; rank 0
+    // alone writes the run directory and prints). Without mpirun: one rank, no comm.
+    let comm = if fp8lm_collectives::launched_by_mpi() {
+        Some(fp8lm_collectives::init().map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let mut data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     let mut skipped_before = 0;
@@ -183,20 +191,30 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         }
     }
 
-    // 2. The run directory.
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
-    checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
+    if let Some(c) = &comm {
+        tr.enable_data_parallel(&**c)?;
+        if root {
+            tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
+        }
+    }
+
+    // 2. The run directory (rank 0 only).
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut records: Vec<MetricsRecord> = Vec::new();
-    let mut metrics = match &ck {
-        Some(ck) => {
-            let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
-            records = read_metrics(&metrics_path)?;
-            w
-        }
-        None => MetricsWriter::create(&metrics_path)?,
-    };
+    let mut metrics = None;
+    if root {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
+        checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
+        metrics = Some(match &ck {
+            Some(ck) => {
+                let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
+                records = read_metrics(&metrics_path)?;
+                w
+            }
+            None => MetricsWriter::create(&metrics_path)?,
+        });
+    }
     let plot_path = run_dir.join("loss.svg");
     let floor = data.entropy_floor();
     let title = format!(
@@ -209,25 +227,27 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     );
 
     let n_params = tr.model().num_params();
-    tracing::info!(
-        "run {}: {} params, precision {}, {} steps of {} x {} tokens{}",
-        run_dir.display(),
-        n_params,
-        cfg.precision.name(),
-        cfg.max_steps,
-        cfg.batch,
-        cfg.model.context,
-        if let Some(ck) = &ck {
-            format!(", resuming at step {}", ck.meta.step)
-        } else {
-            String::new()
-        }
-    );
+    if root {
+        tracing::info!(
+            "run {}: {} params, precision {}, {} steps of {} x {} tokens{}",
+            run_dir.display(),
+            n_params,
+            cfg.precision.name(),
+            cfg.max_steps,
+            cfg.batch,
+            cfg.model.context,
+            if let Some(ck) = &ck {
+                format!(", resuming at step {}", ck.meta.step)
+            } else {
+                String::new()
+            }
+        );
+    }
 
     // 3. The loop.
     let start_step = tr.step();
     let max_steps = cfg.max_steps as u64;
-    let mut progress = Progress::new(start_step, max_steps);
+    let mut progress = root.then(|| Progress::new(start_step, max_steps));
     let t_run = Instant::now();
     let (mut tokens_timed, mut secs_timed) = (0usize, 0f64);
     let mut last_loss = f32::NAN;
@@ -235,7 +255,10 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     let mut last_ckpt = None;
     while tr.step() < max_steps {
         let t0 = Instant::now();
-        let st = tr.train_step(data.as_mut())?;
+        let st = match &comm {
+            Some(c) => tr.train_step_dist(data.as_mut(), &**c)?,
+            None => tr.train_step(data.as_mut())?,
+        };
         let dt = t0.elapsed().as_secs_f64();
         let done = st.step + 1;
         let tok_s = st.tokens as f64 / dt.max(1e-9);
@@ -262,24 +285,31 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
-            progress_note(&format!(
-                "step {done}: train loss {:.4}, val loss {v:.4}{}",
-                st.loss,
-                floor.map_or(String::new(), |f| format!(
-                    " (entropy floor {f:.4}, gap {:.4})",
-                    v as f64 - f
-                ))
-            ));
+            if root {
+                progress_note(&format!(
+                    "step {done}: train loss {:.4}, val loss {v:.4}{}",
+                    st.loss,
+                    floor.map_or(String::new(), |f| format!(
+                        " (entropy floor {f:.4}, gap {:.4})",
+                        v as f64 - f
+                    ))
+                ));
+            }
         }
-        metrics.write(&rec)?;
+        if let Some(m) = metrics.as_mut() {
+            m.write(&rec)?;
+        }
         records.push(rec);
-        if eval_now {
+        if eval_now && root {
             if let Err(e) = fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
         }
-        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
-            || done == max_steps
+        // Replicas are bit-identical, so rank 0's state is the run's (fp8-o3 excepted:
+        // its optimizer state is partitioned, and resuming it is refused).
+        if root
+            && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+                || done == max_steps)
         {
             last_ckpt = Some(save_checkpoint(
                 &tr,
@@ -288,9 +318,16 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
                 skipped_before + tr.skipped_steps(),
             )?);
         }
-        progress.step(done, st.loss, st.lr, tok_s);
+        if let Some(p) = progress.as_mut() {
+            p.step(done, st.loss, st.lr, tok_s);
+        }
     }
-    progress.finish();
+    if let Some(mut p) = progress {
+        p.finish();
+    }
+    if !root {
+        return Ok(());
+    }
     if !plot_path.exists() {
         fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title).ok();
     }
