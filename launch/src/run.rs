@@ -139,6 +139,35 @@ fn save_checkpoint(
     Ok(dir)
 }
 
+/// Resuming from an earlier checkpoint starts a new timeline: later checkpoints of the old
+/// one would otherwise be picked as "newest" by the next `--resume`. They are moved to
+/// `checkpoints/superseded-<unix time>/`, not deleted.
+fn supersede_later_checkpoints(root: &Path, step: u64) -> Result<()> {
+    let later: Vec<_> = checkpoint::list_checkpoints(root)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .collect();
+    if later.is_empty() {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = root.join(format!("superseded-{secs}"));
+    std::fs::create_dir_all(&aside)?;
+    for (_, dir) in later {
+        let to = aside.join(dir.file_name().unwrap_or_default());
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("{}: cannot move aside", dir.display()))?;
+        tracing::warn!(
+            "resuming at step {step}: later checkpoint {} moved to {}",
+            dir.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -208,6 +237,7 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
         metrics = Some(match &ck {
             Some(ck) => {
+                supersede_later_checkpoints(&run_dir.join("checkpoints"), ck.meta.step)?;
                 let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
                 records = read_metrics(&metrics_path)?;
                 w

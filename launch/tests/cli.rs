@@ -124,6 +124,20 @@ fn train_writes_run_dir_and_resume_is_bit_identical() {
         resumed, full,
         "losses after resume differ from the uninterrupted run"
     );
+    // The old timeline's step-12 checkpoint was moved aside, the new one is in place.
+    let aside: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("superseded-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(aside[0]
+        .path()
+        .join("step_00000012/checkpoint.json")
+        .is_file());
+    assert!(run
+        .join("checkpoints/step_00000012/checkpoint.json")
+        .is_file());
 
     // inspect / eval / sample on the final checkpoint.
     let o = fp8lm(&["inspect", run.to_str().unwrap()]);
