@@ -606,3 +606,80 @@ impl Trainer {
         Ok((grad_norm, false))
     }
 }
+
+/// Open the data of `cfg`, build a trainer as rank `comm.rank()` and run `steps`
+/// data-parallel steps, calling `on_step` after each. What `fp8lm train` does under
+/// `mpirun` (minus checkpoints and metrics), and what the distributed bench measures.
+pub fn train_data_parallel(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    steps: usize,
+    mut on_step: impl FnMut(&Trainer, &StepStats),
+) -> Result<Trainer> {
+    let mut data = crate::data::open_dataset(cfg).map_err(|e| {
+        anyhow!(
+            "rank {}: data.path = {:?}: {e:#}",
+            comm.rank(),
+            cfg.data.path
+        )
+    })?;
+    let mut tr = Trainer::new(cfg, data.vocab_size())?;
+    tr.enable_data_parallel(comm)?;
+    for _ in 0..steps {
+        let st = tr.train_step_dist(data.as_mut(), comm)?;
+        on_step(&tr, &st);
+    }
+    Ok(tr)
+}
+
+/// Step time and the share of it spent in communication, averaged over the measured
+/// steps (after `warmup` unmeasured ones), as rank 0 sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DistBench {
+    pub precision: Precision,
+    pub ranks: usize,
+    pub steps: usize,
+    pub step_s: f64,
+    pub comm_s: f64,
+    /// Bytes this rank sent per step.
+    pub bytes_sent_per_step: f64,
+    /// This rank's optimizer state bytes.
+    pub state_bytes: usize,
+}
+
+impl DistBench {
+    pub fn comm_share(&self) -> f64 {
+        self.comm_s / self.step_s.max(1e-12)
+    }
+}
+
+/// Measure `steps` data-parallel steps of `cfg` on `comm` (after `warmup` steps).
+pub fn bench_train_dist(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    warmup: usize,
+    steps: usize,
+) -> Result<DistBench> {
+    let (mut step_s, mut comm_s, mut k) = (0.0, 0.0, 0usize);
+    let mut sent0 = comm.bytes_sent();
+    let tr = train_data_parallel(cfg, comm, warmup + steps, |_, st| {
+        if k >= warmup {
+            step_s += (st.forward + st.backward + st.optimizer).as_secs_f64();
+            comm_s += st.comm.as_secs_f64();
+        }
+        k += 1;
+        if k == warmup {
+            sent0 = comm.bytes_sent();
+        }
+    })?;
+    let m = steps.max(1) as f64;
+    Ok(DistBench {
+        precision: cfg.precision,
+        ranks: comm.size(),
+        steps,
+        step_s: step_s / m,
+        comm_s: comm_s / m,
+        bytes_sent_per_step: (comm.bytes_sent() - sent0) as f64 / m,
+        state_bytes: tr.optimizer().state_bytes(),
+    })
+}
