@@ -221,3 +221,28 @@ fn plain_step_on_a_data_parallel_trainer_is_an_error() {
     let e = tr.train_step(&mut data).unwrap_err().to_string();
     assert!(e.contains("train_step_dist"), "{e}");
 }
+
+#[test]
+fn zero_partition_of_gpt2_124m_over_4_ranks_is_within_1_15x_of_the_mean() {
+    use fp8lm_trainer::distributed::zero_partition;
+    let metas = fp8lm_optim::zero::gpt2_124m_metas();
+    let (units, p) = zero_partition(&metas, 4, 6).unwrap();
+    let mean = p.rank_bytes.iter().sum::<usize>() as f64 / 4.0;
+    println!(
+        "GPT-2 124M, fp8-o3 state over 4 ranks: {} units, per-rank MB {:?}, max/mean {:.3}",
+        units.len(),
+        p.rank_bytes
+            .iter()
+            .map(|&b| b as f64 / 1e6)
+            .collect::<Vec<_>>(),
+        p.max_over_mean()
+    );
+    assert!(p.max_over_mean() <= 1.15, "{}", p.max_over_mean());
+    assert!(p.rank_bytes.iter().all(|&b| b as f64 > 0.85 * mean));
+    // 6 bytes per parameter in total, plus 28 B of scalars per unit.
+    let params: usize = metas.iter().map(|m| m.numel()).sum();
+    assert_eq!(
+        p.rank_bytes.iter().sum::<usize>(),
+        params * 6 + units.len() * 28
+    );
+}

@@ -125,15 +125,36 @@ fn slices_mut<'a>(buf: &'a mut [f32], ranges: &[Range<usize>]) -> Vec<&'a mut [f
     out
 }
 
+/// FP8 ZeRO's partition of `metas` over `ranks`: tensors larger than 1/(8 ranks) of the
+/// model are cut into row blocks (one scale each; blocks of at most 1/(8N) of the model
+/// give the greedy split enough units to balance), then whole units go greedily, largest
+/// first, to the least-loaded rank, weighed by `state_bytes_per_param` per element plus
+/// the optimizer's per-unit scalars. Deterministic: every rank computes the same.
+pub fn zero_partition(
+    metas: &[fp8lm_optim::ParamMeta],
+    ranks: usize,
+    state_bytes_per_param: usize,
+) -> Result<(Vec<Unit>, Partition)> {
+    if ranks == 0 {
+        bail!("ZeRO partition: the number of ranks must be at least 1");
+    }
+    let total: usize = metas.iter().map(|m| m.numel()).sum();
+    let max_elems = (total / (8 * ranks)).max(1);
+    let units = split_units(metas, max_elems);
+    let part = Partition::of_units(
+        &units,
+        ranks,
+        state_bytes_per_param,
+        SCALAR_BYTES_PER_TENSOR,
+    )
+    .map_err(|e| anyhow!(e))?;
+    Ok((units, part))
+}
+
 impl Zero {
     fn new(model: &Model, size: usize, state_bytes_per_param: usize) -> Result<Zero> {
         let lay = &model.layout;
-        // Blocks of at most 1/(8N) of the model: enough units for a balanced greedy split.
-        let max_elems = (lay.total / (8 * size)).max(1);
-        let units = split_units(&lay.metas, max_elems);
-        let part =
-            Partition::of_units(&units, size, state_bytes_per_param, SCALAR_BYTES_PER_TENSOR)
-                .map_err(|e| anyhow!(e))?;
+        let (units, part) = zero_partition(&lay.metas, size, state_bytes_per_param)?;
         let ranges: Vec<_> = units
             .iter()
             .map(|u| {
