@@ -187,16 +187,42 @@ pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
         return Ok(0..len);
     }
     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-    let mut scratch = vec![T::default(); len.div_ceil(n)];
-    for s in 0..n - 1 {
-        let send_c = (r + 2 * n - s - 1) % n;
-        let recv_c = (r + 2 * n - s - 2) % n;
-        let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
-        let recv = &mut scratch[..rr.len()];
-        comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
-        combine(&mut buf[rr], recv);
-    }
+    with_scratch::<T, _>(len.div_ceil(n), |scratch| {
+        for s in 0..n - 1 {
+            let send_c = (r + 2 * n - s - 1) % n;
+            let recv_c = (r + 2 * n - s - 2) % n;
+            let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
+            let recv = &mut scratch[..rr.len()];
+            comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
+            combine(&mut buf[rr], recv);
+        }
+        Ok(())
+    })?;
     Ok(chunk_range(len, n, r))
+}
+
+thread_local! {
+    /// The receive buffer of the reduce-scatter, kept per thread: a fresh allocation per
+    /// call costs a page fault per 4 KiB, as much as the reduction itself on large buffers.
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a reused per-thread buffer of `n` elements of `T` (contents unspecified).
+fn with_scratch<T: Pod, R>(n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    assert!(std::mem::align_of::<T>() <= 8);
+    let words = (n * std::mem::size_of::<T>()).div_ceil(8);
+    SCRATCH.with(|cell| {
+        // A nested use (not done by this crate) would get a fresh buffer instead.
+        let mut taken = cell.take();
+        if taken.len() < words {
+            taken = vec![0u64; words];
+        }
+        // SAFETY: u64 storage is 8-aligned and large enough; T is Pod, any bits are valid.
+        let view = unsafe { std::slice::from_raw_parts_mut(taken.as_mut_ptr().cast::<T>(), n) };
+        let r = f(view);
+        cell.replace(taken);
+        r
+    })
 }
 
 /// Ring all-gather over `sendrecv_bytes`: rank `r` contributes chunk `r`.
@@ -234,7 +260,7 @@ fn disjoint<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&[T], &mut [
 }
 
 /// Serial reference of the ring all-reduce: the exact order of the module docs, for
-/// inputs[rank]. Used by tests to check backends bit for bit.
+/// `inputs[rank]`. Used by tests to check backends bit for bit.
 pub fn reference_all_reduce<T: Pod>(inputs: &[Vec<T>], combine: impl Fn(&mut [T], &[T])) -> Vec<T> {
     let n = inputs.len();
     let len = inputs[0].len();

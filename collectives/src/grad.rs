@@ -32,9 +32,10 @@
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{count_masked_eq, BufMut, ReduceOp};
+use crate::buf::{count_magnitude_in, BufMut, ReduceOp};
 use crate::comm::Communicator;
 use crate::error::{CommError, Result};
+use crate::lut::apply_lut;
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
@@ -177,6 +178,35 @@ fn buckets(lens: &[usize], elem_bytes: usize, cap: usize) -> Vec<std::ops::Range
     out
 }
 
+/// FP8 sum of every tensor's bytes across ranks, bucket by bucket: a bucket of one
+/// tensor is reduced where it lies, several small ones are packed into one buffer.
+fn sum_fp8_buckets(
+    comm: &dyn Communicator,
+    tensors: &mut [ScaledFp8],
+    fmt: Fp8Format,
+    bucket_bytes: usize,
+) -> Result<()> {
+    let lens: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+    for b in buckets(&lens, 1, bucket_bytes) {
+        if b.len() == 1 {
+            comm.all_reduce(BufMut::Fp8(&mut tensors[b.start].data, fmt), ReduceOp::Sum)?;
+            continue;
+        }
+        let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
+        for t in &tensors[b.clone()] {
+            buf.extend_from_slice(&t.data);
+        }
+        comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+        let mut off = 0;
+        for t in &mut tensors[b] {
+            let l = t.data.len();
+            t.data.copy_from_slice(&buf[off..off + l]);
+            off += l;
+        }
+    }
+    Ok(())
+}
+
 fn pow2_scale(fmt_max: f32, amax: f32) -> f32 {
     scale_for_amax(fmt_max, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(f32::INFINITY)
 }
@@ -285,6 +315,19 @@ impl GradAllReducer {
         comm: &dyn Communicator,
         grads: &[&[f32]],
     ) -> Result<(Vec<ScaledFp8>, GradReport)> {
+        let mut out = Vec::new();
+        let report = self.all_reduce_fp8_into(comm, grads, &mut out)?;
+        Ok((out, report))
+    }
+
+    /// [`Self::all_reduce_fp8`] into caller-owned tensors, reused from step to step (their
+    /// buffers are resized as needed; fresh 64 MiB allocations cost page faults).
+    pub fn all_reduce_fp8_into(
+        &mut self,
+        comm: &dyn Communicator,
+        grads: &[&[f32]],
+        out: &mut Vec<ScaledFp8>,
+    ) -> Result<GradReport> {
         let method = self.cfg.method;
         if !method.is_fp8() {
             return Err(CommError::new(
@@ -345,7 +388,6 @@ impl GradAllReducer {
             .collect();
         // 2. Quantise into buckets, FP8-sum each bucket, unpack.
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
-        let mut out: Vec<ScaledFp8> = Vec::with_capacity(k);
         let mut report = GradReport {
             saturated: vec![0; k],
             flushed: vec![0; k],
@@ -354,30 +396,23 @@ impl GradAllReducer {
             nonfinite,
             bytes_sent: 0,
         };
-        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            let total: usize = lens[b.clone()].iter().sum();
-            let mut buf = vec![0u8; total];
-            let mut off = 0;
-            for t in b.clone() {
-                let dst = &mut buf[off..off + lens[t]];
-                f32_to_fp8_amax(fmt, grads[t], scales[t].0, dst);
-                let zeros_in = grads[t].iter().filter(|&&x| x == 0.0).count() as u64;
-                report.flushed[t] = count_masked_eq(dst, 0x7F, 0) - zeros_in;
-                off += lens[t];
-            }
-            comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-            let mut off = 0;
-            for t in b {
-                let data = buf[off..off + lens[t]].to_vec();
-                report.saturated[t] = count_masked_eq(&data, 0x7F, fmt.max_bits());
-                out.push(ScaledFp8 {
-                    data,
-                    shape: vec![lens[t]],
-                    format: fmt,
-                    scale: scales[t].1,
-                });
-                off += lens[t];
-            }
+        // Quantise straight into the output tensors.
+        out.truncate(k);
+        while out.len() < k {
+            out.push(ScaledFp8::zeros(&[0], fmt));
+        }
+        for (t, (g, o)) in grads.iter().zip(out.iter_mut()).enumerate() {
+            o.data.resize(lens[t], 0);
+            o.shape = vec![lens[t]];
+            o.format = fmt;
+            o.scale = scales[t].1;
+            f32_to_fp8_amax(fmt, g, scales[t].0, &mut o.data);
+            let zeros_in: usize = g.iter().map(|&x| (x == 0.0) as usize).sum();
+            report.flushed[t] = count_magnitude_in(&o.data, 0, 0) - zeros_in as u64;
+        }
+        sum_fp8_buckets(comm, out, fmt, self.cfg.bucket_bytes)?;
+        for (t, o) in out.iter().enumerate() {
+            report.saturated[t] = count_magnitude_in(&o.data, fmt.max_bits(), fmt.max_bits());
         }
         if method == GradMethod::Fp8Lm {
             for (t, &len) in lens.iter().enumerate() {
@@ -387,7 +422,7 @@ impl GradAllReducer {
         }
         self.steps += 1;
         report.bytes_sent = comm.bytes_sent() - sent0;
-        Ok((out, report))
+        Ok(report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
@@ -453,38 +488,21 @@ impl GradAllReducer {
                     fmt.encode(dec[v] * ratio, true)
                 };
             }
-            // +-0 map to themselves, so codes that became zero = zeros after - before.
-            let zeros_before = count_masked_eq(&g.data, 0x7F, 0);
+            // The table is monotone in magnitude, so the non-zero codes it flushes to
+            // zero are the magnitudes 1..=k.
+            let k = (1..=0x7Fu8)
+                .take_while(|&v| lut[v as usize] & 0x7F == 0)
+                .count() as u8;
+            report.flushed[t] = count_magnitude_in(&g.data, 1, k);
             if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
-                for v in g.data.iter_mut() {
-                    *v = lut[*v as usize];
-                }
+                apply_lut(&mut g.data, &lut);
             }
-            report.flushed[t] = count_masked_eq(&g.data, 0x7F, 0) - zeros_before;
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        for b in buckets(&lens, 1, self.cfg.bucket_bytes) {
-            if b.len() == 1 {
-                // A bucket of one tensor is reduced where it lies (no packing copy).
-                let g = &mut grads[b.start];
-                comm.all_reduce(BufMut::Fp8(&mut g.data, fmt), ReduceOp::Sum)?;
-            } else {
-                let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
-                for g in &grads[b.clone()] {
-                    buf.extend_from_slice(&g.data);
-                }
-                comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
-                let mut off = 0;
-                for g in &mut grads[b] {
-                    let l = g.data.len();
-                    g.data.copy_from_slice(&buf[off..off + l]);
-                    off += l;
-                }
-            }
-        }
+        sum_fp8_buckets(comm, grads, fmt, self.cfg.bucket_bytes)?;
         for (t, g) in grads.iter().enumerate() {
-            report.saturated[t] = count_masked_eq(&g.data, 0x7F, fmt.max_bits());
+            report.saturated[t] = count_magnitude_in(&g.data, fmt.max_bits(), fmt.max_bits());
         }
         for (t, &len) in lens.iter().enumerate() {
             self.update_mu(t, report.saturated[t], len);

@@ -7,7 +7,7 @@
 //!   cargo feature `mpi`, `MpiComm` (OpenMPI through the `mpi` crate). [`init`] picks MPI
 //!   when the process was started by `mpirun`.
 //! - [`dp`]: config agreement across ranks (hash all-gather) and batch sharding.
-//! - [`bench`]: the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
+//! - [`bench`](mod@bench): the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
 //! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
 //!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
 //!
@@ -15,8 +15,15 @@
 //! must re-round at every hop in a documented, deterministic order, and the in-process
 //! backend must give bit-identical results. So every reduction is one ring algorithm over
 //! point-to-point exchange ([`comm`]), shared by all backends; the per-hop arithmetic of
-//! each element type is defined in [`buf`]. NCCL (not buildable here) would slot in as
-//! another backend of the same trait.
+//! each element type is defined in [`buf`]. An FP8 sum declared to MPI as a user
+//! operation is not associative, so its result would depend on the algorithm OpenMPI
+//! picks; measured side by side (`examples/allreduce_bench` under `mpirun`), the ring and
+//! the user operation took about the same time on one host, so the ring, which also
+//! fixes the order, is what the library uses. NCCL (not buildable here: no GPU) would
+//! slot in as another backend of the same trait.
+//!
+//! Thread use: a communicator is used by one thread (the MPI backend initialises MPI
+//! single-threaded); in-process ranks each own their [`LocalComm`].
 
 pub mod bench;
 pub mod buf;
@@ -25,6 +32,7 @@ pub mod dp;
 pub mod error;
 pub mod grad;
 pub mod local;
+pub mod lut;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};

@@ -199,6 +199,16 @@ fn scaled_fp8_inputs_follow_the_recipe_literally() {
         fp8lm_collectives::buf::combine_fp8(fmt, fp8lm_collectives::ReduceOp::Sum, a, x)
     });
     assert_eq!(res.data, want);
+    // Underflow report: this rank's non-zero codes that re-quantised to zero.
+    for (o, (inp, rq)) in outs.iter().zip(inputs.iter().zip(&requant)) {
+        let flushed = inp
+            .data
+            .iter()
+            .zip(rq)
+            .filter(|(&a, &b)| a & 0x7F != 0 && b & 0x7F == 0)
+            .count() as u64;
+        assert_eq!(o.1.flushed, vec![flushed]);
+    }
     // And it is the mean: within 30% relative L2 of the f64 mean of the f32 inputs (one
     // step, heavy-tailed, and the ranks' values partly cancel, so the per-hop E5M2
     // rounding of the partial sums is large relative to the mean itself).

@@ -8,7 +8,8 @@
 //! after one warm-up (best-of, since the machine may be shared: the minimum is the least
 //! disturbed run). GFLOP/s counts `2 M N K` flops.
 //!
-//! The targets: FP8 >= 0.9x our f32 on every shape; our f32 within 15% of the best
+//! Both crates pick their kernel at run time (AVX-512 where present; the `gemm` crate is
+//! built with its `x86-v4` feature for that). The targets: FP8 >= 0.9x our f32 on every shape; our f32 within 15% of the best
 //! crate. [`GemmBenchReport::checks`] states both from the rows.
 
 use crate::gemm::Isa;
@@ -60,6 +61,14 @@ pub struct GemmBenchReport {
     pub rows: Vec<GemmBenchRow>,
     /// Our kernel ISA (`avx512`, `avx2`, `scalar`).
     pub isa: &'static str,
+    /// The 1-minute load average when the run ended (Linux), to judge how contended the
+    /// machine was: above the core count, wall-time figures are unreliable.
+    pub load_average: Option<f64>,
+}
+
+fn load_average() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().next()?.parse().ok()
 }
 
 /// Minimal deterministic data (the figures do not depend on the values).
@@ -92,6 +101,9 @@ fn process_cpu_time() -> Option<Duration> {
     None
 }
 
+/// Pause before each timed run.
+const SETTLE: Duration = Duration::from_millis(3);
+
 /// One case to time: (implementation, dtype, threads, the GEMM call).
 type Case<'a> = (&'static str, &'static str, usize, Box<dyn FnMut() + 'a>);
 
@@ -108,7 +120,13 @@ fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<(Duration, 
     let total = budget * cases.len() as u32;
     let mut rounds = 0;
     while rounds < 3 || start.elapsed() < total {
-        for (c, b) in cases.iter_mut().zip(best.iter_mut()) {
+        // Rotate the starting case each round so no case always follows the same one.
+        let nc = cases.len();
+        for i in (0..nc).map(|i| (i + rounds) % nc) {
+            let (c, b) = (&mut cases[i], &mut best[i]);
+            // Let the previous case's pool threads (rayon's, matrixmultiply's) finish
+            // spinning and sleep, so their CPU time is not charged to this case.
+            std::thread::sleep(SETTLE);
             let (t, cpu0) = (Instant::now(), process_cpu_time());
             (c.3)();
             b.0 = b.0.min(t.elapsed());
@@ -245,6 +263,7 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
     GemmBenchReport {
         rows,
         isa: Isa::detect().name(),
+        load_average: load_average(),
     }
 }
 
@@ -361,6 +380,7 @@ pub fn gemm_bench_backward(shapes: &[(usize, usize, usize)], budget: Duration) -
     GemmBenchReport {
         rows,
         isa: Isa::detect().name(),
+        load_average: load_average(),
     }
 }
 
@@ -436,8 +456,12 @@ impl GemmBenchReport {
 
     /// A plain-text table of the rows followed by the target checks.
     pub fn table(&self) -> String {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let load = self.load_average.map_or(String::new(), |l| {
+            format!(", load average {l:.1} on {cores} cores")
+        });
         let mut s = format!(
-            "GEMM, best of runs, kernel isa {}\n{:>16} {:>6} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
+            "GEMM, best of runs, kernel isa {}{load}\n{:>16} {:>6} {:>15} {:>10} {:>9} {:>11} {:>7} {:>10}\n",
             self.isa, "M x N x K", "layout", "impl", "dtype", "GFLOP/s", "GFLOP/cpu-s", "threads", "ms"
         );
         for r in &self.rows {

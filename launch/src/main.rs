@@ -6,7 +6,7 @@
 
 mod bench;
 mod inspect;
-#[allow(dead_code)] // the run loop uses Progress once the Trainer lands
+
 mod progress;
 mod run;
 
@@ -129,6 +129,7 @@ fn init_tracing(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(f)
         .with_writer(progress::LogWriter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -144,6 +145,13 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn main() {
+    // Rust ignores SIGPIPE, turning a closed pipe (`| head`) into a panic on the next
+    // print; the default action ends the process quietly, as CLI tools do.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to SIG_DFL at start-up, before any threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_tracing(&cli.log);
     let result = match cli.cmd {

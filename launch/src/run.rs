@@ -1,17 +1,35 @@
-//! `train`, `eval`, `sample`, `tokenize`. (The trainer-backed commands are wired once the
-//! `Trainer` lands on main.)
+//! `train`, `eval`, `sample`, `tokenize`: the run loop and its run directory.
+//!
+//! Run directory (`run_dir`):
+//! - `config.toml`: the resolved config (file + `--set`), as used;
+//! - `metrics.jsonl`: one line per step (see `fp8lm_trainer::metrics`);
+//! - `loss.svg`: loss curves, redrawn at each evaluation;
+//! - `checkpoints/step_N/`: the newest `checkpoint_keep` checkpoints;
+//! - `summary.json`: final losses, throughput, memory by category (also printed).
 
-use anyhow::{bail, Result};
-use fp8lm_trainer::config_file::load_config;
+use anyhow::{bail, Context, Result};
+use fp8lm_trainer::checkpoint::{self, Checkpoint};
+use fp8lm_trainer::config_file::{load_config, load_config_str, to_toml};
+use fp8lm_trainer::data::{open_dataset, Dataset};
+use fp8lm_trainer::metrics::{read_metrics, Fp8TensorStats, MetricsRecord, MetricsWriter};
 use fp8lm_trainer::tokenizer::Tokenizer;
-use fp8lm_trainer::RunConfig;
-use std::path::Path;
+use fp8lm_trainer::{snapshot, RunConfig, Trainer};
+use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::progress::Progress;
 use crate::{ConfigArgs, UsageError};
 
+/// Resolve `--config` + `--set` into a validated config.
 pub fn load(args: &ConfigArgs) -> Result<RunConfig> {
     Ok(load_config(args.config.as_deref(), &args.set)?)
+}
+
+/// A checkpoint's config with `--set` overrides applied (validated again).
+fn config_from_checkpoint(ck: &Checkpoint, sets: &[String]) -> Result<RunConfig> {
+    let origin = format!("{}/{}", ck.dir.display(), checkpoint::META_FILE);
+    Ok(load_config_str(&to_toml(&ck.meta.config), &origin, sets)?)
 }
 
 pub fn tokenize(
@@ -48,13 +66,372 @@ pub fn tokenize(
     Ok(())
 }
 
-pub fn train(args: &ConfigArgs, _resume: Option<&Path>) -> Result<()> {
-    let _cfg = load(args)?;
-    bail!("`fp8lm train` is not built yet: the Trainer (branch model) has not landed on main")
+/// The run directory a `--resume` path belongs to.
+fn run_dir_of(resume: &Path, ck: &Checkpoint) -> PathBuf {
+    if resume.join("checkpoints").is_dir() {
+        return resume.to_path_buf();
+    }
+    // <run_dir>/checkpoints/step_N
+    match ck.dir.parent() {
+        Some(p) if p.file_name().is_some_and(|n| n == "checkpoints") => {
+            p.parent().unwrap_or(Path::new(".")).to_path_buf()
+        }
+        _ => PathBuf::from(&ck.meta.config.run_dir),
+    }
 }
-pub fn eval(_p: &Path, _s: &[String]) -> Result<()> {
-    bail!("`fp8lm eval` is not built yet: the Trainer (branch model) has not landed on main")
+
+/// A fresh run never overwrites an old one: `runs/x` taken -> `runs/x-2`, `runs/x-3`, ...
+fn fresh_run_dir(want: &str) -> PathBuf {
+    let holds_run = |p: &Path| p.join("metrics.jsonl").exists() || p.join("checkpoints").exists();
+    let base = PathBuf::from(want);
+    if !holds_run(&base) {
+        return base;
+    }
+    let mut k = 2;
+    loop {
+        let p = PathBuf::from(format!("{want}-{k}"));
+        if !holds_run(&p) {
+            tracing::warn!(
+                "{} already holds a run; writing this one to {} (use --resume {} to continue the old one)",
+                base.display(),
+                p.display(),
+                base.display()
+            );
+            return p;
+        }
+        k += 1;
+    }
 }
-pub fn sample(_p: &Path, _pr: &str, _n: usize, _t: f32, _s: u64) -> Result<()> {
-    bail!("`fp8lm sample` is not built yet: the Trainer (branch model) has not landed on main")
+
+fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
+    tr.fp8_tensors()
+        .iter()
+        .map(|v| Fp8TensorStats {
+            name: v.name.clone(),
+            amax: v.stats.amax,
+            scale: v.stats.scale,
+            overflow: v.stats.overflow,
+            underflow: v.stats.underflow,
+        })
+        .collect()
+}
+
+fn save_checkpoint(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    run_dir: &Path,
+    skipped: u64,
+) -> Result<PathBuf> {
+    let ck = snapshot::capture(tr, data, json!({ "skipped_steps": skipped }));
+    let dir = ck.save(&run_dir.join("checkpoints"), tr.cfg.checkpoint_keep)?;
+    tracing::info!("checkpoint saved: {}", dir.display());
+    Ok(dir)
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
+    // 1. Everything that can be wrong with the inputs is checked before any work.
+    let (cfg, ck, run_dir) = match resume {
+        Some(r) => {
+            let ck = Checkpoint::load(r)?;
+            let cfg = match &args.config {
+                Some(_) => load(args)?,
+                None => config_from_checkpoint(&ck, &args.set)?,
+            };
+            ck.check_model_shape(&cfg)?;
+            let run_dir = run_dir_of(r, &ck);
+            (cfg, Some(ck), run_dir)
+        }
+        None => {
+            let cfg = load(args)?;
+            let dir = fresh_run_dir(&cfg.run_dir);
+            (cfg, None, dir)
+        }
+    };
+    let mut data = open_dataset(&cfg)?;
+    let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+    let mut skipped_before = 0;
+    if let Some(ck) = &ck {
+        snapshot::restore(&mut tr, data.as_mut(), ck)?;
+        skipped_before = ck
+            .meta
+            .extra
+            .get("skipped_steps")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if tr.step() >= cfg.max_steps as u64 {
+            bail!(
+                "{}: checkpoint is at step {}, already at max_steps = {}; raise it with --set max_steps=N to train further",
+                ck.dir.display(),
+                tr.step(),
+                cfg.max_steps
+            );
+        }
+    }
+
+    // 2. The run directory.
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
+    checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut records: Vec<MetricsRecord> = Vec::new();
+    let mut metrics = match &ck {
+        Some(ck) => {
+            let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
+            records = read_metrics(&metrics_path)?;
+            w
+        }
+        None => MetricsWriter::create(&metrics_path)?,
+    };
+    let plot_path = run_dir.join("loss.svg");
+    let floor = data.entropy_floor();
+    let title = format!(
+        "{} {}L {}H {}C, {}",
+        cfg.precision.name(),
+        cfg.model.layers,
+        cfg.model.heads,
+        cfg.model.channels,
+        run_dir.display()
+    );
+
+    let n_params = tr.model().num_params();
+    tracing::info!(
+        "run {}: {} params, precision {}, {} steps of {} x {} tokens{}",
+        run_dir.display(),
+        n_params,
+        cfg.precision.name(),
+        cfg.max_steps,
+        cfg.batch,
+        cfg.model.context,
+        if let Some(ck) = &ck {
+            format!(", resuming at step {}", ck.meta.step)
+        } else {
+            String::new()
+        }
+    );
+
+    // 3. The loop.
+    let start_step = tr.step();
+    let max_steps = cfg.max_steps as u64;
+    let mut progress = Progress::new(start_step, max_steps);
+    let t_run = Instant::now();
+    let (mut tokens_timed, mut secs_timed) = (0usize, 0f64);
+    let mut last_loss = f32::NAN;
+    let mut last_val = None;
+    let mut last_ckpt = None;
+    while tr.step() < max_steps {
+        let t0 = Instant::now();
+        let st = tr.train_step(data.as_mut())?;
+        let dt = t0.elapsed().as_secs_f64();
+        let done = st.step + 1;
+        let tok_s = st.tokens as f64 / dt.max(1e-9);
+        if done > start_step + 1 || max_steps - start_step == 1 {
+            // The first step of a process pays for warm-up (allocation, thread pool).
+            tokens_timed += st.tokens;
+            secs_timed += dt;
+        }
+        last_loss = st.loss;
+        let mut rec = MetricsRecord {
+            step: done,
+            loss: Some(st.loss),
+            lr: Some(st.lr),
+            grad_norm: Some(st.grad_norm),
+            tokens_per_s: Some(tok_s),
+            skipped_steps: Some(skipped_before + tr.skipped_steps()),
+            elapsed_s: Some(t_run.elapsed().as_secs_f64()),
+            fp8: fp8_stats(&tr),
+            ..Default::default()
+        };
+        let eval_now =
+            cfg.eval_every > 0 && (done % cfg.eval_every as u64 == 0 || done == max_steps);
+        if eval_now {
+            let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+            rec.val_loss = Some(v);
+            last_val = Some(v);
+            progress_note(&format!(
+                "step {done}: train loss {:.4}, val loss {v:.4}{}",
+                st.loss,
+                floor.map_or(String::new(), |f| format!(
+                    " (entropy floor {f:.4}, gap {:.4})",
+                    v as f64 - f
+                ))
+            ));
+        }
+        metrics.write(&rec)?;
+        records.push(rec);
+        if eval_now {
+            if let Err(e) = fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title) {
+                tracing::warn!("plot {}: {e:#}", plot_path.display());
+            }
+        }
+        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+            || done == max_steps
+        {
+            last_ckpt = Some(save_checkpoint(
+                &tr,
+                data.as_ref(),
+                &run_dir,
+                skipped_before + tr.skipped_steps(),
+            )?);
+        }
+        progress.step(done, st.loss, st.lr, tok_s);
+    }
+    progress.finish();
+    if !plot_path.exists() {
+        fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title).ok();
+    }
+
+    // 4. Summary.
+    let steps_run = max_steps - start_step;
+    let tokens_per_s = if secs_timed > 0.0 {
+        tokens_timed as f64 / secs_timed
+    } else {
+        0.0
+    };
+    // Mean of the last 10 training losses: one batch is noisy.
+    let tail: Vec<f32> = records
+        .iter()
+        .rev()
+        .take(10)
+        .filter_map(|r| r.loss)
+        .filter(|l| l.is_finite())
+        .collect();
+    let train_tail = if tail.is_empty() {
+        last_loss
+    } else {
+        tail.iter().sum::<f32>() / tail.len() as f32
+    };
+    let ledger = crate::bench::ledger(&tr);
+    let by_cat: Vec<(String, usize)> = fp8lm_trainer::memory::Category::ALL
+        .iter()
+        .map(|c| (c.name().to_string(), ledger.category_bytes(*c)))
+        .filter(|(_, b)| *b > 0)
+        .collect();
+    let mut memory = serde_json::Map::new();
+    for (name, b) in &by_cat {
+        memory.insert(format!("{name} MiB"), json!(mb(*b)));
+    }
+    memory.insert(
+        "optimizer+gradient+master bytes/param".into(),
+        json!(ledger.state_bytes_per_param()),
+    );
+    if let Some(rss) = fp8lm_trainer::memory::resident_bytes() {
+        memory.insert("process resident MiB".into(), json!(mb(rss)));
+    }
+    let summary = json!({
+        "run_dir": run_dir.display().to_string(),
+        "precision": cfg.precision.name(),
+        "params": n_params,
+        "steps": max_steps,
+        "steps_this_process": steps_run,
+        "final_train_loss_last10": train_tail,
+        "final_val_loss": last_val,
+        "entropy_floor": floor,
+        "val_gap_to_floor": match (last_val, floor) { (Some(v), Some(f)) => Some(v as f64 - f), _ => None },
+        "skipped_steps": skipped_before + tr.skipped_steps(),
+        "tokens_per_s": tokens_per_s,
+        "wall_s": t_run.elapsed().as_secs_f64(),
+        "memory": memory,
+        "checkpoint": last_ckpt.as_ref().map(|p| p.display().to_string()),
+    });
+    checkpoint::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+
+    println!("\n== fp8lm run summary: {}", run_dir.display());
+    println!("precision            {}", cfg.precision.name());
+    println!("parameters           {n_params}");
+    println!("steps                {max_steps} ({steps_run} in this process)");
+    println!("train loss (last 10) {train_tail:.4}");
+    if let Some(v) = last_val {
+        println!("val loss             {v:.4}");
+    }
+    if let Some(f) = floor {
+        println!("entropy floor        {f:.4} nats/token");
+        if let Some(v) = last_val {
+            println!("gap to floor         {:.4} nats/token", v as f64 - f);
+        }
+    }
+    println!(
+        "skipped steps        {}",
+        skipped_before + tr.skipped_steps()
+    );
+    println!("throughput           {tokens_per_s:.0} tokens/s");
+    println!(
+        "wall time            {:.1} s",
+        t_run.elapsed().as_secs_f64()
+    );
+    let cats: Vec<String> = by_cat
+        .iter()
+        .map(|(n, b)| format!("{n} {:.2}", mb(*b)))
+        .collect();
+    println!("memory (MiB)         {}", cats.join(" | "));
+    println!(
+        "optimizer state      {:.2} bytes/param (master + gradients + moments)",
+        ledger.state_bytes_per_param()
+    );
+    println!("files                config.toml metrics.jsonl loss.svg summary.json checkpoints/");
+    Ok(())
+}
+
+fn progress_note(msg: &str) {
+    tracing::info!("{msg}");
+}
+
+/// Load a checkpoint and a trainer with its weights (for `eval` and `sample`).
+fn trainer_from_checkpoint(
+    path: &Path,
+    sets: &[String],
+) -> Result<(Checkpoint, RunConfig, Trainer)> {
+    let ck = Checkpoint::load(path)?;
+    let cfg = config_from_checkpoint(&ck, sets)?;
+    ck.check_model_shape(&cfg)?;
+    let mut tr = Trainer::new(&cfg, cfg.vocab())?;
+    snapshot::restore_weights(&mut tr, &ck)?;
+    Ok((ck, cfg, tr))
+}
+
+pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
+    let ck = Checkpoint::load(path)?;
+    let cfg = config_from_checkpoint(&ck, sets)?;
+    ck.check_model_shape(&cfg)?;
+    let data = open_dataset(&cfg)?;
+    let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+    snapshot::restore_weights(&mut tr, &ck)?;
+    let t0 = Instant::now();
+    let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+    println!("checkpoint {} (step {})", ck.dir.display(), ck.meta.step);
+    println!(
+        "val loss {v:.4} nats/token over {} batches of {} x {} tokens ({:.1}s)",
+        cfg.eval_batches,
+        cfg.batch,
+        cfg.model.context,
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(f) = data.entropy_floor() {
+        println!("entropy floor {f:.4}, gap {:.4}", v as f64 - f);
+    }
+    Ok(())
+}
+
+pub fn sample(path: &Path, prompt: &str, tokens: usize, temperature: f32, seed: u64) -> Result<()> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(UsageError(format!(
+            "--temperature {temperature}: allowed: a finite number >= 0 (0 = greedy)"
+        ))
+        .into());
+    }
+    if prompt.is_empty() {
+        return Err(UsageError("--prompt: empty; give at least one character".into()).into());
+    }
+    let (_, cfg, mut tr) = trainer_from_checkpoint(path, &[])?;
+    let tok = Tokenizer::from_name(&cfg.tokenizer)?;
+    let ids = tok.encode(prompt);
+    let out = tr.sample(&ids, tokens, temperature, seed)?;
+    println!("{}{}", prompt, tok.decode(&out));
+    Ok(())
 }

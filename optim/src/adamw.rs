@@ -38,6 +38,30 @@ impl AdamW {
     }
 }
 
+/// The per-element update with its constants.
+struct Update {
+    h: AdamWHyper,
+    inv_bc1: f32,
+    inv_bc2: f32,
+    lr: f32,
+    wd: f32,
+    grad_scale: f32,
+}
+
+impl Update {
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: impl Fn(usize) -> f32) {
+        let h = self.h;
+        for j in 0..p.len() {
+            let g = grad(j) * self.grad_scale;
+            m[j] = h.beta1 * m[j] + (1.0 - h.beta1) * g;
+            v[j] = h.beta2 * v[j] + (1.0 - h.beta2) * g * g;
+            let upd = (m[j] * self.inv_bc1) / ((v[j] * self.inv_bc2).sqrt() + h.eps);
+            p[j] -= self.lr * (upd + self.wd * p[j]);
+        }
+    }
+}
+
 impl Optimizer for AdamW {
     fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
         assert!(
@@ -72,20 +96,24 @@ impl Optimizer for AdamW {
                 .enumerate()
                 .for_each(|(ci, ((p, m), v))| {
                     let off = ci * CHUNK;
-                    let g_at = |j: usize| -> f32 {
-                        match grad {
-                            Grad::F32(g) => g[off + j],
-                            Grad::Fp8(t) => {
-                                decode_table(t.format)[t.data[off + j] as usize] / t.scale
-                            }
-                        }
+                    let k = Update {
+                        h,
+                        inv_bc1,
+                        inv_bc2,
+                        lr,
+                        wd,
+                        grad_scale,
                     };
-                    for j in 0..p.len() {
-                        let g = g_at(j) * grad_scale;
-                        m[j] = h.beta1 * m[j] + (1.0 - h.beta1) * g;
-                        v[j] = h.beta2 * v[j] + (1.0 - h.beta2) * g * g;
-                        let upd = (m[j] * inv_bc1) / ((v[j] * inv_bc2).sqrt() + h.eps);
-                        p[j] -= lr * (upd + wd * p[j]);
+                    // One monomorphised loop per gradient type, so the f32 one vectorises.
+                    match grad {
+                        Grad::F32(g) => k.apply(p, m, v, |j| g[off + j]),
+                        Grad::Fp8(t) => {
+                            // decode and descale folded into one 256-entry table (the same
+                            // `value / scale` division, done once per code)
+                            let mut table = *decode_table(t.format);
+                            table.iter_mut().for_each(|x| *x /= t.scale);
+                            k.apply(p, m, v, |j| table[t.data[off + j] as usize])
+                        }
                     }
                 });
         }

@@ -1,24 +1,32 @@
 //! # fp8lm-optim: optimizers and the ZeRO partitioner
 //!
 //! Owns the parameter update and everything it keeps between steps:
-//! - the fp32 AdamW reference (16 bytes/parameter with f32 weights and gradients);
-//! - the FP8-LM optimizer (FP16 master weights, FP8 E4M3 first moment, FP16 second
-//!   moment, FP8 gradients: 6 bytes/parameter), each state with a per-tensor scale;
-//! - the greedy whole-tensor partitioner FP8-LM's ZeRO uses (tensors are never split, so
-//!   each keeps its own scale).
+//! - [`adamw`]: the fp32 AdamW reference (16 bytes/parameter with f32 weights and
+//!   gradients);
+//! - [`fp8_adam`]: the FP8-LM optimizer (FP16 master weights, FP8 E4M3 first moment,
+//!   FP16 second moment, FP8 gradients: 6 bytes/parameter), each state with a per-tensor
+//!   power-of-two scale from its new amax, updated in one fused, vectorised pass; its
+//!   formats are configurable for ablations;
+//! - [`lanes`]: the branch-free FP8/FP16 casts that pass is built from (bit-identical to
+//!   the `fp8` crate's and `half`'s);
+//! - [`zero`]: the greedy whole-tensor partitioner FP8-LM's ZeRO uses (tensors are not
+//!   split across ranks, so each keeps its own scale; oversized ones can be cut into row
+//!   blocks with a scale each);
+//! - [`experiment`] and [`bench`](mod@bench): the convex problems the numerics tests and ablation
+//!   example share, and the step-time benchmark (`examples/bench_optim.rs`).
 //!
 //! The trainer owns the model's compute weights (f32 buffers the layers read); an
-//! optimizer reads gradients, updates its own state and writes new compute weights back.
+//! optimizer reads gradients, updates its own state and writes new compute weights back
+//! (for the FP8 optimizer: exactly the f32 view of its FP16 master).
 
 pub mod adamw;
 pub mod api;
-
-pub use adamw::AdamW;
-pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+pub mod bench;
 pub mod experiment;
 pub mod fp8_adam;
 pub mod lanes;
-
-pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
-pub mod bench;
 pub mod zero;
+
+pub use adamw::AdamW;
+pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};

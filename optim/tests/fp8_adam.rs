@@ -476,3 +476,42 @@ fn second_moment_in_fp8_hurts() {
         "an E4M3 second moment should visibly hurt: {lv} vs {l32}"
     );
 }
+
+#[test]
+fn f32_tensors_in_a_mixed_optimizer_update_exactly_as_adamw() {
+    let metas = metas();
+    let h = AdamWHyper::default();
+    let mut r = rng(21);
+    let mut pa: Vec<Vec<f32>> = metas
+        .iter()
+        .map(|m| (0..m.numel()).map(|_| r()).collect())
+        .collect();
+    let mut pb = pa.clone();
+    let g: Vec<Vec<f32>> = metas
+        .iter()
+        .map(|m| (0..m.numel()).map(|_| 1e-2 * r()).collect())
+        .collect();
+    let gr: Vec<Grad> = g.iter().map(|g| Grad::F32(g)).collect();
+    let mut sa: Vec<&mut [f32]> = pa.iter_mut().map(|p| p.as_mut_slice()).collect();
+    let mut sb: Vec<&mut [f32]> = pb.iter_mut().map(|p| p.as_mut_slice()).collect();
+    let mut a = AdamW::new(&metas, h);
+    let mut b =
+        Fp8Adam::with_low_precision(&metas, &mut sb, Fp8AdamConfig::fp8_lm(h), &[true, false])
+            .unwrap();
+    let w0 = sb[0].to_vec();
+    assert_ne!(
+        w0,
+        sa[0].to_vec(),
+        "the low-precision tensor was rounded to its f16 master"
+    );
+    assert_eq!(sb[1].to_vec(), sa[1].to_vec(), "the f32 tensor was not");
+    for _ in 0..4 {
+        a.step(&mut sa, &gr, 1e-2, 1.0);
+        b.step(&mut sb, &gr, 1e-2, 1.0);
+    }
+    assert_eq!(sa[1], sb[1]);
+    assert_eq!(
+        b.state_data_bytes(),
+        5 * metas[0].numel() + 12 * metas[1].numel()
+    );
+}

@@ -3,6 +3,19 @@
 //! Owns the GPT model (explicit forward and backward per layer, written once against the
 //! `fp8lm-kernels` op set), the precision modes (fp32, bf16, FP8 O1/O2/O3), data sources
 //! and tokenizers, the training loop, checkpoints and metrics.
+//!
+//! ## The training engine, for the run loop, checkpoints and metrics
+//! - [`Trainer::new`]`(&cfg, vocab)` builds the model (seeded init) and fp32 AdamW;
+//!   config errors name the key. [`Trainer::set_optimizer`] swaps in another optimizer.
+//! - [`Trainer::train_step`]`(&mut dyn Dataset)` -> [`StepStats`] (loss, grad norm, lr,
+//!   skipped, tokens, forward/backward/optimizer/GEMM times). Non-finite steps are
+//!   skipped, never applied.
+//! - [`Trainer::evaluate`]`(&dyn Dataset, batches)`: mean validation loss.
+//! - [`Trainer::sample`]`(prompt, n, temperature, seed)`: continuation tokens.
+//! - State: [`Trainer::model`] (`named_params`, `set_param`), `optimizer().export_state()`,
+//!   [`Trainer::step`]/[`Trainer::set_step`], [`Trainer::rng`], and the FP8 scaling states
+//!   with their cast statistics ([`Trainer::fp8_tensors`], [`Trainer::fp8_scale_states_mut`]).
+//! - [`bench::bench_train`]: the `fp8lm bench train` measurements.
 
 pub mod config;
 pub mod config_file;
@@ -14,9 +27,11 @@ pub mod train;
 
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
+pub mod bench;
 pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod snapshot;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};

@@ -14,6 +14,8 @@
 //! - a *gradient* is the buffer the optimizer reads; when the backward accumulates in a
 //!   wider buffer first and casts (f32 -> FP8), that accumulation buffer is *workspace*.
 
+use crate::config::{Precision, RunConfig};
+use crate::train::Trainer;
 use fp8lm_optim::Optimizer;
 use std::fmt::Write as _;
 
@@ -199,6 +201,119 @@ impl MemoryLedger {
     }
 }
 
+impl MemoryLedger {
+    /// The ledger of a constructed trainer: the model's flat weights and gradients, each
+    /// linear layer's precision buffers, the activation arena and the optimizer's state.
+    /// (Small buffers, e.g. token ids and the rotary table, are not listed.)
+    pub fn for_trainer(tr: &Trainer) -> MemoryLedger {
+        let model = tr.model();
+        let n = model.num_params();
+        let precision = tr.cfg.precision;
+        let mut l = MemoryLedger::new(n);
+        let o2 = precision == Precision::Fp8O2;
+        if o2 {
+            l.add(
+                Category::ComputeWeights,
+                "f32 view of the master (the layers' input)",
+                4 * n,
+            );
+        } else {
+            l.add(
+                Category::MasterWeights,
+                "f32 weights (the master, read by the layers)",
+                4 * n,
+            );
+        }
+        // Gradients as the optimizer receives them; the rest of the f32 accumulation
+        // buffer is backward workspace.
+        let (mut fp8_grads, mut f32_grads) = (0usize, 0usize);
+        for (i, lin) in model.linear_of_tensor.iter().enumerate() {
+            let numel = model.layout.metas[i].numel();
+            match lin.map(|li| model.linears[li].memory().fp8_wgrad) {
+                Some(b) if b > 0 => fp8_grads += b,
+                _ => f32_grads += 4 * numel,
+            }
+        }
+        l.add(
+            Category::Gradients,
+            "FP8 E5M2 weight gradients (linears)",
+            fp8_grads,
+        );
+        l.add(Category::Gradients, "f32 gradients", f32_grads);
+        l.add(
+            Category::Workspace,
+            "f32 gradient accumulation cast to FP8",
+            4 * n - f32_grads,
+        );
+        let (mut w8, mut a8, mut b16) = (0, 0, 0);
+        for lin in &model.linears {
+            let m = lin.memory();
+            (w8, a8, b16) = (
+                w8 + m.fp8_weight,
+                a8 + m.fp8_activations,
+                b16 + m.bf16_cache,
+            );
+        }
+        l.add(Category::ComputeWeights, "E4M3 weight copies (linears)", w8);
+        l.add(
+            Category::Activations,
+            "f32 activations and backward scratch",
+            model.activation_bytes(),
+        );
+        l.add(
+            Category::Activations,
+            "FP8 GEMM inputs (E4M3 x, E5M2 dy)",
+            a8,
+        );
+        l.add(Category::Workspace, "bf16 GEMM operand copies", b16);
+        let formats = if o2 {
+            [
+                "f16 (linears) / f32",
+                "e4m3 (linears) / f32",
+                "f16 (linears) / f32",
+            ]
+        } else {
+            ["-", "f32", "f32"]
+        };
+        l.add_optimizer(tr.optimizer(), formats);
+        l
+    }
+}
+
+/// `fp8lm bench memory`: build the trainer `cfg` describes (its model and optimizer,
+/// `vocab` tokens unless `model.vocab` is set) and print its ledger; with `all = true`,
+/// once per single-process precision (fp32, bf16, fp8-o1, fp8-o2) for comparison.
+pub fn bench_memory(cfg: &RunConfig, vocab: usize, all: bool) -> anyhow::Result<String> {
+    let precisions = if all {
+        vec![
+            Precision::Fp32,
+            Precision::Bf16,
+            Precision::Fp8O1,
+            Precision::Fp8O2,
+        ]
+    } else {
+        vec![cfg.precision]
+    };
+    let mut out = String::new();
+    for p in precisions {
+        let mut c = cfg.clone();
+        c.precision = p;
+        let tr = Trainer::new(&c, vocab)?;
+        let m = &c.model;
+        let title = format!(
+            "{} ({:?}, L={} C={} T={} B={})",
+            p.name(),
+            m.arch,
+            m.layers,
+            m.channels,
+            m.context,
+            c.batch
+        );
+        out += &MemoryLedger::for_trainer(&tr).report(&title);
+    }
+    Ok(out)
+}
+
 /// Resident set size of this process in bytes (Linux `/proc/self/statm`, 4 KiB pages);
 /// `None` where that file does not exist.
 pub fn resident_bytes() -> Option<usize> {
@@ -210,6 +325,7 @@ pub fn resident_bytes() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Precision, RunConfig};
     use fp8lm_optim::zero::gpt2_metas;
     use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig};
 
@@ -243,6 +359,35 @@ mod tests {
         let r = l.report("fp8-o2");
         assert!(
             r.contains("e4m3 first moment") && r.contains("communication buffers"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn trainer_ledger_per_precision() {
+        let mut cfg = RunConfig::default();
+        let n = {
+            let tr = Trainer::new(&cfg, 64).unwrap();
+            tr.model().num_params()
+        };
+        for p in [Precision::Fp32, Precision::Fp8O1, Precision::Fp8O2] {
+            cfg.precision = p;
+            let tr = Trainer::new(&cfg, 64).unwrap();
+            let l = MemoryLedger::for_trainer(&tr);
+            let bpp = l.state_bytes_per_param();
+            match p {
+                Precision::Fp32 => assert_eq!(bpp, 16.0),
+                // f32 master and moments, FP8 gradients for the linears.
+                Precision::Fp8O1 => assert!(bpp > 12.0 && bpp < 16.0, "{bpp}"),
+                // 6 for the linears' weights, 16 for norms/biases/positions, + scalars.
+                _ => assert!(bpp > 6.0 && bpp < 9.0, "{bpp}"),
+            }
+            assert!(l.category_bytes(Category::Activations) > 0);
+            assert_eq!(l.params, n);
+        }
+        let r = bench_memory(&cfg, 64, true).unwrap();
+        assert!(
+            r.contains("fp8-o2") && r.contains("bf16") && r.contains("e4m3"),
             "{r}"
         );
     }

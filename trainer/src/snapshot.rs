@@ -43,7 +43,10 @@ fn restore_scale_state(name: &str, s: &mut ScaleState, v: &Value) -> Result<()> 
     };
     let fmt = v.get("format").and_then(Value::as_str).unwrap_or("");
     if fmt != format!("{:?}", s.format) {
-        bail!("scaling state {name}: format {fmt:?} in checkpoint, {:?} in this model", s.format);
+        bail!(
+            "scaling state {name}: format {fmt:?} in checkpoint, {:?} in this model",
+            s.format
+        );
     }
     s.scale = f("scale")?;
     s.amax_history = v
@@ -56,14 +59,19 @@ fn restore_scale_state(name: &str, s: &mut ScaleState, v: &Value) -> Result<()> 
         .with_context(|| format!("scaling state {name}: non-numeric amax history"))?;
     s.zero_amax_count = u("zero_amax_count")?;
     s.nonfinite_amax_count = u("nonfinite_amax_count")?;
-    s.last_amax = v.get("last_amax").and_then(Value::as_f64).map_or(f32::NAN, |x| x as f32);
+    s.last_amax = v
+        .get("last_amax")
+        .and_then(Value::as_f64)
+        .map_or(f32::NAN, |x| x as f32);
     Ok(())
 }
 
 fn state_to_tensor(name: &str, st: &StateTensor) -> CkptTensor {
     match st {
         StateTensor::F32(v) => CkptTensor::f32(name, &[v.len()], v),
-        StateTensor::F16 { data, scale } => CkptTensor::f16(name, &[data.len()], data, Some(*scale)),
+        StateTensor::F16 { data, scale } => {
+            CkptTensor::f16(name, &[data.len()], data, Some(*scale))
+        }
         StateTensor::Fp8(t) => CkptTensor::from_scaled_fp8(name, t),
         StateTensor::Scalar(x) => CkptTensor::f64(name, &[1], &[*x]),
     }
@@ -78,16 +86,27 @@ fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor
         StateTensor::Scalar(_) => 1,
     };
     if n != want {
-        bail!("optimizer state {}: {n} elements in checkpoint, {want} expected", t.name);
+        bail!(
+            "optimizer state {}: {n} elements in checkpoint, {want} expected",
+            t.name
+        );
     }
     Ok(match template {
         StateTensor::F32(_) => StateTensor::F32(t.as_f32_exact()?),
         StateTensor::Scalar(_) => StateTensor::Scalar(t.as_f64_exact()?[0]),
         StateTensor::F16 { .. } => {
             if t.dtype != CkptDtype::F16 {
-                bail!("optimizer state {}: stored as {}, expected F16", t.name, t.dtype.name());
+                bail!(
+                    "optimizer state {}: stored as {}, expected F16",
+                    t.name,
+                    t.dtype.name()
+                );
             }
-            let data = t.bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect();
+            let data = t
+                .bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
             StateTensor::F16 {
                 data,
                 scale: t.scale.unwrap_or(1.0),
@@ -97,10 +116,18 @@ fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor
             let format = match t.dtype {
                 CkptDtype::F8E4M3 => Fp8Format::E4M3,
                 CkptDtype::F8E5M2 => Fp8Format::E5M2,
-                other => bail!("optimizer state {}: stored as {}, expected FP8", t.name, other.name()),
+                other => bail!(
+                    "optimizer state {}: stored as {}, expected FP8",
+                    t.name,
+                    other.name()
+                ),
             };
             if format != tmpl.format {
-                bail!("optimizer state {}: {format:?} in checkpoint, {:?} expected", t.name, tmpl.format);
+                bail!(
+                    "optimizer state {}: {format:?} in checkpoint, {:?} expected",
+                    t.name,
+                    tmpl.format
+                );
             }
             StateTensor::Fp8(ScaledFp8 {
                 data: t.bytes.clone(),
@@ -183,7 +210,10 @@ pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Res
     let scaling = ck.meta.scaling.as_object().cloned().unwrap_or_default();
     for (name, st) in tr.fp8_scale_states_mut() {
         let v = scaling.get(&name).with_context(|| {
-            format!("{}: no FP8 scaling state for {name} (checkpoint precision differs?)", ck.dir.display())
+            format!(
+                "{}: no FP8 scaling state for {name} (checkpoint precision differs?)",
+                ck.dir.display()
+            )
         })?;
         restore_scale_state(&name, st, v)?;
     }

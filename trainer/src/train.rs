@@ -13,7 +13,7 @@ use crate::model::{CastStats, Dims, LinearPrecision, Model};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use fp8lm_fp8::{ScaleState, ScalingRecipe};
-use fp8lm_optim::{AdamW, AdamWHyper, Grad, Optimizer};
+use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -70,12 +70,30 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
                 .iter()
                 .sum::<f64>(),
             Grad::Fp8(t) => {
+                // Exact and fast: histogram the codes, then sum count * value^2.
+                let hist = t
+                    .data
+                    .par_chunks(1 << 16)
+                    .map(|c| {
+                        let mut h = [0u64; 256];
+                        c.iter().for_each(|&b| h[b as usize] += 1);
+                        h
+                    })
+                    .reduce(
+                        || [0u64; 256],
+                        |mut a, b| {
+                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                            a
+                        },
+                    );
                 let table = fp8lm_fp8::cast::decode_table(t.format);
                 let inv = 1.0 / t.scale as f64;
-                let s: f64 = t
-                    .data
+                // (empty bins skipped: the NaN codes' values would poison the sum)
+                let s: f64 = hist
                     .iter()
-                    .map(|&b| (table[b as usize] as f64).powi(2))
+                    .zip(table)
+                    .filter(|(&n, _)| n > 0)
+                    .map(|(&n, &v)| n as f64 * (v as f64).powi(2))
                     .sum();
                 s * inv * inv
             }
@@ -116,13 +134,14 @@ pub struct Trainer {
     pub(crate) dist: Option<Box<crate::distributed::DistState>>,
 }
 
-/// The linear precision a run's config asks for; O2/O3 are not implemented here yet.
+/// The linear precision a run's config asks for (fp8-o2 computes like fp8-o1; it differs
+/// in the optimizer and, for O3, where its state lives).
 pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
     Ok(match cfg.precision {
         Precision::Fp32 => LinearPrecision::Fp32,
         Precision::Bf16 => LinearPrecision::Bf16,
-        // fp8-o3 computes like fp8-o1; it differs in where the optimizer state lives.
-        Precision::Fp8O1 | Precision::Fp8O3 => {
+        // fp8-o2/o3 compute like fp8-o1; they differ in the optimizer and where its state lives.
+        Precision::Fp8O1 | Precision::Fp8O2 | Precision::Fp8O3 => {
             let recipe = match cfg.fp8.recipe.as_str() {
                 "delayed" => {
                     if cfg.fp8.amax_history == 0 {
@@ -138,14 +157,13 @@ pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
                 margin: cfg.fp8.margin,
             }
         }
-        p @ Precision::Fp8O2 => {
-            bail!("precision = \"{}\" is not yet implemented (the FP8 optimizer / FP8 ZeRO land it); use fp32, bf16 or fp8-o1", p.name())
-        }
     })
 }
 
 impl Trainer {
-    /// A freshly initialised model (seeded by `cfg.seed`) with fp32 AdamW. `vocab` is the
+    /// A freshly initialised model (seeded by `cfg.seed`) with fp32 AdamW, or with the
+    /// FP8-LM optimizer for `precision = "fp8-o2"` (which also rounds the initial weights
+    /// to its FP16 master, so the model computes with what the optimizer holds). `vocab` is the
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
     /// key at fault.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
@@ -166,14 +184,26 @@ impl Trainer {
                 o.beta2
             );
         }
-        let model = Model::new(dims, precision, cfg.seed);
+        let mut model = Model::new(dims, precision, cfg.seed);
         let hyper = AdamWHyper {
             beta1: o.beta1,
             beta2: o.beta2,
             eps: o.eps,
             weight_decay: o.weight_decay,
         };
-        let optimizer = Box::new(AdamW::new(&model.layout.metas, hyper));
+        let optimizer: Box<dyn Optimizer> = if cfg.precision == Precision::Fp8O2 {
+            // Low-precision state for the FP8 linears' weights; f32 for the rest.
+            let metas = model.layout.metas.clone();
+            let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
+            let (mut params, _) = model.params_and_grads();
+            let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
+            Box::new(
+                Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            Box::new(AdamW::new(&model.layout.metas, hyper))
+        };
         let rows = dims.b * dims.t;
         Ok(Trainer {
             cfg: cfg.clone(),

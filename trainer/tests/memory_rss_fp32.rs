@@ -1,6 +1,7 @@
 //! Memory ledger vs resident memory at GPT-2 124M, fp32 (see `rss_common`).
 
 #[path = "rss_common/mod.rs"]
+#[allow(dead_code)]
 mod rss_common;
 
 #[test]

@@ -35,14 +35,18 @@ pub(crate) fn kc_max_for(isa: Isa) -> usize {
 }
 /// Widest column strip of one work item.
 const STRIP: usize = 768;
+/// Rows (in MR panels) of A run against each B panel before moving to the next: 192
+/// rows x 512 steps x 4 B = 384 KiB of packed A, resident in L2 with the B strip.
+const MC_PANELS: usize = 24;
 /// Column strips per thread (for load balancing), and the narrowest strip in panels.
 const STRIPS_PER_THREAD: usize = 4;
 const MIN_STRIP_PANELS: usize = 4;
 /// Packed A is built for as many K-blocks at once as fit in this many floats (16 MiB),
 /// so that a whole typical GEMM needs one parallel pack phase and one compute phase.
 pub(crate) const A_PACK_FLOATS: usize = 1 << 22;
-/// Below this many flops (2mnk) a GEMM runs single-threaded.
-const SERIAL_FLOPS: usize = 1 << 21;
+/// Below this many flops (2mnk, ~60 us on one core) a GEMM runs single-threaded: two
+/// rayon joins cost several microseconds, more when other processes hold the cores.
+const SERIAL_FLOPS: usize = 1 << 23;
 
 thread_local! {
     /// Per-thread packing buffers, reused across calls (large fresh allocations would
@@ -292,21 +296,27 @@ pub(crate) fn gemm_f32(
                     let x0 = jp * NR;
                     pack::<NR>(isa, Side::B, &s, &b, x0, NR.min(n - x0), p0, kc, dst);
                 }
-                for (jp, b_panel) in (jp0..jp1).zip(b_pack.chunks(b_len)) {
-                    let cols = NR.min(n - jp * NR);
-                    for ip in ip0..ip1 {
-                        let rows = MR.min(m - ip * MR);
-                        let a_panel = &a_blk[ip * kc_max * MR..][..a_len];
-                        // SAFETY: the tile [ip*MR.., jp*NR..] lies inside C (full tiles)
-                        // and belongs to this work item alone; `isa` came from detection.
-                        unsafe {
-                            let dst = c_ptr.get().add(ip * MR * n + jp * NR);
-                            if rows == MR && cols == NR {
-                                tile(isa, kc, a_panel, b_panel, dst, n, alpha, beta_one);
-                            } else {
-                                edge_tile(
-                                    isa, kc, a_panel, b_panel, dst, n, rows, cols, alpha, beta_one,
-                                );
+                // Rows in chunks of MC_PANELS so the A rows in use stay in L2 while
+                // every B panel of the strip passes over them.
+                for ic in (ip0..ip1).step_by(MC_PANELS) {
+                    let ic1 = (ic + MC_PANELS).min(ip1);
+                    for (jp, b_panel) in (jp0..jp1).zip(b_pack.chunks(b_len)) {
+                        let cols = NR.min(n - jp * NR);
+                        for ip in ic..ic1 {
+                            let rows = MR.min(m - ip * MR);
+                            let a_panel = &a_blk[ip * kc_max * MR..][..a_len];
+                            // SAFETY: the tile [ip*MR.., jp*NR..] lies inside C (full tiles)
+                            // and belongs to this work item alone; `isa` came from detection.
+                            unsafe {
+                                let dst = c_ptr.get().add(ip * MR * n + jp * NR);
+                                if rows == MR && cols == NR {
+                                    tile(isa, kc, a_panel, b_panel, dst, n, alpha, beta_one);
+                                } else {
+                                    edge_tile(
+                                        isa, kc, a_panel, b_panel, dst, n, rows, cols, alpha,
+                                        beta_one,
+                                    );
+                                }
                             }
                         }
                     }

@@ -298,26 +298,38 @@ fn grid_and_thread_independence() {
     );
     // one column panel: split the rows instead
     assert_eq!(
-        grid(300, 20, 400, 3),
+        grid(600, 20, 400, 3),
         Grid {
             threads: 3,
             row_parts: 3,
             col_parts: 1
         }
     );
+    assert_eq!(
+        grid(72, 330, 200, 3),
+        Grid {
+            threads: 3,
+            row_parts: 2,
+            col_parts: 2
+        }
+    );
     let mut rng = Rng(3);
-    let s = shape(300, 20, 400, false, true);
-    let a = Mat::random(&mut rng, 300 * 400, Ty::E4M3, 8.0);
-    let b = Mat::random(&mut rng, 400 * 20, Ty::E5M2, 8.0);
-    let want = reference(s, &a, &b);
-    let isa = Isa::detect();
-    let mut c1 = vec![0f32; 300 * 20];
-    gemm_f32(isa, s, a.as_ref(), b.as_ref(), &mut c1, false, 1);
-    check("serial", 400, &c1, &want, None);
-    for t in [2, 3, 5] {
-        let mut ct = vec![0f32; 300 * 20];
-        gemm_f32(isa, s, a.as_ref(), b.as_ref(), &mut ct, false, t);
-        assert_eq!(c1, ct, "{t} threads differ from 1");
+    for (m, n, k) in [(600, 20, 400), (72, 330, 200)] {
+        let s = shape(m, n, k, false, true);
+        let a = Mat::random(&mut rng, m * k, Ty::E4M3, 8.0);
+        let b = Mat::random(&mut rng, k * n, Ty::E5M2, 8.0);
+        let want = reference(s, &a, &b);
+        for isa in Isa::available() {
+            let mut c1 = vec![0f32; m * n];
+            gemm_f32(isa, s, a.as_ref(), b.as_ref(), &mut c1, false, 1);
+            check(&format!("{isa:?} {s:?} serial"), k, &c1, &want, None);
+            for t in [2, 3, 5] {
+                assert!(grid(m, n, k, t).threads == t, "{s:?} must run threaded");
+                let mut ct = vec![0f32; m * n];
+                gemm_f32(isa, s, a.as_ref(), b.as_ref(), &mut ct, false, t);
+                assert_eq!(c1, ct, "{isa:?} {s:?}: {t} threads differ from 1");
+            }
+        }
     }
 }
 

@@ -416,7 +416,7 @@ impl Model {
     }
 
     /// Gradients of the mean loss of the last forward (with targets) into `grads`
-    /// (zeroed first). Consumes that forward: a second call panics.
+    /// (overwritten). Consumes that forward: a second call panics.
     pub fn backward(&mut self) {
         let (b, t) = self
             .last_bt
@@ -426,7 +426,12 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
-        self.grads.fill(0.0);
+        // Linear weights' gradients are overwritten by their dW GEMM; zero the rest.
+        for (i, li) in self.linear_of_tensor.iter().enumerate() {
+            if li.is_none() {
+                self.grads[self.layout.range(i)].fill(0.0);
+            }
+        }
         let Model {
             params,
             grads,

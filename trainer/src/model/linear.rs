@@ -137,6 +137,19 @@ struct Bf16Cache {
     dy: Vec<bf16>,
 }
 
+/// Bytes held by one linear layer's precision state ([`Linear::memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearMemory {
+    /// E4M3 copy of the weight.
+    pub fp8_weight: usize,
+    /// E4M3 input and E5M2 output-gradient copies.
+    pub fp8_activations: usize,
+    /// FP8 weight gradient handed to the optimizer.
+    pub fp8_wgrad: usize,
+    /// bf16 copies of input, weight and output gradient (bf16 runs).
+    pub bf16_cache: usize,
+}
+
 /// One linear layer's precision state (the weights themselves live in the model's flat
 /// buffer and are passed in).
 #[derive(Clone, Debug)]
@@ -179,6 +192,20 @@ impl Linear {
             bf16,
             gemm_time: Duration::ZERO,
         }
+    }
+
+    /// Bytes of this layer's precision state, for the memory ledger.
+    pub fn memory(&self) -> LinearMemory {
+        let mut m = LinearMemory::default();
+        if let Some(f) = &self.fp8 {
+            m.fp8_weight = f.w.data.len();
+            m.fp8_activations = f.x.data.len() + f.dy.data.len();
+            m.fp8_wgrad = f.wgrad.data.len();
+        }
+        if let Some(b) = &self.bf16 {
+            m.bf16_cache = 2 * (b.x.len() + b.w.len() + b.dy.len());
+        }
+        m
     }
 
     pub fn take_gemm_time(&mut self) -> Duration {
@@ -237,7 +264,9 @@ impl Linear {
         }
     }
 
-    /// dinp[n,c] = dout @ w (overwritten); dw[oc,c] += dout^T @ inp; dbias += sum(dout).
+    /// dinp[n,c] = dout @ w and dw[oc,c] = dout^T @ inp (both overwritten: each weight has
+    /// one GEMM contribution, so the trainer need not zero 4 bytes x params every step);
+    /// dbias += sum(dout).
     /// Must follow this layer's own `forward` on the same `inp`/`w` (it reuses their casts).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
@@ -264,21 +293,21 @@ impl Linear {
         match self.precision {
             LinearPrecision::Fp32 => {
                 self.gemm(s_dinp, MatRef::F32(dout), MatRef::F32(w), dinp, false);
-                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, true);
+                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, false);
             }
             LinearPrecision::Bf16 => {
                 let mut cache = self.bf16.take().expect("bf16 cache");
                 to_bf16(dout, &mut cache.dy[..n * oc]);
                 let dy = MatRef::Bf16(&cache.dy[..n * oc]);
                 self.gemm(s_dinp, dy, MatRef::Bf16(&cache.w), dinp, false);
-                self.gemm(s_dw, dy, MatRef::Bf16(&cache.x[..n * c]), dw, true);
+                self.gemm(s_dw, dy, MatRef::Bf16(&cache.x[..n * c]), dw, false);
                 self.bf16 = Some(cache);
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
                 f.dy.quantize(dout, true);
                 self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
-                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, true);
+                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
                 self.fp8 = Some(f);
             }
         }
@@ -312,6 +341,9 @@ fn to_bf16(src: &[f32], dst: &mut [bf16]) {
 
 /// max |x| over the slice (NaN if any NaN), in parallel with a fixed combine order.
 pub fn par_amax(src: &[f32]) -> f32 {
+    if src.len() <= CAST_CHUNK {
+        return cast::amax_f32(src);
+    }
     let parts: Vec<f32> = src.par_chunks(CAST_CHUNK).map(cast::amax_f32).collect();
     parts.iter().fold(0f32, |m, &x| {
         if x.is_nan() || m.is_nan() {
@@ -326,20 +358,24 @@ pub fn par_amax(src: &[f32]) -> f32 {
 /// returns (amax of src, values that saturated, nonzero values flushed to zero).
 pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) -> (f32, u64, u64) {
     let max = fmt.max();
+    let chunk = |d: &mut [u8], s: &[f32]| {
+        let amax = cast::f32_to_fp8_amax(fmt, s, scale, d);
+        let mut over = 0u64;
+        if amax * scale > max || amax.is_nan() {
+            over = s.iter().filter(|x| (**x * scale).abs() > max).count() as u64;
+        }
+        // underflow = zeros out - zeros in (two counts that vectorise)
+        let zeros_out = d.iter().filter(|&&b| b & 0x7F == 0).count();
+        let zeros_in = s.iter().filter(|&&x| x == 0.0).count();
+        (amax, over, zeros_out.saturating_sub(zeros_in) as u64)
+    };
+    if src.len() <= CAST_CHUNK {
+        return chunk(dst, src);
+    }
     let parts: Vec<(f32, u64, u64)> = dst
         .par_chunks_mut(CAST_CHUNK)
         .zip(src.par_chunks(CAST_CHUNK))
-        .map(|(d, s)| {
-            let amax = cast::f32_to_fp8_amax(fmt, s, scale, d);
-            let (mut over, mut under) = (0u64, 0u64);
-            if amax * scale > max || amax.is_nan() {
-                over = s.iter().filter(|x| (**x * scale).abs() > max).count() as u64;
-            }
-            for (&x, &b) in s.iter().zip(d.iter()) {
-                under += (x != 0.0 && b & 0x7F == 0) as u64;
-            }
-            (amax, over, under)
-        })
+        .map(|(d, s)| chunk(d, s))
         .collect();
     parts.iter().fold((0f32, 0, 0), |(m, o, u), &(a, po, pu)| {
         (

@@ -12,5 +12,7 @@ pub mod linear;
 pub mod params;
 
 pub use gpt::Model;
-pub use linear::{CastStats, Fp8Linear, Fp8Operand, Linear, LinearPrecision, WGRAD_FORMAT};
+pub use linear::{
+    CastStats, Fp8Linear, Fp8Operand, Linear, LinearMemory, LinearPrecision, WGRAD_FORMAT,
+};
 pub use params::{Dims, Layout};

@@ -82,3 +82,50 @@ pub fn check(fp8: bool) {
         assert_eq!(bpp, 16.0, "fp32 state");
     }
 }
+
+/// The whole trainer at GPT-2 124M dimensions (B=1, T=64, so one step takes seconds): build it, take one training
+/// step (which writes every gradient, activation and optimizer buffer), and compare the
+/// resident growth with [`MemoryLedger::for_trainer`].
+pub fn check_trainer(precision: fp8lm_trainer::Precision) {
+    use fp8lm_trainer::data::synthetic::MarkovCorpus;
+    use fp8lm_trainer::data::Dataset;
+    use fp8lm_trainer::{RunConfig, Trainer};
+    let mut cfg = RunConfig {
+        precision,
+        batch: 1,
+        ..RunConfig::default()
+    };
+    cfg.model.layers = 12;
+    cfg.model.heads = 12;
+    cfg.model.channels = 768;
+    cfg.model.context = 64;
+    cfg.model.vocab = 50257;
+    let mut data = MarkovCorpus::new(cfg.seed);
+    let before = resident_bytes().unwrap();
+    let mut tr = Trainer::new(&cfg, data.vocab_size()).unwrap();
+    tr.train_step(&mut data).unwrap();
+    let grown = resident_bytes().unwrap().saturating_sub(before);
+    let ledger = MemoryLedger::for_trainer(&tr);
+    print!("{}", ledger.report(precision.name()));
+    let total = ledger.total();
+    println!(
+        "  resident growth {:.1} MiB vs ledger {:.1} MiB ({:+.2}%)",
+        grown as f64 / 1048576.0,
+        total as f64 / 1048576.0,
+        (grown as f64 / total as f64 - 1.0) * 100.0
+    );
+    let bpp = ledger.state_bytes_per_param();
+    match precision {
+        fp8lm_trainer::Precision::Fp32 => assert_eq!(bpp, 16.0),
+        // 6 for the linears' weights (99.4% of the parameters), 16 for the rest.
+        fp8lm_trainer::Precision::Fp8O2 => assert!((6.0..6.1).contains(&bpp), "{bpp}"),
+        _ => {}
+    }
+    // GPT-2 124M, with the position table sized for T = 64 instead of 1024.
+    assert_eq!(tr.model().num_params(), 124_439_808 - (1024 - 64) * 768);
+    assert!(
+        (grown as f64 - total as f64).abs() <= 0.05 * total as f64,
+        "{}: resident growth {grown} B vs ledger {total} B",
+        precision.name()
+    );
+}

@@ -47,13 +47,15 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
-use crate::lanes::{
-    f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
-    fp8_lane, fp8_rescale_slice,
-};
-use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16, ScaledFp8};
-use half::slice::HalfFloatSliceExt;
+use crate::lanes::fp8_lane;
+use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16};
 use rayon::prelude::*;
+
+mod kernel;
+mod state;
+
+use kernel::{update_chunk, ChunkOut, StepConsts};
+use state::{Buf, GradChunk};
 
 /// Elements per chunk of the fused pass: four f32 scratch rows of 8 KiB stay in L1/L2.
 pub const CHUNK: usize = 2048;
@@ -146,348 +148,6 @@ pub struct Fp8AdamStats {
 
 const STATE_NAMES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
-/// One stored state tensor.
-#[derive(Clone, Debug, PartialEq)]
-enum Buf {
-    F32(Vec<f32>),
-    F16(ScaledF16),
-    Fp8(ScaledFp8),
-}
-
-impl Buf {
-    fn zeros(fmt: StateFormat, shape: &[usize]) -> Buf {
-        match fmt {
-            StateFormat::F32 => Buf::F32(vec![0.0; shape.iter().product()]),
-            StateFormat::F16 => Buf::F16(ScaledF16::zeros(shape)),
-            StateFormat::Fp8(f) => Buf::Fp8(ScaledFp8::zeros(shape, f)),
-        }
-    }
-    fn format(&self) -> StateFormat {
-        match self {
-            Buf::F32(_) => StateFormat::F32,
-            Buf::F16(_) => StateFormat::F16,
-            Buf::Fp8(t) => StateFormat::Fp8(t.format),
-        }
-    }
-    fn len(&self) -> usize {
-        match self {
-            Buf::F32(d) => d.len(),
-            Buf::F16(t) => t.data.len(),
-            Buf::Fp8(t) => t.data.len(),
-        }
-    }
-    fn scale(&self) -> f32 {
-        match self {
-            Buf::F32(_) => 1.0,
-            Buf::F16(t) => t.scale,
-            Buf::Fp8(t) => t.scale,
-        }
-    }
-    fn set_scale(&mut self, s: f32) {
-        match self {
-            Buf::F32(_) => {}
-            Buf::F16(t) => t.scale = s,
-            Buf::Fp8(t) => t.scale = s,
-        }
-    }
-    fn data_bytes(&self) -> usize {
-        self.len() * self.format().bytes_per_elem()
-    }
-    fn chunks_mut(&mut self) -> Vec<ChunkMut<'_>> {
-        match self {
-            Buf::F32(d) => d.chunks_mut(CHUNK).map(ChunkMut::F32).collect(),
-            Buf::F16(t) => t
-                .data
-                .reinterpret_cast_mut()
-                .chunks_mut(CHUNK)
-                .map(ChunkMut::F16)
-                .collect(),
-            Buf::Fp8(t) => {
-                let f = t.format;
-                t.data
-                    .chunks_mut(CHUNK)
-                    .map(|c| ChunkMut::Fp8(c, f))
-                    .collect()
-            }
-        }
-    }
-    /// Real values (stored / scale).
-    fn to_f32(&self) -> Vec<f32> {
-        match self {
-            Buf::F32(d) => d.clone(),
-            Buf::F16(t) => t.dequantize(),
-            Buf::Fp8(t) => t.dequantize(),
-        }
-    }
-    fn to_state(&self) -> StateTensor {
-        match self {
-            Buf::F32(d) => StateTensor::F32(d.clone()),
-            Buf::F16(t) => StateTensor::F16 {
-                data: t.data.clone(),
-                scale: t.scale,
-            },
-            Buf::Fp8(t) => StateTensor::Fp8(t.clone()),
-        }
-    }
-    /// Replace the contents from a checkpoint entry of the same format and length.
-    fn load(&mut self, st: StateTensor, name: &str) -> Result<(), String> {
-        let want = self.format();
-        let n = self.len();
-        let bad_len =
-            |got: usize| format!("optimizer state {name:?}: {got} elements, the parameter has {n}");
-        let bad_scale =
-            |s: f32| format!("optimizer state {name:?}: scale {s} is not a positive finite number");
-        match (self, st) {
-            (Buf::F32(d), StateTensor::F32(v)) => {
-                if v.len() != n {
-                    return Err(bad_len(v.len()));
-                }
-                *d = v;
-            }
-            (Buf::F16(t), StateTensor::F16 { data, scale }) => {
-                if data.len() != n {
-                    return Err(bad_len(data.len()));
-                }
-                if !(scale.is_finite() && scale > 0.0) {
-                    return Err(bad_scale(scale));
-                }
-                t.data = data;
-                t.scale = scale;
-            }
-            (Buf::Fp8(t), StateTensor::Fp8(q)) => {
-                if q.data.len() != n {
-                    return Err(bad_len(q.data.len()));
-                }
-                if q.format != t.format {
-                    return Err(format!(
-                        "optimizer state {name:?}: stored as {}, this run keeps it as {}",
-                        q.format.name(),
-                        t.format.name()
-                    ));
-                }
-                if !(q.scale.is_finite() && q.scale > 0.0) {
-                    return Err(bad_scale(q.scale));
-                }
-                t.data = q.data;
-                t.scale = q.scale;
-            }
-            (_, st) => {
-                let got = match st {
-                    StateTensor::F32(_) => "f32",
-                    StateTensor::F16 { .. } => "f16",
-                    StateTensor::Fp8(_) => "fp8",
-                    StateTensor::Scalar(_) => "a scalar",
-                };
-                return Err(format!(
-                    "optimizer state {name:?}: stored as {got}, this run keeps it as {}",
-                    want.name()
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A mutable chunk of one state, typed by format.
-enum ChunkMut<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [u16]),
-    Fp8(&'a mut [u8], Fp8Format),
-}
-
-impl ChunkMut<'_> {
-    /// `dst[i] = stored[i] / scale`.
-    #[inline(always)]
-    fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
-        match self {
-            ChunkMut::F32(s) => dst.copy_from_slice(s),
-            ChunkMut::F16(s) => f16_decode_slice(s, inv_scale, dst),
-            ChunkMut::Fp8(s, f) => fp8_decode_slice(*f, s, inv_scale, 1.0, dst),
-        }
-    }
-    /// `stored[i] = encode(src[i] * scale)`.
-    #[inline(always)]
-    fn encode(&mut self, src: &[f32], scale: f32) {
-        match self {
-            ChunkMut::F32(s) => s.copy_from_slice(src),
-            ChunkMut::F16(s) => f16_encode_slice(src, scale, s),
-            ChunkMut::Fp8(s, f) => fp8_encode_slice(*f, src, scale, s),
-        }
-    }
-    /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
-    /// except in the subnormal range.
-    fn rescale(&mut self, factor: f32) {
-        match self {
-            ChunkMut::F32(_) => {}
-            ChunkMut::F16(s) => {
-                for h in s.iter_mut() {
-                    *h = f16_encode(f16_decode(*h) * factor);
-                }
-            }
-            ChunkMut::Fp8(s, f) => fp8_rescale_slice(*f, s, factor),
-        }
-    }
-}
-
-/// A chunk of the incoming gradient with grad_scale (and the FP8 tensor's 1/scale, a
-/// power of two, so the multiply equals the reference's exact division).
-#[derive(Clone, Copy)]
-enum GradChunk<'a> {
-    F32(&'a [f32], f32),
-    Fp8(&'a [u8], Fp8Format, f32, f32),
-}
-
-impl GradChunk<'_> {
-    #[inline(always)]
-    fn decode(&self, dst: &mut [f32]) {
-        match *self {
-            GradChunk::F32(g, f) => {
-                for (d, &x) in dst.iter_mut().zip(g) {
-                    *d = x * f;
-                }
-            }
-            GradChunk::Fp8(g, fmt, inv_scale, f) => fp8_decode_slice(fmt, g, inv_scale, f, dst),
-        }
-    }
-}
-
-/// Per-step constants of the update for one tensor.
-#[derive(Clone, Copy, Debug)]
-struct StepConsts {
-    b1: f32,
-    b2: f32,
-    one_minus_b1: f32,
-    one_minus_b2: f32,
-    /// 1 / (1 - b1^t) and 1 / (1 - b2^t), computed in f64 (as the fp32 AdamW does).
-    inv_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-    lr: f32,
-    /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
-    wd: f32,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct ChunkOut {
-    /// amax of the new (pre-encode) values of master, exp_avg, exp_avg_sq.
-    amax: [f32; 3],
-    saw_nan: bool,
-    /// max |u| (the Adam direction before lr).
-    ratio: f32,
-    deferred: bool,
-}
-
-/// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
-/// the provisional scales would overflow, then nothing is written).
-///
-/// Multiversioned: the same code compiled for AVX2 when the CPU has it (the portable
-/// build targets SSE2; the integer bit tricks of the casts gain most from 8 lanes).
-/// Both versions are the same Rust expressions without FMA contraction, so their
-/// results are bit-identical.
-#[allow(clippy::too_many_arguments)]
-fn update_chunk(
-    w: &mut ChunkMut,
-    m: &mut ChunkMut,
-    v: &mut ChunkMut,
-    p: &mut [f32],
-    g: GradChunk,
-    k: &StepConsts,
-    old_scale: [f32; 3],
-    scale: [f32; 3],
-    limits: Option<[f32; 3]>,
-) -> ChunkOut {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { update_chunk_avx2(w, m, v, p, g, k, old_scale, scale, limits) };
-    }
-    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn update_chunk_avx2(
-    w: &mut ChunkMut,
-    m: &mut ChunkMut,
-    v: &mut ChunkMut,
-    p: &mut [f32],
-    g: GradChunk,
-    k: &StepConsts,
-    old_scale: [f32; 3],
-    scale: [f32; 3],
-    limits: Option<[f32; 3]>,
-) -> ChunkOut {
-    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn update_chunk_impl(
-    w: &mut ChunkMut,
-    m: &mut ChunkMut,
-    v: &mut ChunkMut,
-    p: &mut [f32],
-    g: GradChunk,
-    k: &StepConsts,
-    old_scale: [f32; 3],
-    scale: [f32; 3],
-    limits: Option<[f32; 3]>,
-) -> ChunkOut {
-    let n = p.len();
-    // Scratch rows: g, w, m, v (each CHUNK f32).
-    let mut gb = [0f32; CHUNK];
-    let mut wb = [0f32; CHUNK];
-    let mut mb = [0f32; CHUNK];
-    let mut vb = [0f32; CHUNK];
-    let (gb, wb, mb, vb) = (&mut gb[..n], &mut wb[..n], &mut mb[..n], &mut vb[..n]);
-    g.decode(gb);
-    w.decode(1.0 / old_scale[0], wb);
-    m.decode(1.0 / old_scale[1], mb);
-    v.decode(1.0 / old_scale[2], vb);
-    // amax as the integer max of |x|'s bits: same order as the floats for non-negative
-    // values, NaN above infinity (so it flags NaN too), and it vectorises as pmaxud.
-    let (mut aw, mut am, mut av, mut ar) = (0u32, 0u32, 0u32, 0u32);
-    for i in 0..n {
-        let g = gb[i];
-        let m = k.b1 * mb[i] + k.one_minus_b1 * g;
-        let v = k.b2 * vb[i] + k.one_minus_b2 * g * g;
-        let u = (m * k.inv_bc1) / ((v * k.inv_bc2).sqrt() + k.eps);
-        let w = wb[i] - k.lr * (u + k.wd * wb[i]);
-        mb[i] = m;
-        vb[i] = v;
-        wb[i] = w;
-        aw = aw.max(w.to_bits() & 0x7FFF_FFFF);
-        am = am.max(m.to_bits() & 0x7FFF_FFFF);
-        av = av.max(v.to_bits() & 0x7FFF_FFFF);
-        ar = ar.max(u.to_bits() & 0x7FFF_FFFF);
-    }
-    let nan = aw.max(am).max(av) > 0x7F80_0000;
-    let ar = f32::from_bits(ar);
-    let amax = [f32::from_bits(aw), f32::from_bits(am), f32::from_bits(av)];
-    if let Some(lim) = limits {
-        if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
-            return ChunkOut {
-                amax,
-                saw_nan: nan,
-                ratio: ar,
-                deferred: true,
-            };
-        }
-    }
-    w.encode(wb, scale[0]);
-    m.encode(mb, scale[1]);
-    v.encode(vb, scale[2]);
-    // Compute weights are the f32 view of what the master now stores.
-    w.decode(1.0 / scale[0], p);
-    ChunkOut {
-        amax,
-        saw_nan: nan,
-        ratio: ar,
-        deferred: false,
-    }
-}
-
 /// State of one parameter tensor.
 #[derive(Clone, Debug)]
 struct TensorState {
@@ -521,15 +181,36 @@ impl Fp8Adam {
         params: &mut [&mut [f32]],
         cfg: Fp8AdamConfig,
     ) -> Result<Self, String> {
-        if metas.len() != params.len() {
+        Self::with_low_precision(metas, params, cfg, &vec![true; metas.len()])
+    }
+
+    /// As [`Fp8Adam::new`], but only tensors with `low_precision[i]` keep the configured
+    /// formats; the others keep f32 master weights and moments (the fp32 AdamW's exact
+    /// update). MS-AMP does the same: only the weights of FP8 linear layers get low-bit
+    /// state, while LayerNorm gains and biases, whose values sit near 1 or 0 and move by
+    /// less than an FP16 ulp late in training, stay in f32 (about 1% of a GPT-2's
+    /// parameters).
+    pub fn with_low_precision(
+        metas: &[ParamMeta],
+        params: &mut [&mut [f32]],
+        cfg: Fp8AdamConfig,
+        low_precision: &[bool],
+    ) -> Result<Self, String> {
+        if metas.len() != params.len() || metas.len() != low_precision.len() {
             return Err(format!(
-                "Fp8Adam: {} parameter descriptions but {} parameter buffers",
+                "Fp8Adam: {} parameter descriptions but {} parameter buffers and {} precision flags",
                 metas.len(),
-                params.len()
+                params.len(),
+                low_precision.len()
             ));
         }
         let mut tensors = Vec::with_capacity(metas.len());
-        for (meta, p) in metas.iter().zip(params.iter_mut()) {
+        for ((meta, p), &low) in metas.iter().zip(params.iter_mut()).zip(low_precision) {
+            let [f_master, f_m, f_v] = if low {
+                cfg.formats()
+            } else {
+                [StateFormat::F32; 3]
+            };
             if meta.numel() != p.len() {
                 return Err(format!(
                     "Fp8Adam: parameter {:?} has shape {:?} ({} elements) but its buffer holds {}",
@@ -540,7 +221,7 @@ impl Fp8Adam {
                 ));
             }
             let shape = &meta.shape;
-            let mut master = Buf::zeros(cfg.master, shape);
+            let mut master = Buf::zeros(f_master, shape);
             let amax_w = fp8lm_fp8::cast::amax_f32(p);
             if !amax_w.is_finite() {
                 return Err(format!(
@@ -548,8 +229,7 @@ impl Fp8Adam {
                     meta.name
                 ));
             }
-            let s = cfg
-                .master
+            let s = f_master
                 .fmt_max()
                 .and_then(|mx| scale_for_amax(mx, amax_w, 0, ScaleRounding::PowerOfTwo))
                 .unwrap_or(1.0);
@@ -560,11 +240,7 @@ impl Fp8Adam {
             }
             tensors.push(TensorState {
                 meta: meta.clone(),
-                bufs: [
-                    master,
-                    Buf::zeros(cfg.exp_avg, shape),
-                    Buf::zeros(cfg.exp_avg_sq, shape),
-                ],
+                bufs: [master, Buf::zeros(f_m, shape), Buf::zeros(f_v, shape)],
                 amax: [amax_w, 0.0, 0.0],
                 ratio: 0.0,
             });

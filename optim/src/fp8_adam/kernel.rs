@@ -1,0 +1,141 @@
+//! The fused per-chunk AdamW update over decoded state (see the parent module's docs).
+
+use super::state::{ChunkMut, GradChunk};
+use super::CHUNK;
+
+/// Per-step constants of the update for one tensor.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StepConsts {
+    pub(super) b1: f32,
+    pub(super) b2: f32,
+    pub(super) one_minus_b1: f32,
+    pub(super) one_minus_b2: f32,
+    /// 1 / (1 - b1^t) and 1 / (1 - b2^t), computed in f64 (as the fp32 AdamW does).
+    pub(super) inv_bc1: f32,
+    pub(super) inv_bc2: f32,
+    pub(super) eps: f32,
+    pub(super) lr: f32,
+    /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
+    pub(super) wd: f32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct ChunkOut {
+    /// amax of the new (pre-encode) values of master, exp_avg, exp_avg_sq.
+    pub(super) amax: [f32; 3],
+    pub(super) saw_nan: bool,
+    /// max |u| (the Adam direction before lr).
+    pub(super) ratio: f32,
+    pub(super) deferred: bool,
+}
+
+/// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
+/// the provisional scales would overflow, then nothing is written).
+///
+/// Multiversioned: the same code compiled for AVX2 when the CPU has it (the portable
+/// build targets SSE2; the integer bit tricks of the casts gain most from 8 lanes).
+/// Both versions are the same Rust expressions without FMA contraction, so their
+/// results are bit-identical.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn update_chunk(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { update_chunk_avx2(w, m, v, p, g, k, old_scale, scale, limits) };
+    }
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_chunk_avx2(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    update_chunk_impl(w, m, v, p, g, k, old_scale, scale, limits)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_chunk_impl(
+    w: &mut ChunkMut,
+    m: &mut ChunkMut,
+    v: &mut ChunkMut,
+    p: &mut [f32],
+    g: GradChunk,
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+) -> ChunkOut {
+    let n = p.len();
+    // Scratch rows: g, w, m, v (each CHUNK f32).
+    let mut gb = [0f32; CHUNK];
+    let mut wb = [0f32; CHUNK];
+    let mut mb = [0f32; CHUNK];
+    let mut vb = [0f32; CHUNK];
+    let (gb, wb, mb, vb) = (&mut gb[..n], &mut wb[..n], &mut mb[..n], &mut vb[..n]);
+    g.decode(gb);
+    w.decode(1.0 / old_scale[0], wb);
+    m.decode(1.0 / old_scale[1], mb);
+    v.decode(1.0 / old_scale[2], vb);
+    // amax as the integer max of |x|'s bits: same order as the floats for non-negative
+    // values, NaN above infinity (so it flags NaN too), and it vectorises as pmaxud.
+    let (mut aw, mut am, mut av, mut ar) = (0u32, 0u32, 0u32, 0u32);
+    for i in 0..n {
+        let g = gb[i];
+        let m = k.b1 * mb[i] + k.one_minus_b1 * g;
+        let v = k.b2 * vb[i] + k.one_minus_b2 * g * g;
+        let u = (m * k.inv_bc1) / ((v * k.inv_bc2).sqrt() + k.eps);
+        let w = wb[i] - k.lr * (u + k.wd * wb[i]);
+        mb[i] = m;
+        vb[i] = v;
+        wb[i] = w;
+        aw = aw.max(w.to_bits() & 0x7FFF_FFFF);
+        am = am.max(m.to_bits() & 0x7FFF_FFFF);
+        av = av.max(v.to_bits() & 0x7FFF_FFFF);
+        ar = ar.max(u.to_bits() & 0x7FFF_FFFF);
+    }
+    let nan = aw.max(am).max(av) > 0x7F80_0000;
+    let ar = f32::from_bits(ar);
+    let amax = [f32::from_bits(aw), f32::from_bits(am), f32::from_bits(av)];
+    if let Some(lim) = limits {
+        if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
+            return ChunkOut {
+                amax,
+                saw_nan: nan,
+                ratio: ar,
+                deferred: true,
+            };
+        }
+    }
+    w.encode(wb, scale[0]);
+    m.encode(mb, scale[1]);
+    v.encode(vb, scale[2]);
+    // Compute weights are the f32 view of what the master now stores.
+    w.decode(1.0 / scale[0], p);
+    ChunkOut {
+        amax,
+        saw_nan: nan,
+        ratio: ar,
+        deferred: false,
+    }
+}

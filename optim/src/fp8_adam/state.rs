@@ -1,0 +1,215 @@
+//! Typed storage of one optimizer state and chunk views of it for the fused pass.
+
+use super::{StateFormat, CHUNK};
+use crate::api::StateTensor;
+use crate::lanes::{
+    f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
+    fp8_rescale_slice,
+};
+use fp8lm_fp8::{Fp8Format, ScaledF16, ScaledFp8};
+use half::slice::HalfFloatSliceExt;
+
+/// One stored state tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Buf {
+    F32(Vec<f32>),
+    F16(ScaledF16),
+    Fp8(ScaledFp8),
+}
+
+impl Buf {
+    pub(super) fn zeros(fmt: StateFormat, shape: &[usize]) -> Buf {
+        match fmt {
+            StateFormat::F32 => Buf::F32(vec![0.0; shape.iter().product()]),
+            StateFormat::F16 => Buf::F16(ScaledF16::zeros(shape)),
+            StateFormat::Fp8(f) => Buf::Fp8(ScaledFp8::zeros(shape, f)),
+        }
+    }
+    pub(super) fn format(&self) -> StateFormat {
+        match self {
+            Buf::F32(_) => StateFormat::F32,
+            Buf::F16(_) => StateFormat::F16,
+            Buf::Fp8(t) => StateFormat::Fp8(t.format),
+        }
+    }
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Buf::F32(d) => d.len(),
+            Buf::F16(t) => t.data.len(),
+            Buf::Fp8(t) => t.data.len(),
+        }
+    }
+    pub(super) fn scale(&self) -> f32 {
+        match self {
+            Buf::F32(_) => 1.0,
+            Buf::F16(t) => t.scale,
+            Buf::Fp8(t) => t.scale,
+        }
+    }
+    pub(super) fn set_scale(&mut self, s: f32) {
+        match self {
+            Buf::F32(_) => {}
+            Buf::F16(t) => t.scale = s,
+            Buf::Fp8(t) => t.scale = s,
+        }
+    }
+    pub(super) fn data_bytes(&self) -> usize {
+        self.len() * self.format().bytes_per_elem()
+    }
+    pub(super) fn chunks_mut(&mut self) -> Vec<ChunkMut<'_>> {
+        match self {
+            Buf::F32(d) => d.chunks_mut(CHUNK).map(ChunkMut::F32).collect(),
+            Buf::F16(t) => t
+                .data
+                .reinterpret_cast_mut()
+                .chunks_mut(CHUNK)
+                .map(ChunkMut::F16)
+                .collect(),
+            Buf::Fp8(t) => {
+                let f = t.format;
+                t.data
+                    .chunks_mut(CHUNK)
+                    .map(|c| ChunkMut::Fp8(c, f))
+                    .collect()
+            }
+        }
+    }
+    /// Real values (stored / scale).
+    pub(super) fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Buf::F32(d) => d.clone(),
+            Buf::F16(t) => t.dequantize(),
+            Buf::Fp8(t) => t.dequantize(),
+        }
+    }
+    pub(super) fn to_state(&self) -> StateTensor {
+        match self {
+            Buf::F32(d) => StateTensor::F32(d.clone()),
+            Buf::F16(t) => StateTensor::F16 {
+                data: t.data.clone(),
+                scale: t.scale,
+            },
+            Buf::Fp8(t) => StateTensor::Fp8(t.clone()),
+        }
+    }
+    /// Replace the contents from a checkpoint entry of the same format and length.
+    pub(super) fn load(&mut self, st: StateTensor, name: &str) -> Result<(), String> {
+        let want = self.format();
+        let n = self.len();
+        let bad_len =
+            |got: usize| format!("optimizer state {name:?}: {got} elements, the parameter has {n}");
+        let bad_scale =
+            |s: f32| format!("optimizer state {name:?}: scale {s} is not a positive finite number");
+        match (self, st) {
+            (Buf::F32(d), StateTensor::F32(v)) => {
+                if v.len() != n {
+                    return Err(bad_len(v.len()));
+                }
+                *d = v;
+            }
+            (Buf::F16(t), StateTensor::F16 { data, scale }) => {
+                if data.len() != n {
+                    return Err(bad_len(data.len()));
+                }
+                if !(scale.is_finite() && scale > 0.0) {
+                    return Err(bad_scale(scale));
+                }
+                t.data = data;
+                t.scale = scale;
+            }
+            (Buf::Fp8(t), StateTensor::Fp8(q)) => {
+                if q.data.len() != n {
+                    return Err(bad_len(q.data.len()));
+                }
+                if q.format != t.format {
+                    return Err(format!(
+                        "optimizer state {name:?}: stored as {}, this run keeps it as {}",
+                        q.format.name(),
+                        t.format.name()
+                    ));
+                }
+                if !(q.scale.is_finite() && q.scale > 0.0) {
+                    return Err(bad_scale(q.scale));
+                }
+                t.data = q.data;
+                t.scale = q.scale;
+            }
+            (_, st) => {
+                let got = match st {
+                    StateTensor::F32(_) => "f32",
+                    StateTensor::F16 { .. } => "f16",
+                    StateTensor::Fp8(_) => "fp8",
+                    StateTensor::Scalar(_) => "a scalar",
+                };
+                return Err(format!(
+                    "optimizer state {name:?}: stored as {got}, this run keeps it as {}",
+                    want.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A mutable chunk of one state, typed by format.
+pub(super) enum ChunkMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [u16]),
+    Fp8(&'a mut [u8], Fp8Format),
+}
+
+impl ChunkMut<'_> {
+    /// `dst[i] = stored[i] / scale`.
+    #[inline(always)]
+    pub(super) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
+        match self {
+            ChunkMut::F32(s) => dst.copy_from_slice(s),
+            ChunkMut::F16(s) => f16_decode_slice(s, inv_scale, dst),
+            ChunkMut::Fp8(s, f) => fp8_decode_slice(*f, s, inv_scale, 1.0, dst),
+        }
+    }
+    /// `stored[i] = encode(src[i] * scale)`.
+    #[inline(always)]
+    pub(super) fn encode(&mut self, src: &[f32], scale: f32) {
+        match self {
+            ChunkMut::F32(s) => s.copy_from_slice(src),
+            ChunkMut::F16(s) => f16_encode_slice(src, scale, s),
+            ChunkMut::Fp8(s, f) => fp8_encode_slice(*f, src, scale, s),
+        }
+    }
+    /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
+    /// except in the subnormal range.
+    pub(super) fn rescale(&mut self, factor: f32) {
+        match self {
+            ChunkMut::F32(_) => {}
+            ChunkMut::F16(s) => {
+                for h in s.iter_mut() {
+                    *h = f16_encode(f16_decode(*h) * factor);
+                }
+            }
+            ChunkMut::Fp8(s, f) => fp8_rescale_slice(*f, s, factor),
+        }
+    }
+}
+
+/// A chunk of the incoming gradient with grad_scale (and the FP8 tensor's 1/scale, a
+/// power of two, so the multiply equals the reference's exact division).
+#[derive(Clone, Copy)]
+pub(super) enum GradChunk<'a> {
+    F32(&'a [f32], f32),
+    Fp8(&'a [u8], Fp8Format, f32, f32),
+}
+
+impl GradChunk<'_> {
+    #[inline(always)]
+    pub(super) fn decode(&self, dst: &mut [f32]) {
+        match *self {
+            GradChunk::F32(g, f) => {
+                for (d, &x) in dst.iter_mut().zip(g) {
+                    *d = x * f;
+                }
+            }
+            GradChunk::Fp8(g, fmt, inv_scale, f) => fp8_decode_slice(fmt, g, inv_scale, f, dst),
+        }
+    }
+}
