@@ -28,7 +28,18 @@ pub enum BenchCmd {
         reps: usize,
     },
     /// One training step per precision (fp32, bf16, fp8-o1, ...): time and tokens/s.
-    Train,
+    Train {
+        /// Data-parallel: fp32 vs fp8-o3 step time and its share spent in communication
+        /// (over MPI under `mpirun`, else on `--ranks` in-process ranks).
+        #[arg(long)]
+        dist: bool,
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Memory by category (weights, gradients, moments, activations) for the config's
     /// model in each precision the trainer supports.
     Memory {
@@ -93,7 +104,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             );
             Ok(())
         }
-        BenchCmd::Train => not_built(
+        BenchCmd::Train {
+            dist: true,
+            ranks,
+            steps,
+            cfg,
+        } => crate::dist::bench(&cfg, steps, ranks),
+        BenchCmd::Train { .. } => not_built(
             "train",
             "fp8lm_trainer::bench (the model engineer's step benchmark)",
         ),

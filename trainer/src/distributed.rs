@@ -752,3 +752,50 @@ pub fn bench_train_dist(
         state_bytes: tr.optimizer().state_bytes(),
     })
 }
+
+/// `fp8lm bench train --dist`: fp32 vs fp8-o3 on `comm`, `steps` measured steps each
+/// (after 2 warm-up steps). Every rank must call it; the returned table (rank 0's view)
+/// is for rank 0 to print.
+pub fn bench_train_dist_table(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    steps: usize,
+) -> Result<String> {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench train --dist: {} ranks ({} backend), {} layers x {} channels, B={} T={} per rank, \
+         {steps} steps after 2 warm-up; figures on a shared machine are noisy, compare rows",
+        comm.size(),
+        comm.backend(),
+        cfg.model.layers,
+        cfg.model.channels,
+        cfg.batch,
+        cfg.model.context
+    );
+    let _ = writeln!(
+        s,
+        "{:<8} {:>10} {:>10} {:>7} {:>14} {:>12}",
+        "mode", "step ms", "comm ms", "comm %", "sent B/step", "state B"
+    );
+    let mut base = None;
+    for p in [Precision::Fp32, Precision::Fp8O3] {
+        let mut c = cfg.clone();
+        c.precision = p;
+        let b = bench_train_dist(&c, comm, 2, steps)?;
+        let rel = base.map_or(1.0, |s: f64| b.step_s / s);
+        base.get_or_insert(b.step_s);
+        let _ = writeln!(
+            s,
+            "{:<8} {:>10.2} {:>10.2} {:>6.1}% {:>14.0} {:>12}  ({rel:.2}x fp32 step time)",
+            p.name(),
+            b.step_s * 1e3,
+            b.comm_s * 1e3,
+            100.0 * b.comm_share(),
+            b.bytes_sent_per_step,
+            b.state_bytes
+        );
+    }
+    Ok(s)
+}
