@@ -9,6 +9,8 @@
 //! direction) moves the ratio by far more than the 2% tolerance. The per-layer backward
 //! passes are checked element-wise in f64 in `fp8lm_kernels::layers`.
 
+#![allow(clippy::field_reassign_with_default)] // configs read best as default + overrides
+
 use fp8lm_trainer::model::{Dims, LinearPrecision, Model};
 use fp8lm_trainer::rng::Rng;
 use fp8lm_trainer::{Arch, RunConfig};

@@ -7,6 +7,8 @@
 //! at ~ln(19) = 2.94 (the alphabet's size); the fp32 run must get clearly below that for
 //! the comparison to mean anything.
 
+#![allow(clippy::field_reassign_with_default)] // configs read best as default + overrides
+
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};

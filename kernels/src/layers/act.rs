@@ -60,7 +60,7 @@ fn sigmoid<T: Real>(x: T) -> T {
 
 /// inp[n, 2f] = [gate | up]; out[n, f] = silu(gate) * up.
 pub fn swiglu_forward<T: Real>(out: &mut [T], inp: &[T], f: usize) {
-    assert!(inp.len() == 2 * out.len() && out.len() % f == 0);
+    assert!(inp.len() == 2 * out.len() && out.len().is_multiple_of(f));
     out.par_chunks_mut(f)
         .zip(inp.par_chunks(2 * f))
         .for_each(|(o, x)| {
@@ -73,7 +73,7 @@ pub fn swiglu_forward<T: Real>(out: &mut [T], inp: &[T], f: usize) {
 
 /// dinp[n, 2f] = [dgate | dup] (overwrites).
 pub fn swiglu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T], f: usize) {
-    assert!(dinp.len() == inp.len() && inp.len() == 2 * dout.len() && dout.len() % f == 0);
+    assert!(dinp.len() == inp.len() && inp.len() == 2 * dout.len() && dout.len().is_multiple_of(f));
     dinp.par_chunks_mut(2 * f)
         .zip(inp.par_chunks(2 * f))
         .zip(dout.par_chunks(f))

@@ -115,7 +115,10 @@ pub fn attention_backward<T: Real>(
 
 /// Rotary table `[t, hs/2, 2]` of (cos, sin) of `pos * theta^(-2i/hs)`.
 pub fn rope_table<T: Real>(t: usize, hs: usize, theta: f64) -> Vec<T> {
-    assert!(hs % 2 == 0, "rope needs an even head size, got {hs}");
+    assert!(
+        hs.is_multiple_of(2),
+        "rope needs an even head size, got {hs}"
+    );
     let mut tab = Vec::with_capacity(t * hs);
     for pos in 0..t {
         for i in 0..hs / 2 {
@@ -132,7 +135,7 @@ pub fn rope_table<T: Real>(t: usize, hs: usize, theta: f64) -> Vec<T> {
 fn rope_apply<T: Real>(qkv: &mut [T], table: &[T], t: usize, c: usize, nh: usize, sign: T) {
     let rb = row_block(3 * c);
     let hs = c / nh;
-    assert!(qkv.len() % (3 * c * t) == 0 && table.len() >= t * hs);
+    assert!(qkv.len().is_multiple_of(3 * c * t) && table.len() >= t * hs);
     qkv.par_chunks_mut(3 * c * rb)
         .enumerate()
         .for_each(|(blk, rows)| {

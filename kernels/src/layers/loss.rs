@@ -7,7 +7,7 @@ use rayon::prelude::*;
 /// logits[n,v] -> probs in place; losses[n] = logsumexp(logits) - logits[target].
 pub fn softmax_xent_forward<T: Real>(logits_to_probs: &mut [T], losses: &mut [T], targets: &[u32]) {
     let n = losses.len();
-    assert!(n > 0 && targets.len() == n && logits_to_probs.len() % n == 0);
+    assert!(n > 0 && targets.len() == n && logits_to_probs.len().is_multiple_of(n));
     let v = logits_to_probs.len() / n;
     logits_to_probs
         .par_chunks_mut(v)
@@ -30,7 +30,7 @@ pub fn softmax_xent_forward<T: Real>(logits_to_probs: &mut [T], losses: &mut [T]
 /// probs[n,v] -> dlogits = (probs - onehot(target)) * dloss, in place.
 pub fn softmax_xent_backward<T: Real>(probs_to_dlogits: &mut [T], targets: &[u32], dloss: T) {
     let n = targets.len();
-    assert!(n > 0 && probs_to_dlogits.len() % n == 0);
+    assert!(n > 0 && probs_to_dlogits.len().is_multiple_of(n));
     let v = probs_to_dlogits.len() / n;
     probs_to_dlogits
         .par_chunks_mut(v)

@@ -47,7 +47,7 @@ impl Dims {
         if v == 0 {
             bail!("model.vocab is 0 and the data reports a vocabulary of 0");
         }
-        if m.channels % m.heads != 0 {
+        if !m.channels.is_multiple_of(m.heads) {
             bail!(
                 "model.channels = {} is not divisible by model.heads = {}",
                 m.channels,
@@ -55,7 +55,7 @@ impl Dims {
             );
         }
         let hs = m.channels / m.heads;
-        if m.arch == Arch::Llama && hs % 2 != 0 {
+        if m.arch == Arch::Llama && !hs.is_multiple_of(2) {
             bail!("model.arch = \"llama\" needs an even head size for rotary embeddings; channels/heads = {hs}");
         }
         let f = match m.arch {
