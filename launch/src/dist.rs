@@ -60,6 +60,14 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             tr.skipped_steps(),
             tr.optimizer().state_bytes()
         );
+        if let Some(b) = tr.zero_rank_bytes() {
+            let mean = b.iter().sum::<usize>() as f64 / b.len() as f64;
+            let max = *b.iter().max().unwrap_or(&0) as f64;
+            println!(
+                "fp8-o3 optimizer state per rank (bytes): {b:?}; most loaded {:.3}x the mean",
+                max / mean.max(1.0)
+            );
+        }
     }
     Ok(())
 }
