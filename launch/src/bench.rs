@@ -27,14 +27,24 @@ pub enum BenchCmd {
         reps: usize,
     },
     /// Step time and tokens/s for fp32, bf16 and fp8-o1 (forward / backward / optimizer,
-    /// GEMM share), on the small default model and at GPT-2 124M dimensions.
+    /// GEMM share), on the small default model and at GPT-2 124M dimensions. With
+    /// `--dist`: data-parallel fp32 vs fp8-o3 step time and its share spent in
+    /// communication (over MPI under `mpirun`, else on `--ranks` in-process ranks), for
+    /// the model of `--config`/`--set`.
     Train {
         /// Only the small model (the 124M case builds ~7 GB of trainers).
         #[arg(long)]
         small_only: bool,
-        /// Timed steps per case (best-of).
+        /// Timed steps per case (best-of; with --dist: averaged after 2 warm-up steps).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        #[arg(long)]
+        dist: bool,
+        /// In-process ranks for --dist without mpirun.
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        #[command(flatten)]
+        cfg: ConfigArgs,
     },
     /// Memory by category (weights, gradients, moments, activations) for the config's
     /// model in each precision the trainer supports.
@@ -94,7 +104,16 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             );
             Ok(())
         }
-        BenchCmd::Train { small_only, steps } => {
+        BenchCmd::Train {
+            dist: true,
+            ranks,
+            steps,
+            cfg,
+            ..
+        } => crate::dist::bench(&cfg, steps, ranks),
+        BenchCmd::Train {
+            small_only, steps, ..
+        } => {
             use fp8lm_trainer::bench::{bench_train, default_cases};
             println!("training step benchmark, best of {steps} steps ({NOISE})");
             let report = bench_train(&default_cases(!small_only), steps.max(1))?;

@@ -5,6 +5,7 @@
 //! configuration errors, 1 for failures while running).
 
 mod bench;
+mod dist;
 mod inspect;
 
 mod progress;

@@ -173,6 +173,9 @@ fn mb(bytes: usize) -> f64 {
 }
 
 pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
+    if fp8lm_collectives::launched_by_mpi() {
+        return crate::dist::train(args, resume);
+    }
     // 1. Everything that can be wrong with the inputs is checked before any work.
     let (cfg, ck, run_dir) = match resume {
         Some(r) => {

@@ -23,6 +23,8 @@ struct RankRun {
     losses: Vec<f32>,
     params: Vec<f32>,
     state_bytes: usize,
+    /// The memory ledger's optimizer + gradient + master state bytes on this rank.
+    ledger_state: usize,
     zero_bytes: Option<Vec<usize>>,
     owned: Option<Vec<String>>,
 }
@@ -45,6 +47,7 @@ fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<RankRun> {
             losses,
             params: tr.model().params.clone(),
             state_bytes: tr.optimizer().state_bytes(),
+            ledger_state: fp8lm_trainer::memory::MemoryLedger::for_trainer(&tr).state_bytes(),
             zero_bytes: tr.zero_rank_bytes(),
             owned: tr.zero_owned_units(),
         })
@@ -161,6 +164,15 @@ fn fp8_o3_zero_trains_like_replicated_o2_and_partitions_the_state() {
             run.state_bytes as f64 / full as f64
         );
         names.extend(run.owned.clone().unwrap());
+    }
+    // The memory ledger sees the same: each o3 rank's state is the o2 state minus the
+    // optimizer state other ranks hold (gradients stay whole on every rank).
+    for (r, run) in o3.iter().enumerate() {
+        assert_eq!(
+            run.ledger_state + (full - run.state_bytes),
+            o2[r].ledger_state,
+            "rank {r}"
+        );
     }
     let total: usize = o3.iter().map(|r| r.state_bytes).sum();
     assert!(

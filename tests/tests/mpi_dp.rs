@@ -139,3 +139,29 @@ fn a_rank_with_a_missing_data_file_fails_the_job_within_10s_naming_the_rank() {
     assert!(out.contains("data.path"), "{out}");
     assert!(!out.contains("rank 1 done"), "{out}");
 }
+
+#[test]
+fn a_config_that_differs_on_one_rank_is_refused_at_start_up() {
+    let mut args = vec!["train", "--steps", "50"];
+    args.extend(set_args());
+    let (ok, out, elapsed) = mpirun(
+        2,
+        &args,
+        &[
+            ("FP8LM_FAULT_RANK", "1"),
+            ("FP8LM_FAULT_SET", "optim.lr=0.5"),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!ok, "the job ran with differing configs:\n{out}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?}:\n{out}"
+    );
+    assert!(
+        out.contains("training config differs between ranks"),
+        "{out}"
+    );
+    assert!(out.contains("rank 1 has"), "{out}");
+    assert!(!out.contains("step 0 loss"), "a step ran:\n{out}");
+}

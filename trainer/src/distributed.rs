@@ -33,9 +33,10 @@
 //! 3. saturation counts of the FP8 sums (one small all-reduce) so every rank updates the
 //!    same mu; the global gradient norm (one scalar all-reduce);
 //! 4. each owner runs `Fp8Adam` on its units only;
-//! 5. each owner broadcasts its units' new weights as FP16 with a power-of-two
-//!    per-unit scale, the optimizer's master format: the master is FP16 with the
-//!    power-of-two scale of its amax, so the broadcast is exact, and every rank (the owner
+//! 5. the owners share their units' new weights in the optimizer's master format (FP16
+//!    with a power-of-two per-unit scale for the FP8 linears' weights, f32 for the rest)
+//!    through one all-gather of per-owner segments: the master is FP16 with the
+//!    power-of-two scale of its amax, so this is exact, and every rank (the owner
 //!    included) decodes the same bytes, so the replicas stay bit-identical.
 //!
 //! ## Not done
@@ -219,60 +220,88 @@ impl Zero {
         self.part.owned_by(rank)
     }
 
-    /// Owners broadcast their units' new weights in the optimizer's master format: FP16
+    /// Owners share their units' new weights in the optimizer's master format: FP16
     /// with a power-of-two scale per unit for the FP8 linears' weights (exact: the master
-    /// is FP16 with the scale of its amax), f32 for the rest. Every rank, the owner
-    /// included, decodes the same bytes into `params`, so the replicas stay identical.
-    fn broadcast_weights(&self, comm: &dyn Communicator, params: &mut [f32]) -> Result<()> {
-        let me = comm.rank();
-        for q in 0..comm.size() {
-            let owned = self.owned(q);
-            let (low, full): (Vec<usize>, Vec<usize>) =
-                owned.iter().partition(|&&u| self.fp8_of_unit[u].is_some());
-            let numel = |us: &[usize]| us.iter().map(|&u| self.units[u].numel()).sum::<usize>();
-            let mut master_f16 = vec![f16::ZERO; numel(&low)];
-            let mut master_f32 = vec![0f32; numel(&full)];
-            let mut scales = vec![1f32; low.len()];
-            if q == me {
-                let mut off = 0;
-                for (k, &u) in low.iter().enumerate() {
-                    let src = &params[self.ranges[u].clone()];
-                    let amax = fp8lm_fp8::cast::amax_f32(src);
-                    scales[k] =
-                        scale_for_amax(F16_MAX, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
-                    f32_to_f16_amax(src, scales[k], &mut master_f16[off..off + src.len()]);
-                    off += src.len();
-                }
-                let mut off = 0;
-                for &u in &full {
-                    let src = &params[self.ranges[u].clone()];
-                    master_f32[off..off + src.len()].copy_from_slice(src);
-                    off += src.len();
-                }
-            }
-            let e = comm_err;
-            if !master_f16.is_empty() {
-                comm.broadcast(BufMut::F16(&mut master_f16), q).map_err(e)?;
-                comm.broadcast(BufMut::F32(&mut scales), q).map_err(e)?;
-            }
-            if !master_f32.is_empty() {
-                comm.broadcast(BufMut::F32(&mut master_f32), q).map_err(e)?;
-            }
+    /// is FP16 with the scale of its amax), f32 for the rest. One ring all-gather of
+    /// per-owner segments (padded to the largest) rather than N broadcasts: one
+    /// synchronisation point per step instead of N. Every rank, the owner included,
+    /// decodes the same bytes into `params`, so the replicas stay identical.
+    fn share_weights(&self, comm: &dyn Communicator, params: &mut [f32]) -> Result<()> {
+        let (me, n) = (comm.rank(), comm.size());
+        // Per owner: (FP16 units, f32 units, payload bytes).
+        let layout: Vec<(Vec<usize>, Vec<usize>, usize)> = (0..n)
+            .map(|q| {
+                let (low, full): (Vec<usize>, Vec<usize>) = self
+                    .owned(q)
+                    .into_iter()
+                    .partition(|&u| self.fp8_of_unit[u].is_some());
+                let numel = |us: &[usize]| us.iter().map(|&u| self.units[u].numel()).sum::<usize>();
+                let bytes = 2 * numel(&low) + 4 * low.len() + 4 * numel(&full);
+                (low, full, bytes)
+            })
+            .collect();
+        let seg = layout.iter().map(|l| l.2).max().unwrap_or(0);
+        if seg == 0 {
+            return Ok(());
+        }
+        // Segment layout: [f16 bits of every FP16 unit][f32 scale per FP16 unit][f32 units].
+        let mut mine = vec![0u8; seg];
+        {
+            let (low, full, _) = &layout[me];
             let mut off = 0;
+            let mut h = Vec::new();
+            let mut scales = Vec::with_capacity(low.len());
+            for &u in low {
+                let src = &params[self.ranges[u].clone()];
+                let amax = fp8lm_fp8::cast::amax_f32(src);
+                let sc = scale_for_amax(F16_MAX, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
+                h.resize(src.len(), f16::ZERO);
+                f32_to_f16_amax(src, sc, &mut h);
+                for x in &h {
+                    mine[off..off + 2].copy_from_slice(&x.to_bits().to_le_bytes());
+                    off += 2;
+                }
+                scales.push(sc);
+            }
+            for sc in scales {
+                mine[off..off + 4].copy_from_slice(&sc.to_le_bytes());
+                off += 4;
+            }
+            for &u in full {
+                for x in &params[self.ranges[u].clone()] {
+                    mine[off..off + 4].copy_from_slice(&x.to_le_bytes());
+                    off += 4;
+                }
+            }
+        }
+        let all = comm.all_gather_bytes(&mine).map_err(comm_err)?;
+        for (q, (low, full, _)) in layout.iter().enumerate() {
+            let b = &all[q * seg..(q + 1) * seg];
+            let n16: usize = low.iter().map(|&u| self.units[u].numel()).sum();
+            let sc_at = 2 * n16;
+            let mut off = 0;
+            let mut h = Vec::new();
             for (k, &u) in low.iter().enumerate() {
                 let dst = &mut params[self.ranges[u].clone()];
-                let l = dst.len();
-                f16_to_f32_amax(&master_f16[off..off + l], 1.0 / scales[k], dst);
-                off += l;
+                h.clear();
+                h.extend(
+                    b[off..off + 2 * dst.len()]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
+                );
+                off += 2 * dst.len();
+                let sc =
+                    f32::from_le_bytes(b[sc_at + 4 * k..sc_at + 4 * k + 4].try_into().unwrap());
+                f16_to_f32_amax(&h, 1.0 / sc, dst);
             }
-            if q != me {
-                let mut off = 0;
-                for &u in &full {
-                    let dst = &mut params[self.ranges[u].clone()];
-                    let l = dst.len();
-                    dst.copy_from_slice(&master_f32[off..off + l]);
-                    off += l;
+            let mut off = sc_at + 4 * low.len();
+            for &u in full {
+                let dst = &mut params[self.ranges[u].clone()];
+                let l = dst.len();
+                for (d, c) in dst.iter_mut().zip(b[off..off + 4 * l].chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
+                off += 4 * l;
             }
         }
         Ok(())
@@ -313,7 +342,7 @@ impl Trainer {
             let opt =
                 Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
             self.optimizer = Box::new(opt);
-            z.broadcast_weights(comm, &mut self.model.params)?;
+            z.share_weights(comm, &mut self.model.params)?;
             Some(z)
         } else {
             None
@@ -372,7 +401,7 @@ impl Trainer {
 
     /// One data-parallel optimizer step: this rank's shard of the next global batch,
     /// forward, backward, gradient reduction, then the update (replicated, or ZeRO's
-    /// owner update + broadcast). Every rank must call it with its communicator. The
+    /// owner update + all-gather of the new weights). Every rank must call it with its communicator. The
     /// loss and gradient norm in the result are global. Needs
     /// [`Trainer::enable_data_parallel`] first.
     pub fn train_step_dist(
@@ -534,7 +563,7 @@ impl Trainer {
     }
 
     /// FP8 ZeRO: reduce each unit's gradient to its owner, owners update their units,
-    /// owners broadcast the new weights. Returns (global grad norm, skipped).
+    /// owners share the new weights. Returns (global grad norm, skipped).
     fn zero_update(
         &mut self,
         dist: &mut DistState,
@@ -670,7 +699,7 @@ impl Trainer {
             .step(&mut ps, &grads, lr, clip_scale(grad_norm, clip));
         // 5. Owners share the new weights.
         let tc = Instant::now();
-        z.broadcast_weights(comm, &mut model.params)?;
+        z.share_weights(comm, &mut model.params)?;
         *comm_time += tc.elapsed();
         Ok((grad_norm, false))
     }
@@ -751,4 +780,51 @@ pub fn bench_train_dist(
         bytes_sent_per_step: (comm.bytes_sent() - sent0) as f64 / m,
         state_bytes: tr.optimizer().state_bytes(),
     })
+}
+
+/// `fp8lm bench train --dist`: fp32 vs fp8-o3 on `comm`, `steps` measured steps each
+/// (after 2 warm-up steps). Every rank must call it; the returned table (rank 0's view)
+/// is for rank 0 to print.
+pub fn bench_train_dist_table(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    steps: usize,
+) -> Result<String> {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench train --dist: {} ranks ({} backend), {} layers x {} channels, B={} T={} per rank, \
+         {steps} steps after 2 warm-up; figures on a shared machine are noisy, compare rows",
+        comm.size(),
+        comm.backend(),
+        cfg.model.layers,
+        cfg.model.channels,
+        cfg.batch,
+        cfg.model.context
+    );
+    let _ = writeln!(
+        s,
+        "{:<8} {:>10} {:>10} {:>7} {:>14} {:>12}",
+        "mode", "step ms", "comm ms", "comm %", "sent B/step", "state B"
+    );
+    let mut base = None;
+    for p in [Precision::Fp32, Precision::Fp8O3] {
+        let mut c = cfg.clone();
+        c.precision = p;
+        let b = bench_train_dist(&c, comm, 2, steps)?;
+        let rel = base.map_or(1.0, |s: f64| b.step_s / s);
+        base.get_or_insert(b.step_s);
+        let _ = writeln!(
+            s,
+            "{:<8} {:>10.2} {:>10.2} {:>6.1}% {:>14.0} {:>12}  ({rel:.2}x fp32 step time)",
+            p.name(),
+            b.step_s * 1e3,
+            b.comm_s * 1e3,
+            100.0 * b.comm_share(),
+            b.bytes_sent_per_step,
+            b.state_bytes
+        );
+    }
+    Ok(s)
 }

@@ -16,6 +16,11 @@
 //!   [`Trainer::step`]/[`Trainer::set_step`], [`Trainer::rng`], and the FP8 scaling states
 //!   with their cast statistics ([`Trainer::fp8_tensors`], [`Trainer::fp8_scale_states_mut`]).
 //! - [`bench::bench_train`]: the `fp8lm bench train` measurements.
+//! - Data parallelism and FP8 ZeRO ([`distributed`]): [`Trainer::enable_data_parallel`]
+//!   `(&dyn Communicator)` (config hash agreement; fp8-o3 partitions the optimizer),
+//!   then [`Trainer::train_step_dist`]`(data, comm)` on every rank; [`Trainer::rank`],
+//!   [`Trainer::is_root`], [`Trainer::zero_rank_bytes`]. [`distributed::train_data_parallel`]
+//!   is the whole loop `fp8lm train` runs under `mpirun`.
 
 pub mod config;
 pub mod config_file;

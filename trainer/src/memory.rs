@@ -210,7 +210,9 @@ impl MemoryLedger {
         let n = model.num_params();
         let precision = tr.cfg.precision;
         let mut l = MemoryLedger::new(n);
-        let o2 = precision == Precision::Fp8O2;
+        // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
+        // rank's ZeRO share (after `Trainer::enable_data_parallel`).
+        let o2 = matches!(precision, Precision::Fp8O2 | Precision::Fp8O3);
         if o2 {
             l.add(
                 Category::ComputeWeights,

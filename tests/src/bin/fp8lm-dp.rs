@@ -16,8 +16,7 @@
 
 use fp8lm_collectives::{or_abort, Communicator};
 use fp8lm_trainer::config_file::load_config;
-use fp8lm_trainer::distributed::{bench_train_dist, train_data_parallel};
-use fp8lm_trainer::Precision;
+use fp8lm_trainer::distributed::{bench_train_dist_table, train_data_parallel};
 
 fn usage() -> ! {
     eprintln!("usage: fp8lm-dp train|bench [--steps N] [--set KEY=VALUE]...");
@@ -71,40 +70,9 @@ fn main() {
             println!("rank {rank} done");
         }
         "bench" => {
+            let table = or_abort(comm, bench_train_dist_table(&cfg, comm, steps));
             if rank == 0 {
-                println!(
-                    "bench train --dist: {} ranks ({} backend), {} layers x {} channels, B={} T={} per rank; \
-                     figures are noisy on a shared machine",
-                    comm.size(),
-                    comm.backend(),
-                    cfg.model.layers,
-                    cfg.model.channels,
-                    cfg.batch,
-                    cfg.model.context
-                );
-                println!(
-                    "{:<8} {:>10} {:>10} {:>7} {:>14} {:>12}",
-                    "mode", "step ms", "comm ms", "comm %", "sent B/step", "state B"
-                );
-            }
-            let mut base = None;
-            for p in [Precision::Fp32, Precision::Fp8O3] {
-                let mut c = cfg.clone();
-                c.precision = p;
-                let b = or_abort(comm, bench_train_dist(&c, comm, 2, steps));
-                if rank == 0 {
-                    let rel = base.map_or(1.0, |s: f64| b.step_s / s);
-                    base.get_or_insert(b.step_s);
-                    println!(
-                        "{:<8} {:>10.2} {:>10.2} {:>6.1}% {:>14.0} {:>12}  ({rel:.2}x fp32 step time)",
-                        p.name(),
-                        b.step_s * 1e3,
-                        b.comm_s * 1e3,
-                        100.0 * b.comm_share(),
-                        b.bytes_sent_per_step,
-                        b.state_bytes
-                    );
-                }
+                print!("{table}");
             }
         }
         _ => usage(),
