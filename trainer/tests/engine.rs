@@ -98,13 +98,6 @@ fn bad_configs_and_inputs_get_errors_that_name_the_problem() {
             .expect("must fail")
             .to_string()
     };
-    for p in [Precision::Fp8O3] {
-        let e = err(small(p, Arch::Gpt2));
-        assert!(
-            e.contains("not yet implemented") && e.contains(p.name()),
-            "{e}"
-        );
-    }
     let mut c = small(Precision::Fp32, Arch::Gpt2);
     c.model.heads = 5;
     assert!(err(c).contains("model.heads"));
