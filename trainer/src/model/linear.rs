@@ -218,7 +218,7 @@ impl Linear {
         self.gemm_time += t0.elapsed();
     }
 
-    /// out[n,oc] = inp[n,c] @ w[oc,c]^T + bias[oc]. `record`: update FP8 scaling history.
+    /// out\[n,oc\] = inp\[n,c\] @ w\[oc,c\]^T + bias\[oc\]. `record`: update FP8 scaling history.
     pub fn forward(
         &mut self,
         out: &mut [f32],
@@ -264,7 +264,7 @@ impl Linear {
         }
     }
 
-    /// dinp[n,c] = dout @ w and dw[oc,c] = dout^T @ inp (both overwritten: each weight has
+    /// dinp\[n,c\] = dout @ w and dw\[oc,c\] = dout^T @ inp (both overwritten: each weight has
     /// one GEMM contribution, so the trainer need not zero 4 bytes x params every step);
     /// dbias += sum(dout).
     /// Must follow this layer's own `forward` on the same `inp`/`w` (it reuses their casts).
