@@ -482,6 +482,11 @@ impl GemmBenchReport {
             s += &c;
             s.push('\n');
         }
+        if self.load_average.is_some_and(|l| l > cores as f64) {
+            s += "note: load average above the core count: other processes shared the cores, so \
+                  wall-time ratios are unreliable; the per cpu-s ratios (single-threaded runs \
+                  especially) compare the implementations' own speed\n";
+        }
         s
     }
 }

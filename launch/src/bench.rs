@@ -1,11 +1,10 @@
 //! `fp8lm bench ...`: benchmarks that print figures. Each wraps the bench function the
-//! owning crate exposes; one whose crate has not provided it yet says so and fails,
-//! rather than printing made-up numbers. Figures from a shared machine are noisy: each
-//! bench compares implementations measured in the same run.
+//! owning crate exposes (kernels, fp8, trainer, optim, collectives). Figures from a
+//! shared machine are noisy: each bench compares implementations measured in the same
+//! run, best-of several.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use fp8lm_trainer::{Precision, Trainer};
 use std::time::Duration;
 
 use crate::ConfigArgs;
@@ -27,8 +26,16 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         reps: usize,
     },
-    /// One training step per precision (fp32, bf16, fp8-o1, ...): time and tokens/s.
-    Train,
+    /// Step time and tokens/s for fp32, bf16 and fp8-o1 (forward / backward / optimizer,
+    /// GEMM share), on the small default model and at GPT-2 124M dimensions.
+    Train {
+        /// Only the small model (the 124M case builds ~7 GB of trainers).
+        #[arg(long)]
+        small_only: bool,
+        /// Timed steps per case (best-of).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     /// Memory by category (weights, gradients, moments, activations) for the config's
     /// model in each precision the trainer supports.
     Memory {
@@ -55,12 +62,6 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         ranks: usize,
     },
-}
-
-fn not_built(what: &str, provider: &str) -> Result<()> {
-    bail!(
-        "`fp8lm bench {what}` is not built yet: it needs {provider}, which has not landed on main"
-    )
 }
 
 const NOISE: &str = "figures on a shared machine are noisy; compare rows of this run";
@@ -93,10 +94,16 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             );
             Ok(())
         }
-        BenchCmd::Train => not_built(
-            "train",
-            "fp8lm_trainer::bench (the model engineer's step benchmark)",
-        ),
+        BenchCmd::Train { small_only, steps } => {
+            use fp8lm_trainer::bench::{bench_train, default_cases};
+            println!("training step benchmark, best of {steps} steps ({NOISE})");
+            let report = bench_train(&default_cases(!small_only), steps.max(1))?;
+            print!("{}", report.table());
+            for c in report.checks() {
+                println!("{c}");
+            }
+            Ok(())
+        }
         BenchCmd::Memory { cfg } => memory(&cfg),
         BenchCmd::Optim {
             steps,
@@ -127,53 +134,21 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
-/// The memory ledger of a constructed trainer (buffers as allocated, before any step).
-pub fn ledger(tr: &Trainer) -> fp8lm_trainer::memory::MemoryLedger {
-    use fp8lm_trainer::memory::{Category, MemoryLedger};
-    let m = tr.model();
-    let n = m.num_params();
-    let mut l = MemoryLedger::new(n);
-    // fp32 / bf16 / fp8-o1 keep f32 weights the optimizer updates in place: the master.
-    l.add(
-        Category::MasterWeights,
-        "f32 weights (updated in place)",
-        4 * m.params.len(),
-    );
-    l.add(Category::Gradients, "f32 gradients", 4 * m.grads.len());
-    l.add_optimizer(tr.optimizer(), ["f32", "f32", "f32"]);
-    l.add(
-        Category::Activations,
-        "activations (forward cache)",
-        m.activation_bytes(),
-    );
-    l
-}
-
 fn memory(args: &ConfigArgs) -> Result<()> {
-    let base = crate::run::load(args)?;
+    let cfg = crate::run::load(args)?;
     println!(
         "memory ledger: model {}L {}H {}C T={} B={} V={} (from the config; change it with --config/--set)",
-        base.model.layers,
-        base.model.heads,
-        base.model.channels,
-        base.model.context,
-        base.batch,
-        base.vocab()
+        cfg.model.layers,
+        cfg.model.heads,
+        cfg.model.channels,
+        cfg.model.context,
+        cfg.batch,
+        cfg.vocab()
     );
-    for p in [
-        Precision::Fp32,
-        Precision::Bf16,
-        Precision::Fp8O1,
-        Precision::Fp8O2,
-        Precision::Fp8O3,
-    ] {
-        let mut cfg = base.clone();
-        cfg.precision = p;
-        match Trainer::new(&cfg, cfg.vocab()) {
-            Ok(tr) => print!("{}", ledger(&tr).report(p.name())),
-            Err(e) => println!("{}: not available: {e:#}", p.name()),
-        }
-    }
+    print!(
+        "{}",
+        fp8lm_trainer::memory::bench_memory(&cfg, cfg.vocab(), true)?
+    );
     if let Some(rss) = fp8lm_trainer::memory::resident_bytes() {
         println!(
             "process resident memory now: {:.1} MiB",

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
 Examples:
-  fp8lm train                                   # tiny model on the embedded corpus (~1-2 min)
+  fp8lm train                                   # configs/tiny.toml: tiny GPT-2, embedded corpus (~1 min)
   fp8lm train --config configs/gpt2-124m.toml --set data.path=shards/ --set max_steps=100
   fp8lm train --set precision=fp8-o1 --set run_dir=runs/fp8
   fp8lm train --resume runs/default             # continue from the newest checkpoint
@@ -39,7 +39,7 @@ struct Cli {
 /// Config sources shared by the commands that build a model.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct ConfigArgs {
-    /// TOML run config (defaults: configs/tiny.toml's values). Keys: configs/example.toml.
+    /// TOML run config (default: configs/tiny.toml, built in). Keys: configs/example.toml.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Override one key, e.g. `--set model.layers=4 --set precision=fp8-o1`. Applied after

@@ -97,7 +97,7 @@ impl Progress {
             }
             None => {
                 if done == 1
-                    || done % self.every == 0
+                    || done.is_multiple_of(self.every)
                     || done == self.total
                     || self.last_log.elapsed() > Duration::from_secs(30)
                 {

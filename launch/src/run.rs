@@ -21,9 +21,20 @@ use std::time::Instant;
 use crate::progress::Progress;
 use crate::{ConfigArgs, UsageError};
 
-/// Resolve `--config` + `--set` into a validated config.
+/// The default run's config (`fp8lm train` without --config), compiled in.
+pub const TINY_TOML: &str = include_str!("../../configs/tiny.toml");
+
+/// Resolve `--config` (default: the built-in configs/tiny.toml) + `--set` into a
+/// validated config.
 pub fn load(args: &ConfigArgs) -> Result<RunConfig> {
-    Ok(load_config(args.config.as_deref(), &args.set)?)
+    match &args.config {
+        Some(p) => Ok(load_config(Some(p), &args.set)?),
+        None => Ok(load_config_str(
+            TINY_TOML,
+            "configs/tiny.toml (built in)",
+            &args.set,
+        )?),
+    }
 }
 
 /// A checkpoint's config with `--set` overrides applied (validated again).
@@ -128,6 +139,35 @@ fn save_checkpoint(
     Ok(dir)
 }
 
+/// Resuming from an earlier checkpoint starts a new timeline: later checkpoints of the old
+/// one would otherwise be picked as "newest" by the next `--resume`. They are moved to
+/// `checkpoints/superseded-<unix time>/`, not deleted.
+fn supersede_later_checkpoints(root: &Path, step: u64) -> Result<()> {
+    let later: Vec<_> = checkpoint::list_checkpoints(root)?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .collect();
+    if later.is_empty() {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = root.join(format!("superseded-{secs}"));
+    std::fs::create_dir_all(&aside)?;
+    for (_, dir) in later {
+        let to = aside.join(dir.file_name().unwrap_or_default());
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("{}: cannot move aside", dir.display()))?;
+        tracing::warn!(
+            "resuming at step {step}: later checkpoint {} moved to {}",
+            dir.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -151,6 +191,14 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             (cfg, None, dir)
         }
     };
+    // Data parallelism when started by mpirun (every rank runs this same function; rank 0
+    // alone writes the run directory and prints). Without mpirun: one rank, no comm.
+    let comm = if fp8lm_collectives::launched_by_mpi() {
+        Some(fp8lm_collectives::init().map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let mut data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     let mut skipped_before = 0;
@@ -172,20 +220,31 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         }
     }
 
-    // 2. The run directory.
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
-    checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
+    if let Some(c) = &comm {
+        tr.enable_data_parallel(&**c)?;
+        if root {
+            tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
+        }
+    }
+
+    // 2. The run directory (rank 0 only).
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut records: Vec<MetricsRecord> = Vec::new();
-    let mut metrics = match &ck {
-        Some(ck) => {
-            let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
-            records = read_metrics(&metrics_path)?;
-            w
-        }
-        None => MetricsWriter::create(&metrics_path)?,
-    };
+    let mut metrics = None;
+    if root {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
+        checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
+        metrics = Some(match &ck {
+            Some(ck) => {
+                supersede_later_checkpoints(&run_dir.join("checkpoints"), ck.meta.step)?;
+                let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
+                records = read_metrics(&metrics_path)?;
+                w
+            }
+            None => MetricsWriter::create(&metrics_path)?,
+        });
+    }
     let plot_path = run_dir.join("loss.svg");
     let floor = data.entropy_floor();
     let title = format!(
@@ -198,25 +257,27 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     );
 
     let n_params = tr.model().num_params();
-    tracing::info!(
-        "run {}: {} params, precision {}, {} steps of {} x {} tokens{}",
-        run_dir.display(),
-        n_params,
-        cfg.precision.name(),
-        cfg.max_steps,
-        cfg.batch,
-        cfg.model.context,
-        if let Some(ck) = &ck {
-            format!(", resuming at step {}", ck.meta.step)
-        } else {
-            String::new()
-        }
-    );
+    if root {
+        tracing::info!(
+            "run {}: {} params, precision {}, {} steps of {} x {} tokens{}",
+            run_dir.display(),
+            n_params,
+            cfg.precision.name(),
+            cfg.max_steps,
+            cfg.batch,
+            cfg.model.context,
+            if let Some(ck) = &ck {
+                format!(", resuming at step {}", ck.meta.step)
+            } else {
+                String::new()
+            }
+        );
+    }
 
     // 3. The loop.
     let start_step = tr.step();
     let max_steps = cfg.max_steps as u64;
-    let mut progress = Progress::new(start_step, max_steps);
+    let mut progress = root.then(|| Progress::new(start_step, max_steps));
     let t_run = Instant::now();
     let (mut tokens_timed, mut secs_timed) = (0usize, 0f64);
     let mut last_loss = f32::NAN;
@@ -224,7 +285,10 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     let mut last_ckpt = None;
     while tr.step() < max_steps {
         let t0 = Instant::now();
-        let st = tr.train_step(data.as_mut())?;
+        let st = match &comm {
+            Some(c) => tr.train_step_dist(data.as_mut(), &**c)?,
+            None => tr.train_step(data.as_mut())?,
+        };
         let dt = t0.elapsed().as_secs_f64();
         let done = st.step + 1;
         let tok_s = st.tokens as f64 / dt.max(1e-9);
@@ -251,24 +315,31 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
-            progress_note(&format!(
-                "step {done}: train loss {:.4}, val loss {v:.4}{}",
-                st.loss,
-                floor.map_or(String::new(), |f| format!(
-                    " (entropy floor {f:.4}, gap {:.4})",
-                    v as f64 - f
-                ))
-            ));
+            if root {
+                progress_note(&format!(
+                    "step {done}: train loss {:.4}, val loss {v:.4}{}",
+                    st.loss,
+                    floor.map_or(String::new(), |f| format!(
+                        " (entropy floor {f:.4}, gap {:.4})",
+                        v as f64 - f
+                    ))
+                ));
+            }
         }
-        metrics.write(&rec)?;
+        if let Some(m) = metrics.as_mut() {
+            m.write(&rec)?;
+        }
         records.push(rec);
-        if eval_now {
+        if eval_now && root {
             if let Err(e) = fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
         }
-        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
-            || done == max_steps
+        // Replicas are bit-identical, so rank 0's state is the run's (fp8-o3 excepted:
+        // its optimizer state is partitioned, and resuming it is refused).
+        if root
+            && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+                || done == max_steps)
         {
             last_ckpt = Some(save_checkpoint(
                 &tr,
@@ -277,9 +348,16 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
                 skipped_before + tr.skipped_steps(),
             )?);
         }
-        progress.step(done, st.loss, st.lr, tok_s);
+        if let Some(p) = progress.as_mut() {
+            p.step(done, st.loss, st.lr, tok_s);
+        }
     }
-    progress.finish();
+    if let Some(mut p) = progress {
+        p.finish();
+    }
+    if !root {
+        return Ok(());
+    }
     if !plot_path.exists() {
         fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title).ok();
     }
@@ -304,7 +382,7 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     } else {
         tail.iter().sum::<f32>() / tail.len() as f32
     };
-    let ledger = crate::bench::ledger(&tr);
+    let ledger = fp8lm_trainer::memory::MemoryLedger::for_trainer(&tr);
     let by_cat: Vec<(String, usize)> = fp8lm_trainer::memory::Category::ALL
         .iter()
         .map(|c| (c.name().to_string(), ledger.category_bytes(*c)))

@@ -3,7 +3,7 @@
 //! ZeRO's per-rank state, and start-up config agreement.
 
 use fp8lm_collectives::{run_ranks, Communicator, LocalComm};
-use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig};
+use fp8lm_optim::{AdamWHyper, Fp8AdamConfig};
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Precision, RunConfig, Trainer};
@@ -19,22 +19,6 @@ fn small(precision: Precision, batch: usize) -> RunConfig {
     cfg
 }
 
-/// fp8-o1 compute with the FP8-LM optimizer: fp8-o2, built directly (the trainer's own
-/// fp8-o2 wiring lands separately).
-fn make_o2(tr: &mut Trainer) {
-    let o = tr.cfg.optim.clone();
-    let hyper = AdamWHyper {
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        weight_decay: o.weight_decay,
-    };
-    let metas = tr.model().layout.metas.clone();
-    let (mut params, _) = tr.model_mut().params_and_grads();
-    let opt = Fp8Adam::new(&metas, &mut params, Fp8AdamConfig::fp8_lm(hyper)).unwrap();
-    tr.set_optimizer(Box::new(opt));
-}
-
 struct RankRun {
     losses: Vec<f32>,
     params: Vec<f32>,
@@ -43,13 +27,10 @@ struct RankRun {
     owned: Option<Vec<String>>,
 }
 
-fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize, o2: bool) -> Vec<RankRun> {
+fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<RankRun> {
     run_ranks(ranks, |c: &LocalComm| -> anyhow::Result<RankRun> {
         let mut data = MarkovCorpus::new(cfg.seed);
         let mut tr = Trainer::new(cfg, data.vocab_size())?;
-        if o2 {
-            make_o2(&mut tr);
-        }
         tr.enable_data_parallel(c)?;
         assert_eq!((tr.rank(), tr.world_size()), (c.rank(), ranks));
         assert_eq!(tr.is_root(), c.rank() == 0);
@@ -71,12 +52,9 @@ fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize, o2: bool) -> Vec<RankRun>
     .unwrap()
 }
 
-fn single_run(cfg: &RunConfig, steps: usize, o2: bool) -> Vec<f32> {
+fn single_run(cfg: &RunConfig, steps: usize) -> Vec<f32> {
     let mut data = MarkovCorpus::new(cfg.seed);
     let mut tr = Trainer::new(cfg, data.vocab_size()).unwrap();
-    if o2 {
-        make_o2(&mut tr);
-    }
     (0..steps)
         .map(|_| tr.train_step(&mut data).unwrap().loss)
         .collect()
@@ -109,9 +87,9 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn fp32_four_ranks_match_one_rank_with_four_times_the_batch() {
     let steps = 8;
-    let dp = dp_run(&small(Precision::Fp32, 2), 4, steps, false);
+    let dp = dp_run(&small(Precision::Fp32, 2), 4, steps);
     assert_replicas_agree(&dp);
-    let one = single_run(&small(Precision::Fp32, 8), steps, false);
+    let one = single_run(&small(Precision::Fp32, 8), steps);
     let d = max_rel_diff(&dp[0].losses, &one);
     println!(
         "fp32 4 ranks x B=2 vs 1 rank x B=8: losses {:?} vs {one:?}, max rel diff {d:.2e}",
@@ -126,9 +104,9 @@ fn fp32_four_ranks_match_one_rank_with_four_times_the_batch() {
 #[test]
 fn fp8_o1_four_ranks_track_one_rank_with_four_times_the_batch() {
     let steps = 8;
-    let dp = dp_run(&small(Precision::Fp8O1, 2), 4, steps, false);
+    let dp = dp_run(&small(Precision::Fp8O1, 2), 4, steps);
     assert_replicas_agree(&dp);
-    let one = single_run(&small(Precision::Fp8O1, 8), steps, false);
+    let one = single_run(&small(Precision::Fp8O1, 8), steps);
     let d = max_rel_diff(&dp[0].losses, &one);
     println!("fp8-o1 4 ranks vs 1 rank: max rel loss diff {d:.2e}");
     // Weight gradients are summed in FP8 E5M2 (per-hop rounding, 2 mantissa bits) instead
@@ -141,8 +119,8 @@ fn fp8_o1_four_ranks_track_one_rank_with_four_times_the_batch() {
 fn one_rank_data_parallel_equals_the_plain_step_bit_for_bit() {
     for p in [Precision::Fp32, Precision::Fp8O1] {
         let cfg = small(p, 4);
-        let dp = dp_run(&cfg, 1, 4, false);
-        let one = single_run(&cfg, 4, false);
+        let dp = dp_run(&cfg, 1, 4);
+        let one = single_run(&cfg, 4);
         assert_eq!(dp[0].losses, one, "{p:?}");
     }
 }
@@ -151,9 +129,9 @@ fn one_rank_data_parallel_equals_the_plain_step_bit_for_bit() {
 fn fp8_o3_zero_trains_like_replicated_o2_and_partitions_the_state() {
     let steps = 8;
     let ranks = 4;
-    let o3 = dp_run(&small(Precision::Fp8O3, 2), ranks, steps, false);
+    let o3 = dp_run(&small(Precision::Fp8O3, 2), ranks, steps);
     assert_replicas_agree(&o3);
-    let o2 = dp_run(&small(Precision::Fp8O1, 2), ranks, steps, true);
+    let o2 = dp_run(&small(Precision::Fp8O2, 2), ranks, steps);
     assert_replicas_agree(&o2);
     let d = max_rel_diff(&o3[0].losses, &o2[0].losses);
     println!(
@@ -220,4 +198,59 @@ fn plain_step_on_a_data_parallel_trainer_is_an_error() {
     tr.enable_data_parallel(&comm).unwrap();
     let e = tr.train_step(&mut data).unwrap_err().to_string();
     assert!(e.contains("train_step_dist"), "{e}");
+}
+
+#[test]
+fn zero_partition_of_gpt2_124m_over_4_ranks_is_within_1_15x_of_the_mean() {
+    use fp8lm_trainer::distributed::zero_partition;
+    let metas = fp8lm_optim::zero::gpt2_124m_metas();
+    // FP8 linears' weights: every matrix but the position embedding (wte is the LM head).
+    let low: Vec<bool> = metas
+        .iter()
+        .map(|m| m.shape.len() == 2 && m.name != "wpe")
+        .collect();
+    let cfg = Fp8AdamConfig::fp8_lm(AdamWHyper::default());
+    let (units, p) = zero_partition(&metas, 4, &low, &cfg).unwrap();
+    let mean = p.rank_bytes.iter().sum::<usize>() as f64 / 4.0;
+    println!(
+        "GPT-2 124M, fp8-o3 state over 4 ranks: {} units, per-rank MB {:?}, max/mean {:.3}",
+        units.len(),
+        p.rank_bytes
+            .iter()
+            .map(|&b| b as f64 / 1e6)
+            .collect::<Vec<_>>(),
+        p.max_over_mean()
+    );
+    assert!(p.max_over_mean() <= 1.15, "{}", p.max_over_mean());
+    assert!(p.rank_bytes.iter().all(|&b| b as f64 > 0.85 * mean));
+    // 5 B/param of state for the FP8 linears (FP16 master, E4M3 m, FP16 v; the FP8
+    // gradient is the model's), 12 for the rest, plus 28 B of scalars per unit.
+    let bytes: usize = metas
+        .iter()
+        .zip(&low)
+        .map(|(m, &l)| m.numel() * if l { 5 } else { 12 })
+        .sum();
+    assert_eq!(p.rank_bytes.iter().sum::<usize>(), bytes + units.len() * 28);
+}
+
+#[test]
+fn zero_starts_from_the_same_fp16_masters_as_o2() {
+    let mut a = Trainer::new(&small(Precision::Fp8O2, 2), 64).unwrap();
+    let mut b = Trainer::new(&small(Precision::Fp8O3, 2), 64).unwrap();
+    let c = LocalComm::group(1).pop().unwrap();
+    a.enable_data_parallel(&c).ok();
+    let c = LocalComm::group(1).pop().unwrap();
+    b.enable_data_parallel(&c).unwrap();
+    for (m, x) in a.model().named_params() {
+        let y = &b.model().params[b
+            .model()
+            .layout
+            .range(b.model().layout.index(&m.name).unwrap())];
+        let bad = x
+            .iter()
+            .zip(y.iter())
+            .filter(|(p, q)| p.to_bits() != q.to_bits())
+            .count();
+        assert_eq!(bad, 0, "{}: {bad} of {} differ", m.name, x.len());
+    }
 }

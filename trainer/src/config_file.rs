@@ -446,10 +446,12 @@ mod tests {
         got.sort();
         assert_eq!(got, want, "configs/example.toml must list every key");
         let tiny = std::fs::read_to_string(dir.join("tiny.toml")).unwrap();
+        let mut want = RunConfig::default();
+        (want.max_steps, want.eval_every, want.checkpoint_every) = (2000, 250, 500);
         assert_eq!(
             load(&tiny, &[]).unwrap(),
-            RunConfig::default(),
-            "tiny.toml is the default"
+            want,
+            "tiny.toml = the defaults with a longer run"
         );
         let gpt2 = std::fs::read_to_string(dir.join("gpt2-124m.toml")).unwrap();
         let e = load(&gpt2, &[]).unwrap_err();

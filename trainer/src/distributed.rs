@@ -125,15 +125,57 @@ fn slices_mut<'a>(buf: &'a mut [f32], ranges: &[Range<usize>]) -> Vec<&'a mut [f
     out
 }
 
+/// FP8 ZeRO's partition of `metas` over `ranks`: tensors larger than 1/(8 ranks) of the
+/// model are cut into row blocks (one scale each; blocks of at most 1/(8N) of the model
+/// give the greedy split enough units to balance), then whole units go greedily, largest
+/// first, to the least-loaded rank, weighed by their optimizer-state bytes: `cfg`'s
+/// formats for tensors with `low_precision[t]` (the FP8 linears' weights), f32 master and
+/// moments (12 B/param) for the rest, as `Fp8Adam::with_low_precision` keeps them, plus
+/// the per-unit scalars. Deterministic: every rank computes the same.
+pub fn zero_partition(
+    metas: &[fp8lm_optim::ParamMeta],
+    ranks: usize,
+    low_precision: &[bool],
+    cfg: &Fp8AdamConfig,
+) -> Result<(Vec<Unit>, Partition)> {
+    if ranks == 0 {
+        bail!("ZeRO partition: the number of ranks must be at least 1");
+    }
+    if low_precision.len() != metas.len() {
+        bail!(
+            "ZeRO partition: {} precision flags for {} tensors",
+            low_precision.len(),
+            metas.len()
+        );
+    }
+    let total: usize = metas.iter().map(|m| m.numel()).sum();
+    let max_elems = (total / (8 * ranks)).max(1);
+    let units = split_units(metas, max_elems);
+    let items: Vec<(&str, usize)> = units
+        .iter()
+        .map(|u| {
+            let per = if low_precision[u.tensor] {
+                cfg.state_bytes_per_param()
+            } else {
+                F32_STATE_BYTES_PER_PARAM
+            };
+            (u.name.as_str(), u.numel() * per + SCALAR_BYTES_PER_TENSOR)
+        })
+        .collect();
+    let part = Partition::greedy(&items, ranks).map_err(|e| anyhow!(e))?;
+    Ok((units, part))
+}
+
+/// f32 master weight and two f32 moments.
+const F32_STATE_BYTES_PER_PARAM: usize = 12;
+
 impl Zero {
-    fn new(model: &Model, size: usize, state_bytes_per_param: usize) -> Result<Zero> {
+    fn new(model: &Model, size: usize, cfg: &Fp8AdamConfig) -> Result<Zero> {
         let lay = &model.layout;
-        // Blocks of at most 1/(8N) of the model: enough units for a balanced greedy split.
-        let max_elems = (lay.total / (8 * size)).max(1);
-        let units = split_units(&lay.metas, max_elems);
-        let part =
-            Partition::of_units(&units, size, state_bytes_per_param, SCALAR_BYTES_PER_TENSOR)
-                .map_err(|e| anyhow!(e))?;
+        let low: Vec<bool> = (0..lay.metas.len())
+            .map(|t| fp8_wgrad(model, t).is_some())
+            .collect();
+        let (units, part) = zero_partition(&lay.metas, size, &low, cfg)?;
         let ranges: Vec<_> = units
             .iter()
             .map(|u| {
@@ -177,18 +219,23 @@ impl Zero {
         self.part.owned_by(rank)
     }
 
-    /// Owners broadcast their units' weights as FP16 with a power-of-two scale per unit;
-    /// every rank (owner included) decodes the same bytes into `params`.
+    /// Owners broadcast their units' new weights in the optimizer's master format: FP16
+    /// with a power-of-two scale per unit for the FP8 linears' weights (exact: the master
+    /// is FP16 with the scale of its amax), f32 for the rest. Every rank, the owner
+    /// included, decodes the same bytes into `params`, so the replicas stay identical.
     fn broadcast_weights(&self, comm: &dyn Communicator, params: &mut [f32]) -> Result<()> {
         let me = comm.rank();
         for q in 0..comm.size() {
             let owned = self.owned(q);
-            let n: usize = owned.iter().map(|&u| self.units[u].numel()).sum();
-            let mut master_f16 = vec![f16::ZERO; n];
-            let mut scales = vec![1f32; owned.len()];
+            let (low, full): (Vec<usize>, Vec<usize>) =
+                owned.iter().partition(|&&u| self.fp8_of_unit[u].is_some());
+            let numel = |us: &[usize]| us.iter().map(|&u| self.units[u].numel()).sum::<usize>();
+            let mut master_f16 = vec![f16::ZERO; numel(&low)];
+            let mut master_f32 = vec![0f32; numel(&full)];
+            let mut scales = vec![1f32; low.len()];
             if q == me {
                 let mut off = 0;
-                for (k, &u) in owned.iter().enumerate() {
+                for (k, &u) in low.iter().enumerate() {
                     let src = &params[self.ranges[u].clone()];
                     let amax = fp8lm_fp8::cast::amax_f32(src);
                     scales[k] =
@@ -196,17 +243,36 @@ impl Zero {
                     f32_to_f16_amax(src, scales[k], &mut master_f16[off..off + src.len()]);
                     off += src.len();
                 }
+                let mut off = 0;
+                for &u in &full {
+                    let src = &params[self.ranges[u].clone()];
+                    master_f32[off..off + src.len()].copy_from_slice(src);
+                    off += src.len();
+                }
             }
-            comm.broadcast(BufMut::F16(&mut master_f16), q)
-                .map_err(comm_err)?;
-            comm.broadcast(BufMut::F32(&mut scales), q)
-                .map_err(comm_err)?;
+            let e = comm_err;
+            if !master_f16.is_empty() {
+                comm.broadcast(BufMut::F16(&mut master_f16), q).map_err(e)?;
+                comm.broadcast(BufMut::F32(&mut scales), q).map_err(e)?;
+            }
+            if !master_f32.is_empty() {
+                comm.broadcast(BufMut::F32(&mut master_f32), q).map_err(e)?;
+            }
             let mut off = 0;
-            for (k, &u) in owned.iter().enumerate() {
+            for (k, &u) in low.iter().enumerate() {
                 let dst = &mut params[self.ranges[u].clone()];
                 let l = dst.len();
                 f16_to_f32_amax(&master_f16[off..off + l], 1.0 / scales[k], dst);
                 off += l;
+            }
+            if q != me {
+                let mut off = 0;
+                for &u in &full {
+                    let dst = &mut params[self.ranges[u].clone()];
+                    let l = dst.len();
+                    dst.copy_from_slice(&master_f32[off..off + l]);
+                    off += l;
+                }
             }
         }
         Ok(())
@@ -237,12 +303,15 @@ impl Trainer {
                 weight_decay: o.weight_decay,
             };
             let ocfg = Fp8AdamConfig::fp8_lm(hyper);
-            let z = Zero::new(&self.model, size, ocfg.state_bytes_per_param())?;
+            let z = Zero::new(&self.model, size, &ocfg)?;
             let owned = z.owned(rank);
             let metas: Vec<_> = owned.iter().map(|&u| z.units[u].meta()).collect();
+            // As fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest.
+            let low: Vec<bool> = owned.iter().map(|&u| z.fp8_of_unit[u].is_some()).collect();
             let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
             let mut ps = slices_mut(&mut self.model.params, &rs);
-            let opt = Fp8Adam::new(&metas, &mut ps, ocfg).map_err(|e| anyhow!(e))?;
+            let opt =
+                Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
             self.optimizer = Box::new(opt);
             z.broadcast_weights(comm, &mut self.model.params)?;
             Some(z)
@@ -605,4 +674,81 @@ impl Trainer {
         *comm_time += tc.elapsed();
         Ok((grad_norm, false))
     }
+}
+
+/// Open the data of `cfg`, build a trainer as rank `comm.rank()` and run `steps`
+/// data-parallel steps, calling `on_step` after each. What `fp8lm train` does under
+/// `mpirun` (minus checkpoints and metrics), and what the distributed bench measures.
+pub fn train_data_parallel(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    steps: usize,
+    mut on_step: impl FnMut(&Trainer, &StepStats),
+) -> Result<Trainer> {
+    let mut data = crate::data::open_dataset(cfg).map_err(|e| {
+        anyhow!(
+            "rank {}: data.path = {:?}: {e:#}",
+            comm.rank(),
+            cfg.data.path
+        )
+    })?;
+    let mut tr = Trainer::new(cfg, data.vocab_size())?;
+    tr.enable_data_parallel(comm)?;
+    for _ in 0..steps {
+        let st = tr.train_step_dist(data.as_mut(), comm)?;
+        on_step(&tr, &st);
+    }
+    Ok(tr)
+}
+
+/// Step time and the share of it spent in communication, averaged over the measured
+/// steps (after `warmup` unmeasured ones), as rank 0 sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DistBench {
+    pub precision: Precision,
+    pub ranks: usize,
+    pub steps: usize,
+    pub step_s: f64,
+    pub comm_s: f64,
+    /// Bytes this rank sent per step.
+    pub bytes_sent_per_step: f64,
+    /// This rank's optimizer state bytes.
+    pub state_bytes: usize,
+}
+
+impl DistBench {
+    pub fn comm_share(&self) -> f64 {
+        self.comm_s / self.step_s.max(1e-12)
+    }
+}
+
+/// Measure `steps` data-parallel steps of `cfg` on `comm` (after `warmup` steps).
+pub fn bench_train_dist(
+    cfg: &crate::RunConfig,
+    comm: &dyn Communicator,
+    warmup: usize,
+    steps: usize,
+) -> Result<DistBench> {
+    let (mut step_s, mut comm_s, mut k) = (0.0, 0.0, 0usize);
+    let mut sent0 = comm.bytes_sent();
+    let tr = train_data_parallel(cfg, comm, warmup + steps, |_, st| {
+        if k >= warmup {
+            step_s += (st.forward + st.backward + st.optimizer).as_secs_f64();
+            comm_s += st.comm.as_secs_f64();
+        }
+        k += 1;
+        if k == warmup {
+            sent0 = comm.bytes_sent();
+        }
+    })?;
+    let m = steps.max(1) as f64;
+    Ok(DistBench {
+        precision: cfg.precision,
+        ranks: comm.size(),
+        steps,
+        step_s: step_s / m,
+        comm_s: comm_s / m,
+        bytes_sent_per_step: (comm.bytes_sent() - sent0) as f64 / m,
+        state_bytes: tr.optimizer().state_bytes(),
+    })
 }

@@ -191,19 +191,22 @@ impl Trainer {
             eps: o.eps,
             weight_decay: o.weight_decay,
         };
-        let optimizer: Box<dyn Optimizer> = if cfg.precision == Precision::Fp8O2 {
-            // Low-precision state for the FP8 linears' weights; f32 for the rest.
-            let metas = model.layout.metas.clone();
-            let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
-            let (mut params, _) = model.params_and_grads();
-            let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
-            Box::new(
-                Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
-                    .map_err(anyhow::Error::msg)?,
-            )
-        } else {
-            Box::new(AdamW::new(&model.layout.metas, hyper))
-        };
+        // fp8-o3 on a single rank is fp8-o2 (one rank owns every tensor); with several
+        // ranks `enable_data_parallel` replaces this optimizer by the rank's ZeRO share.
+        let optimizer: Box<dyn Optimizer> =
+            if matches!(cfg.precision, Precision::Fp8O2 | Precision::Fp8O3) {
+                // Low-precision state for the FP8 linears' weights; f32 for the rest.
+                let metas = model.layout.metas.clone();
+                let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
+                let (mut params, _) = model.params_and_grads();
+                let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
+                Box::new(
+                    Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
+                        .map_err(anyhow::Error::msg)?,
+                )
+            } else {
+                Box::new(AdamW::new(&model.layout.metas, hyper))
+            };
         let rows = dims.b * dims.t;
         Ok(Trainer {
             cfg: cfg.clone(),

@@ -127,6 +127,12 @@ impl<S: Src> Operand<'_, S> {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Source elements decoded by this thread's packing (tests check the O(mk + kn) claim).
+    pub(crate) static DECODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Pack rows `x0 .. x0 + w` (`w <= W`) and steps `p0 .. p0 + kc` into `dst[kc * W]`,
 /// layout `[p][x]`, zero-padding rows `w .. W`.
 pub(crate) fn pack_panel<S: Src, const W: usize>(
@@ -139,6 +145,8 @@ pub(crate) fn pack_panel<S: Src, const W: usize>(
     dst: &mut [f32],
 ) {
     assert!(w <= W && dst.len() >= kc * W);
+    #[cfg(test)]
+    DECODED.set(DECODED.get() + w * kc);
     if kc > 0 {
         // Bounds of the whole source rectangle, checked once so the SIMD loads below
         // may use raw pointers.

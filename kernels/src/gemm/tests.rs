@@ -521,3 +521,21 @@ fn several_pack_phases() {
         check(&format!("{s:?}"), k, &c, &want, Some(&c_old));
     }
 }
+
+/// The decode is fused into packing: a GEMM decodes each operand element exactly once
+/// (O(mk + kn)), however many output tiles use it, when one thread does all the work.
+#[test]
+fn each_operand_element_decoded_once() {
+    let mut rng = Rng(7);
+    for (m, n, k, ta, tb) in [(100, 300, 700, false, true), (64, 40, 1100, true, false)] {
+        let s = shape(m, n, k, ta, tb);
+        let a = Mat::random(&mut rng, m * k, Ty::E4M3, 8.0);
+        let b = Mat::random(&mut rng, k * n, Ty::E5M2, 8.0);
+        let mut c = vec![0f32; m * n];
+        for isa in Isa::available() {
+            super::pack::DECODED.set(0);
+            gemm_f32(isa, s, a.as_ref(), b.as_ref(), &mut c, false, 1);
+            assert_eq!(super::pack::DECODED.get(), m * k + k * n, "{isa:?} {s:?}");
+        }
+    }
+}

@@ -3,7 +3,9 @@
 //! Per parameter tensor (recipe section 4): master weights FP16 with a per-tensor scale
 //! (2 B), first moment FP8 E4M3 with a per-tensor scale (1 B), second moment FP16 with a
 //! per-tensor scale (2 B); the gradient arrives FP8 (E5M2 by default, 1 B, owned by the
-//! model). Each format is configurable ([`StateFormat`]) for ablations.
+//! model). Each format is configurable ([`StateFormat`]) for ablations, and
+//! [`Fp8Adam::with_low_precision`] keeps chosen tensors (norm gains, biases) in f32 as
+//! MS-AMP does.
 //!
 //! ## The update
 //! Per element, in f32: decode `w, m, v, g`, then exactly the fp32 AdamW update
@@ -41,7 +43,9 @@
 //! a re-scaled value equals the directly encoded one except in the format's subnormal
 //! tail (values below 2^-14 (f16) / 2^-6 (E4M3) of the format's range, relative to the
 //! tensor's amax), where it was rounded on the provisional grid.
-//! [`Fp8Adam::stats`] counts how often steps 3's fix-ups ran.
+//! [`Fp8Adam::stats`] counts how often step 3's fix-ups ran (at GPT-2 124M: a state
+//! re-scale in about 11% of tensor updates, almost all in the first steps while the
+//! moments grow from zero; no deferred chunk).
 
 // Three states indexed in lockstep (master, exp_avg, exp_avg_sq) read best as indices.
 #![allow(clippy::needless_range_loop)]
