@@ -10,6 +10,10 @@
 //!   ([`GemmOps::gemm_bf16_out`]) or FP8 with the result's amax
 //!   ([`GemmOps::gemm_fp8_out`]). The CPU kernel is picked at run time ([`Isa`]:
 //!   AVX-512F, AVX2+FMA, or portable).
+//! - [`LayerOps`]: the non-GEMM ops (embeddings, LayerNorm/RMSNorm, GELU/SwiGLU, bias,
+//!   residual, rotary embeddings, causal attention, softmax cross-entropy), f32 at every
+//!   precision level, forward and backward side by side in [`layers`]; generic over f32/f64
+//!   so every backward is checked against finite differences in f64.
 //! - [`bench`](mod@bench): GEMM throughput of ours against the `gemm` and `matrixmultiply` crates
 //!   (`cargo run --release -p fp8lm-kernels --example bench_gemm`).
 //!

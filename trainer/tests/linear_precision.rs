@@ -245,3 +245,16 @@ fn delayed_scaling_uses_history_and_reports_saturation() {
     let f = lin.fp8.as_ref().unwrap();
     assert!(f.x.stats.scale < s_before && f.x.stats.overflow == 0);
 }
+
+#[test]
+fn cast_counting_reports_saturation_and_flush_to_zero() {
+    use fp8lm_trainer::model::linear::cast_counting;
+    let src = [0.0f32, 1e-12, 1.0, -1e-12, 500.0, -0.0];
+    let mut dst = [0u8; 6];
+    let (amax, over, under) = cast_counting(Fp8Format::E4M3, &src, 1.0, &mut dst);
+    assert_eq!((amax, over, under), (500.0, 1, 2));
+    assert_eq!(dst[4], Fp8Format::E4M3.max_bits(), "saturates to +max");
+    // no zero outputs: nothing underflowed
+    let (_, over, under) = cast_counting(Fp8Format::E5M2, &[1.0, -2.0], 1.0, &mut dst[..2]);
+    assert_eq!((over, under), (0, 0));
+}

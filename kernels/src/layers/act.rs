@@ -89,7 +89,7 @@ pub fn swiglu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T], f: usize)
         });
 }
 
-/// out[n, oc] += bias[oc].
+/// out\[n, oc\] += bias\[oc\].
 pub fn bias_forward<T: Real>(out: &mut [T], bias: &[T]) {
     let oc = bias.len();
     assert_eq!(out.len() % oc, 0);
@@ -102,7 +102,7 @@ pub fn bias_forward<T: Real>(out: &mut [T], bias: &[T]) {
     });
 }
 
-/// dbias[oc] += sum over rows of dout[n, oc] (row order fixed per channel block).
+/// dbias\[oc\] += sum over rows of dout\[n, oc\] (row order fixed per channel block).
 pub fn bias_backward<T: Real>(dbias: &mut [T], dout: &[T]) {
     let oc = dbias.len();
     assert_eq!(dout.len() % oc, 0);

@@ -9,7 +9,7 @@ use super::real::{axpy, dot};
 use super::{row_block, Real, SyncPtr};
 use rayon::prelude::*;
 
-/// out[b,t,c] = softmax(q k^T / sqrt(hs), causal) v, per head; att[b,nh,t,t] saved.
+/// out\[b,t,c\] = softmax(q k^T / sqrt(hs), causal) v, per head; att\[b,nh,t,t\] saved.
 pub fn attention_forward<T: Real>(
     out: &mut [T],
     att: &mut [T],
@@ -59,7 +59,7 @@ pub fn attention_forward<T: Real>(
     });
 }
 
-/// dqkv[b,t,3c] (overwritten) from dout[b,t,c], the saved qkv and att.
+/// dqkv\[b,t,3c\] (overwritten) from dout\[b,t,c\], the saved qkv and att.
 pub fn attention_backward<T: Real>(
     dqkv: &mut [T],
     dout: &[T],
@@ -154,12 +154,12 @@ fn rope_apply<T: Real>(qkv: &mut [T], table: &[T], t: usize, c: usize, nh: usize
         });
 }
 
-/// q, k of qkv[b,t,3c] rotated in place.
+/// q, k of qkv\[b,t,3c\] rotated in place.
 pub fn rope_forward<T: Real>(qkv: &mut [T], table: &[T], t: usize, c: usize, nh: usize) {
     rope_apply(qkv, table, t, c, nh, T::ONE)
 }
 
-/// dq, dk of dqkv[b,t,3c] rotated back in place.
+/// dq, dk of dqkv\[b,t,3c\] rotated back in place.
 pub fn rope_backward<T: Real>(dqkv: &mut [T], table: &[T], t: usize, c: usize, nh: usize) {
     rope_apply(dqkv, table, t, c, nh, -T::ONE)
 }

@@ -3,7 +3,7 @@
 use super::Real;
 use rayon::prelude::*;
 
-/// out[b*t, c] = wte[tokens] (+ wpe[pos]). Token ids must be `< V` (the trainer checks
+/// out\[b*t, c\] = wte\[tokens\] (+ wpe\[pos\]). Token ids must be `< V` (the trainer checks
 /// them with a clear error before any op runs).
 pub fn encoder_forward<T: Real>(
     out: &mut [T],
@@ -26,7 +26,7 @@ pub fn encoder_forward<T: Real>(
     });
 }
 
-/// dwte[tok] += dout, dwpe[pos] += dout. Serial: a scatter-add whose cost (b*t*c) is
+/// dwte\[tok\] += dout, dwpe\[pos\] += dout. Serial: a scatter-add whose cost (b*t*c) is
 /// negligible, and a fixed order keeps it reproducible.
 pub fn encoder_backward<T: Real>(
     dwte: &mut [T],

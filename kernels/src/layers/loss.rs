@@ -4,7 +4,7 @@
 use super::Real;
 use rayon::prelude::*;
 
-/// logits[n,v] -> probs in place; losses[n] = logsumexp(logits) - logits[target].
+/// logits\[n,v\] -> probs in place; losses\[n\] = logsumexp(logits) - logits\[target\].
 pub fn softmax_xent_forward<T: Real>(logits_to_probs: &mut [T], losses: &mut [T], targets: &[u32]) {
     let n = losses.len();
     assert!(n > 0 && targets.len() == n && logits_to_probs.len().is_multiple_of(n));
@@ -27,7 +27,7 @@ pub fn softmax_xent_forward<T: Real>(logits_to_probs: &mut [T], losses: &mut [T]
         });
 }
 
-/// probs[n,v] -> dlogits = (probs - onehot(target)) * dloss, in place.
+/// probs\[n,v\] -> dlogits = (probs - onehot(target)) * dloss, in place.
 pub fn softmax_xent_backward<T: Real>(probs_to_dlogits: &mut [T], targets: &[u32], dloss: T) {
     let n = targets.len();
     assert!(n > 0 && probs_to_dlogits.len().is_multiple_of(n));

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 const EPS: f64 = 1e-5;
 
-/// out[n,c] = (inp - mean) * rstd * w + b; mean[n], rstd[n] saved for the backward.
+/// out\[n,c\] = (inp - mean) * rstd * w + b; mean\[n\], rstd\[n\] saved for the backward.
 pub fn layernorm_forward<T: Real>(
     out: &mut [T],
     mean: &mut [T],
@@ -99,7 +99,7 @@ pub fn layernorm_backward<T: Real>(
         });
 }
 
-/// out[n,c] = inp * rstd * w with rstd = 1/sqrt(mean(inp^2) + eps); rstd[n] saved.
+/// out\[n,c\] = inp * rstd * w with rstd = 1/sqrt(mean(inp^2) + eps); rstd\[n\] saved.
 pub fn rmsnorm_forward<T: Real>(out: &mut [T], rstd: &mut [T], inp: &[T], w: &[T]) {
     let c = w.len();
     let rb = row_block(c);

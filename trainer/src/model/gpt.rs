@@ -1,7 +1,7 @@
 //! The GPT model: forward and backward of the whole network, llm.c style.
 //!
 //! One flat f32 parameter buffer and one gradient buffer (views described by
-//! [`Layout`]), one activation arena ([`Acts`]) sized for `B x T` once. Each block:
+//! [`Layout`]), one activation arena (`Acts`) sized for `B x T` once. Each block:
 //!
 //! ```text
 //! x -> norm1 -> qkv (linear) [-> rope] -> attention -> proj (linear) -> +x = r2

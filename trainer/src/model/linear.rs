@@ -218,7 +218,7 @@ impl Linear {
         self.gemm_time += t0.elapsed();
     }
 
-    /// out[n,oc] = inp[n,c] @ w[oc,c]^T + bias[oc]. `record`: update FP8 scaling history.
+    /// out\[n,oc\] = inp\[n,c\] @ w\[oc,c\]^T + bias\[oc\]. `record`: update FP8 scaling history.
     pub fn forward(
         &mut self,
         out: &mut [f32],
@@ -264,7 +264,7 @@ impl Linear {
         }
     }
 
-    /// dinp[n,c] = dout @ w and dw[oc,c] = dout^T @ inp (both overwritten: each weight has
+    /// dinp\[n,c\] = dout @ w and dw\[oc,c\] = dout^T @ inp (both overwritten: each weight has
     /// one GEMM contribution, so the trainer need not zero 4 bytes x params every step);
     /// dbias += sum(dout).
     /// Must follow this layer's own `forward` on the same `inp`/`w` (it reuses their casts).
@@ -365,9 +365,14 @@ pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) ->
             over = s.iter().filter(|x| (**x * scale).abs() > max).count() as u64;
         }
         // underflow = zeros out - zeros in (two counts that vectorise)
+        // (the input is re-read only when some output is zero, which is rare)
         let zeros_out = d.iter().filter(|&&b| b & 0x7F == 0).count();
-        let zeros_in = s.iter().filter(|&&x| x == 0.0).count();
-        (amax, over, zeros_out.saturating_sub(zeros_in) as u64)
+        let under = if zeros_out == 0 {
+            0
+        } else {
+            zeros_out - s.iter().filter(|&&x| x == 0.0).count()
+        };
+        (amax, over, under as u64)
     };
     if src.len() <= CAST_CHUNK {
         return chunk(dst, src);
