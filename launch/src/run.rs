@@ -160,7 +160,13 @@ fn supersede_later_checkpoints(root: &Path, step: u64) -> Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let aside = root.join(format!("superseded-{secs}"));
+    // A fresh directory even when two resumes supersede within the same second.
+    let mut aside = root.join(format!("superseded-{secs}"));
+    let mut k = 2;
+    while aside.exists() {
+        aside = root.join(format!("superseded-{secs}-{k}"));
+        k += 1;
+    }
     std::fs::create_dir_all(&aside)?;
     for (_, dir) in later {
         let to = aside.join(dir.file_name().unwrap_or_default());
