@@ -8,12 +8,12 @@
 //! - `summary.json`: final losses, throughput, memory by category (also printed).
 
 use anyhow::{bail, Context, Result};
+use fp8lm_collectives::{or_abort, Communicator};
 use fp8lm_trainer::checkpoint::{self, Checkpoint};
 use fp8lm_trainer::config_file::{load_config, load_config_str, to_toml};
 use fp8lm_trainer::data::{open_dataset, Dataset};
 use fp8lm_trainer::metrics::{read_metrics, Fp8TensorStats, MetricsRecord, MetricsWriter};
 use fp8lm_trainer::tokenizer::Tokenizer;
-use fp8lm_collectives::{or_abort, Communicator};
 use fp8lm_trainer::{snapshot, Precision, RunConfig, Trainer};
 use serde_json::json;
 use std::path::{Path, PathBuf};

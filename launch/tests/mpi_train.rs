@@ -60,8 +60,8 @@ fn metrics(run: &Path) -> Vec<(u64, String, bool)> {
         .unwrap()
         .lines()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics.jsonl line {l:?}: {e}"));
             (
                 v["step"].as_u64().unwrap(),
                 v["loss"].to_string(),
@@ -95,13 +95,22 @@ fn mpirun_fp8lm_train_writes_one_run_dir_and_resumes_bit_identically() {
     for f in ["config.toml", "loss.svg", "summary.json"] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
-    assert!(!d.join("run-2").exists(), "a second rank wrote a run directory");
+    assert!(
+        !d.join("run-2").exists(),
+        "a second rank wrote a run directory"
+    );
     assert_eq!(text.matches("fp8lm run summary").count(), 1, "{text}");
-    assert!(text.contains("data parallel        2 ranks (mpi)"), "{text}");
+    assert!(
+        text.contains("data parallel        2 ranks (mpi)"),
+        "{text}"
+    );
     let ck3 = run.join("checkpoints/step_00000003");
     assert!(ck3.join("checkpoint.json").is_file(), "{text}");
     let meta = std::fs::read_to_string(ck3.join("checkpoint.json")).unwrap();
-    assert!(meta.contains("zero_units"), "fp8-o3 checkpoint lists its units");
+    assert!(
+        meta.contains("zero_units"),
+        "fp8-o3 checkpoint lists its units"
+    );
 
     // The same losses as 2 in-process ranks (RAYON_NUM_THREADS=1 under mpirun may change
     // the GEMMs' summation order: 1e-6 relative).
@@ -129,7 +138,9 @@ fn mpirun_fp8lm_train_writes_one_run_dir_and_resumes_bit_identically() {
         full,
         "losses after the mpirun resume differ from the uninterrupted run:\n{text}"
     );
-    assert!(run.join("checkpoints/step_00000006/checkpoint.json").is_file());
+    assert!(run
+        .join("checkpoints/step_00000006/checkpoint.json")
+        .is_file());
 
     // One process resumes the 2-rank fp8-o3 checkpoint (its units merged into whole
     // tensors) and trains on.

@@ -195,7 +195,10 @@ fn fp8_o3_four_ranks_resume_on_two_with_repartitioned_state() {
             .zip(&ck_params)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= amax * 2f32.powi(-24), "rank {r}: weights moved by {worst}");
+        assert!(
+            worst <= amax * 2f32.powi(-24),
+            "rank {r}: weights moved by {worst}"
+        );
     }
 
     // The 2-rank state, gathered and brought to whole tensors, equals the 4-rank

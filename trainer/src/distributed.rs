@@ -54,8 +54,8 @@ use crate::config::Precision;
 use crate::data::Dataset;
 use crate::model::params::split_tensors_mut;
 use crate::model::Model;
+use crate::repartition::{decode_states, encode_states, repartition_state, NamedState, UnitSpan};
 use crate::train::{clip_scale, global_grad_norm, lr_at, StepStats, Trainer};
-use crate::repartition::{decode_states, encode_states, repartition_state, UnitSpan};
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
     BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, ReduceOp,
@@ -345,7 +345,7 @@ impl Trainer {
     pub fn enable_data_parallel_resume(
         &mut self,
         comm: &dyn Communicator,
-        zero_state: Option<(&[(String, StateTensor)], &[UnitSpan])>,
+        zero_state: Option<(&[NamedState], &[UnitSpan])>,
     ) -> Result<()> {
         let toml = crate::config_file::to_toml(&self.cfg);
         fp8lm_collectives::agree_config(comm, "training config", toml.as_bytes())
@@ -440,7 +440,7 @@ impl Trainer {
     pub fn gather_optimizer_state(
         &self,
         comm: &dyn Communicator,
-    ) -> Result<(Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>)> {
+    ) -> Result<(Vec<NamedState>, Option<Vec<UnitSpan>>)> {
         let mine = self.optimizer.export_state();
         let Some(dist) = self.dist.as_ref() else {
             return Ok((mine, None));

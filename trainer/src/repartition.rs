@@ -38,6 +38,9 @@ pub struct UnitSpan {
     pub numel: usize,
 }
 
+/// One named optimizer state entry, as `Optimizer::export_state` lists them.
+pub type NamedState = (String, StateTensor);
+
 /// Key of [`UnitSpan`]s in `CheckpointMeta::extra`.
 pub const ZERO_UNITS_KEY: &str = "zero_units";
 
@@ -105,8 +108,7 @@ pub fn repartition_state(
     let map: HashMap<&str, &StateTensor> = stored.iter().map(|(n, s)| (n.as_str(), s)).collect();
     // Rebuilt entries, for units not stored under their own name.
     let mut rebuilt: HashMap<String, StateTensor> = HashMap::new();
-    let tmpl: HashMap<&str, &StateTensor> =
-        template.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let tmpl: HashMap<&str, &StateTensor> = template.iter().map(|(n, s)| (n.as_str(), s)).collect();
     for u in new {
         let master = format!("{}.master", u.name);
         if map.contains_key(master.as_str()) {
@@ -139,9 +141,9 @@ pub fn repartition_state(
             let mut vals = Vec::with_capacity(u.numel);
             for o in &srcs {
                 let key = format!("{}.{s}", o.name);
-                let st = map
-                    .get(key.as_str())
-                    .with_context(|| format!("optimizer state {key:?} missing from the checkpoint"))?;
+                let st = map.get(key.as_str()).with_context(|| {
+                    format!("optimizer state {key:?} missing from the checkpoint")
+                })?;
                 let v = state_values(st);
                 if v.len() != o.numel {
                     bail!(
@@ -160,10 +162,16 @@ pub fn repartition_state(
                 .get(name.as_str())
                 .ok_or_else(|| anyhow!("optimizer has no state {name:?}"))?;
             let enc = encode_like(t, &vals);
-            rebuilt.insert(format!("{name}.amax"), StateTensor::Scalar(amax_f32(&vals) as f64));
+            rebuilt.insert(
+                format!("{name}.amax"),
+                StateTensor::Scalar(amax_f32(&vals) as f64),
+            );
             rebuilt.insert(name, enc);
         }
-        rebuilt.insert(format!("{}.update_amax", u.name), StateTensor::Scalar(ratio));
+        rebuilt.insert(
+            format!("{}.update_amax", u.name),
+            StateTensor::Scalar(ratio),
+        );
     }
     template
         .iter()
@@ -201,7 +209,10 @@ pub fn encode_states(states: &[(String, StateTensor)]) -> Vec<u8> {
             StateTensor::F16 { data, scale } => {
                 out.push(1);
                 out.extend_from_slice(&scale.to_le_bytes());
-                let b: Vec<u8> = data.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+                let b: Vec<u8> = data
+                    .iter()
+                    .flat_map(|x| x.to_bits().to_le_bytes())
+                    .collect();
                 put(&mut out, &b);
             }
             StateTensor::Fp8(t) => {
@@ -342,7 +353,9 @@ mod tests {
     /// stated bound (half a subnormal spacing at the new scale), amax scalars exact.
     #[test]
     fn reblocking_keeps_values() {
-        let vals: Vec<f32> = (0..40).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013).collect();
+        let vals: Vec<f32> = (0..40)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013)
+            .collect();
         let tmpl_m = StateTensor::Fp8(ScaledFp8 {
             data: vec![],
             shape: vec![],
@@ -354,8 +367,18 @@ mod tests {
             scale: 1.0,
         };
         let old = vec![
-            UnitSpan { name: "w[0..1]".into(), tensor: 0, offset: 0, numel: 16 },
-            UnitSpan { name: "w[1..3]".into(), tensor: 0, offset: 16, numel: 24 },
+            UnitSpan {
+                name: "w[0..1]".into(),
+                tensor: 0,
+                offset: 0,
+                numel: 16,
+            },
+            UnitSpan {
+                name: "w[1..3]".into(),
+                tensor: 0,
+                offset: 16,
+                numel: 24,
+            },
         ];
         let mut stored = vec![("step".to_string(), StateTensor::Scalar(3.0))];
         for o in &old {
@@ -364,11 +387,22 @@ mod tests {
             stored.push((format!("{}.exp_avg", o.name), encode_like(&tmpl_m, v)));
             stored.push((format!("{}.exp_avg_sq", o.name), encode_like(&tmpl_v, v)));
             for s in STATES {
-                stored.push((format!("{}.{s}.amax", o.name), StateTensor::Scalar(amax_f32(v) as f64)));
+                stored.push((
+                    format!("{}.{s}.amax", o.name),
+                    StateTensor::Scalar(amax_f32(v) as f64),
+                ));
             }
-            stored.push((format!("{}.update_amax", o.name), StateTensor::Scalar(o.numel as f64)));
+            stored.push((
+                format!("{}.update_amax", o.name),
+                StateTensor::Scalar(o.numel as f64),
+            ));
         }
-        let new = vec![UnitSpan { name: "w".into(), tensor: 0, offset: 0, numel: 40 }];
+        let new = vec![UnitSpan {
+            name: "w".into(),
+            tensor: 0,
+            offset: 0,
+            numel: 40,
+        }];
         let mut template = vec![("step".to_string(), StateTensor::Scalar(0.0))];
         template.push(("w.master".into(), StateTensor::F32(vec![])));
         template.push(("w.exp_avg".into(), tmpl_m.clone()));
@@ -391,7 +425,10 @@ mod tests {
         let m = state_values(&got[2].1);
         for (a, b) in m.iter().zip(&src_m) {
             // E4M3: half the smallest subnormal (2^-9) at the new scale, relative to 448.
-            assert!((a - b).abs() <= amax * 2f32.powi(-10) / 448.0 * 2.0, "{a} vs {b}");
+            assert!(
+                (a - b).abs() <= amax * 2f32.powi(-10) / 448.0 * 2.0,
+                "{a} vs {b}"
+            );
         }
         assert_eq!(got[4].1, StateTensor::Scalar(amax as f64));
         assert_eq!(got[7].1, StateTensor::Scalar(24.0));
@@ -399,7 +436,12 @@ mod tests {
         let back = repartition_state(&got, &new, &stored, &old).unwrap();
         assert_eq!(back[1].1, stored[1].1);
         // A unit the checkpoint does not cover is an error naming it.
-        let wide = vec![UnitSpan { name: "w".into(), tensor: 0, offset: 0, numel: 41 }];
+        let wide = vec![UnitSpan {
+            name: "w".into(),
+            tensor: 0,
+            offset: 0,
+            numel: 41,
+        }];
         let e = repartition_state(&stored, &old, &template, &wide).unwrap_err();
         assert!(e.to_string().contains("cover 40 of its 41"), "{e}");
     }

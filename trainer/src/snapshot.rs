@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta, CkptDtype, CkptTensor, FORMAT};
 use crate::data::Dataset;
-use crate::repartition::{UnitSpan, ZERO_UNITS_KEY};
+use crate::repartition::{NamedState, UnitSpan, ZERO_UNITS_KEY};
 use crate::train::Trainer;
 
 fn scale_state_json(s: &ScaleState) -> Value {
@@ -208,13 +208,15 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
 pub fn zero_units(ck: &Checkpoint) -> Result<Option<Vec<UnitSpan>>> {
     match ck.meta.extra.get(ZERO_UNITS_KEY) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone()).map(Some).with_context(|| {
-            format!(
-                "{}/{}: extra.{ZERO_UNITS_KEY} is not a unit list",
-                ck.dir.display(),
-                crate::checkpoint::META_FILE
-            )
-        }),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "{}/{}: extra.{ZERO_UNITS_KEY} is not a unit list",
+                    ck.dir.display(),
+                    crate::checkpoint::META_FILE
+                )
+            }),
     }
 }
 
@@ -224,7 +226,7 @@ pub fn zero_units(ck: &Checkpoint) -> Result<Option<Vec<UnitSpan>>> {
 pub fn stored_optimizer_state(
     tr: &Trainer,
     ck: &Checkpoint,
-) -> Result<(Vec<(String, StateTensor)>, Vec<UnitSpan>)> {
+) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
     let stored = ck
         .groups
         .get("optimizer")
@@ -236,7 +238,12 @@ pub fn stored_optimizer_state(
             CkptDtype::F64 => {
                 let v = t.as_f64_exact()?;
                 if v.len() != 1 {
-                    bail!("{}/optimizer.safetensors: {}: {} values where a scalar is stored", ck.dir.display(), t.name, v.len());
+                    bail!(
+                        "{}/optimizer.safetensors: {}: {} values where a scalar is stored",
+                        ck.dir.display(),
+                        t.name,
+                        v.len()
+                    );
                 }
                 StateTensor::Scalar(v[0])
             }
