@@ -523,7 +523,9 @@ fn train_ranked(
         .iter()
         .map(|(n, b)| format!("{n} {:.2}", mb(*b)))
         .collect();
-    println!("memory (MiB)         {}", cats.join(" | "));
+    // Under fp8-o3 the ranks hold different shares; these are rank 0's.
+    let who = if comm.is_some() { ", rank 0" } else { "" };
+    println!("{:<21}{}", format!("memory (MiB{who})"), cats.join(" | "));
     println!(
         "optimizer state      {:.2} bytes/param (master + gradients + moments)",
         ledger.state_bytes_per_param()
