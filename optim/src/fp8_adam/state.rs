@@ -2,6 +2,7 @@
 
 use super::{StateFormat, CHUNK};
 use crate::api::StateTensor;
+use crate::lanes::{f32_to_f16_with_view, fp8_to_f32_scaled};
 use fp8lm_fp8::cast::{self, Backend};
 use fp8lm_fp8::{CastMode, Fp8Format, ScaledF16, ScaledFp8};
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -169,9 +170,7 @@ impl ChunkMut<'_> {
             ChunkMut::F16(s) => {
                 cast::f16_to_f32_amax(s.reinterpret_cast(), inv_scale, dst);
             }
-            ChunkMut::Fp8(s, f) => {
-                cast::fp8_to_f32_amax(*f, s, inv_scale, dst);
-            }
+            ChunkMut::Fp8(s, f) => fp8_to_f32_scaled(*f, s, inv_scale, dst),
         }
     }
     /// `stored[i] = encode(src[i] * scale)`.
@@ -188,6 +187,17 @@ impl ChunkMut<'_> {
             }
         }
     }
+    /// [`Self::encode`], then `view[i] = stored[i] / scale` (the compute weights).
+    #[inline(always)]
+    pub(super) fn encode_with_view(&mut self, src: &[f32], scale: f32, view: &mut [f32]) {
+        match self {
+            ChunkMut::F16(s) => f32_to_f16_with_view(src, scale, 1.0 / scale, s, view),
+            _ => {
+                self.encode(src, scale);
+                self.decode(1.0 / scale, view);
+            }
+        }
+    }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
     /// except in the subnormal range. At most CHUNK elements (one stack row).
     pub(super) fn rescale(&mut self, factor: f32) {
@@ -201,7 +211,7 @@ impl ChunkMut<'_> {
             }
             ChunkMut::Fp8(s, f) => {
                 let buf = &mut buf[..s.len()];
-                cast::fp8_to_f32_amax(*f, s, factor, buf);
+                fp8_to_f32_scaled(*f, s, factor, buf);
                 let b = Backend::detect();
                 cast::f32_to_fp8_amax_with(*f, CastMode::SatAll, b, buf, 1.0, s);
             }
@@ -228,7 +238,7 @@ impl GradChunk<'_> {
                 }
             }
             GradChunk::Fp8(g, fmt, inv_scale, f) => {
-                cast::fp8_to_f32_amax(fmt, g, inv_scale, dst);
+                fp8_to_f32_scaled(fmt, g, inv_scale, dst);
                 // x * 1.0 == x: skip the no-op multiply of the common case.
                 if f != 1.0 {
                     for d in dst.iter_mut() {
