@@ -2,6 +2,7 @@
 
 use super::state::{ChunkMut, GradChunk};
 use super::CHUNK;
+use fp8lm_fp8::Fp8Format;
 use std::cell::RefCell;
 
 /// Per-step constants of the update for one tensor.
@@ -54,6 +55,31 @@ pub(super) fn update_chunk(
     thread_local! {
         static SCRATCH: RefCell<Vec<f32>> = RefCell::new(vec![0.0; 4 * CHUNK]);
     }
+    #[cfg(target_arch = "x86_64")]
+    if let (
+        ChunkMut::F16(wh),
+        ChunkMut::Fp8(m8, Fp8Format::E4M3),
+        ChunkMut::F16(vh),
+        GradChunk::Fp8(g8, gf, gi, gs),
+    ) = (&mut *w, &mut *m, &mut *v, g)
+    {
+        if super::fused::available() {
+            // SAFETY: AVX2 and F16C detected just above.
+            return unsafe {
+                super::fused::update_chunk(
+                    wh,
+                    m8,
+                    vh,
+                    p,
+                    (g8, gf, gi, gs),
+                    k,
+                    old_scale,
+                    scale,
+                    limits,
+                )
+            };
+        }
+    }
     SCRATCH.with(|cell| {
         let mut buf = cell.borrow_mut();
         let scratch = &mut buf[..];
@@ -88,7 +114,7 @@ unsafe fn update_chunk_avx2(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn update_chunk_impl(
+pub(super) fn update_chunk_impl(
     w: &mut ChunkMut,
     m: &mut ChunkMut,
     v: &mut ChunkMut,

@@ -55,6 +55,8 @@ use crate::lanes::fp8_lane;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod fused;
 mod kernel;
 mod state;
 
