@@ -219,6 +219,123 @@ pub fn f16_encode_slice(src: &[f32], scale: f32, dst: &mut [u16]) {
     }
 }
 
+// Bulk casts the optimizer needs beyond the fp8 crate's: FP8 decode through F16C (no
+// gather) and the master's f16 encode fused with the f32 view the model computes with.
+
+#[cfg(target_arch = "x86_64")]
+fn f16c_available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+}
+
+/// `dst[i] = decode(src[i]) * a`, bit-identical to `Fp8Format::decode(src[i]) * a`
+/// (NaN codes give a NaN). AVX2 + F16C when available: an FP8 value is exactly an f16
+/// (E5M2 is f16's top byte; E4M3 re-biased by 2^8), so F16C decodes it without a table.
+pub fn fp8_to_f32_scaled(fmt: Fp8Format, src: &[u8], a: f32, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "fp8_to_f32_scaled: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if f16c_available() {
+        // SAFETY: AVX2 and F16C detected just above.
+        unsafe { avx2::fp8_to_f32(fmt, src, a, dst) };
+        return;
+    }
+    fp8_decode_slice(fmt, src, a, 1.0, dst);
+}
+
+/// `h[i] = f16(src[i] * scale)` and `view[i] = f32(h[i]) * inv_scale`: the master's
+/// encode and the compute weights' refresh in one pass. Bit-identical to
+/// `half::f16::from_f32` followed by `to_f32`.
+pub fn f32_to_f16_with_view(
+    src: &[f32],
+    scale: f32,
+    inv_scale: f32,
+    h: &mut [u16],
+    view: &mut [f32],
+) {
+    assert!(
+        src.len() == h.len() && src.len() == view.len(),
+        "f32_to_f16_with_view: lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if f16c_available() {
+        // SAFETY: AVX2 and F16C detected just above.
+        unsafe { avx2::f32_to_f16_with_view(src, scale, inv_scale, h, view) };
+        return;
+    }
+    for ((&x, h), p) in src.iter().zip(h.iter_mut()).zip(view.iter_mut()) {
+        let y = half::f16::from_f32(x * scale);
+        *h = y.to_bits();
+        *p = y.to_f32() * inv_scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16_decode, fp8_lane};
+    use fp8lm_fp8::Fp8Format;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn fp8_to_f32(fmt: Fp8Format, src: &[u8], a: f32, dst: &mut [f32]) {
+        let va = _mm256_set1_ps(a);
+        let n8 = src.len() / 8;
+        match fmt {
+            Fp8Format::E5M2 => {
+                for i in 0..n8 {
+                    let b = _mm_loadl_epi64(src.as_ptr().add(8 * i) as *const __m128i);
+                    let h = _mm_slli_epi16::<8>(_mm_cvtepu8_epi16(b));
+                    let x = _mm256_cvtph_ps(h);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(8 * i), _mm256_mul_ps(x, va));
+                }
+            }
+            Fp8Format::E4M3 => {
+                let mag_mask = _mm_set1_epi16(0x7F);
+                let nan_h = _mm_set1_epi16(0x7E00);
+                let rebias = _mm256_set1_ps(256.0);
+                for i in 0..n8 {
+                    let b = _mm_loadl_epi64(src.as_ptr().add(8 * i) as *const __m128i);
+                    let w = _mm_cvtepu8_epi16(b);
+                    let mag = _mm_and_si128(w, mag_mask);
+                    let sign = _mm_slli_epi16::<8>(_mm_andnot_si128(mag_mask, w));
+                    // S.EEEE.MMM -> f16 S.0EEEE.MMM0000000 = value * 2^-8, exact
+                    // (E4M3 subnormals land on f16 subnormals); S.1111.111 is NaN.
+                    let h = _mm_slli_epi16::<7>(mag);
+                    let h = _mm_blendv_epi8(h, nan_h, _mm_cmpeq_epi16(mag, mag_mask));
+                    let x = _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(h, sign)), rebias);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(8 * i), _mm256_mul_ps(x, va));
+                }
+            }
+        }
+        let lane = fp8_lane(fmt);
+        for i in 8 * n8..src.len() {
+            dst[i] = lane.decode(src[i]) * a;
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f32_to_f16_with_view(
+        src: &[f32],
+        scale: f32,
+        inv_scale: f32,
+        h: &mut [u16],
+        view: &mut [f32],
+    ) {
+        let (vs, vi) = (_mm256_set1_ps(scale), _mm256_set1_ps(inv_scale));
+        let n8 = src.len() / 8;
+        for i in 0..n8 {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(src.as_ptr().add(8 * i)), vs);
+            let y = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(h.as_mut_ptr().add(8 * i) as *mut __m128i, y);
+            let back = _mm256_mul_ps(_mm256_cvtph_ps(y), vi);
+            _mm256_storeu_ps(view.as_mut_ptr().add(8 * i), back);
+        }
+        for i in 8 * n8..src.len() {
+            let y = half::f16::from_f32(src[i] * scale).to_bits();
+            h[i] = y;
+            view[i] = f16_decode(y) * inv_scale;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +456,56 @@ mod tests {
                 assert_eq!(r.to_bits() & 0x8000, f & 0x8000);
             } else {
                 assert_eq!(f, r.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_to_f32_scaled_matches_reference_on_all_bytes() {
+        // Every byte, several multipliers (powers of two incl. ones that make results
+        // subnormal, and a non-power), several lengths (SIMD body and scalar tail).
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let src: Vec<u8> = (0..=255u8)
+                .chain(0..=255u8)
+                .rev()
+                .chain([7, 0x80, 0x7F])
+                .collect();
+            for a in [1.0f32, 2f32.powi(-20), 2f32.powi(-130), 3.0, 2f32.powi(100)] {
+                for len in [src.len(), 13, 5] {
+                    let mut dst = vec![0f32; len];
+                    fp8_to_f32_scaled(fmt, &src[..len], a, &mut dst);
+                    for (&b, &d) in src.iter().zip(&dst) {
+                        let r = fmt.decode(b) * a;
+                        assert!(same(r, d), "{fmt:?} {b:#04x} * {a:e}: ref {r} fast {d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_to_f16_with_view_matches_half() {
+        let mut s = 0x1234_5678_9ABC_DEF1u64;
+        let mut xs: Vec<f32> = (0..100_000)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                f32::from_bits(s as u32)
+            })
+            .collect();
+        xs.extend([0.0, -0.0, 65504.0, 65520.0, 1e-8, -3e-6, f32::INFINITY]);
+        for (scale, len) in [(1.0f32, xs.len()), (2f32.powi(12), xs.len()), (0.25, 11)] {
+            let (mut h, mut view) = (vec![0u16; len], vec![0f32; len]);
+            f32_to_f16_with_view(&xs[..len], scale, 1.0 / scale, &mut h, &mut view);
+            for i in 0..len {
+                let r = f16::from_f32(xs[i] * scale);
+                if r.is_nan() {
+                    assert!(f16::from_bits(h[i]).is_nan() && view[i].is_nan());
+                    continue;
+                }
+                assert_eq!(h[i], r.to_bits(), "{:e}", xs[i]);
+                assert!(same(view[i], r.to_f32() / scale), "{:e}", xs[i]);
             }
         }
     }

@@ -28,10 +28,14 @@
 //!    gradient amax, a 1-byte-per-parameter max over FP8 magnitudes, since FP8 byte
 //!    order equals magnitude order); for the master `A_w |1 - lr wd| + lr max(R, 1)`
 //!    (R: last step's max |u|). Its power-of-two scale is the provisional scale.
-//! 2. One fused pass, chunk by chunk (2048 elements, in parallel): decode into an
-//!    L1-resident scratch, update, measure the chunk's new amax. A chunk whose values
-//!    would overflow the provisional scale is *deferred*: nothing is written, so its old
-//!    state is intact. Otherwise it is encoded and written.
+//! 2. One fused pass, chunk by chunk (2048 elements, in parallel): decode, update,
+//!    measure the chunk's new amax. A chunk whose values would overflow the provisional
+//!    scale is *deferred*: its old state is left (or put back) intact. Otherwise it is
+//!    encoded and written. For the FP8-LM formats on x86-64 with AVX2 + F16C this is one
+//!    loop in registers (`fused.rs`); otherwise the chunk is decoded into per-thread f32
+//!    scratch rows with bulk casts, updated by a plain loop and encoded (`kernel.rs`).
+//!    Both prefetch the next chunk: each chunk touches five streams in bursts of a few
+//!    KiB, too short for the hardware prefetcher. Both give the same bits (tested).
 //! 3. The true new amax is the max of the chunk amaxes; its scale is the stored scale.
 //!    If it differs from the provisional one (the amax crossed a binade against the
 //!    prediction), the written chunks are re-scaled by the exact power-of-two ratio over
@@ -55,6 +59,8 @@ use crate::lanes::fp8_lane;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod fused;
 mod kernel;
 mod state;
 

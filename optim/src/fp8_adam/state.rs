@@ -2,12 +2,10 @@
 
 use super::{StateFormat, CHUNK};
 use crate::api::StateTensor;
-use crate::lanes::{
-    f16_decode, f16_decode_slice, f16_encode, f16_encode_slice, fp8_decode_slice, fp8_encode_slice,
-    fp8_rescale_slice,
-};
-use fp8lm_fp8::{Fp8Format, ScaledF16, ScaledFp8};
-use half::slice::HalfFloatSliceExt;
+use crate::lanes::{f32_to_f16_with_view, fp8_to_f32_scaled};
+use fp8lm_fp8::cast::{self, Backend};
+use fp8lm_fp8::{CastMode, Fp8Format, ScaledF16, ScaledFp8};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 /// One stored state tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,6 +150,11 @@ impl Buf {
 }
 
 /// A mutable chunk of one state, typed by format.
+///
+/// Decodes and encodes go through the fp8 crate's bulk casts (AVX2 + F16C when the CPU
+/// has them, picked at run time; bit-identical to the scalar references, which their
+/// tests check on every input class). FP8 encodes use [`CastMode::SatAll`], i.e.
+/// exactly `Fp8Format::encode(x, true)`: finite overflow and infinities saturate.
 pub(super) enum ChunkMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [u16]),
@@ -164,8 +167,10 @@ impl ChunkMut<'_> {
     pub(super) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
         match self {
             ChunkMut::F32(s) => dst.copy_from_slice(s),
-            ChunkMut::F16(s) => f16_decode_slice(s, inv_scale, dst),
-            ChunkMut::Fp8(s, f) => fp8_decode_slice(*f, s, inv_scale, 1.0, dst),
+            ChunkMut::F16(s) => {
+                cast::f16_to_f32_amax(s.reinterpret_cast(), inv_scale, dst);
+            }
+            ChunkMut::Fp8(s, f) => fp8_to_f32_scaled(*f, s, inv_scale, dst),
         }
     }
     /// `stored[i] = encode(src[i] * scale)`.
@@ -173,21 +178,43 @@ impl ChunkMut<'_> {
     pub(super) fn encode(&mut self, src: &[f32], scale: f32) {
         match self {
             ChunkMut::F32(s) => s.copy_from_slice(src),
-            ChunkMut::F16(s) => f16_encode_slice(src, scale, s),
-            ChunkMut::Fp8(s, f) => fp8_encode_slice(*f, src, scale, s),
+            ChunkMut::F16(s) => {
+                cast::f32_to_f16_amax(src, scale, s.reinterpret_cast_mut());
+            }
+            ChunkMut::Fp8(s, f) => {
+                let b = Backend::detect();
+                cast::f32_to_fp8_amax_with(*f, CastMode::SatAll, b, src, scale, s);
+            }
+        }
+    }
+    /// [`Self::encode`], then `view[i] = stored[i] / scale` (the compute weights).
+    #[inline(always)]
+    pub(super) fn encode_with_view(&mut self, src: &[f32], scale: f32, view: &mut [f32]) {
+        match self {
+            ChunkMut::F16(s) => f32_to_f16_with_view(src, scale, 1.0 / scale, s, view),
+            _ => {
+                self.encode(src, scale);
+                self.decode(1.0 / scale, view);
+            }
         }
     }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
-    /// except in the subnormal range.
+    /// except in the subnormal range. At most CHUNK elements (one stack row).
     pub(super) fn rescale(&mut self, factor: f32) {
+        let mut buf = [0f32; CHUNK];
         match self {
             ChunkMut::F32(_) => {}
             ChunkMut::F16(s) => {
-                for h in s.iter_mut() {
-                    *h = f16_encode(f16_decode(*h) * factor);
-                }
+                let buf = &mut buf[..s.len()];
+                cast::f16_to_f32_amax(s.reinterpret_cast(), factor, buf);
+                cast::f32_to_f16_amax(buf, 1.0, s.reinterpret_cast_mut());
             }
-            ChunkMut::Fp8(s, f) => fp8_rescale_slice(*f, s, factor),
+            ChunkMut::Fp8(s, f) => {
+                let buf = &mut buf[..s.len()];
+                fp8_to_f32_scaled(*f, s, factor, buf);
+                let b = Backend::detect();
+                cast::f32_to_fp8_amax_with(*f, CastMode::SatAll, b, buf, 1.0, s);
+            }
         }
     }
 }
@@ -201,6 +228,7 @@ pub(super) enum GradChunk<'a> {
 }
 
 impl GradChunk<'_> {
+    /// `dst[i] = g[i] / scale * grad_scale` (two multiplies, in that order).
     #[inline(always)]
     pub(super) fn decode(&self, dst: &mut [f32]) {
         match *self {
@@ -209,7 +237,15 @@ impl GradChunk<'_> {
                     *d = x * f;
                 }
             }
-            GradChunk::Fp8(g, fmt, inv_scale, f) => fp8_decode_slice(fmt, g, inv_scale, f, dst),
+            GradChunk::Fp8(g, fmt, inv_scale, f) => {
+                fp8_to_f32_scaled(fmt, g, inv_scale, dst);
+                // x * 1.0 == x: skip the no-op multiply of the common case.
+                if f != 1.0 {
+                    for d in dst.iter_mut() {
+                        *d *= f;
+                    }
+                }
+            }
         }
     }
 }
