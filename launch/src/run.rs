@@ -8,12 +8,13 @@
 //! - `summary.json`: final losses, throughput, memory by category (also printed).
 
 use anyhow::{bail, Context, Result};
+use fp8lm_collectives::{or_abort, Communicator};
 use fp8lm_trainer::checkpoint::{self, Checkpoint};
 use fp8lm_trainer::config_file::{load_config, load_config_str, to_toml};
 use fp8lm_trainer::data::{open_dataset, Dataset};
 use fp8lm_trainer::metrics::{read_metrics, Fp8TensorStats, MetricsRecord, MetricsWriter};
 use fp8lm_trainer::tokenizer::Tokenizer;
-use fp8lm_trainer::{snapshot, RunConfig, Trainer};
+use fp8lm_trainer::{snapshot, Precision, RunConfig, Trainer};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -127,13 +128,19 @@ fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
         .collect()
 }
 
+/// Write a checkpoint of `tr` (rank 0's view; `opt` is the run's whole optimizer state,
+/// gathered from every owner under fp8-o3, with its ZeRO `units`).
 fn save_checkpoint(
     tr: &Trainer,
     data: &dyn Dataset,
     run_dir: &Path,
     skipped: u64,
+    opt: Vec<(String, fp8lm_optim::StateTensor)>,
+    units: Option<Vec<fp8lm_trainer::repartition::UnitSpan>>,
 ) -> Result<PathBuf> {
-    let ck = snapshot::capture(tr, data, json!({ "skipped_steps": skipped }));
+    let mut extra = tr.dist_checkpoint_extra();
+    extra.insert("skipped_steps".into(), json!(skipped));
+    let ck = snapshot::capture_with_state(tr, data, serde_json::Value::Object(extra), opt, units);
     let dir = ck.save(&run_dir.join("checkpoints"), tr.cfg.checkpoint_keep)?;
     tracing::info!("checkpoint saved: {}", dir.display());
     Ok(dir)
@@ -153,7 +160,13 @@ fn supersede_later_checkpoints(root: &Path, step: u64) -> Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let aside = root.join(format!("superseded-{secs}"));
+    // A fresh directory even when two resumes supersede within the same second.
+    let mut aside = root.join(format!("superseded-{secs}"));
+    let mut k = 2;
+    while aside.exists() {
+        aside = root.join(format!("superseded-{secs}-{k}"));
+        k += 1;
+    }
     std::fs::create_dir_all(&aside)?;
     for (_, dir) in later {
         let to = aside.join(dir.file_name().unwrap_or_default());
@@ -172,10 +185,35 @@ fn mb(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// `fp8lm train`: one process, or under `mpirun` one data-parallel rank of the job (every
+/// rank runs the same loop; see [`train_ranked`]).
 pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
-    if fp8lm_collectives::launched_by_mpi() {
-        return crate::dist::train(args, resume);
+    if !fp8lm_collectives::launched_by_mpi() {
+        return train_ranked(args, resume, None);
     }
+    let comm = fp8lm_collectives::init().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let c: &dyn Communicator = comm.as_ref();
+    // An error on one rank must not leave the others waiting in a collective: it tears
+    // the whole job down (MPI_Abort), naming the rank and the cause.
+    let r = train_ranked(args, resume, Some(c))
+        .map_err(|e| format!("rank {} of {}: {e:#}", c.rank(), c.size()));
+    or_abort(c, r);
+    Ok(())
+}
+
+/// The run loop, rank-aware. With a communicator (mpirun), every rank trains its shard
+/// of each global batch and holds the same weights; rank 0 alone prints progress and
+/// writes the run directory (config, metrics, plot, summary, checkpoints). Every rank
+/// evaluates the same validation batches with the same weights (so they agree without
+/// communication, and any FP8 scaling state the forward touches stays identical across
+/// replicas). Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
+/// gathered to it first. `--resume` loads the same checkpoint on every rank; fp8-o3
+/// re-partitions its optimizer state for the current number of ranks.
+fn train_ranked(
+    args: &ConfigArgs,
+    resume: Option<&Path>,
+    comm: Option<&dyn Communicator>,
+) -> Result<()> {
     // 1. Everything that can be wrong with the inputs is checked before any work.
     let (cfg, ck, run_dir) = match resume {
         Some(r) => {
@@ -194,19 +232,26 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
             (cfg, None, dir)
         }
     };
-    // Data parallelism when started by mpirun (every rank runs this same function; rank 0
-    // alone writes the run directory and prints). Without mpirun: one rank, no comm.
-    let comm = if fp8lm_collectives::launched_by_mpi() {
-        Some(fp8lm_collectives::init().map_err(|e| anyhow::anyhow!("{e}"))?)
-    } else {
-        None
-    };
-    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let root = comm.is_none_or(|c| c.rank() == 0);
+    if let Some(c) = comm {
+        // Every rank has picked the run directory before rank 0 creates it (else a slow
+        // rank would see rank 0's fresh run and pick `<run_dir>-2`).
+        c.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let mut data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     let mut skipped_before = 0;
+    // fp8-o3 under data parallelism: the optimizer state goes to its owners (re-partitioned
+    // for this number of ranks) when data parallelism is enabled.
+    let zero_dist = comm.is_some() && cfg.precision == Precision::Fp8O3;
+    let mut zero_state = None;
     if let Some(ck) = &ck {
-        snapshot::restore(&mut tr, data.as_mut(), ck)?;
+        if zero_dist {
+            snapshot::restore_except_optimizer(&mut tr, data.as_mut(), ck)?;
+            zero_state = Some(snapshot::stored_optimizer_state(&tr, ck)?);
+        } else {
+            snapshot::restore(&mut tr, data.as_mut(), ck)?;
+        }
         skipped_before = ck
             .meta
             .extra
@@ -223,8 +268,16 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         }
     }
 
-    if let Some(c) = &comm {
-        tr.enable_data_parallel(&**c)?;
+    if let Some(c) = comm {
+        let zs = zero_state
+            .as_ref()
+            .map(|(s, u)| (s.as_slice(), u.as_slice()));
+        tr.enable_data_parallel_resume(c, zs)?;
+        drop(zero_state);
+        if let Some(ck) = &ck {
+            tr.restore_dist_extra(&ck.meta.extra)
+                .with_context(|| format!("{}", ck.dir.display()))?;
+        }
         if root {
             tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
         }
@@ -288,8 +341,8 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     let mut last_ckpt = None;
     while tr.step() < max_steps {
         let t0 = Instant::now();
-        let st = match &comm {
-            Some(c) => tr.train_step_dist(data.as_mut(), &**c)?,
+        let st = match comm {
+            Some(c) => tr.train_step_dist(data.as_mut(), c)?,
             None => tr.train_step(data.as_mut())?,
         };
         let dt = t0.elapsed().as_secs_f64();
@@ -315,6 +368,7 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         let eval_now =
             cfg.eval_every > 0 && (done % cfg.eval_every as u64 == 0 || done == max_steps);
         if eval_now {
+            // Every rank: same weights, same batches, same result (see train_ranked).
             let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
@@ -338,18 +392,25 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
         }
-        // Replicas are bit-identical, so rank 0's state is the run's (fp8-o3 excepted:
-        // its optimizer state is partitioned, and resuming it is refused).
-        if root
-            && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
-                || done == max_steps)
+        // Replicas are bit-identical, so rank 0's state is the run's, except fp8-o3's
+        // partitioned optimizer state: every rank takes part in gathering it.
+        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+            || done == max_steps
         {
-            last_ckpt = Some(save_checkpoint(
-                &tr,
-                data.as_ref(),
-                &run_dir,
-                skipped_before + tr.skipped_steps(),
-            )?);
+            let (opt, units) = match comm {
+                Some(c) => tr.gather_optimizer_state(c)?,
+                None => (tr.optimizer().export_state(), None),
+            };
+            if root {
+                last_ckpt = Some(save_checkpoint(
+                    &tr,
+                    data.as_ref(),
+                    &run_dir,
+                    skipped_before + tr.skipped_steps(),
+                    opt,
+                    units,
+                )?);
+            }
         }
         if let Some(p) = progress.as_mut() {
             p.step(done, st.loss, st.lr, tok_s);
@@ -405,6 +466,7 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
     let summary = json!({
         "run_dir": run_dir.display().to_string(),
         "precision": cfg.precision.name(),
+        "ranks": comm.map_or(1, |c| c.size()),
         "params": n_params,
         "steps": max_steps,
         "steps_this_process": steps_run,
@@ -425,6 +487,17 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
 
     println!("\n== fp8lm run summary: {}", run_dir.display());
     println!("precision            {}", cfg.precision.name());
+    if let Some(c) = comm {
+        println!("data parallel        {} ranks ({})", c.size(), c.backend());
+        if let Some(b) = tr.zero_rank_bytes() {
+            let mean = b.iter().sum::<usize>() as f64 / b.len().max(1) as f64;
+            let most = *b.iter().max().unwrap_or(&0) as f64;
+            println!(
+                "fp8-o3 state/rank    {b:?} bytes; most loaded {:.3}x the mean",
+                most / mean.max(1.0)
+            );
+        }
+    }
     println!("parameters           {n_params}");
     println!("steps                {max_steps} ({steps_run} in this process)");
     println!("train loss (last 10) {train_tail:.4}");
@@ -450,7 +523,9 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
         .iter()
         .map(|(n, b)| format!("{n} {:.2}", mb(*b)))
         .collect();
-    println!("memory (MiB)         {}", cats.join(" | "));
+    // Under fp8-o3 the ranks hold different shares; these are rank 0's.
+    let who = if comm.is_some() { ", rank 0" } else { "" };
+    println!("{:<21}{}", format!("memory (MiB{who})"), cats.join(" | "));
     println!(
         "optimizer state      {:.2} bytes/param (master + gradients + moments)",
         ledger.state_bytes_per_param()

@@ -448,10 +448,11 @@ mod tests {
         let tiny = std::fs::read_to_string(dir.join("tiny.toml")).unwrap();
         let mut want = RunConfig::default();
         (want.max_steps, want.eval_every, want.checkpoint_every) = (2000, 250, 500);
+        want.precision = crate::Precision::Fp8O2;
         assert_eq!(
             load(&tiny, &[]).unwrap(),
             want,
-            "tiny.toml = the defaults with a longer run"
+            "tiny.toml = the defaults in fp8-o2 with a longer run"
         );
         let gpt2 = std::fs::read_to_string(dir.join("gpt2-124m.toml")).unwrap();
         let e = load(&gpt2, &[]).unwrap_err();

@@ -43,15 +43,20 @@
 //! Gradient communication does not overlap the backward pass: the reductions start when
 //! the whole backward is finished (the model's backward is one function; overlapping
 //! needs a per-layer hook and a communication thread, which the single-threaded MPI
-//! backend does not allow). ZeRO state is not re-partitioned on resume: checkpoints of an
-//! fp8-o3 run hold each rank's own units.
+//! backend does not allow).
+//!
+//! ## Checkpoints
+//! Replicated precisions checkpoint rank 0's state (all ranks hold the same). fp8-o3
+//! gathers every owner's units ([`Trainer::gather_optimizer_state`]) and re-partitions
+//! them on resume, for the same or another number of ranks ([`crate::repartition`]).
 
 use crate::config::Precision;
 use crate::data::Dataset;
 use crate::model::params::split_tensors_mut;
 use crate::model::Model;
+use crate::repartition::{decode_states, encode_states, repartition_state, NamedState, UnitSpan};
 use crate::train::{clip_scale, global_grad_norm, lr_at, StepStats, Trainer};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
     BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, ReduceOp,
 };
@@ -60,7 +65,7 @@ use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
 use fp8lm_optim::zero::{split_units, Partition, Unit};
-use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad};
+use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer, StateTensor};
 use half::f16;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -220,6 +225,18 @@ impl Zero {
         self.part.owned_by(rank)
     }
 
+    fn spans(&self, units: &[usize]) -> Vec<UnitSpan> {
+        units
+            .iter()
+            .map(|&u| UnitSpan {
+                name: self.units[u].name.clone(),
+                tensor: self.units[u].tensor,
+                offset: self.units[u].offset,
+                numel: self.units[u].numel(),
+            })
+            .collect()
+    }
+
     /// Owners share their units' new weights in the optimizer's master format: FP16
     /// with a power-of-two scale per unit for the FP8 linears' weights (exact: the master
     /// is FP16 with the scale of its amax), f32 for the rest. One ring all-gather of
@@ -315,15 +332,27 @@ impl Trainer {
     /// optimizer and makes every rank's weights equal to the owners' FP16 masters.
     /// Must be called by every rank, before the first step.
     pub fn enable_data_parallel(&mut self, comm: &dyn Communicator) -> Result<()> {
+        self.enable_data_parallel_resume(comm, None)
+    }
+
+    /// [`Trainer::enable_data_parallel`] for a resumed run. Everything but the optimizer
+    /// state is restored beforehand (`snapshot::restore`, or for fp8-o3
+    /// `snapshot::restore_except_optimizer`). For fp8-o3, `zero_state` is the
+    /// checkpoint's optimizer state and its unit list ([`crate::snapshot::stored_optimizer_state`]):
+    /// this rank takes its own units' state from it, re-partitioned if the checkpoint was
+    /// written with another number of ranks (see [`crate::repartition`]). Ignored
+    /// otherwise (replicated optimizers are restored whole by `snapshot::restore`).
+    pub fn enable_data_parallel_resume(
+        &mut self,
+        comm: &dyn Communicator,
+        zero_state: Option<(&[NamedState], &[UnitSpan])>,
+    ) -> Result<()> {
         let toml = crate::config_file::to_toml(&self.cfg);
         fp8lm_collectives::agree_config(comm, "training config", toml.as_bytes())
             .map_err(comm_err)?;
         let (rank, size) = (comm.rank(), comm.size());
         let d = self.model.dims;
         let zero = if self.cfg.precision == Precision::Fp8O3 {
-            if self.step != 0 {
-                bail!("fp8-o3: resuming a ZeRO run (step {}) is not supported yet; the optimizer state is partitioned per rank", self.step);
-            }
             let o = &self.cfg.optim;
             let hyper = AdamWHyper {
                 beta1: o.beta1,
@@ -339,8 +368,24 @@ impl Trainer {
             let low: Vec<bool> = owned.iter().map(|&u| z.fp8_of_unit[u].is_some()).collect();
             let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
             let mut ps = slices_mut(&mut self.model.params, &rs);
-            let opt =
+            let mut opt =
                 Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
+            match zero_state {
+                Some((stored, old_units)) => {
+                    let template = opt.export_state();
+                    let new_units = z.spans(&owned);
+                    let state = repartition_state(stored, old_units, &template, &new_units)
+                        .with_context(|| format!("fp8-o3 resume on rank {rank} of {size}"))?;
+                    opt.import_state(state)
+                        .map_err(|e| anyhow!("fp8-o3 resume on rank {rank} of {size}: {e}"))?;
+                }
+                None if self.step != 0 => bail!(
+                    "fp8-o3: the trainer is at step {} but no optimizer state was given to \
+                     re-partition (use enable_data_parallel_resume)",
+                    self.step
+                ),
+                None => {}
+            }
             self.optimizer = Box::new(opt);
             z.share_weights(comm, &mut self.model.params)?;
             Some(z)
@@ -385,6 +430,105 @@ impl Trainer {
     pub fn zero_rank_bytes(&self) -> Option<Vec<usize>> {
         let z = self.dist.as_ref()?.zero.as_ref()?;
         Some(z.part.rank_bytes.clone())
+    }
+
+    /// The optimizer state a checkpoint stores, and (fp8-o3) the units it is cut into.
+    /// Replicated precisions: this rank's own state (every rank holds the same); no
+    /// communication. fp8-o3: every owner's units, gathered to every rank (one length
+    /// all-gather and one all-gather of the padded encoded states), `step` first, then
+    /// each unit's entries in unit order; every rank must call it.
+    pub fn gather_optimizer_state(
+        &self,
+        comm: &dyn Communicator,
+    ) -> Result<(Vec<NamedState>, Option<Vec<UnitSpan>>)> {
+        let mine = self.optimizer.export_state();
+        let Some(dist) = self.dist.as_ref() else {
+            return Ok((mine, None));
+        };
+        let Some(z) = dist.zero.as_ref() else {
+            return Ok((mine, None));
+        };
+        let bytes = encode_states(&mine);
+        let lens = comm
+            .all_gather_bytes(&(bytes.len() as u64).to_le_bytes())
+            .map_err(comm_err)?;
+        let seg = lens
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .max()
+            .unwrap_or(0);
+        let mut padded = bytes;
+        padded.resize(seg, 0);
+        let all = comm.all_gather_bytes(&padded).map_err(comm_err)?;
+        let mut per_unit: Vec<Vec<(String, StateTensor)>> = vec![Vec::new(); z.units.len()];
+        let mut step = None;
+        for q in 0..dist.size {
+            let states = decode_states(&all[q * seg..(q + 1) * seg])
+                .with_context(|| format!("optimizer state gathered from rank {q}"))?;
+            let owned = z.owned(q);
+            if states.len() != 1 + 7 * owned.len() {
+                bail!(
+                    "rank {q} sent {} optimizer state entries for its {} units (expected step + 7 per unit)",
+                    states.len(),
+                    owned.len()
+                );
+            }
+            let mut it = states.into_iter();
+            let first = it.next().expect("checked length");
+            step.get_or_insert(first);
+            for (i, e) in it.enumerate() {
+                per_unit[owned[i / 7]].push(e);
+            }
+        }
+        let mut out = vec![step.expect("at least one rank")];
+        out.extend(per_unit.into_iter().flatten());
+        let all_units: Vec<usize> = (0..z.units.len()).collect();
+        Ok((out, Some(z.spans(&all_units))))
+    }
+
+    /// Data-parallel state a resume needs besides the optimizer's: FP8-LM's per-tensor
+    /// mu of the gradient all-reduce (replicated FP8 modes) and of ZeRO's reduce-scatter
+    /// (fp8-o3), for `CheckpointMeta::extra`. Empty without data parallelism.
+    pub fn dist_checkpoint_extra(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(d) = self.dist.as_ref() {
+            m.insert("allreduce_mu".into(), serde_json::json!(d.fp8_reducer.mu));
+            if let Some(z) = d.zero.as_ref() {
+                m.insert("zero_mu".into(), serde_json::json!(z.mu));
+            }
+        }
+        m
+    }
+
+    /// Restore what [`Trainer::dist_checkpoint_extra`] saved (after enabling data
+    /// parallelism). Missing keys keep the defaults (checkpoints of single-process runs);
+    /// a length that does not match this model's FP8 tensors is an error.
+    pub fn restore_dist_extra(&mut self, extra: &serde_json::Value) -> Result<()> {
+        let Some(d) = self.dist.as_mut() else {
+            return Ok(());
+        };
+        let get = |k: &str| -> Result<Option<Vec<f32>>> {
+            match extra.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map(Some)
+                    .with_context(|| format!("checkpoint extra `{k}`: not a list of numbers")),
+            }
+        };
+        if let Some(mu) = get("allreduce_mu")? {
+            d.fp8_reducer.mu = mu;
+        }
+        if let (Some(mu), Some(z)) = (get("zero_mu")?, d.zero.as_mut()) {
+            if mu.len() != z.mu.len() {
+                bail!(
+                    "checkpoint extra `zero_mu`: {} values for {} FP8 weight gradients",
+                    mu.len(),
+                    z.mu.len()
+                );
+            }
+            z.mu = mu;
+        }
+        Ok(())
     }
 
     /// fp8-o3: names of the units (tensors or row blocks) whose state this rank holds.

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta, CkptDtype, CkptTensor, FORMAT};
 use crate::data::Dataset;
+use crate::repartition::{NamedState, UnitSpan, ZERO_UNITS_KEY};
 use crate::train::Trainer;
 
 fn scale_state_json(s: &ScaleState) -> Value {
@@ -141,6 +142,25 @@ fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor
 
 /// Capture a trainer (after `trainer.step()` steps) and its data position.
 pub fn capture(tr: &Trainer, data: &dyn Dataset, extra: Value) -> Checkpoint {
+    capture_with_state(tr, data, extra, tr.optimizer().export_state(), None)
+}
+
+/// [`capture`] with the given optimizer state (e.g. fp8-o3's, gathered from every owner
+/// by `Trainer::gather_optimizer_state`) and, when that state is cut into ZeRO units,
+/// their list (stored as `extra.zero_units`, see [`crate::repartition`]).
+pub fn capture_with_state(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    mut extra: Value,
+    opt_state: Vec<(String, StateTensor)>,
+    units: Option<Vec<UnitSpan>>,
+) -> Checkpoint {
+    if let Some(units) = units {
+        if !extra.is_object() {
+            extra = json!({});
+        }
+        extra[ZERO_UNITS_KEY] = json!(units);
+    }
     let mut scaling = serde_json::Map::new();
     for v in tr.fp8_tensors() {
         scaling.insert(v.name.clone(), scale_state_json(v.state));
@@ -162,9 +182,7 @@ pub fn capture(tr: &Trainer, data: &dyn Dataset, extra: Value) -> Checkpoint {
         .map(|(m, p)| CkptTensor::f32(&m.name, &m.shape, p))
         .collect();
     ck.groups.insert("model".into(), model);
-    let opt: Vec<CkptTensor> = tr
-        .optimizer()
-        .export_state()
+    let opt: Vec<CkptTensor> = opt_state
         .iter()
         .map(|(n, s)| state_to_tensor(n, s))
         .collect();
@@ -186,9 +204,127 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-/// Restore everything [`capture`] saved, so training continues bit for bit.
+/// The unit list of a checkpoint whose optimizer state is cut into ZeRO units (fp8-o3).
+pub fn zero_units(ck: &Checkpoint) -> Result<Option<Vec<UnitSpan>>> {
+    match ck.meta.extra.get(ZERO_UNITS_KEY) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "{}/{}: extra.{ZERO_UNITS_KEY} is not a unit list",
+                    ck.dir.display(),
+                    crate::checkpoint::META_FILE
+                )
+            }),
+    }
+}
+
+/// A checkpoint's optimizer state as stored (kinds from the stored dtypes), and the units
+/// it is cut into: `extra.zero_units` for an fp8-o3 checkpoint, else whole tensors of
+/// `tr`'s model.
+pub fn stored_optimizer_state(
+    tr: &Trainer,
+    ck: &Checkpoint,
+) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
+    let stored = ck
+        .groups
+        .get("optimizer")
+        .with_context(|| format!("{}: no optimizer.safetensors", ck.dir.display()))?;
+    let mut out = Vec::with_capacity(stored.len());
+    for t in stored {
+        let st = match t.dtype {
+            CkptDtype::F32 => StateTensor::F32(t.as_f32_exact()?),
+            CkptDtype::F64 => {
+                let v = t.as_f64_exact()?;
+                if v.len() != 1 {
+                    bail!(
+                        "{}/optimizer.safetensors: {}: {} values where a scalar is stored",
+                        ck.dir.display(),
+                        t.name,
+                        v.len()
+                    );
+                }
+                StateTensor::Scalar(v[0])
+            }
+            CkptDtype::F16 => StateTensor::F16 {
+                data: t
+                    .bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+                scale: t.scale.unwrap_or(1.0),
+            },
+            CkptDtype::F8E4M3 | CkptDtype::F8E5M2 => StateTensor::Fp8(ScaledFp8 {
+                data: t.bytes.clone(),
+                shape: vec![t.numel()],
+                format: if t.dtype == CkptDtype::F8E4M3 {
+                    Fp8Format::E4M3
+                } else {
+                    Fp8Format::E5M2
+                },
+                scale: t.scale.unwrap_or(1.0),
+            }),
+            other => bail!(
+                "{}/optimizer.safetensors: {}: dtype {} is not an optimizer state kind",
+                ck.dir.display(),
+                t.name,
+                other.name()
+            ),
+        };
+        out.push((t.name.clone(), st));
+    }
+    let units = match zero_units(ck)? {
+        Some(u) => u,
+        None => whole_tensor_units(tr),
+    };
+    Ok((out, units))
+}
+
+/// Every parameter tensor of `tr`'s model as one unit (how replicated optimizers hold them).
+fn whole_tensor_units(tr: &Trainer) -> Vec<UnitSpan> {
+    tr.model()
+        .layout
+        .metas
+        .iter()
+        .enumerate()
+        .map(|(i, m)| UnitSpan {
+            name: m.name.clone(),
+            tensor: i,
+            offset: 0,
+            numel: m.numel(),
+        })
+        .collect()
+}
+
+/// Everything [`capture`] saved except the optimizer state: weights, FP8 scaling state,
+/// step, RNG, data position. For fp8-o3 under data parallelism, whose optimizer state
+/// goes to `Trainer::enable_data_parallel_resume` instead.
+pub fn restore_except_optimizer(
+    tr: &mut Trainer,
+    data: &mut dyn Dataset,
+    ck: &Checkpoint,
+) -> Result<()> {
+    restore_weights(tr, ck)?;
+    restore_rest(tr, data, ck)
+}
+
+/// Restore everything [`capture`] saved, so training continues bit for bit. The optimizer
+/// state of an fp8-o3 checkpoint (cut into ZeRO units) is re-assembled into this
+/// trainer's whole tensors (see [`crate::repartition`]).
 pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
     restore_weights(tr, ck)?;
+    if zero_units(ck)?.is_some() {
+        let (stored, old) = stored_optimizer_state(tr, ck)?;
+        let template = tr.optimizer().export_state();
+        let new = whole_tensor_units(tr);
+        let state = crate::repartition::repartition_state(&stored, &old, &template, &new)
+            .with_context(|| format!("{}: optimizer state", ck.dir.display()))?;
+        tr.optimizer_mut()
+            .import_state(state)
+            .map_err(|e| anyhow::anyhow!("{}/optimizer.safetensors: {e}", ck.dir.display()))?;
+        return restore_rest(tr, data, ck);
+    }
     let template = tr.optimizer().export_state();
     let stored = ck
         .groups
@@ -207,6 +343,10 @@ pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Res
     tr.optimizer_mut()
         .import_state(state)
         .map_err(|e| anyhow::anyhow!("{}/optimizer.safetensors: {e}", ck.dir.display()))?;
+    restore_rest(tr, data, ck)
+}
+
+fn restore_rest(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
     let scaling = ck.meta.scaling.as_object().cloned().unwrap_or_default();
     for (name, st) in tr.fp8_scale_states_mut() {
         let v = scaling.get(&name).with_context(|| {
