@@ -258,3 +258,55 @@ fn cast_counting_reports_saturation_and_flush_to_zero() {
     let (_, over, under) = cast_counting(Fp8Format::E5M2, &[1.0, -2.0], 1.0, &mut dst[..2]);
     assert_eq!((over, under), (0, 0));
 }
+
+/// `quantize_wgrad` casts with the previous step's scale and recasts only when the amax
+/// asks for another one: across steps whose gradients grow, shrink, stay put, turn
+/// zero or NaN, the result must match a fresh layer's amax-then-cast bit for bit.
+#[test]
+fn wgrad_reuses_last_scale_without_changing_the_result() {
+    use fp8lm_fp8::{scale_for_amax, ScaledFp8};
+    let (c, oc) = (48, 40);
+    let fp8 = LinearPrecision::Fp8 {
+        recipe: ScalingRecipe::Current,
+        margin: 0,
+    };
+    let mut lin = Linear::new("w".into(), c, oc, 4, fp8);
+    let mut r = Rng::new(7);
+    let base: Vec<f32> = (0..oc * c).map(|_| r.normal()).collect();
+    let mut total_under = 0;
+    for (step, mag) in [1e-3f32, 1.1e-3, 1e-3, 40.0, 2e-6, 0.0, f32::NAN, 1e-3]
+        .into_iter()
+        .enumerate()
+    {
+        let dw: Vec<f32> = base.iter().map(|&x| x * mag).collect();
+        lin.quantize_wgrad(&dw);
+        let f = lin.fp8.as_ref().unwrap();
+        // reference: a fresh amax pass, then one cast with that scale
+        let amax = dw.iter().fold(0f32, |m, &x| {
+            if x.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(x.abs())
+            }
+        });
+        let scale = scale_for_amax(WGRAD_FORMAT.max(), amax, 0, Default::default()).unwrap_or(1.0);
+        let mut want = ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT);
+        let (_, over, under) =
+            fp8lm_trainer::model::linear::cast_counting(WGRAD_FORMAT, &dw, scale, &mut want.data);
+        assert_eq!(
+            f.wgrad.scale.to_bits(),
+            scale.to_bits(),
+            "step {step}: scale"
+        );
+        assert_eq!(f.wgrad.data, want.data, "step {step}: codes");
+        assert_eq!(
+            (f.wgrad_stats.overflow, f.wgrad_stats.underflow),
+            (over, under)
+        );
+        total_under += under;
+    }
+    assert_eq!(
+        lin.fp8.as_ref().unwrap().wgrad_stats.total_underflow,
+        total_under
+    );
+}
