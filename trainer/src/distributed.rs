@@ -590,16 +590,8 @@ impl Trainer {
         self.inputs
             .copy_from_slice(&dist.global_inputs[mine.clone()]);
         self.targets.copy_from_slice(&dist.global_targets[mine]);
-        self.check_tokens(&format!("training batch (rank {rank})"))?;
-        self.model.take_gemm_time();
-        let local_loss = self
-            .model
-            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
-            .expect("targets given");
-        let t1 = Instant::now();
-        self.model.backward();
-        let t2 = Instant::now();
-        let gemm = self.model.take_gemm_time();
+        let (local_loss, t1, t2, gemm) =
+            self.forward_backward(&format!("training batch (rank {rank})"))?;
 
         let mut comm_time = Duration::ZERO;
         let tc = Instant::now();

@@ -309,6 +309,26 @@ impl Trainer {
         Ok(())
     }
 
+    /// Forward and backward on the batch already in `inputs`/`targets` (checked first;
+    /// `what` names it in errors). Returns the batch's mean loss, the instants the forward
+    /// and the backward finished, and the time spent inside GEMMs.
+    pub(crate) fn forward_backward(
+        &mut self,
+        what: &str,
+    ) -> Result<(f32, Instant, Instant, Duration)> {
+        let d = self.model.dims;
+        self.check_tokens(what)?;
+        self.model.take_gemm_time();
+        let loss = self
+            .model
+            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
+            .expect("targets given");
+        let t1 = Instant::now();
+        self.model.backward();
+        let t2 = Instant::now();
+        Ok((loss, t1, t2, self.model.take_gemm_time()))
+    }
+
     /// One optimizer step on the next training batch.
     pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
         if let Some(dist) = &self.dist {
@@ -322,16 +342,7 @@ impl Trainer {
         let d = self.model.dims;
         let t0 = Instant::now();
         data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
-        self.check_tokens("training batch")?;
-        self.model.take_gemm_time();
-        let loss = self
-            .model
-            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
-            .expect("targets given");
-        let t1 = Instant::now();
-        self.model.backward();
-        let t2 = Instant::now();
-        let gemm = self.model.take_gemm_time();
+        let (loss, t1, t2, gemm) = self.forward_backward("training batch")?;
 
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
