@@ -153,19 +153,7 @@ fn whole(
     tr: &Trainer,
     state: &(Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>),
 ) -> Vec<(String, StateTensor)> {
-    let new: Vec<UnitSpan> = tr
-        .model()
-        .layout
-        .metas
-        .iter()
-        .enumerate()
-        .map(|(i, m)| UnitSpan {
-            name: m.name.clone(),
-            tensor: i,
-            offset: 0,
-            numel: m.numel(),
-        })
-        .collect();
+    let new = snapshot::whole_tensor_units(tr);
     let template = tr.optimizer().export_state();
     repartition_state(&state.0, state.1.as_ref().unwrap(), &template, &new).unwrap()
 }

@@ -282,7 +282,7 @@ pub fn stored_optimizer_state(
 }
 
 /// Every parameter tensor of `tr`'s model as one unit (how replicated optimizers hold them).
-fn whole_tensor_units(tr: &Trainer) -> Vec<UnitSpan> {
+pub fn whole_tensor_units(tr: &Trainer) -> Vec<UnitSpan> {
     tr.model()
         .layout
         .metas
