@@ -423,19 +423,8 @@ impl GradAllReducer {
             f32_to_fp8_amax(fmt, g, scales[t].0, &mut o.data);
             report.flushed[t] = count_flushed(g, scales[t].0, fmt);
         }
-        sum_fp8_buckets(comm, out, fmt, self.cfg.bucket_bytes)?;
-        for (t, o) in out.iter().enumerate() {
-            report.saturated[t] = count_magnitude_in(&o.data, fmt.max_bits(), fmt.max_bits());
-        }
-        if method == GradMethod::Fp8Lm {
-            for (t, &len) in lens.iter().enumerate() {
-                self.update_mu(t, report.saturated[t], len);
-            }
-            report.mu = self.mu.clone();
-        }
-        self.steps += 1;
-        report.bytes_sent = comm.bytes_sent() - sent0;
-        Ok(report)
+        let adapt_mu = method == GradMethod::Fp8Lm;
+        self.sum_and_finish(comm, out, fmt, &lens, adapt_mu, sent0, report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
@@ -513,14 +502,33 @@ impl GradAllReducer {
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        sum_fp8_buckets(comm, grads, fmt, self.cfg.bucket_bytes)?;
-        for (t, g) in grads.iter().enumerate() {
+        self.sum_and_finish(comm, grads, fmt, &lens, true, sent0, report)
+    }
+
+    /// The common tail of both FP8 entry points: FP8-sum the re-quantised tensors bucket by
+    /// bucket, count the sums that saturated, adapt mu from those counts (`adapt_mu`), and
+    /// account the bytes this rank sent since `sent0`.
+    #[allow(clippy::too_many_arguments)]
+    fn sum_and_finish(
+        &mut self,
+        comm: &dyn Communicator,
+        tensors: &mut [ScaledFp8],
+        fmt: Fp8Format,
+        lens: &[usize],
+        adapt_mu: bool,
+        sent0: u64,
+        mut report: GradReport,
+    ) -> Result<GradReport> {
+        sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes)?;
+        for (t, g) in tensors.iter().enumerate() {
             report.saturated[t] = count_magnitude_in(&g.data, fmt.max_bits(), fmt.max_bits());
         }
-        for (t, &len) in lens.iter().enumerate() {
-            self.update_mu(t, report.saturated[t], len);
+        if adapt_mu {
+            for (t, &len) in lens.iter().enumerate() {
+                self.update_mu(t, report.saturated[t], len);
+            }
+            report.mu = self.mu.clone();
         }
-        report.mu = self.mu.clone();
         self.steps += 1;
         report.bytes_sent = comm.bytes_sent() - sent0;
         Ok(report)
