@@ -140,6 +140,22 @@ pub struct DataConfig {
     pub val_fraction: f32,
 }
 
+/// Data-parallel keys (`dist.*`); ignored on a single rank.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Reduce each layer's gradients while the backward goes on with the earlier layers
+    /// (true), or only once the whole backward is done (false: same reductions, same
+    /// results bit for bit, for comparison and debugging).
+    pub overlap: bool,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { overlap: true }
+    }
+}
+
 /// A whole run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -162,6 +178,7 @@ pub struct RunConfig {
     pub optim: OptimConfig,
     pub fp8: Fp8Config,
     pub data: DataConfig,
+    pub dist: DistConfig,
 }
 
 impl Default for RunConfig {
@@ -184,6 +201,7 @@ impl Default for RunConfig {
                 path: String::new(),
                 val_fraction: 0.1,
             },
+            dist: DistConfig::default(),
         }
     }
 }

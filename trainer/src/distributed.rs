@@ -52,8 +52,7 @@
 
 use crate::config::Precision;
 use crate::data::Dataset;
-use crate::model::params::split_tensors_mut;
-use crate::model::Model;
+use crate::model::{FinalGrads, GradGroup, Model};
 use crate::repartition::{decode_states, encode_states, repartition_state, NamedState, UnitSpan};
 use crate::train::{clip_scale, global_grad_norm, lr_at, StepStats, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
@@ -68,6 +67,7 @@ use fp8lm_optim::zero::{split_units, Partition, Unit};
 use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer, StateTensor};
 use half::f16;
 use std::ops::Range;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Per-rank data-parallel state held by the [`Trainer`] (the communicator itself is
@@ -82,7 +82,147 @@ pub struct DistState {
     fp8_reducer: GradAllReducer,
     /// f32 all-reduce of the other gradients.
     f32_reducer: GradAllReducer,
+    /// What to reduce for each group of gradients, in the order the backward finishes
+    /// them (`Model::grad_groups`).
+    groups: Vec<GroupPlan>,
+    /// `dist.overlap`: reduce groups while the backward runs.
+    overlap: bool,
+    /// Test hook: the backward panics when it finishes this many groups
+    /// ([`Trainer::inject_backward_panic`]).
+    panic_after_groups: Option<usize>,
     zero: Option<Zero>,
+}
+
+/// The reductions of one group of finished gradients (replicated precisions).
+struct GroupPlan {
+    group: GradGroup,
+    /// Tensors reduced in f32, as ranges inside the group (ascending).
+    f32: Vec<Range<usize>>,
+    /// FP8 weight gradients: (index into the group's linears, index into the model's
+    /// FP8 tensor list, where `fp8_reducer.mu` keeps its mu).
+    fp8: Vec<(usize, usize)>,
+}
+
+/// The group plans of `model`; FP8 tensors are numbered in tensor order (the order of
+/// `fp8_reducer.mu`, which checkpoints store).
+fn group_plans(model: &Model) -> Result<Vec<GroupPlan>> {
+    let lay = &model.layout;
+    let fp8_t: Vec<usize> = (0..lay.metas.len())
+        .filter(|&t| fp8_wgrad(model, t).is_some())
+        .collect();
+    let mut seen = vec![false; lay.metas.len()];
+    let mut plans = Vec::new();
+    for spec in model.grad_groups() {
+        let mut plan = GroupPlan {
+            group: spec.group,
+            f32: Vec::new(),
+            fp8: Vec::new(),
+        };
+        for (t, seen_t) in seen.iter_mut().enumerate() {
+            let r = lay.range(t);
+            if r.start < spec.range.start || r.end > spec.range.end || r.is_empty() {
+                continue;
+            }
+            *seen_t = true;
+            match fp8_t.iter().position(|&x| x == t) {
+                Some(j) => {
+                    let li = model.linear_of_tensor[t].expect("an FP8 gradient has a linear");
+                    if !spec.linears.contains(&li) {
+                        bail!(
+                            "gradient group {:?}: tensor {} belongs to linear {li}, outside the group's linears {:?}",
+                            spec.group,
+                            lay.metas[t].name,
+                            spec.linears
+                        );
+                    }
+                    plan.fp8.push((li - spec.linears.start, j));
+                }
+                None => plan
+                    .f32
+                    .push(r.start - spec.range.start..r.end - spec.range.start),
+            }
+        }
+        plans.push(plan);
+    }
+    if let Some(t) = (0..lay.metas.len()).find(|&t| !seen[t] && !lay.range(t).is_empty()) {
+        bail!("gradient groups do not cover tensor {}", lay.metas[t].name);
+    }
+    Ok(plans)
+}
+
+fn wgrad_mut(l: &mut crate::model::Linear) -> Result<&mut ScaledFp8> {
+    match l.fp8.as_mut() {
+        Some(f) => Ok(&mut f.wgrad),
+        None => bail!("linear {} has no FP8 state in an FP8 run", l.name),
+    }
+}
+
+/// Reduce one finished group: FP8-LM all-reduce of its FP8 weight gradients (with their
+/// own mu, kept in `fp8_reducer.mu`), then the f32 mean of the rest. Returns whether the
+/// FP8 scale agreement saw a non-finite gradient.
+fn reduce_group(
+    plan: &GroupPlan,
+    g: FinalGrads<'_>,
+    fp8_reducer: &mut GradAllReducer,
+    f32_reducer: &mut GradAllReducer,
+    comm: &dyn Communicator,
+) -> Result<bool> {
+    let mut nonfinite = false;
+    if !plan.fp8.is_empty() {
+        let placeholder = || ScaledFp8 {
+            data: Vec::new(),
+            shape: vec![0],
+            format: WGRAD,
+            scale: 1.0,
+        };
+        let mut taken = Vec::with_capacity(plan.fp8.len());
+        for &(k, _) in &plan.fp8 {
+            taken.push(std::mem::replace(
+                wgrad_mut(&mut g.linears[k])?,
+                placeholder(),
+            ));
+        }
+        // One reducer call per group: mu is per tensor, so it is lent out and taken back.
+        let mut r = GradAllReducer {
+            cfg: fp8_reducer.cfg.clone(),
+            mu: plan.fp8.iter().map(|&(_, j)| fp8_reducer.mu[j]).collect(),
+            steps: fp8_reducer.steps,
+        };
+        let res = r.all_reduce_scaled_fp8(comm, &mut taken);
+        for (&(k, j), (t, mu)) in plan.fp8.iter().zip(taken.into_iter().zip(r.mu)) {
+            *wgrad_mut(&mut g.linears[k])? = t;
+            fp8_reducer.mu[j] = mu;
+        }
+        nonfinite |= res.map_err(comm_err)?.nonfinite;
+    }
+    if !plan.f32.is_empty() {
+        let mut views = slices_mut(g.grads, &plan.f32);
+        f32_reducer
+            .all_reduce_mean(comm, &mut views)
+            .map_err(comm_err)?;
+    }
+    Ok(nonfinite)
+}
+
+/// Timing of an overlapped backward + reduction.
+struct Reduced {
+    /// When the backward's compute ended.
+    backward_end: Instant,
+    /// Time inside the group reductions.
+    comm: Duration,
+    /// The part of it after the backward ended (what the step waited for).
+    exposed: Duration,
+    nonfinite: bool,
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".into()
+    }
 }
 
 /// FP8 ZeRO bookkeeping (identical on every rank).
@@ -406,6 +546,9 @@ impl Trainer {
             global_targets: vec![0; size * d.b * d.t],
             fp8_reducer: reducer(GradMethod::Fp8Lm),
             f32_reducer: reducer(GradMethod::F32),
+            groups: group_plans(&self.model)?,
+            overlap: self.cfg.dist.overlap,
+            panic_after_groups: None,
             zero,
         }));
         Ok(())
@@ -516,6 +659,14 @@ impl Trainer {
             }
         };
         if let Some(mu) = get("allreduce_mu")? {
+            let nfp8: usize = d.groups.iter().map(|g| g.fp8.len()).sum();
+            // Empty: saved before the first reduction (or by a run without FP8 gradients).
+            if !mu.is_empty() && mu.len() != nfp8 {
+                bail!(
+                    "checkpoint extra `allreduce_mu`: {} values for {nfp8} FP8 weight gradients",
+                    mu.len()
+                );
+            }
             d.fp8_reducer.mu = mu;
         }
         if let (Some(mu), Some(z)) = (get("zero_mu")?, d.zero.as_mut()) {
@@ -529,6 +680,16 @@ impl Trainer {
             z.mu = mu;
         }
         Ok(())
+    }
+
+    /// Failure injection for tests: in the next data-parallel steps, the backward pass
+    /// panics after finishing `groups` gradient groups (mid-backward, while earlier
+    /// groups may be in flight). `None` clears it. No effect without data parallelism.
+    #[doc(hidden)]
+    pub fn inject_backward_panic(&mut self, groups: Option<usize>) {
+        if let Some(d) = self.dist.as_mut() {
+            d.panic_after_groups = groups;
+        }
     }
 
     /// fp8-o3: names of the units (tensors or row blocks) whose state this rank holds.
@@ -590,23 +751,34 @@ impl Trainer {
         self.inputs
             .copy_from_slice(&dist.global_inputs[mine.clone()]);
         self.targets.copy_from_slice(&dist.global_targets[mine]);
-        let (local_loss, t1, t2, gemm) =
-            self.forward_backward(&format!("training batch (rank {rank})"))?;
+        let (local_loss, t1) = self.forward_train(&format!("training batch (rank {rank})"))?;
+        let (t2, mut comm_time, mut exposed, nonfinite) = if dist.zero.is_some() {
+            self.model.backward();
+            (Instant::now(), Duration::ZERO, Duration::ZERO, false)
+        } else {
+            let r = self.backward_and_reduce(dist, comm)?;
+            (r.backward_end, r.comm, r.exposed, r.nonfinite)
+        };
+        let gemm = self.model.take_gemm_time();
 
-        let mut comm_time = Duration::ZERO;
         let tc = Instant::now();
         let loss = comm
             .all_reduce_scalar(local_loss, ReduceOp::Sum)
             .map_err(comm_err)?
             / n as f32;
-        comm_time += tc.elapsed();
+        let dt = tc.elapsed();
+        comm_time += dt;
+        exposed += dt;
 
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let (grad_norm, skipped) = if dist.zero.is_some() {
-            self.zero_update(dist, comm, loss, lr, clip, &mut comm_time)?
+            let before = comm_time;
+            let r = self.zero_update(dist, comm, loss, lr, clip, &mut comm_time)?;
+            exposed += comm_time - before;
+            r
         } else {
-            self.replicated_update(dist, comm, loss, lr, clip, &mut comm_time)?
+            self.replicated_update(loss, nonfinite, lr, clip)
         };
         if skipped {
             self.skipped += 1;
@@ -630,72 +802,156 @@ impl Trainer {
             optimizer: t3 - t2,
             gemm,
             comm: comm_time,
+            comm_exposed: exposed,
         };
         self.step += 1;
         Ok(stats)
     }
 
-    /// All-reduce every gradient (FP8-LM for FP8 weight gradients, f32 for the rest),
-    /// then the same optimizer step on every rank. Returns (global grad norm, skipped).
-    fn replicated_update(
+    /// The backward, with every group of gradients reduced as the backward finishes it
+    /// (FP8-LM all-reduce for FP8 weight gradients, f32 mean for the rest), in the fixed
+    /// order of [`Model::grad_groups`] on every rank.
+    ///
+    /// With `dist.overlap`, the backward runs on a scoped thread and hands each finished
+    /// group (disjoint `&mut` borrows of the gradient buffer and of the group's linears)
+    /// over a channel to this thread, which owns the communicator and reduces the group
+    /// while the backward goes on. MPI calls stay on the thread that initialised MPI, so
+    /// `MPI_THREAD_FUNNELED` is enough, and the in-process communicator (not `Sync`)
+    /// never leaves its thread. Without overlap the same groups are reduced in the same
+    /// order after the backward: the same calls on the same data, so the same bits.
+    ///
+    /// A panic in the backward closes the channel (its sender is dropped while
+    /// unwinding); the loop ends, the join reports the panic, and this returns an error
+    /// naming the rank, so the job aborts as for any rank error. A failed reduction stops
+    /// the reducing; the remaining groups are drained (the backward finishes on its own)
+    /// and the error is returned.
+    fn backward_and_reduce(
         &mut self,
         dist: &mut DistState,
         comm: &dyn Communicator,
-        loss: f32,
-        lr: f32,
-        clip: f32,
-        comm_time: &mut Duration,
-    ) -> Result<(f32, bool)> {
-        let tc = Instant::now();
+    ) -> Result<Reduced> {
+        let DistState {
+            rank,
+            fp8_reducer,
+            f32_reducer,
+            groups,
+            overlap,
+            panic_after_groups,
+            ..
+        } = dist;
+        let (rank, overlap, panic_after) = (*rank, *overlap, *panic_after_groups);
+        let nfp8 = groups.iter().map(|g| g.fp8.len()).sum::<usize>();
+        let initial_mu = fp8_reducer.cfg.initial_mu;
+        fp8_reducer.mu.resize(nfp8, initial_mu);
         let model = &mut self.model;
-        let ntens = model.layout.metas.len();
-        let fp8_t: Vec<usize> = (0..ntens)
-            .filter(|&t| fp8_wgrad(model, t).is_some())
-            .collect();
+        let mut next = 0usize;
+        let mut comm_time = Duration::ZERO;
         let mut nonfinite = false;
-        if !fp8_t.is_empty() {
-            let placeholder = || ScaledFp8 {
-                data: Vec::new(),
-                shape: vec![0],
-                format: WGRAD,
-                scale: 1.0,
-            };
-            let mut taken: Vec<ScaledFp8> = fp8_t
-                .iter()
-                .map(|&t| {
-                    let li = model.linear_of_tensor[t].expect("fp8 tensor has a linear");
-                    let f = model.linears[li].fp8.as_mut().expect("fp8 linear");
-                    std::mem::replace(&mut f.wgrad, placeholder())
-                })
-                .collect();
-            let res = dist.fp8_reducer.all_reduce_scaled_fp8(comm, &mut taken);
-            for (&t, g) in fp8_t.iter().zip(taken) {
-                let li = model.linear_of_tensor[t].expect("fp8 tensor has a linear");
-                model.linears[li].fp8.as_mut().expect("fp8 linear").wgrad = g;
+        let mut failed: Option<anyhow::Error> = None;
+        let mut reduce = |g: FinalGrads<'_>| {
+            if failed.is_some() {
+                return;
             }
-            nonfinite |= res.map_err(comm_err)?.nonfinite;
+            let tc = Instant::now();
+            let r = match groups.get(next) {
+                Some(plan) if plan.group == g.group => {
+                    reduce_group(plan, g, fp8_reducer, f32_reducer, comm)
+                }
+                plan => Err(anyhow!(
+                    "rank {rank}: the backward finished gradient group {:?} where group {:?} was due",
+                    g.group,
+                    plan.map(|p| p.group)
+                )),
+            };
+            comm_time += tc.elapsed();
+            next += 1;
+            match r {
+                Ok(nf) => nonfinite |= nf,
+                Err(e) => failed = Some(e),
+            }
+        };
+        // The backward's side: the test hook counts finished groups.
+        let mut done = 0usize;
+        let mut fault = move |g: &FinalGrads<'_>| {
+            if panic_after == Some(done) {
+                panic!(
+                    "injected failure in the backward before group {:?}",
+                    g.group
+                );
+            }
+            done += 1;
+        };
+        let backward_end = if overlap {
+            let joined = std::thread::scope(|s| {
+                let (tx, rx) = mpsc::channel();
+                let h = s.spawn(move || {
+                    model.backward_with(&mut |g| {
+                        fault(&g);
+                        // The receiver drains the channel to the end, so a send cannot
+                        // fail; if it did, the backward would still run to its end.
+                        let _ = tx.send(g);
+                    });
+                    Instant::now()
+                });
+                for g in rx {
+                    reduce(g);
+                }
+                h.join()
+            });
+            joined.map_err(|p| {
+                anyhow!(
+                    "rank {rank}: the backward pass panicked: {}",
+                    panic_message(&*p)
+                )
+            })?
+        } else {
+            let mut finished = Vec::new();
+            model.backward_with(&mut |g| {
+                fault(&g);
+                finished.push(g);
+            });
+            let end = Instant::now();
+            for g in finished {
+                reduce(g);
+            }
+            end
+        };
+        if let Some(e) = failed {
+            return Err(e);
         }
-        {
-            let Model { grads, layout, .. } = &mut *model;
-            let mut views: Vec<&mut [f32]> = split_tensors_mut(grads, layout)
-                .into_iter()
-                .enumerate()
-                .filter(|(t, _)| !fp8_t.contains(t))
-                .map(|(_, g)| g)
-                .collect();
-            dist.f32_reducer
-                .all_reduce_mean(comm, &mut views)
-                .map_err(comm_err)?;
+        if next != groups.len() {
+            bail!(
+                "rank {rank}: the backward finished {next} gradient groups, {} expected",
+                groups.len()
+            );
         }
-        *comm_time += tc.elapsed();
-        let (mut params, grads) = model.params_and_grads();
+        fp8_reducer.steps += 1;
+        // Overlapped: what remained to reduce when the backward ended (bounded by the
+        // reductions' own time: the rest is channel and loop bookkeeping).
+        let exposed = if overlap {
+            backward_end.elapsed().min(comm_time)
+        } else {
+            comm_time
+        };
+        Ok(Reduced {
+            backward_end,
+            comm: comm_time,
+            exposed,
+            nonfinite,
+        })
+    }
+
+    /// The same optimizer step on every rank, on the reduced gradients. Returns (global
+    /// grad norm, skipped).
+    fn replicated_update(&mut self, loss: f32, nonfinite: bool, lr: f32, clip: f32) -> (f32, bool) {
+        let (mut params, grads) = self.model.params_and_grads();
         let grad_norm = global_grad_norm(&grads);
         let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
         if !skipped {
             self.optimizer
                 .step(&mut params, &grads, lr, clip_scale(grad_norm, clip));
         }
-        Ok((grad_norm, skipped))
+        (grad_norm, skipped)
     }
 
     /// FP8 ZeRO: reduce each unit's gradient to its owner, owners update their units,
@@ -873,8 +1129,13 @@ pub struct DistBench {
     pub precision: Precision,
     pub ranks: usize,
     pub steps: usize,
+    /// `dist.overlap` of the run (fp8-o3 does not overlap either way).
+    pub overlap: bool,
     pub step_s: f64,
+    /// Time in communication, hidden behind the backward or not.
     pub comm_s: f64,
+    /// The part of `comm_s` the step waited for.
+    pub exposed_s: f64,
     /// Bytes this rank sent per step.
     pub bytes_sent_per_step: f64,
     /// This rank's optimizer state bytes.
@@ -885,6 +1146,10 @@ impl DistBench {
     pub fn comm_share(&self) -> f64 {
         self.comm_s / self.step_s.max(1e-12)
     }
+    /// Share of the step spent waiting on communication.
+    pub fn exposed_share(&self) -> f64 {
+        self.exposed_s / self.step_s.max(1e-12)
+    }
 }
 
 /// Measure `steps` data-parallel steps of `cfg` on `comm` (after `warmup` steps).
@@ -894,12 +1159,13 @@ pub fn bench_train_dist(
     warmup: usize,
     steps: usize,
 ) -> Result<DistBench> {
-    let (mut step_s, mut comm_s, mut k) = (0.0, 0.0, 0usize);
+    let (mut step_s, mut comm_s, mut exposed_s, mut k) = (0.0, 0.0, 0.0, 0usize);
     let mut sent0 = comm.bytes_sent();
     let tr = train_data_parallel(cfg, comm, warmup + steps, |_, st| {
         if k >= warmup {
             step_s += (st.forward + st.backward + st.optimizer).as_secs_f64();
             comm_s += st.comm.as_secs_f64();
+            exposed_s += st.comm_exposed.as_secs_f64();
         }
         k += 1;
         if k == warmup {
@@ -911,16 +1177,19 @@ pub fn bench_train_dist(
         precision: cfg.precision,
         ranks: comm.size(),
         steps,
+        overlap: cfg.dist.overlap && cfg.precision != Precision::Fp8O3,
         step_s: step_s / m,
         comm_s: comm_s / m,
+        exposed_s: exposed_s / m,
         bytes_sent_per_step: (comm.bytes_sent() - sent0) as f64 / m,
         state_bytes: tr.optimizer().state_bytes(),
     })
 }
 
-/// `fp8lm bench train --dist`: fp32 vs fp8-o3 on `comm`, `steps` measured steps each
-/// (after 2 warm-up steps). Every rank must call it; the returned table (rank 0's view)
-/// is for rank 0 to print.
+/// `fp8lm bench train --dist`: fp32 and fp8-o1 with gradient communication overlapped
+/// with the backward and not, and fp8-o3 (not overlapped), on `comm`, `steps` measured
+/// steps each (after 2 warm-up steps). Every rank must call it; the returned table (rank
+/// 0's view) is for rank 0 to print.
 pub fn bench_train_dist_table(
     cfg: &crate::RunConfig,
     comm: &dyn Communicator,
@@ -941,23 +1210,44 @@ pub fn bench_train_dist_table(
     );
     let _ = writeln!(
         s,
-        "{:<8} {:>10} {:>10} {:>7} {:>14} {:>12}",
-        "mode", "step ms", "comm ms", "comm %", "sent B/step", "state B"
+        "comm: all communication time (hidden behind the backward or not); exposed: the part \
+         the step waited for"
+    );
+    let _ = writeln!(
+        s,
+        "{:<8} {:>7} {:>10} {:>10} {:>11} {:>9} {:>14} {:>12}",
+        "mode", "overlap", "step ms", "comm ms", "exposed ms", "exposed%", "sent B/step", "state B"
     );
     let mut base = None;
-    for p in [Precision::Fp32, Precision::Fp8O3] {
+    let mut off_step = 0.0;
+    for (p, overlap) in [
+        (Precision::Fp32, false),
+        (Precision::Fp32, true),
+        (Precision::Fp8O1, false),
+        (Precision::Fp8O1, true),
+        (Precision::Fp8O3, false),
+    ] {
         let mut c = cfg.clone();
         c.precision = p;
+        c.dist.overlap = overlap;
         let b = bench_train_dist(&c, comm, 2, steps)?;
         let rel = base.map_or(1.0, |s: f64| b.step_s / s);
         base.get_or_insert(b.step_s);
+        let vs_off = if overlap {
+            format!(", {:.2}x overlap off", b.step_s / off_step)
+        } else {
+            off_step = b.step_s;
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "{:<8} {:>10.2} {:>10.2} {:>6.1}% {:>14.0} {:>12}  ({rel:.2}x fp32 step time)",
+            "{:<8} {:>7} {:>10.2} {:>10.2} {:>11.2} {:>8.1}% {:>14.0} {:>12}  ({rel:.2}x fp32 off{vs_off})",
             p.name(),
+            if overlap { "on" } else { "off" },
             b.step_s * 1e3,
             b.comm_s * 1e3,
-            100.0 * b.comm_share(),
+            b.exposed_s * 1e3,
+            100.0 * b.exposed_share(),
             b.bytes_sent_per_step,
             b.state_bytes
         );

@@ -40,6 +40,9 @@ pub struct StepStats {
     /// single-rank run), including packing and FP8 re-quantisation for the reduction and
     /// waiting for slower ranks.
     pub comm: Duration,
+    /// The part of `comm` the step waited for: communication not hidden behind the
+    /// backward (equal to `comm` without overlap; zero on a single-rank run).
+    pub comm_exposed: Duration,
 }
 
 /// Learning rate at `step`: linear warmup to `lr` over `warmup_steps`, then cosine decay
@@ -309,13 +312,10 @@ impl Trainer {
         Ok(())
     }
 
-    /// Forward and backward on the batch already in `inputs`/`targets` (checked first;
-    /// `what` names it in errors). Returns the batch's mean loss, the instants the forward
-    /// and the backward finished, and the time spent inside GEMMs.
-    pub(crate) fn forward_backward(
-        &mut self,
-        what: &str,
-    ) -> Result<(f32, Instant, Instant, Duration)> {
+    /// The training forward of `forward_backward` alone (the data-parallel step runs
+    /// the backward itself, overlapped with the reduction): checks the tokens, resets
+    /// the GEMM timer, returns the loss and the time the forward ended.
+    pub(crate) fn forward_train(&mut self, what: &str) -> Result<(f32, Instant)> {
         let d = self.model.dims;
         self.check_tokens(what)?;
         self.model.take_gemm_time();
@@ -323,7 +323,17 @@ impl Trainer {
             .model
             .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
             .expect("targets given");
-        let t1 = Instant::now();
+        Ok((loss, Instant::now()))
+    }
+
+    /// Forward and backward on the batch already in `inputs`/`targets` (checked first;
+    /// `what` names it in errors). Returns the batch's mean loss, the instants the forward
+    /// and the backward finished, and the time spent inside GEMMs.
+    pub(crate) fn forward_backward(
+        &mut self,
+        what: &str,
+    ) -> Result<(f32, Instant, Instant, Duration)> {
+        let (loss, t1) = self.forward_train(what)?;
         self.model.backward();
         let t2 = Instant::now();
         Ok((loss, t1, t2, self.model.take_gemm_time()))
@@ -374,6 +384,7 @@ impl Trainer {
             optimizer: t3 - t2,
             gemm,
             comm: Duration::ZERO,
+            comm_exposed: Duration::ZERO,
         };
         self.step += 1;
         Ok(stats)

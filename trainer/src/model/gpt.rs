@@ -181,6 +181,38 @@ fn norm_backward(
     }
 }
 
+/// Which part of the network a group of finished gradients belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradGroup {
+    /// Final norm, and the LM head when it is not tied to the embedding (LLaMA).
+    Head,
+    /// Block `l`.
+    Block(usize),
+    /// Token (and GPT-2's position) embeddings, with GPT-2's tied LM head.
+    Embedding,
+}
+
+/// Where a [`GradGroup`] lies: its flat-buffer range and the indices of the linears
+/// (into `Model::linears`) whose weights are in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GradGroupSpec {
+    pub group: GradGroup,
+    pub range: Range<usize>,
+    pub linears: Range<usize>,
+}
+
+/// A group of gradients the backward is done with (see [`Model::backward_with`]).
+pub struct FinalGrads<'a> {
+    pub group: GradGroup,
+    /// Flat-buffer offset of `grads[0]`.
+    pub offset: usize,
+    /// f32 gradients of the group's range (for FP8 linears, the f32 copy their FP8
+    /// weight gradient was cast from).
+    pub grads: &'a mut [f32],
+    /// The linears whose weights lie in the group, FP8 weight gradients quantised.
+    pub linears: &'a mut [Linear],
+}
+
 /// The model: parameters, gradients, activations and per-linear precision state.
 pub struct Model {
     pub dims: Dims,
@@ -418,6 +450,57 @@ impl Model {
     /// Gradients of the mean loss of the last forward (with targets) into `grads`
     /// (overwritten). Consumes that forward: a second call panics.
     pub fn backward(&mut self) {
+        self.backward_with(&mut |_| {});
+    }
+
+    /// The groups of gradients the backward finishes one after another, in the order it
+    /// finishes them (the order [`Model::backward_with`] hands them out): the final norm
+    /// (and LLaMA's untied LM head), the blocks from last to first, then the embeddings
+    /// (with GPT-2's tied LM head, whose gradient the embedding backward adds to last).
+    /// Each group is a contiguous range of the flat buffer.
+    pub fn grad_groups(&self) -> Vec<GradGroupSpec> {
+        let lay = &self.layout;
+        let l_n = self.dims.l;
+        let head = 4 * l_n..4 * l_n + 1;
+        let block_start = |l: usize| lay.offsets[lay.blocks[l].n1w];
+        let tied = lay.head == lay.wte;
+        let mut out = vec![GradGroupSpec {
+            group: GradGroup::Head,
+            range: lay.offsets[lay.nfw]..lay.total,
+            linears: if tied {
+                head.end..head.end
+            } else {
+                head.clone()
+            },
+        }];
+        for l in (0..l_n).rev() {
+            let end = if l + 1 < l_n {
+                block_start(l + 1)
+            } else {
+                lay.offsets[lay.nfw]
+            };
+            out.push(GradGroupSpec {
+                group: GradGroup::Block(l),
+                range: block_start(l)..end,
+                linears: 4 * l..4 * l + 4,
+            });
+        }
+        out.push(GradGroupSpec {
+            group: GradGroup::Embedding,
+            range: 0..block_start(0),
+            linears: if tied { head } else { 0..0 },
+        });
+        out
+    }
+
+    /// [`Model::backward`], handing each group of gradients to `on_final` as soon as the
+    /// backward is done with it (order and groups: [`Model::grad_groups`]). A group's f32
+    /// gradients and its linears (FP8 weight gradients already quantised) are never
+    /// touched again by this backward, so `on_final` may send them to another thread and
+    /// reduce them there while the backward goes on with the earlier layers: the
+    /// overlap of data-parallel training. The split is plain `split_at_mut`: the
+    /// borrows handed out are disjoint by construction.
+    pub fn backward_with<'a>(&'a mut self, on_final: &mut dyn FnMut(FinalGrads<'a>)) {
         let (b, t) = self
             .last_bt
             .take()
@@ -432,6 +515,7 @@ impl Model {
                 self.grads[self.layout.range(i)].fill(0.0);
             }
         }
+        let specs = self.grad_groups();
         let Model {
             params,
             grads,
@@ -443,26 +527,48 @@ impl Model {
             targets,
             ..
         } = self;
+        let lay: &Layout = lay;
         let p = |i: usize| &params[lay.range(i)];
         let (inputs, targets) = (&inputs[..n], &targets[..n]);
+        // Flat buffer: [embeddings | block 0 | ... | block L-1 | final norm (+ head)].
+        let (emb_g, rest) = grads.split_at_mut(specs[l_n + 1].range.end);
+        let (blocks_g, head_g) = rest.split_at_mut(specs[0].range.start - emb_g.len());
+        let mut block_g: Vec<&mut [f32]> = Vec::with_capacity(l_n);
+        let mut tail = blocks_g;
+        for spec in specs[1..=l_n].iter().rev() {
+            let (g, t2) = tail.split_at_mut(spec.range.len());
+            block_g.push(g);
+            tail = t2;
+        }
+        let (block_lin, head_lin) = linears.split_at_mut(4 * l_n);
+        let head = &mut head_lin[0];
+        let mut block_lin: Vec<&mut [Linear]> = block_lin.chunks_mut(4).collect();
+        // Range of tensor `i` inside the group that starts at flat offset `base`.
+        let local = |i: usize, base: usize| {
+            let r = lay.range(i);
+            r.start - base..r.end - base
+        };
+        let head_base = specs[0].range.start;
+        let tied = lay.head == lay.wte;
 
         // loss and LM head: dlogits[n,V] in place of the probabilities
         let dlogits = &mut a.logits[..n * d.v];
         Cpu.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
         let dlnf = &mut a.dln[..n * c];
-        linears[4 * l_n].backward(
-            dlnf,
-            &mut grads[lay.range(lay.head)],
-            None,
-            dlogits,
-            &a.lnf[..n * c],
-            p(lay.head),
-            n,
-        );
+        let dhead = if tied {
+            &mut emb_g[lay.range(lay.head)]
+        } else {
+            &mut head_g[local(lay.head, head_base)]
+        };
+        head.backward(dlnf, dhead, None, dlogits, &a.lnf[..n * c], p(lay.head), n);
         let dres = &mut a.dresidual[..n * c];
         dres.fill(0.0);
         let last = at(&a.residual3, l_n - 1, bt * c, n * c);
-        let (dw, db) = two_mut(grads, lay.range(lay.nfw), lay.nfb.map(|i| lay.range(i)));
+        let (dw, db) = two_mut(
+            head_g,
+            local(lay.nfw, head_base),
+            lay.nfb.map(|i| local(i, head_base)),
+        );
         norm_backward(
             d.arch,
             dres,
@@ -474,16 +580,36 @@ impl Model {
             &a.lnf_mean[..n],
             &a.lnf_rstd[..n],
         );
+        let head = if tied {
+            on_final(FinalGrads {
+                group: GradGroup::Head,
+                offset: head_base,
+                grads: head_g,
+                linears: &mut [],
+            });
+            Some(head)
+        } else {
+            head.quantize_wgrad(&head_g[local(lay.head, head_base)]);
+            on_final(FinalGrads {
+                group: GradGroup::Head,
+                offset: head_base,
+                grads: head_g,
+                linears: std::slice::from_mut(head),
+            });
+            None
+        };
 
         for l in (0..l_n).rev() {
             let bp = lay.blocks[l];
-            let lin = &mut linears[4 * l..4 * l + 4];
+            let lin = block_lin.pop().expect("one linear chunk per block");
+            let grads = block_g.pop().expect("one gradient range per block");
+            let base = specs[l_n - l].range.start;
             let residual = if l == 0 {
                 &a.encoded[..n * c]
             } else {
                 at(&a.residual3, l - 1, bt * c, n * c)
             };
-            let rng = |i: usize| lay.range(i);
+            let rng = |i: usize| local(i, base);
             // MLP: dres is d(residual3) = d(fcproj), and flows on to residual2
             let dfch_act = &mut a.dfch_act[..n * f];
             let (dw, db) = two_mut(grads, rng(bp.fprojw), bp.fprojb.map(rng));
@@ -567,15 +693,36 @@ impl Model {
                 at(&a.ln1_mean, l, bt, n),
                 at(&a.ln1_rstd, l, bt, n),
             );
-        }
-        let (dwte, dwpe) = two_mut(grads, lay.range(lay.wte), lay.wpe.map(|i| lay.range(i)));
-        Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
-        // FP8: the finished weight gradients leave the backward in FP8
-        for (i, li) in self.linear_of_tensor.iter().enumerate() {
-            if let Some(li) = *li {
-                self.linears[li].quantize_wgrad(&self.grads[self.layout.range(i)]);
+            // FP8: the block's weight gradients are final; they leave the backward in FP8
+            for (k, w) in [bp.qkvw, bp.projw, bp.fcw, bp.fprojw]
+                .into_iter()
+                .enumerate()
+            {
+                lin[k].quantize_wgrad(&grads[rng(w)]);
             }
+            on_final(FinalGrads {
+                group: GradGroup::Block(l),
+                offset: base,
+                grads,
+                linears: lin,
+            });
         }
+        let (dwte, dwpe) = two_mut(emb_g, lay.range(lay.wte), lay.wpe.map(|i| lay.range(i)));
+        Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
+        let linears: &mut [Linear] = match head {
+            Some(head) => {
+                // the tied LM head's gradient is final only now (embedding lookup added)
+                head.quantize_wgrad(&emb_g[lay.range(lay.head)]);
+                std::slice::from_mut(head)
+            }
+            None => &mut [],
+        };
+        on_final(FinalGrads {
+            group: GradGroup::Embedding,
+            offset: 0,
+            grads: emb_g,
+            linears,
+        });
     }
 
     /// Each tensor's gradient as the optimizer sees it: FP8 for linear weights in FP8

@@ -11,7 +11,7 @@ pub mod gpt;
 pub mod linear;
 pub mod params;
 
-pub use gpt::Model;
+pub use gpt::{FinalGrads, GradGroup, GradGroupSpec, Model};
 pub use linear::{
     CastStats, Fp8Linear, Fp8Operand, Linear, LinearMemory, LinearPrecision, WGRAD_FORMAT,
 };
