@@ -141,6 +141,31 @@ fn a_rank_with_a_missing_data_file_fails_the_job_within_10s_naming_the_rank() {
 }
 
 #[test]
+fn a_backward_that_panics_mid_step_on_one_rank_fails_the_job_within_10s_naming_the_rank() {
+    // Overlapped step (the default): rank 1's backward panics after handing out two
+    // gradient groups, while rank 0 is reducing them.
+    let mut args = vec!["train", "--steps", "50"];
+    args.extend(set_args());
+    let (ok, out, elapsed) = mpirun(
+        2,
+        &args,
+        &[("FP8LM_FAULT_RANK", "1"), ("FP8LM_FAULT_BACKWARD", "2")],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !ok,
+        "the job succeeded although rank 1's backward panicked:\n{out}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?}:\n{out}"
+    );
+    assert!(out.contains("rank 1"), "{out}");
+    assert!(out.contains("injected failure in the backward"), "{out}");
+    assert!(!out.contains("rank 1 done"), "{out}");
+}
+
+#[test]
 fn a_config_that_differs_on_one_rank_is_refused_at_start_up() {
     let mut args = vec!["train", "--steps", "50"];
     args.extend(set_args());

@@ -5,13 +5,42 @@
 //! With N ranks and `batch = B`, the global batch is N*B rows: every rank draws the same
 //! N*B-row batch from its (identical) data stream and keeps rows `r*B..(r+1)*B`. So the
 //! token stream equals a single-rank run with `batch = N*B`, and so does the loss (the
-//! mean of the ranks' means, which are over equal row counts). After the backward:
+//! mean of the ranks' means, which are over equal row counts). Gradients are reduced
+//! group by group as the backward finishes them (see *Overlap* below):
 //! - f32 gradients (all of them in fp32/bf16; the non-linear ones in FP8 modes) are
 //!   averaged with the communicator's f32 ring all-reduce: a fixed summation order
 //!   (`fp8lm_collectives::comm`), so every rank gets bit-identical gradients;
 //! - in FP8 modes the linear layers' weight gradients, already FP8 E5M2 with a per-tensor
 //!   scale when they leave the backward, are averaged by the FP8-LM all-reduce
-//!   (automatic factor mu, shared minimum scale, FP8 sum, scale `N * mu * s_g`).
+//!   (automatic factor mu, shared minimum scale, FP8 sum, scale `N * mu * s_g`). mu is
+//!   per tensor and lives in one list in tensor order (`fp8_reducer.mu`, what
+//!   checkpoints store); each group's reduction borrows its tensors' entries.
+//!
+//! ## Overlap of the reduction with the backward (replicated precisions)
+//! [`Model::backward_with`] hands out each group of gradients the moment it is final:
+//! the final norm (with LLaMA's untied LM head), then block L-1 down to block 0, then
+//! the embeddings (with GPT-2's tied LM head: the embedding lookup adds to its gradient
+//! last, so it is final only at the very end). A group is a disjoint `&mut` borrow of
+//! the flat gradient buffer (split up front with `split_at_mut`) plus the group's
+//! linears, whose FP8 weight gradients are quantised before the hand-out; the backward
+//! never touches it again. With `dist.overlap = true` (the default) the backward runs
+//! on a scoped thread and sends the groups over a channel to the step's own thread,
+//! which owns the communicator and reduces each group while the backward computes the
+//! earlier layers. All MPI calls stay on the thread that initialised MPI; the
+//! in-process communicator (not `Sync`) never leaves its thread. The order of the
+//! groups is fixed by the model, so it is the same on every rank. With
+//! `dist.overlap = false` the same groups are reduced in the same order after the
+//! backward: the same calls on the same bytes, so on and off are bit-identical (a test
+//! checks it). Against the previous all-at-once reduction, only the bucketing changes:
+//! each group is its own set of buckets; on 2 ranks the sums are bit-identical (two
+//! addends commute), on more ranks the ring's per-element summation order may differ.
+//!
+//! What the step waits for (`StepStats::comm_exposed`) is the reduction still running
+//! when the backward ends (at least the embedding group, final only then), the loss
+//! all-reduce, and everything of fp8-o3. A panic in the backward thread closes the
+//! channel; the step returns an error naming the rank (under MPI the panic hook aborts
+//! the job first); a failed reduction stops the reducing, lets the backward finish and
+//! returns the error: no rank waits forever.
 //!
 //! The global gradient norm, the skip decision and clipping then use the reduced
 //! gradients, and every rank runs the same optimizer on the same inputs, so the
@@ -40,10 +69,12 @@
 //!    included) decodes the same bytes, so the replicas stay bit-identical.
 //!
 //! ## Not done
-//! Gradient communication does not overlap the backward pass: the reductions start when
-//! the whole backward is finished (the model's backward is one function; overlapping
-//! needs a per-layer hook and a communication thread, which the single-threaded MPI
-//! backend does not allow).
+//! fp8-o3 does not overlap: its scale agreement, packing and reduce-scatter to the owners
+//! start when the whole backward is finished. Per-group reduce-scatters would work the
+//! same way as the replicated path (same per-element ring order, so the same bits), but
+//! a group's units are not balanced across owners, so padding each group's segments to
+//! the largest owner would send up to N times the bytes; it needs a reduce-to-owner
+//! primitive or per-group balanced partitioning first.
 //!
 //! ## Checkpoints
 //! Replicated precisions checkpoint rank 0's state (all ranks hold the same). fp8-o3

@@ -11,8 +11,11 @@
 //!
 //! Fault injection for the failure test: with `FP8LM_FAULT_RANK=R` and
 //! `FP8LM_FAULT_SET=KEY=VALUE`, rank R alone applies that extra override (e.g. a
-//! `data.path` that does not exist). Any error on any rank aborts the whole job
-//! (`MPI_Abort`) with a message naming the rank and the cause.
+//! `data.path` that does not exist). With `FP8LM_FAULT_RANK=R` and
+//! `FP8LM_FAULT_BACKWARD=K`, rank R's backward pass panics from the second step on, after
+//! handing out K gradient groups (mid-backward, with the reduction of earlier groups
+//! overlapped). Any error on any rank aborts the whole job (`MPI_Abort`) with a message
+//! naming the rank and the cause.
 
 use fp8lm_collectives::{or_abort, Communicator};
 use fp8lm_trainer::config_file::load_config;
@@ -43,9 +46,14 @@ fn main() {
     let comm: &dyn Communicator = comm.as_ref();
     let rank = comm.rank();
     let fault_rank = std::env::var("FP8LM_FAULT_RANK").ok();
+    let mut fault_backward = None;
     if fault_rank.as_deref() == Some(rank.to_string().as_str()) {
         if let Ok(s) = std::env::var("FP8LM_FAULT_SET") {
             sets.push(s);
+        }
+        if let Ok(k) = std::env::var("FP8LM_FAULT_BACKWARD") {
+            let k: usize = k.parse().unwrap_or_else(|_| usage());
+            fault_backward = Some(k);
         }
     }
     let cfg = or_abort(
@@ -54,6 +62,9 @@ fn main() {
     );
     match mode.as_str() {
         "train" => {
+            if let Some(k) = fault_backward {
+                or_abort(comm, train_with_backward_fault(&cfg, comm, steps, k));
+            }
             or_abort(
                 comm,
                 train_data_parallel(&cfg, comm, steps, |tr, st| {
@@ -87,4 +98,31 @@ fn or_abort_init() -> Box<dyn Communicator> {
             std::process::exit(1)
         }
     }
+}
+
+/// Like `train_data_parallel`, with this rank's backward panicking from the second step
+/// on after `k` gradient groups. Never returns `Ok` (the panic aborts the job).
+fn train_with_backward_fault(
+    cfg: &fp8lm_trainer::RunConfig,
+    comm: &dyn Communicator,
+    steps: usize,
+    k: usize,
+) -> Result<(), String> {
+    let rank = comm.rank();
+    let mut data =
+        fp8lm_trainer::data::open_dataset(cfg).map_err(|x| format!("rank {rank}: {x:#}"))?;
+    let mut tr = fp8lm_trainer::Trainer::new(cfg, data.vocab_size())
+        .map_err(|x| format!("rank {rank}: {x:#}"))?;
+    tr.enable_data_parallel(comm)
+        .map_err(|x| format!("rank {rank}: {x:#}"))?;
+    for s in 0..steps {
+        if s == 1 {
+            tr.inject_backward_panic(Some(k));
+        }
+        tr.train_step_dist(data.as_mut(), comm)
+            .map_err(|x| format!("rank {rank}: {x:#}"))?;
+    }
+    Err(format!(
+        "rank {rank}: the injected backward failure did not happen"
+    ))
 }
