@@ -28,9 +28,10 @@ pub enum BenchCmd {
     },
     /// Step time and tokens/s for fp32, bf16 and fp8-o1 (forward / backward / optimizer,
     /// GEMM share), on the small default model and at GPT-2 124M dimensions. With
-    /// `--dist`: data-parallel fp32 vs fp8-o3 step time and its share spent in
-    /// communication (over MPI under `mpirun`, else on `--ranks` in-process ranks), for
-    /// the model of `--config`/`--set`.
+    /// `--dist`: data-parallel step time, communication time and the part of it the step
+    /// waited for (exposed), for fp32 and fp8-o1 with the gradient reduction overlapped
+    /// with the backward and not, and for fp8-o3 (over MPI under `mpirun`, else on
+    /// `--ranks` in-process ranks), for the model of `--config`/`--set`.
     Train {
         /// Only the small model (the 124M case builds ~7 GB of trainers).
         #[arg(long)]

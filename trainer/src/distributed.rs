@@ -35,6 +35,12 @@
 //! each group is its own set of buckets; on 2 ranks the sums are bit-identical (two
 //! addends commute), on more ranks the ring's per-element summation order may differ.
 //!
+//! Cost: the reducing thread competes with the backward for cores. The in-process
+//! communicator sleeps while it waits; MPI busy-polls, so under `mpirun` on a host whose
+//! cores the ranks' compute threads already fill, overlap can lengthen the step even
+//! though it hides most of the communication (`fp8lm bench train --dist` reports both;
+//! `--mca mpi_yield_when_idle 1` and fewer compute threads per rank help).
+//!
 //! What the step waits for (`StepStats::comm_exposed`) is the reduction still running
 //! when the backward ends (at least the embedding group, final only then), the loss
 //! all-reduce, and everything of fp8-o3. A panic in the backward thread closes the
