@@ -27,9 +27,12 @@ pub struct MpiComm {
 }
 
 impl MpiComm {
-    /// Initialise MPI (single-threaded use) and install the abort-on-panic hook.
+    /// Initialise MPI and install the abort-on-panic hook. Requests
+    /// `MPI_THREAD_FUNNELED`: the process has other threads (rayon's pool, the trainer's
+    /// overlapped backward) but only the thread that called this makes MPI calls.
     pub fn init() -> Result<MpiComm> {
-        let universe = mpi::initialize().ok_or_else(|| {
+        let universe = mpi::initialize_with_threading(mpi::Threading::Funneled).map(|(u, _)| u);
+        let universe = universe.ok_or_else(|| {
             CommError::new(0, "mpi init", "MPI was already initialised in this process")
         })?;
         let world = universe.world();
