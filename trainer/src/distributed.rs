@@ -502,6 +502,100 @@ impl Zero {
     }
 }
 
+/// Run the backward of `model` and call `handle` on each group of final gradients, in
+/// the order the backward finishes them ([`Model::grad_groups`]). Returns when the
+/// backward's compute ended, the time spent in `handle`, and the part of it after the
+/// backward ended (what the step waited for).
+///
+/// With `overlap`, the backward runs on a scoped thread and hands each finished group
+/// (disjoint `&mut` borrows of the gradient buffer and of the group's linears) over a
+/// channel to this thread, which owns the communicator and runs `handle` while the
+/// backward goes on. MPI calls stay on the thread that initialised MPI
+/// (`MPI_THREAD_FUNNELED`), and the in-process communicator (not `Sync`) never leaves
+/// its thread. Without overlap the same groups are handled in the same order after the
+/// backward: the same calls on the same data, so the same bits.
+///
+/// A panic in the backward closes the channel (its sender is dropped while unwinding);
+/// the loop ends, the join reports the panic, and this returns an error naming the
+/// rank, so the job aborts as for any rank error. After `handle` fails, the remaining
+/// groups are drained unhandled (the backward finishes on its own) and its error is
+/// returned. `panic_after` is the test hook of [`Trainer::inject_backward_panic`].
+fn run_backward(
+    model: &mut Model,
+    rank: usize,
+    overlap: bool,
+    panic_after: Option<usize>,
+    handle: &mut dyn FnMut(FinalGrads<'_>) -> Result<()>,
+) -> Result<(Instant, Duration, Duration)> {
+    let mut spent = Duration::ZERO;
+    let mut failed: Option<anyhow::Error> = None;
+    let mut step = |g: FinalGrads<'_>| {
+        if failed.is_none() {
+            let tc = Instant::now();
+            if let Err(e) = handle(g) {
+                failed = Some(e);
+            }
+            spent += tc.elapsed();
+        }
+    };
+    let mut done = 0usize;
+    let mut fault = move |g: &FinalGrads<'_>| {
+        if panic_after == Some(done) {
+            panic!(
+                "injected failure in the backward before group {:?}",
+                g.group
+            );
+        }
+        done += 1;
+    };
+    let backward_end = if overlap {
+        let joined = std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let h = s.spawn(move || {
+                model.backward_with(&mut |g| {
+                    fault(&g);
+                    // The receiver drains the channel to the end, so a send cannot fail;
+                    // if it did, the backward would still run to its end.
+                    let _ = tx.send(g);
+                });
+                Instant::now()
+            });
+            for g in rx {
+                step(g);
+            }
+            h.join()
+        });
+        joined.map_err(|p| {
+            anyhow!(
+                "rank {rank}: the backward pass panicked: {}",
+                panic_message(&*p)
+            )
+        })?
+    } else {
+        let mut finished = Vec::new();
+        model.backward_with(&mut |g| {
+            fault(&g);
+            finished.push(g);
+        });
+        let end = Instant::now();
+        for g in finished {
+            step(g);
+        }
+        end
+    };
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    // Overlapped: what remained to handle when the backward ended (bounded by the
+    // handling's own time: the rest is channel and loop bookkeeping).
+    let exposed = if overlap {
+        backward_end.elapsed().min(spent)
+    } else {
+        spent
+    };
+    Ok((backward_end, spent, exposed))
+}
+
 impl Trainer {
     /// Make this trainer rank `comm.rank()` of `comm.size()` data-parallel ranks (any
     /// size, 1 included). Refuses a config that differs between ranks (hash agreement,
@@ -847,21 +941,7 @@ impl Trainer {
 
     /// The backward, with every group of gradients reduced as the backward finishes it
     /// (FP8-LM all-reduce for FP8 weight gradients, f32 mean for the rest), in the fixed
-    /// order of [`Model::grad_groups`] on every rank.
-    ///
-    /// With `dist.overlap`, the backward runs on a scoped thread and hands each finished
-    /// group (disjoint `&mut` borrows of the gradient buffer and of the group's linears)
-    /// over a channel to this thread, which owns the communicator and reduces the group
-    /// while the backward goes on. MPI calls stay on the thread that initialised MPI, so
-    /// `MPI_THREAD_FUNNELED` is enough, and the in-process communicator (not `Sync`)
-    /// never leaves its thread. Without overlap the same groups are reduced in the same
-    /// order after the backward: the same calls on the same data, so the same bits.
-    ///
-    /// A panic in the backward closes the channel (its sender is dropped while
-    /// unwinding); the loop ends, the join reports the panic, and this returns an error
-    /// naming the rank, so the job aborts as for any rank error. A failed reduction stops
-    /// the reducing; the remaining groups are drained (the backward finishes on its own)
-    /// and the error is returned.
+    /// order of [`Model::grad_groups`] on every rank (see [`run_backward`]).
     fn backward_and_reduce(
         &mut self,
         dist: &mut DistState,
@@ -876,86 +956,32 @@ impl Trainer {
             panic_after_groups,
             ..
         } = dist;
-        let (rank, overlap, panic_after) = (*rank, *overlap, *panic_after_groups);
+        let rank = *rank;
         let nfp8 = groups.iter().map(|g| g.fp8.len()).sum::<usize>();
         let initial_mu = fp8_reducer.cfg.initial_mu;
         fp8_reducer.mu.resize(nfp8, initial_mu);
-        let model = &mut self.model;
         let mut next = 0usize;
-        let mut comm_time = Duration::ZERO;
         let mut nonfinite = false;
-        let mut failed: Option<anyhow::Error> = None;
-        let mut reduce = |g: FinalGrads<'_>| {
-            if failed.is_some() {
-                return;
-            }
-            let tc = Instant::now();
-            let r = match groups.get(next) {
-                Some(plan) if plan.group == g.group => {
-                    reduce_group(plan, g, fp8_reducer, f32_reducer, comm)
-                }
-                plan => Err(anyhow!(
+        let mut reduce = |g: FinalGrads<'_>| -> Result<()> {
+            let plan = match groups.get(next) {
+                Some(plan) if plan.group == g.group => plan,
+                plan => bail!(
                     "rank {rank}: the backward finished gradient group {:?} where group {:?} was due",
                     g.group,
                     plan.map(|p| p.group)
-                )),
+                ),
             };
-            comm_time += tc.elapsed();
             next += 1;
-            match r {
-                Ok(nf) => nonfinite |= nf,
-                Err(e) => failed = Some(e),
-            }
+            nonfinite |= reduce_group(plan, g, fp8_reducer, f32_reducer, comm)?;
+            Ok(())
         };
-        // The backward's side: the test hook counts finished groups.
-        let mut done = 0usize;
-        let mut fault = move |g: &FinalGrads<'_>| {
-            if panic_after == Some(done) {
-                panic!(
-                    "injected failure in the backward before group {:?}",
-                    g.group
-                );
-            }
-            done += 1;
-        };
-        let backward_end = if overlap {
-            let joined = std::thread::scope(|s| {
-                let (tx, rx) = mpsc::channel();
-                let h = s.spawn(move || {
-                    model.backward_with(&mut |g| {
-                        fault(&g);
-                        // The receiver drains the channel to the end, so a send cannot
-                        // fail; if it did, the backward would still run to its end.
-                        let _ = tx.send(g);
-                    });
-                    Instant::now()
-                });
-                for g in rx {
-                    reduce(g);
-                }
-                h.join()
-            });
-            joined.map_err(|p| {
-                anyhow!(
-                    "rank {rank}: the backward pass panicked: {}",
-                    panic_message(&*p)
-                )
-            })?
-        } else {
-            let mut finished = Vec::new();
-            model.backward_with(&mut |g| {
-                fault(&g);
-                finished.push(g);
-            });
-            let end = Instant::now();
-            for g in finished {
-                reduce(g);
-            }
-            end
-        };
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        let (backward_end, comm_time, exposed) = run_backward(
+            &mut self.model,
+            rank,
+            *overlap,
+            *panic_after_groups,
+            &mut reduce,
+        )?;
         if next != groups.len() {
             bail!(
                 "rank {rank}: the backward finished {next} gradient groups, {} expected",
@@ -963,13 +989,6 @@ impl Trainer {
             );
         }
         fp8_reducer.steps += 1;
-        // Overlapped: what remained to reduce when the backward ended (bounded by the
-        // reductions' own time: the rest is channel and loop bookkeeping).
-        let exposed = if overlap {
-            backward_end.elapsed().min(comm_time)
-        } else {
-            comm_time
-        };
         Ok(Reduced {
             backward_end,
             comm: comm_time,
