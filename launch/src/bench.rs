@@ -29,9 +29,9 @@ pub enum BenchCmd {
     /// Step time and tokens/s for fp32, bf16 and fp8-o1 (forward / backward / optimizer,
     /// GEMM share), on the small default model and at GPT-2 124M dimensions. With
     /// `--dist`: data-parallel step time, communication time and the part of it the step
-    /// waited for (exposed), for fp32 and fp8-o1 with the gradient reduction overlapped
-    /// with the backward and not, and for fp8-o3 (over MPI under `mpirun`, else on
-    /// `--ranks` in-process ranks), for the model of `--config`/`--set`.
+    /// waited for (exposed), for fp32, fp8-o1 and fp8-o3 with the gradient reduction
+    /// overlapped with the backward and not (over MPI under `mpirun`, else on `--ranks`
+    /// in-process ranks), for the model of `--config`/`--set`.
     Train {
         /// Only the small model (the 124M case builds ~7 GB of trainers).
         #[arg(long)]

@@ -1,6 +1,7 @@
 //! Gradient communication overlapped with the backward pass (`dist.overlap`): the
 //! backward hands out groups of finished gradients in reverse layer order, each group
-//! really is final when handed out, overlap on and off train bit-identically, and a
+//! really is final when handed out, overlap on and off train bit-identically (replicated
+//! precisions and fp8-o3), and a
 //! backward that fails mid-step on one rank ends the job with an error naming the rank.
 
 use fp8lm_collectives::{run_ranks, Communicator, LocalComm};
@@ -60,6 +61,8 @@ fn overlap_on_and_off_train_bit_identically() {
         (Precision::Fp8O1, Arch::Gpt2, 2),
         (Precision::Fp8O1, Arch::Llama, 3),
         (Precision::Bf16, Arch::Llama, 2),
+        (Precision::Fp8O3, Arch::Gpt2, 3),
+        (Precision::Fp8O3, Arch::Llama, 2),
     ] {
         let off = dp_run(&small(p, arch, false), ranks, 4);
         let on = dp_run(&small(p, arch, true), ranks, 4);
@@ -166,6 +169,7 @@ fn a_backward_that_fails_mid_step_on_one_rank_fails_the_job_naming_the_rank() {
         (Precision::Fp8O1, true, 0),
         (Precision::Fp8O1, true, 4),
         (Precision::Fp32, false, 1),
+        (Precision::Fp8O3, true, 3),
     ] {
         let cfg = small(p, Arch::Gpt2, overlap);
         let err = within(Duration::from_secs(60), move || {

@@ -16,7 +16,7 @@
 //!   per tensor and lives in one list in tensor order (`fp8_reducer.mu`, what
 //!   checkpoints store); each group's reduction borrows its tensors' entries.
 //!
-//! ## Overlap of the reduction with the backward (replicated precisions)
+//! ## Overlap of the reduction with the backward
 //! [`Model::backward_with`] hands out each group of gradients the moment it is final:
 //! the final norm (with LLaMA's untied LM head), then block L-1 down to block 0, then
 //! the embeddings (with GPT-2's tied LM head: the embedding lookup adds to its gradient
@@ -25,8 +25,8 @@
 //! linears, whose FP8 weight gradients are quantised before the hand-out; the backward
 //! never touches it again. With `dist.overlap = true` (the default) the backward runs
 //! on a scoped thread and sends the groups over a channel to the step's own thread,
-//! which owns the communicator and reduces each group while the backward computes the
-//! earlier layers. All MPI calls stay on the thread that initialised MPI; the
+//! which owns the communicator and reduces each group (fp8-o3: agrees its scales and
+//! packs it, see below) while the backward computes the earlier layers. All MPI calls stay on the thread that initialised MPI; the
 //! in-process communicator (not `Sync`) never leaves its thread. The order of the
 //! groups is fixed by the model, so it is the same on every rank. With
 //! `dist.overlap = false` the same groups are reduced in the same order after the
@@ -43,10 +43,10 @@
 //!
 //! What the step waits for (`StepStats::comm_exposed`) is the reduction still running
 //! when the backward ends (at least the embedding group, final only then), the loss
-//! all-reduce, and everything of fp8-o3. A panic in the backward thread closes the
-//! channel; the step returns an error naming the rank (under MPI the panic hook aborts
-//! the job first); a failed reduction stops the reducing, lets the backward finish and
-//! returns the error: no rank waits forever.
+//! all-reduce, and for fp8-o3 everything after the packing. A panic in the backward
+//! thread closes the channel; the step returns an error naming the rank (under MPI the
+//! panic hook aborts the job first); a failed reduction stops the reducing, lets the
+//! backward finish and returns the error: no rank waits forever.
 //!
 //! The global gradient norm, the skip decision and clipping then use the reduced
 //! gradients, and every rank runs the same optimizer on the same inputs, so the
@@ -58,10 +58,12 @@
 //! row blocks (each keeps one scale) and assigns whole units greedily, largest first, to
 //! the least-loaded rank. Every rank computes the same partition without communication.
 //! A step then does:
-//! 1. scale agreement for the FP8 weight gradients (one vector all-reduce, Min), and
-//!    re-quantisation to `mu * s_g` (FP8-LM);
+//! 1. scale agreement for the FP8 weight gradients (one vector all-reduce, Min, per
+//!    group of final gradients, overlapped with the backward like the replicated
+//!    reduction), and re-quantisation to `mu * s_g` (FP8-LM);
 //! 2. *reduce to the owner*: each rank packs the gradients of the units owned by rank q
-//!    into segment q of one buffer (segments padded to the largest), and one ring
+//!    into segment q of one buffer (segments padded to the largest; packing, too, is
+//!    done group by group during the backward), and after the backward one ring
 //!    reduce-scatter leaves each rank exactly its own segment, summed: FP8 bytes for the
 //!    linear weights, f32 for the rest. This sends `(N-1)/N` of a buffer per rank, half
 //!    of an all-reduce;
@@ -75,12 +77,13 @@
 //!    included) decodes the same bytes, so the replicas stay bit-identical.
 //!
 //! ## Not done
-//! fp8-o3 does not overlap: its scale agreement, packing and reduce-scatter to the owners
-//! start when the whole backward is finished. Per-group reduce-scatters would work the
-//! same way as the replicated path (same per-element ring order, so the same bits), but
-//! a group's units are not balanced across owners, so padding each group's segments to
-//! the largest owner would send up to N times the bytes; it needs a reduce-to-owner
-//! primitive or per-group balanced partitioning first.
+//! fp8-o3 overlaps only its steps 1 and 2 (scale agreement and packing, group by group as
+//! the backward finishes them); the reduce-scatter to the owners still starts when the
+//! whole backward is done. Per-group reduce-scatters would give the same bits (the ring
+//! sums each owner's segment in the same order whatever the buffer length), but a
+//! group's units are not balanced across owners, so padding each group's segments to
+//! its most loaded owner would send up to N times the bytes; that needs a
+//! reduce-to-owner primitive or a partition balanced within each group first.
 //!
 //! ## Checkpoints
 //! Replicated precisions checkpoint rank 0's state (all ranks hold the same). fp8-o3
@@ -278,6 +281,28 @@ struct Zero {
     seg8: usize,
     seg32: usize,
     seg_off: Vec<usize>,
+    /// The units of each group of final gradients, in the backward's order.
+    groups: Vec<ZeroGroup>,
+}
+
+/// fp8-o3: what to pack when the backward finishes a group of gradients.
+struct ZeroGroup {
+    group: GradGroup,
+    /// Flat offset of the group's first gradient.
+    start: usize,
+    /// FP8 weight gradients in the group: (index into `Zero::fp8_tensors`, position of
+    /// its linear among the group's linears).
+    fp8: Vec<(usize, usize)>,
+    /// Units whose tensor lies in the group.
+    units: Vec<usize>,
+}
+
+/// fp8-o3 gradients packed for the reduce-scatter to the owners: each owner's segment of
+/// FP8 bytes (re-quantised to `mu * s_g`) and of f32, and the agreed scales `s_g`.
+struct ZeroPacked {
+    buf8: Vec<u8>,
+    buf32: Vec<f32>,
+    s_g: Vec<f32>,
 }
 
 const WGRAD: Fp8Format = crate::model::WGRAD_FORMAT;
@@ -385,7 +410,39 @@ impl Zero {
             seg_off[u] = *fill;
             *fill += unit.numel();
         }
+        let mut groups = Vec::new();
+        for spec in model.grad_groups() {
+            let inside = |r: &Range<usize>| r.start >= spec.range.start && r.end <= spec.range.end;
+            let mut fp8 = Vec::new();
+            for (j, &t) in fp8_tensors.iter().enumerate() {
+                if inside(&lay.range(t)) {
+                    let li = model.linear_of_tensor[t].expect("an FP8 gradient has a linear");
+                    if !spec.linears.contains(&li) {
+                        bail!(
+                            "gradient group {:?}: tensor {} belongs to linear {li}, outside the group's linears",
+                            spec.group,
+                            lay.metas[t].name
+                        );
+                    }
+                    fp8.push((j, li - spec.linears.start));
+                }
+            }
+            groups.push(ZeroGroup {
+                group: spec.group,
+                start: spec.range.start,
+                fp8,
+                units: (0..units.len()).filter(|&u| inside(&ranges[u])).collect(),
+            });
+        }
+        let grouped: usize = groups.iter().map(|g| g.units.len()).sum();
+        if grouped != units.len() {
+            bail!(
+                "fp8-o3: the gradient groups hold {grouped} of the {} units",
+                units.len()
+            );
+        }
         Ok(Zero {
+            groups,
             mu: vec![1.0; fp8_tensors.len()],
             seg8: fill8.into_iter().max().unwrap_or(0),
             seg32: fill32.into_iter().max().unwrap_or(0),
@@ -396,6 +453,81 @@ impl Zero {
             fp8_tensors,
             seg_off,
         })
+    }
+
+    fn pack_buffers(&self, n: usize) -> ZeroPacked {
+        ZeroPacked {
+            buf8: vec![0u8; n * self.seg8],
+            buf32: vec![0f32; n * self.seg32],
+            s_g: vec![0.0; self.fp8_tensors.len()],
+        }
+    }
+
+    /// Steps 1 and 2 of the fp8-o3 step for one group of final gradients: the FP8-LM
+    /// scale agreement for its FP8 weight gradients (one vector all-reduce, Min), then
+    /// each of its units packed into its owner's segment, FP8 re-quantised to `mu * s_g`.
+    /// Per tensor the same values as when done for all groups at once.
+    fn pack_group(
+        &self,
+        zg: &ZeroGroup,
+        g: &FinalGrads<'_>,
+        comm: &dyn Communicator,
+        packed: &mut ZeroPacked,
+    ) -> Result<()> {
+        let wgrad = |k: usize| -> Result<&ScaledFp8> {
+            match g.linears[k].fp8.as_ref() {
+                Some(f) => Ok(&f.wgrad),
+                None => bail!(
+                    "linear {} has no FP8 state in an FP8 run",
+                    g.linears[k].name
+                ),
+            }
+        };
+        let mut s_g = zg
+            .fp8
+            .iter()
+            .map(|&(_, k)| wgrad(k).map(|w| w.scale))
+            .collect::<Result<Vec<f32>>>()?;
+        if !s_g.is_empty() {
+            comm.all_reduce(BufMut::F32(&mut s_g), ReduceOp::Min)
+                .map_err(comm_err)?;
+        }
+        for (&(j, _), &v) in zg.fp8.iter().zip(&s_g) {
+            packed.s_g[j] = v;
+        }
+        for &u in &zg.units {
+            let unit = &self.units[u];
+            let q = self.part.owner[u];
+            let range = unit.range();
+            match self.fp8_of_unit[u] {
+                Some(j) => {
+                    let k = zg
+                        .fp8
+                        .iter()
+                        .find(|&&(jj, _)| jj == j)
+                        .map(|&(_, k)| k)
+                        .expect("the group holds its units' FP8 tensors");
+                    let w = wgrad(k)?;
+                    let dst = &mut packed.buf8[q * self.seg8 + self.seg_off[u]..][..range.len()];
+                    let ratio = self.mu[j] * packed.s_g[j] / w.scale;
+                    let src = &w.data[range];
+                    if ratio == 1.0 {
+                        dst.copy_from_slice(src);
+                    } else {
+                        let table = decode_table(w.format);
+                        let tmp: Vec<f32> =
+                            src.iter().map(|&b| table[b as usize] * ratio).collect();
+                        f32_to_fp8_amax(WGRAD, &tmp, 1.0, dst);
+                    }
+                }
+                None => {
+                    let dst = &mut packed.buf32[q * self.seg32 + self.seg_off[u]..][..range.len()];
+                    let r = &self.ranges[u];
+                    dst.copy_from_slice(&g.grads[r.start - zg.start..r.end - zg.start]);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn owned(&self, rank: usize) -> Vec<usize> {
@@ -883,9 +1015,37 @@ impl Trainer {
             .copy_from_slice(&dist.global_inputs[mine.clone()]);
         self.targets.copy_from_slice(&dist.global_targets[mine]);
         let (local_loss, t1) = self.forward_train(&format!("training batch (rank {rank})"))?;
-        let (t2, mut comm_time, mut exposed, nonfinite) = if dist.zero.is_some() {
-            self.model.backward();
-            (Instant::now(), Duration::ZERO, Duration::ZERO, false)
+        let mut packed = None;
+        let (t2, mut comm_time, mut exposed, nonfinite) = if let Some(z) = dist.zero.as_ref() {
+            let mut p = z.pack_buffers(n);
+            let mut next = 0usize;
+            let mut pack = |g: FinalGrads<'_>| -> Result<()> {
+                let zg = match z.groups.get(next) {
+                    Some(zg) if zg.group == g.group => zg,
+                    zg => bail!(
+                        "rank {rank}: the backward finished gradient group {:?} where group {:?} was due",
+                        g.group,
+                        zg.map(|x| x.group)
+                    ),
+                };
+                next += 1;
+                z.pack_group(zg, &g, comm, &mut p)
+            };
+            let (end, spent, exposed) = run_backward(
+                &mut self.model,
+                rank,
+                dist.overlap,
+                dist.panic_after_groups,
+                &mut pack,
+            )?;
+            if next != z.groups.len() {
+                bail!(
+                    "rank {rank}: the backward finished {next} gradient groups, {} expected",
+                    z.groups.len()
+                );
+            }
+            packed = Some(p);
+            (end, spent, exposed, false)
         } else {
             let r = self.backward_and_reduce(dist, comm)?;
             (r.backward_end, r.comm, r.exposed, r.nonfinite)
@@ -905,7 +1065,8 @@ impl Trainer {
         let clip = self.cfg.optim.grad_clip;
         let (grad_norm, skipped) = if dist.zero.is_some() {
             let before = comm_time;
-            let r = self.zero_update(dist, comm, loss, lr, clip, &mut comm_time)?;
+            let packed = packed.expect("packed by the fp8-o3 backward");
+            let r = self.zero_update(dist, comm, loss, &mut comm_time, packed)?;
             exposed += comm_time - before;
             r
         } else {
@@ -1010,61 +1171,27 @@ impl Trainer {
         (grad_norm, skipped)
     }
 
-    /// FP8 ZeRO: reduce each unit's gradient to its owner, owners update their units,
-    /// owners share the new weights. Returns (global grad norm, skipped).
+    /// FP8 ZeRO, after the backward packed the gradients ([`Zero::pack_group`]): reduce
+    /// each unit's gradient to its owner, owners update their units, owners share the
+    /// new weights. Returns (global grad norm, skipped).
     fn zero_update(
         &mut self,
         dist: &mut DistState,
         comm: &dyn Communicator,
         loss: f32,
-        lr: f32,
-        clip: f32,
         comm_time: &mut Duration,
+        packed: ZeroPacked,
     ) -> Result<(f32, bool)> {
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
         let (n, me) = (dist.size, dist.rank);
         let z = dist.zero.as_mut().expect("zero state");
         let model = &mut self.model;
-        let tc = Instant::now();
-        // 1. FP8-LM scale agreement: s_g = min over ranks of each tensor's local scale.
-        let mut s_g: Vec<f32> = z
-            .fp8_tensors
-            .iter()
-            .map(|&t| fp8_wgrad(model, t).expect("fp8").scale)
-            .collect();
-        if !s_g.is_empty() {
-            comm.all_reduce(BufMut::F32(&mut s_g), ReduceOp::Min)
-                .map_err(comm_err)?;
-        }
-        let mut compute = tc.elapsed();
-        // 2. Pack each owner's segment: FP8 bytes re-quantised to mu * s_g, and f32.
-        let tp = Instant::now();
-        let mut buf8 = vec![0u8; n * z.seg8];
-        let mut buf32 = vec![0f32; n * z.seg32];
-        for (u, unit) in z.units.iter().enumerate() {
-            let q = z.part.owner[u];
-            let range = unit.range();
-            match z.fp8_of_unit[u] {
-                Some(j) => {
-                    let g = fp8_wgrad(model, unit.tensor).expect("fp8");
-                    let dst = &mut buf8[q * z.seg8 + z.seg_off[u]..][..range.len()];
-                    let ratio = z.mu[j] * s_g[j] / g.scale;
-                    let src = &g.data[range];
-                    if ratio == 1.0 {
-                        dst.copy_from_slice(src);
-                    } else {
-                        let table = decode_table(g.format);
-                        let tmp: Vec<f32> =
-                            src.iter().map(|&b| table[b as usize] * ratio).collect();
-                        f32_to_fp8_amax(WGRAD, &tmp, 1.0, dst);
-                    }
-                }
-                None => {
-                    let dst = &mut buf32[q * z.seg32 + z.seg_off[u]..][..range.len()];
-                    dst.copy_from_slice(&model.grads[z.ranges[u].clone()]);
-                }
-            }
-        }
-        compute += tp.elapsed();
+        let ZeroPacked {
+            mut buf8,
+            mut buf32,
+            s_g,
+        } = packed;
         // 3. Reduce to the owners: one reduce-scatter per kind.
         let tc = Instant::now();
         if z.seg8 > 0 {
@@ -1092,7 +1219,7 @@ impl Trainer {
             comm.all_reduce(BufMut::F32(&mut sat), ReduceOp::Sum)
                 .map_err(comm_err)?;
         }
-        *comm_time += tc.elapsed() + compute;
+        *comm_time += tc.elapsed();
         // 4. This rank's reduced gradients (means), its share of the norm, the update.
         let result_scale: Vec<f32> = (0..z.fp8_tensors.len())
             .map(|j| n as f32 * z.mu[j] * s_g[j])
@@ -1185,7 +1312,7 @@ pub struct DistBench {
     pub precision: Precision,
     pub ranks: usize,
     pub steps: usize,
-    /// `dist.overlap` of the run (fp8-o3 does not overlap either way).
+    /// `dist.overlap` of the run (fp8-o3 overlaps only its scale agreement and packing).
     pub overlap: bool,
     pub step_s: f64,
     /// Time in communication, hidden behind the backward or not.
@@ -1233,7 +1360,7 @@ pub fn bench_train_dist(
         precision: cfg.precision,
         ranks: comm.size(),
         steps,
-        overlap: cfg.dist.overlap && cfg.precision != Precision::Fp8O3,
+        overlap: cfg.dist.overlap,
         step_s: step_s / m,
         comm_s: comm_s / m,
         exposed_s: exposed_s / m,
@@ -1242,8 +1369,8 @@ pub fn bench_train_dist(
     })
 }
 
-/// `fp8lm bench train --dist`: fp32 and fp8-o1 with gradient communication overlapped
-/// with the backward and not, and fp8-o3 (not overlapped), on `comm`, `steps` measured
+/// `fp8lm bench train --dist`: fp32, fp8-o1 and fp8-o3, each with gradient communication
+/// overlapped with the backward and not (fp8-o3: only its agreement and packing), on `comm`, `steps` measured
 /// steps each (after 2 warm-up steps). Every rank must call it; the returned table (rank
 /// 0's view) is for rank 0 to print.
 pub fn bench_train_dist_table(
@@ -1282,6 +1409,7 @@ pub fn bench_train_dist_table(
         (Precision::Fp8O1, false),
         (Precision::Fp8O1, true),
         (Precision::Fp8O3, false),
+        (Precision::Fp8O3, true),
     ] {
         let mut c = cfg.clone();
         c.precision = p;
