@@ -43,6 +43,11 @@ fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<(Vec<f32>, Vec<f32
                 st.comm_exposed,
                 st.comm
             );
+            // Without overlap the step waits for all of its communication.
+            if !cfg.dist.overlap {
+                assert_eq!(st.comm_exposed, st.comm);
+            }
+            assert!(st.comm > std::time::Duration::ZERO);
             losses.push(st.loss);
         }
         Ok((losses, tr.model().params.clone()))
