@@ -33,8 +33,8 @@ struct V {
     inf_bits: __m512i,
     abs_mask: __m512i,
     sign_byte: __m512i,
-    /// The format's largest finite value: `|x * scale|` above it saturates.
-    fmt_max: __m512,
+    /// Bits of the format's largest finite value: `|x * scale|` above it saturates.
+    fmt_max_bits: __m512i,
 }
 
 #[inline]
@@ -56,18 +56,21 @@ unsafe fn broadcast(k: &EncodeConsts, fmt_max: f32) -> V {
         inf_bits: s(0x7F80_0000),
         abs_mask: s(0x7FFF_FFFF),
         sign_byte: s(0x80),
-        fmt_max: _mm512_set1_ps(fmt_max),
+        fmt_max_bits: s(fmt_max.to_bits()),
     }
 }
 
 /// Sixteen f32 (already scaled) to sixteen codes, one per 32-bit lane; also returns the
-/// lanes whose code has zero magnitude.
+/// lanes whose code has zero magnitude and the lanes with `|y| > fmt_max` (saturated:
+/// inf included, NaN not).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn encode16(v: &V, y: __m512) -> (__m512i, __mmask16) {
+unsafe fn encode16(v: &V, y: __m512) -> (__m512i, __mmask16, __mmask16) {
     let b = _mm512_castps_si512(y);
     let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(b), v.sign_byte);
     let ab = _mm512_and_si512(b, v.abs_mask);
+    // Non-negative f32 bit patterns order like their values (NaN lanes fixed below).
+    let mut saturated = _mm512_cmpgt_epu32_mask(ab, v.fmt_max_bits);
     // Normal range: integer round-to-nearest-even of the bit pattern.
     let lsb = _mm512_and_si512(_mm512_srl_epi32(ab, v.shift), v.one);
     let r = _mm512_srl_epi32(
@@ -86,12 +89,16 @@ unsafe fn encode16(v: &V, y: __m512) -> (__m512i, __mmask16) {
     // code_n can wrap negative only for inf/NaN lanes, which are overwritten below.
     let ov = _mm512_cmpgt_epi32_mask(code, v.max_code);
     code = _mm512_mask_blend_epi32(ov, code, v.overflow_code);
-    let is_inf = _mm512_cmpeq_epi32_mask(ab, v.inf_bits);
-    code = _mm512_mask_blend_epi32(is_inf, code, v.inf_code);
-    let is_nan = _mm512_cmpgt_epi32_mask(ab, v.inf_bits);
-    code = _mm512_mask_blend_epi32(is_nan, code, v.nan_code);
-    let zero_code = _mm512_cmpeq_epi32_mask(code, _mm512_setzero_si512());
-    (_mm512_or_si512(code, sign), zero_code)
+    // inf and NaN are rare: one compare on the common path.
+    if _mm512_cmpge_epu32_mask(ab, v.inf_bits) != 0 {
+        let is_inf = _mm512_cmpeq_epi32_mask(ab, v.inf_bits);
+        code = _mm512_mask_blend_epi32(is_inf, code, v.inf_code);
+        let is_nan = _mm512_cmpgt_epi32_mask(ab, v.inf_bits);
+        code = _mm512_mask_blend_epi32(is_nan, code, v.nan_code);
+        saturated &= !is_nan;
+    }
+    let zero_code = _mm512_testn_epi32_mask(code, code);
+    (_mm512_or_si512(code, sign), zero_code, saturated)
 }
 
 /// One encode loop per input type. `$load` turns (pointer, lane mask) into an `__m512`
@@ -127,9 +134,7 @@ macro_rules! encode_loop {
                 let ax = _mm512_and_si512(_mm512_castps_si512(x), v.abs_mask);
                 acc = _mm512_max_epu32(acc, ax);
                 let y = _mm512_mul_ps(x, vs);
-                let ay = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(y), v.abs_mask));
-                let sat = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(ay, v.fmt_max);
-                let (code, zero_code) = encode16(&v, y);
+                let (code, zero_code, sat) = encode16(&v, y);
                 let nonzero_in = _mm512_test_epi32_mask(ax, ax);
                 saturated += sat.count_ones() as u64;
                 flushed += (zero_code & nonzero_in).count_ones() as u64;
