@@ -135,6 +135,25 @@ fn init_tracing(filter: &str) {
         .init();
 }
 
+/// Under an MPI launcher, each rank's compute threads default to its share of the host's
+/// cores (`cores / local ranks`): rayon would otherwise start one thread per core in
+/// every rank, and N ranks on one host would run N x cores threads on the cores.
+/// `RAYON_NUM_THREADS` still wins.
+fn size_thread_pool_for_mpi() {
+    if !fp8lm_collectives::launched_by_mpi() || std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let local = fp8lm_trainer::distributed::mpi_local_ranks(1);
+    let threads = fp8lm_trainer::distributed::rank_cores(local);
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
+        Ok(()) => tracing::debug!(threads, local_ranks = local, "compute threads per rank"),
+        Err(e) => tracing::warn!("could not size the compute thread pool: {e}"),
+    }
+}
+
 /// Errors that are the user's input (exit 2) rather than a failure while running (exit 1).
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -155,6 +174,7 @@ fn main() {
     }
     let cli = Cli::parse();
     init_tracing(&cli.log);
+    size_thread_pool_for_mpi();
     let result = match cli.cmd {
         Cmd::Train { cfg, resume } => run::train(&cfg, resume.as_deref()),
         Cmd::Eval { checkpoint, set } => run::eval(&checkpoint, &set),

@@ -6,6 +6,7 @@
 
 use fp8lm_collectives::{run_ranks, Communicator, LocalComm};
 use fp8lm_trainer::config::Arch;
+use fp8lm_trainer::config::Overlap;
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::model::GradGroup;
@@ -23,7 +24,7 @@ fn small(precision: Precision, arch: Arch, overlap: bool) -> RunConfig {
     cfg.model.arch = arch;
     cfg.model.channels = 32;
     cfg.model.layers = 3;
-    cfg.dist.overlap = overlap;
+    cfg.dist.overlap = if overlap { Overlap::On } else { Overlap::Off };
     cfg
 }
 
@@ -44,7 +45,7 @@ fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<(Vec<f32>, Vec<f32
                 st.comm
             );
             // Without overlap the step waits for all of its communication.
-            if !cfg.dist.overlap {
+            if cfg.dist.overlap == Overlap::Off {
                 assert_eq!(st.comm_exposed, st.comm);
             }
             assert!(st.comm > std::time::Duration::ZERO);

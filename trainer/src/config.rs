@@ -140,20 +140,48 @@ pub struct DataConfig {
     pub val_fraction: f32,
 }
 
-/// Data-parallel keys (`dist.*`); ignored on a single rank.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DistConfig {
-    /// Reduce each layer's gradients while the backward goes on with the earlier layers
-    /// (true), or only once the whole backward is done (false: same reductions, same
-    /// results bit for bit, for comparison and debugging).
-    pub overlap: bool,
+/// `dist.overlap`: when gradient reductions run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    /// `on`, unless the communicator busy-waits (MPI) and the host has no core to spare
+    /// beyond the ranks' compute threads: there the reducing thread would slow the
+    /// backward more than it hides (measured: up to 2x on 2 cores).
+    #[default]
+    Auto,
+    /// Reduce each layer's gradients while the backward goes on with the earlier layers.
+    On,
+    /// Reduce only once the whole backward is done (same reductions, same results bit
+    /// for bit; for comparison and debugging).
+    Off,
 }
 
-impl Default for DistConfig {
-    fn default() -> Self {
-        DistConfig { overlap: true }
+impl Overlap {
+    pub fn name(self) -> &'static str {
+        match self {
+            Overlap::Auto => "auto",
+            Overlap::On => "on",
+            Overlap::Off => "off",
+        }
     }
+
+    /// Whether to overlap, on a communicator of `backend` (`"mpi"` busy-waits) for a rank
+    /// with `rank_cores` cores running `compute_threads` compute threads.
+    pub fn resolve(self, backend: &str, rank_cores: usize, compute_threads: usize) -> bool {
+        match self {
+            Overlap::On => true,
+            Overlap::Off => false,
+            Overlap::Auto => backend != "mpi" || rank_cores > compute_threads || rank_cores >= 8,
+        }
+    }
+}
+
+/// Data-parallel keys (`dist.*`); ignored on a single rank.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// `auto` (default), `on` or `off`: see [`Overlap`].
+    pub overlap: Overlap,
 }
 
 /// A whole run.

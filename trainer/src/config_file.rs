@@ -16,6 +16,7 @@ const ENUMS: &[(&str, &[&str])] = &[
     ("tokenizer", &["byte", "gpt2"]),
     ("model.arch", &["gpt2", "llama"]),
     ("fp8.recipe", &["delayed", "current"]),
+    ("dist.overlap", &["auto", "on", "off"]),
 ];
 
 fn err(
@@ -395,6 +396,30 @@ mod tests {
         );
         let e = load("", &["tokenizer=sentencepiece"]).unwrap_err();
         assert!(e.allowed.contains("\"gpt2\""), "{e}");
+    }
+
+    #[test]
+    fn dist_overlap_is_auto_on_or_off() {
+        use crate::config::Overlap;
+        assert_eq!(load("", &[]).unwrap().dist.overlap, Overlap::Auto);
+        let c = load("[dist]\noverlap = \"off\"\n", &[]).unwrap();
+        assert_eq!(c.dist.overlap, Overlap::Off);
+        assert_eq!(
+            load("", &["dist.overlap=on"]).unwrap().dist.overlap,
+            Overlap::On
+        );
+        let e = load("[dist]\noverlap = true\n", &[]).unwrap_err();
+        assert_eq!(e.key, "dist.overlap");
+        let e = load("", &["dist.overlap=sometimes"]).unwrap_err();
+        assert!(e.allowed.contains("\"auto\""), "{e}");
+        // auto: on unless MPI busy-waits on a host with no core to spare
+        assert!(Overlap::Auto.resolve("local", 1, 2));
+        assert!(!Overlap::Auto.resolve("mpi", 1, 1));
+        assert!(!Overlap::Auto.resolve("mpi", 2, 2));
+        assert!(Overlap::Auto.resolve("mpi", 2, 1));
+        assert!(Overlap::Auto.resolve("mpi", 8, 8));
+        assert!(Overlap::On.resolve("mpi", 1, 1));
+        assert!(!Overlap::Off.resolve("local", 64, 1));
     }
 
     #[test]

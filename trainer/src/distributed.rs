@@ -23,13 +23,14 @@
 //! last, so it is final only at the very end). A group is a disjoint `&mut` borrow of
 //! the flat gradient buffer (split up front with `split_at_mut`) plus the group's
 //! linears, whose FP8 weight gradients are quantised before the hand-out; the backward
-//! never touches it again. With `dist.overlap = true` (the default) the backward runs
+//! never touches it again. With overlap (`dist.overlap = "on"`, or `"auto"`, the default,
+//! when it resolves to on) the backward runs
 //! on a scoped thread and sends the groups over a channel to the step's own thread,
 //! which owns the communicator and reduces each group (fp8-o3: agrees its scales and
 //! packs it, see below) while the backward computes the earlier layers. All MPI calls stay on the thread that initialised MPI; the
 //! in-process communicator (not `Sync`) never leaves its thread. The order of the
 //! groups is fixed by the model, so it is the same on every rank. With
-//! `dist.overlap = false` the same groups are reduced in the same order after the
+//! `dist.overlap = "off"` the same groups are reduced in the same order after the
 //! backward: the same calls on the same bytes, so on and off are bit-identical (a test
 //! checks it). Against the previous all-at-once reduction, only the bucketing changes:
 //! each group is its own set of buckets; on 2 ranks the sums are bit-identical (two
@@ -39,7 +40,10 @@
 //! communicator sleeps while it waits; MPI busy-polls, so under `mpirun` on a host whose
 //! cores the ranks' compute threads already fill, overlap can lengthen the step even
 //! though it hides most of the communication (`fp8lm bench train --dist` reports both;
-//! `--mca mpi_yield_when_idle 1` and fewer compute threads per rank help).
+//! `--mca mpi_yield_when_idle 1` and fewer compute threads per rank help). Hence `auto`:
+//! on for the in-process communicator, and under MPI only when the host has a core
+//! beyond `local ranks x compute threads` ([`crate::config::Overlap::resolve`]; rank 0
+//! logs the decision).
 //!
 //! What the step waits for (`StepStats::comm_exposed`) is the reduction still running
 //! when the backward ends (at least the embedding group, final only then), the loss
@@ -90,7 +94,7 @@
 //! gathers every owner's units ([`Trainer::gather_optimizer_state`]) and re-partitions
 //! them on resume, for the same or another number of ranks ([`crate::repartition`]).
 
-use crate::config::Precision;
+use crate::config::{Overlap, Precision};
 use crate::data::Dataset;
 use crate::model::{FinalGrads, GradGroup, Model};
 use crate::repartition::{decode_states, encode_states, repartition_state, NamedState, UnitSpan};
@@ -317,6 +321,54 @@ fn fp8_wgrad(model: &Model, t: usize) -> Option<&ScaledFp8> {
     model.linear_of_tensor[t]
         .and_then(|li| model.linears[li].fp8.as_ref())
         .map(|f| &f.wgrad)
+}
+
+/// MPI processes on this host: the launcher's local size (OpenMPI, MPICH), else
+/// `default`.
+pub fn mpi_local_ranks(default: usize) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The cores one of `local_ranks` processes on this host may use: its CPU affinity
+/// (launchers often bind each rank to its cores) capped at its share of the host.
+pub fn rank_cores(local_ranks: usize) -> usize {
+    let affinity = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf has no preconditions.
+    let host = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let host = if host > 0 { host as usize } else { affinity };
+    affinity.min(host / local_ranks.max(1)).max(1)
+}
+
+/// `dist.overlap` for this communicator and host, logged by rank 0 when `auto` decides.
+fn resolve_overlap(o: Overlap, comm: &dyn Communicator) -> bool {
+    // In-process ranks share one process (and its thread pool): count it once.
+    let local = if comm.backend() == "mpi" {
+        mpi_local_ranks(comm.size())
+    } else {
+        1
+    };
+    let cores = rank_cores(local);
+    let threads = rayon::current_num_threads();
+    let on = o.resolve(comm.backend(), cores, threads);
+    if o == Overlap::Auto && comm.rank() == 0 {
+        tracing::info!(
+            overlap = on,
+            backend = comm.backend(),
+            local_ranks = local,
+            compute_threads = threads,
+            rank_cores = cores,
+            "dist.overlap = auto: {}",
+            if on {
+                "reductions overlap the backward"
+            } else {
+                "no core to spare for MPI's busy-waiting reductions: they run after the backward (set dist.overlap = \"on\" to force)"
+            }
+        );
+    }
+    on
 }
 
 /// Disjoint mutable views `buf[r]` for ascending, non-overlapping `ranges`.
@@ -810,11 +862,17 @@ impl Trainer {
             fp8_reducer: reducer(GradMethod::Fp8Lm),
             f32_reducer: reducer(GradMethod::F32),
             groups: group_plans(&self.model)?,
-            overlap: self.cfg.dist.overlap,
+            overlap: resolve_overlap(self.cfg.dist.overlap, comm),
             panic_after_groups: None,
             zero,
         }));
         Ok(())
+    }
+
+    /// Whether gradient reductions overlap the backward (`dist.overlap` resolved at
+    /// [`Trainer::enable_data_parallel`]; false without data parallelism).
+    pub fn overlaps(&self) -> bool {
+        self.dist.as_ref().is_some_and(|d| d.overlap)
     }
 
     /// This process's rank (0 without data parallelism).
@@ -1360,7 +1418,7 @@ pub fn bench_train_dist(
         precision: cfg.precision,
         ranks: comm.size(),
         steps,
-        overlap: cfg.dist.overlap,
+        overlap: tr.overlaps(),
         step_s: step_s / m,
         comm_s: comm_s / m,
         exposed_s: exposed_s / m,
@@ -1413,7 +1471,7 @@ pub fn bench_train_dist_table(
     ] {
         let mut c = cfg.clone();
         c.precision = p;
-        c.dist.overlap = overlap;
+        c.dist.overlap = if overlap { Overlap::On } else { Overlap::Off };
         let b = bench_train_dist(&c, comm, 2, steps)?;
         let rel = base.map_or(1.0, |s: f64| b.step_s / s);
         base.get_or_insert(b.step_s);
