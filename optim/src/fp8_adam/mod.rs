@@ -31,8 +31,8 @@
 //! 2. One fused pass, chunk by chunk (2048 elements, in parallel): decode, update,
 //!    measure the chunk's new amax. A chunk whose values would overflow the provisional
 //!    scale is *deferred*: its old state is left (or put back) intact. Otherwise it is
-//!    encoded and written. For the FP8-LM formats on x86-64 with AVX2 + F16C this is one
-//!    loop in registers (`fused.rs`); otherwise the chunk is decoded into per-thread f32
+//!    encoded and written. For the FP8-LM formats on x86-64 with AVX-512 (or AVX2 +
+//!    F16C) this is one loop in registers (`fused512.rs`, `fused.rs`); otherwise the chunk is decoded into per-thread f32
 //!    scratch rows with bulk casts, updated by a plain loop and encoded (`kernel.rs`).
 //!    Both prefetch the next chunk: each chunk touches five streams in bursts of a few
 //!    KiB, too short for the hardware prefetcher. Both give the same bits (tested).
@@ -61,6 +61,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod fused;
+#[cfg(target_arch = "x86_64")]
+mod fused512;
 mod kernel;
 mod state;
 
