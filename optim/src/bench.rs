@@ -30,6 +30,8 @@ pub struct OptimRow {
     pub fp8_rescales: u64,
     pub fp8_deferred_chunks: u64,
     pub fp8_tensor_steps: u64,
+    /// Median CPU time of all threads per step, fp32 and FP8 (Linux only).
+    pub cpu_s: Option<(f64, f64)>,
 }
 
 impl OptimRow {
@@ -52,6 +54,9 @@ pub struct OptimBench {
     pub fp8_rescales: u64,
     pub fp8_deferred_chunks: u64,
     pub fp8_tensor_steps: u64,
+    /// Median CPU time of all threads per step, fp32 and FP8 (Linux only): on a shared
+    /// machine, time-slicing inflates wall times but not these.
+    pub cpu_s: Option<(f64, f64)>,
     /// The same measurement after [`STEADY_AFTER`] steps (None if not requested).
     pub steady: Option<OptimRow>,
 }
@@ -68,7 +73,18 @@ impl OptimBench {
         self.fp8_step_s / self.fp32_step_s
     }
     pub fn report(&self) -> String {
-        let mut r = self.headline();
+        let cpu = |c: Option<(f64, f64)>| {
+            match c {
+            Some((a, b)) => format!(
+                "\n  CPU time of all threads (median; time-slicing on a shared machine does not inflate it): fp32 {:.2} ms, FP8 {:.2} ms, FP8 / fp32 = {:.3}",
+                a * 1e3,
+                b * 1e3,
+                b / a
+            ),
+            None => String::new(),
+        }
+        };
+        let mut r = self.headline() + &cpu(self.cpu_s);
         if let Some(st) = &self.steady {
             let ns = |s: f64| s * 1e9 / self.params as f64;
             r += &format!(
@@ -88,6 +104,7 @@ impl OptimBench {
                 st.fp8_deferred_chunks,
                 st.fp8_tensor_steps,
             );
+            r += &cpu(st.cpu_s);
         }
         r
     }
@@ -183,17 +200,20 @@ pub fn optimizer_step_with(
         let before = fp8.stats();
         let after_steps = taken;
         let (mut t32, mut t8) = (Vec::new(), Vec::new());
+        let (mut c32, mut c8) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let s = taken;
             taken += 1;
             let gr32: Vec<Grad> = g32[s % 2].iter().map(|g| Grad::F32(g)).collect();
             let gr8: Vec<Grad> = g8[s % 2].iter().map(Grad::Fp8).collect();
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_time_s());
             fp32.step(&mut p32, &gr32, 1e-4, 1.0);
             t32.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
+            c32.extend(cpu_time_s().zip(c).map(|(b, a)| b - a));
+            let (t, c) = (Instant::now(), cpu_time_s());
             fp8.step(&mut p8, &gr8, 1e-4, 1.0);
             t8.push(t.elapsed().as_secs_f64());
+            c8.extend(cpu_time_s().zip(c).map(|(b, a)| b - a));
         }
         let st = fp8.stats();
         OptimRow {
@@ -203,6 +223,8 @@ pub fn optimizer_step_with(
             fp8_rescales: st.rescales - before.rescales,
             fp8_deferred_chunks: st.deferred_chunks - before.deferred_chunks,
             fp8_tensor_steps: st.tensor_steps - before.tensor_steps,
+            cpu_s: (timed && c32.len() == n && c8.len() == n)
+                .then(|| (median(&mut c32), median(&mut c8))),
         }
     };
     // The headline row: one warm-up step (its fix-ups counted, as always), then `steps`.
@@ -225,6 +247,18 @@ pub fn optimizer_step_with(
         fp8_rescales: warm.fp8_rescales + head.fp8_rescales,
         fp8_deferred_chunks: warm.fp8_deferred_chunks + head.fp8_deferred_chunks,
         fp8_tensor_steps: warm.fp8_tensor_steps + head.fp8_tensor_steps,
+        cpu_s: head.cpu_s,
         steady,
     }
+}
+
+/// CPU time consumed so far by all threads of this process (Linux: the sum of each
+/// thread's run time from /proc/self/task/*/schedstat, in ns), or None.
+fn cpu_time_s() -> Option<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").ok()? {
+        let st = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+        ns += st.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
 }

@@ -171,14 +171,30 @@ pub(super) unsafe fn update_chunk(
         static BACKUP: RefCell<(Vec<u16>, Vec<u8>, Vec<u16>)> =
             RefCell::new((vec![0; CHUNK], vec![0; CHUNK], vec![0; CHUNK]));
     }
-    if limits.is_some() {
-        BACKUP.with(|b| {
-            let mut b = b.borrow_mut();
-            b.0[..n].copy_from_slice(w);
-            b.1[..n].copy_from_slice(m);
-            b.2[..n].copy_from_slice(v);
-        });
-    }
+    BACKUP.with(|cell| {
+        let mut b = cell.borrow_mut();
+        let (bw, bm, bv) = &mut *b;
+        let bk = (&mut bw[..n], &mut bm[..n], &mut bv[..n]);
+        update_chunk_with(isa, w, m, v, p, g, k, old_scale, scale, limits, bk)
+    })
+}
+
+/// [`update_chunk`] with the backup rows `bk` (this chunk's length).
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_chunk_with(
+    isa: Isa,
+    w: &mut [u16],
+    m: &mut [u8],
+    v: &mut [u16],
+    p: &mut [f32],
+    g: (&[u8], Fp8Format, f32, f32),
+    k: &StepConsts,
+    old_scale: [f32; 3],
+    scale: [f32; 3],
+    limits: Option<[f32; 3]>,
+    bk: (&mut [u16], &mut [u8], &mut [u16]),
+) -> ChunkOut {
+    let n = p.len();
     let c = Consts {
         b1: k.b1,
         b2: k.b2,
@@ -207,12 +223,30 @@ pub(super) unsafe fn update_chunk(
         g: g.0,
         gf: g.1,
     };
+    let backup = limits.is_some();
+    let wide = isa == Isa::Avx512 && super::fused512::exact_for(&c, g.1);
     // SAFETY: the caller checked that the CPU supports `isa`.
-    let (done, [mut aw, mut am, mut av, mut ar]) = match isa {
-        Isa::Avx2 => body_avx2(&mut st, &c),
-        Isa::Avx512 => super::fused512::body(&mut st, &c),
+    let (done, [mut aw, mut am, mut av, mut ar]) = if wide {
+        // Backs up the old state block by block as it loads it.
+        super::fused512::body(
+            &mut st,
+            &c,
+            backup.then_some((&mut *bk.0, &mut *bk.1, &mut *bk.2)),
+        )
+    } else {
+        if backup {
+            bk.0.copy_from_slice(st.w);
+            bk.1.copy_from_slice(st.m);
+            bk.2.copy_from_slice(st.v);
+        }
+        body_avx2(&mut st, &c)
     };
     let Streams { w, m, v, p, .. } = st;
+    if backup && wide {
+        bk.0[done..].copy_from_slice(&w[done..]);
+        bk.1[done..].copy_from_slice(&m[done..]);
+        bk.2[done..].copy_from_slice(&v[done..]);
+    }
     // Scalar tail: the generic kernel's expressions, element by element.
     let e4m3 = crate::lanes::fp8_lane(Fp8Format::E4M3);
     let gl = crate::lanes::fp8_lane(g.1);
@@ -244,14 +278,29 @@ pub(super) unsafe fn update_chunk(
         deferred: false,
     };
     if let Some(lim) = limits {
-        if (0..3).any(|s| amax[s] * scale[s] > lim[s]) {
+        let defer = (0..3).any(|s| amax[s] * scale[s] > lim[s]);
+        // The wide body's E4M3 encode relies on the deferral check instead of saturating,
+        // which a NaN in the chunk defeats (NaN amax, no deferral): redo such a chunk.
+        if defer || (wide && nan) {
             // p is rewritten by the deferred chunk's recompute.
-            BACKUP.with(|b| {
-                let b = b.borrow();
-                w.copy_from_slice(&b.0[..n]);
-                m.copy_from_slice(&b.1[..n]);
-                v.copy_from_slice(&b.2[..n]);
-            });
+            w.copy_from_slice(bk.0);
+            m.copy_from_slice(bk.1);
+            v.copy_from_slice(bk.2);
+            if !defer {
+                return update_chunk_with(
+                    Isa::Avx2,
+                    w,
+                    m,
+                    v,
+                    p,
+                    g,
+                    k,
+                    old_scale,
+                    scale,
+                    limits,
+                    bk,
+                );
+            }
             out.deferred = true;
         }
     }
@@ -399,7 +448,8 @@ mod tests {
     fn fused_matches_generic(isa: Isa) {
         let mut s = 0x0DDB_1A5E_5BAD_5EEDu64;
         let mut deferred_seen = 0;
-        for case in 0..24 {
+        let mut nan_seen = 0;
+        for case in 0..36 {
             // Lengths: full chunk, odd tails.
             let n = [CHUNK, 2047, 13, 1000][case % 4];
             let gf = [Fp8Format::E5M2, Fp8Format::E4M3][case / 4 % 2];
@@ -411,10 +461,14 @@ mod tests {
             // subnormals; gradients: random non-NaN codes incl. subnormals and zero.
             let m0: Vec<u8> = (0..n).map(|_| (xorshift(&mut s) as u8) & 0xFE).collect();
             let v0: Vec<u16> = (0..n).map(|_| (xorshift(&mut s) as u16) & 0x7BFF).collect();
-            let g: Vec<u8> = (0..n)
+            let mut g: Vec<u8> = (0..n)
                 .map(|_| (xorshift(&mut s) as u8) & 0xFB)
                 .map(|b| if b & 0x7C == 0x7C { b & 0xF3 } else { b })
                 .collect();
+            // Some chunks with a NaN gradient (0x7F is NaN in both formats).
+            if case % 6 == 5 {
+                g[n / 2] = 0x7F;
+            }
             let k = StepConsts {
                 b1: 0.9,
                 b2: 0.95,
@@ -426,7 +480,10 @@ mod tests {
                 lr: [1e-3, 0.3][case % 2],
                 wd: [0.0, 0.1][case / 2 % 2],
             };
-            let old = [2f32.powi(-2), 2f32.powi(-6), 2f32.powi(10)];
+            // A tiny exp_avg scale makes 2^8 / scale overflow: the AVX-512 path must
+            // then fall back to multiplying twice.
+            let old_m = if case % 9 == 7 { -121 } else { -6 };
+            let old = [2f32.powi(-2), 2f32.powi(old_m), 2f32.powi(10)];
             // Provisional scales: as old, or too large so chunks must be deferred.
             let prov = if case % 3 == 0 {
                 [old[0], old[1] * 2f32.powi(20), old[2]]
@@ -468,6 +525,7 @@ mod tests {
                     limits,
                     &mut scratch,
                 );
+                nan_seen += oa.saw_nan as usize;
                 assert_eq!(oa.deferred, ob.deferred, "case {case}");
                 assert_eq!(oa.saw_nan, ob.saw_nan, "case {case}");
                 let bits = |a: [f32; 3]| a.map(f32::to_bits);
@@ -487,5 +545,6 @@ mod tests {
             }
         }
         assert!(deferred_seen > 0, "no case exercised the deferral");
+        assert!(nan_seen > 0, "no case exercised a NaN");
     }
 }
