@@ -4,13 +4,16 @@
 //! (AVX2) or sixteen (AVX-512, `fused512.rs`) elements is decoded, updated and encoded
 //! in registers, so the chunk is read and written once and no f32 scratch row is stored
 //! and re-read. It encodes with the provisional scales *before* it knows the chunk's
-//! amax, so it first copies the chunk's old state (5 bytes per element, L1-resident) and
-//! restores it when the chunk must be deferred. Every operation is the generic path's,
+//! amax, so it keeps a copy of the chunk's old state (5 bytes per element, L1-resident;
+//! the AVX-512 body stores it from the registers it loaded, the AVX2 one copies first)
+//! and restores it when the chunk must be deferred. Every operation is the generic path's,
 //! in the same order, without FMA contraction; a test checks all three bit for bit.
 //!
 //! The instruction set is picked at run time ([`Isa::detect`]): AVX-512 halves the
 //! instruction count (16 lanes, mask registers instead of blends, `vpmovdb` instead of
-//! two packs) and is what turns the step from compute-bound to memory-bound.
+//! two packs; measured on an L1-resident chunk, one thread: 0.63 against 1.30 ns per
+//! element, thread CPU time), which brings the compute per element under the time its
+//! ~19 bytes of memory traffic take, as the fp32 AdamW's 28 bytes already were.
 
 use super::kernel::{ChunkOut, StepConsts};
 use super::CHUNK;
@@ -404,7 +407,7 @@ pub(super) fn next_chunk(w: &[u16], m: &[u8], v: &[u16], p: &[f32], g: &[u8]) ->
 /// Prefetch elements [o, o + 64) of the next chunk (just past this one's slices, which
 /// this thread most likely takes next): g 1 line, w 2, m 1, v 2, p 4.
 #[inline(always)]
-pub(super) unsafe fn prefetch_next(nxt: &NextChunk, o: usize) {
+pub(super) unsafe fn prefetch_next(nxt: &[(*const u8, usize)], o: usize) {
     for &(base, size) in nxt {
         let mut off = 0;
         while off < 64 * size {
@@ -494,15 +497,18 @@ mod tests {
             let gi = 2f32.powi(-3);
             let gs = [1.0, 0.5][case / 8 % 2];
             for limits in [lim, None] {
-                let (mut wa, mut ma, mut va, mut pa) =
-                    (w0.clone(), m0.clone(), v0.clone(), vec![0f32; n]);
+                // Compute weights at every 4-byte offset from a 64-byte boundary.
+                let mut p_buf = vec![0f32; n + 16];
+                let off = case % 16;
+                let (mut wa, mut ma, mut va, pa) =
+                    (w0.clone(), m0.clone(), v0.clone(), &mut p_buf[off..off + n]);
                 let oa = unsafe {
                     update_chunk(
                         isa,
                         &mut wa,
                         &mut ma,
                         &mut va,
-                        &mut pa,
+                        pa,
                         (&g, gf, gi, gs),
                         &k,
                         old,
