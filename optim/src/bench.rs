@@ -9,7 +9,9 @@
 //! target is judged on) includes the first steps, where the FP8 optimizer's moments grow
 //! from zero by binades and its one-pass scaling needs re-scale passes; the steady-state
 //! row times `steps` more after [`STEADY_AFTER`] steps in all, where re-scales are rare.
-//! Each row reports the fix-ups that happened in its own steps.
+//! Each row reports the fix-ups that happened in its own steps, and (on Linux) the median
+//! CPU time of all threads per step besides the wall time: on a shared machine other
+//! processes' time slices inflate wall times, not CPU times (memory stalls count in both).
 
 use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta};
 use crate::{AdamW, Fp8Adam, Fp8AdamConfig};
