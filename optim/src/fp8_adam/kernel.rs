@@ -63,10 +63,11 @@ pub(super) fn update_chunk(
         GradChunk::Fp8(g8, gf, gi, gs),
     ) = (&mut *w, &mut *m, &mut *v, g)
     {
-        if super::fused::available() {
-            // SAFETY: AVX2 and F16C detected just above.
+        if let Some(isa) = super::fused::Isa::detect() {
+            // SAFETY: `detect` checked that the CPU supports `isa`.
             return unsafe {
                 super::fused::update_chunk(
+                    isa,
                     wh,
                     m8,
                     vh,
