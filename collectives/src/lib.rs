@@ -30,6 +30,7 @@ pub mod buf;
 pub mod comm;
 pub mod dp;
 pub mod error;
+pub mod fp8sum;
 pub mod grad;
 pub mod local;
 pub mod lut;

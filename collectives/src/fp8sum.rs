@@ -1,0 +1,455 @@
+//! The FP8 sum hop, fast: `acc[i] = fp8_add(incoming[i], own(acc[i]))` over a slice, with
+//! FP8-LM's re-quantisation of the own operand and its two counts fused in.
+//!
+//! One hop of the ring reduce-scatter reads the partial sum that arrived (`incoming`) and
+//! this rank's own bytes (`acc`), and writes the new partial sum over `acc`. FP8-LM adds
+//! two full passes around that: the re-quantisation `g'' = lut[g']` of the own bytes and
+//! the saturation count of the finished sum. Both are done here, inside the hop, so the
+//! FP8-LM all-reduce reads and writes each byte no more often than the bare FP8 sum:
+//! - `requant`: the own byte goes through a 256-entry table first (and non-zero codes the
+//!   table flushes to zero are counted: the underflow report);
+//! - `count_saturated`: outputs at +-fmt_max are counted (the overflow report).
+//!
+//! ## Arithmetic (bit-identical to [`crate::buf::fp8_add`], tested on all 65536 pairs)
+//! On x86-64 with AVX-512 F/BW (+VBMI for the table; detected at run time) 64 bytes per
+//! step: each FP8 code is widened to the f16 with the same bits (E5M2 is the top byte of
+//! an f16; E4M3 `s.eeee.mmm` is the f16 `s.0eeee.mmm0000000`, i.e. its value times 2^-8),
+//! `vcvtph2ps` decodes exactly, the two operands are added in f32, `vcvtps2ph` rounds to
+//! f16 (nearest even), and the f16 bits are rounded to nearest even to the FP8 code on
+//! the integer, saturating. Two roundings in a row can differ from one (f32 -> FP8) only
+//! when the first one is inexact *and* lands on a midpoint of the second. The f32 sum of
+//! two FP8 values is exact in f16 unless the operands' exponents differ by more than
+//! the f16 significand can bridge (8+ binades here); then the sum lies within a few f16
+//! ulps of the larger operand, which is itself an FP8 value, far from any FP8 midpoint.
+//! So the f16 step never changes the final rounding; the exhaustive test checks it.
+//! NaN results are set explicitly (sign of the first NaN operand, incoming first; a NaN
+//! from `inf + -inf` is positive), so they do not depend on which operand order the
+//! compiler gives `vaddps`. Elsewhere: the 64 KiB sum table of [`crate::buf`].
+
+use crate::buf::fp8_sum_table;
+use fp8lm_fp8::Fp8Format;
+
+/// FP8-LM's re-quantisation of one tensor's own bytes: `lut` maps each code to the code of
+/// `fp8(ratio * value)`; `flush_hi` is the largest magnitude code (`code & 0x7F`) the
+/// table sends to zero (0: none), so the underflow count is the own codes with magnitude
+/// in `1..=flush_hi` (the table is monotone in magnitude).
+#[derive(Clone, Copy, Debug)]
+pub struct Requant<'a> {
+    pub lut: &'a [u8; 256],
+    pub flush_hi: u8,
+}
+
+/// What one call counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopCounts {
+    /// Own codes that `requant` flushed to zero (underflow).
+    pub flushed: u64,
+    /// Outputs at +-fmt_max (only when asked).
+    pub saturated: u64,
+}
+
+impl std::ops::AddAssign for HopCounts {
+    fn add_assign(&mut self, o: HopCounts) {
+        self.flushed += o.flushed;
+        self.saturated += o.saturated;
+    }
+}
+
+/// Which kernel [`sum_hop`] uses on this machine: "avx512" or "table".
+pub fn kernel_name() -> &'static str {
+    if has_avx512() {
+        "avx512"
+    } else {
+        "table"
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `acc[i] = fp8_add(incoming[i], own)` with `own = requant.lut[acc[i]]` (or `acc[i]`),
+/// counting as described in [`HopCounts`].
+pub fn sum_hop(
+    fmt: Fp8Format,
+    acc: &mut [u8],
+    incoming: &[u8],
+    requant: Option<Requant>,
+    count_saturated: bool,
+) -> HopCounts {
+    assert_eq!(
+        acc.len(),
+        incoming.len(),
+        "fp8 sum hop: operand lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU features were detected just above.
+        return unsafe { avx512::sum_hop(fmt, acc, incoming, requant, count_saturated) };
+    }
+    sum_hop_table(fmt, acc, incoming, requant, count_saturated)
+}
+
+/// The portable form of [`sum_hop`]: one load from the 64 KiB sum table per byte.
+pub fn sum_hop_table(
+    fmt: Fp8Format,
+    acc: &mut [u8],
+    incoming: &[u8],
+    requant: Option<Requant>,
+    count_saturated: bool,
+) -> HopCounts {
+    assert_eq!(
+        acc.len(),
+        incoming.len(),
+        "fp8 sum hop: operand lengths differ"
+    );
+    let t = fp8_sum_table(fmt);
+    let maxb = fmt.max_bits();
+    let mut c = HopCounts::default();
+    match requant {
+        Some(rq) => {
+            for (a, &b) in acc.iter_mut().zip(incoming) {
+                c.flushed += ((*a & 0x7F).wrapping_sub(1) < rq.flush_hi) as u64;
+                let own = rq.lut[*a as usize];
+                *a = t[(((b as usize) << 8) | own as usize) & 0xFFFF];
+            }
+        }
+        None => {
+            for (a, &b) in acc.iter_mut().zip(incoming) {
+                *a = t[(((b as usize) << 8) | *a as usize) & 0xFFFF];
+            }
+        }
+    }
+    if count_saturated {
+        c.saturated = crate::buf::count_magnitude_in(acc, maxb, maxb);
+    }
+    c
+}
+
+/// Re-quantise `data` in place through `rq` and return the flushed count (the first send
+/// of the ring, which has no incoming operand).
+pub fn requant_in_place(data: &mut [u8], rq: Requant) -> u64 {
+    let flushed = if rq.flush_hi == 0 {
+        0
+    } else {
+        crate::buf::count_magnitude_in(data, 1, rq.flush_hi)
+    };
+    crate::lut::apply_lut(data, rq.lut);
+    flushed
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{HopCounts, Requant};
+    use fp8lm_fp8::Fp8Format;
+    use std::arch::x86_64::*;
+
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    /// 64 codes -> (incoming + own) codes; NaN lanes are fixed up by the caller.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn add64<const E5M2: bool>(x: __m512i, y: __m512i) -> __m512i {
+        let half = |v: __m512i, hi: bool| -> __m512i {
+            let b = if hi {
+                _mm512_extracti64x4_epi64::<1>(v)
+            } else {
+                _mm512_castsi512_si256(v)
+            };
+            let w = _mm512_cvtepu8_epi16(b);
+            if E5M2 {
+                _mm512_slli_epi16::<8>(w)
+            } else {
+                let mag = _mm512_slli_epi16::<7>(_mm512_and_si512(w, _mm512_set1_epi16(0x7F)));
+                let sign = _mm512_slli_epi16::<8>(_mm512_and_si512(w, _mm512_set1_epi16(0x80)));
+                _mm512_or_si512(mag, sign)
+            }
+        };
+        let sum16 = |xh: __m512i, yh: __m512i| -> __m512i {
+            let x0 = _mm512_cvtph_ps(_mm512_castsi512_si256(xh));
+            let x1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(xh));
+            let y0 = _mm512_cvtph_ps(_mm512_castsi512_si256(yh));
+            let y1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(yh));
+            let h0 = _mm512_cvtps_ph::<RNE>(_mm512_add_ps(x0, y0));
+            let h1 = _mm512_cvtps_ph::<RNE>(_mm512_add_ps(x1, y1));
+            let h = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h0), h1);
+            // f16 bits -> FP8 code, nearest even on the integer, saturating.
+            let (shift_lsb, maxb) = if E5M2 { (8, 0x7B) } else { (7, 0x7E) };
+            let a = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
+            let sign8 = _mm512_srli_epi16::<8>(_mm512_and_si512(h, _mm512_set1_epi16(-0x8000)));
+            let lsb = if E5M2 {
+                _mm512_and_si512(_mm512_srli_epi16::<8>(a), _mm512_set1_epi16(1))
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16::<7>(a), _mm512_set1_epi16(1))
+            };
+            let bias = _mm512_set1_epi16(((1 << (shift_lsb - 1)) - 1) as i16);
+            let r = _mm512_add_epi16(_mm512_add_epi16(a, bias), lsb);
+            let r = if E5M2 {
+                _mm512_srli_epi16::<8>(r)
+            } else {
+                _mm512_srli_epi16::<7>(r)
+            };
+            let r = _mm512_min_epu16(r, _mm512_set1_epi16(maxb));
+            let r = _mm512_or_si512(r, sign8);
+            if E5M2 {
+                // inf + -inf: a NaN neither operand carried; positive by definition.
+                let nan = _mm512_cmpgt_epu16_mask(a, _mm512_set1_epi16(0x7C00));
+                _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(0x7E))
+            } else {
+                r
+            }
+        };
+        let lo = sum16(half(x, false), half(y, false));
+        let hi = sum16(half(x, true), half(y, true));
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm512_cvtepi16_epi8(lo)),
+            _mm512_cvtepi16_epi8(hi),
+        )
+    }
+
+    /// Lanes holding a NaN code.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn nan_mask<const E5M2: bool>(v: __m512i) -> __mmask64 {
+        let m = _mm512_and_si512(v, _mm512_set1_epi8(0x7F));
+        if E5M2 {
+            _mm512_cmpgt_epu8_mask(m, _mm512_set1_epi8(0x7C))
+        } else {
+            _mm512_cmpeq_epi8_mask(m, _mm512_set1_epi8(0x7F))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn run<const E5M2: bool>(
+        acc: &mut [u8],
+        incoming: &[u8],
+        requant: Option<Requant>,
+        count_saturated: bool,
+    ) -> HopCounts {
+        let (nanb, maxb): (i8, i8) = if E5M2 { (0x7E, 0x7B) } else { (0x7F, 0x7E) };
+        let mut c = HopCounts::default();
+        let ident: [u8; 256] = std::array::from_fn(|i| i as u8);
+        let (lut, flush_hi) = match requant {
+            Some(rq) => (rq.lut, rq.flush_hi),
+            None => (&ident, 0),
+        };
+        let p = lut.as_ptr();
+        // SAFETY: 4 x 64 bytes inside `lut`.
+        let (t0, t1, t2, t3) = unsafe {
+            (
+                _mm512_loadu_si512(p.cast()),
+                _mm512_loadu_si512(p.add(64).cast()),
+                _mm512_loadu_si512(p.add(128).cast()),
+                _mm512_loadu_si512(p.add(192).cast()),
+            )
+        };
+        let use_lut = requant.is_some();
+        let n = acc.len() / 64 * 64;
+        let (ap, bp) = (acc.as_mut_ptr(), incoming.as_ptr());
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 64 <= n <= len of both slices.
+            let (raw, x) = unsafe {
+                (
+                    _mm512_loadu_si512(ap.add(i).cast()),
+                    _mm512_loadu_si512(bp.add(i).cast()),
+                )
+            };
+            let y = if use_lut {
+                let lo = _mm512_permutex2var_epi8(t0, raw, t1);
+                let hi = _mm512_permutex2var_epi8(t2, raw, t3);
+                _mm512_mask_blend_epi8(_mm512_movepi8_mask(raw), lo, hi)
+            } else {
+                raw
+            };
+            if flush_hi != 0 {
+                let m = _mm512_sub_epi8(
+                    _mm512_and_si512(raw, _mm512_set1_epi8(0x7F)),
+                    _mm512_set1_epi8(1),
+                );
+                let k = _mm512_cmplt_epu8_mask(m, _mm512_set1_epi8(flush_hi as i8));
+                c.flushed += k.count_ones() as u64;
+            }
+            let mut r = add64::<E5M2>(x, y);
+            let sign_nan = |v: __m512i| {
+                _mm512_or_si512(
+                    _mm512_and_si512(v, _mm512_set1_epi8(-0x80)),
+                    _mm512_set1_epi8(nanb),
+                )
+            };
+            r = _mm512_mask_mov_epi8(r, nan_mask::<E5M2>(y), sign_nan(y));
+            r = _mm512_mask_mov_epi8(r, nan_mask::<E5M2>(x), sign_nan(x));
+            if count_saturated {
+                let m = _mm512_and_si512(r, _mm512_set1_epi8(0x7F));
+                c.saturated +=
+                    _mm512_cmpeq_epi8_mask(m, _mm512_set1_epi8(maxb)).count_ones() as u64;
+            }
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_si512(ap.add(i).cast(), r) };
+            i += 64;
+        }
+        let fmt = if E5M2 {
+            Fp8Format::E5M2
+        } else {
+            Fp8Format::E4M3
+        };
+        c += super::sum_hop_table(fmt, &mut acc[n..], &incoming[n..], requant, count_saturated);
+        c
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VBMI.
+    pub unsafe fn sum_hop(
+        fmt: Fp8Format,
+        acc: &mut [u8],
+        incoming: &[u8],
+        requant: Option<Requant>,
+        count_saturated: bool,
+    ) -> HopCounts {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match fmt {
+                Fp8Format::E5M2 => run::<true>(acc, incoming, requant, count_saturated),
+                Fp8Format::E4M3 => run::<false>(acc, incoming, requant, count_saturated),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::fp8_add;
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    /// Every (incoming, own) pair, in an order that puts each pair in a different SIMD
+    /// lane position, plus a tail shorter than one vector.
+    fn all_pairs() -> (Vec<u8>, Vec<u8>) {
+        let mut inc = Vec::with_capacity(65536 + 37);
+        let mut own = Vec::with_capacity(65536 + 37);
+        for a in 0..256u32 {
+            for b in 0..256u32 {
+                inc.push(a as u8);
+                own.push((b + a) as u8);
+            }
+        }
+        for k in 0..37u8 {
+            inc.push(k.wrapping_mul(97));
+            own.push(k.wrapping_mul(31) ^ 0x7D);
+        }
+        (inc, own)
+    }
+
+    #[test]
+    fn simd_hop_equals_scalar_definition_on_all_pairs() {
+        eprintln!("fp8 sum kernel: {}", kernel_name());
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let (inc, own) = all_pairs();
+            let mut got = own.clone();
+            let c = sum_hop(fmt, &mut got, &inc, None, true);
+            let want: Vec<u8> = inc
+                .iter()
+                .zip(&own)
+                .map(|(&a, &b)| fp8_add(fmt, a, b))
+                .collect();
+            for i in 0..want.len() {
+                assert_eq!(
+                    got[i],
+                    want[i],
+                    "{fmt:?} {:#04x} + {:#04x} ({} + {}): got {:#04x} want {:#04x} [{}]",
+                    inc[i],
+                    own[i],
+                    fmt.decode(inc[i]),
+                    fmt.decode(own[i]),
+                    got[i],
+                    want[i],
+                    kernel_name()
+                );
+            }
+            let sat = want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
+            assert!(sat > 1000);
+            assert_eq!(
+                c,
+                HopCounts {
+                    flushed: 0,
+                    saturated: sat
+                }
+            );
+            // The table kernel agrees too (it is the fallback elsewhere).
+            let mut tab = own.clone();
+            assert_eq!(sum_hop_table(fmt, &mut tab, &inc, None, true), c);
+            assert_eq!(tab, want);
+        }
+    }
+
+    #[test]
+    fn fused_requant_and_counts_equal_separate_passes() {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let dec = fp8lm_fp8::cast::decode_table(fmt);
+            for ratio in [0.5f32, 0.125, 2f32.powi(-9), 1.0] {
+                let lut: [u8; 256] = std::array::from_fn(|v| {
+                    if dec[v].is_nan() {
+                        v as u8
+                    } else {
+                        fmt.encode(dec[v] * ratio, true)
+                    }
+                });
+                let flush_hi = (1..=0x7Fu8)
+                    .take_while(|&v| lut[v as usize] & 0x7F == 0)
+                    .count() as u8;
+                let rq = Requant {
+                    lut: &lut,
+                    flush_hi,
+                };
+                for len in [0usize, 1, 63, 64, 65, 200_003] {
+                    let inc: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
+                    let own: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
+                    let mut fused = own.clone();
+                    let c = sum_hop(fmt, &mut fused, &inc, Some(rq), true);
+                    let mut sep = own.clone();
+                    crate::lut::apply_lut_scalar(&mut sep, &lut);
+                    let want: Vec<u8> = inc
+                        .iter()
+                        .zip(&sep)
+                        .map(|(&a, &b)| fp8_add(fmt, a, b))
+                        .collect();
+                    assert_eq!(fused, want, "{fmt:?} ratio {ratio} len {len}");
+                    let flushed = own
+                        .iter()
+                        .filter(|&&b| b & 0x7F != 0 && lut[b as usize] & 0x7F == 0)
+                        .count() as u64;
+                    let sat = want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
+                    assert_eq!(
+                        c,
+                        HopCounts {
+                            flushed,
+                            saturated: sat
+                        }
+                    );
+                    let mut tab = own.clone();
+                    assert_eq!(sum_hop_table(fmt, &mut tab, &inc, Some(rq), true), c);
+                    assert_eq!(tab, want);
+                    let mut first = own.clone();
+                    assert_eq!(requant_in_place(&mut first, rq), flushed);
+                    assert_eq!(first, sep);
+                }
+            }
+        }
+    }
+}
