@@ -28,6 +28,8 @@ use crate::buf::{
     ReduceOp,
 };
 use crate::error::{CommError, Result};
+use crate::fp8sum::{requant_in_place, sum_hop, HopCounts, Requant};
+use fp8lm_fp8::Fp8Format;
 use std::ops::Range;
 
 /// Elements `c*len/n .. (c+1)*len/n`: chunk `c` of `n` (sizes differ by at most one).
@@ -182,6 +184,25 @@ pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
     buf: &mut [T],
     combine: impl Fn(&mut [T], &[T]),
 ) -> Result<Range<usize>> {
+    ring_reduce_scatter_with(comm, what, buf, |_, _| {}, |a, x, _, _| combine(a, x))
+}
+
+/// [`ring_reduce_scatter`] with two hooks that see where they are, for reductions that
+/// transform or inspect each rank's own values on the way (FP8-LM's re-quantisation and
+/// saturation count, [`fp8_all_reduce_fused`]):
+/// - `first_send(own, range)`: this rank's own values of `range` just before they are sent
+///   unreduced (step 0); the only use of those values.
+/// - `combine(acc, incoming, range, last)`: `acc = incoming op acc` on `buf[range]`;
+///   `last` is true on the final step, whose result is this rank's finished chunk.
+///
+/// Every own element goes through exactly one of the two hooks, exactly once.
+pub fn ring_reduce_scatter_with<T: Pod, C: Communicator + ?Sized>(
+    comm: &C,
+    what: &str,
+    buf: &mut [T],
+    mut first_send: impl FnMut(&mut [T], Range<usize>),
+    mut combine: impl FnMut(&mut [T], &[T], Range<usize>, bool),
+) -> Result<Range<usize>> {
     let (n, r, len) = (comm.size(), comm.rank(), buf.len());
     if n == 1 {
         return Ok(0..len);
@@ -192,13 +213,116 @@ pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
             let send_c = (r + 2 * n - s - 1) % n;
             let recv_c = (r + 2 * n - s - 2) % n;
             let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
+            if s == 0 {
+                first_send(&mut buf[sr.clone()], sr.clone());
+            }
             let recv = &mut scratch[..rr.len()];
             comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
-            combine(&mut buf[rr], recv);
+            combine(&mut buf[rr.clone()], recv, rr, s == n - 2);
         }
         Ok(())
     })?;
     Ok(chunk_range(len, n, r))
+}
+
+/// One tensor of a packed FP8 buffer: its length and FP8-LM's re-quantisation of its
+/// own bytes (`None`: sent as they are).
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Segment<'a> {
+    pub len: usize,
+    pub requant: Option<Requant<'a>>,
+}
+
+/// FP8 sum all-reduce of `buf` (in place), made of consecutive `segs`, with FP8-LM's
+/// re-quantisation and counts fused into the ring: each own byte is re-quantised through
+/// its segment's table right before its one use (sent at step 0 or combined), and the
+/// final reduce-scatter step counts the finished sums at +-fmt_max. The result is bit for
+/// bit that of re-quantising the whole buffer first and then calling
+/// [`Communicator::all_reduce`] (same ring order, module docs; tested).
+///
+/// `counts[i]` (one per segment) receives this rank's share: `flushed` = own codes of
+/// segment i that the table sent to zero; `saturated` = saturated sums of segment i inside
+/// this rank's finished chunk. Every element is finished on exactly one rank, so the sum
+/// of `saturated` over ranks is the count on the whole result (the caller agrees on it).
+pub fn fp8_all_reduce_fused<C: Communicator + ?Sized>(
+    comm: &C,
+    buf: &mut [u8],
+    fmt: Fp8Format,
+    segs: &[Fp8Segment],
+    counts: &mut [HopCounts],
+) -> Result<()> {
+    let total: usize = segs.iter().map(|s| s.len).sum();
+    if total != buf.len() || counts.len() != segs.len() {
+        return Err(CommError::new(
+            comm.rank(),
+            "fp8_all_reduce_fused",
+            format!(
+                "segments cover {total} bytes of a {}-byte buffer ({} segments, {} counters)",
+                buf.len(),
+                segs.len(),
+                counts.len()
+            ),
+        ));
+    }
+    // offs[i]..offs[i+1] is segment i.
+    let mut offs = Vec::with_capacity(segs.len() + 1);
+    offs.push(0usize);
+    for s in segs {
+        offs.push(offs.last().unwrap() + s.len);
+    }
+    // Calls f(segment, piece of `range` inside it), in order.
+    let pieces = |range: Range<usize>, f: &mut dyn FnMut(usize, Range<usize>)| {
+        let first = offs
+            .partition_point(|&o| o <= range.start)
+            .saturating_sub(1);
+        for i in first..segs.len() {
+            let (lo, hi) = (offs[i].max(range.start), offs[i + 1].min(range.end));
+            if offs[i] >= range.end {
+                break;
+            }
+            if lo < hi {
+                f(i, lo..hi);
+            }
+        }
+    };
+    if comm.size() == 1 {
+        pieces(0..buf.len(), &mut |i, p| {
+            if let Some(rq) = segs[i].requant {
+                counts[i].flushed += requant_in_place(&mut buf[p.clone()], rq);
+            }
+            let m = fmt.max_bits();
+            counts[i].saturated += crate::buf::count_magnitude_in(&buf[p], m, m);
+        });
+        return Ok(());
+    }
+    let counts = std::cell::RefCell::new(counts);
+    ring_reduce_scatter_with(
+        comm,
+        "fp8_all_reduce",
+        buf,
+        |own, range| {
+            pieces(range.clone(), &mut |i, p| {
+                if let Some(rq) = segs[i].requant {
+                    let local = p.start - range.start..p.end - range.start;
+                    counts.borrow_mut()[i].flushed += requant_in_place(&mut own[local], rq);
+                }
+            })
+        },
+        |acc, incoming, range, last| {
+            pieces(range.clone(), &mut |i, p| {
+                let local = p.start - range.start..p.end - range.start;
+                let c = sum_hop(
+                    fmt,
+                    &mut acc[local.clone()],
+                    &incoming[local],
+                    segs[i].requant,
+                    last,
+                );
+                counts.borrow_mut()[i] += c;
+            })
+        },
+    )?;
+    ring_all_gather(comm, "fp8_all_reduce", buf)
 }
 
 thread_local! {

@@ -20,22 +20,26 @@
 //! adapts: after each all-reduce, if more than `overflow_fraction` (default 0.001%) of a
 //! tensor's summed values sit at +-fmt_max (saturated), `mu` halves; otherwise it grows by
 //! `2^(1/growth_steps)`, i.e. doubles over 1000 steps, up to `max_mu`. The saturation count
-//! is taken on the summed result, which every rank holds identically, so `mu` stays in
-//! agreement without extra communication. `max_mu` defaults to 1: `s'_i` is already the
+//! is that of the summed result, which every rank ends up holding identically; to save a
+//! pass over it, each rank counts inside the last reduce-scatter step the chunk it
+//! finishes, and one small all-gather of those shares gives every rank the same total
+//! (so `mu` stays in agreement). `max_mu` defaults to 1: `s'_i` is already the
 //! current (not delayed) amax scale, so `mu > 1` could only clip the largest rank's values.
 //!
 //! FP8-LM's re-quantisation `g''_i = fp8(s_g * g'_i / s'_i)` is done here directly from
 //! the f32 gradient, `fp8(mu * s_g * g_i)`: one rounding instead of two. When gradients are
 //! already FP8 tensors `(g'_i, s'_i)`, [`GradAllReducer::all_reduce_scaled_fp8`] does the
-//! re-quantisation literally, through a 256-entry table per tensor.
+//! re-quantisation literally, through a 256-entry table per tensor, applied to each byte
+//! inside the ring right before its one use ([`crate::comm::fp8_all_reduce_fused`]), so
+//! FP8-LM costs no pass over the data beyond the FP8 sum itself.
 //!
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{count_magnitude_in, BufMut, ReduceOp};
-use crate::comm::Communicator;
+use crate::buf::{BufMut, ReduceOp};
+use crate::comm::{fp8_all_reduce_fused, Communicator, Fp8Segment};
 use crate::error::{CommError, Result};
-use crate::lut::apply_lut;
+use crate::fp8sum::{HopCounts, Requant};
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
@@ -178,25 +182,37 @@ fn buckets(lens: &[usize], elem_bytes: usize, cap: usize) -> Vec<std::ops::Range
     out
 }
 
-/// FP8 sum of every tensor's bytes across ranks, bucket by bucket: a bucket of one
-/// tensor is reduced where it lies, several small ones are packed into one buffer.
+/// FP8 sum of every tensor's bytes across ranks, bucket by bucket (a bucket of one
+/// tensor is reduced where it lies, several small ones are packed into one buffer), with
+/// each tensor's re-quantisation `requant[t]` and the counts fused into the ring
+/// ([`fp8_all_reduce_fused`]). Returns this rank's share of the counts per tensor.
 fn sum_fp8_buckets(
     comm: &dyn Communicator,
     tensors: &mut [ScaledFp8],
     fmt: Fp8Format,
     bucket_bytes: usize,
-) -> Result<()> {
+    requant: &[Option<Requant>],
+) -> Result<Vec<HopCounts>> {
     let lens: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+    let mut counts = vec![HopCounts::default(); tensors.len()];
     for b in buckets(&lens, 1, bucket_bytes) {
+        let segs: Vec<Fp8Segment> = b
+            .clone()
+            .map(|t| Fp8Segment {
+                len: lens[t],
+                requant: requant[t],
+            })
+            .collect();
         if b.len() == 1 {
-            comm.all_reduce(BufMut::Fp8(&mut tensors[b.start].data, fmt), ReduceOp::Sum)?;
+            let data = &mut tensors[b.start].data;
+            fp8_all_reduce_fused(comm, data, fmt, &segs, &mut counts[b])?;
             continue;
         }
         let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
         for t in &tensors[b.clone()] {
             buf.extend_from_slice(&t.data);
         }
-        comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+        fp8_all_reduce_fused(comm, &mut buf, fmt, &segs, &mut counts[b.clone()])?;
         let mut off = 0;
         for t in &mut tensors[b] {
             let l = t.data.len();
@@ -204,7 +220,7 @@ fn sum_fp8_buckets(
             off += l;
         }
     }
-    Ok(())
+    Ok(counts)
 }
 
 /// Non-zero inputs that `fp8(x * q)` rounds to zero: exactly those with
@@ -424,7 +440,8 @@ impl GradAllReducer {
             report.flushed[t] = count_flushed(g, scales[t].0, fmt);
         }
         let adapt_mu = method == GradMethod::Fp8Lm;
-        self.sum_and_finish(comm, out, fmt, &lens, adapt_mu, sent0, report)
+        let requant = vec![None; k];
+        self.sum_and_finish(comm, out, fmt, &lens, &requant, adapt_mu, sent0, report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
@@ -477,7 +494,8 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         let dec = decode_table(fmt);
-        // Re-quantise each tensor in place through its 256-entry table.
+        // Each tensor's re-quantisation table; applied inside the ring (fused).
+        let mut luts: Vec<Option<([u8; 256], u8)>> = Vec::with_capacity(k);
         for (t, g) in grads.iter_mut().enumerate() {
             let q = self.mu[t] * s_g[t];
             let ratio = q / g.scale;
@@ -491,23 +509,32 @@ impl GradAllReducer {
                 };
             }
             // The table is monotone in magnitude, so the non-zero codes it flushes to
-            // zero are the magnitudes 1..=k.
-            let k = (1..=0x7Fu8)
+            // zero are the magnitudes 1..=flush_hi.
+            let flush_hi = (1..=0x7Fu8)
                 .take_while(|&v| lut[v as usize] & 0x7F == 0)
                 .count() as u8;
-            report.flushed[t] = count_magnitude_in(&g.data, 1, k);
-            if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
-                apply_lut(&mut g.data, &lut);
-            }
+            let identity = lut.iter().enumerate().all(|(v, &w)| v as u8 == w);
+            luts.push((!identity).then_some((lut, flush_hi)));
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        self.sum_and_finish(comm, grads, fmt, &lens, true, sent0, report)
+        let requant: Vec<Option<Requant>> = luts
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|(lut, flush_hi)| Requant {
+                    lut,
+                    flush_hi: *flush_hi,
+                })
+            })
+            .collect();
+        self.sum_and_finish(comm, grads, fmt, &lens, &requant, true, sent0, report)
     }
 
-    /// The common tail of both FP8 entry points: FP8-sum the re-quantised tensors bucket by
-    /// bucket, count the sums that saturated, adapt mu from those counts (`adapt_mu`), and
-    /// account the bytes this rank sent since `sent0`.
+    /// The common tail of both FP8 entry points: FP8-sum the tensors bucket by bucket
+    /// (re-quantising on the way where `requant` says so, counting this rank's flushed
+    /// codes), agree on the per-tensor saturation counts of the sums (one all-gather of
+    /// each rank's share), adapt mu from them (`adapt_mu`), and account the bytes this
+    /// rank sent since `sent0`.
     #[allow(clippy::too_many_arguments)]
     fn sum_and_finish(
         &mut self,
@@ -515,14 +542,18 @@ impl GradAllReducer {
         tensors: &mut [ScaledFp8],
         fmt: Fp8Format,
         lens: &[usize],
+        requant: &[Option<Requant>],
         adapt_mu: bool,
         sent0: u64,
         mut report: GradReport,
     ) -> Result<GradReport> {
-        sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes)?;
-        for (t, g) in tensors.iter().enumerate() {
-            report.saturated[t] = count_magnitude_in(&g.data, fmt.max_bits(), fmt.max_bits());
+        let counts = sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes, requant)?;
+        for (t, c) in counts.iter().enumerate() {
+            if requant[t].is_some() {
+                report.flushed[t] = c.flushed;
+            }
         }
+        report.saturated = agree_counts(comm, counts.iter().map(|c| c.saturated))?;
         if adapt_mu {
             for (t, &len) in lens.iter().enumerate() {
                 self.update_mu(t, report.saturated[t], len);
@@ -533,6 +564,23 @@ impl GradAllReducer {
         report.bytes_sent = comm.bytes_sent() - sent0;
         Ok(report)
     }
+}
+
+/// Sum of every rank's `mine[t]`, the same on all ranks (exact u64 arithmetic).
+fn agree_counts(comm: &dyn Communicator, mine: impl Iterator<Item = u64>) -> Result<Vec<u64>> {
+    let mine: Vec<u64> = mine.collect();
+    if comm.size() == 1 || mine.is_empty() {
+        return Ok(mine);
+    }
+    let bytes: Vec<u8> = mine.iter().flat_map(|c| c.to_le_bytes()).collect();
+    let all = comm.all_gather_bytes(&bytes)?;
+    let mut total = vec![0u64; mine.len()];
+    for rank in all.chunks_exact(bytes.len()) {
+        for (t, c) in total.iter_mut().zip(rank.chunks_exact(8)) {
+            *t += u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        }
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
