@@ -218,7 +218,9 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
     // per-rank tables with different ratios, one segment without re-quantisation.
     for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
         let dec = fp8lm_fp8::cast::decode_table(fmt);
-        let table = |ratio: f32| -> ([u8; 256], u8) {
+        // (table, largest magnitude code it flushes to zero)
+        type Table = ([u8; 256], u8);
+        let table = |ratio: f32| -> Table {
             let lut: [u8; 256] = std::array::from_fn(|v| {
                 if dec[v].is_nan() {
                     v as u8
@@ -243,7 +245,7 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
                 })
                 .collect();
             // Rank r's table for segment i (segment 2 is sent as it is).
-            let tables: Vec<Vec<Option<([u8; 256], u8)>>> = (0..n)
+            let tables: Vec<Vec<Option<Table>>> = (0..n)
                 .map(|r| {
                     (0..seg_lens.len())
                         .map(|i| (i != 2).then(|| table(2f32.powi(-(r as i32) - i as i32 % 3))))
