@@ -11,17 +11,24 @@
 //! - `count_saturated`: outputs at +-fmt_max are counted (the overflow report).
 //!
 //! ## Arithmetic (bit-identical to [`crate::buf::fp8_add`], tested on all 65536 pairs)
-//! On x86-64 with AVX-512 F/BW (+VBMI for the table; detected at run time) 64 bytes per
-//! step: each FP8 code is widened to the f16 with the same bits (E5M2 is the top byte of
-//! an f16; E4M3 `s.eeee.mmm` is the f16 `s.0eeee.mmm0000000`, i.e. its value times 2^-8),
-//! `vcvtph2ps` decodes exactly, the two operands are added in f32, `vcvtps2ph` rounds to
-//! f16 (nearest even), and the f16 bits are rounded to nearest even to the FP8 code on
-//! the integer, saturating. Two roundings in a row can differ from one (f32 -> FP8) only
-//! when the first one is inexact *and* lands on a midpoint of the second. The f32 sum of
-//! two FP8 values is exact in f16 unless the operands' exponents differ by more than
-//! the f16 significand can bridge (8+ binades here); then the sum lies within a few f16
-//! ulps of the larger operand, which is itself an FP8 value, far from any FP8 midpoint.
-//! So the f16 step never changes the final rounding; the exhaustive test checks it.
+//! Kernels ([`Kernel`], the fastest one the CPU has is picked at run time), 64 bytes per
+//! step on x86-64 with AVX-512 F/BW/VBMI: each FP8 code is widened to the f16 with the
+//! same bits (E5M2 is the top byte of an f16; E4M3 `s.eeee.mmm` is the f16
+//! `s.0eeee.mmm0000000`, i.e. its value times 2^-8). Then
+//! - `avx512fp16` (Sapphire Rapids and later): `vaddph` adds the two f16 operands, the
+//!   exact sum rounded once to f16 (nearest even; FP16 instructions never flush
+//!   subnormals);
+//! - `avx512`: `vcvtph2ps` decodes exactly, the sum is taken in f32 as in the
+//!   definition, and `vcvtps2ph` rounds it to f16 (nearest even);
+//!
+//! and the f16 bits are rounded to nearest even to the FP8 code on the integer,
+//! saturating. Two roundings in a row can differ from one only when the first one is
+//! inexact *and* lands on a midpoint of the second. The sum of two FP8 values is exact in
+//! f16 unless the operands' exponents differ by more than the f16 significand can bridge
+//! (8+ binades here); then the sum lies within a few f16 ulps of the larger operand,
+//! which is itself an FP8 value, far from any FP8 midpoint. So the f16 step never changes
+//! the final rounding (nor does the f32 step of the definition, for the same reason);
+//! the exhaustive test checks it for every kernel.
 //! NaN results are set explicitly (sign of the first NaN operand, incoming first; a NaN
 //! from `inf + -inf` is positive), so they do not depend on which operand order the
 //! compiler gives `vaddps`. Elsewhere: the 64 KiB sum table of [`crate::buf`].
@@ -55,31 +62,71 @@ impl std::ops::AddAssign for HopCounts {
     }
 }
 
-/// Which kernel [`sum_hop`] uses on this machine: "avx512" or "table".
-pub fn kernel_name() -> &'static str {
-    if has_avx512() {
-        "avx512"
-    } else {
-        "table"
+/// An implementation of the hop. All give the same bytes and counts (tested on every
+/// kernel the machine has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// One load per byte from the 64 KiB sum table (portable).
+    Table,
+    /// AVX-512 F/BW/VBMI: f16 -> f32 decode (`vcvtph2ps`), f32 add, `vcvtps2ph`.
+    Avx512,
+    /// AVX-512 FP16 on top: the two f16 operands are added as f16 (`vaddph`), 32 lanes
+    /// per instruction, no conversions.
+    Avx512Fp16,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Table => "table",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx512Fp16 => "avx512fp16",
+        }
+    }
+
+    /// The kernels this CPU can run, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Table];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") {
+                v.push(Kernel::Avx512);
+                if has!("avx512fp16") {
+                    v.push(Kernel::Avx512Fp16);
+                }
+            }
+        }
+        v
+    }
+
+    /// The fastest kernel this CPU can run (detected once).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Kernel::available().last().expect("table always works"))
     }
 }
 
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vbmi")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Which kernel [`sum_hop`] uses on this machine.
+pub fn kernel_name() -> &'static str {
+    Kernel::best().name()
 }
 
 /// `acc[i] = fp8_add(incoming[i], own)` with `own = requant.lut[acc[i]]` (or `acc[i]`),
-/// counting as described in [`HopCounts`].
+/// counting as described in [`HopCounts`]; on the fastest kernel of this CPU.
 pub fn sum_hop(
+    fmt: Fp8Format,
+    acc: &mut [u8],
+    incoming: &[u8],
+    requant: Option<Requant>,
+    count_saturated: bool,
+) -> HopCounts {
+    sum_hop_with(Kernel::best(), fmt, acc, incoming, requant, count_saturated)
+}
+
+/// [`sum_hop`] on a given kernel. Panics if the CPU lacks it (see [`Kernel::available`]).
+pub fn sum_hop_with(
+    kernel: Kernel,
     fmt: Fp8Format,
     acc: &mut [u8],
     incoming: &[u8],
@@ -91,12 +138,23 @@ pub fn sum_hop(
         incoming.len(),
         "fp8 sum hop: operand lengths differ"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU features were detected just above.
-        return unsafe { avx512::sum_hop(fmt, acc, incoming, requant, count_saturated) };
+    if kernel != Kernel::Table {
+        assert!(
+            Kernel::available().contains(&kernel),
+            "fp8 sum kernel {} is not supported by this CPU",
+            kernel.name()
+        );
     }
-    sum_hop_table(fmt, acc, incoming, requant, count_saturated)
+    match kernel {
+        Kernel::Table => sum_hop_table(fmt, acc, incoming, requant, count_saturated),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU features were checked just above.
+        Kernel::Avx512 | Kernel::Avx512Fp16 => unsafe {
+            avx512::sum_hop(kernel, fmt, acc, incoming, requant, count_saturated)
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("not available off x86-64"),
+    }
 }
 
 /// The portable form of [`sum_hop`]: one load from the 64 KiB sum table per byte.
@@ -149,7 +207,7 @@ pub fn requant_in_place(data: &mut [u8], rq: Requant) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{HopCounts, Requant};
+    use super::{HopCounts, Kernel, Requant};
     use fp8lm_fp8::Fp8Format;
     use std::arch::x86_64::*;
 
@@ -216,6 +274,75 @@ mod avx512 {
         )
     }
 
+    /// 64 codes -> (incoming + own) codes through `vaddph`: `(codes, lanes to fix)`. The
+    /// lanes to fix are those where a NaN is involved; everywhere else the codes are final.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512fp16")]
+    fn add64_f16<const E5M2: bool>(x: __m512i, y: __m512i) -> (__m512i, __mmask64) {
+        let z = _mm512_setzero_si512();
+        // Byte b -> 16-bit lane b << 8 (in-lane interleave; `packus` below undoes it).
+        let widen = |v: __m512i, hi: bool| -> __m512h {
+            let w = if hi {
+                _mm512_unpackhi_epi8(z, v)
+            } else {
+                _mm512_unpacklo_epi8(z, v)
+            };
+            if E5M2 {
+                _mm512_castsi512_ph(w)
+            } else {
+                // s.eeee.mmm.00000000 -> s.0eeee.mmm.0000000: the value times 2^-8.
+                let w = _mm512_and_si512(_mm512_srai_epi16::<1>(w), _mm512_set1_epi16(!0x4000));
+                _mm512_castsi512_ph(w)
+            }
+        };
+        // f16 bits -> FP8 code in the low byte, nearest even on the integer.
+        let round = |h: __m512h| -> __m512i {
+            let h = _mm512_castph_si512(h);
+            if E5M2 {
+                // The sign rides along in bit 15 -> bit 7 (no carry reaches it from a
+                // finite magnitude); saturation is done on the bytes.
+                let lsb = _mm512_and_si512(_mm512_srli_epi16::<8>(h), _mm512_set1_epi16(1));
+                let r = _mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(0x7F)), lsb);
+                _mm512_srli_epi16::<8>(r)
+            } else {
+                let a = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
+                let lsb = _mm512_and_si512(_mm512_srli_epi16::<7>(a), _mm512_set1_epi16(1));
+                let r = _mm512_add_epi16(_mm512_add_epi16(a, _mm512_set1_epi16(0x3F)), lsb);
+                let m = _mm512_min_epu16(_mm512_srli_epi16::<7>(r), _mm512_set1_epi16(0x7E));
+                let sign =
+                    _mm512_srli_epi16::<8>(_mm512_andnot_si512(_mm512_set1_epi16(0x7FFF), h));
+                _mm512_or_si512(m, sign)
+            }
+        };
+        let lo = round(_mm512_add_ph(widen(x, false), widen(y, false)));
+        let hi = round(_mm512_add_ph(widen(x, true), widen(y, true)));
+        let c = _mm512_packus_epi16(lo, hi);
+        if E5M2 {
+            // Magnitudes 0x7D.. are NaN (from a NaN operand or inf + -inf), 0x7C is an
+            // overflow to infinity: saturate it to max.
+            let mag = _mm512_and_si512(c, _mm512_set1_epi8(0x7F));
+            let nan = _mm512_cmpgt_epu8_mask(mag, _mm512_set1_epi8(0x7C));
+            let r = _mm512_or_si512(
+                _mm512_min_epu8(mag, _mm512_set1_epi8(0x7B)),
+                _mm512_and_si512(c, _mm512_set1_epi8(-0x80)),
+            );
+            (r, nan)
+        } else {
+            // E4M3 NaN codes decode to ordinary f16 values above: find them on the bytes.
+            (c, nan_mask::<false>(x) | nan_mask::<false>(y))
+        }
+    }
+
+    /// [`add64`] in the same `(codes, lanes to fix)` form.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn add64_f32<const E5M2: bool>(x: __m512i, y: __m512i) -> (__m512i, __mmask64) {
+        (
+            add64::<E5M2>(x, y),
+            nan_mask::<E5M2>(x) | nan_mask::<E5M2>(y),
+        )
+    }
+
     /// Lanes holding a NaN code.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -228,98 +355,131 @@ mod avx512 {
         }
     }
 
+    /// The NaN rule of `fp8_add` on the `fix` lanes (rare: taken only when some lane of
+    /// the 64 has a NaN): the first NaN operand's sign, incoming first, else positive.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn fix_nan<const E5M2: bool>(x: __m512i, y: __m512i, r: __m512i, fix: __mmask64) -> __m512i {
+        let nanb = _mm512_set1_epi8(if E5M2 { 0x7E } else { 0x7F });
+        let sign_nan =
+            |v: __m512i| _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi8(-0x80)), nanb);
+        let r = _mm512_mask_mov_epi8(r, fix, nanb);
+        let r = _mm512_mask_mov_epi8(r, fix & nan_mask::<E5M2>(y), sign_nan(y));
+        _mm512_mask_mov_epi8(r, fix & nan_mask::<E5M2>(x), sign_nan(x))
+    }
+
+    /// The hop loop around a 64-byte adder: re-quantise the own bytes, count, add, fix
+    /// NaN lanes, count, store; the tail goes to the table kernel.
+    macro_rules! hop_loop {
+        ($e5m2:expr, $add:expr, $acc:ident, $incoming:ident, $requant:ident, $count:ident) => {{
+            let maxb: i8 = if $e5m2 { 0x7B } else { 0x7E };
+            let mut c = HopCounts::default();
+            let ident: [u8; 256] = std::array::from_fn(|i| i as u8);
+            let (lut, flush_hi) = match $requant {
+                Some(rq) => (rq.lut, rq.flush_hi),
+                None => (&ident, 0),
+            };
+            let p = lut.as_ptr();
+            // SAFETY: 4 x 64 bytes inside `lut`.
+            let (t0, t1, t2, t3) = unsafe {
+                (
+                    _mm512_loadu_si512(p.cast()),
+                    _mm512_loadu_si512(p.add(64).cast()),
+                    _mm512_loadu_si512(p.add(128).cast()),
+                    _mm512_loadu_si512(p.add(192).cast()),
+                )
+            };
+            let use_lut = $requant.is_some();
+            let n = $acc.len() / 64 * 64;
+            let (ap, bp) = ($acc.as_mut_ptr(), $incoming.as_ptr());
+            let mut i = 0;
+            while i < n {
+                // SAFETY: i + 64 <= n <= len of both slices.
+                let (raw, x) = unsafe {
+                    (
+                        _mm512_loadu_si512(ap.add(i).cast()),
+                        _mm512_loadu_si512(bp.add(i).cast()),
+                    )
+                };
+                let y = if use_lut {
+                    let lo = _mm512_permutex2var_epi8(t0, raw, t1);
+                    let hi = _mm512_permutex2var_epi8(t2, raw, t3);
+                    _mm512_mask_blend_epi8(_mm512_movepi8_mask(raw), lo, hi)
+                } else {
+                    raw
+                };
+                if flush_hi != 0 {
+                    let m = _mm512_sub_epi8(
+                        _mm512_and_si512(raw, _mm512_set1_epi8(0x7F)),
+                        _mm512_set1_epi8(1),
+                    );
+                    let k = _mm512_cmplt_epu8_mask(m, _mm512_set1_epi8(flush_hi as i8));
+                    c.flushed += k.count_ones() as u64;
+                }
+                let (mut r, fix) = $add(x, y);
+                if fix != 0 {
+                    r = fix_nan::<{ $e5m2 }>(x, y, r, fix);
+                }
+                if $count {
+                    let m = _mm512_and_si512(r, _mm512_set1_epi8(0x7F));
+                    c.saturated +=
+                        _mm512_cmpeq_epi8_mask(m, _mm512_set1_epi8(maxb)).count_ones() as u64;
+                }
+                // SAFETY: as for the loads.
+                unsafe { _mm512_storeu_si512(ap.add(i).cast(), r) };
+                i += 64;
+            }
+            let fmt = if $e5m2 {
+                Fp8Format::E5M2
+            } else {
+                Fp8Format::E4M3
+            };
+            c += super::sum_hop_table(fmt, &mut $acc[n..], &$incoming[n..], $requant, $count);
+            c
+        }};
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    unsafe fn run<const E5M2: bool>(
+    fn run_f32<const E5M2: bool>(
         acc: &mut [u8],
         incoming: &[u8],
         requant: Option<Requant>,
-        count_saturated: bool,
+        count: bool,
     ) -> HopCounts {
-        let (nanb, maxb): (i8, i8) = if E5M2 { (0x7E, 0x7B) } else { (0x7F, 0x7E) };
-        let mut c = HopCounts::default();
-        let ident: [u8; 256] = std::array::from_fn(|i| i as u8);
-        let (lut, flush_hi) = match requant {
-            Some(rq) => (rq.lut, rq.flush_hi),
-            None => (&ident, 0),
-        };
-        let p = lut.as_ptr();
-        // SAFETY: 4 x 64 bytes inside `lut`.
-        let (t0, t1, t2, t3) = unsafe {
-            (
-                _mm512_loadu_si512(p.cast()),
-                _mm512_loadu_si512(p.add(64).cast()),
-                _mm512_loadu_si512(p.add(128).cast()),
-                _mm512_loadu_si512(p.add(192).cast()),
-            )
-        };
-        let use_lut = requant.is_some();
-        let n = acc.len() / 64 * 64;
-        let (ap, bp) = (acc.as_mut_ptr(), incoming.as_ptr());
-        let mut i = 0;
-        while i < n {
-            // SAFETY: i + 64 <= n <= len of both slices.
-            let (raw, x) = unsafe {
-                (
-                    _mm512_loadu_si512(ap.add(i).cast()),
-                    _mm512_loadu_si512(bp.add(i).cast()),
-                )
-            };
-            let y = if use_lut {
-                let lo = _mm512_permutex2var_epi8(t0, raw, t1);
-                let hi = _mm512_permutex2var_epi8(t2, raw, t3);
-                _mm512_mask_blend_epi8(_mm512_movepi8_mask(raw), lo, hi)
-            } else {
-                raw
-            };
-            if flush_hi != 0 {
-                let m = _mm512_sub_epi8(
-                    _mm512_and_si512(raw, _mm512_set1_epi8(0x7F)),
-                    _mm512_set1_epi8(1),
-                );
-                let k = _mm512_cmplt_epu8_mask(m, _mm512_set1_epi8(flush_hi as i8));
-                c.flushed += k.count_ones() as u64;
-            }
-            let mut r = add64::<E5M2>(x, y);
-            let sign_nan = |v: __m512i| {
-                _mm512_or_si512(
-                    _mm512_and_si512(v, _mm512_set1_epi8(-0x80)),
-                    _mm512_set1_epi8(nanb),
-                )
-            };
-            r = _mm512_mask_mov_epi8(r, nan_mask::<E5M2>(y), sign_nan(y));
-            r = _mm512_mask_mov_epi8(r, nan_mask::<E5M2>(x), sign_nan(x));
-            if count_saturated {
-                let m = _mm512_and_si512(r, _mm512_set1_epi8(0x7F));
-                c.saturated +=
-                    _mm512_cmpeq_epi8_mask(m, _mm512_set1_epi8(maxb)).count_ones() as u64;
-            }
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_si512(ap.add(i).cast(), r) };
-            i += 64;
-        }
-        let fmt = if E5M2 {
-            Fp8Format::E5M2
-        } else {
-            Fp8Format::E4M3
-        };
-        c += super::sum_hop_table(fmt, &mut acc[n..], &incoming[n..], requant, count_saturated);
-        c
+        hop_loop!(E5M2, add64_f32::<E5M2>, acc, incoming, requant, count)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512fp16")]
+    fn run_f16<const E5M2: bool>(
+        acc: &mut [u8],
+        incoming: &[u8],
+        requant: Option<Requant>,
+        count: bool,
+    ) -> HopCounts {
+        hop_loop!(E5M2, add64_f16::<E5M2>, acc, incoming, requant, count)
     }
 
     /// # Safety
-    /// The CPU must have AVX-512 F, BW and VBMI.
+    /// The CPU must have AVX-512 F, BW and VBMI, and FP16 for [`Kernel::Avx512Fp16`].
     pub unsafe fn sum_hop(
+        kernel: Kernel,
         fmt: Fp8Format,
         acc: &mut [u8],
         incoming: &[u8],
         requant: Option<Requant>,
-        count_saturated: bool,
+        count: bool,
     ) -> HopCounts {
         // SAFETY: forwarded from the caller.
         unsafe {
-            match fmt {
-                Fp8Format::E5M2 => run::<true>(acc, incoming, requant, count_saturated),
-                Fp8Format::E4M3 => run::<false>(acc, incoming, requant, count_saturated),
+            match (kernel, fmt) {
+                (Kernel::Avx512Fp16, Fp8Format::E5M2) => {
+                    run_f16::<true>(acc, incoming, requant, count)
+                }
+                (Kernel::Avx512Fp16, Fp8Format::E4M3) => {
+                    run_f16::<false>(acc, incoming, requant, count)
+                }
+                (_, Fp8Format::E5M2) => run_f32::<true>(acc, incoming, requant, count),
+                (_, Fp8Format::E4M3) => run_f32::<false>(acc, incoming, requant, count),
             }
         }
     }
@@ -356,98 +516,100 @@ mod tests {
     }
 
     #[test]
-    fn simd_hop_equals_scalar_definition_on_all_pairs() {
-        eprintln!("fp8 sum kernel: {}", kernel_name());
-        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
-            let (inc, own) = all_pairs();
-            let mut got = own.clone();
-            let c = sum_hop(fmt, &mut got, &inc, None, true);
-            let want: Vec<u8> = inc
-                .iter()
-                .zip(&own)
-                .map(|(&a, &b)| fp8_add(fmt, a, b))
-                .collect();
-            for i in 0..want.len() {
+    fn every_kernel_equals_scalar_definition_on_all_pairs() {
+        eprintln!(
+            "fp8 sum kernels: {:?}, best {}",
+            Kernel::available(),
+            kernel_name()
+        );
+        for kernel in Kernel::available() {
+            for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+                let (inc, own) = all_pairs();
+                let mut got = own.clone();
+                let c = sum_hop_with(kernel, fmt, &mut got, &inc, None, true);
+                let want: Vec<u8> = inc
+                    .iter()
+                    .zip(&own)
+                    .map(|(&a, &b)| fp8_add(fmt, a, b))
+                    .collect();
+                for i in 0..want.len() {
+                    assert_eq!(
+                        got[i],
+                        want[i],
+                        "{kernel:?} {fmt:?} {:#04x} + {:#04x} ({} + {}): got {:#04x} want {:#04x}",
+                        inc[i],
+                        own[i],
+                        fmt.decode(inc[i]),
+                        fmt.decode(own[i]),
+                        got[i],
+                        want[i],
+                    );
+                }
+                let sat = want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
+                assert!(sat > 1000);
                 assert_eq!(
-                    got[i],
-                    want[i],
-                    "{fmt:?} {:#04x} + {:#04x} ({} + {}): got {:#04x} want {:#04x} [{}]",
-                    inc[i],
-                    own[i],
-                    fmt.decode(inc[i]),
-                    fmt.decode(own[i]),
-                    got[i],
-                    want[i],
-                    kernel_name()
+                    c,
+                    HopCounts {
+                        flushed: 0,
+                        saturated: sat
+                    }
                 );
             }
-            let sat = want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
-            assert!(sat > 1000);
-            assert_eq!(
-                c,
-                HopCounts {
-                    flushed: 0,
-                    saturated: sat
-                }
-            );
-            // The table kernel agrees too (it is the fallback elsewhere).
-            let mut tab = own.clone();
-            assert_eq!(sum_hop_table(fmt, &mut tab, &inc, None, true), c);
-            assert_eq!(tab, want);
         }
     }
 
     #[test]
     fn fused_requant_and_counts_equal_separate_passes() {
         let mut s = 0x2545_F491_4F6C_DD1Du64;
-        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
-            let dec = fp8lm_fp8::cast::decode_table(fmt);
-            for ratio in [0.5f32, 0.125, 2f32.powi(-9), 1.0] {
-                let lut: [u8; 256] = std::array::from_fn(|v| {
-                    if dec[v].is_nan() {
-                        v as u8
-                    } else {
-                        fmt.encode(dec[v] * ratio, true)
-                    }
-                });
-                let flush_hi = (1..=0x7Fu8)
-                    .take_while(|&v| lut[v as usize] & 0x7F == 0)
-                    .count() as u8;
-                let rq = Requant {
-                    lut: &lut,
-                    flush_hi,
-                };
-                for len in [0usize, 1, 63, 64, 65, 200_003] {
-                    let inc: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
-                    let own: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
-                    let mut fused = own.clone();
-                    let c = sum_hop(fmt, &mut fused, &inc, Some(rq), true);
-                    let mut sep = own.clone();
-                    crate::lut::apply_lut_scalar(&mut sep, &lut);
-                    let want: Vec<u8> = inc
-                        .iter()
-                        .zip(&sep)
-                        .map(|(&a, &b)| fp8_add(fmt, a, b))
-                        .collect();
-                    assert_eq!(fused, want, "{fmt:?} ratio {ratio} len {len}");
-                    let flushed = own
-                        .iter()
-                        .filter(|&&b| b & 0x7F != 0 && lut[b as usize] & 0x7F == 0)
-                        .count() as u64;
-                    let sat = want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
-                    assert_eq!(
-                        c,
-                        HopCounts {
-                            flushed,
-                            saturated: sat
+        for kernel in Kernel::available() {
+            for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+                let dec = fp8lm_fp8::cast::decode_table(fmt);
+                for ratio in [0.5f32, 0.125, 2f32.powi(-9), 1.0] {
+                    let lut: [u8; 256] = std::array::from_fn(|v| {
+                        if dec[v].is_nan() {
+                            v as u8
+                        } else {
+                            fmt.encode(dec[v] * ratio, true)
                         }
-                    );
-                    let mut tab = own.clone();
-                    assert_eq!(sum_hop_table(fmt, &mut tab, &inc, Some(rq), true), c);
-                    assert_eq!(tab, want);
-                    let mut first = own.clone();
-                    assert_eq!(requant_in_place(&mut first, rq), flushed);
-                    assert_eq!(first, sep);
+                    });
+                    let flush_hi = (1..=0x7Fu8)
+                        .take_while(|&v| lut[v as usize] & 0x7F == 0)
+                        .count() as u8;
+                    let rq = Requant {
+                        lut: &lut,
+                        flush_hi,
+                    };
+                    for len in [0usize, 1, 63, 64, 65, 200_003] {
+                        let inc: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
+                        let own: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
+                        let mut fused = own.clone();
+                        let c = sum_hop_with(kernel, fmt, &mut fused, &inc, Some(rq), true);
+                        let mut sep = own.clone();
+                        crate::lut::apply_lut_scalar(&mut sep, &lut);
+                        let want: Vec<u8> = inc
+                            .iter()
+                            .zip(&sep)
+                            .map(|(&a, &b)| fp8_add(fmt, a, b))
+                            .collect();
+                        assert_eq!(fused, want, "{kernel:?} {fmt:?} ratio {ratio} len {len}");
+                        let flushed = own
+                            .iter()
+                            .filter(|&&b| b & 0x7F != 0 && lut[b as usize] & 0x7F == 0)
+                            .count() as u64;
+                        let sat =
+                            want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
+                        assert_eq!(
+                            c,
+                            HopCounts {
+                                flushed,
+                                saturated: sat
+                            },
+                            "{kernel:?}"
+                        );
+                        let mut first = own.clone();
+                        assert_eq!(requant_in_place(&mut first, rq), flushed);
+                        assert_eq!(first, sep);
+                    }
                 }
             }
         }
