@@ -35,7 +35,7 @@ fn main() {
     println!("fp8 sum hop, E5M2, {n} elements, best of 15 (noisy on a shared machine)");
     for k in Kernel::available() {
         let ms = best_ms(|| {
-            sum_hop_with(k, Fp8Format::E5M2, &mut acc, &inc, None, true);
+            sum_hop_with(k, Fp8Format::E5M2, &mut acc, &inc, None, None, true);
         });
         println!("{:<12} {ms:8.2} ms", k.name());
     }

@@ -8,8 +8,8 @@
 //! - `bf16`: bf16 gradients, bf16 sum with per-hop rounding.
 //! - `fp8-sum`: the bare FP8 (E5M2) sum of the bytes, per-hop rounded (no scales).
 //! - `fp8lm`: FP8 (E5M2) gradients with their own scales, as FP8-LM's weight-gradient
-//!   GEMMs produce them: scale agreement (one small all-reduce), table re-quantisation
-//!   and saturation count fused into the FP8 sum's ring, one small gather of the counts,
+//!   GEMMs produce them: scale agreement (one small all-gather), table re-quantisation
+//!   and counts fused into the FP8 sum's ring, one small gather of the counts,
 //!   result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]),
 //!   with mu = 1/2 (steady state: at mu = 1 the re-quantisation would be skipped).
 //! - `fp8lm-from-f32`: the same starting from f32 gradients, including the amax pass and
@@ -222,8 +222,8 @@ mod tests {
         assert_eq!(r[1].bytes_sent, f32b / 2);
         // FP8: a quarter, plus the 4-byte scale agreement.
         assert_eq!(r[2].bytes_sent, f32b / 4);
-        // FP8-LM: plus the 4-byte scale agreement and the 8-byte saturation-count gather.
-        assert_eq!(r[3].bytes_sent, f32b / 4 + 4 + 8);
+        // FP8-LM: plus the 4-byte scale gather and the 16-byte count gather.
+        assert_eq!(r[3].bytes_sent, f32b / 4 + 4 + 16);
         assert!(format_rows(r, 2, "local", 10_000).contains("fp8lm"));
         let table = run(1000, 1, 3).unwrap().unwrap();
         assert!(table.contains("3 ranks (local backend)"), "{table}");

@@ -286,7 +286,7 @@ pub fn combine_fp8(fmt: Fp8Format, op: ReduceOp, acc: &mut [u8], incoming: &[u8]
     debug_assert_eq!(acc.len(), incoming.len());
     match op {
         ReduceOp::Sum => {
-            crate::fp8sum::sum_hop(fmt, acc, incoming, None, false);
+            crate::fp8sum::sum_hop(fmt, acc, incoming, None, None, false);
         }
         ReduceOp::Max | ReduceOp::Min => {
             let dec = decode_table(fmt);

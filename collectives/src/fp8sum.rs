@@ -53,12 +53,15 @@ pub struct HopCounts {
     pub flushed: u64,
     /// Outputs at +-fmt_max (only when asked).
     pub saturated: u64,
+    /// Incoming codes that `incoming_requant` flushed to zero (the sender's underflow).
+    pub flushed_incoming: u64,
 }
 
 impl std::ops::AddAssign for HopCounts {
     fn add_assign(&mut self, o: HopCounts) {
         self.flushed += o.flushed;
         self.saturated += o.saturated;
+        self.flushed_incoming += o.flushed_incoming;
     }
 }
 
@@ -112,16 +115,28 @@ pub fn kernel_name() -> &'static str {
     Kernel::best().name()
 }
 
-/// `acc[i] = fp8_add(incoming[i], own)` with `own = requant.lut[acc[i]]` (or `acc[i]`),
-/// counting as described in [`HopCounts`]; on the fastest kernel of this CPU.
+/// `acc[i] = fp8_add(inc, own)` with `own = requant.lut[acc[i]]` (or `acc[i]`) and
+/// `inc = incoming_requant.lut[incoming[i]]` (or `incoming[i]`), counting as described in
+/// [`HopCounts`]; on the fastest kernel of this CPU. (Re-quantising the incoming operand
+/// lets the ring's first step send raw bytes and leave the sender's table to the
+/// receiver, saving the sender a pass.)
 pub fn sum_hop(
     fmt: Fp8Format,
     acc: &mut [u8],
     incoming: &[u8],
     requant: Option<Requant>,
+    incoming_requant: Option<Requant>,
     count_saturated: bool,
 ) -> HopCounts {
-    sum_hop_with(Kernel::best(), fmt, acc, incoming, requant, count_saturated)
+    sum_hop_with(
+        Kernel::best(),
+        fmt,
+        acc,
+        incoming,
+        requant,
+        incoming_requant,
+        count_saturated,
+    )
 }
 
 /// [`sum_hop`] on a given kernel. Panics if the CPU lacks it (see [`Kernel::available`]).
@@ -131,6 +146,7 @@ pub fn sum_hop_with(
     acc: &mut [u8],
     incoming: &[u8],
     requant: Option<Requant>,
+    incoming_requant: Option<Requant>,
     count_saturated: bool,
 ) -> HopCounts {
     assert_eq!(
@@ -146,11 +162,25 @@ pub fn sum_hop_with(
         );
     }
     match kernel {
-        Kernel::Table => sum_hop_table(fmt, acc, incoming, requant, count_saturated),
+        Kernel::Table => sum_hop_table(
+            fmt,
+            acc,
+            incoming,
+            requant,
+            incoming_requant,
+            count_saturated,
+        ),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU features were checked just above.
         Kernel::Avx512 | Kernel::Avx512Fp16 => unsafe {
-            avx512::sum_hop(kernel, fmt, acc, incoming, requant, count_saturated)
+            avx512::sum_hop(
+                kernel,
+                fmt,
+                acc,
+                incoming,
+                [requant, incoming_requant],
+                count_saturated,
+            )
         },
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("not available off x86-64"),
@@ -163,6 +193,7 @@ pub fn sum_hop_table(
     acc: &mut [u8],
     incoming: &[u8],
     requant: Option<Requant>,
+    incoming_requant: Option<Requant>,
     count_saturated: bool,
 ) -> HopCounts {
     assert_eq!(
@@ -172,20 +203,18 @@ pub fn sum_hop_table(
     );
     let t = fp8_sum_table(fmt);
     let maxb = fmt.max_bits();
+    let ident: [u8; 256] = std::array::from_fn(|i| i as u8);
+    let id = Requant {
+        lut: &ident,
+        flush_hi: 0,
+    };
+    let (own, inc) = (requant.unwrap_or(id), incoming_requant.unwrap_or(id));
     let mut c = HopCounts::default();
-    match requant {
-        Some(rq) => {
-            for (a, &b) in acc.iter_mut().zip(incoming) {
-                c.flushed += ((*a & 0x7F).wrapping_sub(1) < rq.flush_hi) as u64;
-                let own = rq.lut[*a as usize];
-                *a = t[(((b as usize) << 8) | own as usize) & 0xFFFF];
-            }
-        }
-        None => {
-            for (a, &b) in acc.iter_mut().zip(incoming) {
-                *a = t[(((b as usize) << 8) | *a as usize) & 0xFFFF];
-            }
-        }
+    for (a, &b) in acc.iter_mut().zip(incoming) {
+        c.flushed += ((*a & 0x7F).wrapping_sub(1) < own.flush_hi) as u64;
+        c.flushed_incoming += ((b & 0x7F).wrapping_sub(1) < inc.flush_hi) as u64;
+        let (x, y) = (inc.lut[b as usize], own.lut[*a as usize]);
+        *a = t[(((x as usize) << 8) | y as usize) & 0xFFFF];
     }
     if count_saturated {
         c.saturated = crate::buf::count_magnitude_in(acc, maxb, maxb);
@@ -371,50 +400,68 @@ mod avx512 {
     /// The hop loop around a 64-byte adder: re-quantise the own bytes, count, add, fix
     /// NaN lanes, count, store; the tail goes to the table kernel.
     macro_rules! hop_loop {
-        ($e5m2:expr, $add:expr, $acc:ident, $incoming:ident, $requant:ident, $count:ident) => {{
+        ($e5m2:expr, $add:expr, $acc:ident, $incoming:ident, $rqs:ident, $count:ident) => {{
             let maxb: i8 = if $e5m2 { 0x7B } else { 0x7E };
             let mut c = HopCounts::default();
             let ident: [u8; 256] = std::array::from_fn(|i| i as u8);
-            let (lut, flush_hi) = match $requant {
-                Some(rq) => (rq.lut, rq.flush_hi),
-                None => (&ident, 0),
+            // Tables and flush limits of the own (0) and incoming (1) operand.
+            let tables = $rqs.map(|rq| {
+                let (lut, flush_hi) = match rq {
+                    Some(rq) => (rq.lut, rq.flush_hi),
+                    None => (&ident, 0),
+                };
+                let p = lut.as_ptr();
+                // SAFETY: 4 x 64 bytes inside `lut`.
+                let t = unsafe {
+                    [
+                        _mm512_loadu_si512(p.cast()),
+                        _mm512_loadu_si512(p.add(64).cast()),
+                        _mm512_loadu_si512(p.add(128).cast()),
+                        _mm512_loadu_si512(p.add(192).cast()),
+                    ]
+                };
+                (rq.is_some(), t, flush_hi)
+            });
+            let lookup = |v: __m512i, t: &[__m512i; 4]| {
+                let lo = _mm512_permutex2var_epi8(t[0], v, t[1]);
+                let hi = _mm512_permutex2var_epi8(t[2], v, t[3]);
+                _mm512_mask_blend_epi8(_mm512_movepi8_mask(v), lo, hi)
             };
-            let p = lut.as_ptr();
-            // SAFETY: 4 x 64 bytes inside `lut`.
-            let (t0, t1, t2, t3) = unsafe {
-                (
-                    _mm512_loadu_si512(p.cast()),
-                    _mm512_loadu_si512(p.add(64).cast()),
-                    _mm512_loadu_si512(p.add(128).cast()),
-                    _mm512_loadu_si512(p.add(192).cast()),
-                )
+            let flushed = |v: __m512i, flush_hi: u8| {
+                let m = _mm512_sub_epi8(
+                    _mm512_and_si512(v, _mm512_set1_epi8(0x7F)),
+                    _mm512_set1_epi8(1),
+                );
+                let k = _mm512_cmplt_epu8_mask(m, _mm512_set1_epi8(flush_hi as i8));
+                k.count_ones() as u64
             };
-            let use_lut = $requant.is_some();
+            let [(own_lut, own_t, own_fh), (inc_lut, inc_t, inc_fh)] = tables;
             let n = $acc.len() / 64 * 64;
             let (ap, bp) = ($acc.as_mut_ptr(), $incoming.as_ptr());
             let mut i = 0;
             while i < n {
                 // SAFETY: i + 64 <= n <= len of both slices.
-                let (raw, x) = unsafe {
+                let (raw_y, raw_x) = unsafe {
                     (
                         _mm512_loadu_si512(ap.add(i).cast()),
                         _mm512_loadu_si512(bp.add(i).cast()),
                     )
                 };
-                let y = if use_lut {
-                    let lo = _mm512_permutex2var_epi8(t0, raw, t1);
-                    let hi = _mm512_permutex2var_epi8(t2, raw, t3);
-                    _mm512_mask_blend_epi8(_mm512_movepi8_mask(raw), lo, hi)
+                let y = if own_lut {
+                    lookup(raw_y, &own_t)
                 } else {
-                    raw
+                    raw_y
                 };
-                if flush_hi != 0 {
-                    let m = _mm512_sub_epi8(
-                        _mm512_and_si512(raw, _mm512_set1_epi8(0x7F)),
-                        _mm512_set1_epi8(1),
-                    );
-                    let k = _mm512_cmplt_epu8_mask(m, _mm512_set1_epi8(flush_hi as i8));
-                    c.flushed += k.count_ones() as u64;
+                let x = if inc_lut {
+                    lookup(raw_x, &inc_t)
+                } else {
+                    raw_x
+                };
+                if own_fh != 0 {
+                    c.flushed += flushed(raw_y, own_fh);
+                }
+                if inc_fh != 0 {
+                    c.flushed_incoming += flushed(raw_x, inc_fh);
                 }
                 let (mut r, fix) = $add(x, y);
                 if fix != 0 {
@@ -434,7 +481,8 @@ mod avx512 {
             } else {
                 Fp8Format::E4M3
             };
-            c += super::sum_hop_table(fmt, &mut $acc[n..], &$incoming[n..], $requant, $count);
+            let [own, inc] = $rqs;
+            c += super::sum_hop_table(fmt, &mut $acc[n..], &$incoming[n..], own, inc, $count);
             c
         }};
     }
@@ -443,43 +491,42 @@ mod avx512 {
     fn run_f32<const E5M2: bool>(
         acc: &mut [u8],
         incoming: &[u8],
-        requant: Option<Requant>,
+        rqs: [Option<Requant>; 2],
         count: bool,
     ) -> HopCounts {
-        hop_loop!(E5M2, add64_f32::<E5M2>, acc, incoming, requant, count)
+        hop_loop!(E5M2, add64_f32::<E5M2>, acc, incoming, rqs, count)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512fp16")]
     fn run_f16<const E5M2: bool>(
         acc: &mut [u8],
         incoming: &[u8],
-        requant: Option<Requant>,
+        rqs: [Option<Requant>; 2],
         count: bool,
     ) -> HopCounts {
-        hop_loop!(E5M2, add64_f16::<E5M2>, acc, incoming, requant, count)
+        hop_loop!(E5M2, add64_f16::<E5M2>, acc, incoming, rqs, count)
     }
 
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VBMI, and FP16 for [`Kernel::Avx512Fp16`].
+    /// `rqs`: re-quantisation of the own and of the incoming operand.
     pub unsafe fn sum_hop(
         kernel: Kernel,
         fmt: Fp8Format,
         acc: &mut [u8],
         incoming: &[u8],
-        requant: Option<Requant>,
+        rqs: [Option<Requant>; 2],
         count: bool,
     ) -> HopCounts {
         // SAFETY: forwarded from the caller.
         unsafe {
             match (kernel, fmt) {
-                (Kernel::Avx512Fp16, Fp8Format::E5M2) => {
-                    run_f16::<true>(acc, incoming, requant, count)
-                }
+                (Kernel::Avx512Fp16, Fp8Format::E5M2) => run_f16::<true>(acc, incoming, rqs, count),
                 (Kernel::Avx512Fp16, Fp8Format::E4M3) => {
-                    run_f16::<false>(acc, incoming, requant, count)
+                    run_f16::<false>(acc, incoming, rqs, count)
                 }
-                (_, Fp8Format::E5M2) => run_f32::<true>(acc, incoming, requant, count),
-                (_, Fp8Format::E4M3) => run_f32::<false>(acc, incoming, requant, count),
+                (_, Fp8Format::E5M2) => run_f32::<true>(acc, incoming, rqs, count),
+                (_, Fp8Format::E4M3) => run_f32::<false>(acc, incoming, rqs, count),
             }
         }
     }
@@ -526,7 +573,7 @@ mod tests {
             for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
                 let (inc, own) = all_pairs();
                 let mut got = own.clone();
-                let c = sum_hop_with(kernel, fmt, &mut got, &inc, None, true);
+                let c = sum_hop_with(kernel, fmt, &mut got, &inc, None, None, true);
                 let want: Vec<u8> = inc
                     .iter()
                     .zip(&own)
@@ -550,8 +597,8 @@ mod tests {
                 assert_eq!(
                     c,
                     HopCounts {
-                        flushed: 0,
-                        saturated: sat
+                        saturated: sat,
+                        ..Default::default()
                     }
                 );
             }
@@ -579,33 +626,59 @@ mod tests {
                         lut: &lut,
                         flush_hi,
                     };
+                    // The incoming operand through a different table (ratio / 4).
+                    let lut2: [u8; 256] = std::array::from_fn(|v| {
+                        if dec[v].is_nan() {
+                            v as u8
+                        } else {
+                            fmt.encode(dec[v] * ratio * 0.25, true)
+                        }
+                    });
+                    let flush_hi2 = (1..=0x7Fu8)
+                        .take_while(|&v| lut2[v as usize] & 0x7F == 0)
+                        .count() as u8;
+                    let rq2 = Requant {
+                        lut: &lut2,
+                        flush_hi: flush_hi2,
+                    };
                     for len in [0usize, 1, 63, 64, 65, 200_003] {
                         let inc: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
                         let own: Vec<u8> = (0..len).map(|_| xorshift(&mut s) as u8).collect();
-                        let mut fused = own.clone();
-                        let c = sum_hop_with(kernel, fmt, &mut fused, &inc, Some(rq), true);
+                        let flushed_by = |lut: &[u8; 256], v: &[u8]| {
+                            v.iter()
+                                .filter(|&&b| b & 0x7F != 0 && lut[b as usize] & 0x7F == 0)
+                                .count() as u64
+                        };
+                        let flushed = flushed_by(&lut, &own);
                         let mut sep = own.clone();
                         crate::lut::apply_lut_scalar(&mut sep, &lut);
-                        let want: Vec<u8> = inc
-                            .iter()
-                            .zip(&sep)
-                            .map(|(&a, &b)| fp8_add(fmt, a, b))
-                            .collect();
-                        assert_eq!(fused, want, "{kernel:?} {fmt:?} ratio {ratio} len {len}");
-                        let flushed = own
-                            .iter()
-                            .filter(|&&b| b & 0x7F != 0 && lut[b as usize] & 0x7F == 0)
-                            .count() as u64;
-                        let sat =
-                            want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
-                        assert_eq!(
-                            c,
-                            HopCounts {
+                        let mut sep_inc = inc.clone();
+                        crate::lut::apply_lut_scalar(&mut sep_inc, &lut2);
+                        for inc_rq in [None, Some(rq2)] {
+                            let mut fused = own.clone();
+                            let c =
+                                sum_hop_with(kernel, fmt, &mut fused, &inc, Some(rq), inc_rq, true);
+                            let x = if inc_rq.is_some() { &sep_inc } else { &inc };
+                            let want: Vec<u8> = x
+                                .iter()
+                                .zip(&sep)
+                                .map(|(&a, &b)| fp8_add(fmt, a, b))
+                                .collect();
+                            assert_eq!(fused, want, "{kernel:?} {fmt:?} ratio {ratio} len {len}");
+                            let sat =
+                                want.iter().filter(|&&w| w & 0x7F == fmt.max_bits()).count() as u64;
+                            let flushed_incoming = if inc_rq.is_some() {
+                                flushed_by(&lut2, &inc)
+                            } else {
+                                0
+                            };
+                            let want_c = HopCounts {
                                 flushed,
-                                saturated: sat
-                            },
-                            "{kernel:?}"
-                        );
+                                saturated: sat,
+                                flushed_incoming,
+                            };
+                            assert_eq!(c, want_c, "{kernel:?}");
+                        }
                         let mut first = own.clone();
                         assert_eq!(requant_in_place(&mut first, rq), flushed);
                         assert_eq!(first, sep);

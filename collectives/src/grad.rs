@@ -191,7 +191,7 @@ fn sum_fp8_buckets(
     tensors: &mut [ScaledFp8],
     fmt: Fp8Format,
     bucket_bytes: usize,
-    requant: &[Option<Requant>],
+    requant: &[[Option<Requant>; 2]],
 ) -> Result<Vec<HopCounts>> {
     let lens: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
     let mut counts = vec![HopCounts::default(); tensors.len()];
@@ -200,7 +200,8 @@ fn sum_fp8_buckets(
             .clone()
             .map(|t| Fp8Segment {
                 len: lens[t],
-                requant: requant[t],
+                requant: requant[t][0],
+                prev_requant: requant[t][1],
             })
             .collect();
         if b.len() == 1 {
@@ -440,14 +441,18 @@ impl GradAllReducer {
             report.flushed[t] = count_flushed(g, scales[t].0, fmt);
         }
         let adapt_mu = method == GradMethod::Fp8Lm;
-        let requant = vec![None; k];
+        let requant = vec![[None, None]; k];
         self.sum_and_finish(comm, out, fmt, &lens, &requant, adapt_mu, sent0, report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
-    /// vector all-reduce finds `s_g = min_i s'_i`; each rank re-quantises
+    /// all-gather of the scales finds `s_g = min_i s'_i`; each rank re-quantises
     /// `g''_i = fp8(mu * s_g * g'_i / s'_i)` through a 256-entry table; the FP8 sum follows
-    /// and each tensor's scale becomes `N * mu * s_g` (the scale of the mean).
+    /// and each tensor's scale becomes `N * mu * s_g` (the scale of the mean). The table is
+    /// applied inside the ring's hops (no pass of its own), and the chunk a rank sends
+    /// first is re-quantised by its receiver, with the sender's table (which is why the
+    /// scales are gathered rather than min-reduced); the results are bit for bit those of
+    /// re-quantising first and summing after.
     pub fn all_reduce_scaled_fp8(
         &mut self,
         comm: &dyn Communicator,
@@ -482,8 +487,30 @@ impl GradAllReducer {
                 ),
             ));
         }
-        let mut s_g: Vec<f32> = grads.iter().map(|g| g.scale).collect();
-        comm.all_reduce(BufMut::F32(&mut s_g), ReduceOp::Min)?;
+        // One all-gather of every rank's scales: s_g = min_i s'_i (a NaN anywhere gives
+        // NaN, as the Min all-reduce would), and the previous rank's scale, whose table
+        // this rank applies to the chunk that rank sends first (see fp8_all_reduce_fused).
+        let mine: Vec<u8> = grads.iter().flat_map(|g| g.scale.to_le_bytes()).collect();
+        let all = comm.all_gather_bytes(&mine)?;
+        let scale_of = |rank: usize, t: usize| {
+            let o = (rank * k + t) * 4;
+            f32::from_le_bytes(all[o..o + 4].try_into().expect("4 bytes"))
+        };
+        let ranks = comm.size();
+        let s_g: Vec<f32> = (0..k)
+            .map(|t| {
+                (0..ranks)
+                    .map(|r| scale_of(r, t))
+                    .fold(f32::INFINITY, |m, x| {
+                        if m.is_nan() || x.is_nan() {
+                            f32::NAN
+                        } else {
+                            m.min(x)
+                        }
+                    })
+            })
+            .collect();
+        let prev = (comm.rank() + ranks - 1) % ranks;
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         let mut report = GradReport {
             saturated: vec![0; k],
@@ -494,11 +521,9 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         let dec = decode_table(fmt);
-        // Each tensor's re-quantisation table; applied inside the ring (fused).
-        let mut luts: Vec<Option<([u8; 256], u8)>> = Vec::with_capacity(k);
-        for (t, g) in grads.iter_mut().enumerate() {
-            let q = self.mu[t] * s_g[t];
-            let ratio = q / g.scale;
+        // fp8(ratio * value) for every code, and the largest magnitude code it flushes to
+        // zero; None when the table is the identity (ratio 1).
+        let table = |ratio: f32| -> Option<([u8; 256], u8)> {
             let mut lut = [0u8; 256];
             for (v, l) in lut.iter_mut().enumerate() {
                 // NaN codes keep their exact bits.
@@ -514,27 +539,34 @@ impl GradAllReducer {
                 .take_while(|&v| lut[v as usize] & 0x7F == 0)
                 .count() as u8;
             let identity = lut.iter().enumerate().all(|(v, &w)| v as u8 == w);
-            luts.push((!identity).then_some((lut, flush_hi)));
+            (!identity).then_some((lut, flush_hi))
+        };
+        // Each tensor's re-quantisation tables (own, previous rank's); applied inside the
+        // ring (fused).
+        let mut luts = Vec::with_capacity(k);
+        for (t, g) in grads.iter_mut().enumerate() {
+            let q = self.mu[t] * s_g[t];
+            luts.push((table(q / g.scale), table(q / scale_of(prev, t))));
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        let requant: Vec<Option<Requant>> = luts
-            .iter()
-            .map(|l| {
-                l.as_ref().map(|(lut, flush_hi)| Requant {
-                    lut,
-                    flush_hi: *flush_hi,
-                })
+        fn as_rq(l: &Option<([u8; 256], u8)>) -> Option<Requant<'_>> {
+            l.as_ref().map(|(lut, flush_hi)| Requant {
+                lut,
+                flush_hi: *flush_hi,
             })
-            .collect();
+        }
+        let requant: Vec<[Option<Requant>; 2]> =
+            luts.iter().map(|(o, p)| [as_rq(o), as_rq(p)]).collect();
         self.sum_and_finish(comm, grads, fmt, &lens, &requant, true, sent0, report)
     }
 
     /// The common tail of both FP8 entry points: FP8-sum the tensors bucket by bucket
-    /// (re-quantising on the way where `requant` says so, counting this rank's flushed
-    /// codes), agree on the per-tensor saturation counts of the sums (one all-gather of
-    /// each rank's share), adapt mu from them (`adapt_mu`), and account the bytes this
-    /// rank sent since `sent0`.
+    /// (re-quantising on the way where `requant` (own, previous rank's) says so, counting
+    /// flushed codes), agree on the per-tensor counts (one all-gather of each rank's
+    /// share: the saturated sums it finished, the previous rank's codes it flushed), adapt
+    /// mu from the saturation counts (`adapt_mu`), and account the bytes this rank sent
+    /// since `sent0`.
     #[allow(clippy::too_many_arguments)]
     fn sum_and_finish(
         &mut self,
@@ -542,18 +574,19 @@ impl GradAllReducer {
         tensors: &mut [ScaledFp8],
         fmt: Fp8Format,
         lens: &[usize],
-        requant: &[Option<Requant>],
+        requant: &[[Option<Requant>; 2]],
         adapt_mu: bool,
         sent0: u64,
         mut report: GradReport,
     ) -> Result<GradReport> {
         let counts = sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes, requant)?;
+        let (saturated, flushed_by_next) = agree_counts(comm, &counts)?;
         for (t, c) in counts.iter().enumerate() {
-            if requant[t].is_some() {
-                report.flushed[t] = c.flushed;
+            if requant[t][0].is_some() {
+                report.flushed[t] = c.flushed + flushed_by_next[t];
             }
         }
-        report.saturated = agree_counts(comm, counts.iter().map(|c| c.saturated))?;
+        report.saturated = saturated;
         if adapt_mu {
             for (t, &len) in lens.iter().enumerate() {
                 self.update_mu(t, report.saturated[t], len);
@@ -566,21 +599,30 @@ impl GradAllReducer {
     }
 }
 
-/// Sum of every rank's `mine[t]`, the same on all ranks (exact u64 arithmetic).
-fn agree_counts(comm: &dyn Communicator, mine: impl Iterator<Item = u64>) -> Result<Vec<u64>> {
-    let mine: Vec<u64> = mine.collect();
-    if comm.size() == 1 || mine.is_empty() {
-        return Ok(mine);
+/// From every rank's per-tensor counts: the total of `saturated` over ranks (the same on
+/// all ranks, exact u64 arithmetic) and the next rank's `flushed_incoming` (this rank's
+/// codes that the next rank flushed while re-quantising them for it).
+fn agree_counts(comm: &dyn Communicator, mine: &[HopCounts]) -> Result<(Vec<u64>, Vec<u64>)> {
+    let k = mine.len();
+    if comm.size() == 1 || k == 0 {
+        return Ok((mine.iter().map(|c| c.saturated).collect(), vec![0; k]));
     }
-    let bytes: Vec<u8> = mine.iter().flat_map(|c| c.to_le_bytes()).collect();
+    let bytes: Vec<u8> = mine
+        .iter()
+        .flat_map(|c| [c.saturated, c.flushed_incoming])
+        .flat_map(|c| c.to_le_bytes())
+        .collect();
     let all = comm.all_gather_bytes(&bytes)?;
-    let mut total = vec![0u64; mine.len()];
-    for rank in all.chunks_exact(bytes.len()) {
-        for (t, c) in total.iter_mut().zip(rank.chunks_exact(8)) {
-            *t += u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        }
-    }
-    Ok(total)
+    let word = |rank: usize, t: usize, j: usize| {
+        let o = rank * bytes.len() + (2 * t + j) * 8;
+        u64::from_le_bytes(all[o..o + 8].try_into().expect("8 bytes"))
+    };
+    let next = (comm.rank() + 1) % comm.size();
+    let saturated = (0..k)
+        .map(|t| (0..comm.size()).map(|r| word(r, t, 0)).sum())
+        .collect();
+    let flushed_by_next = (0..k).map(|t| word(next, t, 1)).collect();
+    Ok((saturated, flushed_by_next))
 }
 
 #[cfg(test)]

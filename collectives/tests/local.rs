@@ -244,11 +244,16 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
                         .collect()
                 })
                 .collect();
-            // Rank r's table for segment i (segment 2 is sent as it is).
+            // Rank r's table for segment i (segment 2 is sent as it is); steep enough ratios
+            // that some codes flush to zero even in E5M2's wide range.
+            let step = if fmt == Fp8Format::E5M2 { 10 } else { 3 };
             let tables: Vec<Vec<Option<Table>>> = (0..n)
                 .map(|r| {
                     (0..seg_lens.len())
-                        .map(|i| (i != 2).then(|| table(2f32.powi(-(r as i32) - i as i32 % 3))))
+                        .map(|i| {
+                            (i != 2)
+                                .then(|| table(2f32.powi(-(r as i32) - step * (1 + i as i32 / 3))))
+                        })
                         .collect()
                 })
                 .collect();
@@ -270,15 +275,18 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
                 reference_all_reduce(&requantised, |a, x| combine_fp8(fmt, ReduceOp::Sum, a, x));
             let got = run_ranks(n, |c| {
                 let r = c.rank();
-                let segs: Vec<Fp8Segment> = seg_lens
-                    .iter()
-                    .zip(&tables[r])
-                    .map(|(&len, t)| Fp8Segment {
-                        len,
-                        requant: t.as_ref().map(|(lut, flush_hi)| Requant {
-                            lut,
-                            flush_hi: *flush_hi,
-                        }),
+                fn rq(t: &Option<([u8; 256], u8)>) -> Option<Requant<'_>> {
+                    t.as_ref().map(|(lut, flush_hi)| Requant {
+                        lut,
+                        flush_hi: *flush_hi,
+                    })
+                }
+                let prev = (r + n - 1) % n;
+                let segs: Vec<Fp8Segment> = (0..seg_lens.len())
+                    .map(|i| Fp8Segment {
+                        len: seg_lens[i],
+                        requant: rq(&tables[r][i]),
+                        prev_requant: rq(&tables[prev][i]),
                     })
                     .collect();
                 let mut b = inputs[r].clone();
@@ -294,14 +302,22 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
                     .iter()
                     .filter(|&&b| b & 0x7F == m)
                     .count();
-                for (r, (_, counts)) in got.iter().enumerate() {
+                for r in 0..n {
+                    let counts = &got[r].1;
                     sat_total[i] += counts[i].saturated;
                     let flushed = inputs[r][off..off + l]
                         .iter()
                         .zip(&requantised[r][off..off + l])
                         .filter(|(&a, &b)| a & 0x7F != 0 && b & 0x7F == 0)
                         .count() as u64;
-                    assert_eq!(counts[i].flushed, flushed, "{fmt:?} n={n} rank {r} seg {i}");
+                    // Counted by this rank, plus by the next one on the chunk sent raw.
+                    let next = &got[(r + 1) % n].1;
+                    let by_next = if n > 1 { next[i].flushed_incoming } else { 0 };
+                    assert_eq!(
+                        counts[i].flushed + by_next,
+                        flushed,
+                        "{fmt:?} n={n} rank {r} seg {i}"
+                    );
                 }
                 assert_eq!(sat_total[i], want_sat as u64, "{fmt:?} n={n} seg {i}");
                 off += l;
@@ -310,6 +326,24 @@ fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
                 sat_total.iter().sum::<u64>() > 0,
                 "test data must saturate somewhere"
             );
+            let flushed: u64 = got
+                .iter()
+                .flat_map(|(_, c)| c.iter().map(|c| c.flushed + c.flushed_incoming))
+                .sum();
+            assert!(
+                flushed > 0,
+                "test data must underflow somewhere ({fmt:?} n={n})"
+            );
+            if n > 1 {
+                let by_receivers: u64 = got
+                    .iter()
+                    .flat_map(|(_, c)| c.iter().map(|c| c.flushed_incoming))
+                    .sum();
+                assert!(
+                    by_receivers > 0,
+                    "first chunks must be re-quantised by receivers"
+                );
+            }
             for (b, _) in &got {
                 assert_eq!(b, &want, "{fmt:?} n={n}");
             }
