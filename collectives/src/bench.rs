@@ -182,9 +182,16 @@ pub fn run(elements: usize, reps: usize, local_ranks: usize) -> Result<Option<St
 pub fn format_rows(rows: &[BenchRow], ranks: usize, backend: &str, elements: usize) -> String {
     let base = rows.iter().find(|r| r.name == "f32");
     let mut s = format!(
-        "all-reduce of {elements} gradient elements, {ranks} ranks ({backend} backend)\n\
+        "all-reduce of {elements} gradient elements, {ranks} ranks ({backend} backend, \
+         FP8 sum kernel {})\n\
          {:<16} {:>6} {:>14} {:>9} {:>11} {:>9}\n",
-        "method", "B/elem", "sent/rank [B]", "vs f32", "time [ms]", "vs f32"
+        crate::fp8sum::kernel_name(),
+        "method",
+        "B/elem",
+        "sent/rank [B]",
+        "vs f32",
+        "time [ms]",
+        "vs f32"
     );
     for r in rows {
         let (bx, tx) = base.map_or((f64::NAN, f64::NAN), |b| {
@@ -226,6 +233,6 @@ mod tests {
         assert_eq!(r[3].bytes_sent, f32b / 4 + 4 + 16);
         assert!(format_rows(r, 2, "local", 10_000).contains("fp8lm"));
         let table = run(1000, 1, 3).unwrap().unwrap();
-        assert!(table.contains("3 ranks (local backend)"), "{table}");
+        assert!(table.contains("3 ranks (local backend,"), "{table}");
     }
 }
