@@ -6,14 +6,18 @@
 //! exactly `E4M3::from_f32` / `E5M2::from_f32`. The returned amax is `max |src[i]|` of
 //! the *unscaled* input (what scaling recipes track), or NaN if any input is NaN.
 //!
-//! Backends: the portable loop ([`Backend::Portable`]) and AVX2 (+F16C) on x86-64
-//! ([`Backend::Avx2`]), picked at run time with `is_x86_feature_detected!`. The plain
+//! Backends: the portable loop ([`Backend::Portable`]), AVX2 (+F16C) on x86-64
+//! ([`Backend::Avx2`]) and AVX-512 F+BW+VL ([`Backend::Avx512`], the encodes to FP8; the
+//! other casts run their AVX2 code under it), picked at run time with
+//! `is_x86_feature_detected!`. The plain
 //! functions are single-threaded; the `par_*` variants split large slices over the rayon
 //! pool (chunks of [`PAR_CHUNK`] elements). Callers that already run one tensor per
 //! thread should use the plain ones.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 
 use crate::format::{CastMode, EncodeConsts, Fp8Format};
@@ -28,12 +32,17 @@ pub enum Backend {
     Portable,
     /// x86-64 AVX2 with F16C (every AVX2 CPU has F16C), 32 elements per iteration.
     Avx2,
+    /// x86-64 AVX-512 F+BW+VL: the encodes to FP8 (16 lanes, statistics counted in the
+    /// same pass); every other cast runs the AVX2 code (AVX-512 CPUs have AVX2).
+    Avx512,
 }
 
 impl Backend {
     /// The fastest backend this CPU supports.
     pub fn detect() -> Backend {
-        if Backend::Avx2.is_available() {
+        if Backend::Avx512.is_available() {
+            Backend::Avx512
+        } else if Backend::Avx2.is_available() {
             Backend::Avx2
         } else {
             Backend::Portable
@@ -44,6 +53,7 @@ impl Backend {
         match self {
             Backend::Portable => true,
             Backend::Avx2 => avx2_available(),
+            Backend::Avx512 => avx512_available(),
         }
     }
 
@@ -51,7 +61,13 @@ impl Backend {
         match self {
             Backend::Portable => "portable",
             Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
         }
+    }
+
+    /// Whether the AVX2 code runs for this backend's non-encode casts.
+    fn runs_avx2(self) -> bool {
+        self != Backend::Portable && avx2_available()
     }
 }
 
@@ -61,6 +77,18 @@ fn avx2_available() -> bool {
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && avx2_available()
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_available() -> bool {
     false
 }
 
@@ -91,6 +119,11 @@ macro_rules! to_fp8 {
                 concat!(stringify!($name), ": src and dst lengths differ")
             );
             let k = EncodeConsts::new(fmt, mode);
+            #[cfg(target_arch = "x86_64")]
+            if backend == Backend::Avx512 && avx512_available() {
+                // SAFETY: the required CPU features were detected just above.
+                return amax_from_bits(unsafe { avx512::$avx2(&k, fmt.max(), src, scale, dst) }.0);
+            }
             #[cfg(target_arch = "x86_64")]
             if backend == Backend::Avx2 && avx2_available() {
                 // SAFETY: the required CPU features were detected just above.
@@ -148,6 +181,111 @@ to_fp8!(
     f16_to_fp8
 );
 
+/// What a cast did besides its output: how many values saturated and how many were
+/// flushed to zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CastCounts {
+    /// Inputs with `|x * scale|` above the format's max (clamped to +-max; inf counts,
+    /// NaN does not).
+    pub saturated: u64,
+    /// Nonzero inputs whose code has zero magnitude (underflow).
+    pub flushed: u64,
+}
+
+impl std::ops::Add for CastCounts {
+    type Output = CastCounts;
+    fn add(self, o: CastCounts) -> CastCounts {
+        CastCounts {
+            saturated: self.saturated + o.saturated,
+            flushed: self.flushed + o.flushed,
+        }
+    }
+}
+
+/// [`f32_to_fp8_amax`] that also counts saturated and flushed values ([`CastCounts`]).
+/// On AVX-512 the counts come from the same pass; elsewhere from a second pass over
+/// the slice (the same definition, tested against each other).
+pub fn f32_to_fp8_counted(
+    fmt: Fp8Format,
+    src: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> (f32, CastCounts) {
+    f32_to_fp8_counted_with(fmt, Backend::detect(), src, scale, dst)
+}
+
+/// [`f32_to_fp8_counted`] on an explicit backend (unavailable falls back to portable).
+pub fn f32_to_fp8_counted_with(
+    fmt: Fp8Format,
+    backend: Backend,
+    src: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> (f32, CastCounts) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "f32_to_fp8_counted: src and dst lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Avx512 && avx512_available() {
+        let k = EncodeConsts::new(fmt, CastMode::SatFinite);
+        // SAFETY: the required CPU features were detected just above.
+        let (bits, counts) = unsafe { avx512::f32_to_fp8(&k, fmt.max(), src, scale, dst) };
+        return (amax_from_bits(bits), counts);
+    }
+    let amax = f32_to_fp8_amax_with(fmt, CastMode::SatFinite, backend, src, scale, dst);
+    let max = fmt.max();
+    // Each count only when it can be nonzero: the amax tells whether anything saturated,
+    // and a zero-magnitude code is rare outside zeros in the input.
+    let saturated = if amax * scale > max || amax.is_nan() {
+        src.iter().filter(|x| (**x * scale).abs() > max).count() as u64
+    } else {
+        0
+    };
+    // u32 sums vectorise 8 lanes per AVX2 vector (`filter().count()` widens to u64).
+    let zeros_out = dst.iter().map(|&b| (b & 0x7F == 0) as u32).sum::<u32>();
+    let flushed = if zeros_out == 0 {
+        0
+    } else {
+        zeros_out - src.iter().map(|&x| (x == 0.0) as u32).sum::<u32>()
+    };
+    (
+        amax,
+        CastCounts {
+            saturated,
+            flushed: flushed as u64,
+        },
+    )
+}
+
+/// Rayon-parallel [`f32_to_fp8_counted`] (same bytes, amax and counts).
+pub fn par_f32_to_fp8_counted(
+    fmt: Fp8Format,
+    src: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> (f32, CastCounts) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "par_f32_to_fp8_counted: src and dst lengths differ"
+    );
+    let backend = Backend::detect();
+    let (bits, counts) = src
+        .par_chunks(PAR_CHUNK)
+        .zip(dst.par_chunks_mut(PAR_CHUNK))
+        .map(|(s, d)| {
+            let (a, c) = f32_to_fp8_counted_with(fmt, backend, s, scale, d);
+            (a.to_bits() & 0x7FFF_FFFF, c)
+        })
+        .reduce(
+            || (0, CastCounts::default()),
+            |(a, c), (b, d)| (a.max(b), c + d),
+        );
+    (amax_from_bits(bits), counts)
+}
+
 /// `dst[i] = decode(src[i]) * inv_scale` (pass `1.0 / scale` to dequantise; for a
 /// power-of-two scale that reciprocal and the product are exact). Returns the amax of
 /// the decoded, unscaled FP8 values (NaN if any code is NaN).
@@ -170,7 +308,7 @@ pub fn fp8_to_f32_amax_with(
     );
     let table = decode_table(fmt);
     #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Avx2 && avx2_available() {
+    if backend.runs_avx2() {
         // SAFETY: the required CPU features were detected just above.
         return amax_from_bits(unsafe { avx2::fp8_to_f32(table, src, inv_scale, dst) });
     }
@@ -211,7 +349,7 @@ pub fn f32_to_f16_amax_with(backend: Backend, src: &[f32], scale: f32, dst: &mut
         "f32_to_f16_amax: src and dst lengths differ"
     );
     #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Avx2 && avx2_available() {
+    if backend.runs_avx2() {
         // SAFETY: the required CPU features were detected just above.
         return amax_from_bits(unsafe { avx2::f32_to_f16(src, scale, dst) });
     }
@@ -232,7 +370,7 @@ pub fn f16_to_f32_amax_with(backend: Backend, src: &[f16], inv_scale: f32, dst: 
         "f16_to_f32_amax: src and dst lengths differ"
     );
     #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Avx2 && avx2_available() {
+    if backend.runs_avx2() {
         // SAFETY: the required CPU features were detected just above.
         return amax_from_bits(unsafe { avx2::f16_to_f32(src, inv_scale, dst) });
     }

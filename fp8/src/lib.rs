@@ -9,9 +9,10 @@
 //!   `from_f32_nonsaturating` turns overflow into NaN (E4M3) / +-inf (E5M2). The three
 //!   overflow behaviours are named by [`CastMode`].
 //! - [`cast`]: bulk casts over slices (f32/bf16/f16 -> FP8 with a scale multiply, FP8 ->
-//!   f32, f32 <-> f16) that return the input's amax from the same pass. AVX2 (+F16C) on
-//!   x86-64, chosen at run time, else a portable loop; both are bit-identical to the
-//!   scalar casts on every input. Single-threaded by default (a training step casts
+//!   f32, f32 <-> f16) that return the input's amax from the same pass
+//!   (`cast::*_counted` also the saturated and flushed counts). AVX-512 (the encodes)
+//!   and AVX2 (+F16C) on x86-64, chosen at run time, else a portable loop; all are
+//!   bit-identical to the scalar casts on every input. Single-threaded by default (a training step casts
 //!   many tensors, callers parallelise over them); `cast::par_*` split one large slice
 //!   over rayon.
 //! - [`ScaledFp8`] / [`ScaledF16`]: tensors of low-precision values with one f32 scale,

@@ -65,7 +65,7 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
         .map(|g| match g {
             Grad::F32(s) => s
                 .par_chunks(16384)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .map(sum_squares_f64)
                 .collect::<Vec<_>>()
                 .iter()
                 .sum::<f64>(),
@@ -115,6 +115,23 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
         })
         .sum();
     sq.sqrt() as f32
+}
+
+/// `sum x^2` in f64 over 16 interleaved partial sums (fixed order, so deterministic): a
+/// single running f64 sum is one dependent add per element (~4 cycles each, ~80 ms a
+/// step at 124M parameters); independent lanes vectorise and pipeline.
+fn sum_squares_f64(c: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut acc = [0f64; LANES];
+    let blocks = c.chunks_exact(LANES);
+    let rest = blocks.remainder();
+    for b in blocks {
+        for (a, &x) in acc.iter_mut().zip(b) {
+            *a += (x as f64) * (x as f64);
+        }
+    }
+    let tail: f64 = rest.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Clip factor for a global norm (1 when clipping is off or not needed).

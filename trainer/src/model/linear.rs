@@ -376,42 +376,9 @@ pub fn par_amax(src: &[f32]) -> f32 {
 }
 
 /// Saturating RNE cast `dst = fp8(src * scale)` (the fp8 crate's bulk cast), in parallel;
-/// returns (amax of src, values that saturated, nonzero values flushed to zero).
+/// returns (amax of src, values that saturated, nonzero values flushed to zero), counted
+/// in the same pass where the CPU allows (AVX-512).
 pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) -> (f32, u64, u64) {
-    let max = fmt.max();
-    let chunk = |d: &mut [u8], s: &[f32]| {
-        let amax = cast::f32_to_fp8_amax(fmt, s, scale, d);
-        let mut over = 0u64;
-        if amax * scale > max || amax.is_nan() {
-            over = s.iter().filter(|x| (**x * scale).abs() > max).count() as u64;
-        }
-        // underflow = zeros out - zeros in (two counts that vectorise: u32 sums run 8
-        // lanes per AVX2 vector, where `filter().count()` widens to u64 and runs 4)
-        let zeros_out = d.iter().map(|&b| (b & 0x7F == 0) as u32).sum::<u32>();
-        let under = if zeros_out == 0 {
-            0
-        } else {
-            zeros_out - s.iter().map(|&x| (x == 0.0) as u32).sum::<u32>()
-        };
-        (amax, over, under as u64)
-    };
-    if src.len() <= CAST_CHUNK {
-        return chunk(dst, src);
-    }
-    let parts: Vec<(f32, u64, u64)> = dst
-        .par_chunks_mut(CAST_CHUNK)
-        .zip(src.par_chunks(CAST_CHUNK))
-        .map(|(d, s)| chunk(d, s))
-        .collect();
-    parts.iter().fold((0f32, 0, 0), |(m, o, u), &(a, po, pu)| {
-        (
-            if a.is_nan() || m.is_nan() {
-                f32::NAN
-            } else {
-                m.max(a)
-            },
-            o + po,
-            u + pu,
-        )
-    })
+    let (amax, counts) = cast::par_f32_to_fp8_counted(fmt, src, scale, dst);
+    (amax, counts.saturated, counts.flushed)
 }
