@@ -1,12 +1,13 @@
 //! Speed of one FP8 sum hop (E5M2, 32 MiB, with the saturation count) on every kernel
-//! this CPU has, next to a memcpy and an f32 add of the same element count (4x the
-//! bytes). Best of 15 passes; on a shared machine compare the rows of one run.
+//! this CPU has, plain and with FP8-LM's re-quantisation table fused in, next to a memcpy
+//! and an f32 add of the same element count (4x the bytes). Best of 15 passes; on a
+//! shared machine compare the rows of one run.
 //!
 //! ```text
 //! cargo run --release -p fp8lm-collectives --example hop_speed
 //! ```
 
-use fp8lm_collectives::fp8sum::{sum_hop_with, Kernel};
+use fp8lm_collectives::fp8sum::{sum_hop_with, Kernel, Requant};
 use fp8lm_fp8::Fp8Format;
 use std::time::Instant;
 
@@ -33,11 +34,29 @@ fn main() {
     let inc: Vec<u8> = (0..n).map(|_| next()).collect();
     let mut acc: Vec<u8> = (0..n).map(|_| next()).collect();
     println!("fp8 sum hop, E5M2, {n} elements, best of 15 (noisy on a shared machine)");
+    let fmt = Fp8Format::E5M2;
+    // fp8(value / 2) for every code (NaN codes kept), as mu = 1/2 would give.
+    let lut: [u8; 256] = std::array::from_fn(|v| {
+        let x = fmt.decode(v as u8);
+        if x.is_nan() {
+            v as u8
+        } else {
+            fmt.encode(x * 0.5, true)
+        }
+    });
+    let rq = Requant {
+        lut: &lut,
+        flush_hi: 1,
+    };
+    println!("{:<12} {:>10} {:>14}", "kernel", "plain", "+requant");
     for k in Kernel::available() {
-        let ms = best_ms(|| {
-            sum_hop_with(k, Fp8Format::E5M2, &mut acc, &inc, None, None, true);
+        let plain = best_ms(|| {
+            sum_hop_with(k, fmt, &mut acc, &inc, None, None, true);
         });
-        println!("{:<12} {ms:8.2} ms", k.name());
+        let fused = best_ms(|| {
+            sum_hop_with(k, fmt, &mut acc, &inc, Some(rq), None, true);
+        });
+        println!("{:<12} {plain:7.2} ms {fused:11.2} ms", k.name());
     }
     let ms = best_ms(|| acc.copy_from_slice(&inc));
     println!("{:<12} {ms:8.2} ms", "memcpy u8");
