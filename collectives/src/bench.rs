@@ -8,8 +8,9 @@
 //! - `bf16`: bf16 gradients, bf16 sum with per-hop rounding.
 //! - `fp8-sum`: the bare FP8 (E5M2) sum of the bytes, per-hop rounded (no scales).
 //! - `fp8lm`: FP8 (E5M2) gradients with their own scales, as FP8-LM's weight-gradient
-//!   GEMMs produce them: scale agreement (one small all-reduce), table re-quantisation,
-//!   FP8 sum, result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]),
+//!   GEMMs produce them: scale agreement (one small all-gather), table re-quantisation
+//!   and counts fused into the FP8 sum's ring, one small gather of the counts,
+//!   result scale `N * mu * s_g` ([`GradAllReducer::all_reduce_scaled_fp8`]),
 //!   with mu = 1/2 (steady state: at mu = 1 the re-quantisation would be skipped).
 //! - `fp8lm-from-f32`: the same starting from f32 gradients, including the amax pass and
 //!   the f32 -> FP8 cast ([`GradAllReducer::all_reduce_fp8`]).
@@ -181,9 +182,16 @@ pub fn run(elements: usize, reps: usize, local_ranks: usize) -> Result<Option<St
 pub fn format_rows(rows: &[BenchRow], ranks: usize, backend: &str, elements: usize) -> String {
     let base = rows.iter().find(|r| r.name == "f32");
     let mut s = format!(
-        "all-reduce of {elements} gradient elements, {ranks} ranks ({backend} backend)\n\
+        "all-reduce of {elements} gradient elements, {ranks} ranks ({backend} backend, \
+         FP8 sum kernel {})\n\
          {:<16} {:>6} {:>14} {:>9} {:>11} {:>9}\n",
-        "method", "B/elem", "sent/rank [B]", "vs f32", "time [ms]", "vs f32"
+        crate::fp8sum::kernel_name(),
+        "method",
+        "B/elem",
+        "sent/rank [B]",
+        "vs f32",
+        "time [ms]",
+        "vs f32"
     );
     for r in rows {
         let (bx, tx) = base.map_or((f64::NAN, f64::NAN), |b| {
@@ -221,9 +229,10 @@ mod tests {
         assert_eq!(r[1].bytes_sent, f32b / 2);
         // FP8: a quarter, plus the 4-byte scale agreement.
         assert_eq!(r[2].bytes_sent, f32b / 4);
-        assert_eq!(r[3].bytes_sent, f32b / 4 + 4);
+        // FP8-LM: plus the 4-byte scale gather and the 16-byte count gather.
+        assert_eq!(r[3].bytes_sent, f32b / 4 + 4 + 16);
         assert!(format_rows(r, 2, "local", 10_000).contains("fp8lm"));
         let table = run(1000, 1, 3).unwrap().unwrap();
-        assert!(table.contains("3 ranks (local backend)"), "{table}");
+        assert!(table.contains("3 ranks (local backend,"), "{table}");
     }
 }

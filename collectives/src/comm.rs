@@ -28,6 +28,8 @@ use crate::buf::{
     ReduceOp,
 };
 use crate::error::{CommError, Result};
+use crate::fp8sum::{requant_in_place, sum_hop, HopCounts, Requant};
+use fp8lm_fp8::Fp8Format;
 use std::ops::Range;
 
 /// Elements `c*len/n .. (c+1)*len/n`: chunk `c` of `n` (sizes differ by at most one).
@@ -182,6 +184,22 @@ pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
     buf: &mut [T],
     combine: impl Fn(&mut [T], &[T]),
 ) -> Result<Range<usize>> {
+    ring_reduce_scatter_with(comm, what, buf, |a, x, _, _| combine(a, x))
+}
+
+/// [`ring_reduce_scatter`] with a combine hook that sees where it is, for reductions that
+/// transform or inspect the operands on the way (FP8-LM's re-quantisation and counts,
+/// [`fp8_all_reduce_fused`]): `combine(acc, incoming, range, step)` sets
+/// `acc = incoming op acc` on `buf[range]` at ring step `step` (`0..N-1`). At step 0 the
+/// incoming values are the previous rank's own values, sent unreduced; every own value of
+/// this rank is either sent at step 0 (chunk `r-1`) or is `acc` of exactly one call; the
+/// call at step `N-2` produces this rank's finished chunk.
+pub fn ring_reduce_scatter_with<T: Pod, C: Communicator + ?Sized>(
+    comm: &C,
+    what: &str,
+    buf: &mut [T],
+    mut combine: impl FnMut(&mut [T], &[T], Range<usize>, usize),
+) -> Result<Range<usize>> {
     let (n, r, len) = (comm.size(), comm.rank(), buf.len());
     if n == 1 {
         return Ok(0..len);
@@ -194,11 +212,111 @@ pub fn ring_reduce_scatter<T: Pod, C: Communicator + ?Sized>(
             let (sr, rr) = (chunk_range(len, n, send_c), chunk_range(len, n, recv_c));
             let recv = &mut scratch[..rr.len()];
             comm.sendrecv_bytes(what, next, elem_bytes(&buf[sr]), prev, elem_bytes_mut(recv))?;
-            combine(&mut buf[rr], recv);
+            combine(&mut buf[rr.clone()], recv, rr, s);
         }
         Ok(())
     })?;
     Ok(chunk_range(len, n, r))
+}
+
+/// One tensor of a packed FP8 buffer for [`fp8_all_reduce_fused`]: its length, FP8-LM's
+/// re-quantisation of this rank's own bytes, and that of the previous rank
+/// (`(rank + N - 1) % N`, whose first chunk arrives raw). `None`: bytes used as they are.
+/// The previous rank's `requant` must be this rank's `prev_requant`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Segment<'a> {
+    pub len: usize,
+    pub requant: Option<Requant<'a>>,
+    pub prev_requant: Option<Requant<'a>>,
+}
+
+/// FP8 sum all-reduce of `buf` (in place), made of consecutive `segs`, with FP8-LM's
+/// re-quantisation and counts fused into the ring, so they cost no pass of their own:
+/// each own byte is re-quantised through its segment's table inside the one hop that
+/// uses it, except the chunk a rank sends first (step 0), which goes out raw and is
+/// re-quantised by the receiver, with the sender's table, inside its hop; the final
+/// reduce-scatter step counts the finished sums at +-fmt_max. The result is bit for bit
+/// that of re-quantising the whole buffer first and then calling
+/// [`Communicator::all_reduce`] (same ring order, module docs; tested).
+///
+/// `counts[i]` (one per segment) receives this rank's share of the counts: `flushed` =
+/// own codes of segment i, outside the chunk sent first, that the table sent to zero;
+/// `flushed_incoming` = the same for the previous rank's first chunk; `saturated` =
+/// saturated sums of segment i inside this rank's finished chunk. Every element is
+/// finished on exactly one rank, so the sum of `saturated` over ranks is the count on the
+/// whole result; a rank's own underflow is its `flushed` plus the next rank's
+/// `flushed_incoming` (the caller gathers them).
+pub fn fp8_all_reduce_fused<C: Communicator + ?Sized>(
+    comm: &C,
+    buf: &mut [u8],
+    fmt: Fp8Format,
+    segs: &[Fp8Segment],
+    counts: &mut [HopCounts],
+) -> Result<()> {
+    let total: usize = segs.iter().map(|s| s.len).sum();
+    if total != buf.len() || counts.len() != segs.len() {
+        return Err(CommError::new(
+            comm.rank(),
+            "fp8_all_reduce_fused",
+            format!(
+                "segments cover {total} bytes of a {}-byte buffer ({} segments, {} counters)",
+                buf.len(),
+                segs.len(),
+                counts.len()
+            ),
+        ));
+    }
+    // offs[i]..offs[i+1] is segment i.
+    let mut offs = Vec::with_capacity(segs.len() + 1);
+    offs.push(0usize);
+    for s in segs {
+        offs.push(offs.last().unwrap() + s.len);
+    }
+    // Calls f(segment, piece of `range` inside it), in order.
+    let pieces = |range: Range<usize>, f: &mut dyn FnMut(usize, Range<usize>)| {
+        let first = offs
+            .partition_point(|&o| o <= range.start)
+            .saturating_sub(1);
+        for i in first..segs.len() {
+            let (lo, hi) = (offs[i].max(range.start), offs[i + 1].min(range.end));
+            if offs[i] >= range.end {
+                break;
+            }
+            if lo < hi {
+                f(i, lo..hi);
+            }
+        }
+    };
+    let n = comm.size();
+    if n == 1 {
+        pieces(0..buf.len(), &mut |i, p| {
+            if let Some(rq) = segs[i].requant {
+                counts[i].flushed += requant_in_place(&mut buf[p.clone()], rq);
+            }
+            let m = fmt.max_bits();
+            counts[i].saturated += crate::buf::count_magnitude_in(&buf[p], m, m);
+        });
+        return Ok(());
+    }
+    ring_reduce_scatter_with(comm, "fp8_all_reduce", buf, |acc, incoming, range, step| {
+        pieces(range.clone(), &mut |i, p| {
+            let local = p.start - range.start..p.end - range.start;
+            let incoming_requant = if step == 0 {
+                segs[i].prev_requant
+            } else {
+                None
+            };
+            counts[i] += sum_hop(
+                fmt,
+                &mut acc[local.clone()],
+                &incoming[local],
+                segs[i].requant,
+                incoming_requant,
+                step == n - 2,
+            );
+        })
+    })?;
+    ring_all_gather(comm, "fp8_all_reduce", buf)
 }
 
 thread_local! {

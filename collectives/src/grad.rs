@@ -20,23 +20,27 @@
 //! adapts: after each all-reduce, if more than `overflow_fraction` (default 0.001%) of a
 //! tensor's summed values sit at +-fmt_max (saturated), `mu` halves; otherwise it grows by
 //! `2^(1/growth_steps)`, i.e. doubles over 1000 steps, up to `max_mu`. The saturation count
-//! is taken on the summed result, which every rank holds identically, so `mu` stays in
-//! agreement without extra communication. `max_mu` defaults to 1: `s'_i` is already the
+//! is that of the summed result, which every rank ends up holding identically; to save a
+//! pass over it, each rank counts inside the last reduce-scatter step the chunk it
+//! finishes, and one small all-gather of those shares gives every rank the same total
+//! (so `mu` stays in agreement). `max_mu` defaults to 1: `s'_i` is already the
 //! current (not delayed) amax scale, so `mu > 1` could only clip the largest rank's values.
 //!
 //! FP8-LM's re-quantisation `g''_i = fp8(s_g * g'_i / s'_i)` is done here directly from
 //! the f32 gradient, `fp8(mu * s_g * g_i)`: one rounding instead of two. When gradients are
 //! already FP8 tensors `(g'_i, s'_i)`, [`GradAllReducer::all_reduce_scaled_fp8`] does the
-//! re-quantisation literally, through a 256-entry table per tensor.
+//! re-quantisation literally, through a 256-entry table per tensor, applied to each byte
+//! inside the ring right before its one use ([`crate::comm::fp8_all_reduce_fused`]), so
+//! FP8-LM costs no pass over the data beyond the FP8 sum itself.
 //!
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
-use crate::buf::{count_magnitude_in, BufMut, ReduceOp};
-use crate::comm::Communicator;
+use crate::buf::{BufMut, ReduceOp};
+use crate::comm::{fp8_all_reduce_fused, Communicator, Fp8Segment};
 use crate::error::{CommError, Result};
-use crate::lut::apply_lut;
-use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
+use crate::fp8sum::{HopCounts, Requant};
+use fp8lm_fp8::cast::{decode_table, f32_to_fp8_counted};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
 use half::bf16;
@@ -178,25 +182,38 @@ fn buckets(lens: &[usize], elem_bytes: usize, cap: usize) -> Vec<std::ops::Range
     out
 }
 
-/// FP8 sum of every tensor's bytes across ranks, bucket by bucket: a bucket of one
-/// tensor is reduced where it lies, several small ones are packed into one buffer.
+/// FP8 sum of every tensor's bytes across ranks, bucket by bucket (a bucket of one
+/// tensor is reduced where it lies, several small ones are packed into one buffer), with
+/// each tensor's re-quantisation `requant[t]` and the counts fused into the ring
+/// ([`fp8_all_reduce_fused`]). Returns this rank's share of the counts per tensor.
 fn sum_fp8_buckets(
     comm: &dyn Communicator,
     tensors: &mut [ScaledFp8],
     fmt: Fp8Format,
     bucket_bytes: usize,
-) -> Result<()> {
+    requant: &[[Option<Requant>; 2]],
+) -> Result<Vec<HopCounts>> {
     let lens: Vec<usize> = tensors.iter().map(|t| t.data.len()).collect();
+    let mut counts = vec![HopCounts::default(); tensors.len()];
     for b in buckets(&lens, 1, bucket_bytes) {
+        let segs: Vec<Fp8Segment> = b
+            .clone()
+            .map(|t| Fp8Segment {
+                len: lens[t],
+                requant: requant[t][0],
+                prev_requant: requant[t][1],
+            })
+            .collect();
         if b.len() == 1 {
-            comm.all_reduce(BufMut::Fp8(&mut tensors[b.start].data, fmt), ReduceOp::Sum)?;
+            let data = &mut tensors[b.start].data;
+            fp8_all_reduce_fused(comm, data, fmt, &segs, &mut counts[b])?;
             continue;
         }
         let mut buf = Vec::with_capacity(lens[b.clone()].iter().sum());
         for t in &tensors[b.clone()] {
             buf.extend_from_slice(&t.data);
         }
-        comm.all_reduce(BufMut::Fp8(&mut buf, fmt), ReduceOp::Sum)?;
+        fp8_all_reduce_fused(comm, &mut buf, fmt, &segs, &mut counts[b.clone()])?;
         let mut off = 0;
         for t in &mut tensors[b] {
             let l = t.data.len();
@@ -204,21 +221,7 @@ fn sum_fp8_buckets(
             off += l;
         }
     }
-    Ok(())
-}
-
-/// Non-zero inputs that `fp8(x * q)` rounds to zero: exactly those with
-/// `0 < |x * q| <= min_subnormal / 2` (a tie goes to the even code, zero), the same f32
-/// product the cast computes. Counted on the bits so the loop vectorises.
-fn count_flushed(src: &[f32], q: f32, fmt: Fp8Format) -> u64 {
-    let half = (fmt.min_subnormal() * 0.5).to_bits();
-    src.chunks(1 << 16)
-        .map(|c| {
-            c.iter()
-                .map(|&x| (((x * q).to_bits() & 0x7FFF_FFFF).wrapping_sub(1) < half) as u32)
-                .sum::<u32>() as u64
-        })
-        .sum()
+    Ok(counts)
 }
 
 fn pow2_scale(fmt_max: f32, amax: f32) -> f32 {
@@ -420,17 +423,23 @@ impl GradAllReducer {
             o.shape = vec![lens[t]];
             o.format = fmt;
             o.scale = scales[t].1;
-            f32_to_fp8_amax(fmt, g, scales[t].0, &mut o.data);
-            report.flushed[t] = count_flushed(g, scales[t].0, fmt);
+            // Cast and underflow count in one pass.
+            let (_, counts) = f32_to_fp8_counted(fmt, g, scales[t].0, &mut o.data);
+            report.flushed[t] = counts.flushed;
         }
         let adapt_mu = method == GradMethod::Fp8Lm;
-        self.sum_and_finish(comm, out, fmt, &lens, adapt_mu, sent0, report)
+        let requant = vec![[None, None]; k];
+        self.sum_and_finish(comm, out, fmt, &lens, &requant, adapt_mu, sent0, report)
     }
 
     /// FP8-LM on gradients that are already FP8 tensors `(g'_i, s'_i)` (in place): one
-    /// vector all-reduce finds `s_g = min_i s'_i`; each rank re-quantises
+    /// all-gather of the scales finds `s_g = min_i s'_i`; each rank re-quantises
     /// `g''_i = fp8(mu * s_g * g'_i / s'_i)` through a 256-entry table; the FP8 sum follows
-    /// and each tensor's scale becomes `N * mu * s_g` (the scale of the mean).
+    /// and each tensor's scale becomes `N * mu * s_g` (the scale of the mean). The table is
+    /// applied inside the ring's hops (no pass of its own), and the chunk a rank sends
+    /// first is re-quantised by its receiver, with the sender's table (which is why the
+    /// scales are gathered rather than min-reduced); the results are bit for bit those of
+    /// re-quantising first and summing after.
     pub fn all_reduce_scaled_fp8(
         &mut self,
         comm: &dyn Communicator,
@@ -465,8 +474,30 @@ impl GradAllReducer {
                 ),
             ));
         }
-        let mut s_g: Vec<f32> = grads.iter().map(|g| g.scale).collect();
-        comm.all_reduce(BufMut::F32(&mut s_g), ReduceOp::Min)?;
+        // One all-gather of every rank's scales: s_g = min_i s'_i (a NaN anywhere gives
+        // NaN, as the Min all-reduce would), and the previous rank's scale, whose table
+        // this rank applies to the chunk that rank sends first (see fp8_all_reduce_fused).
+        let mine: Vec<u8> = grads.iter().flat_map(|g| g.scale.to_le_bytes()).collect();
+        let all = comm.all_gather_bytes(&mine)?;
+        let scale_of = |rank: usize, t: usize| {
+            let o = (rank * k + t) * 4;
+            f32::from_le_bytes(all[o..o + 4].try_into().expect("4 bytes"))
+        };
+        let ranks = comm.size();
+        let s_g: Vec<f32> = (0..k)
+            .map(|t| {
+                (0..ranks)
+                    .map(|r| scale_of(r, t))
+                    .fold(f32::INFINITY, |m, x| {
+                        if m.is_nan() || x.is_nan() {
+                            f32::NAN
+                        } else {
+                            m.min(x)
+                        }
+                    })
+            })
+            .collect();
+        let prev = (comm.rank() + ranks - 1) % ranks;
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         let mut report = GradReport {
             saturated: vec![0; k],
@@ -477,10 +508,9 @@ impl GradAllReducer {
             bytes_sent: 0,
         };
         let dec = decode_table(fmt);
-        // Re-quantise each tensor in place through its 256-entry table.
-        for (t, g) in grads.iter_mut().enumerate() {
-            let q = self.mu[t] * s_g[t];
-            let ratio = q / g.scale;
+        // fp8(ratio * value) for every code, and the largest magnitude code it flushes to
+        // zero; None when the table is the identity (ratio 1).
+        let table = |ratio: f32| -> Option<([u8; 256], u8)> {
             let mut lut = [0u8; 256];
             for (v, l) in lut.iter_mut().enumerate() {
                 // NaN codes keep their exact bits.
@@ -491,23 +521,39 @@ impl GradAllReducer {
                 };
             }
             // The table is monotone in magnitude, so the non-zero codes it flushes to
-            // zero are the magnitudes 1..=k.
-            let k = (1..=0x7Fu8)
+            // zero are the magnitudes 1..=flush_hi.
+            let flush_hi = (1..=0x7Fu8)
                 .take_while(|&v| lut[v as usize] & 0x7F == 0)
                 .count() as u8;
-            report.flushed[t] = count_magnitude_in(&g.data, 1, k);
-            if lut.iter().enumerate().any(|(v, &w)| v as u8 != w) {
-                apply_lut(&mut g.data, &lut);
-            }
+            let identity = lut.iter().enumerate().all(|(v, &w)| v as u8 == w);
+            (!identity).then_some((lut, flush_hi))
+        };
+        // Each tensor's re-quantisation tables (own, previous rank's); applied inside the
+        // ring (fused).
+        let mut luts = Vec::with_capacity(k);
+        for (t, g) in grads.iter_mut().enumerate() {
+            let q = self.mu[t] * s_g[t];
+            luts.push((table(q / g.scale), table(q / scale_of(prev, t))));
             report.scales[t] = n * q;
             g.scale = n * q;
         }
-        self.sum_and_finish(comm, grads, fmt, &lens, true, sent0, report)
+        fn as_rq(l: &Option<([u8; 256], u8)>) -> Option<Requant<'_>> {
+            l.as_ref().map(|(lut, flush_hi)| Requant {
+                lut,
+                flush_hi: *flush_hi,
+            })
+        }
+        let requant: Vec<[Option<Requant>; 2]> =
+            luts.iter().map(|(o, p)| [as_rq(o), as_rq(p)]).collect();
+        self.sum_and_finish(comm, grads, fmt, &lens, &requant, true, sent0, report)
     }
 
-    /// The common tail of both FP8 entry points: FP8-sum the re-quantised tensors bucket by
-    /// bucket, count the sums that saturated, adapt mu from those counts (`adapt_mu`), and
-    /// account the bytes this rank sent since `sent0`.
+    /// The common tail of both FP8 entry points: FP8-sum the tensors bucket by bucket
+    /// (re-quantising on the way where `requant` (own, previous rank's) says so, counting
+    /// flushed codes), agree on the per-tensor counts (one all-gather of each rank's
+    /// share: the saturated sums it finished, the previous rank's codes it flushed), adapt
+    /// mu from the saturation counts (`adapt_mu`), and account the bytes this rank sent
+    /// since `sent0`.
     #[allow(clippy::too_many_arguments)]
     fn sum_and_finish(
         &mut self,
@@ -515,14 +561,19 @@ impl GradAllReducer {
         tensors: &mut [ScaledFp8],
         fmt: Fp8Format,
         lens: &[usize],
+        requant: &[[Option<Requant>; 2]],
         adapt_mu: bool,
         sent0: u64,
         mut report: GradReport,
     ) -> Result<GradReport> {
-        sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes)?;
-        for (t, g) in tensors.iter().enumerate() {
-            report.saturated[t] = count_magnitude_in(&g.data, fmt.max_bits(), fmt.max_bits());
+        let counts = sum_fp8_buckets(comm, tensors, fmt, self.cfg.bucket_bytes, requant)?;
+        let (saturated, flushed_by_next) = agree_counts(comm, &counts)?;
+        for (t, c) in counts.iter().enumerate() {
+            if requant[t][0].is_some() {
+                report.flushed[t] = c.flushed + flushed_by_next[t];
+            }
         }
+        report.saturated = saturated;
         if adapt_mu {
             for (t, &len) in lens.iter().enumerate() {
                 self.update_mu(t, report.saturated[t], len);
@@ -535,12 +586,40 @@ impl GradAllReducer {
     }
 }
 
+/// From every rank's per-tensor counts: the total of `saturated` over ranks (the same on
+/// all ranks, exact u64 arithmetic) and the next rank's `flushed_incoming` (this rank's
+/// codes that the next rank flushed while re-quantising them for it).
+fn agree_counts(comm: &dyn Communicator, mine: &[HopCounts]) -> Result<(Vec<u64>, Vec<u64>)> {
+    let k = mine.len();
+    if comm.size() == 1 || k == 0 {
+        return Ok((mine.iter().map(|c| c.saturated).collect(), vec![0; k]));
+    }
+    let bytes: Vec<u8> = mine
+        .iter()
+        .flat_map(|c| [c.saturated, c.flushed_incoming])
+        .flat_map(|c| c.to_le_bytes())
+        .collect();
+    let all = comm.all_gather_bytes(&bytes)?;
+    let word = |rank: usize, t: usize, j: usize| {
+        let o = rank * bytes.len() + (2 * t + j) * 8;
+        u64::from_le_bytes(all[o..o + 8].try_into().expect("8 bytes"))
+    };
+    let next = (comm.rank() + 1) % comm.size();
+    let saturated = (0..k)
+        .map(|t| (0..comm.size()).map(|r| word(r, t, 0)).sum())
+        .collect();
+    let flushed_by_next = (0..k).map(|t| word(next, t, 1)).collect();
+    Ok((saturated, flushed_by_next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn flushed_count_matches_the_cast() {
+    fn flushed_count_of_the_f32_path_matches_the_cast() {
+        // Values around the flush threshold, both signs, zeros and non-finite ones: the
+        // report counts the non-zero inputs whose code has zero magnitude.
         for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
             let ms = fmt.min_subnormal();
             let xs: Vec<f32> = (0..20_000)
@@ -561,7 +640,9 @@ mod tests {
                 .filter(|&&x| x != 0.0 && fmt.encode(x * q, true) & 0x7F == 0)
                 .count() as u64;
             assert!(want > 1000);
-            assert_eq!(count_flushed(&xs, q, fmt), want, "{fmt:?}");
+            let mut out = vec![0u8; xs.len()];
+            let (_, counts) = f32_to_fp8_counted(fmt, &xs, q, &mut out);
+            assert_eq!(counts.flushed, want, "{fmt:?}");
         }
     }
 

@@ -10,6 +10,10 @@
 //! - [`bench`](mod@bench): the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
 //! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
 //!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
+//! - [`fp8sum`]: the FP8 sum hop (AVX-512 FP16 / AVX-512 / table kernels, bit-identical),
+//!   with FP8-LM's re-quantisation and saturation/underflow counts fused in, so the
+//!   FP8-LM all-reduce makes no pass over the data beyond the ring's own
+//!   ([`comm::fp8_all_reduce_fused`]).
 //!
 //! Why reductions are written here rather than delegated to `MPI_Allreduce`: the FP8 sum
 //! must re-round at every hop in a documented, deterministic order, and the in-process
@@ -30,6 +34,7 @@ pub mod buf;
 pub mod comm;
 pub mod dp;
 pub mod error;
+pub mod fp8sum;
 pub mod grad;
 pub mod local;
 pub mod lut;

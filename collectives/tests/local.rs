@@ -208,3 +208,145 @@ fn mismatched_lengths_are_an_error_not_a_hang() {
     .unwrap_err();
     assert!(err.to_string().contains("expected"), "{err}");
 }
+
+#[test]
+fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
+    use fp8lm_collectives::comm::{fp8_all_reduce_fused, Fp8Segment};
+    use fp8lm_collectives::fp8sum::{HopCounts, Requant};
+    use fp8lm_collectives::lut::apply_lut_scalar;
+    // Segments of uneven lengths (one empty) so that chunk boundaries cut through them;
+    // per-rank tables with different ratios, one segment without re-quantisation.
+    for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        let dec = fp8lm_fp8::cast::decode_table(fmt);
+        // (table, largest magnitude code it flushes to zero)
+        type Table = ([u8; 256], u8);
+        let table = |ratio: f32| -> Table {
+            let lut: [u8; 256] = std::array::from_fn(|v| {
+                if dec[v].is_nan() {
+                    v as u8
+                } else {
+                    fmt.encode(dec[v] * ratio, true)
+                }
+            });
+            let hi = (1..=0x7Fu8)
+                .take_while(|&v| lut[v as usize] & 0x7F == 0)
+                .count() as u8;
+            (lut, hi)
+        };
+        let seg_lens = [777usize, 0, 5000, 1, 3333];
+        let len: usize = seg_lens.iter().sum();
+        for n in 1..=4usize {
+            let inputs: Vec<Vec<u8>> = (0..n)
+                .map(|r| {
+                    values(r as u64 * 5 + 3, len)
+                        .iter()
+                        .map(|&x| fmt.encode(x * fmt.max() / 4.0, true))
+                        .collect()
+                })
+                .collect();
+            // Rank r's table for segment i (segment 2 is sent as it is); steep enough ratios
+            // that some codes flush to zero even in E5M2's wide range.
+            let step = if fmt == Fp8Format::E5M2 { 10 } else { 3 };
+            let tables: Vec<Vec<Option<Table>>> = (0..n)
+                .map(|r| {
+                    (0..seg_lens.len())
+                        .map(|i| {
+                            (i != 2)
+                                .then(|| table(2f32.powi(-(r as i32) - step * (1 + i as i32 / 3))))
+                        })
+                        .collect()
+                })
+                .collect();
+            // Unfused: re-quantise everything, ring sum, count on the result.
+            let requantised: Vec<Vec<u8>> = (0..n)
+                .map(|r| {
+                    let mut v = inputs[r].clone();
+                    let mut off = 0;
+                    for (i, &l) in seg_lens.iter().enumerate() {
+                        if let Some((lut, _)) = &tables[r][i] {
+                            apply_lut_scalar(&mut v[off..off + l], lut);
+                        }
+                        off += l;
+                    }
+                    v
+                })
+                .collect();
+            let want =
+                reference_all_reduce(&requantised, |a, x| combine_fp8(fmt, ReduceOp::Sum, a, x));
+            let got = run_ranks(n, |c| {
+                let r = c.rank();
+                fn rq(t: &Option<([u8; 256], u8)>) -> Option<Requant<'_>> {
+                    t.as_ref().map(|(lut, flush_hi)| Requant {
+                        lut,
+                        flush_hi: *flush_hi,
+                    })
+                }
+                let prev = (r + n - 1) % n;
+                let segs: Vec<Fp8Segment> = (0..seg_lens.len())
+                    .map(|i| Fp8Segment {
+                        len: seg_lens[i],
+                        requant: rq(&tables[r][i]),
+                        prev_requant: rq(&tables[prev][i]),
+                    })
+                    .collect();
+                let mut b = inputs[r].clone();
+                let mut counts = vec![HopCounts::default(); segs.len()];
+                fp8_all_reduce_fused(c, &mut b, fmt, &segs, &mut counts).map(|_| (b, counts))
+            })
+            .unwrap();
+            let mut off = 0;
+            let mut sat_total = vec![0u64; seg_lens.len()];
+            for (i, &l) in seg_lens.iter().enumerate() {
+                let m = fmt.max_bits();
+                let want_sat = want[off..off + l]
+                    .iter()
+                    .filter(|&&b| b & 0x7F == m)
+                    .count();
+                for r in 0..n {
+                    let counts = &got[r].1;
+                    sat_total[i] += counts[i].saturated;
+                    let flushed = inputs[r][off..off + l]
+                        .iter()
+                        .zip(&requantised[r][off..off + l])
+                        .filter(|(&a, &b)| a & 0x7F != 0 && b & 0x7F == 0)
+                        .count() as u64;
+                    // Counted by this rank, plus by the next one on the chunk sent raw.
+                    let next = &got[(r + 1) % n].1;
+                    let by_next = if n > 1 { next[i].flushed_incoming } else { 0 };
+                    assert_eq!(
+                        counts[i].flushed + by_next,
+                        flushed,
+                        "{fmt:?} n={n} rank {r} seg {i}"
+                    );
+                }
+                assert_eq!(sat_total[i], want_sat as u64, "{fmt:?} n={n} seg {i}");
+                off += l;
+            }
+            assert!(
+                sat_total.iter().sum::<u64>() > 0,
+                "test data must saturate somewhere"
+            );
+            let flushed: u64 = got
+                .iter()
+                .flat_map(|(_, c)| c.iter().map(|c| c.flushed + c.flushed_incoming))
+                .sum();
+            assert!(
+                flushed > 0,
+                "test data must underflow somewhere ({fmt:?} n={n})"
+            );
+            if n > 1 {
+                let by_receivers: u64 = got
+                    .iter()
+                    .flat_map(|(_, c)| c.iter().map(|c| c.flushed_incoming))
+                    .sum();
+                assert!(
+                    by_receivers > 0,
+                    "first chunks must be re-quantised by receivers"
+                );
+            }
+            for (b, _) in &got {
+                assert_eq!(b, &want, "{fmt:?} n={n}");
+            }
+        }
+    }
+}

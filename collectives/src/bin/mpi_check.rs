@@ -13,7 +13,7 @@ use fp8lm_collectives::{
     or_abort, run_ranks, BufMut, CommError, Communicator, GradAllReduceConfig, GradAllReducer,
     GradMethod, MpiComm, ReduceOp,
 };
-use fp8lm_fp8::Fp8Format;
+use fp8lm_fp8::{Fp8Format, ScaledFp8};
 use half::bf16;
 
 fn values(rank: usize, len: usize) -> Vec<f32> {
@@ -116,6 +116,46 @@ fn selftest(c: &dyn Communicator) -> Result<(), String> {
         let got = red.all_reduce_fp8(c, &views).map_err(e)?.0;
         check(got == *want, "FP8-LM gradient all-reduce vs in-process")?;
     }
+    // FP8-LM on already-scaled FP8 gradients (re-quantisation fused into the ring, the
+    // first chunk re-quantised by the receiver): bytes, scales and every count.
+    let scaled_cfg = GradAllReduceConfig {
+        method: GradMethod::Fp8Lm,
+        bucket_bytes: 3000,
+        initial_mu: 0.25,
+        ..Default::default()
+    };
+    let scaled = |k: usize| -> Vec<ScaledFp8> {
+        grads(k, 7)
+            .iter()
+            .map(|g| {
+                let g: Vec<f32> = g.iter().map(|x| x * (k + 1) as f32).collect();
+                ScaledFp8::quantize_current(&g, &[g.len()], Fp8Format::E5M2, 0).0
+            })
+            .collect()
+    };
+    let local = run_ranks(n, |lc| {
+        let mut red = GradAllReducer::new(scaled_cfg.clone());
+        let mut t = scaled(lc.rank());
+        let rep = red.all_reduce_scaled_fp8(lc, &mut t)?;
+        Ok::<_, CommError>((t, rep))
+    })
+    .map_err(e)?;
+    let mut red = GradAllReducer::new(scaled_cfg);
+    let mut t = scaled(r);
+    let rep = red.all_reduce_scaled_fp8(c, &mut t).map_err(e)?;
+    let (want_t, want_rep) = &local[r];
+    let same_t = t
+        .iter()
+        .zip(want_t)
+        .all(|(a, b)| a.data == b.data && a.scale == b.scale);
+    check(
+        same_t,
+        "FP8-LM scaled-FP8 all-reduce vs in-process (bytes, scales)",
+    )?;
+    check(
+        rep.flushed == want_rep.flushed && rep.saturated == want_rep.saturated,
+        "FP8-LM scaled-FP8 all-reduce vs in-process (counts)",
+    )?;
     Ok(())
 }
 
