@@ -1,5 +1,6 @@
 //! Steady-state step loop for profiling one precision at GPT-2 124M dims:
-//! `prof_step <fp32|bf16|fp8-o1> [steps]` (prints "READY" after the warm-up step).
+//! `prof_step <fp32|bf16|fp8-o1> [steps] [small]` (prints "READY" after the warm-up
+//! step; `small`: the default small model instead).
 use fp8lm_trainer::bench::default_cases;
 use fp8lm_trainer::config::Precision;
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
@@ -14,7 +15,12 @@ fn main() -> anyhow::Result<()> {
         _ => Precision::Fp8O1,
     };
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
-    let mut cfg = default_cases(true).pop().expect("124M case").1;
+    let small = args.get(2).is_some_and(|a| a == "small");
+    let mut cfg = if small {
+        default_cases(false).remove(0).1
+    } else {
+        default_cases(true).pop().expect("124M case").1
+    };
     cfg.precision = p;
     cfg.max_steps = steps + 1;
     let mut data = MarkovCorpus::new(cfg.seed);
