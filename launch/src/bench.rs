@@ -36,8 +36,9 @@ pub enum BenchCmd {
         /// Only the small model (the 124M case builds ~7 GB of trainers).
         #[arg(long)]
         small_only: bool,
-        /// Timed steps per case (best-of; with --dist: averaged after 2 warm-up steps).
-        #[arg(long, default_value_t = 3)]
+        /// Timed steps per case (best-of and median paired ratio; with --dist: averaged
+        /// after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
         steps: usize,
         #[arg(long)]
         dist: bool,

@@ -5,13 +5,16 @@
 //! V=50257, T=64, B=4). The three precisions of a model are built side by side (about
 //! 7 GB at 124M dims), run one warm-up step each, then `steps` timed steps round-robin;
 //! each row reports its fastest step (best-of, since the machine may be shared: the
-//! minimum is the least disturbed run). Data: the built-in synthetic
+//! minimum is the least disturbed run), and the median of its per-round ratios to fp32
+//! (paired: the steps of one round run back to back). Data: the built-in synthetic
 //! corpus (token ids < 256, valid for any vocabulary).
 //!
 //! The issue's targets, stated by [`TrainBenchReport::checks`]: at 124M dims at least 70%
 //! of an fp32 step inside GEMMs, and those GEMMs at the throughput the GEMM benchmark
 //! shows (the step's own GEMM shapes, timed standalone in the same rounds, best-of like
-//! the steps: the in-step rate at least 90% of it); FP8-O1 step time at most 1.15x fp32.
+//! the steps: the in-step rate at least 90% of it); FP8-O1 step time at most 1.15x fp32
+//! (judged on the paired ratio, the steadier of the two on a shared machine; both are
+//! printed).
 
 use crate::config::{Precision, RunConfig};
 use crate::data::synthetic::MarkovCorpus;
@@ -40,6 +43,10 @@ pub struct TrainBenchRow {
     pub gemm_best: Duration,
     /// Floating-point operations of the step's GEMMs (2mnk each).
     pub gemm_flops: f64,
+    /// Median over the rounds of (this step / the fp32 step of the same round): the
+    /// precisions of a model step back to back, so load that comes and goes hits both
+    /// sides of each ratio alike, where best-of compares the best moments of each.
+    pub paired_vs_fp32: f64,
 }
 
 impl TrainBenchRow {
@@ -152,12 +159,16 @@ pub fn bench_train(cases: &[(String, RunConfig)], steps: usize) -> Result<TrainB
         }
         let mut standalone = StandaloneGemms::new(step_gemm_shapes(runs[0].0.model()));
         standalone.run(); // warm-up
-                          // Round-robin over the precisions, so load from other processes hits all alike.
+
+        // Round-robin over the precisions, so load from other processes hits all alike.
+        let mut rounds: Vec<Vec<f64>> = Vec::new();
         for _ in 0..steps.max(1) {
+            let mut round = Vec::new();
             for (tr, data, best, gemm_best) in runs.iter_mut() {
                 let st = tr.train_step(data)?;
                 *gemm_best = (*gemm_best).min(st.gemm);
                 let total = st.forward + st.backward + st.optimizer;
+                round.push(total.as_secs_f64());
                 if best
                     .as_ref()
                     .is_none_or(|b| total < b.forward + b.backward + b.optimizer)
@@ -165,10 +176,13 @@ pub fn bench_train(cases: &[(String, RunConfig)], steps: usize) -> Result<TrainB
                     *best = Some(st);
                 }
             }
+            rounds.push(round);
             standalone.run();
         }
-        for ((tr, _, best, gemm_best), p) in runs.into_iter().zip(precisions) {
+        for (i, ((tr, _, best, gemm_best), p)) in runs.into_iter().zip(precisions).enumerate() {
             let b = best.expect("at least one step");
+            let mut ratios: Vec<f64> = rounds.iter().map(|r| r[i] / r[0]).collect();
+            ratios.sort_by(f64::total_cmp);
             let gemm_flops = flops(&step_gemm_shapes(tr.model()));
             rows.push(TrainBenchRow {
                 model: name.clone(),
@@ -182,6 +196,7 @@ pub fn bench_train(cases: &[(String, RunConfig)], steps: usize) -> Result<TrainB
                 gemm: b.gemm,
                 gemm_best,
                 gemm_flops,
+                paired_vs_fp32: ratios[ratios.len() / 2],
             });
         }
         standalone_gflops.push((name.clone(), standalone.gflops()));
@@ -204,7 +219,7 @@ impl TrainBenchReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<16} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>10}",
+            "{:<16} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>6} {:>8} {:>7} {:>10}",
             "model",
             "params",
             "prec",
@@ -215,6 +230,7 @@ impl TrainBenchReport {
             "tok/s",
             "gemm%",
             "vs fp32",
+            "paired",
             "GEMM GF/s"
         );
         for r in &self.rows {
@@ -224,7 +240,7 @@ impl TrainBenchReport {
                 .unwrap_or(f64::NAN);
             let _ = writeln!(
                 s,
-                "{:<16} {:>10} {:>7} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>5.1}% {:>7.2}x {:>10.1}",
+                "{:<16} {:>10} {:>7} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>5.1}% {:>7.2}x {:>6.2}x {:>10.1}",
                 r.model,
                 r.params,
                 r.precision.name(),
@@ -235,6 +251,7 @@ impl TrainBenchReport {
                 r.tokens_per_s(),
                 100.0 * r.gemm_share(),
                 ratio,
+                r.paired_vs_fp32,
                 r.gemm_gflops()
             );
         }
@@ -277,7 +294,8 @@ impl TrainBenchReport {
                 }
             }
             if r.precision == Precision::Fp8O1 {
-                let ratio = r.step.as_secs_f64() / f.step.as_secs_f64();
+                let best_of = r.step.as_secs_f64() / f.step.as_secs_f64();
+                let ratio = r.paired_vs_fp32;
                 // The issue's targets are at 124M dims; the small model's ~10 ms steps are
                 // dominated by thread wake-ups, so its ratio is reported, not judged.
                 let verdict = if r.model.contains("124M") {
@@ -286,7 +304,8 @@ impl TrainBenchReport {
                     "info"
                 };
                 out.push(format!(
-                    "[{verdict}] {}: fp8-o1 step {ratio:.2}x fp32 (target at 124M dims: <= 1.15x)",
+                    "[{verdict}] {}: fp8-o1 step {ratio:.2}x fp32, median of paired rounds \
+                     (best-of: {best_of:.2}x; target at 124M dims: <= 1.15x)",
                     r.model,
                 ));
             }
@@ -311,7 +330,9 @@ mod tests {
         let d = tr.model().dims;
         let (c, rows) = (d.c as f64, (d.b * d.t) as f64);
         let want = 6.0 * rows * (d.l as f64 * 12.0 * c * c + c * d.v as f64);
+        assert_eq!(report.rows[0].paired_vs_fp32, 1.0);
         for r in &report.rows {
+            assert!(r.paired_vs_fp32 > 0.0 && r.paired_vs_fp32.is_finite());
             assert_eq!(r.gemm_flops, want, "{:?}", r.precision);
             assert!(r.gemm_gflops() > 0.0 && r.gemm_gflops().is_finite());
         }

@@ -5,7 +5,7 @@
 //! `h*hs..(h+1)*hs` of each; `att[b,nh,t,t]` keeps the softmax probabilities (row `t`
 //! valid for `t2 <= t`, zero above the diagonal). One rayon task per `(b, h)` pair.
 
-use super::real::{axpy, dot};
+use super::real::{axpy, dot, exp_shift_sum};
 use super::{row_block, Real, SyncPtr};
 use rayon::prelude::*;
 
@@ -41,11 +41,7 @@ pub fn attention_forward<T: Real>(
                 row[t2] = s;
                 maxv = maxv.max(s);
             }
-            let mut sum = T::ZERO;
-            for x in &mut row[..=ti] {
-                *x = (*x - maxv).exp();
-                sum += *x;
-            }
+            let sum = exp_shift_sum(&mut row[..=ti], maxv);
             let inv = T::ONE / sum;
             row[..=ti].iter_mut().for_each(|x| *x *= inv);
             row[ti + 1..].iter_mut().for_each(|x| *x = T::ZERO);

@@ -1,6 +1,7 @@
 //! Softmax cross-entropy, fused and in place (the logits buffer becomes the
 //! probabilities, then the logits' gradient), so a `[b*t, V]` buffer is held once.
 
+use super::real::{exp_shift_sum, max_of};
 use super::Real;
 use rayon::prelude::*;
 
@@ -14,13 +15,9 @@ pub fn softmax_xent_forward<T: Real>(logits_to_probs: &mut [T], losses: &mut [T]
         .zip(losses.par_iter_mut())
         .zip(targets.par_iter())
         .for_each(|((row, loss), &tg)| {
-            let maxv = row.iter().fold(row[0], |m, &x| m.max(x));
+            let maxv = max_of(row);
             let target_logit = row[tg as usize];
-            let mut sum = T::ZERO;
-            for x in row.iter_mut() {
-                *x = (*x - maxv).exp();
-                sum += *x;
-            }
+            let sum = exp_shift_sum(row, maxv);
             let inv = T::ONE / sum;
             row.iter_mut().for_each(|x| *x *= inv);
             *loss = sum.ln() + maxv - target_logit;
