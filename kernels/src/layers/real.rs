@@ -138,15 +138,7 @@ pub fn exp_shift_sum<T: Real>(x: &mut [T], shift: T) -> T {
         *v = (*v - shift).exp();
         tail += *v;
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            let hi = s[j + w];
-            s[j] += hi;
-        }
-    }
-    s[0] + tail
+    sum_pairwise(s) + tail
 }
 
 /// `sum a[i] * b[i]`, sixteen independent accumulators summed pairwise (the compiler
@@ -168,7 +160,14 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
             *s += x * y;
         }
     }
-    let mut w = LANES;
+    sum_pairwise(s) + tail
+}
+
+/// `s[0] + s[1] + ...` as a pairwise tree (a fixed order); `N` a power of two.
+#[inline]
+fn sum_pairwise<T: Real, const N: usize>(mut s: [T; N]) -> T {
+    debug_assert!(N.is_power_of_two());
+    let mut w = N;
     while w > 1 {
         w /= 2;
         for j in 0..w {
@@ -176,7 +175,7 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
             s[j] += hi;
         }
     }
-    s[0] + tail
+    s[0]
 }
 
 /// `y += a * x`.
