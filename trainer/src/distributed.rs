@@ -343,6 +343,8 @@ pub fn rank_cores(local_ranks: usize) -> usize {
 }
 
 /// `dist.overlap` for this communicator and host, logged by rank 0 when `auto` decides.
+/// Each rank decides for itself (hosts may differ); that is safe because on and off make
+/// the same communication calls in the same order on the same bytes.
 fn resolve_overlap(o: Overlap, comm: &dyn Communicator) -> bool {
     // In-process ranks share one process (and its thread pool): count it once.
     let local = if comm.backend() == "mpi" {
