@@ -270,6 +270,7 @@ mod avx2;
 mod tests {
     use super::*;
     use crate::buf::fp8_add;
+    use crate::lut::requant_table;
 
     fn xorshift(s: &mut u64) -> u64 {
         *s ^= *s << 13;
@@ -344,33 +345,14 @@ mod tests {
         let mut s = 0x2545_F491_4F6C_DD1Du64;
         for kernel in Kernel::available() {
             for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
-                let dec = fp8lm_fp8::cast::decode_table(fmt);
                 for ratio in [0.5f32, 0.125, 2f32.powi(-9), 1.0] {
-                    let lut: [u8; 256] = std::array::from_fn(|v| {
-                        if dec[v].is_nan() {
-                            v as u8
-                        } else {
-                            fmt.encode(dec[v] * ratio, true)
-                        }
-                    });
-                    let flush_hi = (1..=0x7Fu8)
-                        .take_while(|&v| lut[v as usize] & 0x7F == 0)
-                        .count() as u8;
+                    let (lut, flush_hi) = requant_table(fmt, ratio);
                     let rq = Requant {
                         lut: &lut,
                         flush_hi,
                     };
                     // The incoming operand through a different table (ratio / 4).
-                    let lut2: [u8; 256] = std::array::from_fn(|v| {
-                        if dec[v].is_nan() {
-                            v as u8
-                        } else {
-                            fmt.encode(dec[v] * ratio * 0.25, true)
-                        }
-                    });
-                    let flush_hi2 = (1..=0x7Fu8)
-                        .take_while(|&v| lut2[v as usize] & 0x7F == 0)
-                        .count() as u8;
+                    let (lut2, flush_hi2) = requant_table(fmt, ratio * 0.25);
                     let rq2 = Requant {
                         lut: &lut2,
                         flush_hi: flush_hi2,

@@ -40,7 +40,8 @@ use crate::buf::{BufMut, ReduceOp};
 use crate::comm::{fp8_all_reduce_fused, Communicator, Fp8Segment};
 use crate::error::{CommError, Result};
 use crate::fp8sum::{HopCounts, Requant};
-use fp8lm_fp8::cast::{decode_table, f32_to_fp8_counted};
+use crate::lut::requant_table;
+use fp8lm_fp8::cast::f32_to_fp8_counted;
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
 use half::bf16;
@@ -507,24 +508,9 @@ impl GradAllReducer {
             nonfinite: s_g.iter().any(|s| !s.is_finite() || *s <= 0.0),
             bytes_sent: 0,
         };
-        let dec = decode_table(fmt);
-        // fp8(ratio * value) for every code, and the largest magnitude code it flushes to
-        // zero; None when the table is the identity (ratio 1).
+        // None when the table is the identity (ratio 1).
         let table = |ratio: f32| -> Option<([u8; 256], u8)> {
-            let mut lut = [0u8; 256];
-            for (v, l) in lut.iter_mut().enumerate() {
-                // NaN codes keep their exact bits.
-                *l = if dec[v].is_nan() {
-                    v as u8
-                } else {
-                    fmt.encode(dec[v] * ratio, true)
-                };
-            }
-            // The table is monotone in magnitude, so the non-zero codes it flushes to
-            // zero are the magnitudes 1..=flush_hi.
-            let flush_hi = (1..=0x7Fu8)
-                .take_while(|&v| lut[v as usize] & 0x7F == 0)
-                .count() as u8;
+            let (lut, flush_hi) = requant_table(fmt, ratio);
             let identity = lut.iter().enumerate().all(|(v, &w)| v as u8 == w);
             (!identity).then_some((lut, flush_hi))
         };

@@ -38,13 +38,14 @@ pub mod fp8sum;
 pub mod grad;
 pub mod local;
 pub mod lut;
+pub mod mpirun;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
 pub use dp::{agree_config, config_hash, shard_range};
 pub use error::{CommError, Result};
 pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
-pub use local::{run_ranks, LocalComm};
+pub use local::{panic_message, run_ranks, LocalComm};
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;
 #[cfg(feature = "mpi")]

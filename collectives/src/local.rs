@@ -190,7 +190,9 @@ impl Communicator for LocalComm {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The text of a caught panic's payload (`&str` or `String`), for error messages that
+/// name what went wrong on a rank.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {

@@ -5,6 +5,25 @@
 //! (each a 128-entry lookup) and a blend on the index's top bit; elsewhere a scalar loop.
 //! Both give identical bytes (tested).
 
+/// The re-quantisation table `code -> fp8(ratio * decode(code))` of one format (round
+/// to nearest even, saturating; NaN codes keep their exact bits), and `flush_hi`: the
+/// table is monotone in magnitude, so the non-zero codes it flushes to zero are exactly
+/// the magnitudes `1..=flush_hi` (0: none).
+pub fn requant_table(fmt: fp8lm_fp8::Fp8Format, ratio: f32) -> ([u8; 256], u8) {
+    let dec = fp8lm_fp8::cast::decode_table(fmt);
+    let lut: [u8; 256] = std::array::from_fn(|v| {
+        if dec[v].is_nan() {
+            v as u8
+        } else {
+            fmt.encode(dec[v] * ratio, true)
+        }
+    });
+    let flush_hi = (1..=0x7Fu8)
+        .take_while(|&v| lut[v as usize] & 0x7F == 0)
+        .count() as u8;
+    (lut, flush_hi)
+}
+
 /// `data[i] = lut[data[i]]` for every byte.
 pub fn apply_lut(data: &mut [u8], lut: &[u8; 256]) {
     #[cfg(target_arch = "x86_64")]

@@ -213,26 +213,13 @@ fn mismatched_lengths_are_an_error_not_a_hang() {
 fn fused_fp8lm_ring_equals_requantise_then_sum_then_count() {
     use fp8lm_collectives::comm::{fp8_all_reduce_fused, Fp8Segment};
     use fp8lm_collectives::fp8sum::{HopCounts, Requant};
-    use fp8lm_collectives::lut::apply_lut_scalar;
+    use fp8lm_collectives::lut::{apply_lut_scalar, requant_table};
     // Segments of uneven lengths (one empty) so that chunk boundaries cut through them;
     // per-rank tables with different ratios, one segment without re-quantisation.
     for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
-        let dec = fp8lm_fp8::cast::decode_table(fmt);
         // (table, largest magnitude code it flushes to zero)
         type Table = ([u8; 256], u8);
-        let table = |ratio: f32| -> Table {
-            let lut: [u8; 256] = std::array::from_fn(|v| {
-                if dec[v].is_nan() {
-                    v as u8
-                } else {
-                    fmt.encode(dec[v] * ratio, true)
-                }
-            });
-            let hi = (1..=0x7Fu8)
-                .take_while(|&v| lut[v as usize] & 0x7F == 0)
-                .count() as u8;
-            (lut, hi)
-        };
+        let table = |ratio: f32| -> Table { requant_table(fmt, ratio) };
         let seg_lens = [777usize, 0, 5000, 1, 3333];
         let len: usize = seg_lens.iter().sum();
         for n in 1..=4usize {

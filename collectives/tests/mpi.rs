@@ -3,54 +3,15 @@
 
 #![cfg(feature = "mpi")]
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use fp8lm_collectives::mpirun::run_mpirun;
+use std::time::Duration;
 
 /// Run `mpirun -n <n> fp8lm-mpi-check <args>`; returns (exit success, combined output,
-/// elapsed). Kills the job and fails the test if it exceeds `limit`.
+/// elapsed). Fails the test if the job exceeds `limit` (it is killed first).
 fn mpirun(n: usize, args: &[&str], limit: Duration) -> (bool, String, Duration) {
     let exe = env!("CARGO_BIN_EXE_fp8lm-mpi-check");
-    let t = Instant::now();
-    let mut child = Command::new("mpirun")
-        .args(["-n", &n.to_string(), "--oversubscribe", exe])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `mpirun` ({e}); install OpenMPI (openmpi-bin libopenmpi-dev)")
-        });
-    // Drain the pipes on threads so a chatty job cannot block on a full pipe.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let ho = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).ok();
-        s
-    });
-    let he = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).ok();
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for mpirun") {
-            break st;
-        }
-        if t.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("mpirun {args:?} did not finish within {limit:?} (hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let elapsed = t.elapsed();
-    let text = ho.join().unwrap() + &he.join().unwrap();
-    (status.success(), text, elapsed)
+    let o = run_mpirun(exe, n, args, &[], limit).unwrap_or_else(|e| panic!("{e}"));
+    (o.success, o.text, o.elapsed)
 }
 
 #[test]

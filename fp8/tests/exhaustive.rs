@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{f32_test_set, ref_decode, RefEncoder, Rng, FORMATS, MODES};
+use common::{backends, f32_test_set, ref_decode, RefEncoder, Rng, FORMATS, MODES};
 use fp8lm_fp8::cast::{self, Backend};
 use fp8lm_fp8::{CastMode, Fp8Format, E4M3, E5M2};
 use half::{bf16, f16};
@@ -15,27 +15,6 @@ fn same_value(a: f32, b: f64) -> bool {
         a.is_nan() && a.is_sign_negative() == b.is_sign_negative()
     } else {
         a as f64 == b && a.is_sign_negative() == b.is_sign_negative()
-    }
-}
-
-/// The backends every bulk test runs. On x86-64 AVX2 must be there (this project's
-/// machines have it): a test that silently covered only the portable path would lie.
-fn backends() -> Vec<Backend> {
-    if cfg!(target_arch = "x86_64") {
-        assert!(
-            Backend::Avx2.is_available(),
-            "AVX2+F16C not detected on this x86-64 CPU: the SIMD casts would go untested"
-        );
-        let mut v = vec![Backend::Portable, Backend::Avx2];
-        if Backend::Avx512.is_available() {
-            v.push(Backend::Avx512);
-        } else {
-            // This project's CI machines have AVX-512; say so loudly if one does not.
-            eprintln!("NOTE: no AVX-512 F/BW/VL on this CPU: the AVX-512 encodes are not checked");
-        }
-        v
-    } else {
-        vec![Backend::Portable]
     }
 }
 

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::f32_test_set;
-use fp8lm_fp8::cast::{self, Backend};
+use common::{backends, f32_test_set};
+use fp8lm_fp8::cast;
 use half::f16;
 
 /// Nearest finite f16 (ties to even significand), IEEE overflow to inf: values at or
@@ -43,25 +43,6 @@ impl RefF16 {
             hi
         };
         Some(sign | pick as u16)
-    }
-}
-
-fn backends() -> Vec<Backend> {
-    if cfg!(target_arch = "x86_64") {
-        assert!(
-            Backend::Avx2.is_available(),
-            "AVX2+F16C missing: SIMD path untested"
-        );
-        let mut v = vec![Backend::Portable, Backend::Avx2];
-        if Backend::Avx512.is_available() {
-            v.push(Backend::Avx512);
-        } else {
-            // This project's CI machines have AVX-512; say so loudly if one does not.
-            eprintln!("NOTE: no AVX-512 F/BW/VL on this CPU: the AVX-512 encodes are not checked");
-        }
-        v
-    } else {
-        vec![Backend::Portable]
     }
 }
 

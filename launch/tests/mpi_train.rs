@@ -7,12 +7,13 @@
 
 #![cfg(feature = "mpi")]
 
+use fp8lm_collectives::mpirun::run_mpirun;
 use fp8lm_collectives::{run_ranks, LocalComm};
 use fp8lm_trainer::config_file::load_config;
 use fp8lm_trainer::distributed::train_data_parallel;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SETS: [&str; 8] = [
     "model.channels=32",
@@ -32,25 +33,13 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// `mpirun -n 2 fp8lm <args>`: (success, stdout + stderr).
+/// `mpirun -n 2 fp8lm <args>` (one compute thread per rank): (success, stdout + stderr).
 fn mpirun(args: &[&str]) -> (bool, String) {
     let exe = env!("CARGO_BIN_EXE_fp8lm");
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-n", "2", "--oversubscribe", exe]).args(args);
-    let t = Instant::now();
-    let out = cmd
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `mpirun` ({e}); install OpenMPI (openmpi-bin libopenmpi-dev)")
-        });
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(t.elapsed() < Duration::from_secs(120), "{text}");
-    (out.status.success(), text)
+    let envs = [("RAYON_NUM_THREADS", "1")];
+    let o =
+        run_mpirun(exe, 2, args, &envs, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    (o.success, o.text)
 }
 
 /// metrics.jsonl as (step, loss text, has val_loss); the loss in its shortest

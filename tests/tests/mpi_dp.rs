@@ -5,16 +5,16 @@
 
 #![cfg(feature = "mpi")]
 
+use fp8lm_collectives::mpirun::run_mpirun;
 use fp8lm_collectives::{run_ranks, LocalComm};
 use fp8lm_trainer::config_file::load_config;
 use fp8lm_trainer::distributed::train_data_parallel;
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SETS: [&str; 3] = ["model.channels=32", "batch=2", "max_steps=20"];
 
-/// `mpirun -n <n> fp8lm-dp <args>` with `envs`; (success, stdout + stderr, elapsed).
+/// `mpirun -n <n> fp8lm-dp <args>` with `envs` (one compute thread per rank);
+/// (success, stdout + stderr, elapsed). Fails the test on a hang past `limit`.
 fn mpirun(
     n: usize,
     args: &[&str],
@@ -22,51 +22,10 @@ fn mpirun(
     limit: Duration,
 ) -> (bool, String, Duration) {
     let exe = env!("CARGO_BIN_EXE_fp8lm-dp");
-    let t = Instant::now();
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-n", &n.to_string(), "--oversubscribe", exe])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap_or_else(|e| {
-        panic!("cannot run `mpirun` ({e}); install OpenMPI (openmpi-bin libopenmpi-dev)")
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let ho = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).ok();
-        s
-    });
-    let he = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).ok();
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for mpirun") {
-            break st;
-        }
-        if t.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("mpirun {args:?} did not finish within {limit:?} (hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let elapsed = t.elapsed();
-    (
-        status.success(),
-        ho.join().unwrap() + &he.join().unwrap(),
-        elapsed,
-    )
+    let mut all = vec![("RAYON_NUM_THREADS", "1")];
+    all.extend_from_slice(envs);
+    let o = run_mpirun(exe, n, args, &all, limit).unwrap_or_else(|e| panic!("{e}"));
+    (o.success, o.text, o.elapsed)
 }
 
 fn set_args() -> Vec<&'static str> {

@@ -101,7 +101,7 @@ use crate::repartition::{decode_states, encode_states, repartition_state, NamedS
 use crate::train::{clip_scale, global_grad_norm, lr_at, StepStats, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
-    BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, ReduceOp,
+    panic_message, BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, ReduceOp,
 };
 use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_amax};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
@@ -257,16 +257,6 @@ struct Reduced {
     /// The part of it after the backward ended (what the step waited for).
     exposed: Duration,
     nonfinite: bool,
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".into()
-    }
 }
 
 /// FP8 ZeRO bookkeeping (identical on every rank).

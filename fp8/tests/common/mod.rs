@@ -4,6 +4,7 @@
 //! mantissa) instead of rounding bit patterns.
 #![allow(dead_code)]
 
+use fp8lm_fp8::cast::Backend;
 use fp8lm_fp8::{CastMode, Fp8Format};
 
 /// Value of a code from the OCP spec's field definitions, in f64.
@@ -221,4 +222,25 @@ pub fn f32_test_set(n_random: usize, seed: u64) -> Vec<f32> {
     let negated: Vec<f32> = v.iter().map(|x| -x).collect();
     v.extend(negated);
     v
+}
+
+/// The backends every bulk test runs. On x86-64 AVX2 must be there (this project's
+/// machines have it): a test that silently covered only the portable path would lie.
+pub fn backends() -> Vec<Backend> {
+    if cfg!(target_arch = "x86_64") {
+        assert!(
+            Backend::Avx2.is_available(),
+            "AVX2+F16C not detected on this x86-64 CPU: the SIMD casts would go untested"
+        );
+        let mut v = vec![Backend::Portable, Backend::Avx2];
+        if Backend::Avx512.is_available() {
+            v.push(Backend::Avx512);
+        } else {
+            // This project's CI machines have AVX-512; say so loudly if one does not.
+            eprintln!("NOTE: no AVX-512 F/BW/VL on this CPU: the AVX-512 encodes are not checked");
+        }
+        v
+    } else {
+        vec![Backend::Portable]
+    }
 }

@@ -85,8 +85,9 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to an integer (nearest even) in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.33, 88.72);
-    let nf = (xc * LOG2E + ROUND) - ROUND;
-    let n = (xc * LOG2E + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+    let shifted = xc * LOG2E + ROUND;
+    let nf = shifted - ROUND;
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = (xc - nf * LN2_HI) - nf * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
