@@ -8,6 +8,10 @@
 //!   when the process was started by `mpirun`.
 //! - [`dp`]: config agreement across ranks (hash all-gather) and batch sharding.
 //! - [`bench`](mod@bench): the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
+//! - [`grid`]: the D x T process grid (tensor-parallel ranks innermost) and its
+//!   sub-communicators ([`grid::GroupComm`], a view of any communicator);
+//!   [`mappings`]: the four tensor-parallel region operators (f, f̄, g, ḡ), with g's
+//!   all-gather in FP8 after a MAX agreement of the amax over the group.
 //! - [`grad`]: the FP8-LM gradient all-reduce (automatic scaling factor, shared minimum
 //!   scale, FP8 sum, result scale `N * s_g`) and the variants it is compared with.
 //! - [`fp8sum`]: the FP8 sum hop (AVX-512 FP16 / AVX-512 / table kernels, bit-identical),
@@ -36,8 +40,10 @@ pub mod dp;
 pub mod error;
 pub mod fp8sum;
 pub mod grad;
+pub mod grid;
 pub mod local;
 pub mod lut;
+pub mod mappings;
 pub mod mpirun;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
