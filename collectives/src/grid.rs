@@ -44,7 +44,7 @@ impl Grid {
                 "dist.tensor_parallel = {tensor_parallel} on {world} ranks: both must be at least 1"
             ));
         }
-        if world % tensor_parallel != 0 {
+        if !world.is_multiple_of(tensor_parallel) {
             return Err(format!(
                 "dist.tensor_parallel = {tensor_parallel} does not divide the {world} ranks of \
                  the job (world = data_parallel x tensor_parallel)"
