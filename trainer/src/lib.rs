@@ -39,5 +39,6 @@ pub mod metrics;
 pub mod plot;
 pub mod repartition;
 pub mod snapshot;
+pub mod tensor_parallel;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};

@@ -1,0 +1,58 @@
+//! Tensor parallelism (Megatron-LM layout, FP8 as in FP8-LM §5): the sharded layers.
+//!
+//! - [`layers`]: [`ColumnParallelLinear`] (output features split over the group: qkv with
+//!   its heads, the MLP's fc) and [`RowParallelLinear`] (input features split: attention
+//!   and MLP output projections), forward and backward side by side.
+//! - [`vocab`]: [`VocabParallelEmbedding`] and [`vocab_parallel_cross_entropy`] (the LM
+//!   head's logits stay sharded over the vocabulary; max and sum-exp are all-reduced).
+//! - The region operators between them (f, f̄, g, ḡ) and the FP8 all-gather of sequence
+//!   parallelism are in `fp8lm_collectives::mappings`; the process grid and its
+//!   sub-communicators in `fp8lm_collectives::grid`.
+//!
+//! A transformer block under tensor parallelism (no SP), as Megatron writes it:
+//! ```text
+//!   x ─ LN ─ f ─ qkv (column, heads/T) ─ attention (local heads) ─ proj (row) ─ f̄ ─ + x
+//!   x ─ LN ─ f ─ fc (column, 4C/T) ─ GELU ─ proj (row) ─ f̄ ─ + x
+//! ```
+//! With SP, LN and the residual run on token shards, f becomes g (all-gather of the
+//! E4M3 bytes of the LN output after a group amax agreement) and f̄ becomes ḡ
+//! (reduce-scatter). A row-parallel layer's bias is added once, after the reduction.
+//!
+//! Status: these layers are tested against the unsharded computation (T = 2, 4; f32 and
+//! FP8; with and without SP) but the model (`crate::model`) does not use them yet: wiring
+//! them into `Model` waits for the backend seam the model is being rebuilt on.
+
+pub mod layers;
+pub mod vocab;
+
+pub use layers::{ColumnParallelLinear, RowParallelLinear, TpGemm};
+pub use vocab::{vocab_parallel_cross_entropy, VocabParallelEmbedding};
+
+use std::ops::Range;
+
+/// Part `rank` of `n` items split evenly over `size` ranks. Errors, naming the values,
+/// when `size` does not divide `n` (what: e.g. "heads", "vocabulary").
+pub fn even_part(what: &str, n: usize, size: usize, rank: usize) -> Result<Range<usize>, String> {
+    if size == 0 || !n.is_multiple_of(size) {
+        return Err(format!(
+            "{what} = {n} is not divisible by dist.tensor_parallel = {size}"
+        ));
+    }
+    let k = n / size;
+    Ok(rank * k..(rank + 1) * k)
+}
+
+/// The rows of a fused qkv weight `[3C, C]` that rank `rank` of `size` holds: its heads'
+/// rows of the q, k and v blocks (`heads` heads of width `C / heads`).
+pub fn qkv_rows(
+    c: usize,
+    heads: usize,
+    size: usize,
+    rank: usize,
+) -> Result<Vec<Range<usize>>, String> {
+    let h = even_part("model.heads", heads, size, rank)?;
+    let hs = c / heads;
+    Ok((0..3)
+        .map(|blk| blk * c + h.start * hs..blk * c + h.end * hs)
+        .collect())
+}
