@@ -72,7 +72,8 @@ fn run_mlp(m: &Mlp, t: usize, sp: bool, mode: TpGemm) -> Vec<Out> {
     run_ranks(t, |comm| -> Result<Out, CommError> {
         let r = comm.rank();
         let part = even_part("fc width", 4 * c, t, r).unwrap();
-        let mut fc = ColumnParallelLinear::from_full(&m.w_fc, Some(&m.b_fc), c, &[part.clone()]);
+        let mut fc =
+            ColumnParallelLinear::from_full(&m.w_fc, Some(&m.b_fc), c, std::slice::from_ref(&part));
         let mut proj = RowParallelLinear::from_full(&m.w_proj, Some(&m.b_proj), 4 * c, part);
         let f = fc.oc_local;
         let rows = even_part("tokens", n, t, r).unwrap();
