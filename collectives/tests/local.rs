@@ -1,28 +1,14 @@
 //! In-process backend: every collective against the serial reference of the documented
 //! ring order (bit for bit), and failure propagation without hangs.
 
+mod common;
+use common::values;
 use fp8lm_collectives::buf::{combine_bf16, combine_f32, combine_fp8};
 use fp8lm_collectives::comm::reference_all_reduce;
 use fp8lm_collectives::{chunk_range, run_ranks, BufMut, Communicator, ReduceOp};
 use fp8lm_fp8::Fp8Format;
 use half::bf16;
 use std::time::{Duration, Instant};
-
-/// Small deterministic generator (xorshift) so tests need no rng crate.
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // Spread over several binades with both signs.
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            let e = ((s >> 8) % 12) as i32 - 6;
-            (u - 0.5) * 2f32.powi(e)
-        })
-        .collect()
-}
 
 #[test]
 fn f32_all_reduce_matches_reference_order_bit_for_bit() {

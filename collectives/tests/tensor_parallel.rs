@@ -1,6 +1,8 @@
 //! The 2-D process grid, its sub-communicators, and the tensor-parallel region operators
 //! (f32 and FP8), on in-process ranks.
 
+mod common;
+use common::values;
 use fp8lm_collectives::buf::combine_f32;
 use fp8lm_collectives::comm::reference_all_reduce;
 use fp8lm_collectives::grid::{Grid, GroupComm};
@@ -10,21 +12,6 @@ use fp8lm_collectives::mappings::{
 use fp8lm_collectives::{run_ranks, BufMut, Communicator, ReduceOp};
 use fp8lm_fp8::cast::{amax_f32, f32_to_fp8_counted};
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding};
-
-/// Deterministic values over several binades, both signs (xorshift).
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            let e = ((s >> 8) % 12) as i32 - 6;
-            (u - 0.5) * 2f32.powi(e)
-        })
-        .collect()
-}
 
 #[test]
 fn grid_places_tensor_parallel_ranks_innermost() {
