@@ -53,7 +53,7 @@ mod tests;
 #[cfg(test)]
 mod tests_bf16;
 
-pub use path::{path_calls, GemmPath, PathCalls, GEMM_ENV};
+pub use path::{path_calls, set_path_override, GemmPath, PathCalls, GEMM_ENV};
 
 use crate::Cpu;
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
@@ -404,7 +404,7 @@ fn run_path(
 /// The process's path for this GEMM, counted.
 fn auto_path(a: &MatRef<'_>, b: &MatRef<'_>) -> GemmPath {
     if is_lowp(a, b) {
-        let p = GemmPath::detect();
+        let p = path::current();
         path::count(path::Counted::Lowp(p));
         p
     } else {

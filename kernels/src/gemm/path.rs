@@ -129,6 +129,34 @@ impl GemmPath {
     }
 }
 
+/// 0: no override; else 1 + index in [`GemmPath::ALL`].
+static OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Make every following low-precision GEMM of the process run on `path` (`None`: back
+/// to [`GemmPath::detect`]'s choice) — for benchmarks that time the same model on two
+/// paths in one run (e.g. the FMA path before the matrix units). Process-wide; panics
+/// if `path` is not available here.
+pub fn set_path_override(path: Option<GemmPath>) {
+    let v = match path {
+        None => 0,
+        Some(p) => {
+            if let Err(why) = p.check() {
+                panic!("gemm: path {} is not available: {why}", p.name());
+            }
+            1 + GemmPath::ALL.iter().position(|q| *q == p).expect("in ALL") as u8
+        }
+    };
+    OVERRIDE.store(v, Ordering::Relaxed);
+}
+
+/// The path the next low-precision GEMM takes: the override, else the process's choice.
+pub(crate) fn current() -> GemmPath {
+    match OVERRIDE.load(Ordering::Relaxed) {
+        0 => GemmPath::detect(),
+        v => GemmPath::ALL[v as usize - 1],
+    }
+}
+
 /// GEMM calls through [`super::GemmOps`] per path since the process started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathCalls {
