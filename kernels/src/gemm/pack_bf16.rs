@@ -167,7 +167,9 @@ pub(crate) fn pack_pairs<S: BfSrc, const W: usize>(
     kcp: usize,
     dst: &mut [u16],
 ) {
-    assert!(w <= W && W % 8 == 0 && kcp % 2 == 0 && kcp >= kc && dst.len() >= kcp * W);
+    assert!(
+        w <= W && W.is_multiple_of(8) && kcp.is_multiple_of(2) && kcp >= kc && dst.len() >= kcp * W
+    );
     check_rect(&op, x0, w, p0, kc);
     #[cfg(test)]
     DECODED_BF16.set(DECODED_BF16.get() + w * kc);
@@ -289,7 +291,13 @@ pub(crate) fn pack_rows<S: BfSrc, const W: usize>(
     kcp: usize,
     dst: &mut [u16],
 ) {
-    assert!(w <= W && W % 16 == 0 && kcp % 32 == 0 && kcp >= kc && dst.len() >= kcp * W);
+    assert!(
+        w <= W
+            && W.is_multiple_of(16)
+            && kcp.is_multiple_of(32)
+            && kcp >= kc
+            && dst.len() >= kcp * W
+    );
     check_rect(&op, x0, w, p0, kc);
     #[cfg(target_arch = "x86_64")]
     if simd && simd_ok() {
