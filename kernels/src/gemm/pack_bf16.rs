@@ -37,12 +37,32 @@ use half::bf16;
 pub(crate) trait BfSrc: Copy + Send + Sync {
     /// The bf16 bits of this value.
     fn bits1(self) -> u16;
-    /// The bf16 bits of 16 consecutive elements at `ptr`.
+    /// The bf16 bits of the elements `ptr[i]` for the lanes `i` set in `k` (a masked
+    /// load: lanes not in `k` are not read and come out 0, the bits of +0.0).
     ///
     /// # Safety
-    /// `ptr` valid for 16 reads; the CPU supports avx512f, avx512bw, avx512vl, f16c.
+    /// `ptr` valid for the reads in `k`; the CPU supports avx512f/bw/vl and f16c.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i;
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i;
+    /// [`BfSrc::bits16_mask`] of all 16 lanes.
+    ///
+    /// # Safety
+    /// As `bits16_mask`, 16 reads.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
+        Self::bits16_mask(ptr, 0xFFFF)
+    }
+}
+
+/// The mask of the first `n` of 16 lanes.
+#[inline(always)]
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
 }
 
 impl BfSrc for bf16 {
@@ -52,8 +72,8 @@ impl BfSrc for bf16 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
-        std::arch::x86_64::_mm256_loadu_si256(ptr as *const _)
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
+        std::arch::x86_64::_mm256_maskz_loadu_epi16(k, ptr as *const i16)
     }
 }
 
@@ -71,12 +91,12 @@ impl BfSrc for E4M3Byte {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // As the f32 decoder of `pack`: the 7 magnitude bits placed so the mantissa lines
         // up with f32's, read as f32 and multiplied by 2^120 (exact for subnormals too;
         // no DAZ in Rust), NaN (magnitude 0x7F) forced to all-ones; then the top half.
-        let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(ptr as *const __m128i));
+        let x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, ptr as *const i8));
         let mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7F));
         let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(x, _mm512_set1_epi32(0x80)));
         let two_120 = _mm512_set1_ps(f32::from_bits((120 + 127) << 23));
@@ -95,11 +115,11 @@ impl BfSrc for E5M2Byte {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
         use std::arch::x86_64::*;
         // E5M2 is the top byte of an f16: widen through f32 (exact), keep the top half.
-        let h =
-            _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(_mm_loadu_si128(ptr as *const __m128i)));
+        let x = _mm_maskz_loadu_epi8(k, ptr as *const i8);
+        let h = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(x));
         let f = _mm512_cvtph_ps(h);
         _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(f)))
     }
@@ -209,43 +229,33 @@ unsafe fn pack_pairs_simd<S: BfSrc, const W: usize>(
     let src = op.data.as_ptr();
     let out = dst.as_mut_ptr();
     if !op.k_contig {
-        // Rows p and p+1 are contiguous in x: interleave them 16 x at a time.
+        // Rows p and p+1 are contiguous in x: interleave them 16 x at a time; the edge
+        // (x >= w, p >= kc) through masked loads, which read nothing there and give 0.
+        let row = |p: usize, x: usize, n: usize| {
+            if p < kc && x < w {
+                S::bits16_mask(src.add((p0 + p) * op.ld + x0 + x), lanes(n))
+            } else {
+                _mm256_setzero_si256()
+            }
+        };
         for j in 0..kcp / 2 {
-            let (pa, pb) = (2 * j, 2 * j + 1);
             let d = out.add(j * W * 2);
-            let mut x = 0;
-            if pa < kc {
-                let ra = src.add((p0 + pa) * op.ld + x0);
-                let rb = src.add((p0 + pb) * op.ld + x0);
-                while x + 16 <= w {
-                    let a = S::bits16(ra.add(x));
-                    let b = if pb < kc {
-                        S::bits16(rb.add(x))
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    let lo = _mm256_unpacklo_epi16(a, b);
-                    let hi = _mm256_unpackhi_epi16(a, b);
-                    _mm256_storeu_si256(
-                        d.add(x * 2) as *mut __m256i,
-                        _mm256_permute2x128_si256::<0x20>(lo, hi),
-                    );
+            for x in (0..W).step_by(16) {
+                let n = w.saturating_sub(x);
+                let (a, b) = (row(2 * j, x, n), row(2 * j + 1, x, n));
+                let lo = _mm256_unpacklo_epi16(a, b);
+                let hi = _mm256_unpackhi_epi16(a, b);
+                _mm256_storeu_si256(
+                    d.add(x * 2) as *mut __m256i,
+                    _mm256_permute2x128_si256::<0x20>(lo, hi),
+                );
+                // W is a multiple of 8: the second 8 pairs exist unless W ends here.
+                if x + 16 <= W {
                     _mm256_storeu_si256(
                         d.add(x * 2 + 16) as *mut __m256i,
                         _mm256_permute2x128_si256::<0x31>(lo, hi),
                     );
-                    x += 16;
                 }
-            }
-            while x < W {
-                for (h, p) in [pa, pb].into_iter().enumerate() {
-                    *d.add(x * 2 + h) = if x < w && p < kc {
-                        (*src.add((p0 + p) * op.ld + x0 + x)).bits1()
-                    } else {
-                        0
-                    };
-                }
-                x += 1;
             }
         }
         return;
@@ -255,13 +265,16 @@ unsafe fn pack_pairs_simd<S: BfSrc, const W: usize>(
         let rows = w.saturating_sub(g).min(8);
         let row_ptr = |q: usize| src.add((x0 + g + q) * op.ld + p0);
         let mut p = 0;
-        while p + 16 <= kc {
+        while p < kc {
+            // The last block through masked loads (steps past kc read as 0), and only the
+            // pair rows that exist (kcp may end inside it).
+            let k = lanes(kc - p);
             let mut r = [_mm256_setzero_ps(); 8];
             for (q, rq) in r.iter_mut().enumerate().take(rows) {
-                *rq = _mm256_castsi256_ps(S::bits16(row_ptr(q).add(p)));
+                *rq = _mm256_castsi256_ps(S::bits16_mask(row_ptr(q).add(p), k));
             }
             transpose8(&mut r);
-            for (q, rq) in r.iter().enumerate() {
+            for (q, rq) in r.iter().enumerate().take((kcp - p) / 2) {
                 _mm256_storeu_ps(out.add(((p / 2 + q) * W + g) * 2) as *mut f32, *rq);
             }
             p += 16;
@@ -354,23 +367,19 @@ unsafe fn pack_rows_kcontig_simd<S: BfSrc, const W: usize>(
     let src = op.data.as_ptr();
     let out = dst.as_mut_ptr();
     for x in 0..W {
-        let row = src.add((x0 + x) * op.ld + p0);
+        // wrapping: rows x >= w are never read (their pointer may lie past the slice)
+        let row = src.wrapping_add((x0 + x) * op.ld + p0);
         for c in 0..kcp / 32 {
             let d = out.add((c * W + x) * 32);
             for half in 0..2 {
                 let p = 32 * c + 16 * half;
                 let dh = d.add(16 * half);
-                if x < w && p + 16 <= kc {
-                    _mm256_storeu_si256(dh as *mut __m256i, S::bits16(row.add(p)));
+                let v = if x < w && p < kc {
+                    S::bits16_mask(row.add(p), lanes(kc - p))
                 } else {
-                    for q in 0..16 {
-                        *dh.add(q) = if x < w && p + q < kc {
-                            (*row.add(p + q)).bits1()
-                        } else {
-                            0
-                        };
-                    }
-                }
+                    _mm256_setzero_si256()
+                };
+                _mm256_storeu_si256(dh as *mut __m256i, v);
             }
         }
     }
@@ -523,8 +532,20 @@ mod tests {
                 (32, 5, 3, 17),
                 (8, 29, 40, 35),
                 (0, 0, 0, 9),
+                (3, 8, 1, 1),
+                (29, 8, 58, 17),
             ] {
                 let kcp2 = kc + kc % 2;
+                // the 8-wide panels (AVX512-BF16 A), edges in x and k, padding past kc
+                let w8 = w.min(8);
+                let mut want8 = vec![7u16; (kcp2 + 2) * 8];
+                let mut got8 = vec![9u16; (kcp2 + 2) * 8];
+                pack_pairs::<bf16, 8>(false, op, x0, w8, p0, kc, kcp2 + 2, &mut want8);
+                pack_pairs::<bf16, 8>(true, op, x0, w8, p0, kc, kcp2 + 2, &mut got8);
+                assert_eq!(
+                    want8, got8,
+                    "pairs8 k_contig {k_contig} {x0} {w8} {p0} {kc}"
+                );
                 let mut want = vec![7u16; kcp2 * 32];
                 let mut got = vec![9u16; kcp2 * 32];
                 pack_pairs::<bf16, 32>(false, op, x0, w, p0, kc, kcp2, &mut want);
