@@ -44,11 +44,12 @@ pub(crate) trait BfSrc: Copy + Send + Sync {
     /// `ptr` valid for the reads in `k`; the CPU supports avx512f/bw/vl and f16c.
     #[cfg(target_arch = "x86_64")]
     unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i;
-    /// [`BfSrc::bits16_mask`] of all 16 lanes.
+    /// [`BfSrc::bits16_mask`] of all 16 lanes (the decoder tests use it).
     ///
     /// # Safety
     /// As `bits16_mask`, 16 reads.
     #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
     #[inline(always)]
     unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
         Self::bits16_mask(ptr, 0xFFFF)
