@@ -5,7 +5,9 @@
 //!
 //! Chosen once per process: the best the CPU (and, for AMX, the kernel) allows, or the
 //! one named by `FP8LM_GEMM=amx|avx512bf16|fma`; forcing a path that is not available is
-//! an error naming the reason. The choice is logged (tracing, info) when first made —
+//! an error naming the reason. AMX counts as available only after a start-up self-check
+//! ([`self_check`]: bit-exact against the FMA kernel on integer data, every layout,
+//! ragged edges) passes; a failure is logged and the next path is used. The choice is logged (tracing, info) when first made —
 //! at start-up when the binary calls [`GemmPath::init`].
 //!
 //! Every GEMM through [`super::GemmOps`] is counted per path ([`path_calls`]), so tests
@@ -13,6 +15,9 @@
 
 use super::amx;
 use super::dpbf16;
+use super::driver_bf16::{gemm_lowp, Unit};
+use super::{driver, GemmShape, Isa, MatRef};
+use half::bf16;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -44,7 +49,7 @@ impl GemmPath {
     /// `Ok` if this CPU (and OS) can run the path, else why not.
     pub fn check(self) -> Result<(), String> {
         match self {
-            GemmPath::Amx => amx::permission(),
+            GemmPath::Amx => amx::permission().and_then(|()| self_check_once(Unit::Amx)),
             GemmPath::Avx512Bf16 if dpbf16::available() => Ok(()),
             GemmPath::Avx512Bf16 => {
                 Err("the CPU does not report avx512_bf16 with avx512f/bw/vl".into())
@@ -127,6 +132,78 @@ impl GemmPath {
             Err(e) => panic!("gemm: {e}"),
         }
     }
+}
+
+/// AMX passes its start-up self-check (once per process; see [`self_check`]).
+fn self_check_once(unit: Unit) -> Result<(), String> {
+    static AMX: OnceLock<Result<(), String>> = OnceLock::new();
+    AMX.get_or_init(|| {
+        let r = self_check(unit);
+        if let Err(e) = &r {
+            tracing::warn!("{e}; AMX will not be used");
+        }
+        r
+    })
+    .clone()
+}
+
+/// Run `unit` on small GEMMs in every layout the model uses, with ragged edges in all
+/// three dimensions, and compare with the f32 FMA kernel **bit for bit**: the operands
+/// are small integers (|a|, |b| <= 3, k < 200), so every product and every partial sum
+/// is an integer below 2^24, exact in f32 whatever the order of summation. A tile kernel
+/// that packs, indexes, accumulates or stores wrongly cannot pass; one that passes may
+/// still differ from FMA on real data only by f32 summation order.
+///
+/// Why at start-up: the AMX path runs on CPUs the project's CI may not have (its tests
+/// compare the tile kernel with a software model and run only where AMX exists), so a
+/// process never uses the tiles for training before they reproduced the reference here.
+pub(crate) fn self_check(unit: Unit) -> Result<(), String> {
+    let ints = |n: usize, seed: usize| -> Vec<bf16> {
+        (0..n)
+            .map(|i| bf16::from_f32(((i * 7 + seed * 13) % 7) as f32 - 3.0))
+            .collect()
+    };
+    let (m, n, k) = (37, 45, 70);
+    for (name, shape) in [
+        ("forward (B transposed)", GemmShape::new(m, n, k).trans_b()),
+        ("dinp (plain)", GemmShape::new(m, n, k)),
+        ("dW (A transposed)", GemmShape::new(m, n, k).trans_a()),
+    ] {
+        let (a, b) = (ints(m * k, 1), ints(k * n, 2));
+        let init: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+        let (mut got, mut want) = (init.clone(), init);
+        for acc in [false, true] {
+            gemm_lowp(
+                unit,
+                shape,
+                MatRef::Bf16(&a),
+                MatRef::Bf16(&b),
+                &mut got,
+                acc,
+                1,
+            );
+            driver::gemm_f32(
+                Isa::detect(),
+                shape,
+                MatRef::Bf16(&a),
+                MatRef::Bf16(&b),
+                &mut want,
+                acc,
+                1,
+            );
+        }
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            return Err(format!(
+                "the {unit:?} GEMM failed its start-up self-check on the {name} layout \
+                 ({m}x{n}x{k}): C[{}, {}] = {}, the f32 FMA kernel gives {} (exact)",
+                i / n,
+                i % n,
+                got[i],
+                want[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 0: no override; else 1 + index in [`GemmPath::ALL`].

@@ -312,3 +312,12 @@ fn env_forcing() {
         }
     }
 }
+
+/// The start-up self-check that guards the AMX path passes for every unit this machine
+/// runs (and the software model), so it rejects only a kernel that is really wrong.
+#[test]
+fn start_up_self_check_passes_on_every_unit_here() {
+    for unit in units() {
+        super::path::self_check(unit).unwrap_or_else(|e| panic!("{unit:?}: {e}"));
+    }
+}
