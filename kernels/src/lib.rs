@@ -23,7 +23,9 @@ pub mod bench;
 pub mod gemm;
 pub mod layers;
 
-pub use gemm::{GemmOps, GemmShape, Isa, MatRef};
+pub use gemm::{
+    path_calls, set_path_override, GemmOps, GemmPath, GemmShape, Isa, MatRef, PathCalls,
+};
 pub use layers::LayerOps;
 
 /// The CPU backend (multithreaded with rayon).

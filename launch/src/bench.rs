@@ -81,13 +81,17 @@ const NOISE: &str = "figures on a shared machine are noisy; compare rows of this
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Gemm { budget_ms } => {
-            use fp8lm_kernels::bench::{gemm_bench, GEMM_BENCH_SHAPES};
+            use fp8lm_kernels::bench::{gemm_bench, gemm_bench_backward, GEMM_BENCH_SHAPES};
             println!(
                 "GEMM benchmark ({budget_ms} ms per case, {} threads; {NOISE})",
                 rayon::current_num_threads()
             );
             let report = gemm_bench(&GEMM_BENCH_SHAPES, Duration::from_millis(budget_ms));
             print!("{}", report.table());
+            // The backward GEMMs' layouts (dinp plain, dW trans_a) of the same layers.
+            let back =
+                gemm_bench_backward(&GEMM_BENCH_SHAPES[1..], Duration::from_millis(budget_ms));
+            print!("{}", back.table());
             Ok(())
         }
         BenchCmd::Cast { elements, reps } => {

@@ -175,6 +175,12 @@ fn main() {
     let cli = Cli::parse();
     init_tracing(&cli.log);
     size_thread_pool_for_mpi();
+    // Decide (and log) the GEMM path now: a forced FP8LM_GEMM this machine lacks is a
+    // usage error at start-up, not a panic in the first GEMM.
+    if let Err(e) = fp8lm_kernels::gemm::GemmPath::init() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let result = match cli.cmd {
         Cmd::Train { cfg, resume } => run::train(&cfg, resume.as_deref()),
         Cmd::Eval { checkpoint, set } => run::eval(&checkpoint, &set),

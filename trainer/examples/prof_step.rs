@@ -1,5 +1,5 @@
 //! Steady-state step loop for profiling one precision at GPT-2 124M dims:
-//! `prof_step <fp32|bf16|fp8-o1> [steps] [small]` (prints "READY" after the warm-up
+//! `prof_step <fp32|bf16|fp8-o1|fp8-o2> [steps] [small]` (prints "READY" after the warm-up
 //! step; `small`: the default small model instead).
 use fp8lm_trainer::bench::default_cases;
 use fp8lm_trainer::config::Precision;
@@ -12,6 +12,7 @@ fn main() -> anyhow::Result<()> {
     let p = match args.first().map(String::as_str) {
         Some("fp32") => Precision::Fp32,
         Some("bf16") => Precision::Bf16,
+        Some("fp8-o2") => Precision::Fp8O2,
         _ => Precision::Fp8O1,
     };
     let steps: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);

@@ -34,7 +34,7 @@ pub(crate) fn kc_max_for(isa: Isa) -> usize {
     }
 }
 /// Widest column strip of one work item.
-const STRIP: usize = 768;
+pub(crate) const STRIP: usize = 768;
 /// Rows (in MR panels) of A run against each B panel before moving to the next: 192
 /// rows x 512 steps x 4 B = 384 KiB of packed A, resident in L2 with the B strip.
 const MC_PANELS: usize = 24;
@@ -66,13 +66,13 @@ fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: work items write disjoint tiles of C; the pointer outlives the parallel loop.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
     /// Via a method, so closures capture the wrapper, not the bare pointer field.
-    fn get(&self) -> *mut f32 {
+    pub(crate) fn get(&self) -> *mut f32 {
         self.0
     }
 }
@@ -87,13 +87,18 @@ pub(crate) struct Grid {
 }
 
 pub(crate) fn grid(m: usize, n: usize, k: usize, pool_threads: usize) -> Grid {
+    grid_mr(m, n, k, MR, pool_threads)
+}
+
+/// [`grid`] for a kernel whose tiles have `mr` rows (the bf16 paths' kernels).
+pub(crate) fn grid_mr(m: usize, n: usize, k: usize, mr: usize, pool_threads: usize) -> Grid {
     let flops = 2usize.saturating_mul(m).saturating_mul(n).saturating_mul(k);
     let t = if flops < SERIAL_FLOPS {
         1
     } else {
         pool_threads.max(1)
     };
-    let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
+    let (mp, np) = (m.div_ceil(mr), n.div_ceil(NR));
     // Several strips per thread so rayon can rebalance when a core is busy elsewhere,
     // but none narrower than MIN_STRIP_PANELS (the per-strip overheads stay small).
     let cols = if t == 1 {

@@ -17,6 +17,13 @@
 //! - `kernel`: an 8x32 f32 FMA micro-kernel (AVX-512F, AVX2+FMA, or portable),
 //! - `driver`: cache blocking and rayon threading.
 //!
+//! GEMMs whose operands are both bf16 or FP8 run instead on the CPU's bf16 matrix units
+//! when it has them ([`GemmPath`]: AMX tiles, else AVX512-BF16 dot products, else the
+//! FMA kernel above): `pack_bf16` decodes to bf16 (exact for every FP8 value, and never a
+//! bf16 denormal) into the pair ("VNNI") layout, `amx` / `dpbf16` are the micro-kernels
+//! (bf16 products exact, f32 accumulation, same epilogue), `driver_bf16` the blocking.
+//! Any GEMM with an f32 operand stays on f32 FMA (the reference numerics).
+//!
 //! The scales of FP8 operands are applied as one factor `1 / (scale_a * scale_b)` in the
 //! epilogue, once per output element and K-block (256 or 512 steps): with the default
 //! power-of-two scales that multiply is exact; with exact-ratio scales it adds one
@@ -33,11 +40,20 @@
 //! FP8 GEMM runs as fast as the f32 one. Both crates are measured against ours in
 //! [`crate::bench`].
 
+mod amx;
+mod dpbf16;
 mod driver;
+mod driver_bf16;
 mod kernel;
 mod pack;
+mod pack_bf16;
+mod path;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bf16;
+
+pub use path::{path_calls, set_path_override, GemmPath, PathCalls, GEMM_ENV};
 
 use crate::Cpu;
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
@@ -358,18 +374,70 @@ impl Cpu {
     }
 }
 
+/// Both operands exact in bf16 (bf16 or FP8): the matrix-unit paths may run it.
+fn is_lowp(a: &MatRef<'_>, b: &MatRef<'_>) -> bool {
+    !matches!(a, MatRef::F32(_)) && !matches!(b, MatRef::F32(_))
+}
+
+/// Run on `path` (available, checked by the caller); shapes checked.
+fn run_path(
+    path: GemmPath,
+    s: GemmShape,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let threads = rayon::current_num_threads();
+    let unit = match path {
+        _ if !is_lowp(&a, &b) => None,
+        GemmPath::Amx => Some(driver_bf16::Unit::Amx),
+        GemmPath::Avx512Bf16 => Some(driver_bf16::Unit::Dp),
+        GemmPath::Fma => None,
+    };
+    match unit {
+        Some(u) => driver_bf16::gemm_lowp(u, s, a, b, c, accumulate, threads),
+        None => driver::gemm_f32(Isa::detect(), s, a, b, c, accumulate, threads),
+    }
+}
+
+/// The process's path for this GEMM, counted.
+fn auto_path(a: &MatRef<'_>, b: &MatRef<'_>) -> GemmPath {
+    if is_lowp(a, b) {
+        let p = path::current();
+        path::count(path::Counted::Lowp(p));
+        p
+    } else {
+        path::count(path::Counted::F32);
+        GemmPath::Fma
+    }
+}
+
+impl Cpu {
+    /// [`GemmOps::gemm`] on an explicit path (panics if it is not available here) —
+    /// for tests and benchmarks. GEMMs with an f32 operand run on FMA whatever the path.
+    /// Not counted in [`path_calls`].
+    pub fn gemm_with_path(
+        &self,
+        path: GemmPath,
+        s: GemmShape,
+        a: MatRef<'_>,
+        b: MatRef<'_>,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        if let Err(why) = path.check() {
+            panic!("gemm: path {} is not available: {why}", path.name());
+        }
+        check_lens(&s, &a, &b, c.len());
+        run_path(path, s, a, b, c, accumulate);
+    }
+}
+
 impl GemmOps for Cpu {
     fn gemm(&self, s: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
         check_lens(&s, &a, &b, c.len());
-        driver::gemm_f32(
-            Isa::detect(),
-            s,
-            a,
-            b,
-            c,
-            accumulate,
-            rayon::current_num_threads(),
-        );
+        run_path(auto_path(&a, &b), s, a, b, c, accumulate);
     }
 
     fn gemm_bf16_out(
@@ -381,16 +449,9 @@ impl GemmOps for Cpu {
         accumulate: bool,
     ) {
         check_lens(&s, &a, &b, c.len());
+        let path = auto_path(&a, &b);
         with_scratch(c.len(), |f| {
-            driver::gemm_f32(
-                Isa::detect(),
-                s,
-                a,
-                b,
-                f,
-                false,
-                rayon::current_num_threads(),
-            );
+            run_path(path, s, a, b, f, false);
             finish_bf16(f, c, accumulate);
         })
     }
@@ -405,16 +466,9 @@ impl GemmOps for Cpu {
         out_scale: f32,
     ) -> f32 {
         check_lens(&s, &a, &b, out.len());
+        let path = auto_path(&a, &b);
         with_scratch(out.len(), |f| {
-            driver::gemm_f32(
-                Isa::detect(),
-                s,
-                a,
-                b,
-                f,
-                false,
-                rayon::current_num_threads(),
-            );
+            run_path(path, s, a, b, f, false);
             finish_fp8(f, out, out_format, out_scale)
         })
     }

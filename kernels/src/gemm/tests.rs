@@ -13,12 +13,12 @@ use super::driver::{gemm_f32, grid, Grid};
 use super::*;
 use fp8lm_fp8::{E4M3, E5M2};
 
-const U: f64 = 1.0 / (1u64 << 24) as f64;
+pub(super) const U: f64 = 1.0 / (1u64 << 24) as f64;
 
 /// splitmix64: a tiny seeded generator (the test must not depend on other crates' RNGs).
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -26,13 +26,13 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in [-1, 1).
-    fn sym(&mut self) -> f32 {
+    pub(super) fn sym(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Ty {
+pub(super) enum Ty {
     F32,
     Bf16,
     E4M3,
@@ -41,19 +41,19 @@ enum Ty {
 const TYS: [Ty; 4] = [Ty::F32, Ty::Bf16, Ty::E4M3, Ty::E5M2];
 
 /// Owned operand storage plus its decoded f64 values.
-struct Mat {
+pub(super) struct Mat {
     f: Vec<f32>,
     h: Vec<bf16>,
     q: Vec<u8>,
     ty: Ty,
-    scale: f32,
+    pub(super) scale: f32,
     /// Real values (decoded / scale) in f64.
-    real: Vec<f64>,
+    pub(super) real: Vec<f64>,
 }
 
 impl Mat {
     /// `len` values spread over several binades; FP8 ones quantised with `scale`.
-    fn random(rng: &mut Rng, len: usize, ty: Ty, scale: f32) -> Mat {
+    pub(super) fn random(rng: &mut Rng, len: usize, ty: Ty, scale: f32) -> Mat {
         let x: Vec<f32> = (0..len)
             .map(|_| rng.sym() * 2f32.powi((rng.next_u64() % 6) as i32 - 3))
             .collect();
@@ -99,7 +99,7 @@ impl Mat {
             Fp8Format::E4M3
         }
     }
-    fn as_ref(&self) -> MatRef<'_> {
+    pub(super) fn as_ref(&self) -> MatRef<'_> {
         match self.ty {
             Ty::F32 => MatRef::F32(&self.f),
             Ty::Bf16 => MatRef::Bf16(&self.h),
@@ -113,7 +113,7 @@ impl Mat {
 }
 
 /// (reference value, tolerance without the c_old term) for every output element.
-fn reference(s: GemmShape, a: &Mat, b: &Mat) -> Vec<(f64, f64)> {
+pub(super) fn reference(s: GemmShape, a: &Mat, b: &Mat) -> Vec<(f64, f64)> {
     let mut out = Vec::with_capacity(s.m * s.n);
     for i in 0..s.m {
         for j in 0..s.n {
@@ -131,7 +131,13 @@ fn reference(s: GemmShape, a: &Mat, b: &Mat) -> Vec<(f64, f64)> {
 }
 
 /// `c_old` (when accumulating) is rounded into once per K-block, and once more by alpha.
-fn check(label: &str, k: usize, got: &[f32], want: &[(f64, f64)], c_old: Option<&[f32]>) {
+pub(super) fn check(
+    label: &str,
+    k: usize,
+    got: &[f32],
+    want: &[(f64, f64)],
+    c_old: Option<&[f32]>,
+) {
     let old_roundings = (k.div_ceil(256) + 2) as f64; // 256 = the smallest K-block
     for (idx, (&g, &(r, tol))) in got.iter().zip(want).enumerate() {
         let old = c_old.map_or(0.0, |c| c[idx] as f64);
@@ -145,7 +151,7 @@ fn check(label: &str, k: usize, got: &[f32], want: &[(f64, f64)], c_old: Option<
     }
 }
 
-fn shape(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> GemmShape {
+pub(super) fn shape(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> GemmShape {
     GemmShape {
         m,
         n,
@@ -155,7 +161,8 @@ fn shape(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> GemmShape {
     }
 }
 
-const LAYOUTS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
+pub(super) const LAYOUTS: [(bool, bool); 4] =
+    [(false, false), (false, true), (true, false), (true, true)];
 
 /// Every kernel, every layout, every operand type pair, on small odd shapes.
 #[test]
@@ -517,7 +524,7 @@ fn several_pack_phases() {
         );
         let c_old: Vec<f32> = (0..m * n).map(|_| rng.sym()).collect();
         let mut c = c_old.clone();
-        Cpu.gemm(s, a.as_ref(), b.as_ref(), &mut c, true);
+        Cpu.gemm_with_isa(isa, s, a.as_ref(), b.as_ref(), &mut c, true);
         check(&format!("{s:?}"), k, &c, &want, Some(&c_old));
     }
 }

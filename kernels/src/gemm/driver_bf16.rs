@@ -1,0 +1,306 @@
+//! The blocked, threaded driver of the bf16 matrix-unit paths (AMX, AVX512-BF16):
+//! `C (+)= alpha * op(A) @ op(B)` into an f32 C, both operands bf16 or FP8 (decoded to
+//! bf16 exactly while packing, see [`super::pack_bf16`]).
+//!
+//! Same structure as the f32 driver ([`super::driver`]): K in balanced blocks of at most
+//! [`KC_MAX`] steps (each rounded up to the kernel's K alignment with zeros), A packed
+//! once per K-block into panels shared by all threads, the output cut into column strips
+//! (and row ranges when strips are too few) by the same [`grid_mr`], each work item
+//! packing its own B strip per K-block. Panels hold bf16 bits, half the bytes of the f32
+//! panels, so the same K-block keeps the same cache footprint at twice the depth.
+//!
+//! AMX: every work item holds a [`TileGuard`] (this thread's `ldtilecfg` ...
+//! `tilerelease`), so any rayon worker that picks up an item has its tiles configured.
+
+use super::amx::{self, TileGuard};
+use super::driver::{combined_scale, grid_mr, SendPtr};
+use super::pack::{E4M3Byte, E5M2Byte, Operand};
+use super::pack_bf16::{pack_pairs, pack_rows, BfSrc};
+use super::{dpbf16, GemmShape, MatRef, NR};
+use fp8lm_fp8::Fp8Format;
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// Which bf16 kernel runs the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unit {
+    /// `tdpbf16ps` tiles, 32 x 32 blocks.
+    Amx,
+    /// The software model of the AMX block ([`amx::tile_amx_model`]): same panels,
+    /// same driver, scalar arithmetic; for testing the AMX path on any CPU.
+    #[cfg_attr(not(test), allow(dead_code))]
+    AmxModel,
+    /// `vdpbf16ps`, 8 x 32 tiles.
+    Dp,
+}
+
+impl Unit {
+    fn mr(self) -> usize {
+        match self {
+            Unit::Amx | Unit::AmxModel => amx::MR,
+            Unit::Dp => dpbf16::MR,
+        }
+    }
+    fn k_align(self) -> usize {
+        match self {
+            Unit::Amx | Unit::AmxModel => amx::KCHUNK,
+            Unit::Dp => 2,
+        }
+    }
+}
+
+/// Largest K-block: 512 bf16 steps = a 32 KiB B panel (32 columns), as the f32 path's
+/// 256-step blocks on the AVX2 kernel (L1-resident), and a 32 KiB AMX A block.
+pub(crate) const KC_MAX: usize = 512;
+/// Rows of C run against each B panel before the next (packed A in use stays in L2).
+const MC_ROWS: usize = 192;
+/// Packed A is built for as many K-blocks at once as fit in this many bf16 values.
+pub(crate) const A_PACK_VALUES: usize = 1 << 23;
+
+thread_local! {
+    static A_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static B_BUF: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// A 64-byte aligned window of `len` values inside `v` (grown as needed).
+fn aligned(v: &mut Vec<u16>, len: usize) -> &mut [u16] {
+    if v.len() < len + 32 {
+        *v = vec![0; len + 32];
+    }
+    let off = v.as_ptr().align_offset(64).min(32);
+    &mut v[off..off + len]
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    A,
+    B,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_typed<S: BfSrc>(
+    unit: Unit,
+    side: Side,
+    op: Operand<'_, S>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    match (side, unit) {
+        (Side::B, _) => pack_pairs::<S, NR>(true, op, x0, w, p0, kc, kcp, dst),
+        (Side::A, Unit::Dp) => pack_pairs::<S, { dpbf16::MR }>(true, op, x0, w, p0, kc, kcp, dst),
+        (Side::A, _) => pack_rows::<S, { amx::MR }>(true, op, x0, w, p0, kc, kcp, dst),
+    }
+}
+
+/// Pack panel `x0 .. x0 + w` x `p0 .. p0 + kc` (padded to `kcp`) of operand `mat`.
+#[allow(clippy::too_many_arguments)]
+fn pack(
+    unit: Unit,
+    side: Side,
+    s: &GemmShape,
+    mat: &MatRef<'_>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    let (ld, k_contig) = match side {
+        Side::A if s.trans_a => (s.m, false),
+        Side::A => (s.k, true),
+        Side::B if s.trans_b => (s.k, true),
+        Side::B => (s.n, false),
+    };
+    match *mat {
+        MatRef::Bf16(data) => {
+            let op = Operand { data, ld, k_contig };
+            pack_typed(unit, side, op, x0, w, p0, kc, kcp, dst)
+        }
+        MatRef::Fp8 { data, format, .. } => match format {
+            Fp8Format::E4M3 => {
+                // SAFETY: E4M3Byte is repr(transparent) over u8.
+                let data = unsafe { &*(data as *const [u8] as *const [E4M3Byte]) };
+                let op = Operand { data, ld, k_contig };
+                pack_typed(unit, side, op, x0, w, p0, kc, kcp, dst)
+            }
+            Fp8Format::E5M2 => {
+                // SAFETY: E5M2Byte is repr(transparent) over u8.
+                let data = unsafe { &*(data as *const [u8] as *const [E5M2Byte]) };
+                let op = Operand { data, ld, k_contig };
+                pack_typed(unit, side, op, x0, w, p0, kc, kcp, dst)
+            }
+        },
+        MatRef::F32(_) => unreachable!("f32 operands run on the f32 FMA path"),
+    }
+}
+
+/// One full `mr x NR` tile.
+///
+/// # Safety
+/// `c` valid for the tile at stride `ldc`; `unit` runnable here (AMX: a [`TileGuard`] is
+/// held on this thread).
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    unit: Unit,
+    kcp: usize,
+    a: *const u16,
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta_one: bool,
+) {
+    match unit {
+        #[cfg(target_arch = "x86_64")]
+        Unit::Amx => amx::tile_amx(kcp, a, b, c, ldc, alpha, beta_one),
+        #[cfg(target_arch = "x86_64")]
+        Unit::Dp => dpbf16::tile_dp(kcp, a, b, c, ldc, alpha, beta_one),
+        Unit::AmxModel => amx::tile_amx_model(kcp, a, b, c, ldc, alpha, beta_one),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("bf16 matrix units exist only on x86_64"),
+    }
+}
+
+/// `c = alpha * op(A) @ op(B)`, or `c += ...`; shapes checked, operands not f32, `unit`
+/// runnable on this CPU (AMX: [`amx::permission`] granted).
+pub(crate) fn gemm_lowp(
+    unit: Unit,
+    s: GemmShape,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+    pool_threads: usize,
+) {
+    let (m, n, k) = (s.m, s.n, s.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let (mr, ka) = (unit.mr(), unit.k_align());
+    let alpha = combined_scale(&a, &b);
+    let g = grid_mr(m, n, k, mr, pool_threads);
+    let k_blocks = k.div_ceil(KC_MAX);
+    let kc_max = k.div_ceil(k_blocks);
+    let kcp_max = kc_max.div_ceil(ka) * ka;
+    let (mp, np) = (m.div_ceil(mr), n.div_ceil(NR));
+    let rows_per = mp.div_ceil(g.row_parts);
+    let cols_per = np.div_ceil(g.col_parts);
+    let items = g.row_parts * g.col_parts;
+    let mc_panels = (MC_ROWS / mr).max(1);
+
+    let a_block = mp * kcp_max * mr; // values of packed A per K-block
+    let blocks_per_phase = (A_PACK_VALUES / a_block).clamp(1, k_blocks);
+    let mut a_vec = A_BUF.take();
+    let a_pack = aligned(&mut a_vec, blocks_per_phase * a_block);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+
+    for phase0 in (0..k_blocks).step_by(blocks_per_phase) {
+        let phase = phase0..(phase0 + blocks_per_phase).min(k_blocks);
+        let kc_of = |bi: usize| kc_max.min(k - bi * kc_max);
+        let kcp_of = |bi: usize| kc_of(bi).div_ceil(ka) * ka;
+        let pack_a = |(pi, dst): (usize, &mut [u16])| {
+            let (bi, ip) = (phase0 + pi / mp, pi % mp);
+            let (x0, kc, kcp) = (ip * mr, kc_of(bi), kcp_of(bi));
+            let dst = &mut dst[..kcp * mr];
+            pack(
+                unit,
+                Side::A,
+                &s,
+                &a,
+                x0,
+                mr.min(m - x0),
+                bi * kc_max,
+                kc,
+                kcp,
+                dst,
+            );
+        };
+        let a_panels = &mut a_pack[..phase.len() * a_block];
+        if g.threads > 1 {
+            a_panels
+                .par_chunks_mut(kcp_max * mr)
+                .enumerate()
+                .for_each(pack_a);
+        } else {
+            a_panels
+                .chunks_mut(kcp_max * mr)
+                .enumerate()
+                .for_each(pack_a);
+        }
+        let a_panels = &*a_panels;
+
+        let item = |it: usize| {
+            let (ri, ci) = (it / g.col_parts, it % g.col_parts);
+            let (ip0, ip1) = (ri * rows_per, ((ri + 1) * rows_per).min(mp));
+            let (jp0, jp1) = (ci * cols_per, ((ci + 1) * cols_per).min(np));
+            if ip0 >= ip1 || jp0 >= jp1 {
+                return;
+            }
+            // SAFETY (AMX): the caller checked amx::permission; this thread's tiles are
+            // configured for the item and released at its end.
+            #[cfg(target_arch = "x86_64")]
+            let _tiles = (unit == Unit::Amx).then(|| unsafe { TileGuard::new() });
+            let mut b_vec = B_BUF.take();
+            let b_pack = aligned(&mut b_vec, (jp1 - jp0) * kcp_max * NR);
+            let mut edge = [0f32; amx::MR * NR];
+            for bi in phase.clone() {
+                let (p0, kc, kcp) = (bi * kc_max, kc_of(bi), kcp_of(bi));
+                let beta_one = accumulate || bi > 0;
+                let (a_len, b_len) = (kcp * mr, kcp * NR);
+                let a_blk = &a_panels[(bi - phase0) * a_block..];
+                for (jp, dst) in (jp0..jp1).zip(b_pack.chunks_mut(b_len)) {
+                    let x0 = jp * NR;
+                    pack(unit, Side::B, &s, &b, x0, NR.min(n - x0), p0, kc, kcp, dst);
+                }
+                for ic in (ip0..ip1).step_by(mc_panels) {
+                    let ic1 = (ic + mc_panels).min(ip1);
+                    for (jp, b_panel) in (jp0..jp1).zip(b_pack.chunks(b_len)) {
+                        let cols = NR.min(n - jp * NR);
+                        for ip in ic..ic1 {
+                            let rows = mr.min(m - ip * mr);
+                            let a_panel = &a_blk[ip * kcp_max * mr..][..a_len];
+                            // SAFETY: the tile [ip*mr.., jp*NR..] lies inside C (full
+                            // tiles) and belongs to this work item alone; edge tiles go
+                            // through a local buffer; the unit was checked by the caller.
+                            unsafe {
+                                let dst = c_ptr.get().add(ip * mr * n + jp * NR);
+                                let (ap, bp) = (a_panel.as_ptr(), b_panel.as_ptr());
+                                if rows == mr && cols == NR {
+                                    tile(unit, kcp, ap, bp, dst, n, alpha, beta_one);
+                                } else {
+                                    let t = edge.as_mut_ptr();
+                                    tile(unit, kcp, ap, bp, t, NR, 1.0, false);
+                                    for r in 0..rows {
+                                        for j in 0..cols {
+                                            let d = dst.add(r * n + j);
+                                            let v = alpha * edge[r * NR + j];
+                                            *d = if beta_one { *d + v } else { v };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            B_BUF.set(b_vec);
+        };
+        if g.threads > 1 && items > 1 {
+            (0..items).into_par_iter().for_each(item);
+        } else {
+            (0..items).for_each(item);
+        }
+    }
+    A_BUF.set(a_vec);
+}

@@ -1,0 +1,584 @@
+//! Packing for the bf16 matrix-unit paths (AMX `tdpbf16ps`, AVX512-BF16 `vdpbf16ps`):
+//! copy a block of one operand into a kernel panel of bf16 bits (`u16`), decoding
+//! bf16 / FP8 on the way.
+//!
+//! Why bf16 is exact here: every E4M3 and E5M2 value (normals, subnormals, zero, the
+//! E5M2 infinities) has at most 3 significant bits and an exponent within
+//! `[-16, 15]`, so it is a *normal* bf16 (8 significant bits, exponents down to -126) or
+//! zero. The matrix units treat bf16 denormals as zero; decoded FP8 never is one (tested
+//! over all 256 codes of both formats), so the products the units form are the exact
+//! products of the FP8 values. As in [`super::pack`], no scale is applied here: the
+//! operands' scales are applied once in the epilogue.
+//!
+//! Two panel layouts (operand seen as `[x, p]`: x = row of A / column of B, p = k):
+//! - **pairs** `[kcp/2][W][2]`: for each pair of k steps, `W` (x) pairs `(p, p+1)`: the
+//!   "VNNI" layout of an AMX B tile (16 pair-rows of 16 columns) and what `vdpbf16ps`
+//!   multiplies (one 32-bit pair per lane). Used for B on both paths and for A on the
+//!   AVX512-BF16 path.
+//! - **rows** `[kcp/32][W][32]`: for each chunk of 32 k steps, `W` rows of 32 bf16 — an
+//!   AMX A tile (16 rows of 64 bytes) is one contiguous KiB of it.
+//!
+//! `kcp` is `kc` rounded up to the kernel's K alignment; steps `kc .. kcp` and rows
+//! `w .. W` are zero.
+//!
+//! Source layouts, as in [`super::pack`]: "k-contiguous" (A plain `[m,k]`, B transposed
+//! `[n,k]`) and "x-contiguous" (A transposed `[k,m]`, B plain `[k,n]`). The SIMD packers
+//! (AVX-512F/BW/VL, which every CPU with AMX or AVX512-BF16 has) decode 16 values at a
+//! time; pairs from k-contiguous sources are 32-bit transposes (8x8 blocks), pairs from
+//! x-contiguous sources an interleave of two rows, rows from x-contiguous sources an
+//! interleave followed by a 32-bit transpose.
+
+use super::pack::{E4M3Byte, E5M2Byte, Operand};
+use fp8lm_fp8::cast::decode_table;
+use fp8lm_fp8::Fp8Format;
+use half::bf16;
+
+/// A source element that converts to bf16 exactly (bf16 itself, E4M3, E5M2).
+pub(crate) trait BfSrc: Copy + Send + Sync {
+    /// The bf16 bits of this value.
+    fn bits1(self) -> u16;
+    /// The bf16 bits of the elements `ptr[i]` for the lanes `i` set in `k` (a masked
+    /// load: lanes not in `k` are not read and come out 0, the bits of +0.0).
+    ///
+    /// # Safety
+    /// `ptr` valid for the reads in `k`; the CPU supports avx512f/bw/vl and f16c.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i;
+    /// [`BfSrc::bits16_mask`] of all 16 lanes (the decoder tests use it).
+    ///
+    /// # Safety
+    /// As `bits16_mask`, 16 reads.
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(test), allow(dead_code))]
+    #[inline(always)]
+    unsafe fn bits16(ptr: *const Self) -> std::arch::x86_64::__m256i {
+        Self::bits16_mask(ptr, 0xFFFF)
+    }
+}
+
+/// The mask of the first `n` of 16 lanes.
+#[inline(always)]
+fn lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+impl BfSrc for bf16 {
+    #[inline(always)]
+    fn bits1(self) -> u16 {
+        self.to_bits()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
+        std::arch::x86_64::_mm256_maskz_loadu_epi16(k, ptr as *const i16)
+    }
+}
+
+/// The bf16 bits of a decoded FP8 value: the top half of its exact f32 (exact: FP8 has
+/// at most 3 mantissa bits).
+#[inline(always)]
+fn fp8_bits(fmt: Fp8Format, b: u8) -> u16 {
+    (decode_table(fmt)[b as usize].to_bits() >> 16) as u16
+}
+
+impl BfSrc for E4M3Byte {
+    #[inline(always)]
+    fn bits1(self) -> u16 {
+        fp8_bits(Fp8Format::E4M3, self.0)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // As the f32 decoder of `pack`: the 7 magnitude bits placed so the mantissa lines
+        // up with f32's, read as f32 and multiplied by 2^120 (exact for subnormals too;
+        // no DAZ in Rust), NaN (magnitude 0x7F) forced to all-ones; then the top half.
+        let x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, ptr as *const i8));
+        let mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7F));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(x, _mm512_set1_epi32(0x80)));
+        let two_120 = _mm512_set1_ps(f32::from_bits((120 + 127) << 23));
+        let v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<20>(mag)), two_120);
+        let v = _mm512_or_si512(_mm512_castps_si512(v), sign);
+        let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+        let v = _mm512_mask_mov_epi32(v, nan, _mm512_set1_epi32(-1));
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v))
+    }
+}
+
+impl BfSrc for E5M2Byte {
+    #[inline(always)]
+    fn bits1(self) -> u16 {
+        fp8_bits(Fp8Format::E5M2, self.0)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bits16_mask(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // E5M2 is the top byte of an f16: widen through f32 (exact), keep the top half.
+        let x = _mm_maskz_loadu_epi8(k, ptr as *const i8);
+        let h = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(x));
+        let f = _mm512_cvtph_ps(h);
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_castps_si512(f)))
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Source elements decoded by this thread's bf16 packing (tests check O(mk + kn)).
+    pub(crate) static DECODED_BF16: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the SIMD packers may run (checked once; both matrix-unit paths imply it).
+pub(crate) fn simd_ok() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("avx2")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn check_rect<S>(op: &Operand<'_, S>, x0: usize, w: usize, p0: usize, kc: usize) {
+    if w > 0 && kc > 0 {
+        let (x, p) = (x0 + w - 1, p0 + kc - 1);
+        let i = if op.k_contig {
+            x * op.ld + p
+        } else {
+            p * op.ld + x
+        };
+        assert!(
+            i < op.data.len(),
+            "pack_bf16: source rectangle out of bounds"
+        );
+    }
+}
+
+#[inline(always)]
+fn at<S: BfSrc>(op: &Operand<'_, S>, x: usize, p: usize) -> u16 {
+    op.data[if op.k_contig {
+        x * op.ld + p
+    } else {
+        p * op.ld + x
+    }]
+    .bits1()
+}
+
+/// Pack rows `x0 .. x0 + w` (`w <= W`, `W` a multiple of 8) and steps `p0 .. p0 + kc`
+/// into the **pairs** layout `dst[kcp/2][W][2]` (`kcp` even, `>= kc`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_pairs<S: BfSrc, const W: usize>(
+    simd: bool,
+    op: Operand<'_, S>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    assert!(
+        w <= W && W.is_multiple_of(8) && kcp.is_multiple_of(2) && kcp >= kc && dst.len() >= kcp * W
+    );
+    check_rect(&op, x0, w, p0, kc);
+    #[cfg(test)]
+    DECODED_BF16.set(DECODED_BF16.get() + w * kc);
+    #[cfg(target_arch = "x86_64")]
+    if simd && simd_ok() {
+        // SAFETY: features detected; the source rectangle was bounds-checked.
+        unsafe { pack_pairs_simd::<S, W>(op, x0, w, p0, kc, kcp, dst) };
+        return;
+    }
+    let _ = simd;
+    for j in 0..kcp / 2 {
+        for x in 0..W {
+            for h in 0..2 {
+                let p = 2 * j + h;
+                dst[(j * W + x) * 2 + h] = if x < w && p < kc {
+                    at(&op, x0 + x, p0 + p)
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn pack_pairs_simd<S: BfSrc, const W: usize>(
+    op: Operand<'_, S>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    use std::arch::x86_64::*;
+    let src = op.data.as_ptr();
+    let out = dst.as_mut_ptr();
+    if !op.k_contig {
+        // Rows p and p+1 are contiguous in x: interleave them 16 x at a time; the edge
+        // (x >= w, p >= kc) through masked loads, which read nothing there and give 0.
+        let row = |p: usize, x: usize, n: usize| {
+            if p < kc && x < w {
+                S::bits16_mask(src.add((p0 + p) * op.ld + x0 + x), lanes(n))
+            } else {
+                _mm256_setzero_si256()
+            }
+        };
+        for j in 0..kcp / 2 {
+            let d = out.add(j * W * 2);
+            for x in (0..W).step_by(16) {
+                let n = w.saturating_sub(x);
+                let (a, b) = (row(2 * j, x, n), row(2 * j + 1, x, n));
+                let lo = _mm256_unpacklo_epi16(a, b);
+                let hi = _mm256_unpackhi_epi16(a, b);
+                _mm256_storeu_si256(
+                    d.add(x * 2) as *mut __m256i,
+                    _mm256_permute2x128_si256::<0x20>(lo, hi),
+                );
+                // W is a multiple of 8: the second 8 pairs exist unless W ends here.
+                if x + 16 <= W {
+                    _mm256_storeu_si256(
+                        d.add(x * 2 + 16) as *mut __m256i,
+                        _mm256_permute2x128_si256::<0x31>(lo, hi),
+                    );
+                }
+            }
+        }
+        return;
+    }
+    // k-contiguous: each x holds its pairs contiguously; transpose 8 x by 8 pairs.
+    for g in (0..W).step_by(8) {
+        let rows = w.saturating_sub(g).min(8);
+        let row_ptr = |q: usize| src.add((x0 + g + q) * op.ld + p0);
+        let mut p = 0;
+        while p < kc {
+            // The last block through masked loads (steps past kc read as 0), and only the
+            // pair rows that exist (kcp may end inside it).
+            let k = lanes(kc - p);
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (q, rq) in r.iter_mut().enumerate().take(rows) {
+                *rq = _mm256_castsi256_ps(S::bits16_mask(row_ptr(q).add(p), k));
+            }
+            transpose8(&mut r);
+            for (q, rq) in r.iter().enumerate().take((kcp - p) / 2) {
+                _mm256_storeu_ps(out.add(((p / 2 + q) * W + g) * 2) as *mut f32, *rq);
+            }
+            p += 16;
+        }
+        for pp in p..kcp {
+            for q in 0..8 {
+                *out.add(((pp / 2) * W + g + q) * 2 + pp % 2) = if q < rows && pp < kc {
+                    (*row_ptr(q).add(pp)).bits1()
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// Pack rows `x0 .. x0 + w` (`w <= W`, `W` a multiple of 16) and steps `p0 .. p0 + kc`
+/// into the **rows** layout `dst[kcp/32][W][32]` (`kcp` a multiple of 32, `>= kc`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_rows<S: BfSrc, const W: usize>(
+    simd: bool,
+    op: Operand<'_, S>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    assert!(
+        w <= W
+            && W.is_multiple_of(16)
+            && kcp.is_multiple_of(32)
+            && kcp >= kc
+            && dst.len() >= kcp * W
+    );
+    check_rect(&op, x0, w, p0, kc);
+    #[cfg(target_arch = "x86_64")]
+    if simd && simd_ok() {
+        if op.k_contig {
+            #[cfg(test)]
+            DECODED_BF16.set(DECODED_BF16.get() + w * kc);
+            // SAFETY: features detected; the source rectangle was bounds-checked.
+            unsafe { pack_rows_kcontig_simd::<S, W>(op, x0, w, p0, kc, kcp, dst) };
+        } else {
+            // Interleave into pairs (one 32-step chunk at a time), then transpose the
+            // chunk's [16 pairs][W] 32-bit words into [W][16 pairs].
+            let mut tmp = [0u16; 32 * 64];
+            assert!(W <= 64);
+            for c in 0..kcp / 32 {
+                let kcc = kc.saturating_sub(32 * c).min(32);
+                pack_pairs::<S, W>(true, op, x0, w, p0 + 32 * c, kcc, 32, &mut tmp);
+                // SAFETY: as above; tmp holds 32 * W values, dst chunk c as many.
+                unsafe {
+                    transpose_pairs_to_rows::<W>(tmp.as_ptr(), dst.as_mut_ptr().add(c * 32 * W))
+                };
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    #[cfg(test)]
+    DECODED_BF16.set(DECODED_BF16.get() + w * kc);
+    for c in 0..kcp / 32 {
+        for x in 0..W {
+            for q in 0..32 {
+                let p = 32 * c + q;
+                dst[(c * W + x) * 32 + q] = if x < w && p < kc {
+                    at(&op, x0 + x, p0 + p)
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn pack_rows_kcontig_simd<S: BfSrc, const W: usize>(
+    op: Operand<'_, S>,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    dst: &mut [u16],
+) {
+    use std::arch::x86_64::*;
+    let src = op.data.as_ptr();
+    let out = dst.as_mut_ptr();
+    for x in 0..W {
+        // wrapping: rows x >= w are never read (their pointer may lie past the slice)
+        let row = src.wrapping_add((x0 + x) * op.ld + p0);
+        for c in 0..kcp / 32 {
+            let d = out.add((c * W + x) * 32);
+            for half in 0..2 {
+                let p = 32 * c + 16 * half;
+                let dh = d.add(16 * half);
+                let v = if x < w && p < kc {
+                    S::bits16_mask(row.add(p), lanes(kc - p))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                _mm256_storeu_si256(dh as *mut __m256i, v);
+            }
+        }
+    }
+}
+
+/// `src[16][W]` 32-bit words (pairs layout of one 32-step chunk) to `dst[W][16]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_pairs_to_rows<const W: usize>(src: *const u16, dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let (s, d) = (src as *const f32, dst as *mut f32);
+    for jb in 0..2 {
+        for xb in 0..W / 8 {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (q, rq) in r.iter_mut().enumerate() {
+                *rq = _mm256_loadu_ps(s.add((jb * 8 + q) * W + xb * 8));
+            }
+            transpose8(&mut r);
+            for (q, rq) in r.iter().enumerate() {
+                _mm256_storeu_ps(d.add((xb * 8 + q) * 16 + jb * 8), *rq);
+            }
+        }
+    }
+}
+
+/// In-register 8x8 transpose of 32-bit words (rows `r[i]` become columns).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose8(r: &mut [std::arch::x86_64::__m256; 8]) {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    r[0] = _mm256_permute2f128_ps::<0x20>(u0, u4);
+    r[1] = _mm256_permute2f128_ps::<0x20>(u1, u5);
+    r[2] = _mm256_permute2f128_ps::<0x20>(u2, u6);
+    r[3] = _mm256_permute2f128_ps::<0x20>(u3, u7);
+    r[4] = _mm256_permute2f128_ps::<0x31>(u0, u4);
+    r[5] = _mm256_permute2f128_ps::<0x31>(u1, u5);
+    r[6] = _mm256_permute2f128_ps::<0x31>(u2, u6);
+    r[7] = _mm256_permute2f128_ps::<0x31>(u3, u7);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// All 256 codes of both FP8 formats decode, through bf16, to exactly the fp8
+    /// crate's value, and every nonzero finite one is a *normal* bf16 (exponent field
+    /// neither 0 nor all-ones): the matrix units' denormals-are-zero never bites.
+    /// Checked on the scalar and (where the CPU has it) the SIMD decoder.
+    #[test]
+    fn fp8_codes_are_exact_normal_bf16() {
+        let codes: Vec<u8> = (0..=255).collect();
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let table = decode_table(fmt);
+            let mut simd = vec![None; 256];
+            #[cfg(target_arch = "x86_64")]
+            if simd_ok() {
+                for (ci, chunk) in codes.chunks(16).enumerate() {
+                    let mut got = [0u16; 16];
+                    // SAFETY: features detected; 16 codes.
+                    unsafe {
+                        let v = match fmt {
+                            Fp8Format::E4M3 => E4M3Byte::bits16(chunk.as_ptr() as *const _),
+                            Fp8Format::E5M2 => E5M2Byte::bits16(chunk.as_ptr() as *const _),
+                        };
+                        std::arch::x86_64::_mm256_storeu_si256(got.as_mut_ptr() as *mut _, v);
+                    }
+                    for (i, g) in got.into_iter().enumerate() {
+                        simd[ci * 16 + i] = Some(g);
+                    }
+                }
+            } else {
+                eprintln!("no avx512bw: only the scalar bf16 decoder is checked here");
+            }
+            let mut subnormal_fp8 = 0;
+            for &c in &codes {
+                let want = table[c as usize];
+                let scalar = match fmt {
+                    Fp8Format::E4M3 => E4M3Byte(c).bits1(),
+                    Fp8Format::E5M2 => E5M2Byte(c).bits1(),
+                };
+                for (what, bits) in [("scalar", Some(scalar)), ("simd", simd[c as usize])] {
+                    let Some(bits) = bits else { continue };
+                    let got = bf16::from_bits(bits).to_f32();
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{fmt:?} code {c:#04x} ({what}): bf16 {got} != {want}"
+                    );
+                    let exp = (bits >> 7) & 0xFF;
+                    if want.is_finite() && want != 0.0 {
+                        assert!(
+                            exp != 0 && exp != 0xFF,
+                            "{fmt:?} code {c:#04x} ({what}): {want} is not a normal bf16"
+                        );
+                    }
+                    if want == 0.0 {
+                        assert_eq!(bits & 0x7FFF, 0, "{fmt:?} zero code {c:#04x} ({what})");
+                    }
+                }
+                if want != 0.0 && want.abs() < fmt.min_normal() {
+                    subnormal_fp8 += 1;
+                }
+            }
+            // E4M3 and E5M2 each have 2 x (2^m - 1) subnormal codes: 14 and 6.
+            let want_sub = 2 * ((1 << fmt.mantissa_bits()) - 1);
+            assert_eq!(subnormal_fp8, want_sub, "{fmt:?} subnormal codes covered");
+        }
+    }
+
+    fn data(rows: usize, cols: usize) -> Vec<bf16> {
+        (0..rows * cols)
+            .map(|i| bf16::from_f32(i as f32 * 0.25 - 300.0))
+            .collect()
+    }
+
+    /// SIMD and scalar packers agree on both layouts and both source orders, with edges
+    /// in x and in k (odd kc, padding to kcp), and the panels hold the right elements.
+    #[test]
+    fn packers_agree_and_place_elements() {
+        if !simd_ok() {
+            eprintln!("no avx512bw: SIMD bf16 packers not testable here");
+        }
+        let (rows, cols) = (37, 75); // [x, p] stored either way
+        let d = data(rows, cols);
+        for k_contig in [false, true] {
+            let ld = if k_contig { cols } else { rows };
+            let op = Operand {
+                data: &d,
+                ld,
+                k_contig,
+            };
+            let val = |x: usize, p: usize| d[if k_contig { x * ld + p } else { p * ld + x }];
+            for (x0, w, p0, kc) in [
+                (0, 32, 0, 75),
+                (32, 5, 3, 17),
+                (8, 29, 40, 35),
+                (0, 0, 0, 9),
+                (3, 8, 1, 1),
+                (29, 8, 58, 17),
+            ] {
+                let kcp2 = kc + kc % 2;
+                // the 8-wide panels (AVX512-BF16 A), edges in x and k, padding past kc
+                let w8 = w.min(8);
+                let mut want8 = vec![7u16; (kcp2 + 2) * 8];
+                let mut got8 = vec![9u16; (kcp2 + 2) * 8];
+                pack_pairs::<bf16, 8>(false, op, x0, w8, p0, kc, kcp2 + 2, &mut want8);
+                pack_pairs::<bf16, 8>(true, op, x0, w8, p0, kc, kcp2 + 2, &mut got8);
+                assert_eq!(
+                    want8, got8,
+                    "pairs8 k_contig {k_contig} {x0} {w8} {p0} {kc}"
+                );
+                let mut want = vec![7u16; kcp2 * 32];
+                let mut got = vec![9u16; kcp2 * 32];
+                pack_pairs::<bf16, 32>(false, op, x0, w, p0, kc, kcp2, &mut want);
+                pack_pairs::<bf16, 32>(true, op, x0, w, p0, kc, kcp2, &mut got);
+                assert_eq!(want, got, "pairs k_contig {k_contig} {x0} {w} {p0} {kc}");
+                for p in 0..kcp2 {
+                    for x in 0..32 {
+                        let v = if x < w && p < kc {
+                            val(x0 + x, p0 + p).to_bits()
+                        } else {
+                            0
+                        };
+                        assert_eq!(want[((p / 2) * 32 + x) * 2 + p % 2], v);
+                    }
+                }
+                let kcp32 = kc.div_ceil(32).max(1) * 32;
+                let mut want = vec![7u16; kcp32 * 32];
+                let mut got = vec![9u16; kcp32 * 32];
+                pack_rows::<bf16, 32>(false, op, x0, w, p0, kc, kcp32, &mut want);
+                pack_rows::<bf16, 32>(true, op, x0, w, p0, kc, kcp32, &mut got);
+                assert_eq!(want, got, "rows k_contig {k_contig} {x0} {w} {p0} {kc}");
+                for p in 0..kcp32 {
+                    for x in 0..32 {
+                        let v = if x < w && p < kc {
+                            val(x0 + x, p0 + p).to_bits()
+                        } else {
+                            0
+                        };
+                        assert_eq!(want[((p / 32) * 32 + x) * 32 + p % 32], v);
+                    }
+                }
+            }
+        }
+    }
+}
