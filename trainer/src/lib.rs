@@ -38,6 +38,7 @@ pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod repartition;
+pub mod resume;
 pub mod snapshot;
 pub mod tokenizer;
 pub use train::{StepStats, Trainer};
