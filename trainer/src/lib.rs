@@ -32,6 +32,7 @@ pub mod train;
 
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
+pub mod agreement;
 pub mod bench;
 pub mod checkpoint;
 pub mod memory;
