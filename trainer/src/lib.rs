@@ -38,6 +38,7 @@ pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod preflight;
 pub mod repartition;
 pub mod resume;
 pub mod snapshot;
