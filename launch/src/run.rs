@@ -309,7 +309,12 @@ fn watchdog_exit() -> fp8lm_collectives::watchdog::OnTimeout {
         eprintln!("error: {msg} (exit code {EXIT_WATCHDOG})");
         // SAFETY: _exit ends the process without running atexit handlers, which could
         // block on the MPI state the stuck main thread holds.
-        unsafe { libc::_exit(EXIT_WATCHDOG) }
+        #[cfg(unix)]
+        unsafe {
+            libc::_exit(EXIT_WATCHDOG)
+        }
+        #[cfg(not(unix))]
+        std::process::exit(EXIT_WATCHDOG)
     })
 }
 
@@ -814,7 +819,7 @@ fn trainer_from_checkpoint(
     path: &Path,
     sets: &[String],
 ) -> Result<(Checkpoint, RunConfig, Trainer)> {
-    let ck = Checkpoint::load(path)?;
+    let ck = resume_check::find_checkpoint(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
     ck.check_model_shape(&cfg)?;
     let mut tr = Trainer::new(&cfg, cfg.vocab())?;
@@ -823,7 +828,7 @@ fn trainer_from_checkpoint(
 }
 
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
-    let ck = Checkpoint::load(path)?;
+    let ck = resume_check::find_checkpoint(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
     ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;
