@@ -16,6 +16,9 @@
 //! blocked MPI call cannot be interrupted from another thread, so the action must not
 //! return control to the waiting thread.
 //!
+//! A process that was itself stopped (its watchdog thread woke far later than asked)
+//! restarts the clock of its current wait instead of blaming the peer.
+//!
 //! Which peer: in a ring step a rank waits for its predecessor, so with a stopped rank
 //! `k` the first rank to time out is `k + 1`, which names `k`; others, waiting on ranks
 //! that are themselves stuck, time out a little later and name their own predecessor.
@@ -59,28 +62,40 @@ impl<'a> Watchdog<'a> {
             let poll = (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(100));
             std::thread::Builder::new()
                 .name(format!("fp8lm-watchdog-{rank}"))
-                .spawn(move || loop {
-                    std::thread::park_timeout(poll);
-                    if *st.done.lock().unwrap_or_else(|e| e.into_inner()) {
-                        return;
-                    }
-                    let msg = {
-                        let w = st.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        match &*w {
-                            Some(w) if w.since.elapsed() > timeout => Some(timeout_message(
-                                rank,
-                                size,
-                                w.peer,
-                                &w.op,
-                                w.since.elapsed(),
-                                timeout,
-                            )),
-                            _ => None,
+                .spawn(move || {
+                    let mut last_poll = Instant::now();
+                    loop {
+                        std::thread::park_timeout(poll);
+                        if *st.done.lock().unwrap_or_else(|e| e.into_inner()) {
+                            return;
                         }
-                    };
-                    if let Some(m) = msg {
-                        on_timeout(&m);
-                        return;
+                        let msg = {
+                            let mut w = st.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                            // A poll far later than asked for: this process itself was stopped
+                            // (SIGSTOP, a suspended VM), not its peer. Restart the clock of
+                            // the current wait rather than blame a peer for our own pause.
+                            if last_poll.elapsed() > poll * 5 + timeout / 2 {
+                                if let Some(w) = w.as_mut() {
+                                    w.since = Instant::now();
+                                }
+                            }
+                            last_poll = Instant::now();
+                            match &*w {
+                                Some(w) if w.since.elapsed() > timeout => Some(timeout_message(
+                                    rank,
+                                    size,
+                                    w.peer,
+                                    &w.op,
+                                    w.since.elapsed(),
+                                    timeout,
+                                )),
+                                _ => None,
+                            }
+                        };
+                        if let Some(m) = msg {
+                            on_timeout(&m);
+                            return;
+                        }
                     }
                 })
                 .expect("spawn the watchdog thread")

@@ -5,7 +5,10 @@ use fp8lm_collectives::{run_ranks, Communicator, ReduceOp, Watchdog};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn recorder() -> (Arc<Mutex<Vec<String>>>, impl Fn() -> fp8lm_collectives::watchdog::OnTimeout) {
+fn recorder() -> (
+    Arc<Mutex<Vec<String>>>,
+    impl Fn() -> fp8lm_collectives::watchdog::OnTimeout,
+) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     (log, move || {

@@ -14,8 +14,8 @@ use fp8lm_trainer::config_file::{load_config, load_config_str, to_toml};
 use fp8lm_trainer::data::{open_dataset, Dataset};
 use fp8lm_trainer::metrics::{for_each_metric, Fp8TensorStats, MetricsRecord, MetricsWriter};
 use fp8lm_trainer::plot::LossHistory;
-use fp8lm_trainer::{agreement, preflight, resume as resume_check};
 use fp8lm_trainer::tokenizer::Tokenizer;
+use fp8lm_trainer::{agreement, preflight, resume as resume_check};
 use fp8lm_trainer::{snapshot, Precision, RunConfig, Trainer};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -426,12 +426,7 @@ fn train_ranked(
     if let Some(c) = comm {
         // Same checkpoint on every rank: step, data position and weights (before fp8-o3
         // makes the replicas equal to the owners' masters, which would hide a mismatch).
-        agreement::agree_start(
-            c,
-            tr.step(),
-            data.position(),
-            agreement::weights_hash(&tr),
-        )?;
+        agreement::agree_start(c, tr.step(), data.position(), agreement::weights_hash(&tr))?;
         let zs = zero_state
             .as_ref()
             .map(|(s, u)| (s.as_slice(), u.as_slice()));
@@ -602,8 +597,8 @@ fn train_ranked(
             let k = w.iter().filter(|&&s| s).count();
             (k as f32 > cfg.max_skipped_fraction * w.len() as f32).then_some(k)
         };
-        let judge = skip_window.len() == SKIP_WINDOW
-            || (done == max_steps && skip_window.len() >= 10);
+        let judge =
+            skip_window.len() == SKIP_WINDOW || (done == max_steps && skip_window.len() >= 10);
         if let Some(k) = too_many(&skip_window).filter(|_| judge) {
             diverged = Some(format!(
                 "the run diverged: {k} of the last {} steps (up to step {done}) were skipped for non-finite gradients, more than max_skipped_fraction = {}; lower optim.lr (now {}) or resume from an earlier checkpoint",
@@ -687,7 +682,11 @@ fn train_ranked(
         0.0
     };
     // Mean of the last 10 training losses: one batch is noisy.
-    let tail: Vec<f32> = last_losses.iter().copied().filter(|l| l.is_finite()).collect();
+    let tail: Vec<f32> = last_losses
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .collect();
     let train_tail = if tail.is_empty() {
         last_loss
     } else {

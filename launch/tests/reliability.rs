@@ -154,7 +154,11 @@ fn failed_resume_changes_nothing() {
     let o = resume(&run.join("checkpoints/step_00000006"), &[]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("line 3"), "{}", text(&o));
-    assert_eq!(tree(&run), before, "a failed resume changed the run directory");
+    assert_eq!(
+        tree(&run),
+        before,
+        "a failed resume changed the run directory"
+    );
     // The same for a refused precision change.
     let o = resume(
         &run.join("checkpoints/step_00000006"),
@@ -209,7 +213,9 @@ fn newest_checkpoint_skipped_or_damaged_is_named() {
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(
-        t.contains("skipping checkpoint") && t.contains("step_00000012") && t.contains("no checkpoint.json"),
+        t.contains("skipping checkpoint")
+            && t.contains("step_00000012")
+            && t.contains("no checkpoint.json"),
         "{t}"
     );
     assert!(t.contains("resuming at step 6"), "{t}");
@@ -278,7 +284,10 @@ fn changed_seed_and_data_and_short_metrics_warn() {
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("seed 7") && t.contains("seed 1337"), "{t}");
-    assert!(t.contains(&format!("{:?}", txt.display().to_string())) && t.contains("\"\""), "{t}");
+    assert!(
+        t.contains(&format!("{:?}", txt.display().to_string())) && t.contains("\"\""),
+        "{t}"
+    );
     assert!(t.contains("no records for steps 4-6"), "{t}");
 }
 
@@ -342,7 +351,11 @@ fn stop_signal_saves_checkpoint_and_resumes() {
             .stderr(std::fs::File::create(&errf).unwrap())
             .spawn()
             .unwrap();
-        assert!(wait_lines(&run.join("metrics.jsonl"), 3, Duration::from_secs(60)));
+        assert!(wait_lines(
+            &run.join("metrics.jsonl"),
+            3,
+            Duration::from_secs(60)
+        ));
         kill(child.id(), sig);
         let st = wait_exit(&mut child, Duration::from_secs(30));
         let err = std::fs::read_to_string(&errf).unwrap();
@@ -359,7 +372,10 @@ fn stop_signal_saves_checkpoint_and_resumes() {
         let ck = run.join(format!("checkpoints/step_{steps:08}"));
         assert!(ck.join("checkpoint.json").is_file(), "{err}");
         let summary = std::fs::read_to_string(run.join("summary.json")).unwrap();
-        assert!(summary.contains(&format!("\"stopped_by\": \"SIG{sig}\"")), "{summary}");
+        assert!(
+            summary.contains(&format!("\"stopped_by\": \"SIG{sig}\"")),
+            "{summary}"
+        );
         let target = format!("max_steps={}", steps + 2);
         let o = resume(&run, &["--set", &target]);
         assert!(o.status.success(), "{}", text(&o));
@@ -395,19 +411,32 @@ fn second_signal_aborts_at_once() {
         .spawn()
         .unwrap();
     // Steps 1 and 2 are logged; step 3's evaluation runs for many seconds.
-    assert!(wait_lines(&run.join("metrics.jsonl"), 2, Duration::from_secs(60)));
+    assert!(wait_lines(
+        &run.join("metrics.jsonl"),
+        2,
+        Duration::from_secs(60)
+    ));
     std::thread::sleep(Duration::from_millis(100));
     kill(child.id(), "INT");
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&errf).unwrap().contains("SIGINT received") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "first signal not acknowledged");
+    while !std::fs::read_to_string(&errf)
+        .unwrap()
+        .contains("SIGINT received")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "first signal not acknowledged"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     kill(child.id(), "INT");
     let st = wait_exit(&mut child, Duration::from_secs(10));
     let err = std::fs::read_to_string(&errf).unwrap();
     assert_eq!(st.code(), Some(130), "{err}");
-    assert!(err.contains("second stop signal: aborting at once"), "{err}");
+    assert!(
+        err.contains("second stop signal: aborting at once"),
+        "{err}"
+    );
     assert!(!run.join("checkpoints").exists(), "{err}");
 }
 
@@ -416,7 +445,14 @@ fn diverged_run_stops_with_exit_code_3() {
     let d = tmp("diverge");
     let o = train(
         &d.join("run"),
-        &["--set", "precision=fp8-o2", "--set", "optim.lr=100", "--set", "max_steps=20"],
+        &[
+            "--set",
+            "precision=fp8-o2",
+            "--set",
+            "optim.lr=100",
+            "--set",
+            "max_steps=20",
+        ],
     );
     assert_eq!(code(&o), 3, "{}", text(&o));
     let t = text(&o);
@@ -425,7 +461,10 @@ fn diverged_run_stops_with_exit_code_3() {
         "{t}"
     );
     let summary = std::fs::read_to_string(d.join("run/summary.json")).unwrap();
-    assert!(summary.contains("\"diverged\": \"the run diverged"), "{summary}");
+    assert!(
+        summary.contains("\"diverged\": \"the run diverged"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -435,7 +474,10 @@ fn model_too_large_for_memory_is_refused_up_front() {
         let o = train(&d.join("run"), &["--set", set]);
         let t = text(&o);
         assert_eq!(code(&o), 1, "{t}");
-        assert!(t.contains("GiB") && t.contains("available") && t.contains("needs"), "{t}");
+        assert!(
+            t.contains("GiB") && t.contains("available") && t.contains("needs"),
+            "{t}"
+        );
         assert!(!d.join("run").exists(), "nothing written: {t}");
     }
 }
@@ -468,7 +510,11 @@ fn tokenize_refuses_a_folder_with_shards_unless_forced() {
     std::fs::write(out.join("shard_000099.bin"), b"old").unwrap();
     let o = run(false);
     assert_eq!(code(&o), 2, "{}", text(&o));
-    assert!(text(&o).contains("--force") && text(&o).contains("shard_000000.bin"), "{}", text(&o));
+    assert!(
+        text(&o).contains("--force") && text(&o).contains("shard_000000.bin"),
+        "{}",
+        text(&o)
+    );
     assert!(out.join("shard_000099.bin").exists());
     let o = run(true);
     assert!(o.status.success(), "{}", text(&o));
@@ -483,7 +529,9 @@ fn eval_batches_beyond_the_validation_set_are_capped() {
     std::fs::write(&txt, "abcdefghij".repeat(400)).unwrap();
     let dp = format!("data.path={}", txt.display());
     let run = d.join("run");
-    assert!(train(&run, &["--set", &dp, "--set", "max_steps=2"]).status.success());
+    assert!(train(&run, &["--set", &dp, "--set", "max_steps=2"])
+        .status
+        .success());
     let o = fp8lm(&[
         "eval",
         "--checkpoint",
@@ -493,7 +541,10 @@ fn eval_batches_beyond_the_validation_set_are_capped() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("eval_batches = 1000 is beyond the validation set"), "{t}");
+    assert!(
+        t.contains("eval_batches = 1000 is beyond the validation set"),
+        "{t}"
+    );
     let capped: usize = t
         .split("evaluating ")
         .nth(1)
@@ -514,10 +565,17 @@ fn run_dir_without_checkpoints_is_described_not_offered_for_resume() {
     assert!(o.status.success());
     let t = text(&o);
     assert!(!t.contains("use --resume"), "{t}");
-    assert!(t.contains("without a complete checkpoint") && t.contains("metrics.jsonl"), "{t}");
+    assert!(
+        t.contains("without a complete checkpoint") && t.contains("metrics.jsonl"),
+        "{t}"
+    );
     let o = resume(&run, &[]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("no checkpoint to resume from"), "{}", text(&o));
+    assert!(
+        text(&o).contains("no checkpoint to resume from"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// fp8_stats_every: per-tensor FP8 stats only every N steps (and at skipped steps).
@@ -542,10 +600,16 @@ fn fp8_stats_every_thins_the_metrics() {
     }
     // Any other step carrying stats had an overflow or a non-finite amax.
     for v in with.iter().filter(|v| v["step"].as_u64().unwrap() % 4 != 0) {
-        let hot = v["fp8"].as_array().unwrap().iter().any(|t| {
-            t["overflow"].as_u64().unwrap() > 0 || t["amax"].is_null()
-        });
-        assert!(hot, "step {} logged FP8 stats without cause: {v}", v["step"]);
+        let hot = v["fp8"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["overflow"].as_u64().unwrap() > 0 || t["amax"].is_null());
+        assert!(
+            hot,
+            "step {} logged FP8 stats without cause: {v}",
+            v["step"]
+        );
     }
     assert!(steps.len() < recs.len(), "{steps:?}");
 }

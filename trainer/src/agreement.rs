@@ -120,7 +120,12 @@ pub fn weights_hash(tr: &Trainer) -> u64 {
 
 /// Refuse ranks that start from different states: different steps (different
 /// checkpoints), data positions or weights. Every message names each rank's value.
-pub fn agree_start(comm: &dyn Communicator, step: u64, data_position: u64, weights: u64) -> Result<()> {
+pub fn agree_start(
+    comm: &dyn Communicator,
+    step: u64,
+    data_position: u64,
+    weights: u64,
+) -> Result<()> {
     let mut mine = Vec::with_capacity(24);
     for v in [step, data_position, weights] {
         mine.extend_from_slice(&v.to_le_bytes());
@@ -222,12 +227,18 @@ mod tests {
         };
         let r = run([[40, 5, 9], [60, 7, 8]]);
         let e = r[0].as_ref().unwrap_err();
-        assert!(e.contains("different steps (rank 0: 40, rank 1: 60)"), "{e}");
+        assert!(
+            e.contains("different steps (rank 0: 40, rank 1: 60)"),
+            "{e}"
+        );
         assert_eq!(r[0], r[1]);
         let e = run([[40, 5, 9], [40, 7, 9]])[1].clone().unwrap_err();
         assert!(e.contains("data positions (rank 0: 5, rank 1: 7)"), "{e}");
         let e = run([[40, 5, 9], [40, 5, 8]])[0].clone().unwrap_err();
-        assert!(e.contains("different weights") && e.contains("0x0000000000000009"), "{e}");
+        assert!(
+            e.contains("different weights") && e.contains("0x0000000000000009"),
+            "{e}"
+        );
         assert!(run([[40, 5, 9], [40, 5, 9]]).iter().all(|r| r.is_ok()));
     }
 

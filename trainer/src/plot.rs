@@ -112,7 +112,12 @@ pub fn plot_losses(
     entropy_floor: Option<f64>,
     title: &str,
 ) -> Result<()> {
-    plot_history(path, &LossHistory::from_records(records), entropy_floor, title)
+    plot_history(
+        path,
+        &LossHistory::from_records(records),
+        entropy_floor,
+        title,
+    )
 }
 
 /// [`plot_losses`] from a [`LossHistory`] (what the run loop keeps).

@@ -111,7 +111,8 @@ pub fn check_fits(cfg: &RunConfig, vocab: usize, available: u64) -> Result<()> {
         );
     }
     let (b, t, c, l) = (d.b as f64, d.t as f64, d.c as f64, d.l as f64);
-    let acts = 4.0 * (l * b * t * (16.0 * c + d.h as f64 * t) + b * t * (2.0 * d.v as f64 + 8.0 * c));
+    let acts =
+        4.0 * (l * b * t * (16.0 * c + d.h as f64 * t) + b * t * (2.0 * d.v as f64 + 8.0 * c));
     if 24.0 * params + acts < avail / 2.0 {
         return Ok(());
     }
@@ -142,7 +143,10 @@ mod tests {
             (cfg.model.layers, cfg.batch, cfg.model.context) = (5, 7, 24);
             let est = ledger_total_estimate(&cfg, 256).unwrap();
             let real = MemoryLedger::for_trainer(&Trainer::new(&cfg, 256).unwrap()).total() as f64;
-            assert!((est - real).abs() < 1e-6 * real, "{precision:?}: {est} vs {real}");
+            assert!(
+                (est - real).abs() < 1e-6 * real,
+                "{precision:?}: {est} vs {real}"
+            );
         }
     }
 
@@ -151,13 +155,20 @@ mod tests {
         let mut cfg = RunConfig::default();
         cfg.model.layers = 100_000;
         let e = check_fits(&cfg, 256, 8 << 30).unwrap_err().to_string();
-        assert!(e.contains("needs at least") && e.contains("8.00 GiB available") || e.contains("only 8.00 GiB"), "{e}");
+        assert!(
+            e.contains("needs at least") && e.contains("8.00 GiB available")
+                || e.contains("only 8.00 GiB"),
+            "{e}"
+        );
         assert!(e.contains("model.layers = 100000"), "{e}");
         // Fits in params, not in activations: a huge context (attention is T^2).
         let mut cfg = RunConfig::default();
         cfg.model.context = 200_000;
         let e = check_fits(&cfg, 256, 8 << 30).unwrap_err().to_string();
-        assert!(e.contains("memory ledger") && e.contains("only 8.00 GiB"), "{e}");
+        assert!(
+            e.contains("memory ledger") && e.contains("only 8.00 GiB"),
+            "{e}"
+        );
         assert!(check_fits(&RunConfig::default(), 256, 8 << 30).is_ok());
     }
 }

@@ -251,7 +251,10 @@ pub fn missing_metric_steps(metrics: &Path, step: u64) -> Result<Option<String>>
 /// again. Each removal is logged; returns what was removed.
 pub fn remove_stale_temporaries(run_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    for (dir, is_ckpt) in [(run_dir.join("checkpoints"), true), (run_dir.to_path_buf(), false)] {
+    for (dir, is_ckpt) in [
+        (run_dir.join("checkpoints"), true),
+        (run_dir.to_path_buf(), false),
+    ] {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;
         };
@@ -332,7 +335,10 @@ mod tests {
             "{:#}",
             find_checkpoint(&root.join("step_00000030")).unwrap_err()
         );
-        assert!(e.contains("no checkpoint.json") && e.contains("model.safetensors"), "{e}");
+        assert!(
+            e.contains("no checkpoint.json") && e.contains("model.safetensors"),
+            "{e}"
+        );
         // A corrupt step_20: refused, naming step_10 as the newest intact checkpoint.
         let m = root.join("step_00000020/model.safetensors");
         let mut b = std::fs::read(&m).unwrap();
@@ -348,7 +354,10 @@ mod tests {
         let empty = tmpdir("find-empty");
         std::fs::write(empty.join("metrics.jsonl"), b"").unwrap();
         let e = format!("{:#}", find_checkpoint(&empty).unwrap_err());
-        assert!(e.contains("no checkpoint") && e.contains("metrics.jsonl"), "{e}");
+        assert!(
+            e.contains("no checkpoint") && e.contains("metrics.jsonl"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -362,10 +371,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("checkpoint is fp8-o2, config says fp32") && e.contains("--convert-precision"),
+            e.contains("checkpoint is fp8-o2, config says fp32")
+                && e.contains("--convert-precision"),
             "{e}"
         );
-        let e = check_config_change(&ck, &cfg, true).unwrap_err().to_string();
+        let e = check_config_change(&ck, &cfg, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no conversion"), "{e}");
         cfg.precision = Precision::Fp8O3;
         assert!(check_config_change(&ck, &cfg, true).is_ok());
