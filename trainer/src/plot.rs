@@ -242,7 +242,10 @@ mod tests {
             });
         }
         let (t, v) = h.len();
-        assert!(t <= LossHistory::CAP && t >= LossHistory::CAP / 2, "{t}");
+        assert!(
+            (LossHistory::CAP / 2..=LossHistory::CAP).contains(&t),
+            "{t}"
+        );
         assert!(v <= LossHistory::CAP, "{v}");
         // Means of a linear ramp lie on the ramp: the first and last points stay within
         // one bucket (stride <= n / (CAP/2) steps) of the ends.

@@ -159,18 +159,29 @@ mod tests {
     use super::*;
 
     /// The interpolated ledger equals the ledger of the trainer itself (sizes where both
-    /// can be built); the ledger is a polynomial, so the only error is f64 rounding.
+    /// can be built); the ledger is a polynomial, so the only error is f64 rounding
+    /// (bound: 1e-6 relative, far above f64 rounding times the Lagrange weights' size).
     #[test]
     fn interpolated_ledger_matches_the_built_trainer() {
-        for precision in [crate::Precision::Fp32, crate::Precision::Fp8O2] {
-            let mut cfg = RunConfig::default();
-            cfg.precision = precision;
+        use crate::{Arch, Precision};
+        for (arch, precision) in [
+            (Arch::Gpt2, Precision::Fp32),
+            (Arch::Gpt2, Precision::Bf16),
+            (Arch::Gpt2, Precision::Fp8O2),
+            (Arch::Llama, Precision::Fp8O1),
+        ] {
+            let mut cfg = RunConfig {
+                precision,
+                ..Default::default()
+            };
+            cfg.model.arch = arch;
             (cfg.model.layers, cfg.batch, cfg.model.context) = (5, 7, 24);
-            let est = ledger_total_estimate(&cfg, 256).unwrap();
-            let real = MemoryLedger::for_trainer(&Trainer::new(&cfg, 256).unwrap()).total() as f64;
+            cfg.model.channels = 96;
+            let est = ledger_total_estimate(&cfg, 300).unwrap();
+            let real = MemoryLedger::for_trainer(&Trainer::new(&cfg, 300).unwrap()).total() as f64;
             assert!(
                 (est - real).abs() < 1e-6 * real,
-                "{precision:?}: {est} vs {real}"
+                "{arch:?} {precision:?}: {est} vs {real}"
             );
         }
     }
