@@ -860,7 +860,8 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
 }
 
 /// [`Trainer::evaluate`] batch by batch (same batches, same f64 mean), printing progress
-/// to stderr about every 5 seconds for a long evaluation.
+/// to stderr for a long evaluation: at every tenth of an evaluation of 100 batches or
+/// more, and at least every 5 seconds.
 fn evaluate_with_progress(
     tr: &mut Trainer,
     data: &dyn Dataset,
@@ -875,7 +876,8 @@ fn evaluate_with_progress(
     for i in 0..batches {
         data.val_batch(i, b, t, &mut inputs, &mut targets);
         sum += tr.loss_on(&inputs, &targets, b, t)? as f64;
-        if last.elapsed().as_secs_f64() >= 5.0 && i + 1 < batches {
+        let tenth = batches >= 100 && (i + 1) % (batches / 10) == 0;
+        if (tenth || last.elapsed().as_secs_f64() >= 5.0) && i + 1 < batches {
             last = Instant::now();
             let el = t0.elapsed().as_secs_f64();
             eprintln!(

@@ -613,3 +613,79 @@ fn fp8_stats_every_thins_the_metrics() {
     }
     assert!(steps.len() < recs.len(), "{steps:?}");
 }
+
+/// A long evaluation shows its progress (at every tenth for 100 batches or more).
+#[test]
+fn long_eval_shows_progress() {
+    let d = tmp("evalprog");
+    let run = d.join("run");
+    assert!(train(&run, &["--set", "max_steps=2"]).status.success());
+    let o = fp8lm(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--set",
+        "eval_batches=200",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for k in [20, 100, 180] {
+        assert!(t.contains(&format!("eval: batch {k}/200")), "{t}");
+    }
+    assert!(t.contains("over 200 batches"), "{t}");
+}
+
+/// log_every: a training-loss line every N steps (stderr piped, so no progress bar).
+#[test]
+fn log_every_sets_the_loss_lines() {
+    let d = tmp("logevery");
+    let o = train(
+        &d.join("run"),
+        &["--set", "log_every=5", "--set", "eval_every=0"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let logged: Vec<u64> = t
+        .lines()
+        .filter_map(|l| l.split("step ").nth(1))
+        .filter_map(|r| r.split('/').next()?.trim().parse().ok())
+        .collect();
+    // Step 1 (the first), every 5th, and the last.
+    assert_eq!(logged, vec![1, 5, 10, 12], "{t}");
+}
+
+/// fp32 <-> bf16 share their state layout: converted on request, both ways.
+#[test]
+fn fp32_and_bf16_convert_both_ways() {
+    let d = tmp("fp32bf16");
+    let run = d.join("run");
+    assert!(
+        train(&run, &["--set", "max_steps=6", "--set", "precision=fp32"])
+            .status
+            .success()
+    );
+    let o = resume(
+        &run,
+        &[
+            "--set",
+            "precision=bf16",
+            "--set",
+            "max_steps=8",
+            "--convert-precision",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("from fp32 to bf16"), "{}", text(&o));
+    let o = resume(
+        &run,
+        &[
+            "--set",
+            "precision=fp32",
+            "--set",
+            "max_steps=10",
+            "--convert-precision",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("from bf16 to fp32"), "{}", text(&o));
+}
