@@ -83,23 +83,41 @@ impl MetricsWriter {
     /// the checkpoint by the interrupted run) are dropped, atomically.
     pub fn resume(path: &Path, step: u64) -> Result<Self> {
         if path.exists() {
-            let mut text = String::new();
-            let mut bad = None;
+            // Streamed into a temporary file and renamed over the old one: a long run's
+            // file is never held in memory whole.
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = dir
+                .unwrap_or(Path::new("."))
+                .join(format!(".{name}.tmp-{}", std::process::id()));
+            let f =
+                File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(f);
+            let mut failed: Option<anyhow::Error> = None;
             for_each_metric(path, |r| {
-                if r.step <= step {
-                    match serde_json::to_string(&r) {
-                        Ok(l) => {
-                            text.push_str(&l);
-                            text.push('\n');
-                        }
-                        Err(e) => bad = Some(e),
-                    }
+                if r.step > step || failed.is_some() {
+                    return;
+                }
+                let line = serde_json::to_string(&r).map_err(anyhow::Error::from);
+                if let Err(e) = line.and_then(|l| Ok(writeln!(out, "{l}")?)) {
+                    failed = Some(e);
                 }
             })?;
-            if let Some(e) = bad {
-                return Err(e.into());
+            if let Some(e) = failed {
+                return Err(e.context(format!("{}: write failed", tmp.display())));
             }
-            crate::checkpoint::write_atomic(path, text.as_bytes())?;
+            let f = out
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("{}: fsync failed", tmp.display()))?;
+            std::fs::rename(&tmp, path).with_context(|| {
+                format!("{}: rename from {} failed", path.display(), tmp.display())
+            })?;
+            // The rename is durable once the directory is synced (as write_atomic does).
+            if let Ok(d) = File::open(dir.unwrap_or(Path::new("."))) {
+                d.sync_all().ok();
+            }
         }
         let file = OpenOptions::new()
             .create(true)

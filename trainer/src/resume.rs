@@ -211,38 +211,50 @@ pub fn check_config_change(ck: &Checkpoint, cfg: &RunConfig, convert: bool) -> R
     Ok(())
 }
 
-/// Steps in `1..=step` that `metrics` lacks, as ranges ("1-10, 15"); `None` when all are
-/// there. Reads the file line by line (read-only); an unreadable file is an error.
+/// Steps in `1..=step` that `metrics` lacks, as ranges ("1-10, 15"; at most 20 listed);
+/// `None` when all are there. Reads the file line by line (read-only, constant memory:
+/// the file is in step order); an unreadable file is an error.
 pub fn missing_metric_steps(metrics: &Path, step: u64) -> Result<Option<String>> {
-    if step == 0 {
-        return Ok(None);
-    }
-    let mut seen = vec![false; step as usize];
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    let mut n_gaps = 0usize;
+    let mut next = 1u64;
+    let mut gap = |a: u64, b: u64| {
+        n_gaps += 1;
+        if gaps.len() < 20 {
+            gaps.push((a, b));
+        }
+    };
     if metrics.exists() {
         for_each_metric(metrics, |r| {
-            if (1..=step).contains(&r.step) {
-                seen[r.step as usize - 1] = true;
+            if r.step > step || r.step < next {
+                return;
             }
+            if r.step > next {
+                gap(next, r.step - 1);
+            }
+            next = r.step + 1;
         })?;
     }
-    let mut ranges = Vec::new();
-    let mut i = 0;
-    while i < seen.len() {
-        if seen[i] {
-            i += 1;
-            continue;
-        }
-        let a = i;
-        while i < seen.len() && !seen[i] {
-            i += 1;
-        }
-        ranges.push(if i - a == 1 {
-            format!("{}", a + 1)
-        } else {
-            format!("{}-{}", a + 1, i)
-        });
+    if next <= step {
+        gap(next, step);
     }
-    Ok((!ranges.is_empty()).then(|| ranges.join(", ")))
+    if n_gaps == 0 {
+        return Ok(None);
+    }
+    let mut list: Vec<String> = gaps
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    if n_gaps > gaps.len() {
+        list.push(format!("... ({n_gaps} gaps in all)"));
+    }
+    Ok(Some(list.join(", ")))
 }
 
 /// Remove leftovers of interrupted or failed saves in a run directory: `.step_N.tmp-*` /
