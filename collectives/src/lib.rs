@@ -6,6 +6,8 @@
 //! - Backends: [`LocalComm`] (threads of one process, [`run_ranks`]) and, behind the
 //!   cargo feature `mpi`, `MpiComm` (OpenMPI through the `mpi` crate). [`init`] picks MPI
 //!   when the process was started by `mpirun`.
+//! - [`watchdog`]: a communicator wrapper that ends a job whose peer stopped answering
+//!   (`dist.timeout_s`), naming the peer and the collective.
 //! - [`dp`]: config agreement across ranks (hash all-gather) and batch sharding.
 //! - [`bench`](mod@bench): the `fp8lm bench allreduce` measurement (also `examples/allreduce_bench`).
 //! - [`grid`]: the D x T process grid (tensor-parallel ranks innermost) and its
@@ -45,6 +47,7 @@ pub mod local;
 pub mod lut;
 pub mod mappings;
 pub mod mpirun;
+pub mod watchdog;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
@@ -52,6 +55,7 @@ pub use dp::{agree_config, config_hash, shard_range};
 pub use error::{CommError, Result};
 pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
 pub use local::{panic_message, run_ranks, LocalComm};
+pub use watchdog::Watchdog;
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;
 #[cfg(feature = "mpi")]

@@ -1,8 +1,12 @@
 //! `fp8lm`: train, evaluate, sample, inspect checkpoints, tokenize text, benchmark.
 //!
 //! Every subcommand validates its inputs before doing any work and reports problems as
-//! one readable line naming the file, key or value at fault (exit code 2 for usage and
-//! configuration errors, 1 for failures while running).
+//! one readable line naming the file, key or value at fault.
+//!
+//! Exit codes: 0 done; 1 a failure while running; 2 a usage or configuration error;
+//! 3 a diverged training run (`max_skipped_fraction`); 4 the collectives watchdog ended
+//! the job (`dist.timeout_s`); 128 + signal (129 SIGHUP, 130 SIGINT, 143 SIGTERM) a
+//! training run stopped by a signal after saving its checkpoint.
 
 mod bench;
 mod dist;
@@ -10,6 +14,7 @@ mod inspect;
 
 mod progress;
 mod run;
+mod signals;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -59,6 +64,10 @@ enum Cmd {
         /// The checkpoint's config is used unless --config is given; --set still applies.
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
+        /// With --resume: allow a checkpoint in another precision and convert it
+        /// (fp32 <-> bf16, fp8-o2 <-> fp8-o3); without it a precision change is refused.
+        #[arg(long)]
+        convert_precision: bool,
     },
     /// Validation loss of a checkpoint (on its own data, or on --set data.path=...).
     Eval {
@@ -109,6 +118,10 @@ enum Cmd {
         /// File name prefix.
         #[arg(long, default_value = "shard")]
         prefix: String,
+        /// Remove the `.bin` shards already in --output first (without it, a folder that
+        /// holds shards is refused: a run would read old and new shards together).
+        #[arg(long)]
+        force: bool,
     },
     /// Print the resolved config (file + overrides, validated) as TOML.
     Config {
@@ -182,7 +195,17 @@ fn main() {
         std::process::exit(2);
     }
     let result = match cli.cmd {
-        Cmd::Train { cfg, resume } => run::train(&cfg, resume.as_deref()),
+        Cmd::Train {
+            cfg,
+            resume,
+            convert_precision,
+        } => run::train(
+            &cfg,
+            run::TrainOpts {
+                resume: resume.as_deref(),
+                convert_precision,
+            },
+        ),
         Cmd::Eval { checkpoint, set } => run::eval(&checkpoint, &set),
         Cmd::Sample {
             checkpoint,
@@ -198,7 +221,8 @@ fn main() {
             tokenizer,
             shard_tokens,
             prefix,
-        } => run::tokenize(&input, &output, &tokenizer, shard_tokens, &prefix),
+            force,
+        } => run::tokenize(&input, &output, &tokenizer, shard_tokens, &prefix, force),
         Cmd::Config { cfg } => {
             run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
         }
@@ -206,9 +230,28 @@ fn main() {
     };
     if let Err(e) = result {
         progress::finish_all();
-        eprintln!("error: {e:#}");
-        let usage = e.downcast_ref::<fp8lm_trainer::ConfigError>().is_some()
-            || e.downcast_ref::<UsageError>().is_some();
-        std::process::exit(if usage { 2 } else { 1 });
+        if e.is::<signals::Stopped>() {
+            eprintln!("fp8lm: {e:#}");
+        } else {
+            eprintln!("error: {e:#}");
+        }
+        std::process::exit(exit_code_of(&e));
+    }
+}
+
+/// The exit code for an error (see the crate docs).
+pub fn exit_code_of(e: &anyhow::Error) -> i32 {
+    if let Some(s) = e.downcast_ref::<signals::Stopped>() {
+        return signals::exit_code(s.signal);
+    }
+    if e.is::<run::Diverged>() {
+        return run::EXIT_DIVERGED;
+    }
+    let usage = e.downcast_ref::<fp8lm_trainer::ConfigError>().is_some()
+        || e.downcast_ref::<UsageError>().is_some();
+    if usage {
+        2
+    } else {
+        1
     }
 }

@@ -62,7 +62,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(start_step: u64, total: u64) -> Progress {
+    /// `log_every`: a log line every N steps when stderr is not a terminal (0: about 20
+    /// per run); a line at least every 30 s either way.
+    pub fn new(start_step: u64, total: u64, log_every: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b =
                 ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
@@ -82,7 +84,11 @@ impl Progress {
             bar,
             total,
             last_log: Instant::now(),
-            every: (total / 20).max(1),
+            every: if log_every > 0 {
+                log_every
+            } else {
+                (total / 20).max(1)
+            },
         }
     }
 

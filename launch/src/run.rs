@@ -8,19 +8,41 @@
 //! - `summary.json`: final losses, throughput, memory by category (also printed).
 
 use anyhow::{bail, Context, Result};
-use fp8lm_collectives::{or_abort, Communicator};
+use fp8lm_collectives::{or_abort, Communicator, ReduceOp, Watchdog};
 use fp8lm_trainer::checkpoint::{self, Checkpoint};
 use fp8lm_trainer::config_file::{load_config, load_config_str, to_toml};
 use fp8lm_trainer::data::{open_dataset, Dataset};
-use fp8lm_trainer::metrics::{read_metrics, Fp8TensorStats, MetricsRecord, MetricsWriter};
+use fp8lm_trainer::metrics::{for_each_metric, Fp8TensorStats, MetricsRecord, MetricsWriter};
+use fp8lm_trainer::plot::LossHistory;
 use fp8lm_trainer::tokenizer::Tokenizer;
+use fp8lm_trainer::{agreement, preflight, resume as resume_check};
 use fp8lm_trainer::{snapshot, Precision, RunConfig, Trainer};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::progress::Progress;
+use crate::signals::{self, Stopped};
 use crate::{ConfigArgs, UsageError};
+
+/// Exit code of a run stopped because too many steps were skipped (diverged).
+pub const EXIT_DIVERGED: i32 = 3;
+/// Exit code when the collectives watchdog ends a job (a rank stopped answering).
+pub const EXIT_WATCHDOG: i32 = 4;
+
+/// A run stopped because more than `max_skipped_fraction` of its recent steps were
+/// skipped for non-finite gradients; `main` exits with [`EXIT_DIVERGED`].
+#[derive(Debug)]
+pub struct Diverged(pub String);
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Diverged {}
+
+/// Steps over which `max_skipped_fraction` is judged.
+const SKIP_WINDOW: usize = 100;
 
 /// The default run's config (`fp8lm train` without --config), compiled in.
 pub const TINY_TOML: &str = include_str!("../../configs/tiny.toml");
@@ -50,6 +72,7 @@ pub fn tokenize(
     tokenizer: &str,
     shard_tokens: usize,
     prefix: &str,
+    force: bool,
 ) -> Result<()> {
     let tok =
         Tokenizer::from_name(tokenizer).map_err(|e| UsageError(format!("--tokenizer: {e}")))?;
@@ -60,6 +83,7 @@ pub fn tokenize(
         ))
         .into());
     }
+    clear_old_shards(output, force)?;
     let t0 = Instant::now();
     let shards =
         fp8lm_trainer::data::shards::tokenize_to_shards(input, output, prefix, tok, shard_tokens)?;
@@ -75,6 +99,43 @@ pub fn tokenize(
         shards.len(),
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `.bin` shards already in `output`: refused (a later run reading the folder would mix
+/// old and new shards), or with `--force` removed first (each one logged).
+fn clear_old_shards(output: &Path, force: bool) -> Result<()> {
+    let mut old: Vec<PathBuf> = std::fs::read_dir(output)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    old.sort();
+    if old.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        let names: Vec<String> = old
+            .iter()
+            .take(5)
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into())
+            .collect();
+        return Err(UsageError(format!(
+            "--output {}: already holds {} .bin shard(s) ({}{}); a run reading this folder would mix them with the new ones. Pass --force to remove them first, or choose another folder",
+            output.display(),
+            old.len(),
+            names.join(", "),
+            if old.len() > 5 { ", ..." } else { "" }
+        ))
+        .into());
+    }
+    for p in &old {
+        std::fs::remove_file(p).with_context(|| format!("{}: cannot remove", p.display()))?;
+        tracing::warn!("--force: removed old shard {}", p.display());
+    }
     Ok(())
 }
 
@@ -103,12 +164,23 @@ fn fresh_run_dir(want: &str) -> PathBuf {
     loop {
         let p = PathBuf::from(format!("{want}-{k}"));
         if !holds_run(&p) {
-            tracing::warn!(
-                "{} already holds a run; writing this one to {} (use --resume {} to continue the old one)",
-                base.display(),
-                p.display(),
-                base.display()
-            );
+            let resumable = checkpoint::list_checkpoints(&base.join("checkpoints"))
+                .is_ok_and(|c| !c.is_empty());
+            if resumable {
+                tracing::warn!(
+                    "{} already holds a run; writing this one to {} (use --resume {} to continue the old one)",
+                    base.display(),
+                    p.display(),
+                    base.display()
+                );
+            } else {
+                tracing::warn!(
+                    "{} already holds a run without a complete checkpoint (it holds {}; it cannot be resumed); writing this one to {}",
+                    base.display(),
+                    resume_check::describe_dir(&base),
+                    p.display()
+                );
+            }
             return p;
         }
         k += 1;
@@ -185,20 +257,74 @@ fn mb(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// What `train` is asked to do besides the config.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainOpts<'a> {
+    /// `--resume DIR`.
+    pub resume: Option<&'a Path>,
+    /// `--convert-precision`: allow resuming a checkpoint in another precision (see
+    /// `fp8lm_trainer::resume::conversion_supported`).
+    pub convert_precision: bool,
+}
+
 /// `fp8lm train`: one process, or under `mpirun` one data-parallel rank of the job (every
 /// rank runs the same loop; see [`train_ranked`]).
-pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
+pub fn train(args: &ConfigArgs, opts: TrainOpts<'_>) -> Result<()> {
+    signals::install();
     if !fp8lm_collectives::launched_by_mpi() {
-        return train_ranked(args, resume, None);
+        return train_ranked(args, opts, None);
     }
     let comm = fp8lm_collectives::init().map_err(|e| anyhow::anyhow!("{e}"))?;
     let c: &dyn Communicator = comm.as_ref();
     // An error on one rank must not leave the others waiting in a collective: it tears
-    // the whole job down (MPI_Abort), naming the rank and the cause.
-    let r = train_ranked(args, resume, Some(c))
-        .map_err(|e| format!("rank {} of {}: {e:#}", c.rank(), c.size()));
-    or_abort(c, r);
-    Ok(())
+    // the whole job down (MPI_Abort), naming the rank and the cause. A stop after a
+    // signal or a divergence is not such an error: every rank decides it at the same
+    // step, and they leave together (see train_ranked).
+    match train_ranked(args, opts, Some(c)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is::<Stopped>() || e.is::<Diverged>() => {
+            if c.rank() == 0 {
+                Err(e)
+            } else {
+                // Rank 0 reports; the others leave with the same exit code, quietly.
+                drop(comm);
+                std::process::exit(crate::exit_code_of(&e));
+            }
+        }
+        Err(e) => {
+            let r: std::result::Result<(), String> =
+                Err(format!("rank {} of {}: {e:#}", c.rank(), c.size()));
+            or_abort(c, r);
+            Ok(())
+        }
+    }
+}
+
+/// What the watchdog does on a timeout in `fp8lm train`: print why and end the process at
+/// once (a rank blocked in MPI cannot be woken; under mpirun the launcher then ends the
+/// job), exit code [`EXIT_WATCHDOG`].
+fn watchdog_exit() -> fp8lm_collectives::watchdog::OnTimeout {
+    Box::new(|msg: &str| {
+        crate::progress::finish_all();
+        eprintln!("error: {msg} (exit code {EXIT_WATCHDOG})");
+        // SAFETY: _exit ends the process without running atexit handlers, which could
+        // block on the MPI state the stuck main thread holds.
+        #[cfg(unix)]
+        unsafe {
+            libc::_exit(EXIT_WATCHDOG)
+        }
+        #[cfg(not(unix))]
+        std::process::exit(EXIT_WATCHDOG)
+    })
+}
+
+/// Whether this step's per-tensor FP8 statistics go to `metrics.jsonl`: every
+/// `fp8_stats_every` steps, and at any step with an overflow or a skipped update.
+fn log_fp8_now(cfg: &RunConfig, done: u64, skipped: bool, stats: &[Fp8TensorStats]) -> bool {
+    let every = cfg.fp8_stats_every as u64;
+    skipped
+        || (every > 0 && done.is_multiple_of(every))
+        || stats.iter().any(|s| s.overflow > 0 || !s.amax.is_finite())
 }
 
 /// The run loop, rank-aware. With a communicator (mpirun), every rank trains its shard
@@ -207,38 +333,67 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
 /// evaluates the same validation batches with the same weights (so they agree without
 /// communication, and any FP8 scaling state the forward touches stays identical across
 /// replicas). Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
-/// gathered to it first. `--resume` loads the same checkpoint on every rank; fp8-o3
-/// re-partitions its optimizer state for the current number of ranks.
+/// gathered to it first. `--resume` loads the same checkpoint on every rank (checked:
+/// step, data position and weights must agree); fp8-o3 re-partitions its optimizer state
+/// for the current number of ranks.
+///
+/// Nothing in the run directory is written, moved or deleted before every input has been
+/// validated (checkpoint, config, metrics.jsonl, rank agreement).
 fn train_ranked(
     args: &ConfigArgs,
-    resume: Option<&Path>,
+    opts: TrainOpts<'_>,
     comm: Option<&dyn Communicator>,
 ) -> Result<()> {
     // 1. Everything that can be wrong with the inputs is checked before any work.
-    let (cfg, ck, run_dir) = match resume {
+    let (cfg, ck, run_dir) = match opts.resume {
         Some(r) => {
-            let ck = Checkpoint::load(r)?;
+            let ck = resume_check::find_checkpoint(r)?;
             let cfg = match &args.config {
                 Some(_) => load(args)?,
                 None => config_from_checkpoint(&ck, &args.set)?,
             };
             ck.check_model_shape(&cfg)?;
+            resume_check::check_config_change(&ck, &cfg, opts.convert_precision)?;
             let run_dir = run_dir_of(r, &ck);
             (cfg, Some(ck), run_dir)
         }
         None => {
+            if opts.convert_precision {
+                return Err(UsageError("--convert-precision needs --resume DIR".into()).into());
+            }
             let cfg = load(args)?;
             let dir = fresh_run_dir(&cfg.run_dir);
             (cfg, None, dir)
         }
     };
+    // Every collective from here on is watched: a rank that stops answering ends the job.
+    let watchdog = comm.map(|c| {
+        Watchdog::new(
+            c,
+            std::time::Duration::from_secs(cfg.dist.timeout_s),
+            watchdog_exit(),
+        )
+    });
+    let comm: Option<&dyn Communicator> = watchdog.as_ref().map(|w| w as &dyn Communicator);
     let root = comm.is_none_or(|c| c.rank() == 0);
     if let Some(c) = comm {
+        // Name the differing keys and each rank's value (the trainer's own check only
+        // compares hashes).
+        agreement::agree_config_keys(c, &cfg)?;
         // Every rank has picked the run directory before rank 0 creates it (else a slow
         // rank would see rank 0's fresh run and pick `<run_dir>-2`).
         c.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let mut data = open_dataset(&cfg)?;
+    if let Some(avail) = preflight::available_bytes() {
+        // Ranks on one host share its memory.
+        let local = if comm.is_some() {
+            fp8lm_trainer::distributed::mpi_local_ranks(1).max(1)
+        } else {
+            1
+        };
+        preflight::check_fits(&cfg, data.vocab_size(), avail / local as u64)?;
+    }
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     let mut skipped_before = 0;
     // fp8-o3 under data parallelism: the optimizer state goes to its owners (re-partitioned
@@ -269,6 +424,9 @@ fn train_ranked(
     }
 
     if let Some(c) = comm {
+        // Same checkpoint on every rank: step, data position and weights (before fp8-o3
+        // makes the replicas equal to the owners' masters, which would hide a mismatch).
+        agreement::agree_start(c, tr.step(), data.position(), agreement::weights_hash(&tr))?;
         let zs = zero_state
             .as_ref()
             .map(|(s, u)| (s.as_slice(), u.as_slice()));
@@ -282,20 +440,48 @@ fn train_ranked(
             tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
         }
     }
+    let mut eval_batches = cfg.eval_batches;
+    if let Some(n) = capped_eval_batches(data.as_ref(), &cfg) {
+        if root && cfg.eval_every > 0 {
+            tracing::warn!(
+                "eval_batches = {} is beyond the validation set ({} sequences = {n} batches of {}); evaluating {n} batches",
+                cfg.eval_batches,
+                data.val_sequences().unwrap_or(0),
+                cfg.batch
+            );
+        }
+        eval_batches = n;
+    }
 
-    // 2. The run directory (rank 0 only).
+    // 2. The run directory (rank 0 only). Read (and so validate) metrics.jsonl first;
+    // only then write, remove or move anything.
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut records: Vec<MetricsRecord> = Vec::new();
+    let mut history = LossHistory::default();
+    let mut last_losses = std::collections::VecDeque::with_capacity(10);
     let mut metrics = None;
     if root {
+        if let Some(ck) = &ck {
+            if let Some(missing) = resume_check::missing_metric_steps(&metrics_path, ck.meta.step)?
+            {
+                tracing::warn!(
+                    "{}: no records for steps {missing} of the checkpoint's {} (the file was cut short or replaced); the plot and summary lack them",
+                    metrics_path.display(),
+                    ck.meta.step
+                );
+            }
+        }
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("run_dir {}: cannot create", run_dir.display()))?;
+        resume_check::remove_stale_temporaries(&run_dir);
         checkpoint::write_atomic(&run_dir.join("config.toml"), to_toml(&cfg).as_bytes())?;
         metrics = Some(match &ck {
             Some(ck) => {
                 supersede_later_checkpoints(&run_dir.join("checkpoints"), ck.meta.step)?;
                 let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
-                records = read_metrics(&metrics_path)?;
+                for_each_metric(&metrics_path, |r| {
+                    history.push(&r);
+                    push_last(&mut last_losses, r.loss);
+                })?;
                 w
             }
             None => MetricsWriter::create(&metrics_path)?,
@@ -333,12 +519,15 @@ fn train_ranked(
     // 3. The loop.
     let start_step = tr.step();
     let max_steps = cfg.max_steps as u64;
-    let mut progress = root.then(|| Progress::new(start_step, max_steps));
+    let mut progress = root.then(|| Progress::new(start_step, max_steps, cfg.log_every as u64));
     let t_run = Instant::now();
     let (mut tokens_timed, mut secs_timed) = (0usize, 0f64);
     let mut last_loss = f32::NAN;
     let mut last_val = None;
     let mut last_ckpt = None;
+    let mut skip_window = std::collections::VecDeque::with_capacity(SKIP_WINDOW);
+    let mut stopped_by: Option<i32> = None;
+    let mut diverged: Option<String> = None;
     while tr.step() < max_steps {
         let t0 = Instant::now();
         let st = match comm {
@@ -354,6 +543,7 @@ fn train_ranked(
             secs_timed += dt;
         }
         last_loss = st.loss;
+        let fp8 = fp8_stats(&tr);
         let mut rec = MetricsRecord {
             step: done,
             loss: Some(st.loss),
@@ -362,14 +552,18 @@ fn train_ranked(
             tokens_per_s: Some(tok_s),
             skipped_steps: Some(skipped_before + tr.skipped_steps()),
             elapsed_s: Some(t_run.elapsed().as_secs_f64()),
-            fp8: fp8_stats(&tr),
+            fp8: if log_fp8_now(&cfg, done, st.skipped, &fp8) {
+                fp8
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         let eval_now =
             cfg.eval_every > 0 && (done % cfg.eval_every as u64 == 0 || done == max_steps);
         if eval_now {
             // Every rank: same weights, same batches, same result (see train_ranked).
-            let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+            let v = tr.evaluate(data.as_ref(), eval_batches)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
             if root {
@@ -386,16 +580,49 @@ fn train_ranked(
         if let Some(m) = metrics.as_mut() {
             m.write(&rec)?;
         }
-        records.push(rec);
+        history.push(&rec);
+        push_last(&mut last_losses, rec.loss);
         if eval_now && root {
-            if let Err(e) = fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title) {
+            if let Err(e) = fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
+        }
+        // A diverged run: too many skipped steps among the last SKIP_WINDOW (every rank
+        // skips the same steps: the skip decision follows the all-reduced gradients).
+        if skip_window.len() == SKIP_WINDOW {
+            skip_window.pop_front();
+        }
+        skip_window.push_back(st.skipped);
+        let too_many = |w: &std::collections::VecDeque<bool>| {
+            let k = w.iter().filter(|&&s| s).count();
+            (k as f32 > cfg.max_skipped_fraction * w.len() as f32).then_some(k)
+        };
+        let judge =
+            skip_window.len() == SKIP_WINDOW || (done == max_steps && skip_window.len() >= 10);
+        if let Some(k) = too_many(&skip_window).filter(|_| judge) {
+            diverged = Some(format!(
+                "the run diverged: {k} of the last {} steps (up to step {done}) were skipped for non-finite gradients, more than max_skipped_fraction = {}; lower optim.lr (now {}) or resume from an earlier checkpoint",
+                skip_window.len(),
+                cfg.max_skipped_fraction,
+                cfg.optim.lr
+            ));
+        }
+        // Stop signals: every rank stops after the same step (the largest signal number
+        // any rank saw, agreed by one scalar all-reduce).
+        let mut sig = signals::received().unwrap_or(0);
+        if let Some(c) = comm {
+            sig = c
+                .all_reduce_scalar(sig as f32, ReduceOp::Max)
+                .map_err(|e| anyhow::anyhow!("{e}"))? as i32;
+        }
+        if sig != 0 {
+            stopped_by = Some(sig);
         }
         // Replicas are bit-identical, so rank 0's state is the run's, except fp8-o3's
         // partitioned optimizer state: every rank takes part in gathering it.
         if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
             || done == max_steps
+            || (stopped_by.is_some() && diverged.is_none())
         {
             let (opt, units) = match comm {
                 Some(c) => tr.gather_optimizer_state(c)?,
@@ -415,30 +642,49 @@ fn train_ranked(
         if let Some(p) = progress.as_mut() {
             p.step(done, st.loss, st.lr, tok_s);
         }
+        if stopped_by.is_some() || diverged.is_some() {
+            break;
+        }
     }
     if let Some(mut p) = progress {
         p.finish();
     }
+    let outcome: Option<anyhow::Error> = match (&diverged, stopped_by) {
+        (Some(msg), _) => Some(Diverged(msg.clone()).into()),
+        (None, Some(sig)) => Some(
+            Stopped {
+                signal: sig,
+                step: tr.step(),
+                checkpoint: last_ckpt.clone(),
+                run_dir: run_dir.clone(),
+            }
+            .into(),
+        ),
+        _ => None,
+    };
     if !root {
+        if let (Some(c), Some(e)) = (comm, outcome) {
+            // Rank 0 writes the summary; leave only once it has.
+            c.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
+            return Err(e);
+        }
         return Ok(());
     }
-    if !plot_path.exists() {
-        fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title).ok();
+    if !plot_path.exists() || outcome.is_some() {
+        fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title).ok();
     }
 
     // 4. Summary.
-    let steps_run = max_steps - start_step;
+    let steps_run = tr.step() - start_step;
     let tokens_per_s = if secs_timed > 0.0 {
         tokens_timed as f64 / secs_timed
     } else {
         0.0
     };
     // Mean of the last 10 training losses: one batch is noisy.
-    let tail: Vec<f32> = records
+    let tail: Vec<f32> = last_losses
         .iter()
-        .rev()
-        .take(10)
-        .filter_map(|r| r.loss)
+        .copied()
         .filter(|l| l.is_finite())
         .collect();
     let train_tail = if tail.is_empty() {
@@ -468,7 +714,8 @@ fn train_ranked(
         "precision": cfg.precision.name(),
         "ranks": comm.map_or(1, |c| c.size()),
         "params": n_params,
-        "steps": max_steps,
+        "steps": tr.step(),
+        "max_steps": max_steps,
         "steps_this_process": steps_run,
         "final_train_loss_last10": train_tail,
         "final_val_loss": last_val,
@@ -479,6 +726,8 @@ fn train_ranked(
         "wall_s": t_run.elapsed().as_secs_f64(),
         "memory": memory,
         "checkpoint": last_ckpt.as_ref().map(|p| p.display().to_string()),
+        "stopped_by": stopped_by.map(signals::name),
+        "diverged": diverged,
     });
     checkpoint::write_atomic(
         &run_dir.join("summary.json"),
@@ -499,7 +748,10 @@ fn train_ranked(
         }
     }
     println!("parameters           {n_params}");
-    println!("steps                {max_steps} ({steps_run} in this process)");
+    println!(
+        "steps                {} of {max_steps} ({steps_run} in this process)",
+        tr.step()
+    );
     println!("train loss (last 10) {train_tail:.4}");
     if let Some(v) = last_val {
         println!("val loss             {v:.4}");
@@ -531,7 +783,30 @@ fn train_ranked(
         ledger.state_bytes_per_param()
     );
     println!("files                config.toml metrics.jsonl loss.svg summary.json checkpoints/");
-    Ok(())
+    if let (Some(c), Some(_)) = (comm, &outcome) {
+        c.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    match outcome {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Keep the last 10 training losses (the summary's noisy-batch-free figure).
+fn push_last(last: &mut std::collections::VecDeque<f32>, loss: Option<f32>) {
+    if let Some(l) = loss {
+        if last.len() == 10 {
+            last.pop_front();
+        }
+        last.push_back(l);
+    }
+}
+
+/// `eval_batches` capped at the validation set's distinct batches (`None`: no cap needed).
+fn capped_eval_batches(data: &dyn Dataset, cfg: &RunConfig) -> Option<usize> {
+    let n = data.val_sequences()?;
+    let most = (n / cfg.batch as u64).max(1) as usize;
+    (cfg.eval_batches > most).then_some(most)
 }
 
 fn progress_note(msg: &str) {
@@ -543,7 +818,7 @@ fn trainer_from_checkpoint(
     path: &Path,
     sets: &[String],
 ) -> Result<(Checkpoint, RunConfig, Trainer)> {
-    let ck = Checkpoint::load(path)?;
+    let ck = resume_check::find_checkpoint(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
     ck.check_model_shape(&cfg)?;
     let mut tr = Trainer::new(&cfg, cfg.vocab())?;
@@ -552,18 +827,28 @@ fn trainer_from_checkpoint(
 }
 
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
-    let ck = Checkpoint::load(path)?;
+    let ck = resume_check::find_checkpoint(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
     ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     snapshot::restore_weights(&mut tr, &ck)?;
+    let mut batches = cfg.eval_batches;
+    if let Some(n) = capped_eval_batches(data.as_ref(), &cfg) {
+        eprintln!(
+            "eval_batches = {} is beyond the validation set ({} sequences = {n} batches of {}); evaluating {n} batches (more would repeat data)",
+            cfg.eval_batches,
+            data.val_sequences().unwrap_or(0),
+            cfg.batch
+        );
+        batches = n;
+    }
     let t0 = Instant::now();
-    let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+    let v = evaluate_with_progress(&mut tr, data.as_ref(), &cfg, batches)?;
     println!("checkpoint {} (step {})", ck.dir.display(), ck.meta.step);
     println!(
         "val loss {v:.4} nats/token over {} batches of {} x {} tokens ({:.1}s)",
-        cfg.eval_batches,
+        batches,
         cfg.batch,
         cfg.model.context,
         t0.elapsed().as_secs_f64()
@@ -572,6 +857,38 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
         println!("entropy floor {f:.4}, gap {:.4}", v as f64 - f);
     }
     Ok(())
+}
+
+/// [`Trainer::evaluate`] batch by batch (same batches, same f64 mean), printing progress
+/// to stderr for a long evaluation: at every tenth of an evaluation of 100 batches or
+/// more, and at least every 5 seconds.
+fn evaluate_with_progress(
+    tr: &mut Trainer,
+    data: &dyn Dataset,
+    cfg: &RunConfig,
+    batches: usize,
+) -> Result<f32> {
+    let (b, t) = (cfg.batch, cfg.model.context);
+    let (mut inputs, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let t0 = Instant::now();
+    let mut last = Instant::now();
+    let mut sum = 0f64;
+    for i in 0..batches {
+        data.val_batch(i, b, t, &mut inputs, &mut targets);
+        sum += tr.loss_on(&inputs, &targets, b, t)? as f64;
+        let tenth = batches >= 100 && (i + 1) % (batches / 10) == 0;
+        if (tenth || last.elapsed().as_secs_f64() >= 5.0) && i + 1 < batches {
+            last = Instant::now();
+            let el = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "eval: batch {}/{batches}, mean loss so far {:.4} ({el:.0}s, ~{:.0}s left)",
+                i + 1,
+                sum / (i + 1) as f64,
+                el / (i + 1) as f64 * (batches - i - 1) as f64
+            );
+        }
+    }
+    Ok((sum / batches.max(1) as f64) as f32)
 }
 
 pub fn sample(path: &Path, prompt: &str, tokens: usize, temperature: f32, seed: u64) -> Result<()> {

@@ -182,7 +182,15 @@ fn fp8_resume_restores_scaling_state_bit_identically() {
 fn fp8_resume(precision: &str) {
     let d = tmp(&format!("resume-{precision}"));
     let run = d.join("run");
-    let o = train(&run, &["--set", &format!("precision={precision}")]);
+    let o = train(
+        &run,
+        &[
+            "--set",
+            &format!("precision={precision}"),
+            "--set",
+            "fp8_stats_every=1",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let full = losses(&run);
     let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

@@ -177,11 +177,23 @@ impl Overlap {
 }
 
 /// Data-parallel keys (`dist.*`); ignored on a single rank.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
     /// `auto` (default), `on` or `off`: see [`Overlap`].
     pub overlap: Overlap,
+    /// Seconds a rank may wait in one collective before the watchdog ends the job, naming
+    /// the rank it waited for and the collective (0 = wait forever).
+    pub timeout_s: u64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            overlap: Overlap::Auto,
+            timeout_s: 300,
+        }
+    }
 }
 
 /// A whole run.
@@ -198,6 +210,15 @@ pub struct RunConfig {
     pub eval_every: usize,
     /// Batches averaged per evaluation.
     pub eval_batches: usize,
+    /// Training-loss log line every N steps (0 = about 20 lines per run, and at least
+    /// every 30 s).
+    pub log_every: usize,
+    /// Per-tensor FP8 statistics in `metrics.jsonl` every N steps, and at any step with
+    /// an overflow or a skipped update (0 = only those steps).
+    pub fp8_stats_every: usize,
+    /// Stop with an error when more than this fraction of the last 100 steps were
+    /// skipped for non-finite gradients (a diverged run); 1 = never stop.
+    pub max_skipped_fraction: f32,
     /// "byte" or "gpt2".
     pub tokenizer: String,
     /// Sequences per step B (per rank).
@@ -220,6 +241,9 @@ impl Default for RunConfig {
             checkpoint_keep: 3,
             eval_every: 50,
             eval_batches: 8,
+            log_every: 0,
+            fp8_stats_every: 50,
+            max_skipped_fraction: 0.25,
             tokenizer: "byte".into(),
             batch: 32,
             model: ModelConfig::default(),
@@ -297,6 +321,13 @@ impl RunConfig {
         }
         if self.run_dir.trim().is_empty() {
             return Err(bad("run_dir", "\"\"", "a directory path"));
+        }
+        if !(self.max_skipped_fraction > 0.0 && self.max_skipped_fraction <= 1.0) {
+            return Err(bad(
+                "max_skipped_fraction",
+                self.max_skipped_fraction,
+                "a number in (0, 1] (1 = never stop a diverging run)",
+            ));
         }
         let tok_vocab = tokenizer_vocab(&self.tokenizer).ok_or_else(|| {
             bad(

@@ -32,12 +32,15 @@ pub mod train;
 
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
+pub mod agreement;
 pub mod bench;
 pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod preflight;
 pub mod repartition;
+pub mod resume;
 pub mod snapshot;
 pub mod tensor_parallel;
 pub mod tokenizer;

@@ -3,9 +3,10 @@
 //! Keys (scripts rely on them): `step`, `loss` (training), `val_loss`, `lr`,
 //! `grad_norm`, `tokens_per_s`, `skipped_steps` (cumulative steps skipped for non-finite
 //! gradients), `elapsed_s`, and `fp8`: per-tensor FP8 statistics (`name`, `amax`,
-//! `scale`, `overflow`, `underflow`). Absent values are omitted, not written as null,
-//! except a non-finite loss, which is written as `null` (JSON has no NaN) so that a
-//! diverged run stays visible.
+//! `scale`, `overflow`, `underflow`; written every `fp8_stats_every` steps and at steps
+//! with an overflow or a skipped update). Absent values are omitted, not written as null,
+//! except non-finite numbers (a NaN loss, the amax of a skipped step), which are written
+//! as `null` (JSON has no NaN) so that a diverged run stays visible, and read back as NaN.
 //!
 //! Every line is flushed as it is written, so a killed run keeps everything it logged; on
 //! resume the lines after the checkpoint's step are dropped, so the file never holds two
@@ -21,14 +22,22 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Fp8TensorStats {
     pub name: String,
-    /// Largest |value| seen before the cast (real units).
+    /// Largest |value| seen before the cast (real units); NaN (`null`) when the step
+    /// saw a non-finite value.
+    #[serde(deserialize_with = "f32_or_nan")]
     pub amax: f32,
     /// Scale used for the cast: `stored = cast(real * scale)`.
+    #[serde(deserialize_with = "f32_or_nan")]
     pub scale: f32,
     /// Values that saturated at the format's max.
     pub overflow: u64,
     /// Non-zero values that flushed to zero.
     pub underflow: u64,
+}
+
+/// serde_json writes a non-finite f32 as `null`; read it back as NaN.
+fn f32_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// One line of `metrics.jsonl`.
@@ -74,16 +83,41 @@ impl MetricsWriter {
     /// the checkpoint by the interrupted run) are dropped, atomically.
     pub fn resume(path: &Path, step: u64) -> Result<Self> {
         if path.exists() {
-            let kept: Vec<MetricsRecord> = read_metrics(path)?
-                .into_iter()
-                .filter(|r| r.step <= step)
-                .collect();
-            let mut text = String::new();
-            for r in &kept {
-                text.push_str(&serde_json::to_string(r)?);
-                text.push('\n');
+            // Streamed into a temporary file and renamed over the old one: a long run's
+            // file is never held in memory whole.
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let tmp = dir
+                .unwrap_or(Path::new("."))
+                .join(format!(".{name}.tmp-{}", std::process::id()));
+            let f =
+                File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(f);
+            let mut failed: Option<anyhow::Error> = None;
+            for_each_metric(path, |r| {
+                if r.step > step || failed.is_some() {
+                    return;
+                }
+                let line = serde_json::to_string(&r).map_err(anyhow::Error::from);
+                if let Err(e) = line.and_then(|l| Ok(writeln!(out, "{l}")?)) {
+                    failed = Some(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e.context(format!("{}: write failed", tmp.display())));
             }
-            crate::checkpoint::write_atomic(path, text.as_bytes())?;
+            let f = out
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("{}: fsync failed", tmp.display()))?;
+            std::fs::rename(&tmp, path).with_context(|| {
+                format!("{}: rename from {} failed", path.display(), tmp.display())
+            })?;
+            // The rename is durable once the directory is synced (as write_atomic does).
+            if let Ok(d) = File::open(dir.unwrap_or(Path::new("."))) {
+                d.sync_all().ok();
+            }
         }
         let file = OpenOptions::new()
             .create(true)
@@ -113,16 +147,24 @@ impl MetricsWriter {
 /// Read every record; a torn last line (the run was killed mid-write) is ignored, any
 /// other bad line is an error naming the file and line.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
-    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let lines: Vec<String> = BufReader::new(f).lines().collect::<std::io::Result<_>>()?;
     let mut out = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
+    for_each_metric(path, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// [`read_metrics`] one record at a time, holding one line in memory (a days-long
+/// run's file is larger than what the plot needs).
+pub fn for_each_metric(path: &Path, mut f: impl FnMut(MetricsRecord)) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut lines = BufReader::new(file).lines().enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let line = line.with_context(|| format!("{}: read failed", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str(line) {
-            Ok(r) => out.push(r),
-            Err(_) if i + 1 == lines.len() => break,
+        match serde_json::from_str(&line) {
+            Ok(r) => f(r),
+            Err(_) if lines.peek().is_none() => break,
             Err(e) => anyhow::bail!(
                 "{}: line {}: not a metrics record: {e}",
                 path.display(),
@@ -130,7 +172,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
             ),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,5 +241,39 @@ mod tests {
         assert!(std::fs::read_to_string(&p)
             .unwrap()
             .contains("\"loss\":null"));
+    }
+
+    /// A skipped FP8 step logs `"amax": null` (its amax was NaN); resume must read it.
+    #[test]
+    fn null_amax_of_a_skipped_step_reads_back_as_nan() {
+        let d = std::env::temp_dir().join(format!("fp8lm-metrics-null-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("metrics.jsonl");
+        let mut w = MetricsWriter::create(&p).unwrap();
+        for step in 1..=3u64 {
+            w.write(&MetricsRecord {
+                step,
+                loss: Some(if step == 2 { f32::NAN } else { 1.0 }),
+                fp8: vec![Fp8TensorStats {
+                    name: "h.0.mlp.fc.grad".into(),
+                    amax: if step == 2 { f32::NAN } else { 2.0 },
+                    scale: 8.0,
+                    overflow: 0,
+                    underflow: 0,
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        assert!(std::fs::read_to_string(&p)
+            .unwrap()
+            .contains("\"amax\":null"));
+        let recs = read_metrics(&p).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert!(recs[1].fp8[0].amax.is_nan());
+        assert_eq!(recs[2].fp8[0].amax, 2.0);
+        // And the resume rewrite keeps it.
+        MetricsWriter::resume(&p, 2).unwrap();
+        assert_eq!(read_metrics(&p).unwrap().len(), 2);
     }
 }

@@ -19,6 +19,11 @@ pub trait Dataset: Send {
     /// Opaque training position, restored by [`Dataset::set_position`] on resume.
     fn position(&self) -> u64;
     fn set_position(&mut self, pos: u64);
+    /// Distinct validation sequences, when finite (batches beyond them repeat data);
+    /// `None` for a source that generates as many as asked for.
+    fn val_sequences(&self) -> Option<u64> {
+        None
+    }
     /// Known entropy floor in nats per token, if the source is synthetic.
     fn entropy_floor(&self) -> Option<f64> {
         None

@@ -281,6 +281,9 @@ impl Dataset for TokenDataset {
     fn set_position(&mut self, pos: u64) {
         self.position = pos;
     }
+    fn val_sequences(&self) -> Option<u64> {
+        Some(TokenDataset::val_sequences(self))
+    }
 }
 
 /// Open the data source a config names: the embedded corpus when `data.path` is empty.
