@@ -20,6 +20,8 @@
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 pub mod layers;
 

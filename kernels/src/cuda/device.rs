@@ -1,0 +1,419 @@
+//! A GPU context for the backend: device, streams, events, device tensors, kernel
+//! launches. Shaped like the CPU op set (`GemmOps`, `LayerOps`) but on device buffers,
+//! so it can plug into the model's backend seam once that exists; the model does not
+//! call it yet.
+//!
+//! Streams: `compute` runs kernels and GEMMs; `comm` runs NCCL collectives (in
+//! `fp8lm-collectives`, feature `cuda`). [`CudaBackend::compute_to_comm`] /
+//! [`CudaBackend::comm_to_compute`] record an event on one and make the other wait, so
+//! a gradient is reduced after its backward kernel and used after its reduction, with no
+//! host synchronisation.
+//!
+//! Scales and amaxes live on the device as one-element buffers (no host sync per
+//! tensor): an FP8 tensor's `scale` is read by the cast kernel and (inverted by kernel
+//! `invert_scales`) by cuBLASLt; its `amax_bits` accumulates `|x|` bits (see
+//! `cu/fp8.cuh`), zeroed by the op that fills it.
+
+use super::gemm::{LtArgs, LtGemm, LtPlan, LtType, PlanError};
+use super::libs::{self, CudaLib};
+use super::nvrtc::{self, KernelSource};
+use super::{cast_mirror, CudaError};
+use crate::GemmShape;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use fp8lm_fp8::{CastMode, Fp8Format};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Launch kernel `$f` on the compute stream with the given parameters, in order.
+macro_rules! launch {
+    ($self:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let mut b = $self.compute.launch_builder(&$f);
+        $( b.arg($arg); )*
+        // SAFETY: every call site passes exactly the kernel's parameters, in order, with
+        // buffers whose lengths it checked against the sizes it passes.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(CudaError::from)
+    }};
+}
+
+/// One GPU as `fp8lm devices` reports it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_mem: usize,
+}
+
+/// The CUDA driver's version (e.g. 13020), after checking the driver is present.
+pub fn driver_version() -> Result<i32, CudaError> {
+    libs::require(CudaLib::Driver)?;
+    let mut v = 0;
+    // SAFETY: the library is loaded; valid out-pointer.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(CudaError::Api(format!("cuDriverGetVersion: {r:?}")));
+    }
+    Ok(v)
+}
+
+/// Every GPU the driver sees (an error naming the library when the driver is missing).
+pub fn list_devices() -> Result<Vec<DeviceInfo>, CudaError> {
+    libs::require(CudaLib::Driver)?;
+    let n = CudaContext::device_count()? as usize;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let ctx = CudaContext::new(i)?;
+        out.push(DeviceInfo {
+            ordinal: i,
+            name: ctx.name()?,
+            compute_capability: ctx.compute_capability()?,
+            total_mem: ctx.total_mem()?,
+        });
+    }
+    Ok(out)
+}
+
+/// An FP8 tensor on the device: codes, format, and its scale (`real = stored / scale`),
+/// inverse scale (for cuBLASLt) and amax accumulator, each a one-element device buffer.
+pub struct DevFp8 {
+    pub data: CudaSlice<u8>,
+    pub format: Fp8Format,
+    pub scale: CudaSlice<f32>,
+    pub scale_inv: CudaSlice<f32>,
+    pub amax_bits: CudaSlice<u32>,
+}
+
+/// The Adam constants passed by value to `fp8_adam_update` (`struct AdamConsts`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AdamConsts {
+    pub b1: f32,
+    pub b2: f32,
+    pub one_minus_b1: f32,
+    pub one_minus_b2: f32,
+    pub inv_bc1: f32,
+    pub inv_bc2: f32,
+    pub eps: f32,
+    pub lr: f32,
+    pub wd: f32,
+}
+// SAFETY: repr(C) plain f32 fields, the same layout as the CUDA struct.
+unsafe impl DeviceRepr for AdamConsts {}
+
+/// Threads per block of the element-wise kernels, and the cap on their grid (they are
+/// grid-stride loops).
+const EW_THREADS: u32 = 256;
+const EW_MAX_BLOCKS: u64 = 4096;
+
+fn ew_cfg(n: usize) -> LaunchConfig {
+    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row (norms, softmax): 256 threads, or fewer for narrow rows (a
+/// multiple of 32).
+fn row_cfg(rows: usize, width: usize) -> LaunchConfig {
+    let threads = (width.div_ceil(32) * 32).clamp(32, 256) as u32;
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The backend on one GPU.
+pub struct CudaBackend {
+    pub ctx: Arc<CudaContext>,
+    pub compute: Arc<CudaStream>,
+    pub comm: Arc<CudaStream>,
+    /// `sm_XY` of this GPU: what the kernels are compiled for.
+    pub arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    gemm: OnceLock<Result<LtGemm, String>>,
+}
+
+impl CudaBackend {
+    /// Open GPU `ordinal` (the N of `device = "cuda:N"`).
+    pub fn new(ordinal: usize) -> Result<CudaBackend, CudaError> {
+        libs::require(CudaLib::Driver)?;
+        let found = CudaContext::device_count()? as usize;
+        if ordinal >= found {
+            return Err(CudaError::NoDevice { wanted: ordinal, found });
+        }
+        libs::require(CudaLib::Nvrtc)?;
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        let compute = ctx.new_stream()?;
+        let comm = ctx.new_stream()?;
+        Ok(CudaBackend {
+            ctx,
+            compute,
+            comm,
+            arch: nvrtc::arch_of(major, minor),
+            modules: Mutex::new(HashMap::new()),
+            gemm: OnceLock::new(),
+        })
+    }
+
+    /// Kernel `name` of `src`, compiled for this GPU on first use (cached).
+    pub fn function(&self, src: &KernelSource, name: &str) -> Result<CudaFunction, CudaError> {
+        let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let module = match mods.get(src.name) {
+            Some(m) => m.clone(),
+            None => {
+                let compiled = nvrtc::compile_cached(src, &self.arch)?;
+                let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
+                mods.insert(src.name, m.clone());
+                m
+            }
+        };
+        Ok(module.load_function(name)?)
+    }
+
+    /// The cuBLASLt handle on the compute stream (created on first use).
+    pub fn lt(&self) -> Result<&LtGemm, CudaError> {
+        self.gemm
+            .get_or_init(|| LtGemm::new(self.compute.clone()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| CudaError::Api(e.clone()))
+    }
+
+    /// Make the communication stream wait for the work queued on the compute stream.
+    pub fn compute_to_comm(&self) -> Result<(), CudaError> {
+        let ev = self.compute.record_event(None)?;
+        self.comm.wait(&ev)?;
+        Ok(())
+    }
+
+    /// Make the compute stream wait for the work queued on the communication stream.
+    pub fn comm_to_compute(&self) -> Result<(), CudaError> {
+        let ev = self.comm.record_event(None)?;
+        self.compute.wait(&ev)?;
+        Ok(())
+    }
+
+    // ---- tensors -------------------------------------------------------------------------
+
+    /// A zeroed FP8 tensor of `n` codes with scale `scale`.
+    pub fn alloc_fp8(&self, n: usize, format: Fp8Format, scale: f32) -> Result<DevFp8, CudaError> {
+        let s = &self.compute;
+        Ok(DevFp8 {
+            data: s.alloc_zeros::<u8>(n)?,
+            format,
+            scale: s.clone_htod(&[scale])?,
+            scale_inv: s.clone_htod(&[1.0 / scale])?,
+            amax_bits: s.alloc_zeros::<u32>(1)?,
+        })
+    }
+
+    /// Read an amax accumulator back (synchronises: for metrics and tests, not per step).
+    pub fn read_amax(&self, amax_bits: &CudaSlice<u32>) -> Result<f32, CudaError> {
+        let v = self.compute.clone_dtoh(amax_bits)?;
+        Ok(cast_mirror::amax_from_bits(v[0]))
+    }
+
+    // ---- casts (cu/cast.cu) --------------------------------------------------------------
+
+    /// `dst = fp8(src * dst.scale)`, `dst.amax_bits = max |src|` (zeroed first).
+    pub fn cast_f32_to_fp8(&self, src: &CudaSlice<f32>, dst: &mut DevFp8, mode: CastMode) -> Result<(), CudaError> {
+        assert_eq!(src.len(), dst.data.len(), "cast_f32_to_fp8: lengths differ");
+        let f = self.function(&nvrtc::CAST, "cast_f32_to_fp8")?;
+        self.compute.memset_zeros(&mut dst.amax_bits)?;
+        let (n, fmt, mode) = (src.len() as u64, cast_mirror::fmt_code(dst.format), cast_mirror::mode_code(mode));
+        launch!(self, f, ew_cfg(src.len()), &mut dst.data, src, &dst.scale, &mut dst.amax_bits, &n, &fmt, &mode)
+    }
+
+    /// As [`Self::cast_f32_to_fp8`] from f16 (bit patterns).
+    pub fn cast_f16_to_fp8(&self, src: &CudaSlice<u16>, dst: &mut DevFp8, mode: CastMode) -> Result<(), CudaError> {
+        assert_eq!(src.len(), dst.data.len(), "cast_f16_to_fp8: lengths differ");
+        let f = self.function(&nvrtc::CAST, "cast_f16_to_fp8")?;
+        self.compute.memset_zeros(&mut dst.amax_bits)?;
+        let (n, fmt, mode) = (src.len() as u64, cast_mirror::fmt_code(dst.format), cast_mirror::mode_code(mode));
+        launch!(self, f, ew_cfg(src.len()), &mut dst.data, src, &dst.scale, &mut dst.amax_bits, &n, &fmt, &mode)
+    }
+
+    /// `dst = decode(src) / src.scale`; returns nothing, `amax` receives max |decoded|.
+    pub fn cast_fp8_to_f32(&self, src: &DevFp8, dst: &mut CudaSlice<f32>, amax: &mut CudaSlice<u32>) -> Result<(), CudaError> {
+        assert_eq!(src.data.len(), dst.len(), "cast_fp8_to_f32: lengths differ");
+        let f = self.function(&nvrtc::CAST, "cast_fp8_to_f32")?;
+        self.compute.memset_zeros(amax)?;
+        let (n, fmt, cfg) = (dst.len() as u64, cast_mirror::fmt_code(src.format), ew_cfg(dst.len()));
+        launch!(self, f, cfg, dst, &src.data, &src.scale, amax, &n, &fmt)
+    }
+
+    /// `t.scale_inv = 1 / t.scale` on the device (after a scale update, before a GEMM).
+    pub fn refresh_scale_inv(&self, t: &mut DevFp8) -> Result<(), CudaError> {
+        let f = self.function(&nvrtc::CAST, "invert_scales")?;
+        let n = 1i32;
+        launch!(self, f, LaunchConfig::for_num_elems(1), &mut t.scale_inv, &t.scale, &n)
+    }
+
+    /// `dst[cols, rows] = src[rows, cols]^T` of FP8 codes (scale and format carried over).
+    pub fn transpose_fp8(&self, src: &DevFp8, rows: usize, cols: usize) -> Result<DevFp8, CudaError> {
+        assert_eq!(src.data.len(), rows * cols, "transpose_fp8: shape");
+        let f = self.function(&nvrtc::CAST, "transpose_u8")?;
+        let s = &self.compute;
+        let mut out = DevFp8 {
+            data: s.alloc_zeros::<u8>(rows * cols)?,
+            format: src.format,
+            scale: s.alloc_zeros::<f32>(1)?,
+            scale_inv: s.alloc_zeros::<f32>(1)?,
+            amax_bits: s.alloc_zeros::<u32>(1)?,
+        };
+        s.memcpy_dtod(&src.scale, &mut out.scale)?;
+        s.memcpy_dtod(&src.scale_inv, &mut out.scale_inv)?;
+        s.memcpy_dtod(&src.amax_bits, &mut out.amax_bits)?;
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c) = (rows as i32, cols as i32);
+        launch!(self, f, cfg, &mut out.data, &src.data, &r, &c)?;
+        Ok(out)
+    }
+
+    // ---- GEMM (cuBLASLt) -----------------------------------------------------------------
+
+    /// `c[m,n] (+)= op(a) @ op(b)` with FP8 operands and an f32 output (as
+    /// `GemmOps::gemm` with two `MatRef::Fp8`). Non-TN layouts (the backward GEMMs) are
+    /// handled by transposing the operand on the device first.
+    pub fn gemm_fp8_f32(&self, shape: GemmShape, a: &DevFp8, b: &DevFp8, c: &mut CudaSlice<f32>, accumulate: bool, fast_accum: bool) -> Result<(), CudaError> {
+        assert_eq!(c.len(), shape.m * shape.n, "gemm: C length");
+        let mut shape = shape;
+        let (mut ta, mut tb) = (None, None);
+        match LtPlan::new(shape, LtType::fp8(a.format), LtType::fp8(b.format), LtType::F32, accumulate, fast_accum) {
+            Err(PlanError::NotTn(need)) => {
+                for nt in need {
+                    match nt.operand {
+                        super::gemm::OurOperand::A => {
+                            ta = Some(self.transpose_fp8(a, nt.rows, nt.cols)?);
+                            shape.trans_a = false;
+                        }
+                        super::gemm::OurOperand::B => {
+                            tb = Some(self.transpose_fp8(b, nt.rows, nt.cols)?);
+                            shape.trans_b = true;
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let a = ta.as_ref().unwrap_or(a);
+        let b = tb.as_ref().unwrap_or(b);
+        let plan = LtPlan::new(shape, LtType::fp8(a.format), LtType::fp8(b.format), LtType::F32, accumulate, fast_accum)?;
+        let lt = self.lt()?;
+        let s = &self.compute;
+        let (ap, _ra) = a.data.device_ptr(s);
+        let (bp, _rb) = b.data.device_ptr(s);
+        let (cp, _rc) = cudarc::driver::DevicePtrMut::device_ptr_mut(c, s);
+        // lt_a reads our B, lt_b our A: their scale pointers take our B's / A's inverse.
+        let args = LtArgs {
+            a: ap,
+            b: bp,
+            d: cp,
+            lt_a_scale_inv: Some(&b.scale_inv),
+            lt_b_scale_inv: Some(&a.scale_inv),
+            d_scale: None,
+            d_amax: None,
+        };
+        // SAFETY: lengths checked above and by the plan's shape; all on the compute stream.
+        unsafe { lt.run(&plan, args) }
+    }
+
+    // ---- layer ops (cu/layers.cu), shaped like `LayerOps` ---------------------------------
+
+    /// `out[n,c] = layernorm(inp) * w + b`, saving `mean[n]`, `rstd[n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(&self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), CudaError> {
+        let (c, n) = (w.len(), mean.len());
+        assert!(out.len() == n * c && inp.len() == n * c && rstd.len() == n && b.len() == c);
+        let f = self.function(&nvrtc::LAYERS, "layernorm_forward")?;
+        let ci = c as i32;
+        launch!(self, f, row_cfg(n, c), out, mean, rstd, inp, w, b, &ci)
+    }
+
+    /// Accumulates into `dinp`, `dw`, `db`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(&self, dinp: &mut CudaSlice<f32>, dw: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, w: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>) -> Result<(), CudaError> {
+        let (c, n) = (w.len(), mean.len());
+        assert!(dinp.len() == n * c && dout.len() == n * c && inp.len() == n * c && dw.len() == c && db.len() == c);
+        let f1 = self.function(&nvrtc::LAYERS, "layernorm_backward_dinp")?;
+        let f2 = self.function(&nvrtc::LAYERS, "layernorm_backward_dwdb")?;
+        let (ci, nu) = (c as i32, n as u64);
+        launch!(self, f1, row_cfg(n, c), dinp, dout, inp, w, mean, rstd, &ci)?;
+        launch!(self, f2, ew_cfg(c), dw, db, dout, inp, mean, rstd, &nu, &ci)
+    }
+
+    /// Element-wise GELU (tanh form).
+    pub fn gelu_forward(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>) -> Result<(), CudaError> {
+        assert_eq!(out.len(), inp.len());
+        let f = self.function(&nvrtc::LAYERS, "gelu_forward")?;
+        let n = inp.len() as u64;
+        launch!(self, f, ew_cfg(inp.len()), out, inp, &n)
+    }
+
+    /// `dinp = dout * gelu'(inp)` (overwrites).
+    pub fn gelu_backward(&self, dinp: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, dout: &CudaSlice<f32>) -> Result<(), CudaError> {
+        assert!(dinp.len() == inp.len() && dout.len() == inp.len());
+        let f = self.function(&nvrtc::LAYERS, "gelu_backward")?;
+        let n = inp.len() as u64;
+        launch!(self, f, ew_cfg(inp.len()), dinp, inp, dout, &n)
+    }
+
+    /// `out = a + b`.
+    pub fn residual_forward(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), CudaError> {
+        assert!(out.len() == a.len() && b.len() == a.len());
+        let f = self.function(&nvrtc::LAYERS, "residual_forward")?;
+        let n = a.len() as u64;
+        launch!(self, f, ew_cfg(a.len()), out, a, b, &n)
+    }
+
+    /// In place: `logits[n,v]` become probabilities; `losses[n] = -ln p[target]`.
+    pub fn softmax_xent_forward(&self, logits_to_probs: &mut CudaSlice<f32>, losses: &mut CudaSlice<f32>, targets: &CudaSlice<u32>) -> Result<(), CudaError> {
+        let n = losses.len();
+        assert!(n > 0 && targets.len() == n && logits_to_probs.len() % n == 0);
+        let v = logits_to_probs.len() / n;
+        let f = self.function(&nvrtc::LAYERS, "softmax_xent_forward")?;
+        let vi = v as i32;
+        launch!(self, f, row_cfg(n, v), logits_to_probs, losses, targets, &vi)
+    }
+
+    /// In place: probabilities become `(p - onehot) * dloss`.
+    pub fn softmax_xent_backward(&self, probs_to_dlogits: &mut CudaSlice<f32>, targets: &CudaSlice<u32>, dloss: f32) -> Result<(), CudaError> {
+        let n = targets.len();
+        assert!(n > 0 && probs_to_dlogits.len() % n == 0);
+        let v = probs_to_dlogits.len() / n;
+        let f = self.function(&nvrtc::LAYERS, "softmax_xent_backward")?;
+        let (nu, vi) = (n as u64, v as i32);
+        launch!(self, f, ew_cfg(n * v), probs_to_dlogits, targets, &dloss, &nu, &vi)
+    }
+
+    // ---- optimizer (cu/optim.cu) ---------------------------------------------------------
+
+    /// The FP8-LM Adam update of one tensor (see `cu/optim.cu`): `scales[0..3]` the
+    /// state's old scales, `scales[3..6]` the new ones; `amax_bits[0..3]` zeroed and
+    /// filled with the new values' amaxes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_adam_update(&self, master_f16: &mut CudaSlice<u16>, m1_e4m3: &mut CudaSlice<u8>, m2_f16: &mut CudaSlice<u16>, p: &mut CudaSlice<f32>, grad: &DevFp8, grad_scale_inv: &CudaSlice<f32>, scales: &CudaSlice<f32>, amax_bits: &mut CudaSlice<u32>, k: AdamConsts) -> Result<(), CudaError> {
+        let n = p.len();
+        assert!(master_f16.len() == n && m1_e4m3.len() == n && m2_f16.len() == n && grad.data.len() == n);
+        assert!(scales.len() == 6 && amax_bits.len() == 3);
+        let f = self.function(&nvrtc::OPTIM, "fp8_adam_update")?;
+        self.compute.memset_zeros(amax_bits)?;
+        let (gf, nu) = (cast_mirror::fmt_code(grad.format), n as u64);
+        launch!(self, f, ew_cfg(n), master_f16, m1_e4m3, m2_f16, p, &grad.data, &gf, grad_scale_inv, scales, amax_bits, &k, &nu)
+    }
+
+    /// `total[0] += sum g^2` in f64, in a fixed order (deterministic).
+    pub fn sumsq_f32(&self, g: &CudaSlice<f32>, total: &mut CudaSlice<f64>) -> Result<(), CudaError> {
+        let cfg = ew_cfg(g.len());
+        let blocks = cfg.grid_dim.0 as usize;
+        let mut partial = self.compute.alloc_zeros::<f64>(blocks)?;
+        let f1 = self.function(&nvrtc::OPTIM, "sumsq_partial_f32")?;
+        let f2 = self.function(&nvrtc::OPTIM, "sum_partials")?;
+        let n = g.len() as u64;
+        launch!(self, f1, cfg, &mut partial, g, &n)?;
+        let nb = blocks as i32;
+        launch!(self, f2, LaunchConfig::for_num_elems(1), total, &partial, &nb)
+    }
+}
