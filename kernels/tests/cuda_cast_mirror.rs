@@ -35,15 +35,33 @@ fn every_f16_pattern_casts_like_the_cpu() {
         for mode in MODES {
             for scale in SCALES {
                 let amax = mirror::cast_f16_to_fp8(fmt, mode, &bits, scale, &mut got);
-                let want_amax = cast::f16_to_fp8_amax_with(fmt, mode, Backend::Portable, &halfs, scale, &mut want);
+                let want_amax = cast::f16_to_fp8_amax_with(
+                    fmt,
+                    mode,
+                    Backend::Portable,
+                    &halfs,
+                    scale,
+                    &mut want,
+                );
                 if let Some(i) = (0..bits.len()).find(|&i| got[i] != want[i]) {
-                    panic!("{fmt:?} {mode:?} scale {scale}: f16 {:#06x} -> {:#04x}, CPU {:#04x}", bits[i], got[i], want[i]);
+                    panic!(
+                        "{fmt:?} {mode:?} scale {scale}: f16 {:#06x} -> {:#04x}, CPU {:#04x}",
+                        bits[i], got[i], want[i]
+                    );
                 }
-                assert!(same_amax(amax, want_amax), "{fmt:?} amax {amax} vs {want_amax}");
+                assert!(
+                    same_amax(amax, want_amax),
+                    "{fmt:?} amax {amax} vs {want_amax}"
+                );
                 if scale == 1.0 {
                     // And against the independent nearest-value reference directly.
                     for (i, h) in halfs.iter().enumerate() {
-                        assert_eq!(got[i], r.encode(h.to_f32(), mode), "{fmt:?} {mode:?} f16 {:#06x}", bits[i]);
+                        assert_eq!(
+                            got[i],
+                            r.encode(h.to_f32(), mode),
+                            "{fmt:?} {mode:?} f16 {:#06x}",
+                            bits[i]
+                        );
                     }
                 }
             }
@@ -64,15 +82,24 @@ fn seeded_f32_set_casts_like_the_cpu() {
         for mode in MODES {
             for scale in SCALES {
                 let amax = mirror::cast_f32_to_fp8(fmt, mode, &xs, scale, &mut got);
-                let want_amax = cast::f32_to_fp8_amax_with(fmt, mode, Backend::Portable, &xs, scale, &mut want);
+                let want_amax =
+                    cast::f32_to_fp8_amax_with(fmt, mode, Backend::Portable, &xs, scale, &mut want);
                 if let Some(i) = (0..xs.len()).find(|&i| got[i] != want[i]) {
                     let x = xs[i];
                     panic!("{fmt:?} {mode:?} scale {scale}: x={x:e} ({:#010x}) -> {:#04x}, CPU {:#04x}", x.to_bits(), got[i], want[i]);
                 }
-                assert!(same_amax(amax, want_amax), "{fmt:?} amax {amax} vs {want_amax}");
+                assert!(
+                    same_amax(amax, want_amax),
+                    "{fmt:?} amax {amax} vs {want_amax}"
+                );
                 if scale == 1.0 {
                     for (i, &x) in xs.iter().enumerate() {
-                        assert_eq!(got[i], r.encode(x, mode), "{fmt:?} {mode:?} x={x:e} ({:#010x})", x.to_bits());
+                        assert_eq!(
+                            got[i],
+                            r.encode(x, mode),
+                            "{fmt:?} {mode:?} x={x:e} ({:#010x})",
+                            x.to_bits()
+                        );
                     }
                 }
             }
@@ -80,7 +107,9 @@ fn seeded_f32_set_casts_like_the_cpu() {
     }
     // The set must reach every path the kernel has: subnormal codes, saturation, NaN.
     let k = mirror::fp8_consts(0, 0);
-    assert!(xs.iter().any(|&x| x.abs() < 2f32.powi(-6) && mirror::fp8_from_f32_scaled(&k, x, 1.0) & 0x7F != 0));
+    assert!(xs
+        .iter()
+        .any(|&x| x.abs() < 2f32.powi(-6) && mirror::fp8_from_f32_scaled(&k, x, 1.0) & 0x7F != 0));
     assert!(xs.iter().any(|&x| x.is_finite() && x.abs() > 464.0));
     assert!(xs.iter().any(|x| x.is_nan() && x.is_sign_negative()));
 }
@@ -90,21 +119,42 @@ fn f16_widening_and_rounding_match_half() {
     for b in 0..=u16::MAX {
         let h = f16::from_bits(b);
         let (got, want) = (mirror::f16_bits_to_f32(b), h.to_f32());
-        assert!(got.to_bits() == want.to_bits(), "f16 {b:#06x}: {got:e} vs {want:e}");
+        assert!(
+            got.to_bits() == want.to_bits(),
+            "f16 {b:#06x}: {got:e} vs {want:e}"
+        );
         // Round trip, and the rounding of every f16 value and its f32 neighbours.
-        for x in [want, f32::from_bits(want.to_bits().wrapping_add(1)), f32::from_bits(want.to_bits().wrapping_sub(1))] {
-            assert_eq!(mirror::f32_to_f16_bits(x), f16::from_f32(x).to_bits(), "x={x:e} ({:#010x})", x.to_bits());
+        for x in [
+            want,
+            f32::from_bits(want.to_bits().wrapping_add(1)),
+            f32::from_bits(want.to_bits().wrapping_sub(1)),
+        ] {
+            assert_eq!(
+                mirror::f32_to_f16_bits(x),
+                f16::from_f32(x).to_bits(),
+                "x={x:e} ({:#010x})",
+                x.to_bits()
+            );
         }
     }
     for x in f32_test_set(100_000, 0xF16) {
-        assert_eq!(mirror::f32_to_f16_bits(x), f16::from_f32(x).to_bits(), "x={x:e} ({:#010x})", x.to_bits());
+        assert_eq!(
+            mirror::f32_to_f16_bits(x),
+            f16::from_f32(x).to_bits(),
+            "x={x:e} ({:#010x})",
+            x.to_bits()
+        );
     }
     // Every f16 rounding midpoint (odd and even below): ties to even.
     for b in 0..0x7BFFu32 {
         let lo = f16::from_bits(b as u16).to_f32() as f64;
         let hi = f16::from_bits(b as u16 + 1).to_f32() as f64;
         let mid = ((lo + hi) / 2.0) as f32;
-        assert_eq!(mirror::f32_to_f16_bits(mid), f16::from_f32(mid).to_bits(), "midpoint after {b:#06x}");
+        assert_eq!(
+            mirror::f32_to_f16_bits(mid),
+            f16::from_f32(mid).to_bits(),
+            "midpoint after {b:#06x}"
+        );
     }
 }
 
@@ -129,8 +179,16 @@ fn rescale_matches_the_requant_table_definition() {
         let dec = cast::decode_table(fmt);
         for ratio in [1.0f32, 0.5, 0.3, 3.7, 2f32.powi(-12), 2f32.powi(10)] {
             for code in 0..=255u8 {
-                let want = if dec[code as usize].is_nan() { code } else { fmt.encode(dec[code as usize] * ratio, true) };
-                assert_eq!(mirror::fp8_rescale(fmt, code, ratio), want, "{fmt:?} code {code:#04x} ratio {ratio}");
+                let want = if dec[code as usize].is_nan() {
+                    code
+                } else {
+                    fmt.encode(dec[code as usize] * ratio, true)
+                };
+                assert_eq!(
+                    mirror::fp8_rescale(fmt, code, ratio),
+                    want,
+                    "{fmt:?} code {code:#04x} ratio {ratio}"
+                );
             }
         }
     }
@@ -153,6 +211,9 @@ fn cuda_source_still_has_the_mirrored_expressions() {
         "if (ab >= 0x477FF000u) return (unsigned short)(sign | 0x7C00u);",
         "return (unsigned short)(sign | rne_shift(sig, 126 - (int)e));",
     ] {
-        assert!(src.contains(expr), "fp8.cuh no longer contains `{expr}`: update cast_mirror.rs with it");
+        assert!(
+            src.contains(expr),
+            "fp8.cuh no longer contains `{expr}`: update cast_mirror.rs with it"
+        );
     }
 }

@@ -13,7 +13,10 @@ fn nvrtc_is_present() {
     }
     let (major, minor) = nvrtc::version().expect("nvrtcVersion");
     // cudarc is built for CUDA 13.2 (feature cuda-13020): its NVRTC bindings need 13.x.
-    assert_eq!(major, 13, "NVRTC {major}.{minor}: the cuda-13020 bindings need NVRTC 13.x");
+    assert_eq!(
+        major, 13,
+        "NVRTC {major}.{minor}: the cuda-13020 bindings need NVRTC 13.x"
+    );
 }
 
 #[test]
@@ -25,8 +28,16 @@ fn every_kernel_compiles_for_sm89_and_sm90() {
             match nvrtc::compile(&src, arch) {
                 Ok(c) => {
                     // A cubin is an ELF file; NVRTC emits one only for a real sm_ arch.
-                    assert!(c.cubin.len() > 64 && c.cubin[..4] == *b"\x7fELF", "{} {arch}: no cubin", src.name);
-                    assert!(c.ptx.contains(&format!(".target {arch}")), "{} {arch}: PTX target", src.name);
+                    assert!(
+                        c.cubin.len() > 64 && c.cubin[..4] == *b"\x7fELF",
+                        "{} {arch}: no cubin",
+                        src.name
+                    );
+                    assert!(
+                        c.ptx.contains(&format!(".target {arch}")),
+                        "{} {arch}: PTX target",
+                        src.name
+                    );
                     for k in src.kernels {
                         assert!(
                             c.ptx.contains(&format!(".entry {k}(")),
@@ -36,13 +47,22 @@ fn every_kernel_compiles_for_sm89_and_sm90() {
                     }
                     // The compiler's warnings are failures too: a warning in a numeric
                     // kernel (narrowing, unused result) is usually a bug.
-                    assert!(!c.log.contains("warning"), "{} {arch}: NVRTC warnings:\n{}", src.name, c.log);
+                    assert!(
+                        !c.log.contains("warning"),
+                        "{} {arch}: NVRTC warnings:\n{}",
+                        src.name,
+                        c.log
+                    );
                 }
                 Err(e) => failures.push(e.to_string()),
             }
         }
     }
-    assert!(failures.is_empty(), "kernels failed to compile:\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "kernels failed to compile:\n{}",
+        failures.join("\n\n")
+    );
 }
 
 #[test]
@@ -64,5 +84,8 @@ fn a_broken_kernel_is_reported_with_the_compiler_log() {
         kernels: &["k"],
     };
     let e = nvrtc::compile(&bad, "sm_90").unwrap_err().to_string();
-    assert!(e.contains("bad.cu") && e.contains("sm_90") && e.contains("undefined_name"), "{e}");
+    assert!(
+        e.contains("bad.cu") && e.contains("sm_90") && e.contains("undefined_name"),
+        "{e}"
+    );
 }

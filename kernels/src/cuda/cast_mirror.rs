@@ -95,7 +95,11 @@ pub fn fp8_encode_bits(k: &Fp8Consts, b: u32) -> u32 {
     } else {
         rne_shift(sig, k.sub_shift_base - e as i32)
     };
-    let mut code = if ab < k.min_normal_bits { code_s } else { code_n };
+    let mut code = if ab < k.min_normal_bits {
+        code_s
+    } else {
+        code_n
+    };
     if code > k.max_code {
         code = k.overflow_code;
     }
@@ -207,7 +211,13 @@ pub fn amax_from_bits(acc: u32) -> f32 {
 }
 
 /// Kernel `cast_f32_to_fp8` over a slice, single-threaded; returns the amax.
-pub fn cast_f32_to_fp8(fmt: Fp8Format, mode: CastMode, src: &[f32], scale: f32, dst: &mut [u8]) -> f32 {
+pub fn cast_f32_to_fp8(
+    fmt: Fp8Format,
+    mode: CastMode,
+    src: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> f32 {
     let k = fp8_consts(fmt_code(fmt), mode_code(mode));
     let mut acc = 0u32;
     for (d, &x) in dst.iter_mut().zip(src) {
@@ -218,7 +228,13 @@ pub fn cast_f32_to_fp8(fmt: Fp8Format, mode: CastMode, src: &[f32], scale: f32, 
 }
 
 /// Kernel `cast_f16_to_fp8` over f16 bit patterns; returns the amax.
-pub fn cast_f16_to_fp8(fmt: Fp8Format, mode: CastMode, src: &[u16], scale: f32, dst: &mut [u8]) -> f32 {
+pub fn cast_f16_to_fp8(
+    fmt: Fp8Format,
+    mode: CastMode,
+    src: &[u16],
+    scale: f32,
+    dst: &mut [u8],
+) -> f32 {
     let k = fp8_consts(fmt_code(fmt), mode_code(mode));
     let mut acc = 0u32;
     for (d, &h) in dst.iter_mut().zip(src) {

@@ -20,7 +20,8 @@ use super::nvrtc::{self, KernelSource};
 use super::{cast_mirror, CudaError};
 use crate::GemmShape;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use fp8lm_fp8::{CastMode, Fp8Format};
 use std::collections::HashMap;
@@ -108,15 +109,25 @@ const EW_THREADS: u32 = 256;
 const EW_MAX_BLOCKS: u64 = 4096;
 
 fn ew_cfg(n: usize) -> LaunchConfig {
-    let blocks = (n as u64).div_ceil(EW_THREADS as u64).clamp(1, EW_MAX_BLOCKS) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (EW_THREADS, 1, 1), shared_mem_bytes: 0 }
+    let blocks = (n as u64)
+        .div_ceil(EW_THREADS as u64)
+        .clamp(1, EW_MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (EW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// One block per row (norms, softmax): 256 threads, or fewer for narrow rows (a
 /// multiple of 32).
 fn row_cfg(rows: usize, width: usize) -> LaunchConfig {
     let threads = (width.div_ceil(32) * 32).clamp(32, 256) as u32;
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The backend on one GPU.
@@ -136,7 +147,10 @@ impl CudaBackend {
         libs::require(CudaLib::Driver)?;
         let found = CudaContext::device_count()? as usize;
         if ordinal >= found {
-            return Err(CudaError::NoDevice { wanted: ordinal, found });
+            return Err(CudaError::NoDevice {
+                wanted: ordinal,
+                found,
+            });
         }
         libs::require(CudaLib::Nvrtc)?;
         let ctx = CudaContext::new(ordinal)?;
@@ -160,7 +174,9 @@ impl CudaBackend {
             Some(m) => m.clone(),
             None => {
                 let compiled = nvrtc::compile_cached(src, &self.arch)?;
-                let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
+                let m = self
+                    .ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin.clone()))?;
                 mods.insert(src.name, m.clone());
                 m
             }
@@ -213,29 +229,78 @@ impl CudaBackend {
     // ---- casts (cu/cast.cu) --------------------------------------------------------------
 
     /// `dst = fp8(src * dst.scale)`, `dst.amax_bits = max |src|` (zeroed first).
-    pub fn cast_f32_to_fp8(&self, src: &CudaSlice<f32>, dst: &mut DevFp8, mode: CastMode) -> Result<(), CudaError> {
+    pub fn cast_f32_to_fp8(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut DevFp8,
+        mode: CastMode,
+    ) -> Result<(), CudaError> {
         assert_eq!(src.len(), dst.data.len(), "cast_f32_to_fp8: lengths differ");
         let f = self.function(&nvrtc::CAST, "cast_f32_to_fp8")?;
         self.compute.memset_zeros(&mut dst.amax_bits)?;
-        let (n, fmt, mode) = (src.len() as u64, cast_mirror::fmt_code(dst.format), cast_mirror::mode_code(mode));
-        launch!(self, f, ew_cfg(src.len()), &mut dst.data, src, &dst.scale, &mut dst.amax_bits, &n, &fmt, &mode)
+        let (n, fmt, mode) = (
+            src.len() as u64,
+            cast_mirror::fmt_code(dst.format),
+            cast_mirror::mode_code(mode),
+        );
+        launch!(
+            self,
+            f,
+            ew_cfg(src.len()),
+            &mut dst.data,
+            src,
+            &dst.scale,
+            &mut dst.amax_bits,
+            &n,
+            &fmt,
+            &mode
+        )
     }
 
     /// As [`Self::cast_f32_to_fp8`] from f16 (bit patterns).
-    pub fn cast_f16_to_fp8(&self, src: &CudaSlice<u16>, dst: &mut DevFp8, mode: CastMode) -> Result<(), CudaError> {
+    pub fn cast_f16_to_fp8(
+        &self,
+        src: &CudaSlice<u16>,
+        dst: &mut DevFp8,
+        mode: CastMode,
+    ) -> Result<(), CudaError> {
         assert_eq!(src.len(), dst.data.len(), "cast_f16_to_fp8: lengths differ");
         let f = self.function(&nvrtc::CAST, "cast_f16_to_fp8")?;
         self.compute.memset_zeros(&mut dst.amax_bits)?;
-        let (n, fmt, mode) = (src.len() as u64, cast_mirror::fmt_code(dst.format), cast_mirror::mode_code(mode));
-        launch!(self, f, ew_cfg(src.len()), &mut dst.data, src, &dst.scale, &mut dst.amax_bits, &n, &fmt, &mode)
+        let (n, fmt, mode) = (
+            src.len() as u64,
+            cast_mirror::fmt_code(dst.format),
+            cast_mirror::mode_code(mode),
+        );
+        launch!(
+            self,
+            f,
+            ew_cfg(src.len()),
+            &mut dst.data,
+            src,
+            &dst.scale,
+            &mut dst.amax_bits,
+            &n,
+            &fmt,
+            &mode
+        )
     }
 
     /// `dst = decode(src) / src.scale`; returns nothing, `amax` receives max |decoded|.
-    pub fn cast_fp8_to_f32(&self, src: &DevFp8, dst: &mut CudaSlice<f32>, amax: &mut CudaSlice<u32>) -> Result<(), CudaError> {
+    pub fn cast_fp8_to_f32(
+        &self,
+        src: &DevFp8,
+        dst: &mut CudaSlice<f32>,
+        amax: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
         assert_eq!(src.data.len(), dst.len(), "cast_fp8_to_f32: lengths differ");
         let f = self.function(&nvrtc::CAST, "cast_fp8_to_f32")?;
         self.compute.memset_zeros(amax)?;
-        let (n, fmt, cfg) = (dst.len() as u64, cast_mirror::fmt_code(src.format), ew_cfg(dst.len()));
+        let (n, fmt, cfg) = (
+            dst.len() as u64,
+            cast_mirror::fmt_code(src.format),
+            ew_cfg(dst.len()),
+        );
         launch!(self, f, cfg, dst, &src.data, &src.scale, amax, &n, &fmt)
     }
 
@@ -243,11 +308,23 @@ impl CudaBackend {
     pub fn refresh_scale_inv(&self, t: &mut DevFp8) -> Result<(), CudaError> {
         let f = self.function(&nvrtc::CAST, "invert_scales")?;
         let n = 1i32;
-        launch!(self, f, LaunchConfig::for_num_elems(1), &mut t.scale_inv, &t.scale, &n)
+        launch!(
+            self,
+            f,
+            LaunchConfig::for_num_elems(1),
+            &mut t.scale_inv,
+            &t.scale,
+            &n
+        )
     }
 
     /// `dst[cols, rows] = src[rows, cols]^T` of FP8 codes (scale and format carried over).
-    pub fn transpose_fp8(&self, src: &DevFp8, rows: usize, cols: usize) -> Result<DevFp8, CudaError> {
+    pub fn transpose_fp8(
+        &self,
+        src: &DevFp8,
+        rows: usize,
+        cols: usize,
+    ) -> Result<DevFp8, CudaError> {
         assert_eq!(src.data.len(), rows * cols, "transpose_fp8: shape");
         let f = self.function(&nvrtc::CAST, "transpose_u8")?;
         let s = &self.compute;
@@ -276,11 +353,26 @@ impl CudaBackend {
     /// `c[m,n] (+)= op(a) @ op(b)` with FP8 operands and an f32 output (as
     /// `GemmOps::gemm` with two `MatRef::Fp8`). Non-TN layouts (the backward GEMMs) are
     /// handled by transposing the operand on the device first.
-    pub fn gemm_fp8_f32(&self, shape: GemmShape, a: &DevFp8, b: &DevFp8, c: &mut CudaSlice<f32>, accumulate: bool, fast_accum: bool) -> Result<(), CudaError> {
+    pub fn gemm_fp8_f32(
+        &self,
+        shape: GemmShape,
+        a: &DevFp8,
+        b: &DevFp8,
+        c: &mut CudaSlice<f32>,
+        accumulate: bool,
+        fast_accum: bool,
+    ) -> Result<(), CudaError> {
         assert_eq!(c.len(), shape.m * shape.n, "gemm: C length");
         let mut shape = shape;
         let (mut ta, mut tb) = (None, None);
-        match LtPlan::new(shape, LtType::fp8(a.format), LtType::fp8(b.format), LtType::F32, accumulate, fast_accum) {
+        match LtPlan::new(
+            shape,
+            LtType::fp8(a.format),
+            LtType::fp8(b.format),
+            LtType::F32,
+            accumulate,
+            fast_accum,
+        ) {
             Err(PlanError::NotTn(need)) => {
                 for nt in need {
                     match nt.operand {
@@ -300,7 +392,14 @@ impl CudaBackend {
         }
         let a = ta.as_ref().unwrap_or(a);
         let b = tb.as_ref().unwrap_or(b);
-        let plan = LtPlan::new(shape, LtType::fp8(a.format), LtType::fp8(b.format), LtType::F32, accumulate, fast_accum)?;
+        let plan = LtPlan::new(
+            shape,
+            LtType::fp8(a.format),
+            LtType::fp8(b.format),
+            LtType::F32,
+            accumulate,
+            fast_accum,
+        )?;
         let lt = self.lt()?;
         let s = &self.compute;
         let (ap, _ra) = a.data.device_ptr(s);
@@ -324,7 +423,15 @@ impl CudaBackend {
 
     /// `out[n,c] = layernorm(inp) * w + b`, saving `mean[n]`, `rstd[n]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_forward(&self, out: &mut CudaSlice<f32>, mean: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn layernorm_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         let (c, n) = (w.len(), mean.len());
         assert!(out.len() == n * c && inp.len() == n * c && rstd.len() == n && b.len() == c);
         let f = self.function(&nvrtc::LAYERS, "layernorm_forward")?;
@@ -334,9 +441,25 @@ impl CudaBackend {
 
     /// Accumulates into `dinp`, `dw`, `db`.
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward(&self, dinp: &mut CudaSlice<f32>, dw: &mut CudaSlice<f32>, db: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, inp: &CudaSlice<f32>, w: &CudaSlice<f32>, mean: &CudaSlice<f32>, rstd: &CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn layernorm_backward(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         let (c, n) = (w.len(), mean.len());
-        assert!(dinp.len() == n * c && dout.len() == n * c && inp.len() == n * c && dw.len() == c && db.len() == c);
+        assert!(
+            dinp.len() == n * c
+                && dout.len() == n * c
+                && inp.len() == n * c
+                && dw.len() == c
+                && db.len() == c
+        );
         let f1 = self.function(&nvrtc::LAYERS, "layernorm_backward_dinp")?;
         let f2 = self.function(&nvrtc::LAYERS, "layernorm_backward_dwdb")?;
         let (ci, nu) = (c as i32, n as u64);
@@ -345,7 +468,11 @@ impl CudaBackend {
     }
 
     /// Element-wise GELU (tanh form).
-    pub fn gelu_forward(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn gelu_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         assert_eq!(out.len(), inp.len());
         let f = self.function(&nvrtc::LAYERS, "gelu_forward")?;
         let n = inp.len() as u64;
@@ -353,7 +480,12 @@ impl CudaBackend {
     }
 
     /// `dinp = dout * gelu'(inp)` (overwrites).
-    pub fn gelu_backward(&self, dinp: &mut CudaSlice<f32>, inp: &CudaSlice<f32>, dout: &CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn gelu_backward(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         assert!(dinp.len() == inp.len() && dout.len() == inp.len());
         let f = self.function(&nvrtc::LAYERS, "gelu_backward")?;
         let n = inp.len() as u64;
@@ -361,7 +493,12 @@ impl CudaBackend {
     }
 
     /// `out = a + b`.
-    pub fn residual_forward(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<(), CudaError> {
+    pub fn residual_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         assert!(out.len() == a.len() && b.len() == a.len());
         let f = self.function(&nvrtc::LAYERS, "residual_forward")?;
         let n = a.len() as u64;
@@ -369,23 +506,50 @@ impl CudaBackend {
     }
 
     /// In place: `logits[n,v]` become probabilities; `losses[n] = -ln p[target]`.
-    pub fn softmax_xent_forward(&self, logits_to_probs: &mut CudaSlice<f32>, losses: &mut CudaSlice<f32>, targets: &CudaSlice<u32>) -> Result<(), CudaError> {
+    pub fn softmax_xent_forward(
+        &self,
+        logits_to_probs: &mut CudaSlice<f32>,
+        losses: &mut CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
         let n = losses.len();
-        assert!(n > 0 && targets.len() == n && logits_to_probs.len() % n == 0);
+        assert!(n > 0 && targets.len() == n && logits_to_probs.len().is_multiple_of(n));
         let v = logits_to_probs.len() / n;
         let f = self.function(&nvrtc::LAYERS, "softmax_xent_forward")?;
         let vi = v as i32;
-        launch!(self, f, row_cfg(n, v), logits_to_probs, losses, targets, &vi)
+        launch!(
+            self,
+            f,
+            row_cfg(n, v),
+            logits_to_probs,
+            losses,
+            targets,
+            &vi
+        )
     }
 
     /// In place: probabilities become `(p - onehot) * dloss`.
-    pub fn softmax_xent_backward(&self, probs_to_dlogits: &mut CudaSlice<f32>, targets: &CudaSlice<u32>, dloss: f32) -> Result<(), CudaError> {
+    pub fn softmax_xent_backward(
+        &self,
+        probs_to_dlogits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        dloss: f32,
+    ) -> Result<(), CudaError> {
         let n = targets.len();
-        assert!(n > 0 && probs_to_dlogits.len() % n == 0);
+        assert!(n > 0 && probs_to_dlogits.len().is_multiple_of(n));
         let v = probs_to_dlogits.len() / n;
         let f = self.function(&nvrtc::LAYERS, "softmax_xent_backward")?;
         let (nu, vi) = (n as u64, v as i32);
-        launch!(self, f, ew_cfg(n * v), probs_to_dlogits, targets, &dloss, &nu, &vi)
+        launch!(
+            self,
+            f,
+            ew_cfg(n * v),
+            probs_to_dlogits,
+            targets,
+            &dloss,
+            &nu,
+            &vi
+        )
     }
 
     // ---- optimizer (cu/optim.cu) ---------------------------------------------------------
@@ -394,18 +558,53 @@ impl CudaBackend {
     /// state's old scales, `scales[3..6]` the new ones; `amax_bits[0..3]` zeroed and
     /// filled with the new values' amaxes.
     #[allow(clippy::too_many_arguments)]
-    pub fn fp8_adam_update(&self, master_f16: &mut CudaSlice<u16>, m1_e4m3: &mut CudaSlice<u8>, m2_f16: &mut CudaSlice<u16>, p: &mut CudaSlice<f32>, grad: &DevFp8, grad_scale_inv: &CudaSlice<f32>, scales: &CudaSlice<f32>, amax_bits: &mut CudaSlice<u32>, k: AdamConsts) -> Result<(), CudaError> {
+    pub fn fp8_adam_update(
+        &self,
+        master_f16: &mut CudaSlice<u16>,
+        m1_e4m3: &mut CudaSlice<u8>,
+        m2_f16: &mut CudaSlice<u16>,
+        p: &mut CudaSlice<f32>,
+        grad: &DevFp8,
+        grad_scale_inv: &CudaSlice<f32>,
+        scales: &CudaSlice<f32>,
+        amax_bits: &mut CudaSlice<u32>,
+        k: AdamConsts,
+    ) -> Result<(), CudaError> {
         let n = p.len();
-        assert!(master_f16.len() == n && m1_e4m3.len() == n && m2_f16.len() == n && grad.data.len() == n);
+        assert!(
+            master_f16.len() == n
+                && m1_e4m3.len() == n
+                && m2_f16.len() == n
+                && grad.data.len() == n
+        );
         assert!(scales.len() == 6 && amax_bits.len() == 3);
         let f = self.function(&nvrtc::OPTIM, "fp8_adam_update")?;
         self.compute.memset_zeros(amax_bits)?;
         let (gf, nu) = (cast_mirror::fmt_code(grad.format), n as u64);
-        launch!(self, f, ew_cfg(n), master_f16, m1_e4m3, m2_f16, p, &grad.data, &gf, grad_scale_inv, scales, amax_bits, &k, &nu)
+        launch!(
+            self,
+            f,
+            ew_cfg(n),
+            master_f16,
+            m1_e4m3,
+            m2_f16,
+            p,
+            &grad.data,
+            &gf,
+            grad_scale_inv,
+            scales,
+            amax_bits,
+            &k,
+            &nu
+        )
     }
 
     /// `total[0] += sum g^2` in f64, in a fixed order (deterministic).
-    pub fn sumsq_f32(&self, g: &CudaSlice<f32>, total: &mut CudaSlice<f64>) -> Result<(), CudaError> {
+    pub fn sumsq_f32(
+        &self,
+        g: &CudaSlice<f32>,
+        total: &mut CudaSlice<f64>,
+    ) -> Result<(), CudaError> {
         let cfg = ew_cfg(g.len());
         let blocks = cfg.grid_dim.0 as usize;
         let mut partial = self.compute.alloc_zeros::<f64>(blocks)?;
@@ -414,6 +613,13 @@ impl CudaBackend {
         let n = g.len() as u64;
         launch!(self, f1, cfg, &mut partial, g, &n)?;
         let nb = blocks as i32;
-        launch!(self, f2, LaunchConfig::for_num_elems(1), total, &partial, &nb)
+        launch!(
+            self,
+            f2,
+            LaunchConfig::for_num_elems(1),
+            total,
+            &partial,
+            &nb
+        )
     }
 }

@@ -29,7 +29,12 @@ pub enum CudaLib {
 }
 
 impl CudaLib {
-    pub const ALL: [CudaLib; 4] = [CudaLib::Driver, CudaLib::Nvrtc, CudaLib::CublasLt, CudaLib::Nccl];
+    pub const ALL: [CudaLib; 4] = [
+        CudaLib::Driver,
+        CudaLib::Nvrtc,
+        CudaLib::CublasLt,
+        CudaLib::Nccl,
+    ];
 
     /// File name prefix of the shared object.
     pub fn file_prefix(self) -> &'static str {
@@ -86,7 +91,7 @@ pub fn search_dirs() -> &'static [PathBuf] {
             dirs.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
         }
         for sp in python_site_packages() {
-            dirs.extend(nvidia_subdirs(&sp, &["lib", "lib64"]));
+            dirs.extend(nvidia_subdirs(sp, &["lib", "lib64"]));
         }
         dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
         dirs.retain(|d| d.is_dir());
@@ -135,7 +140,10 @@ fn python_site_packages() -> &'static [PathBuf] {
                     u = getattr(site, 'getusersitepackages', lambda: None)()\n\
                     ds += [u] if u else []\n\
                     print('\\n'.join(ds))";
-        match std::process::Command::new("python3").args(["-c", code]).output() {
+        match std::process::Command::new("python3")
+            .args(["-c", code])
+            .output()
+        {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
                 .lines()
                 .filter(|l| !l.trim().is_empty())

@@ -41,11 +41,18 @@ use std::path::PathBuf;
 #[derive(Debug)]
 pub enum CudaError {
     /// A CUDA library could not be loaded.
-    MissingLibrary { lib: CudaLib, searched: Vec<PathBuf> },
+    MissingLibrary {
+        lib: CudaLib,
+        searched: Vec<PathBuf>,
+    },
     /// The driver loaded but reports no GPU (or not the one asked for).
     NoDevice { wanted: usize, found: usize },
     /// NVRTC rejected a kernel source.
-    Compile { source: &'static str, arch: String, log: String },
+    Compile {
+        source: &'static str,
+        arch: String,
+        log: String,
+    },
     /// A CUDA API call failed.
     Api(String),
     /// A GEMM the cuBLASLt path cannot take as asked.
@@ -56,10 +63,20 @@ impl std::fmt::Display for CudaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CudaError::MissingLibrary { lib, searched } => {
-                write!(f, "{} not found; it comes with {}", lib.name(), lib.provided_by())?;
+                write!(
+                    f,
+                    "{} not found; it comes with {}",
+                    lib.name(),
+                    lib.provided_by()
+                )?;
                 if !searched.is_empty() {
-                    let dirs: Vec<String> = searched.iter().map(|d| d.display().to_string()).collect();
-                    write!(f, " (searched the system loader path and {})", dirs.join(", "))?;
+                    let dirs: Vec<String> =
+                        searched.iter().map(|d| d.display().to_string()).collect();
+                    write!(
+                        f,
+                        " (searched the system loader path and {})",
+                        dirs.join(", ")
+                    )?;
                 }
                 Ok(())
             }
@@ -67,7 +84,11 @@ impl std::fmt::Display for CudaError {
                 if *found == 0 {
                     write!(f, "the CUDA driver reports no GPU")
                 } else {
-                    write!(f, "GPU cuda:{wanted} asked for, but only {found} present (cuda:0..cuda:{})", found - 1)
+                    write!(
+                        f,
+                        "GPU cuda:{wanted} asked for, but only {found} present (cuda:0..cuda:{})",
+                        found - 1
+                    )
                 }
             }
             CudaError::Compile { source, arch, log } => {

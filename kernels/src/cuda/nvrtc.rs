@@ -147,7 +147,11 @@ pub fn compile(src: &KernelSource, arch: &str) -> Result<Compiled, CudaError> {
     // SAFETY: `prog` was just created and is destroyed below exactly once.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let log = unsafe { result::get_program_log(prog) }
-        .map(|l| unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
+        .map(|l| {
+            unsafe { CStr::from_ptr(l.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        })
         .unwrap_or_default();
     let out = compiled
         .map_err(|e| CudaError::Compile {
@@ -158,10 +162,15 @@ pub fn compile(src: &KernelSource, arch: &str) -> Result<Compiled, CudaError> {
         .and_then(|()| {
             let ptx = unsafe { result::get_ptx(prog) }
                 .map_err(|e| CudaError::Api(format!("nvrtcGetPTX: {e:?}")))?;
-            let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }.to_string_lossy().into_owned();
+            let ptx = unsafe { CStr::from_ptr(ptx.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
             let mut size = 0usize;
             // SAFETY: valid program and out-pointer; the buffer has `size` bytes.
-            nvrtc_ok(unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }, "nvrtcGetCUBINSize")?;
+            nvrtc_ok(
+                unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) },
+                "nvrtcGetCUBINSize",
+            )?;
             let mut cubin = vec![0u8; size];
             nvrtc_ok(
                 unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) },

@@ -93,7 +93,12 @@ impl LtGemm {
         libs::require(CudaLib::CublasLt)?;
         let handle = result::create_handle().map_err(|e| lt(e, "create handle"))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
-        Ok(LtGemm { handle, stream, workspace, cache: Mutex::new(HashMap::new()) })
+        Ok(LtGemm {
+            handle,
+            stream,
+            workspace,
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     /// cuBLASLt's version number (e.g. 130200 for 13.2.0).
@@ -109,32 +114,61 @@ impl LtGemm {
     }
 
     fn layout(l: &LtLayout) -> Result<sys::cublasLtMatrixLayout_t, CudaError> {
-        result::create_matrix_layout(dtype(l.ty), l.rows, l.cols, l.ld).map_err(|e| lt(e, "matrix layout"))
+        result::create_matrix_layout(dtype(l.ty), l.rows, l.cols, l.ld)
+            .map_err(|e| lt(e, "matrix layout"))
     }
 
-    fn set_attr<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<(), CudaError> {
+    fn set_attr<T>(
+        desc: sys::cublasLtMatmulDesc_t,
+        attr: sys::cublasLtMatmulDescAttributes_t,
+        v: &T,
+    ) -> Result<(), CudaError> {
         // SAFETY: `v` is a live value of the attribute's documented type and size.
-        unsafe { result::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) }
-            .map_err(|e| lt(e, &format!("set {attr:?}")))
+        unsafe {
+            result::set_matmul_desc_attribute(
+                desc,
+                attr,
+                v as *const T as *const c_void,
+                std::mem::size_of::<T>(),
+            )
+        }
+        .map_err(|e| lt(e, &format!("set {attr:?}")))
     }
 
     fn prepare(&self, plan: &LtPlan) -> Result<Prepared, CudaError> {
         use sys::cublasLtMatmulDescAttributes_t as A;
-        let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
-            .map_err(|e| lt(e, "matmul desc"))?;
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| lt(e, "matmul desc"))?;
         let mut p = Prepared {
             desc,
             a: Self::layout(&plan.lt_a)?,
             b: Self::layout(&plan.lt_b)?,
-            c: result::create_matrix_layout(dtype(plan.c), plan.d_rows, plan.d_cols, plan.d_ld).map_err(|e| lt(e, "C layout"))?,
-            d: result::create_matrix_layout(dtype(plan.key.d), plan.d_rows, plan.d_cols, plan.d_ld).map_err(|e| lt(e, "D layout"))?,
+            c: result::create_matrix_layout(dtype(plan.c), plan.d_rows, plan.d_cols, plan.d_ld)
+                .map_err(|e| lt(e, "C layout"))?,
+            d: result::create_matrix_layout(dtype(plan.key.d), plan.d_rows, plan.d_cols, plan.d_ld)
+                .map_err(|e| lt(e, "D layout"))?,
             algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
         };
         // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 (as i32).
-        Self::set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &(plan.lt_a.transposed as i32))?;
-        Self::set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &(plan.lt_b.transposed as i32))?;
+        Self::set_attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &(plan.lt_a.transposed as i32),
+        )?;
+        Self::set_attr(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &(plan.lt_b.transposed as i32),
+        )?;
         if plan.key.a.is_fp8() {
-            Self::set_attr(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &(plan.key.fast_accum as i8))?;
+            Self::set_attr(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+                &(plan.key.fast_accum as i8),
+            )?;
         }
         let pref = result::create_matmul_pref().map_err(|e| lt(e, "preference"))?;
         let ws = WORKSPACE_BYTES as u64;
@@ -149,11 +183,15 @@ impl LtGemm {
         };
         let heur = r.and_then(|()| {
             // SAFETY: every descriptor is live.
-            unsafe { result::get_matmul_algo_heuristic(self.handle, desc, p.a, p.b, p.c, p.d, pref) }
+            unsafe {
+                result::get_matmul_algo_heuristic(self.handle, desc, p.a, p.b, p.c, p.d, pref)
+            }
         });
         // SAFETY: created above.
         let _ = unsafe { result::destroy_matmul_pref(pref) };
-        p.algo = heur.map_err(|e| lt(e, &format!("no algorithm for {:?}", plan.key)))?.algo;
+        p.algo = heur
+            .map_err(|e| lt(e, &format!("no algorithm for {:?}", plan.key)))?
+            .algo;
         Ok(p)
     }
 
@@ -166,11 +204,11 @@ impl LtGemm {
     pub unsafe fn run(&self, plan: &LtPlan, args: LtArgs<'_>) -> Result<(), CudaError> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache.contains_key(&plan.key) {
-            let p = self.prepare(plan)?;
-            cache.insert(plan.key, p);
-        }
-        let p = &cache[&plan.key];
+        let p = match cache.entry(plan.key) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.prepare(plan)?),
+        };
+        let p = &*p;
         let s = &self.stream;
         // Scale and amax pointers change per call; setting them is a host-side write.
         // The `_rec*` guards record the buffers' use on the stream when dropped (after
@@ -178,13 +216,27 @@ impl LtGemm {
         let set_ptr = |attr: A, ptr: Option<u64>| Self::set_attr(p.desc, attr, &ptr.unwrap_or(0));
         let rec_a = args.lt_a_scale_inv.map(|b| b.device_ptr(s));
         let rec_b = args.lt_b_scale_inv.map(|b| b.device_ptr(s));
-        set_ptr(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, rec_a.as_ref().map(|r| r.0))?;
-        set_ptr(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, rec_b.as_ref().map(|r| r.0))?;
+        set_ptr(
+            A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            rec_a.as_ref().map(|r| r.0),
+        )?;
+        set_ptr(
+            A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            rec_b.as_ref().map(|r| r.0),
+        )?;
         let rec_d = args.d_scale.map(|b| b.device_ptr(s));
-        let rec_amax = args.d_amax.map(|b| cudarc::driver::DevicePtrMut::device_ptr_mut(b, s));
+        let rec_amax = args
+            .d_amax
+            .map(|b| cudarc::driver::DevicePtrMut::device_ptr_mut(b, s));
         if plan.key.d.is_fp8() {
-            set_ptr(A::CUBLASLT_MATMUL_DESC_D_SCALE_POINTER, rec_d.as_ref().map(|r| r.0))?;
-            set_ptr(A::CUBLASLT_MATMUL_DESC_AMAX_D_POINTER, rec_amax.as_ref().map(|r| r.0))?;
+            set_ptr(
+                A::CUBLASLT_MATMUL_DESC_D_SCALE_POINTER,
+                rec_d.as_ref().map(|r| r.0),
+            )?;
+            set_ptr(
+                A::CUBLASLT_MATMUL_DESC_AMAX_D_POINTER,
+                rec_amax.as_ref().map(|r| r.0),
+            )?;
         }
         let (alpha, beta) = plan.alpha_beta();
         let (a_ptr, b_ptr) = match plan.lt_a.reads {

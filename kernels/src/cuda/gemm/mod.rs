@@ -136,7 +136,11 @@ pub enum PlanError {
     NotTn(Vec<NeedsTranspose>),
     /// FP8 cuBLASLt needs every dimension a multiple of 16 (16-byte aligned leading
     /// dimensions of the 1-byte operands).
-    Unaligned { m: usize, n: usize, k: usize },
+    Unaligned {
+        m: usize,
+        n: usize,
+        k: usize,
+    },
     /// E5M2 x E5M2 is not a cuBLASLt FP8 combination (E4M3 x E5M2 and E5M2 x E4M3 are).
     BothE5m2,
     /// FP8 and non-FP8 operands mixed.
@@ -169,7 +173,14 @@ impl std::error::Error for PlanError {}
 impl LtPlan {
     /// Plan `C[m,n] (+)= op(A) @ op(B)` (our row-major conventions, as
     /// [`crate::GemmShape`]) with A of type `a`, B of type `b`, output `d`.
-    pub fn new(shape: crate::GemmShape, a: LtType, b: LtType, d: LtType, accumulate: bool, fast_accum: bool) -> Result<LtPlan, PlanError> {
+    pub fn new(
+        shape: crate::GemmShape,
+        a: LtType,
+        b: LtType,
+        d: LtType,
+        accumulate: bool,
+        fast_accum: bool,
+    ) -> Result<LtPlan, PlanError> {
         let (m, n, k) = (shape.m, shape.n, shape.k);
         if m == 0 || n == 0 || k == 0 {
             return Err(PlanError::Empty);
@@ -185,11 +196,19 @@ impl LtPlan {
             let mut need = Vec::new();
             if !shape.trans_b {
                 // B stored [k, n]; TN wants it stored [n, k].
-                need.push(NeedsTranspose { operand: OurOperand::B, rows: k, cols: n });
+                need.push(NeedsTranspose {
+                    operand: OurOperand::B,
+                    rows: k,
+                    cols: n,
+                });
             }
             if shape.trans_a {
                 // A stored [k, m]; TN wants it stored [m, k].
-                need.push(NeedsTranspose { operand: OurOperand::A, rows: k, cols: m });
+                need.push(NeedsTranspose {
+                    operand: OurOperand::A,
+                    rows: k,
+                    cols: m,
+                });
             }
             if !need.is_empty() {
                 return Err(PlanError::NotTn(need));
@@ -205,20 +224,61 @@ impl LtPlan {
         // column-major [n,k] matrix itself (ld n, no transpose); B stored [n,k] is the
         // column-major [k,n] (ld k), transposed.
         let lt_a = if shape.trans_b {
-            LtLayout { reads: OurOperand::B, ty: b, rows: k as u64, cols: n as u64, ld: k as i64, transposed: true }
+            LtLayout {
+                reads: OurOperand::B,
+                ty: b,
+                rows: k as u64,
+                cols: n as u64,
+                ld: k as i64,
+                transposed: true,
+            }
         } else {
-            LtLayout { reads: OurOperand::B, ty: b, rows: n as u64, cols: k as u64, ld: n as i64, transposed: false }
+            LtLayout {
+                reads: OurOperand::B,
+                ty: b,
+                rows: n as u64,
+                cols: k as u64,
+                ld: n as i64,
+                transposed: false,
+            }
         };
         // lt_b = our A: we need op(A)^T (k x m). A stored [m,k] is column-major [k,m]
         // (ld k, no transpose); A stored [k,m] is column-major [m,k] (ld m), transposed.
         let lt_b = if shape.trans_a {
-            LtLayout { reads: OurOperand::A, ty: a, rows: m as u64, cols: k as u64, ld: m as i64, transposed: true }
+            LtLayout {
+                reads: OurOperand::A,
+                ty: a,
+                rows: m as u64,
+                cols: k as u64,
+                ld: m as i64,
+                transposed: true,
+            }
         } else {
-            LtLayout { reads: OurOperand::A, ty: a, rows: k as u64, cols: m as u64, ld: k as i64, transposed: false }
+            LtLayout {
+                reads: OurOperand::A,
+                ty: a,
+                rows: k as u64,
+                cols: m as u64,
+                ld: k as i64,
+                transposed: false,
+            }
         };
-        let c = if d == LtType::F32 { LtType::F32 } else { LtType::Bf16 };
+        let c = if d == LtType::F32 {
+            LtType::F32
+        } else {
+            LtType::Bf16
+        };
         Ok(LtPlan {
-            key: LtKey { m, n, k, a, b, d, accumulate, fast_accum },
+            key: LtKey {
+                m,
+                n,
+                k,
+                a,
+                b,
+                d,
+                accumulate,
+                fast_accum,
+            },
             lt_a,
             lt_b,
             d_rows: n as u64,
@@ -244,7 +304,15 @@ impl LtPlan {
     /// op(lt_b) + beta * C)`), in f64. Used by the tests to check the mapping against the
     /// CPU backend; `c` is our row-major `[m,n]` output (C = D).
     #[allow(clippy::too_many_arguments)]
-    pub fn emulate(&self, a_vals: &[f64], b_vals: &[f64], sa: f64, sb: f64, scale_d: f64, c: &mut [f64]) {
+    pub fn emulate(
+        &self,
+        a_vals: &[f64],
+        b_vals: &[f64],
+        sa: f64,
+        sb: f64,
+        scale_d: f64,
+        c: &mut [f64],
+    ) {
         let get = |l: &LtLayout, buf: &[f64], i: usize, j: usize| -> f64 {
             // Element (i, j) of op(l): the stored column-major matrix is rows x cols.
             let (r, col) = if l.transposed { (j, i) } else { (i, j) };
@@ -260,7 +328,8 @@ impl LtPlan {
             for i in 0..self.d_rows as usize {
                 let mut s = 0.0;
                 for l in 0..kk {
-                    s += get(&self.lt_a, buf_of(&self.lt_a), i, l) * get(&self.lt_b, buf_of(&self.lt_b), l, j);
+                    s += get(&self.lt_a, buf_of(&self.lt_a), i, l)
+                        * get(&self.lt_b, buf_of(&self.lt_b), l, j);
                 }
                 let idx = j * self.d_ld as usize + i;
                 c[idx] = scale_d * (alpha as f64 * sa * sb * s + beta as f64 * c[idx]);
