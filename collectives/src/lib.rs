@@ -48,6 +48,8 @@ pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
 pub use local::{panic_message, run_ranks, LocalComm};
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;
 

@@ -599,6 +599,41 @@ impl CudaBackend {
         )
     }
 
+    /// Re-encode FP8 codes in place by `target_scale / own_scale` (kernel `fp8_rescale`:
+    /// saturating, NaN codes kept, as collectives' `requant_table`). `T` is any 1-byte
+    /// element type (`u8`, or collectives' NCCL FP8 newtypes).
+    pub fn fp8_rescale_bytes<T: DeviceRepr>(
+        &self,
+        codes: &mut CudaSlice<T>,
+        format: Fp8Format,
+        own_scale: &CudaSlice<f32>,
+        target_scale: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        assert_eq!(
+            std::mem::size_of::<T>(),
+            1,
+            "fp8_rescale_bytes: 1-byte codes only"
+        );
+        let f = self.function(&nvrtc::OPTIM, "fp8_rescale")?;
+        let (fmt, n, cfg) = (
+            cast_mirror::fmt_code(format),
+            codes.len() as u64,
+            ew_cfg(codes.len()),
+        );
+        launch!(self, f, cfg, codes, &fmt, own_scale, target_scale, &n)
+    }
+
+    /// `dst[0] = src[0] * factor` on the device.
+    pub fn scale_copy(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        factor: f32,
+    ) -> Result<(), CudaError> {
+        let f = self.function(&nvrtc::OPTIM, "scale_scalar")?;
+        launch!(self, f, LaunchConfig::for_num_elems(1), dst, src, &factor)
+    }
+
     /// `total[0] += sum g^2` in f64, in a fixed order (deterministic).
     pub fn sumsq_f32(
         &self,

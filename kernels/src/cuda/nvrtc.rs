@@ -76,6 +76,7 @@ pub const OPTIM: KernelSource = KernelSource {
         "sumsq_partial_fp8",
         "sum_partials",
         "fp8_rescale",
+        "scale_scalar",
     ],
 };
 

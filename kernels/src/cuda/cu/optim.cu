@@ -114,3 +114,9 @@ extern "C" __global__ void fp8_rescale(unsigned char* __restrict__ g, int fmt, c
         if (abs_bits(v) <= 0x7F800000u) g[i] = (unsigned char)fp8_encode_bits(k, __float_as_uint(__fmul_rn(v, ratio)));
     }
 }
+
+// dst[0] = src[0] * factor: scale bookkeeping on the device (mu * s, N * s) so the FP8-LM
+// all-reduce needs no host round trip.
+extern "C" __global__ void scale_scalar(float* __restrict__ dst, const float* __restrict__ src, float factor) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) dst[0] = __fmul_rn(src[0], factor);
+}
