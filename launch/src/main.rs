@@ -5,6 +5,7 @@
 //! configuration errors, 1 for failures while running).
 
 mod bench;
+mod devices;
 mod dist;
 mod inspect;
 
@@ -115,6 +116,9 @@ enum Cmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// CUDA support of this binary: GPUs, compute capability, driver, NVRTC, cuBLASLt and
+    /// NCCL versions, or exactly which library is missing.
+    Devices,
     /// Benchmarks that print figures (GEMM, casts, a training step, memory, all-reduce).
     Bench {
         #[command(subcommand)]
@@ -196,6 +200,7 @@ fn main() {
         Cmd::Config { cfg } => {
             run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
         }
+        Cmd::Devices => devices::devices(),
         Cmd::Bench { which } => bench::run(which),
     };
     if let Err(e) = result {

@@ -232,6 +232,7 @@ fn train_ranked(
             (cfg, None, dir)
         }
     };
+    crate::devices::check_run_device(&cfg.device)?;
     let root = comm.is_none_or(|c| c.rank() == 0);
     if let Some(c) = comm {
         // Every rank has picked the run directory before rank 0 creates it (else a slow

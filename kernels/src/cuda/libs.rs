@@ -212,9 +212,12 @@ pub fn require(lib: CudaLib) -> Result<(), CudaError> {
     if is_present(lib) {
         Ok(())
     } else {
-        Err(CudaError::MissingLibrary {
-            lib,
-            searched: search_dirs().to_vec(),
-        })
+        // The driver is looked for on the system loader path only (see `preload`).
+        let searched = if lib == CudaLib::Driver {
+            Vec::new()
+        } else {
+            search_dirs().to_vec()
+        };
+        Err(CudaError::MissingLibrary { lib, searched })
     }
 }
