@@ -325,6 +325,46 @@ fn layers(be: &CudaBackend) -> R<Result<(), String>> {
     )) {
         return Ok(Err(e));
     }
+    // RMSNorm, SwiGLU, attention forward and backward.
+    let (mut ro, mut rr) = (vec![0f32; n * c], vec![0f32; n]);
+    Cpu.rmsnorm_forward(&mut ro, &mut rr, &x, &w);
+    let (mut gro, mut grr) = (s.alloc_zeros::<f32>(n * c)?, s.alloc_zeros::<f32>(n)?);
+    be.rmsnorm_forward(&mut gro, &mut grr, &dx, &dw_)?;
+    if let Err(e) = close("rmsnorm", &s.clone_dtoh(&gro)?, &ro, tol) {
+        return Ok(Err(e));
+    }
+    let f = c / 2;
+    let mut so = vec![0f32; n * f];
+    Cpu.swiglu_forward(&mut so, &x, f);
+    let mut gso = s.alloc_zeros::<f32>(n * f)?;
+    be.swiglu_forward(&mut gso, &dx, f)?;
+    if let Err(e) = close("swiglu", &s.clone_dtoh(&gso)?, &so, tol) {
+        return Ok(Err(e));
+    }
+    let (bsz, t, ch, nh) = (2, 16, 64, 4);
+    let qkv: Vec<f32> = (0..bsz * t * 3 * ch).map(|_| rng.next()).collect();
+    let dout: Vec<f32> = (0..bsz * t * ch).map(|_| rng.next()).collect();
+    let (mut ao, mut att) = (vec![0f32; bsz * t * ch], vec![0f32; bsz * nh * t * t]);
+    Cpu.attention_forward(&mut ao, &mut att, &qkv, t, ch, nh);
+    let mut dq = vec![0f32; qkv.len()];
+    Cpu.attention_backward(&mut dq, &dout, &qkv, &att, t, ch, nh);
+    let (gq, gdo) = (s.clone_htod(&qkv)?, s.clone_htod(&dout)?);
+    let (mut gao, mut gatt, mut gdq) = (
+        s.alloc_zeros::<f32>(ao.len())?,
+        s.alloc_zeros::<f32>(att.len())?,
+        s.alloc_zeros::<f32>(qkv.len())?,
+    );
+    be.attention_forward(&mut gao, &mut gatt, &gq, t, ch, nh)?;
+    be.attention_backward(&mut gdq, &gdo, &gq, &gatt, t, ch, nh)?;
+    for (nm, g, wv) in [
+        ("attention out", &gao, &ao),
+        ("attention probs", &gatt, &att),
+        ("attention dqkv", &gdq, &dq),
+    ] {
+        if let Err(e) = close(nm, &s.clone_dtoh(g)?, wv, tol) {
+            return Ok(Err(e));
+        }
+    }
     Ok(Ok(()))
 }
 
