@@ -247,6 +247,45 @@ fn gemms(be: &CudaBackend) -> R<Result<(), String>> {
             }
         }
     }
+    // FP8 output (forward, E4M3 D with a scale, D amax): each code within one E4M3 step
+    // of the CPU's (the f32 results differ within the accumulation bound, so a value near
+    // a rounding boundary may round the other way), amax within 1e-5 relative.
+    let shape = GemmShape::new(bt, oc, c).trans_b();
+    let out_scale = 4.0f32;
+    let mut cpu8 = vec![0u8; bt * oc];
+    let cpu_amax = Cpu.gemm_fp8_out(
+        shape,
+        MatRef::Fp8 {
+            data: &inp,
+            format: e4,
+            scale: 16.0,
+        },
+        MatRef::Fp8 {
+            data: &w,
+            format: e4,
+            scale: 32.0,
+        },
+        &mut cpu8,
+        e4,
+        out_scale,
+    );
+    let (da, db) = (
+        upload_fp8(be, &inp, e4, 16.0)?,
+        upload_fp8(be, &w, e4, 32.0)?,
+    );
+    let mut out = be.alloc_fp8(bt * oc, e4, out_scale)?;
+    let mut amax = be.compute.alloc_zeros::<f32>(1)?;
+    be.gemm_fp8_out(shape, &da, &db, &mut out, &mut amax, false)?;
+    let got = be.compute.clone_dtoh(&out.data)?;
+    let gpu_amax = be.compute.clone_dtoh(&amax)?[0];
+    for (i, (g, w)) in got.iter().zip(&cpu8).enumerate() {
+        if (*g as i32 - *w as i32).abs() > 1 || (g ^ w) & 0x80 != 0 && (g & 0x7F) != 0 {
+            return Ok(Err(format!("fp8 out [{i}]: GPU {g:#04x} CPU {w:#04x}")));
+        }
+    }
+    if (gpu_amax - cpu_amax).abs() > 1e-5 * cpu_amax.abs() {
+        return Ok(Err(format!("fp8 out amax: GPU {gpu_amax} CPU {cpu_amax}")));
+    }
     Ok(Ok(()))
 }
 

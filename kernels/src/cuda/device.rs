@@ -350,29 +350,22 @@ impl CudaBackend {
 
     // ---- GEMM (cuBLASLt) -----------------------------------------------------------------
 
-    /// `c[m,n] (+)= op(a) @ op(b)` with FP8 operands and an f32 output (as
-    /// `GemmOps::gemm` with two `MatRef::Fp8`). Non-TN layouts (the backward GEMMs) are
-    /// handled by transposing the operand on the device first.
-    pub fn gemm_fp8_f32(
+    /// The TN plan of an FP8 GEMM, with the operands the TN layout needs transposed
+    /// materialised on the device (the backward GEMMs; as Transformer Engine does).
+    #[allow(clippy::type_complexity)]
+    fn tn_plan(
         &self,
         shape: GemmShape,
         a: &DevFp8,
         b: &DevFp8,
-        c: &mut CudaSlice<f32>,
+        d: LtType,
         accumulate: bool,
         fast_accum: bool,
-    ) -> Result<(), CudaError> {
-        assert_eq!(c.len(), shape.m * shape.n, "gemm: C length");
+    ) -> Result<(LtPlan, Option<DevFp8>, Option<DevFp8>), CudaError> {
         let mut shape = shape;
         let (mut ta, mut tb) = (None, None);
-        match LtPlan::new(
-            shape,
-            LtType::fp8(a.format),
-            LtType::fp8(b.format),
-            LtType::F32,
-            accumulate,
-            fast_accum,
-        ) {
+        let (fa, fb) = (LtType::fp8(a.format), LtType::fp8(b.format));
+        match LtPlan::new(shape, fa, fb, d, accumulate, fast_accum) {
             Err(PlanError::NotTn(need)) => {
                 for nt in need {
                     match nt.operand {
@@ -390,16 +383,28 @@ impl CudaBackend {
             Err(e) => return Err(e.into()),
             Ok(_) => {}
         }
-        let a = ta.as_ref().unwrap_or(a);
-        let b = tb.as_ref().unwrap_or(b);
-        let plan = LtPlan::new(
-            shape,
-            LtType::fp8(a.format),
-            LtType::fp8(b.format),
-            LtType::F32,
-            accumulate,
-            fast_accum,
-        )?;
+        Ok((
+            LtPlan::new(shape, fa, fb, d, accumulate, fast_accum)?,
+            ta,
+            tb,
+        ))
+    }
+
+    /// `c[m,n] (+)= op(a) @ op(b)` with FP8 operands and an f32 output (as
+    /// `GemmOps::gemm` with two `MatRef::Fp8`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_fp8_f32(
+        &self,
+        shape: GemmShape,
+        a: &DevFp8,
+        b: &DevFp8,
+        c: &mut CudaSlice<f32>,
+        accumulate: bool,
+        fast_accum: bool,
+    ) -> Result<(), CudaError> {
+        assert_eq!(c.len(), shape.m * shape.n, "gemm: C length");
+        let (plan, ta, tb) = self.tn_plan(shape, a, b, LtType::F32, accumulate, fast_accum)?;
+        let (a, b) = (ta.as_ref().unwrap_or(a), tb.as_ref().unwrap_or(b));
         let lt = self.lt()?;
         let s = &self.compute;
         let (ap, _ra) = a.data.device_ptr(s);
@@ -416,6 +421,41 @@ impl CudaBackend {
             d_amax: None,
         };
         // SAFETY: lengths checked above and by the plan's shape; all on the compute stream.
+        unsafe { lt.run(&plan, args) }
+    }
+
+    /// `out = fp8(op(a) @ op(b) * out.scale)` (as `GemmOps::gemm_fp8_out`), with
+    /// `d_amax[0]` = max |result| before the scale, written by cuBLASLt (f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_fp8_out(
+        &self,
+        shape: GemmShape,
+        a: &DevFp8,
+        b: &DevFp8,
+        out: &mut DevFp8,
+        d_amax: &mut CudaSlice<f32>,
+        fast_accum: bool,
+    ) -> Result<(), CudaError> {
+        assert_eq!(out.data.len(), shape.m * shape.n, "gemm: D length");
+        assert_eq!(d_amax.len(), 1, "gemm: amax is one element");
+        let (plan, ta, tb) =
+            self.tn_plan(shape, a, b, LtType::fp8(out.format), false, fast_accum)?;
+        let (a, b) = (ta.as_ref().unwrap_or(a), tb.as_ref().unwrap_or(b));
+        let lt = self.lt()?;
+        let s = &self.compute;
+        let (ap, _ra) = a.data.device_ptr(s);
+        let (bp, _rb) = b.data.device_ptr(s);
+        let (dp, _rd) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out.data, s);
+        let args = LtArgs {
+            a: ap,
+            b: bp,
+            d: dp,
+            lt_a_scale_inv: Some(&b.scale_inv),
+            lt_b_scale_inv: Some(&a.scale_inv),
+            d_scale: Some(&out.scale),
+            d_amax: Some(d_amax),
+        };
+        // SAFETY: as in `gemm_fp8_f32`.
         unsafe { lt.run(&plan, args) }
     }
 
