@@ -430,12 +430,13 @@ fn adam(be: &CudaBackend) -> R<Result<(), String>> {
         .map(|_| f16::from_f32((rng.next().abs() * 1e-4) * sv).to_bits())
         .collect();
     let g = fp8_of(&mut rng, n, Fp8Format::E5M2, 64.0);
-    let gi = 1.0f32 / 64.0;
+    // Gradient scale 64 (real = stored / 64) and a clip factor 0.75.
+    let (gi, gm) = (1.0f32 / 64.0, 0.75f32);
     // Host evaluation of the kernel's expressions, in its order, no FMA.
     let e4 = cast_mirror::fp8_consts(0, 0);
     let (mut hw, mut hm, mut hv, mut hp) = (master.clone(), m1.clone(), m2.clone(), vec![0f32; n]);
     for i in 0..n {
-        let gx = cast_mirror::fp8_decode(1, g[i] as u32) * gi;
+        let gx = cast_mirror::fp8_decode(1, g[i] as u32) * gi * gm;
         let wx = cast_mirror::f16_bits_to_f32(master[i]) * (1.0 / sw);
         let mx = cast_mirror::fp8_decode(0, m1[i] as u32) * (1.0 / sm);
         let vx = cast_mirror::f16_bits_to_f32(m2[i]) * (1.0 / sv);
@@ -457,11 +458,11 @@ fn adam(be: &CudaBackend) -> R<Result<(), String>> {
     );
     let mut dp = s.alloc_zeros::<f32>(n)?;
     let dg = upload_fp8(be, &g, Fp8Format::E5M2, 64.0)?;
-    let dgi = s.clone_htod(&[gi])?;
+    let dgm = s.clone_htod(&[gm])?;
     let scales = s.clone_htod(&[sw, sm, sv, sw, sm, sv])?;
     let mut amax = s.alloc_zeros::<u32>(3)?;
     be.fp8_adam_update(
-        &mut dw, &mut dm, &mut dv, &mut dp, &dg, &dgi, &scales, &mut amax, k,
+        &mut dw, &mut dm, &mut dv, &mut dp, &dg, &dgm, &scales, &mut amax, k,
     )?;
     let ok = s.clone_dtoh(&dw)? == hw && s.clone_dtoh(&dm)? == hm && s.clone_dtoh(&dv)? == hv;
     let p = s.clone_dtoh(&dp)?;

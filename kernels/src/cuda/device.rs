@@ -821,7 +821,8 @@ impl CudaBackend {
 
     // ---- optimizer (cu/optim.cu) ---------------------------------------------------------
 
-    /// The FP8-LM Adam update of one tensor (see `cu/optim.cu`): `scales[0..3]` the
+    /// The FP8-LM Adam update of one tensor (see `cu/optim.cu`): the gradient is
+    /// `grad` descaled, times `grad_mult[0]` (the clip factor); `scales[0..3]` the
     /// state's old scales, `scales[3..6]` the new ones; `amax_bits[0..3]` zeroed and
     /// filled with the new values' amaxes.
     #[allow(clippy::too_many_arguments)]
@@ -832,7 +833,7 @@ impl CudaBackend {
         m2_f16: &mut CudaSlice<u16>,
         p: &mut CudaSlice<f32>,
         grad: &DevFp8,
-        grad_scale_inv: &CudaSlice<f32>,
+        grad_mult: &CudaSlice<f32>,
         scales: &CudaSlice<f32>,
         amax_bits: &mut CudaSlice<u32>,
         k: AdamConsts,
@@ -858,7 +859,8 @@ impl CudaBackend {
             p,
             &grad.data,
             &gf,
-            grad_scale_inv,
+            &grad.scale,
+            grad_mult,
             scales,
             amax_bits,
             &k,

@@ -10,7 +10,9 @@ struct AdamConsts {
 };
 
 // scales[0..3]: the state's old scales (master, m1, m2) as stored; scales[3..6]: the new
-// ones to encode with; grad_scale_inv: 1/grad scale times the clip factor. amax[0..3]:
+// ones to encode with. The gradient is decode(code) * (1 / grad_scale[0]) * grad_mult[0]
+// (the clip factor; 1 = none), two roundings as the CPU's `GradChunk::decode`; both are
+// device scalars, so the clip factor can come from the device-side grad norm. amax[0..3]:
 // u32 accumulators of |new master|, |new m1|, |new m2| (the next step's scales).
 // `p` receives the new compute weights (decoded master) in f32.
 extern "C" __global__ void fp8_adam_update(unsigned short* __restrict__ master_f16,
@@ -18,19 +20,20 @@ extern "C" __global__ void fp8_adam_update(unsigned short* __restrict__ master_f
                                            unsigned short* __restrict__ m2_f16,
                                            float* __restrict__ p,
                                            const unsigned char* __restrict__ grad_fp8, int grad_fmt,
-                                           const float* __restrict__ grad_scale_inv,
+                                           const float* __restrict__ grad_scale,
+                                           const float* __restrict__ grad_mult,
                                            const float* __restrict__ scales,
                                            unsigned int* __restrict__ amax,
                                            AdamConsts k, unsigned long long n) {
     const Fp8Consts e4m3 = fp8_consts(FP8_E4M3, MODE_SATFINITE);
-    const float gi = grad_scale_inv[0];
+    const float gi = 1.0f / grad_scale[0], gm = grad_mult[0];
     const float iw = 1.0f / scales[0], im = 1.0f / scales[1], iv = 1.0f / scales[2];
     const float sw = scales[3], sm = scales[4], sv = scales[5];
     const float inv_sw = 1.0f / sw;
     unsigned int aw = 0u, am = 0u, av = 0u;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        const float gx = fp8_decode(grad_fmt, grad_fp8[i]) * gi;
+        const float gx = fp8_decode(grad_fmt, grad_fp8[i]) * gi * gm;
         const float wx = f16_bits_to_f32(master_f16[i]) * iw;
         const float mx = fp8_decode(FP8_E4M3, m1_e4m3[i]) * im;
         const float vx = f16_bits_to_f32(m2_f16[i]) * iv;
