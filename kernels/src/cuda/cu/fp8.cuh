@@ -165,11 +165,13 @@ __device__ __forceinline__ float fp8_decode(int fmt, unsigned int bits) {
 // casts' `fold_amax_bits`).
 __device__ __forceinline__ unsigned int abs_bits(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
 
-// Block-wide max of a u32, then one atomicMax per block into *out.
+// Block-wide max of a u32, then one atomicMax per block into *out. Every thread of the
+// block must call it (it has barriers).
 __device__ __forceinline__ void block_max_atomic(unsigned int v, unsigned int* out) {
     __shared__ unsigned int smax[32];
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads(); // a previous call's warp 0 may still be reading smax
     if (lane == 0) smax[warp] = v;
     __syncthreads();
     if (warp == 0) {
