@@ -26,6 +26,15 @@ bash scripts/setup.sh || { echo "gpu-check: setup failed: nothing ran"; exit 2; 
 python3 -m pip install -q --disable-pip-version-check nvidia-cublas nvidia-nccl-cu13 \
   || echo "gpu-check: could not pip-install cuBLASLt/NCCL; using the system's if present"
 
+# cudarc 0.19 loads NCCL as `libnccl.so` (or libnccl.so.<CUDA major>), but the pip wheel
+# ships only libnccl.so.2: give the loader a `libnccl.so` link (LD_LIBRARY_PATH is read at
+# process start, so it is set here, not in the binary).
+links="$PWD/target/cuda-lib-links"
+mkdir -p "$links"
+nccl=$(python3 -c "import glob, site; print(next(iter(sorted(f for d in site.getsitepackages() + [site.getusersitepackages()] for f in glob.glob(d + '/nvidia/nccl/lib/libnccl.so.2'))), ''))" 2>/dev/null)
+[ -n "$nccl" ] && ln -sf "$nccl" "$links/libnccl.so"
+export LD_LIBRARY_PATH="$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 status=0
 run() {
   echo "== $*"

@@ -353,7 +353,12 @@ mod tests {
         match NcclComm::version() {
             Err(e) => {
                 assert!(!libs::is_present(CudaLib::Nccl));
-                assert!(e.contains("NCCL") && e.contains("nvidia-nccl"), "{e}");
+                // Not installed ("... comes with `pip install nvidia-nccl-cu13`"), or
+                // installed under a name cudarc does not try (says how to fix it).
+                assert!(
+                    e.contains("NCCL") && (e.contains("nvidia-nccl") || e.contains("libnccl.so")),
+                    "{e}"
+                );
             }
             Ok(v) => assert!(v >= 22400, "NCCL {v}: FP8 all-reduce needs >= 2.24"),
         }

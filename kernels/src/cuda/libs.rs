@@ -218,6 +218,15 @@ pub fn require(lib: CudaLib) -> Result<(), CudaError> {
         } else {
             search_dirs().to_vec()
         };
-        Err(CudaError::MissingLibrary { lib, searched })
+        let found = if lib == CudaLib::Driver {
+            Vec::new()
+        } else {
+            find_files(lib)
+        };
+        Err(CudaError::MissingLibrary {
+            lib,
+            searched,
+            found,
+        })
     }
 }

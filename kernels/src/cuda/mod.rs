@@ -44,6 +44,8 @@ pub enum CudaError {
     MissingLibrary {
         lib: CudaLib,
         searched: Vec<PathBuf>,
+        /// Files of the library that were found but could not be used.
+        found: Vec<PathBuf>,
     },
     /// The driver loaded but reports no GPU (or not the one asked for).
     NoDevice { wanted: usize, found: usize },
@@ -62,7 +64,32 @@ pub enum CudaError {
 impl std::fmt::Display for CudaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CudaError::MissingLibrary { lib, searched } => {
+            CudaError::MissingLibrary {
+                lib,
+                searched,
+                found,
+            } => {
+                if !found.is_empty() {
+                    let files: Vec<String> =
+                        found.iter().map(|d| d.display().to_string()).collect();
+                    write!(
+                        f,
+                        "{} found ({}) but not loadable by cudarc",
+                        lib.name(),
+                        files.join(", ")
+                    )?;
+                    if *lib == CudaLib::Nccl {
+                        // cudarc 0.19 asks the loader for libnccl.so or libnccl.so.<CUDA
+                        // major> (13, 12, ...); NCCL's own soname is libnccl.so.2.
+                        write!(
+                            f,
+                            ": cudarc 0.19 loads NCCL only as `libnccl.so` (or libnccl.so.<CUDA major>); \
+                             put a `libnccl.so` link to it in a directory on LD_LIBRARY_PATH \
+                             (scripts/gpu-check.sh does this)"
+                        )?;
+                    }
+                    return Ok(());
+                }
                 write!(
                     f,
                     "{} not found; it comes with {}",
