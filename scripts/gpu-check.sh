@@ -23,7 +23,7 @@ fi
 
 # NVRTC + headers (setup.sh), and cuBLASLt + NCCL from pip when the system has none.
 bash scripts/setup.sh || { echo "gpu-check: setup failed: nothing ran"; exit 2; }
-python3 -m pip install -q --disable-pip-version-check nvidia-cublas nvidia-nccl-cu13 \
+python3 -m pip install -q --disable-pip-version-check "nvidia-cublas==13.2.1.1" "nvidia-nccl-cu13==2.28.9" \
   || echo "gpu-check: could not pip-install cuBLASLt/NCCL; using the system's if present"
 
 # cudarc 0.19 loads NCCL as `libnccl.so` (or libnccl.so.<CUDA major>), but the pip wheel
