@@ -555,6 +555,7 @@ fn trainer_from_checkpoint(
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     let ck = Checkpoint::load(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
+    crate::devices::check_run_device(&cfg.device)?;
     ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
