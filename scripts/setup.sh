@@ -39,3 +39,31 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 have_libclang || { echo "setup: libclang (libclang.so or libclang-N.so) still missing after install" >&2; exit 1; }
+
+# CUDA backend (feature `cuda`, built by CI's --all-features): NVRTC, the run-time CUDA C
+# compiler, and the CUDA headers, from the Python package index. They need no GPU: the
+# kernel-compile test (kernels/tests/cuda_nvrtc.rs) runs NVRTC on the CPU and fails if it
+# cannot load it. The 13.x wheels match cudarc's `cuda-13020` feature (libnvrtc.so.13);
+# they land in site-packages/nvidia/cu13/{lib,include}, where the backend looks for them.
+have_nvrtc() {
+  python3 - <<'PY' 2>/dev/null
+import glob, site, sys
+ds = site.getsitepackages() + [site.getusersitepackages()]
+sys.exit(0 if any(glob.glob(d + "/nvidia/cu13/lib/libnvrtc.so.13*") for d in ds)
+         and any(glob.glob(d + "/nvidia/cu13/include/cuda_runtime.h") for d in ds) else 1)
+PY
+}
+if ! have_nvrtc; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing python3-pip" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip >/dev/null
+  fi
+  echo "setup: installing nvidia-cuda-nvrtc and nvidia-cuda-runtime 13.2 (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc==13.2.78" "nvidia-cuda-runtime==13.2.75" \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+         "nvidia-cuda-nvrtc==13.2.78" "nvidia-cuda-runtime==13.2.75"
+fi
+have_nvrtc || { echo "setup: NVRTC (libnvrtc.so.13) still missing after pip install" >&2; exit 1; }

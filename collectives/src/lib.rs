@@ -29,8 +29,8 @@
 //! operation is not associative, so its result would depend on the algorithm OpenMPI
 //! picks; measured side by side (`examples/allreduce_bench` under `mpirun`), the ring and
 //! the user operation took about the same time on one host, so the ring, which also
-//! fixes the order, is what the library uses. NCCL (not buildable here: no GPU) would
-//! slot in as another backend of the same trait.
+//! fixes the order, is what the library uses. NCCL (module `nccl`, feature `cuda`, never run:
+//! no GPU here) works on device buffers beside the trait, not as a backend of it.
 //!
 //! Thread use: a communicator is used by one thread (the MPI backend initialises MPI
 //! single-threaded); in-process ranks each own their [`LocalComm`].
@@ -58,6 +58,8 @@ pub use local::{panic_message, run_ranks, LocalComm};
 pub use watchdog::Watchdog;
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;
 

@@ -1,8 +1,10 @@
 //! # fp8lm-kernels: the op set
 //!
 //! The model (in `fp8lm-trainer`) is written once against the traits here; each backend
-//! implements them. Today there is one backend, [`Cpu`]; a CUDA backend would implement
-//! the same traits (it is not written yet, and nothing here claims it works).
+//! implements them. Today the model runs on one backend, [`Cpu`]. The CUDA backend
+//! (`cuda` module, cargo feature `cuda`) has device op methods shaped like these traits
+//! but does not implement them yet, the model does not call it, and it has never run on
+//! a GPU (see its module docs for what is checked without one).
 //!
 //! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
 //!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
@@ -20,6 +22,8 @@
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 pub mod layers;
 

@@ -9,6 +9,7 @@
 //! training run stopped by a signal after saving its checkpoint.
 
 mod bench;
+mod devices;
 mod dist;
 mod inspect;
 
@@ -128,6 +129,9 @@ enum Cmd {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// CUDA support of this binary: GPUs, compute capability, driver, NVRTC, cuBLASLt and
+    /// NCCL versions, or exactly which library is missing.
+    Devices,
     /// Benchmarks that print figures (GEMM, casts, a training step, memory, all-reduce).
     Bench {
         #[command(subcommand)]
@@ -226,6 +230,7 @@ fn main() {
         Cmd::Config { cfg } => {
             run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
         }
+        Cmd::Devices => devices::devices(),
         Cmd::Bench { which } => bench::run(which),
     };
     if let Err(e) = result {

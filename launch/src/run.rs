@@ -366,6 +366,7 @@ fn train_ranked(
             (cfg, None, dir)
         }
     };
+    crate::devices::check_run_device(&cfg.device)?;
     // Every collective from here on is watched: a rank that stops answering ends the job.
     let watchdog = comm.map(|c| {
         Watchdog::new(
@@ -829,6 +830,7 @@ fn trainer_from_checkpoint(
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     let ck = resume_check::find_checkpoint(path)?;
     let cfg = config_from_checkpoint(&ck, sets)?;
+    crate::devices::check_run_device(&cfg.device)?;
     ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;

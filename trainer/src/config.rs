@@ -196,6 +196,33 @@ impl Default for DistConfig {
     }
 }
 
+/// Where the model runs (`device`): the CPU backend, or CUDA GPU N (feature `cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// `"cpu"`, `"cuda"` (= GPU 0) or `"cuda:N"`; `Err` holds what is allowed. Whether the
+    /// binary has CUDA support and the GPU exists is checked when a run starts
+    /// (`fp8lm devices` shows what is there).
+    pub fn parse(s: &str) -> Result<Device, &'static str> {
+        const ALLOWED: &str =
+            "\"cpu\", \"cuda\" or \"cuda:N\" (N = GPU index, see `fp8lm devices`)";
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    n.parse().map(Device::Cuda).map_err(|_| ALLOWED)
+                }
+                _ => Err(ALLOWED),
+            },
+        }
+    }
+}
+
 /// A whole run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -223,6 +250,8 @@ pub struct RunConfig {
     pub tokenizer: String,
     /// Sequences per step B (per rank).
     pub batch: usize,
+    /// "cpu", "cuda" or "cuda:N" (see [`Device::parse`]).
+    pub device: String,
     pub model: ModelConfig,
     pub optim: OptimConfig,
     pub fp8: Fp8Config,
@@ -246,6 +275,7 @@ impl Default for RunConfig {
             max_skipped_fraction: 0.25,
             tokenizer: "byte".into(),
             batch: 32,
+            device: "cpu".into(),
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
             fp8: Fp8Config::default(),
@@ -316,6 +346,8 @@ impl RunConfig {
         };
         pos("max_steps", self.max_steps)?;
         pos("batch", self.batch)?;
+        Device::parse(&self.device)
+            .map_err(|allowed| bad("device", format!("{:?}", self.device), allowed))?;
         if self.eval_every > 0 {
             pos("eval_batches", self.eval_batches)?;
         }

@@ -498,4 +498,28 @@ mod tests {
         let e = load("", &["max_steps"]).unwrap_err();
         assert!(e.allowed.contains("key=value"), "{e}");
     }
+
+    #[test]
+    fn device_key_is_validated() {
+        use crate::config::Device;
+        assert_eq!(load("", &[]).unwrap().device, "cpu");
+        for (v, want) in [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(0)),
+            ("cuda:3", Device::Cuda(3)),
+        ] {
+            let cfg = load("", &[&format!("device={v}")]).unwrap();
+            assert_eq!(Device::parse(&cfg.device), Ok(want));
+        }
+        for bad in [
+            "gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:+1", "CUDA", "cuda:1:2",
+        ] {
+            let e = load("", &[&format!("device={bad}")]).unwrap_err();
+            assert_eq!(e.key, "device", "{bad}");
+            assert_eq!(e.origin, "--set");
+            assert!(e.to_string().contains("cuda:N"), "{e}");
+        }
+        let e = load("device = \"tpu\"\n", &[]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.origin.as_str()), ("device", "run.toml"));
+    }
 }
