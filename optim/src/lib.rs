@@ -28,5 +28,7 @@ pub mod lanes;
 pub mod zero;
 
 pub use adamw::AdamW;
-pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+pub use api::{
+    AdamWHyper, Fp8Out, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateTensor,
+};
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};

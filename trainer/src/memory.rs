@@ -213,21 +213,30 @@ impl MemoryLedger {
         // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
         // rank's ZeRO share (after `Trainer::enable_data_parallel`).
         let o2 = matches!(precision, Precision::Fp8O2 | Precision::Fp8O3);
-        if o2 {
-            l.add(
+        // f32 weights in the model: every tensor, except fp8-o2's linear weights (their
+        // E4M3 copy, written by the optimizer, is the only weight the layers see).
+        let f32_params: usize = (0..model.layout.metas.len())
+            .filter(|&i| model.param_is_f32(i))
+            .map(|i| 4 * model.layout.metas[i].numel())
+            .sum();
+        match precision {
+            Precision::Fp8O2 => l.add(
                 Category::ComputeWeights,
-                "f32 view of the master (the layers' input)",
-                4 * n,
-            );
-        } else {
-            l.add(
+                "f32 weights of norms/biases/positions (layers' copy)",
+                f32_params,
+            ),
+            Precision::Fp8O3 => l.add(
+                Category::ComputeWeights,
+                "f32 view of the masters (shared by the owners)",
+                f32_params,
+            ),
+            _ => l.add(
                 Category::MasterWeights,
                 "f32 weights (the master, read by the layers)",
-                4 * n,
-            );
+                f32_params,
+            ),
         }
-        // Gradients as the optimizer receives them; the rest of the f32 accumulation
-        // buffer is backward workspace.
+        // Gradients as the optimizer receives them: E5M2 for FP8 linears, f32 otherwise.
         let (mut fp8_grads, mut f32_grads) = (0usize, 0usize);
         for (i, lin) in model.linear_of_tensor.iter().enumerate() {
             let numel = model.layout.metas[i].numel();
@@ -244,8 +253,8 @@ impl MemoryLedger {
         l.add(Category::Gradients, "f32 gradients", f32_grads);
         l.add(
             Category::Workspace,
-            "f32 gradient accumulation cast to FP8",
-            4 * n - f32_grads,
+            "f32 dW scratch, cast to E5M2 (tied head + largest block linear)",
+            model.wgrad_scratch_bytes(),
         );
         let (mut w8, mut a8, mut b16) = (0, 0, 0);
         for lin in &model.linears {

@@ -176,10 +176,17 @@ pub fn capture_with_state(
         files: BTreeMap::new(),
     };
     let mut ck = Checkpoint::new(meta);
-    let model: Vec<CkptTensor> = tr
-        .model()
+    // fp8-o2's linear weights have no f32 copy: their FP16 master is the weight.
+    let m = tr.model();
+    let model: Vec<CkptTensor> = m
         .named_params()
-        .map(|(m, p)| CkptTensor::f32(&m.name, &m.shape, p))
+        .enumerate()
+        .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => {
+                CkptTensor::f16(&meta.name, &meta.shape, h, Some(scale))
+            }
+            _ => CkptTensor::f32(&meta.name, &meta.shape, p),
+        })
         .collect();
     ck.groups.insert("model".into(), model);
     let opt: Vec<CkptTensor> = opt_state
@@ -194,14 +201,29 @@ pub fn capture_with_state(
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
     let metas: Vec<_> = tr.model().layout.metas.clone();
-    for m in &metas {
+    for (i, m) in metas.iter().enumerate() {
         let t = ck.tensor("model", &m.name, &m.shape)?;
         let v = t.to_f32()?;
-        tr.model_mut()
-            .set_param(&m.name, &v)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+        if tr.model().param_is_f32(i) {
+            tr.model_mut()
+                .set_param(&m.name, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+        } else {
+            tr.optimizer_mut()
+                .load_master(i, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {}: {e}", ck.dir.display(), m.name))?;
+        }
     }
-    Ok(())
+    sync_compute_weights(tr)
+}
+
+/// fp8-o2: re-write the E4M3 compute weights from the (restored) masters with the
+/// (restored) scaling states.
+fn sync_compute_weights(tr: &mut Trainer) -> Result<()> {
+    let (model, opt) = tr.model_and_optimizer_mut();
+    model
+        .write_compute_weights(opt)
+        .map_err(anyhow::Error::msg)
 }
 
 /// The unit list of a checkpoint whose optimizer state is cut into ZeRO units (fp8-o3).
@@ -360,5 +382,5 @@ fn restore_rest(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Re
     tr.set_step(ck.meta.step);
     tr.rng.state = ck.meta.rng_state;
     data.set_position(ck.meta.data_position);
-    Ok(())
+    sync_compute_weights(tr)
 }

@@ -145,6 +145,17 @@ fn sum_squares_f64(c: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
+/// of it (fp8-o2's tied embedding / LM head).
+fn wte_master<'a>(model: &Model, opt: &'a dyn Optimizer) -> Option<(&'a [half::f16], f32)> {
+    let wte = model.layout.wte;
+    if model.param_is_f32(wte) {
+        None
+    } else {
+        opt.master_f16(wte)
+    }
+}
+
 /// Clip factor for a global norm (1 when clipping is off or not needed).
 pub fn clip_scale(grad_norm: f32, clip: f32) -> f32 {
     if clip > 0.0 && grad_norm > clip {
@@ -227,29 +238,47 @@ impl Trainer {
                 o.beta2
             );
         }
-        let mut model = Model::new(dims, precision, cfg.seed);
         let hyper = AdamWHyper {
             beta1: o.beta1,
             beta2: o.beta2,
             eps: o.eps,
             weight_decay: o.weight_decay,
         };
-        // fp8-o3 on a single rank is fp8-o2 (one rank owns every tensor); with several
-        // ranks `enable_data_parallel` replaces this optimizer by the rank's ZeRO share.
-        let optimizer: Box<dyn Optimizer> =
-            if matches!(cfg.precision, Precision::Fp8O2 | Precision::Fp8O3) {
-                // Low-precision state for the FP8 linears' weights; f32 for the rest.
+        let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
+        let (model, optimizer): (Model, Box<dyn Optimizer>) = match cfg.precision {
+            // fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest;
+            // the linears compute with the E4M3 copy the optimizer writes (no f32 weights).
+            Precision::Fp8O2 => {
+                let layout = crate::model::Layout::new(&dims);
+                let mut opt = Fp8Adam::empty(cfg8);
+                let mut model =
+                    Model::new_fp8_compute(dims, precision, cfg.seed, &mut |i, values, low| {
+                        opt.push_tensor(&layout.metas[i], values, low)
+                    })
+                    .map_err(anyhow::Error::msg)?;
+                model
+                    .write_compute_weights(&opt)
+                    .map_err(anyhow::Error::msg)?;
+                (model, Box::new(opt))
+            }
+            // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
+            // tensor); with several ranks `enable_data_parallel` replaces this optimizer
+            // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            Precision::Fp8O3 => {
+                let mut model = Model::new(dims, precision, cfg.seed);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
                 let (mut params, _) = model.params_and_grads();
-                let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
-                Box::new(
-                    Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
-                        .map_err(anyhow::Error::msg)?,
-                )
-            } else {
-                Box::new(AdamW::new(&model.layout.metas, hyper))
-            };
+                let opt = Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
+                    .map_err(anyhow::Error::msg)?;
+                (model, Box::new(opt))
+            }
+            _ => {
+                let model = Model::new(dims, precision, cfg.seed);
+                let opt = AdamW::new(&model.layout.metas, hyper);
+                (model, Box::new(opt))
+            }
+        };
         let rows = dims.b * dims.t;
         Ok(Trainer {
             cfg: cfg.clone(),
@@ -276,6 +305,10 @@ impl Trainer {
     }
     pub fn model(&self) -> &Model {
         &self.model
+    }
+    /// The model and the optimizer, borrowed together.
+    pub fn model_and_optimizer_mut(&mut self) -> (&mut Model, &dyn Optimizer) {
+        (&mut self.model, self.optimizer.as_ref())
     }
     pub fn model_mut(&mut self) -> &mut Model {
         &mut self.model
@@ -344,9 +377,10 @@ impl Trainer {
         let d = self.model.dims;
         self.check_tokens(what)?;
         self.model.take_gemm_time();
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
         let loss = self
             .model
-            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
+            .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, true, wte)
             .expect("targets given");
         Ok((loss, Instant::now()))
     }
@@ -362,6 +396,35 @@ impl Trainer {
         self.model.backward();
         let t2 = Instant::now();
         Ok((loss, t1, t2, self.model.take_gemm_time()))
+    }
+
+    /// The global gradient norm, then (unless `skip(norm)`) the optimizer's update with
+    /// the clip factor folded in, the optimizer writing the new compute weights where
+    /// the model keeps them (f32, or fp8-o2's E4M3 copies). Returns (norm, skipped).
+    pub(crate) fn norm_and_update(
+        &mut self,
+        lr: f32,
+        clip: f32,
+        skip: impl FnOnce(f32) -> bool,
+    ) -> (f32, bool) {
+        let (mut outs, grads) = self.model.outs_and_grads();
+        let grad_norm = global_grad_norm(&grads);
+        let skipped = skip(grad_norm);
+        if !skipped {
+            self.optimizer
+                .step_to(&mut outs, &grads, lr, clip_scale(grad_norm, clip));
+        }
+        let written = crate::model::gpt::written_of(&outs);
+        drop((outs, grads));
+        self.model.accept_written(&written);
+        if skipped {
+            // A delayed scale may have moved in the forward: re-cast the unchanged
+            // masters with it, as a forward casting its own weights would.
+            self.model
+                .write_compute_weights(self.optimizer.as_ref())
+                .expect("the optimizer wrote these compute weights before");
+        }
+        (grad_norm, skipped)
     }
 
     /// One optimizer step on the next training batch.
@@ -381,9 +444,8 @@ impl Trainer {
 
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
-        let (mut params, grads) = self.model.params_and_grads();
-        let grad_norm = global_grad_norm(&grads);
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let (grad_norm, skipped) =
+            self.norm_and_update(lr, clip, |g| !loss.is_finite() || !g.is_finite());
         if skipped {
             self.skipped += 1;
             tracing::warn!(
@@ -392,9 +454,6 @@ impl Trainer {
                 grad_norm,
                 "non-finite loss or gradients: step skipped"
             );
-        } else {
-            self.optimizer
-                .step(&mut params, &grads, lr, clip_scale(grad_norm, clip));
         }
         let t3 = Instant::now();
         let stats = StepStats {
@@ -426,9 +485,10 @@ impl Trainer {
         for i in 0..batches {
             data.val_batch(i, d.b, d.t, &mut self.inputs, &mut self.targets);
             self.check_tokens("validation batch")?;
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
             sum += self
                 .model
-                .forward(&self.inputs, Some(&self.targets), d.b, d.t, false)
+                .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, false, wte)
                 .expect("targets") as f64;
             self.model.take_gemm_time();
         }
@@ -448,9 +508,10 @@ impl Trainer {
                 d.v
             );
         }
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
         Ok(self
             .model
-            .forward(inputs, Some(targets), b, t, false)
+            .forward_ext(inputs, Some(targets), b, t, false, wte)
             .expect("targets"))
     }
 
@@ -483,7 +544,8 @@ impl Trainer {
         for _ in 0..n {
             let ctx = &seq[seq.len().saturating_sub(d.t)..];
             let t = ctx.len();
-            self.model.forward(ctx, None, 1, t, false);
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
+            self.model.forward_ext(ctx, None, 1, t, false, wte);
             let logits = self.model.logits_row(t - 1);
             let next = if temperature <= 0.0 {
                 logits

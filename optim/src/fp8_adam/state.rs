@@ -72,6 +72,17 @@ impl Buf {
             }
         }
     }
+    /// `dst[i] = stored[c * CHUNK + i] / scale` for chunk `c` (`dst` its length).
+    pub(super) fn decode_chunk(&self, c: usize, inv_scale: f32, dst: &mut [f32]) {
+        let r = c * CHUNK..c * CHUNK + dst.len();
+        match self {
+            Buf::F32(d) => dst.copy_from_slice(&d[r]),
+            Buf::F16(t) => {
+                cast::f16_to_f32_amax(&t.data[r], inv_scale, dst);
+            }
+            Buf::Fp8(t) => fp8_to_f32_scaled(t.format, &t.data[r], inv_scale, dst),
+        }
+    }
     /// Real values (stored / scale).
     pub(super) fn to_f32(&self) -> Vec<f32> {
         match self {

@@ -16,6 +16,7 @@
 use fp8lm_fp8::cast;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
 use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
+use fp8lm_optim::{Fp8Out, Fp8Written};
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -63,6 +64,9 @@ pub struct Fp8Operand {
     data: Vec<u8>,
     /// Scale of the data currently held.
     scale: f32,
+    /// Written by the optimizer rather than cast here (fp8-o2's weights): what that
+    /// cast did, recorded by the next training forward as if it had cast itself.
+    written: Option<Fp8Written>,
 }
 
 impl Fp8Operand {
@@ -74,7 +78,53 @@ impl Fp8Operand {
             stats: CastStats::default(),
             data: vec![0; cap],
             scale: 1.0,
+            written: None,
         }
+    }
+
+    /// The optimizer's target for this operand's storage (fp8-o2's weights): the scale
+    /// the next forward would cast with (delayed scaling with a history), else "from the
+    /// weights' own amax" (current scaling, or a delayed state's first cast).
+    pub fn optimizer_target(&mut self) -> Fp8Out<'_> {
+        let st = &self.state;
+        let known = matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
+        Fp8Out {
+            data: &mut self.data,
+            format: st.format,
+            scale: known.then_some(st.scale),
+            margin: st.margin,
+            rounding: st.rounding,
+            fallback: st.scale,
+            written: None,
+        }
+    }
+
+    /// Take the optimizer's cast ([`Fp8Operand::optimizer_target`]) as this operand's
+    /// data.
+    pub fn accept_written(&mut self, w: Fp8Written) {
+        self.scale = w.scale;
+        self.written = Some(w);
+    }
+
+    /// The training forward's bookkeeping for optimizer-written data: what
+    /// [`Fp8Operand::quantize`] records, for the cast the optimizer did.
+    fn record_written(&mut self) {
+        let Some(w) = self.written else {
+            panic!("FP8 weight operand read before the optimizer wrote it")
+        };
+        let st = &mut self.state;
+        match st.recipe {
+            ScalingRecipe::Current => {
+                st.scale_for_cast(w.amax);
+            }
+            ScalingRecipe::Delayed { .. } => st.record_amax(w.amax),
+        }
+        let s = &mut self.stats;
+        (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
+            (w.amax, w.scale, w.saturated, w.flushed, self.data.len() as u64);
+        s.total_overflow += w.saturated;
+        s.total_underflow += w.flushed;
+        s.casts += 1;
     }
 
     /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
@@ -160,6 +210,9 @@ pub struct Linear {
     pub oc: usize,
     pub precision: LinearPrecision,
     pub fp8: Option<Fp8Linear>,
+    /// FP8 only: the E4M3 weight is written by the optimizer (fp8-o2: it is the only
+    /// copy of the weight the layers see; no f32 weight exists).
+    pub weight_from_optimizer: bool,
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
@@ -189,6 +242,7 @@ impl Linear {
             oc,
             precision,
             fp8,
+            weight_from_optimizer: false,
             bf16,
             gemm_time: Duration::ZERO,
         }
@@ -230,7 +284,9 @@ impl Linear {
     ) {
         let (c, oc) = (self.c, self.oc);
         assert!(
-            out.len() == n * oc && inp.len() == n * c && w.len() == oc * c,
+            out.len() == n * oc
+                && inp.len() == n * c
+                && (w.len() == oc * c || self.weight_from_optimizer),
             "{}: shape mismatch",
             self.name
         );
@@ -254,7 +310,13 @@ impl Linear {
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
                 f.x.quantize(inp, record);
-                f.w.quantize(w, record);
+                if self.weight_from_optimizer {
+                    if record {
+                        f.w.record_written();
+                    }
+                } else {
+                    f.w.quantize(w, record);
+                }
                 self.gemm(shape, f.x.mat(n * c), f.w.mat(oc * c), out, false);
                 self.fp8 = Some(f);
             }
