@@ -135,13 +135,23 @@ fn save_checkpoint(
     data: &dyn Dataset,
     run_dir: &Path,
     skipped: u64,
-    opt: Vec<(String, fp8lm_optim::StateTensor)>,
-    units: Option<Vec<fp8lm_trainer::repartition::UnitSpan>>,
+    opt: Option<(
+        Vec<(String, fp8lm_optim::StateTensor)>,
+        Option<Vec<fp8lm_trainer::repartition::UnitSpan>>,
+    )>,
 ) -> Result<PathBuf> {
     let mut extra = tr.dist_checkpoint_extra();
     extra.insert("skipped_steps".into(), json!(skipped));
-    let ck = snapshot::capture_with_state(tr, data, serde_json::Value::Object(extra), opt, units);
-    let dir = ck.save(&run_dir.join("checkpoints"), tr.cfg.checkpoint_keep)?;
+    // Streamed from the trainer's own buffers (no copy of the state); `opt` is fp8-o3's
+    // gathered optimizer state.
+    let dir = snapshot::save_trainer(
+        tr,
+        data,
+        serde_json::Value::Object(extra),
+        opt,
+        &run_dir.join("checkpoints"),
+        tr.cfg.checkpoint_keep,
+    )?;
     tracing::info!("checkpoint saved: {}", dir.display());
     Ok(dir)
 }
@@ -397,9 +407,9 @@ fn train_ranked(
         if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
             || done == max_steps
         {
-            let (opt, units) = match comm {
-                Some(c) => tr.gather_optimizer_state(c)?,
-                None => (tr.optimizer().export_state(), None),
+            let opt = match comm {
+                Some(c) => Some(tr.gather_optimizer_state(c)?),
+                None => None,
             };
             if root {
                 last_ckpt = Some(save_checkpoint(
@@ -408,7 +418,6 @@ fn train_ranked(
                     &run_dir,
                     skipped_before + tr.skipped_steps(),
                     opt,
-                    units,
                 )?);
             }
         }

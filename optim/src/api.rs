@@ -91,6 +91,29 @@ pub enum StateTensor {
     Scalar(f64),
 }
 
+/// A borrowed view of one piece of optimizer state ([`Optimizer::visit_state`]).
+#[derive(Clone, Copy, Debug)]
+pub enum StateRef<'a> {
+    F32(&'a [f32]),
+    F16 { data: &'a [f16], scale: f32 },
+    Fp8(&'a ScaledFp8),
+    Scalar(f64),
+}
+
+impl StateTensor {
+    pub fn as_ref(&self) -> StateRef<'_> {
+        match self {
+            StateTensor::F32(v) => StateRef::F32(v),
+            StateTensor::F16 { data, scale } => StateRef::F16 {
+                data,
+                scale: *scale,
+            },
+            StateTensor::Fp8(t) => StateRef::Fp8(t),
+            StateTensor::Scalar(x) => StateRef::Scalar(*x),
+        }
+    }
+}
+
 /// Bytes of optimizer state by kind, for memory ledgers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateBytes {
@@ -164,6 +187,9 @@ pub trait Optimizer: Send {
     }
     /// Named state for checkpoints, in a stable order.
     fn export_state(&self) -> Vec<(String, StateTensor)>;
+    /// [`Optimizer::export_state`]'s entries, borrowed, in the same order (checkpoints
+    /// stream them to disk without copying the state).
+    fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, StateRef<'a>));
     /// Restore state written by [`Optimizer::export_state`]; errors name the offending entry.
     fn import_state(&mut self, state: Vec<(String, StateTensor)>) -> Result<(), String>;
 }

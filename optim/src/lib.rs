@@ -29,6 +29,7 @@ pub mod zero;
 
 pub use adamw::AdamW;
 pub use api::{
-    AdamWHyper, Fp8Out, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateTensor,
+    AdamWHyper, Fp8Out, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateRef,
+    StateTensor,
 };
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};

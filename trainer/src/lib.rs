@@ -34,6 +34,7 @@ pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod bench;
 pub mod checkpoint;
+pub mod ckpt_stream;
 pub mod memory;
 pub mod metrics;
 pub mod plot;

@@ -140,6 +140,23 @@ fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor
     })
 }
 
+fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMeta {
+    let mut scaling = serde_json::Map::new();
+    for v in tr.fp8_tensors() {
+        scaling.insert(v.name.clone(), scale_state_json(v.state));
+    }
+    CheckpointMeta {
+        format: FORMAT.into(),
+        step: tr.step(),
+        config: tr.cfg.clone(),
+        rng_state: tr.rng.state,
+        data_position: data.position(),
+        scaling: Value::Object(scaling),
+        extra,
+        files: BTreeMap::new(),
+    }
+}
+
 /// Capture a trainer (after `trainer.step()` steps) and its data position.
 pub fn capture(tr: &Trainer, data: &dyn Dataset, extra: Value) -> Checkpoint {
     capture_with_state(tr, data, extra, tr.optimizer().export_state(), None)
@@ -161,21 +178,7 @@ pub fn capture_with_state(
         }
         extra[ZERO_UNITS_KEY] = json!(units);
     }
-    let mut scaling = serde_json::Map::new();
-    for v in tr.fp8_tensors() {
-        scaling.insert(v.name.clone(), scale_state_json(v.state));
-    }
-    let meta = CheckpointMeta {
-        format: FORMAT.into(),
-        step: tr.step(),
-        config: tr.cfg.clone(),
-        rng_state: tr.rng.state,
-        data_position: data.position(),
-        scaling: Value::Object(scaling),
-        extra,
-        files: BTreeMap::new(),
-    };
-    let mut ck = Checkpoint::new(meta);
+    let mut ck = Checkpoint::new(capture_meta(tr, data, extra));
     // fp8-o2's linear weights have no f32 copy: their FP16 master is the weight.
     let m = tr.model();
     let model: Vec<CkptTensor> = m
@@ -195,6 +198,65 @@ pub fn capture_with_state(
         .collect();
     ck.groups.insert("optimizer".into(), opt);
     ck
+}
+
+/// Save a checkpoint of `tr` (after `tr.step()` steps) under `root`, streaming every
+/// tensor from where it lives: the model's weights from its buffers (fp8-o2's linear
+/// weights from the optimizer's FP16 master) and the optimizer's state borrowed through
+/// [`fp8lm_optim::Optimizer::visit_state`], or from `opt_state` when given (fp8-o3's
+/// gathered state, with its ZeRO `units`). No copy of the state is made, so saving costs
+/// only I/O buffers. Same files and metadata as [`capture`] + `Checkpoint::save`.
+pub fn save_trainer(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    mut extra: Value,
+    opt_state: Option<(Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>)>,
+    root: &std::path::Path,
+    keep: usize,
+) -> Result<std::path::PathBuf> {
+    use crate::ckpt_stream::{StreamTensor, TensorData};
+    let units = opt_state.as_ref().and_then(|(_, u)| u.clone());
+    if let Some(units) = units {
+        if !extra.is_object() {
+            extra = json!({});
+        }
+        extra[ZERO_UNITS_KEY] = json!(units);
+    }
+    let meta = capture_meta(tr, data, extra);
+    let m = tr.model();
+    let model: Vec<StreamTensor<'_>> = m
+        .named_params()
+        .enumerate()
+        .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => StreamTensor {
+                name: meta.name.clone(),
+                dtype: CkptDtype::F16,
+                shape: meta.shape.clone(),
+                scale: Some(scale),
+                data: TensorData::F16(h),
+            },
+            _ => StreamTensor {
+                name: meta.name.clone(),
+                dtype: CkptDtype::F32,
+                shape: meta.shape.clone(),
+                scale: None,
+                data: TensorData::F32(p),
+            },
+        })
+        .collect();
+    let mut opt: Vec<StreamTensor<'_>> = Vec::new();
+    match &opt_state {
+        Some((st, _)) => {
+            for (n, s) in st {
+                opt.push(StreamTensor::from_state(n, s.as_ref()));
+            }
+        }
+        None => tr
+            .optimizer()
+            .visit_state(&mut |n, s| opt.push(StreamTensor::from_state(n, s))),
+    }
+    let groups = vec![("model".to_string(), model), ("optimizer".to_string(), opt)];
+    crate::checkpoint::save_streamed(&meta, &groups, root, keep, &mut |_| Ok(()))
 }
 
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.

@@ -893,6 +893,22 @@ impl Optimizer for Fp8Adam {
         out
     }
 
+    fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, crate::api::StateRef<'a>)) {
+        use crate::api::StateRef;
+        f("step", StateRef::Scalar(self.step as f64));
+        for t in &self.tensors {
+            for (s, b) in t.bufs.iter().enumerate() {
+                f(&format!("{}.{}", t.meta.name, STATE_NAMES[s]), b.as_state_ref());
+            }
+            for (s, &a) in t.amax.iter().enumerate() {
+                let name = format!("{}.{}.amax", t.meta.name, STATE_NAMES[s]);
+                f(&name, StateRef::Scalar(a as f64));
+            }
+            let name = format!("{}.update_amax", t.meta.name);
+            f(&name, StateRef::Scalar(t.ratio as f64));
+        }
+    }
+
     fn import_state(&mut self, state: Vec<(String, StateTensor)>) -> Result<(), String> {
         let expected = 1 + self.tensors.len() * 7;
         if state.len() != expected {

@@ -91,6 +91,17 @@ impl Buf {
             Buf::Fp8(t) => t.dequantize(),
         }
     }
+    pub(super) fn as_state_ref(&self) -> crate::api::StateRef<'_> {
+        use crate::api::StateRef;
+        match self {
+            Buf::F32(d) => StateRef::F32(d),
+            Buf::F16(t) => StateRef::F16 {
+                data: &t.data,
+                scale: t.scale,
+            },
+            Buf::Fp8(t) => StateRef::Fp8(t),
+        }
+    }
     pub(super) fn to_state(&self) -> StateTensor {
         match self {
             Buf::F32(d) => StateTensor::F32(d.clone()),

@@ -82,6 +82,15 @@ impl Fp8Operand {
         }
     }
 
+    /// The FP8 bytes held (scaled by [`Fp8Operand::held_scale`]).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+    /// The scale of the bytes held.
+    pub fn held_scale(&self) -> f32 {
+        self.scale
+    }
+
     /// The optimizer's target for this operand's storage (fp8-o2's weights): the scale
     /// the next forward would cast with (delayed scaling with a history), else "from the
     /// weights' own amax" (current scaling, or a delayed state's first cast).
