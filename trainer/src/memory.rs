@@ -271,12 +271,28 @@ impl MemoryLedger {
             "f32 activations and backward scratch",
             model.activation_bytes(),
         );
+        l.add(Category::Activations, "E4M3 linear inputs (for dW)", a8);
+        let rows = model.dims.b * model.dims.t;
         l.add(
-            Category::Activations,
-            "FP8 GEMM inputs (E4M3 x, E5M2 dy)",
-            a8,
+            Category::Workspace,
+            "E5M2 output gradient of one linear (shared)",
+            model.linears.iter().map(|li| li.fp8_dy_bytes(rows)).max().unwrap_or(0),
         );
-        l.add(Category::Workspace, "bf16 GEMM operand copies", b16);
+        l.add(Category::Activations, "bf16 linear inputs (for dW)", b16);
+        if precision == Precision::Bf16 {
+            let rows = model.dims.b * model.dims.t;
+            let tiles = model
+                .linears
+                .iter()
+                .map(|li| crate::model::linear::bf16_tile_bytes(rows, li.c, li.oc))
+                .max()
+                .unwrap_or(0);
+            l.add(
+                Category::Workspace,
+                "bf16 GEMM tiles (weight, dy, output; one thread)",
+                tiles,
+            );
+        }
         let formats = if o2 {
             [
                 "f16 (linears) / f32",

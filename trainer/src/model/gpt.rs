@@ -34,14 +34,14 @@ struct Acts {
     qkv: Vec<f32>,       // [L,B,T,3C] (after rope for llama)
     atty: Vec<f32>,      // [L,B,T,C]
     att: Vec<f32>,       // [L,B,H,T,T]
-    attproj: Vec<f32>,   // [L,B,T,C]
+    attproj: Vec<f32>,   // [B,T,C] (one slot: the backward needs no projection output)
     residual2: Vec<f32>, // [L,B,T,C]
     ln2: Vec<f32>,       // [L,B,T,C]
     ln2_mean: Vec<f32>,  // [L,B,T]
     ln2_rstd: Vec<f32>,  // [L,B,T]
     fch: Vec<f32>,       // [L,B,T,FC] FC = 4C (gpt2) or 2F (llama)
     fch_act: Vec<f32>,   // [L,B,T,F]
-    fcproj: Vec<f32>,    // [L,B,T,C]
+    fcproj: Vec<f32>,    // [B,T,C] (one slot, as attproj)
     residual3: Vec<f32>, // [L,B,T,C]
     lnf: Vec<f32>,       // [B,T,C]
     lnf_mean: Vec<f32>,  // [B,T]
@@ -75,14 +75,14 @@ impl Acts {
             qkv: z(l * bt * 3 * c),
             atty: z(li * bt * c),
             att: z(l * d.b * d.h * d.t * d.t),
-            attproj: z(l * bt * c),
+            attproj: z(bt * c),
             residual2: z(l * bt * c),
             ln2: z(li * bt * c),
             ln2_mean: z(l * bt),
             ln2_rstd: z(l * bt),
             fch: z(l * bt * d.fc_out()),
             fch_act: z(li * bt * d.f),
-            fcproj: z(l * bt * c),
+            fcproj: z(bt * c),
             residual3: z(l * bt * c),
             lnf: z(bt * c),
             lnf_mean: z(bt),
@@ -590,7 +590,7 @@ impl Model {
             let atty = at_mut(&mut a.atty, l, s_c, n * c);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
             Cpu.attention_forward(atty, att, qkv, t, c, d.h);
-            let attproj = at_mut(&mut a.attproj, l, bt * c, n * c);
+            let attproj = &mut a.attproj[..n * c];
             lin[1].forward(attproj, atty, p(bp.projw), bp.projb.map(p), n, record);
             let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
             Cpu.residual_forward(residual2, residual, attproj);
@@ -615,7 +615,7 @@ impl Model {
                 Arch::Gpt2 => Cpu.gelu_forward(fch_act, fch),
                 Arch::Llama => Cpu.swiglu_forward(fch_act, fch, f),
             }
-            let fcproj = at_mut(&mut a.fcproj, l, bt * c, n * c);
+            let fcproj = &mut a.fcproj[..n * c];
             lin[3].forward(fcproj, fch_act, p(bp.fprojw), bp.fprojb.map(p), n, record);
             Cpu.residual_forward(&mut cur[..n * c], residual2, fcproj);
         }

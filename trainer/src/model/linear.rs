@@ -190,10 +190,49 @@ pub struct Fp8Linear {
 }
 
 #[derive(Clone, Debug)]
+/// The bf16 input saved for the backward's dW GEMM (the weight and the output gradient
+/// are rounded tile by tile into per-thread scratch instead: [`BF16_TILE_ELEMS`]).
 struct Bf16Cache {
     x: Vec<bf16>,
+}
+
+/// Largest weight tile (elements) a bf16 GEMM rounds at once. The weight is rounded
+/// again in the backward rather than kept: a bf16 copy of every weight (2 B/param) would
+/// make a bf16 run bigger than fp32. The LM head (`[V, C]`) is the only layer of GPT-2
+/// shapes cut into several row tiles; a single-tile layer makes exactly the GEMM calls
+/// of an untiled one.
+pub const BF16_TILE_ELEMS: usize = 1 << 22;
+
+/// Per-thread bf16 GEMM scratch: a weight tile, an output-gradient tile and (several
+/// tiles only) the f32 forward output of one tile.
+#[derive(Default)]
+struct Bf16Tiles {
     w: Vec<bf16>,
     dy: Vec<bf16>,
+    out: Vec<f32>,
+}
+
+thread_local! {
+    /// The E5M2 output gradient of the linear whose backward runs on this thread.
+    static DY_E5M2: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BF16_TILES: std::cell::RefCell<Bf16Tiles> = std::cell::RefCell::new(Bf16Tiles::default());
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// Rows of `w[oc, c]` per bf16 tile.
+pub fn bf16_tile_rows(c: usize, oc: usize) -> usize {
+    (BF16_TILE_ELEMS / c.max(1)).clamp(1, oc.max(1))
+}
+
+/// Bytes of the per-thread bf16 scratch a layer of `rows x c -> oc` needs.
+pub fn bf16_tile_bytes(rows: usize, c: usize, oc: usize) -> usize {
+    let m = bf16_tile_rows(c, oc);
+    2 * m * c + 2 * rows * m + if m < oc { 4 * rows * m } else { 0 }
 }
 
 /// Bytes held by one linear layer's precision state ([`Linear::memory`]).
@@ -201,11 +240,12 @@ struct Bf16Cache {
 pub struct LinearMemory {
     /// E4M3 copy of the weight.
     pub fp8_weight: usize,
-    /// E4M3 input and E5M2 output-gradient copies.
+    /// E4M3 input copy (the E5M2 output gradient lives in a per-thread buffer shared
+    /// by all layers, `rows x oc` bytes of the widest: [`Linear::fp8_dy_bytes`]).
     pub fp8_activations: usize,
     /// FP8 weight gradient handed to the optimizer.
     pub fp8_wgrad: usize,
-    /// bf16 copies of input, weight and output gradient (bf16 runs).
+    /// bf16 copy of the input (bf16 runs).
     pub bf16_cache: usize,
 }
 
@@ -234,7 +274,8 @@ impl Linear {
             LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
                 x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c),
                 w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c),
-                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, rows * oc),
+                // storage lent per backward from DY_E5M2
+                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, 0),
                 wgrad: ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT),
                 wgrad_stats: CastStats::default(),
             }),
@@ -242,8 +283,6 @@ impl Linear {
         };
         let bf16 = (precision == LinearPrecision::Bf16).then(|| Bf16Cache {
             x: vec![bf16::ZERO; rows * c],
-            w: vec![bf16::ZERO; oc * c],
-            dy: vec![bf16::ZERO; rows * oc],
         });
         Linear {
             name,
@@ -266,9 +305,18 @@ impl Linear {
             m.fp8_wgrad = f.wgrad.data.len();
         }
         if let Some(b) = &self.bf16 {
-            m.bf16_cache = 2 * (b.x.len() + b.w.len() + b.dy.len());
+            m.bf16_cache = 2 * b.x.len();
         }
         m
+    }
+
+    /// Bytes of the shared E5M2 output-gradient buffer this layer needs (`rows x oc`).
+    pub fn fp8_dy_bytes(&self, rows: usize) -> usize {
+        if self.fp8.is_some() {
+            rows * self.oc
+        } else {
+            0
+        }
     }
 
     pub fn take_gemm_time(&mut self) -> Duration {
@@ -306,14 +354,29 @@ impl Linear {
             LinearPrecision::Bf16 => {
                 let mut cache = self.bf16.take().expect("bf16 cache");
                 to_bf16(inp, &mut cache.x[..n * c]);
-                to_bf16(w, &mut cache.w);
-                self.gemm(
-                    shape,
-                    MatRef::Bf16(&cache.x[..n * c]),
-                    MatRef::Bf16(&cache.w),
-                    out,
-                    false,
-                );
+                let x = MatRef::Bf16(&cache.x[..n * c]);
+                let tr = bf16_tile_rows(c, oc);
+                BF16_TILES.with(|t| {
+                    let t = &mut *t.borrow_mut();
+                    for o0 in (0..oc).step_by(tr) {
+                        let m = tr.min(oc - o0);
+                        grow(&mut t.w, m * c);
+                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        let wt = MatRef::Bf16(&t.w[..m * c]);
+                        let sh = GemmShape::new(n, m, c).trans_b();
+                        if m == oc {
+                            self.gemm(sh, x, wt, out, false);
+                        } else {
+                            // out[:, o0..o0+m] through a contiguous tile.
+                            grow(&mut t.out, n * m);
+                            self.gemm(sh, x, wt, &mut t.out[..n * m], false);
+                            for r in 0..n {
+                                out[r * oc + o0..r * oc + o0 + m]
+                                    .copy_from_slice(&t.out[r * m..(r + 1) * m]);
+                            }
+                        }
+                    }
+                });
                 self.bf16 = Some(cache);
             }
             LinearPrecision::Fp8 { .. } => {
@@ -367,18 +430,51 @@ impl Linear {
                 self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, false);
             }
             LinearPrecision::Bf16 => {
-                let mut cache = self.bf16.take().expect("bf16 cache");
-                to_bf16(dout, &mut cache.dy[..n * oc]);
-                let dy = MatRef::Bf16(&cache.dy[..n * oc]);
-                self.gemm(s_dinp, dy, MatRef::Bf16(&cache.w), dinp, false);
-                self.gemm(s_dw, dy, MatRef::Bf16(&cache.x[..n * c]), dw, false);
+                let cache = self.bf16.take().expect("bf16 cache");
+                let x = MatRef::Bf16(&cache.x[..n * c]);
+                let tr = bf16_tile_rows(c, oc);
+                BF16_TILES.with(|t| {
+                    let t = &mut *t.borrow_mut();
+                    for o0 in (0..oc).step_by(tr) {
+                        let m = tr.min(oc - o0);
+                        // dy[:, o0..o0+m] and w[o0..o0+m, :] rounded to bf16 (the same
+                        // values the forward used: rounding is deterministic).
+                        grow(&mut t.dy, n * m);
+                        if m == oc {
+                            to_bf16(dout, &mut t.dy[..n * m]);
+                        } else {
+                            for r in 0..n {
+                                to_bf16(
+                                    &dout[r * oc + o0..r * oc + o0 + m],
+                                    &mut t.dy[r * m..(r + 1) * m],
+                                );
+                            }
+                        }
+                        grow(&mut t.w, m * c);
+                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        let dy = MatRef::Bf16(&t.dy[..n * m]);
+                        // dinp[n,c] += dy_tile[n,m] @ w_tile[m,c]; dW[o0..o0+m] = dy_tile^T @ x
+                        let sh = GemmShape::new(n, c, m);
+                        self.gemm(sh, dy, MatRef::Bf16(&t.w[..m * c]), dinp, o0 > 0);
+                        let sh = GemmShape::new(m, c, n).trans_a();
+                        self.gemm(sh, dy, x, &mut dw[o0 * c..(o0 + m) * c], false);
+                    }
+                });
                 self.bf16 = Some(cache);
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
-                f.dy.quantize(dout, true);
-                self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
-                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                // dy is needed only by these two GEMMs: its E5M2 bytes live in one
+                // per-thread buffer shared by every layer, lent to the operand here.
+                DY_E5M2.with(|b| {
+                    let mut b = b.borrow_mut();
+                    grow(&mut b, n * oc);
+                    std::mem::swap(&mut *b, &mut f.dy.data);
+                    f.dy.quantize(dout, true);
+                    self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
+                    self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                    std::mem::swap(&mut *b, &mut f.dy.data);
+                });
                 self.fp8 = Some(f);
             }
         }
