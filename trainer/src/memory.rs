@@ -341,6 +341,120 @@ pub fn bench_memory(cfg: &RunConfig, vocab: usize, all: bool) -> anyhow::Result<
     Ok(out)
 }
 
+/// The peak resident set size of this process so far (Linux `VmHWM` in
+/// `/proc/self/status`: start-up included), in bytes; `None` where unavailable.
+pub fn peak_resident_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Uniformly random tokens (seeded): batches whose memory is a real run's, for
+/// [`measure_peak`] (which must not depend on a data set being present).
+struct RandomTokens {
+    vocab: usize,
+    state: u64,
+}
+
+impl RandomTokens {
+    fn next(&mut self) -> u32 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state % self.vocab as u64) as u32
+    }
+}
+
+impl crate::data::Dataset for RandomTokens {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn next_train_batch(&mut self, _b: usize, _t: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        for (x, y) in inputs.iter_mut().zip(targets.iter_mut()) {
+            (*x, *y) = (self.next(), self.next());
+        }
+    }
+    fn val_batch(&self, index: usize, b: usize, t: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        let mut r = RandomTokens {
+            vocab: self.vocab,
+            state: 0x9E37_79B9_7F4A_7C15 ^ index as u64,
+        };
+        r.next_train_batch(b, t, inputs, targets);
+    }
+    fn position(&self) -> u64 {
+        self.state
+    }
+    fn set_position(&mut self, pos: u64) {
+        self.state = pos;
+    }
+}
+
+/// What [`measure_peak`] saw: the ledger's total and the process's peak resident set.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeakReport {
+    pub precision: String,
+    pub params: usize,
+    pub ledger_bytes: usize,
+    pub state_bytes: usize,
+    pub peak_bytes: usize,
+}
+
+/// Run what `fp8lm train` runs, in this process: build the trainer `cfg` describes,
+/// take `steps` training steps and one evaluation on random tokens, and save a
+/// checkpoint (into a temporary directory, removed after); then report the ledger and
+/// the peak resident set of the whole process, start-up included. Run it in a fresh
+/// process per precision (`fp8lm bench memory` does) so the peaks are separate.
+pub fn measure_peak(cfg: &RunConfig, vocab: usize, steps: usize) -> anyhow::Result<PeakReport> {
+    let mut tr = Trainer::new(cfg, vocab)?;
+    let ledger = MemoryLedger::for_trainer(&tr);
+    let mut data = RandomTokens {
+        vocab: tr.model().dims.v.min(vocab.max(1)),
+        state: 0x2545_F491_4F6C_DD1D,
+    };
+    for _ in 0..steps {
+        tr.train_step(&mut data)?;
+    }
+    tr.evaluate(&data, 1)?;
+    let dir = std::env::temp_dir().join(format!("fp8lm-bench-memory-{}", std::process::id()));
+    let saved = crate::snapshot::save_trainer(&tr, &data, serde_json::Value::Null, None, &dir, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+    saved?;
+    Ok(PeakReport {
+        precision: cfg.precision.name().to_string(),
+        params: ledger.params,
+        ledger_bytes: ledger.total(),
+        state_bytes: ledger.state_bytes(),
+        peak_bytes: peak_resident_bytes()
+            .ok_or_else(|| anyhow::anyhow!("no /proc/self/status: peak resident memory unknown"))?,
+    })
+}
+
+/// The side-by-side table of [`PeakReport`]s: ledger total, measured peak, and the
+/// ledger's share of the peak.
+pub fn peak_table(rows: &[PeakReport]) -> String {
+    let mb = |b: usize| b as f64 / 1e6;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:<8} {:>12} {:>14} {:>16} {:>15} {:>8}",
+        "precision", "state B/par", "ledger (MB)", "ledger B/param", "peak RSS (MB)", "ledger/peak"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>12.2} {:>14.1} {:>16.2} {:>15.1} {:>8.3}",
+            r.precision,
+            r.state_bytes as f64 / r.params.max(1) as f64,
+            mb(r.ledger_bytes),
+            r.ledger_bytes as f64 / r.params.max(1) as f64,
+            mb(r.peak_bytes),
+            r.ledger_bytes as f64 / r.peak_bytes.max(1) as f64
+        );
+    }
+    s
+}
+
 /// Resident set size of this process in bytes (Linux `/proc/self/statm`, 4 KiB pages);
 /// `None` where that file does not exist.
 pub fn resident_bytes() -> Option<usize> {
