@@ -202,6 +202,9 @@ pub struct RunConfig {
     pub tokenizer: String,
     /// Sequences per step B (per rank).
     pub batch: usize,
+    /// Micro-batches of `batch` sequences per optimizer step (gradients accumulated
+    /// over them; see `Trainer::train_step`). 1 = no accumulation.
+    pub grad_accum: usize,
     pub model: ModelConfig,
     pub optim: OptimConfig,
     pub fp8: Fp8Config,
@@ -222,6 +225,7 @@ impl Default for RunConfig {
             eval_batches: 8,
             tokenizer: "byte".into(),
             batch: 32,
+            grad_accum: 1,
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
             fp8: Fp8Config::default(),
@@ -292,6 +296,7 @@ impl RunConfig {
         };
         pos("max_steps", self.max_steps)?;
         pos("batch", self.batch)?;
+        pos("grad_accum", self.grad_accum)?;
         if self.eval_every > 0 {
             pos("eval_batches", self.eval_batches)?;
         }

@@ -400,19 +400,24 @@ impl Trainer {
 
     /// The global gradient norm, then (unless `skip(norm)`) the optimizer's update with
     /// the clip factor folded in, the optimizer writing the new compute weights where
-    /// the model keeps them (f32, or fp8-o2's E4M3 copies). Returns (norm, skipped).
+    /// the model keeps them (f32, or fp8-o2's E4M3 copies). The gradients held are the
+    /// sum over `micro` micro-batches: norm and update use that sum / `micro`. Returns
+    /// (norm, skipped).
     pub(crate) fn norm_and_update(
         &mut self,
         lr: f32,
         clip: f32,
+        micro: usize,
         skip: impl FnOnce(f32) -> bool,
     ) -> (f32, bool) {
         let (mut outs, grads) = self.model.outs_and_grads();
-        let grad_norm = global_grad_norm(&grads);
+        let inv = 1.0 / micro.max(1) as f32;
+        // (x * 1.0 == x: one micro-batch gives exactly the un-accumulated figures.)
+        let grad_norm = global_grad_norm(&grads) * inv;
         let skipped = skip(grad_norm);
         if !skipped {
-            self.optimizer
-                .step_to(&mut outs, &grads, lr, clip_scale(grad_norm, clip));
+            let scale = clip_scale(grad_norm, clip) * inv;
+            self.optimizer.step_to(&mut outs, &grads, lr, scale);
         }
         let written = crate::model::gpt::written_of(&outs);
         drop((outs, grads));
@@ -438,14 +443,30 @@ impl Trainer {
             );
         }
         let d = self.model.dims;
+        // `grad_accum` micro-batches: each backward (of its own mean loss) adds to the
+        // gradients held; the sum is scaled by 1/k in the update (folded into
+        // grad_scale with the clip factor), so no buffer is rescaled. FP8 weight
+        // gradients accumulate in E5M2 (see `Linear::quantize_wgrad_acc`).
+        let k = self.cfg.grad_accum.max(1);
         let t0 = Instant::now();
-        data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
-        let (loss, t1, t2, gemm) = self.forward_backward("training batch")?;
-
+        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
+            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for micro in 0..k {
+            let ts = Instant::now();
+            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+            self.model.set_accumulate(micro > 0);
+            let r = self.forward_backward("training batch");
+            self.model.set_accumulate(false);
+            let (l, t1, t2, g) = r?;
+            loss_sum += l as f64;
+            (fwd, bwd, gemm) = (fwd + (t1 - ts), bwd + (t2 - t1), gemm + g);
+        }
+        let loss = (loss_sum / k as f64) as f32;
+        let (t1, t2) = (t0 + fwd, t0 + fwd + bwd);
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let (grad_norm, skipped) =
-            self.norm_and_update(lr, clip, |g| !loss.is_finite() || !g.is_finite());
+            self.norm_and_update(lr, clip, k, |g| !loss.is_finite() || !g.is_finite());
         if skipped {
             self.skipped += 1;
             tracing::warn!(
@@ -462,7 +483,7 @@ impl Trainer {
             grad_norm,
             lr,
             skipped,
-            tokens: d.b * d.t,
+            tokens: k * d.b * d.t,
             forward: t1 - t0,
             backward: t2 - t1,
             optimizer: t3 - t2,

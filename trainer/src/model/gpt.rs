@@ -306,6 +306,8 @@ pub struct Model {
     wgrad_f32: Vec<f32>,
     /// fp8-o2: the linears' E4M3 weights are written by the optimizer (no f32 copy).
     weights_from_optimizer: bool,
+    /// The next backward adds to the gradients held (micro-batch 2.. of a step).
+    accumulate: bool,
     /// Linears in order `[qkv, attn.proj, mlp.fc, mlp.proj] x L`, then the LM head.
     pub linears: Vec<Linear>,
     /// Tensor index -> the linear whose weight it is (the tied wte maps to the head).
@@ -406,6 +408,7 @@ impl Model {
             grads: vec![0f32; layout.total],
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
+            accumulate: false,
             acts: Acts::new(&dims, precision == LinearPrecision::Fp32),
             rope: if dims.arch == Arch::Llama {
                 rope_table(dims.t, dims.c / dims.h, ROPE_THETA)
@@ -421,6 +424,12 @@ impl Model {
             linears,
             linear_of_tensor,
         }
+    }
+
+    /// Whether the next backward adds its gradients to those held (gradient
+    /// accumulation over micro-batches) instead of replacing them.
+    pub fn set_accumulate(&mut self, accumulate: bool) {
+        self.accumulate = accumulate;
     }
 
     /// fp8-o2: the linears' E4M3 weights are the optimizer's (no f32 copy exists).
@@ -708,10 +717,17 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
-        // Linear weights' gradients are overwritten by their dW GEMM; zero the rest.
-        for (i, li) in self.linear_of_tensor.iter().enumerate() {
-            if li.is_none() {
-                self.grads[self.layout.range(i)].fill(0.0);
+        // Linear weights' gradients are overwritten by their dW GEMM; zero the rest
+        // (unless accumulating micro-batches: then every backward op adds).
+        let accumulate = self.accumulate;
+        for lin in &mut self.linears {
+            lin.accumulate = accumulate;
+        }
+        if !accumulate {
+            for (i, li) in self.linear_of_tensor.iter().enumerate() {
+                if li.is_none() {
+                    self.grads[self.layout.range(i)].fill(0.0);
+                }
             }
         }
         let specs = self.grad_groups();
@@ -797,7 +813,7 @@ impl Model {
             Some(head)
         } else {
             if fp8 {
-                head.quantize_wgrad(head_scratch);
+                head.quantize_wgrad_acc(&mut head_scratch[..]);
             }
             on_final(FinalGrads {
                 group: GradGroup::Head,
@@ -833,7 +849,8 @@ impl Model {
                 n,
             );
             if fp8 {
-                lin[3].quantize_wgrad(&block_scratch[..lin[3].c * lin[3].oc]);
+                let len = lin[3].c * lin[3].oc;
+                lin[3].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
             let fch = at(&a.fch, l, bt * fc, n * fc);
             let dfch = &mut a.dfch[..n * fc];
@@ -854,7 +871,8 @@ impl Model {
                 n,
             );
             if fp8 {
-                lin[2].quantize_wgrad(&block_scratch[..lin[2].c * lin[2].oc]);
+                let len = lin[2].c * lin[2].oc;
+                lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
             let residual2 = at(&a.residual2, l, bt * c, n * c);
@@ -883,7 +901,8 @@ impl Model {
                 n,
             );
             if fp8 {
-                lin[1].quantize_wgrad(&block_scratch[..lin[1].c * lin[1].oc]);
+                let len = lin[1].c * lin[1].oc;
+                lin[1].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
             let qkv = at(&a.qkv, l, bt * 3 * c, n * 3 * c);
             let att = at(&a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
@@ -904,7 +923,8 @@ impl Model {
                 n,
             );
             if fp8 {
-                lin[0].quantize_wgrad(&block_scratch[..lin[0].c * lin[0].oc]);
+                let len = lin[0].c * lin[0].oc;
+                lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
@@ -932,7 +952,7 @@ impl Model {
             Some(head) => {
                 // the tied LM head's gradient is final only now (embedding lookup added)
                 if fp8 {
-                    head.quantize_wgrad(head_scratch);
+                    head.quantize_wgrad_acc(&mut head_scratch[..]);
                 }
                 std::slice::from_mut(head)
             }

@@ -262,6 +262,9 @@ pub struct Linear {
     /// FP8 only: the E4M3 weight is written by the optimizer (fp8-o2: it is the only
     /// copy of the weight the layers see; no f32 weight exists).
     pub weight_from_optimizer: bool,
+    /// Gradient accumulation: the backward adds this micro-batch's weight gradient to
+    /// the one held (f32 `dw` by the dW GEMM; FP8 by [`Linear::quantize_wgrad`]).
+    pub accumulate: bool,
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
@@ -291,6 +294,7 @@ impl Linear {
             precision,
             fp8,
             weight_from_optimizer: false,
+            accumulate: false,
             bf16,
             gemm_time: Duration::ZERO,
         }
@@ -414,6 +418,7 @@ impl Linear {
         n: usize,
     ) {
         let (c, oc) = (self.c, self.oc);
+        let acc_dw = self.accumulate;
         assert!(
             dinp.len() == n * c && dw.len() == oc * c && dout.len() == n * oc && inp.len() == n * c,
             "{}: shape mismatch",
@@ -427,7 +432,8 @@ impl Linear {
         match self.precision {
             LinearPrecision::Fp32 => {
                 self.gemm(s_dinp, MatRef::F32(dout), MatRef::F32(w), dinp, false);
-                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, false);
+                let acc = self.accumulate;
+                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, acc);
             }
             LinearPrecision::Bf16 => {
                 let cache = self.bf16.take().expect("bf16 cache");
@@ -457,7 +463,7 @@ impl Linear {
                         let sh = GemmShape::new(n, c, m);
                         self.gemm(sh, dy, MatRef::Bf16(&t.w[..m * c]), dinp, o0 > 0);
                         let sh = GemmShape::new(m, c, n).trans_a();
-                        self.gemm(sh, dy, x, &mut dw[o0 * c..(o0 + m) * c], false);
+                        self.gemm(sh, dy, x, &mut dw[o0 * c..(o0 + m) * c], acc_dw);
                     }
                 });
                 self.bf16 = Some(cache);
@@ -483,6 +489,29 @@ impl Linear {
     /// FP8 mode: cast the finished f32 weight gradient (all contributions summed, e.g. a
     /// tied embedding's) to [`WGRAD_FORMAT`] with a current power-of-two scale.
     pub fn quantize_wgrad(&mut self, dw_f32: &[f32]) {
+        self.quantize_wgrad_impl(dw_f32)
+    }
+
+    /// [`Linear::quantize_wgrad`] of a scratch gradient; with [`Linear::accumulate`] the
+    /// gradient held is decoded and added into `dw_f32` first, so the E5M2 buffer holds
+    /// the running sum over micro-batches (one E5M2 rounding per micro-batch).
+    pub fn quantize_wgrad_acc(&mut self, dw_f32: &mut [f32]) {
+        if let (true, Some(f)) = (self.accumulate, self.fp8.as_ref()) {
+            let table = cast::decode_table(f.wgrad.format);
+            let inv = 1.0 / f.wgrad.scale;
+            dw_f32
+                .par_chunks_mut(CAST_CHUNK)
+                .zip(f.wgrad.data.par_chunks(CAST_CHUNK))
+                .for_each(|(d, q)| {
+                    for (x, &b) in d.iter_mut().zip(q) {
+                        *x += table[b as usize] * inv;
+                    }
+                });
+        }
+        self.quantize_wgrad_impl(dw_f32)
+    }
+
+    fn quantize_wgrad_impl(&mut self, dw_f32: &[f32]) {
         if let Some(f) = self.fp8.as_mut() {
             let scale_of = |amax| {
                 scale_for_amax(WGRAD_FORMAT.max(), amax, 0, Default::default()).unwrap_or(1.0)
