@@ -192,13 +192,16 @@ fn memory(args: &ConfigArgs) -> Result<()> {
             .env(MEMORY_CHILD_ENV, p)
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find_map(|l| l.strip_prefix("PEAK ")).ok_or_else(|| {
-            anyhow::anyhow!(
-                "bench memory: the {p} child process reported no peak (exit {}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("PEAK "))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "bench memory: the {p} child process reported no peak (exit {}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
         rows.push(serde_json::from_str(line)?);
     }
     println!("ledger vs measured peak resident set (one process per precision; MB = 1e6 bytes):");

@@ -135,10 +135,7 @@ fn save_checkpoint(
     data: &dyn Dataset,
     run_dir: &Path,
     skipped: u64,
-    opt: Option<(
-        Vec<(String, fp8lm_optim::StateTensor)>,
-        Option<Vec<fp8lm_trainer::repartition::UnitSpan>>,
-    )>,
+    opt: Option<snapshot::GatheredState>,
 ) -> Result<PathBuf> {
     let mut extra = tr.dist_checkpoint_extra();
     extra.insert("skipped_steps".into(), json!(skipped));

@@ -163,8 +163,14 @@ impl Optimizer for AdamW {
         use crate::api::StateRef;
         f("adamw.t", StateRef::Scalar(self.t as f64));
         for (i, meta) in self.metas.iter().enumerate() {
-            f(&format!("adamw.m.{}", meta.name), StateRef::F32(&self.m_f32[i]));
-            f(&format!("adamw.v.{}", meta.name), StateRef::F32(&self.v_f32[i]));
+            f(
+                &format!("adamw.m.{}", meta.name),
+                StateRef::F32(&self.m_f32[i]),
+            );
+            f(
+                &format!("adamw.v.{}", meta.name),
+                StateRef::F32(&self.v_f32[i]),
+            );
         }
     }
 

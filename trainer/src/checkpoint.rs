@@ -633,9 +633,8 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         let all = list_checkpoints(root)?;
         if all.len() > keep {
             for (_, dir) in &all[..all.len() - keep] {
-                fs::remove_dir_all(dir).with_context(|| {
-                    format!("{}: cannot remove old checkpoint", dir.display())
-                })?;
+                fs::remove_dir_all(dir)
+                    .with_context(|| format!("{}: cannot remove old checkpoint", dir.display()))?;
             }
         }
     }

@@ -41,21 +41,24 @@ impl TensorData<'_> {
             TensorData::F32(v) => {
                 for c in v.chunks(N) {
                     buf.clear();
-                    c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    c.iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
                     out(&buf)?;
                 }
             }
             TensorData::F16(v) => {
                 for c in v.chunks(N) {
                     buf.clear();
-                    c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    c.iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
                     out(&buf)?;
                 }
             }
             TensorData::F64(v) => {
                 for c in v.chunks(N) {
                     buf.clear();
-                    c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                    c.iter()
+                        .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
                     out(&buf)?;
                 }
             }
@@ -143,7 +146,10 @@ pub fn write_group(
     for t in tensors.iter().filter(|t| t.scale.is_some()) {
         let n = format!("{}.scale", t.name);
         if names.contains(&n) {
-            bail!("tensor name {n} collides with the scale of tensor {}", t.name);
+            bail!(
+                "tensor name {n} collides with the scale of tensor {}",
+                t.name
+            );
         }
     }
     // Header: tensors in order, then the scales (one F32 each).

@@ -1220,8 +1220,9 @@ impl Trainer {
     /// The same optimizer step on every rank, on the reduced gradients. Returns (global
     /// grad norm, skipped).
     fn replicated_update(&mut self, loss: f32, nonfinite: bool, lr: f32, clip: f32) -> (f32, bool) {
-        let grad_norm =
-            self.norm_and_update(lr, clip, 1, |g| nonfinite || !loss.is_finite() || !g.is_finite());
+        let grad_norm = self.norm_and_update(lr, clip, 1, |g| {
+            nonfinite || !loss.is_finite() || !g.is_finite()
+        });
         (grad_norm.0, grad_norm.1)
     }
 

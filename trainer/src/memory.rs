@@ -276,7 +276,12 @@ impl MemoryLedger {
         l.add(
             Category::Workspace,
             "E5M2 output gradient of one linear (shared)",
-            model.linears.iter().map(|li| li.fp8_dy_bytes(rows)).max().unwrap_or(0),
+            model
+                .linears
+                .iter()
+                .map(|li| li.fp8_dy_bytes(rows))
+                .max()
+                .unwrap_or(0),
         );
         l.add(Category::Activations, "bf16 linear inputs (for dW)", b16);
         if precision == Precision::Bf16 {

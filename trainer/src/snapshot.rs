@@ -200,6 +200,9 @@ pub fn capture_with_state(
     ck
 }
 
+/// fp8-o3's optimizer state gathered from its owners, with its ZeRO units.
+pub type GatheredState = (Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>);
+
 /// Save a checkpoint of `tr` (after `tr.step()` steps) under `root`, streaming every
 /// tensor from where it lives: the model's weights from its buffers (fp8-o2's linear
 /// weights from the optimizer's FP16 master) and the optimizer's state borrowed through
@@ -210,7 +213,7 @@ pub fn save_trainer(
     tr: &Trainer,
     data: &dyn Dataset,
     mut extra: Value,
-    opt_state: Option<(Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>)>,
+    opt_state: Option<GatheredState>,
     root: &std::path::Path,
     keep: usize,
 ) -> Result<std::path::PathBuf> {
@@ -283,9 +286,7 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
 /// (restored) scaling states.
 fn sync_compute_weights(tr: &mut Trainer) -> Result<()> {
     let (model, opt) = tr.model_and_optimizer_mut();
-    model
-        .write_compute_weights(opt)
-        .map_err(anyhow::Error::msg)
+    model.write_compute_weights(opt).map_err(anyhow::Error::msg)
 }
 
 /// The unit list of a checkpoint whose optimizer state is cut into ZeRO units (fp8-o3).

@@ -31,7 +31,10 @@ fn optimizer_written_e4m3_weights_match_casting_f32_weights() {
     for recipe in ["delayed", "current"] {
         let (a, ta) = run(Precision::Fp8O2, recipe, 8);
         let (b, tb) = run(Precision::Fp8O3, recipe, 8);
-        assert_eq!(a, b, "{recipe}: losses (bits) of fp8-o2 storage vs f32 weights");
+        assert_eq!(
+            a, b,
+            "{recipe}: losses (bits) of fp8-o2 storage vs f32 weights"
+        );
         assert!(ta.model().weights_from_optimizer() && !tb.model().weights_from_optimizer());
         assert_eq!(
             ta.optimizer().export_state(),
@@ -40,10 +43,23 @@ fn optimizer_written_e4m3_weights_match_casting_f32_weights() {
         );
         for (la, lb) in ta.model().linears.iter().zip(&tb.model().linears) {
             let (fa, fb) = (la.fp8.as_ref().unwrap(), lb.fp8.as_ref().unwrap());
-            assert_eq!(fa.w.data(), fb.w.data(), "{recipe}: {} E4M3 weight", la.name);
+            assert_eq!(
+                fa.w.data(),
+                fb.w.data(),
+                "{recipe}: {} E4M3 weight",
+                la.name
+            );
             assert_eq!(fa.w.held_scale(), fb.w.held_scale(), "{}", la.name);
-            assert_eq!(fa.w.stats, fb.w.stats, "{recipe}: {} weight cast stats", la.name);
-            assert_eq!(fa.w.state, fb.w.state, "{recipe}: {} weight scaling", la.name);
+            assert_eq!(
+                fa.w.stats, fb.w.stats,
+                "{recipe}: {} weight cast stats",
+                la.name
+            );
+            assert_eq!(
+                fa.w.state, fb.w.state,
+                "{recipe}: {} weight scaling",
+                la.name
+            );
             assert_eq!(fa.wgrad, fb.wgrad, "{recipe}: {} E5M2 gradient", la.name);
         }
         // The linears' weights have no f32 storage: their pages were never written.

@@ -97,9 +97,15 @@ fn accumulated_micro_batches_match_one_big_batch() {
     let (l_acc, g_acc) = one_step(Precision::Fp32, b, k);
     let (l_big, g_big) = one_step(Precision::Fp32, k * b, 1);
     let tol32 = 4.0 * (k * b * t) as f64 * 2f64.powi(-24);
-    assert!(((l_acc - l_big) / l_big).abs() as f64 <= tol32, "{l_acc} vs {l_big}");
+    assert!(
+        ((l_acc - l_big) / l_big).abs() as f64 <= tol32,
+        "{l_acc} vs {l_big}"
+    );
     let e = rel_l2(&g_acc, &g_big, 1.0 / k as f64);
-    assert!(e <= tol32, "fp32 gradient: relative error {e:e} > {tol32:e}");
+    assert!(
+        e <= tol32,
+        "fp32 gradient: relative error {e:e} > {tol32:e}"
+    );
     // fp8-o2: E5M2 accumulation
     let (l_acc, g_acc) = one_step(Precision::Fp8O2, b, k);
     let (l_big, g_big) = one_step(Precision::Fp8O2, k * b, 1);
@@ -110,11 +116,15 @@ fn accumulated_micro_batches_match_one_big_batch() {
     // The test can fail: one micro-batch fewer is far off.
     let (_, g_short) = one_step(Precision::Fp8O2, b, k - 1);
     let e_short = rel_l2(&g_short, &g_big, 1.0 / (k - 1) as f64);
-    assert!(e_short > tol8, "dropping a micro-batch went unnoticed ({e_short})");
+    assert!(
+        e_short > tol8,
+        "dropping a micro-batch went unnoticed ({e_short})"
+    );
 }
 
 #[test]
 fn grad_accum_zero_is_refused() {
-    let e = fp8lm_trainer::config_file::load_config_str("grad_accum = 0\n", "test", &[]).unwrap_err();
+    let e =
+        fp8lm_trainer::config_file::load_config_str("grad_accum = 0\n", "test", &[]).unwrap_err();
     assert_eq!(e.key, "grad_accum");
 }

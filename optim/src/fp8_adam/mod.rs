@@ -725,7 +725,13 @@ impl Optimizer for Fp8Adam {
         self.step_to(&mut outs, grads, lr, grad_scale)
     }
 
-    fn step_to(&mut self, params: &mut [ParamOut<'_>], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
+    fn step_to(
+        &mut self,
+        params: &mut [ParamOut<'_>],
+        grads: &[Grad<'_>],
+        lr: f32,
+        grad_scale: f32,
+    ) {
         assert_eq!(
             params.len(),
             self.tensors.len(),
@@ -898,7 +904,10 @@ impl Optimizer for Fp8Adam {
         f("step", StateRef::Scalar(self.step as f64));
         for t in &self.tensors {
             for (s, b) in t.bufs.iter().enumerate() {
-                f(&format!("{}.{}", t.meta.name, STATE_NAMES[s]), b.as_state_ref());
+                f(
+                    &format!("{}.{}", t.meta.name, STATE_NAMES[s]),
+                    b.as_state_ref(),
+                );
             }
             for (s, &a) in t.amax.iter().enumerate() {
                 let name = format!("{}.{}.amax", t.meta.name, STATE_NAMES[s]);

@@ -236,6 +236,10 @@ fn encoder_forward_f16(
     });
 }
 
+/// [`Model::new_fp8_compute`]'s callback: (tensor index, its initial values, whether it
+/// is an FP8 linear's weight).
+pub type TensorInit<'a> = dyn FnMut(usize, &mut [f32], bool) -> Result<(), String> + 'a;
+
 /// The FP8 targets' results after an update, per tensor.
 pub fn written_of(outs: &[ParamOut<'_>]) -> Vec<Option<Fp8Written>> {
     outs.iter()
@@ -339,7 +343,7 @@ impl Model {
         dims: Dims,
         precision: LinearPrecision,
         seed: u64,
-        on_tensor: &mut dyn FnMut(usize, &mut [f32], bool) -> Result<(), String>,
+        on_tensor: &mut TensorInit<'_>,
     ) -> Result<Model, String> {
         if !matches!(precision, LinearPrecision::Fp8 { .. }) {
             return Err("new_fp8_compute needs FP8 linears".into());
@@ -946,7 +950,11 @@ impl Model {
             });
         }
         let (dwte, dwpe) = two_mut(emb_g, lay.range(lay.wte), lay.wpe.map(|i| lay.range(i)));
-        let dwte = if fp8 && tied { &mut head_scratch[..] } else { dwte };
+        let dwte = if fp8 && tied {
+            &mut head_scratch[..]
+        } else {
+            dwte
+        };
         Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
         let linears: &mut [Linear] = match head {
             Some(head) => {

@@ -96,7 +96,8 @@ impl Fp8Operand {
     /// weights' own amax" (current scaling, or a delayed state's first cast).
     pub fn optimizer_target(&mut self) -> Fp8Out<'_> {
         let st = &self.state;
-        let known = matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
+        let known =
+            matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
         Fp8Out {
             data: &mut self.data,
             format: st.format,
@@ -129,8 +130,13 @@ impl Fp8Operand {
             ScalingRecipe::Delayed { .. } => st.record_amax(w.amax),
         }
         let s = &mut self.stats;
-        (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
-            (w.amax, w.scale, w.saturated, w.flushed, self.data.len() as u64);
+        (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
+            w.amax,
+            w.scale,
+            w.saturated,
+            w.flushed,
+            self.data.len() as u64,
+        );
         s.total_overflow += w.saturated;
         s.total_underflow += w.flushed;
         s.casts += 1;
