@@ -11,8 +11,10 @@
 //! Classification rules (applied by whoever fills the ledger):
 //! - the buffer the layers read is *compute weights*, unless it is itself the master
 //!   (fp32, bf16 and fp8-o1 keep f32 weights that the optimizer updates in place);
-//! - a *gradient* is the buffer the optimizer reads; when the backward accumulates in a
-//!   wider buffer first and casts (f32 -> FP8), that accumulation buffer is *workspace*.
+//! - a *gradient* is the buffer the optimizer reads (E5M2 for FP8 linears); the one-layer
+//!   f32 scratch their dW GEMM writes before the cast is *workspace* (it is sized by the
+//!   largest layer, not by the model);
+//! - [`measure_peak`] checks the whole ledger against the process's peak resident set.
 
 use crate::config::{Precision, RunConfig};
 use crate::train::Trainer;

@@ -17,7 +17,10 @@
 //! ```
 //! and re-encode each state with a power-of-two scale from its *new* amax. The model's
 //! compute weights are then set to the f32 view of the new master (`params == master /
-//! scale` exactly, always).
+//! scale` exactly, always), or, for an FP8 target ([`crate::ParamOut::Fp8`]), that view
+//! is cast to E4M3 chunk by chunk while in cache (never stored in f32): with the
+//! target's known scale, or with a guess re-cast from the master only if the new amax
+//! asks for another scale.
 //!
 //! ## One pass over memory although the scale depends on the result
 //! The encode needs the new amax, which is known only after every element is updated.
