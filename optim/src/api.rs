@@ -152,9 +152,10 @@ pub trait Optimizer: Send {
             .collect();
         self.step(&mut ps, grads, lr, grad_scale)
     }
-    /// Write the compute weights from the current master without updating it (after
-    /// construction, a checkpoint restore, or a skipped step whose forward moved a
-    /// delayed scale). Optimizers whose f32 weights are the master have nothing to do.
+    /// Write the FP8 compute weights (`ParamOut::Fp8` targets; f32 targets are left as
+    /// they are) from the current master without updating it (after construction, a
+    /// checkpoint restore, or a skipped step whose forward moved a delayed scale).
+    /// Optimizers whose f32 weights are the master have nothing to do.
     fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
         let _ = outs;
         Ok(())

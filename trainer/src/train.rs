@@ -306,6 +306,28 @@ impl Trainer {
     pub fn model(&self) -> &Model {
         &self.model
     }
+    /// Tensor `i`'s weights as f32: the model's own, or (fp8-o2's linears, which have
+    /// no f32 copy) the f32 view of the optimizer's FP16 master, exactly.
+    pub fn weight_f32(&self, i: usize) -> Vec<f32> {
+        let m = &self.model;
+        match self.optimizer.master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => {
+                let mut v = vec![0f32; h.len()];
+                fp8lm_fp8::cast::f16_to_f32_amax(h, 1.0 / scale, &mut v);
+                v
+            }
+            _ => m.params[m.layout.range(i)].to_vec(),
+        }
+    }
+    /// Every tensor's [`Trainer::weight_f32`], flat in layout order (what `params` holds
+    /// where every weight is f32).
+    pub fn weights_f32_all(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.model.layout.total);
+        for i in 0..self.model.layout.metas.len() {
+            out.extend(self.weight_f32(i));
+        }
+        out
+    }
     /// The model and the optimizer, borrowed together.
     pub fn model_and_optimizer_mut(&mut self) -> (&mut Model, &dyn Optimizer) {
         (&mut self.model, self.optimizer.as_ref())

@@ -796,8 +796,10 @@ impl Optimizer for Fp8Adam {
             ));
         }
         for (ts, out) in self.tensors.iter().zip(outs.iter_mut()) {
+            // f32 weights belong to the model (already the master's view, or just
+            // loaded): only FP8 compute copies are (re)written from the master.
             let n = match out {
-                ParamOut::F32(p) => p.len(),
+                ParamOut::F32(_) => continue,
                 ParamOut::Fp8(o) => o.data.len(),
             };
             if n != ts.bufs[0].len() {
