@@ -270,8 +270,13 @@ impl MemoryLedger {
         l.add(Category::ComputeWeights, "E4M3 weight copies (linears)", w8);
         l.add(
             Category::Activations,
-            "f32 activations and backward scratch",
+            "f32 activations kept for the backward (and logits)",
             model.activation_bytes(),
+        );
+        l.add(
+            Category::Workspace,
+            "f32 activation-gradient scratch of one layer",
+            model.backward_scratch_bytes(),
         );
         l.add(Category::Activations, "E4M3 linear inputs (for dW)", a8);
         let rows = model.dims.b * model.dims.t;

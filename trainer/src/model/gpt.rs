@@ -121,14 +121,24 @@ impl Acts {
             &self.lnf_rstd,
             &self.logits,
             &self.losses,
+        ];
+        all.iter().map(|v| v.len() * 4).sum::<usize>() + self.scratch_bytes()
+    }
+
+    /// The backward's one-layer gradient scratch (dresidual, dln, datty, dqkv, dfch,
+    /// dfch_act).
+    fn scratch_bytes(&self) -> usize {
+        [
             &self.dresidual,
             &self.dln,
             &self.datty,
             &self.dqkv,
             &self.dfch,
             &self.dfch_act,
-        ];
-        all.iter().map(|v| v.len() * 4).sum()
+        ]
+        .iter()
+        .map(|v| v.len() * 4)
+        .sum()
     }
 }
 
@@ -464,6 +474,16 @@ impl Model {
 
     /// Bytes of the activation arena.
     pub fn activation_bytes(&self) -> usize {
+        self.acts.bytes() - self.acts.scratch_bytes()
+    }
+
+    /// Bytes of the backward's one-layer activation-gradient scratch.
+    pub fn backward_scratch_bytes(&self) -> usize {
+        self.acts.scratch_bytes()
+    }
+
+    /// Bytes of the activation arena, backward scratch included.
+    pub fn arena_bytes(&self) -> usize {
         self.acts.bytes()
     }
 
