@@ -159,8 +159,20 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
+/// Set in the child processes of `fp8lm bench memory` (one per precision, so each
+/// peak resident set is its own): the precision to measure.
+const MEMORY_CHILD_ENV: &str = "FP8LM_BENCH_MEMORY_CHILD";
+
 fn memory(args: &ConfigArgs) -> Result<()> {
     let cfg = crate::run::load(args)?;
+    if let Ok(p) = std::env::var(MEMORY_CHILD_ENV) {
+        let mut c = cfg.clone();
+        c.precision = serde_json::from_value(serde_json::json!(p))
+            .map_err(|e| anyhow::anyhow!("{MEMORY_CHILD_ENV}={p}: {e}"))?;
+        let r = fp8lm_trainer::memory::measure_peak(&c, c.vocab(), 2)?;
+        println!("PEAK {}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     println!(
         "memory ledger: model {}L {}H {}C T={} B={} V={} (from the config; change it with --config/--set)",
         cfg.model.layers,
@@ -174,11 +186,29 @@ fn memory(args: &ConfigArgs) -> Result<()> {
         "{}",
         fp8lm_trainer::memory::bench_memory(&cfg, cfg.vocab(), true)?
     );
-    if let Some(rss) = fp8lm_trainer::memory::resident_bytes() {
-        println!(
-            "process resident memory now: {:.1} MiB",
-            rss as f64 / (1 << 20) as f64
-        );
+    // Measured: each precision in a child process (2 training steps, an evaluation and
+    // a checkpoint save, as `fp8lm train` does), peak resident set start-up included.
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for p in ["fp32", "bf16", "fp8-o1", "fp8-o2"] {
+        let out = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(MEMORY_CHILD_ENV, p)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("PEAK "))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "bench memory: the {p} child process reported no peak (exit {}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        rows.push(serde_json::from_str(line)?);
     }
+    println!("ledger vs measured peak resident set (one process per precision; MB = 1e6 bytes):");
+    print!("{}", fp8lm_trainer::memory::peak_table(&rows));
     Ok(())
 }

@@ -207,13 +207,20 @@ fn save_checkpoint(
     data: &dyn Dataset,
     run_dir: &Path,
     skipped: u64,
-    opt: Vec<(String, fp8lm_optim::StateTensor)>,
-    units: Option<Vec<fp8lm_trainer::repartition::UnitSpan>>,
+    opt: Option<snapshot::GatheredState>,
 ) -> Result<PathBuf> {
     let mut extra = tr.dist_checkpoint_extra();
     extra.insert("skipped_steps".into(), json!(skipped));
-    let ck = snapshot::capture_with_state(tr, data, serde_json::Value::Object(extra), opt, units);
-    let dir = ck.save(&run_dir.join("checkpoints"), tr.cfg.checkpoint_keep)?;
+    // Streamed from the trainer's own buffers (no copy of the state); `opt` is fp8-o3's
+    // gathered optimizer state.
+    let dir = snapshot::save_trainer(
+        tr,
+        data,
+        serde_json::Value::Object(extra),
+        opt,
+        &run_dir.join("checkpoints"),
+        tr.cfg.checkpoint_keep,
+    )?;
     tracing::info!("checkpoint saved: {}", dir.display());
     Ok(dir)
 }
@@ -625,9 +632,9 @@ fn train_ranked(
             || done == max_steps
             || (stopped_by.is_some() && diverged.is_none())
         {
-            let (opt, units) = match comm {
-                Some(c) => tr.gather_optimizer_state(c)?,
-                None => (tr.optimizer().export_state(), None),
+            let opt = match comm {
+                Some(c) => Some(tr.gather_optimizer_state(c)?),
+                None => None,
             };
             if root {
                 last_ckpt = Some(save_checkpoint(
@@ -636,7 +643,6 @@ fn train_ranked(
                     &run_dir,
                     skipped_before + tr.skipped_steps(),
                     opt,
-                    units,
                 )?);
             }
         }

@@ -159,6 +159,21 @@ impl Optimizer for AdamW {
         out
     }
 
+    fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, crate::api::StateRef<'a>)) {
+        use crate::api::StateRef;
+        f("adamw.t", StateRef::Scalar(self.t as f64));
+        for (i, meta) in self.metas.iter().enumerate() {
+            f(
+                &format!("adamw.m.{}", meta.name),
+                StateRef::F32(&self.m_f32[i]),
+            );
+            f(
+                &format!("adamw.v.{}", meta.name),
+                StateRef::F32(&self.v_f32[i]),
+            );
+        }
+    }
+
     fn import_state(&mut self, state: Vec<(String, StateTensor)>) -> Result<(), String> {
         let mut t = None;
         let mut m = vec![None; self.metas.len()];

@@ -15,9 +15,11 @@
 //! - [`experiment`] and [`bench`](mod@bench): the convex problems the numerics tests and ablation
 //!   example share, and the step-time benchmark (`examples/bench_optim.rs`).
 //!
-//! The trainer owns the model's compute weights (f32 buffers the layers read); an
-//! optimizer reads gradients, updates its own state and writes new compute weights back
-//! (for the FP8 optimizer: exactly the f32 view of its FP16 master).
+//! The trainer owns the model's compute weights; an optimizer reads gradients, updates
+//! its own state and writes new compute weights where the model keeps them
+//! ([`ParamOut`]): f32 buffers (for the FP8 optimizer exactly the f32 view of its FP16
+//! master) or, for fp8-o2's linears, an FP8 E4M3 copy the optimizer casts from each
+//! chunk of the new master in the same fused pass (no f32 copy of the weights exists).
 
 pub mod adamw;
 pub mod api;
@@ -28,5 +30,8 @@ pub mod lanes;
 pub mod zero;
 
 pub use adamw::AdamW;
-pub use api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+pub use api::{
+    AdamWHyper, Fp8Out, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateRef,
+    StateTensor,
+};
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};

@@ -51,7 +51,7 @@ fn dp_run(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<(Vec<f32>, Vec<f32
             assert!(st.comm > std::time::Duration::ZERO);
             losses.push(st.loss);
         }
-        Ok((losses, tr.model().params.clone()))
+        Ok((losses, tr.weights_f32_all()))
     })
     .unwrap()
 }

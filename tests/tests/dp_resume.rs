@@ -61,7 +61,7 @@ fn run_with_checkpoint(
                 }
             }
         }
-        Ok((losses, tr.model().params.clone(), saved))
+        Ok((losses, tr.weights_f32_all(), saved))
     })
     .unwrap();
     let ck = Checkpoint::load(out[0].2.as_ref().unwrap()).unwrap();
@@ -91,7 +91,7 @@ fn resume(cfg: &RunConfig, ranks: usize, ck: &Checkpoint, steps: usize) -> Vec<R
             tr.enable_data_parallel(c)?;
         }
         tr.restore_dist_extra(&ck.meta.extra)?;
-        let params0 = tr.model().params.clone();
+        let params0 = tr.weights_f32_all();
         let state0 = tr.gather_optimizer_state(c)?;
         let mut losses = vec![];
         for _ in 0..steps {
@@ -102,7 +102,7 @@ fn resume(cfg: &RunConfig, ranks: usize, ck: &Checkpoint, steps: usize) -> Vec<R
         Ok(Resumed {
             params0,
             losses,
-            params: tr.model().params.clone(),
+            params: tr.weights_f32_all(),
             state0,
         })
     })
@@ -171,7 +171,7 @@ fn fp8_o3_four_ranks_resume_on_two_with_repartitioned_state() {
         let mut data = MarkovCorpus::new(cfg.seed);
         let mut tr = Trainer::new(&cfg, data.vocab_size()).unwrap();
         snapshot::restore_except_optimizer(&mut tr, &mut data, &ck).unwrap();
-        tr.model().params.clone()
+        tr.weights_f32_all()
     };
     let amax = ck_params.iter().fold(0f32, |m, x| m.max(x.abs()));
     for (r, x) in res.iter().enumerate() {

@@ -17,13 +17,14 @@
 
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::ckpt_stream::{write_group, StreamTensor};
 use crate::config::RunConfig;
 
 pub const FORMAT: &str = "fp8lm-checkpoint-v1";
@@ -307,39 +308,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
-fn serialize_group(tensors: &[CkptTensor], meta: &HashMap<String, String>) -> Result<Vec<u8>> {
-    let mut scales: Vec<(String, [u8; 4])> = Vec::new();
-    let mut names = std::collections::HashSet::new();
-    for t in tensors {
-        if !names.insert(t.name.clone()) {
-            bail!("duplicate tensor name {}", t.name);
-        }
-        if t.dtype.is_fp8() && t.scale.is_none() {
-            bail!("tensor {}: FP8 tensor without a scale", t.name);
-        }
-        if let Some(s) = t.scale {
-            scales.push((format!("{}.scale", t.name), s.to_le_bytes()));
-        }
-    }
-    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
-    for t in tensors {
-        views.push((
-            t.name.clone(),
-            TensorView::new(t.dtype.to_st(), t.shape.clone(), &t.bytes)?,
-        ));
-    }
-    for (n, b) in &scales {
-        if names.contains(n) {
-            bail!(
-                "tensor name {n} collides with the scale of tensor {}",
-                &n[..n.len() - 6]
-            );
-        }
-        views.push((n.clone(), TensorView::new(Dtype::F32, vec![1], b)?));
-    }
-    Ok(safetensors::tensor::serialize(views, &Some(meta.clone()))?)
-}
-
 /// Read one safetensors file on its own (no checksum: that lives in `checkpoint.json`),
 /// pairing FP8 tensors with their `.scale` tensors.
 pub fn read_safetensors_file(file: &Path) -> Result<Vec<CkptTensor>> {
@@ -483,9 +451,30 @@ impl Checkpoint {
         keep: usize,
         hook: &mut dyn FnMut(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
+        let groups: Vec<(String, Vec<StreamTensor<'_>>)> = self
+            .groups
+            .iter()
+            .map(|(g, ts)| (g.clone(), ts.iter().map(StreamTensor::from_ckpt).collect()))
+            .collect();
+        save_streamed(&self.meta, &groups, root, keep, hook)
+    }
+}
+
+/// Save a checkpoint whose tensors are written straight from where they live (see
+/// [`crate::ckpt_stream`]): `groups` are (file stem, tensors). Atomic as
+/// [`Checkpoint::save`] (temporary directory, fsync, rename, fsync); keeps the newest
+/// `keep`; `hook` runs after each file is written (crash tests).
+pub fn save_streamed(
+    meta: &CheckpointMeta,
+    groups: &[(String, Vec<StreamTensor<'_>>)],
+    root: &Path,
+    keep: usize,
+    hook: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    {
         fs::create_dir_all(root)
             .with_context(|| format!("{}: cannot create checkpoint folder", root.display()))?;
-        let name = step_dir_name(self.meta.step);
+        let name = step_dir_name(meta.step);
         let final_dir = root.join(&name);
         let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp.exists() {
@@ -493,32 +482,21 @@ impl Checkpoint {
         }
         fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
-        let mut meta = self.meta.clone();
+        let mut meta = meta.clone();
         meta.format = FORMAT.into();
         meta.files.clear();
-        let st_meta: HashMap<String, String> = [
+        let st_meta: BTreeMap<String, String> = [
             ("format".to_string(), "pt".to_string()),
             ("fp8lm.format".to_string(), FORMAT.to_string()),
             ("fp8lm.step".to_string(), meta.step.to_string()),
         ]
         .into();
-        for (group, tensors) in &self.groups {
+        for (group, tensors) in groups {
             let fname = format!("{group}.safetensors");
-            let bytes = serialize_group(tensors, &st_meta)
-                .with_context(|| format!("checkpoint group {group}"))?;
             let path = tmp.join(&fname);
-            let mut f = File::create(&path)
-                .with_context(|| format!("{}: cannot create", path.display()))?;
-            f.write_all(&bytes)
-                .with_context(|| format!("{}: write failed", path.display()))?;
-            f.sync_all()?;
-            meta.files.insert(
-                fname,
-                FileSum {
-                    bytes: bytes.len() as u64,
-                    crc32: crc_hex(&bytes),
-                },
-            );
+            let (bytes, crc32) = write_group(&path, tensors, &st_meta)
+                .with_context(|| format!("checkpoint group {group}"))?;
+            meta.files.insert(fname, FileSum { bytes, crc32 });
             hook(&path)?;
         }
         let mpath = tmp.join(META_FILE);
@@ -540,32 +518,12 @@ impl Checkpoint {
         if old.exists() {
             fs::remove_dir_all(&old).ok();
         }
-        self.prune(root, keep)?;
+        prune(root, keep)?;
         Ok(final_dir)
     }
+}
 
-    fn prune(&self, root: &Path, keep: usize) -> Result<()> {
-        // Leftovers of interrupted saves are never loadable; drop them.
-        for e in fs::read_dir(root)? {
-            let e = e?;
-            let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with(".step_") && (n.contains(".tmp-") || n.contains(".old-")) {
-                fs::remove_dir_all(e.path()).ok();
-            }
-        }
-        if keep > 0 {
-            let all = list_checkpoints(root)?;
-            if all.len() > keep {
-                for (_, dir) in &all[..all.len() - keep] {
-                    fs::remove_dir_all(dir).with_context(|| {
-                        format!("{}: cannot remove old checkpoint", dir.display())
-                    })?;
-                }
-            }
-        }
-        Ok(())
-    }
-
+impl Checkpoint {
     /// Load and verify a checkpoint. `path` may be a checkpoint directory, a folder of
     /// checkpoints (the newest is taken) or a run directory (its `checkpoints/`).
     pub fn load(path: &Path) -> Result<Checkpoint> {
@@ -660,6 +618,27 @@ impl Checkpoint {
         }
         Ok(t)
     }
+}
+
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    // Leftovers of interrupted saves are never loadable; drop them.
+    for e in fs::read_dir(root)? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with(".step_") && (n.contains(".tmp-") || n.contains(".old-")) {
+            fs::remove_dir_all(e.path()).ok();
+        }
+    }
+    if keep > 0 {
+        let all = list_checkpoints(root)?;
+        if all.len() > keep {
+            for (_, dir) in &all[..all.len() - keep] {
+                fs::remove_dir_all(dir)
+                    .with_context(|| format!("{}: cannot remove old checkpoint", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Find the checkpoint directory `path` refers to (see [`Checkpoint::load`]).

@@ -252,6 +252,9 @@ pub struct RunConfig {
     pub batch: usize,
     /// "cpu", "cuda" or "cuda:N" (see [`Device::parse`]).
     pub device: String,
+    /// Micro-batches of `batch` sequences per optimizer step (gradients accumulated
+    /// over them; see `Trainer::train_step`). 1 = no accumulation.
+    pub grad_accum: usize,
     pub model: ModelConfig,
     pub optim: OptimConfig,
     pub fp8: Fp8Config,
@@ -276,6 +279,7 @@ impl Default for RunConfig {
             tokenizer: "byte".into(),
             batch: 32,
             device: "cpu".into(),
+            grad_accum: 1,
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
             fp8: Fp8Config::default(),
@@ -348,6 +352,7 @@ impl RunConfig {
         pos("batch", self.batch)?;
         Device::parse(&self.device)
             .map_err(|allowed| bad("device", format!("{:?}", self.device), allowed))?;
+        pos("grad_accum", self.grad_accum)?;
         if self.eval_every > 0 {
             pos("eval_batches", self.eval_batches)?;
         }

@@ -794,6 +794,15 @@ impl Trainer {
         comm: &dyn Communicator,
         zero_state: Option<(&[NamedState], &[UnitSpan])>,
     ) -> Result<()> {
+        if self.cfg.grad_accum > 1 {
+            bail!(
+                "grad_accum = {}: gradient accumulation is not supported with data \
+                 parallelism yet (rank {} of {}); use grad_accum = 1 or one process",
+                self.cfg.grad_accum,
+                comm.rank(),
+                comm.size()
+            );
+        }
         let toml = crate::config_file::to_toml(&self.cfg);
         fp8lm_collectives::agree_config(comm, "training config", toml.as_bytes())
             .map_err(comm_err)?;
@@ -1211,14 +1220,10 @@ impl Trainer {
     /// The same optimizer step on every rank, on the reduced gradients. Returns (global
     /// grad norm, skipped).
     fn replicated_update(&mut self, loss: f32, nonfinite: bool, lr: f32, clip: f32) -> (f32, bool) {
-        let (mut params, grads) = self.model.params_and_grads();
-        let grad_norm = global_grad_norm(&grads);
-        let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
-        if !skipped {
-            self.optimizer
-                .step(&mut params, &grads, lr, clip_scale(grad_norm, clip));
-        }
-        (grad_norm, skipped)
+        let grad_norm = self.norm_and_update(lr, clip, 1, |g| {
+            nonfinite || !loss.is_finite() || !g.is_finite()
+        });
+        (grad_norm.0, grad_norm.1)
     }
 
     /// FP8 ZeRO, after the backward packed the gradients ([`Zero::pack_group`]): reduce

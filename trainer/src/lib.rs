@@ -5,8 +5,12 @@
 //! and tokenizers, the training loop, checkpoints and metrics.
 //!
 //! ## The training engine, for the run loop, checkpoints and metrics
-//! - [`Trainer::new`]`(&cfg, vocab)` builds the model (seeded init) and fp32 AdamW;
-//!   config errors name the key. [`Trainer::set_optimizer`] swaps in another optimizer.
+//! - [`Trainer::new`]`(&cfg, vocab)` builds the model (seeded init) and the precision's
+//!   optimizer: fp32 AdamW (fp32, bf16, fp8-o1), `Fp8Adam` (fp8-o2: built tensor by
+//!   tensor with the model, whose linears then compute with the E4M3 weights it writes;
+//!   fp8-o3: over f32 weights, replaced by the rank's ZeRO share under data
+//!   parallelism). Config errors name the key. [`Trainer::set_optimizer`] swaps in
+//!   another optimizer.
 //! - [`Trainer::train_step`]`(&mut dyn Dataset)` -> [`StepStats`] (loss, grad norm, lr,
 //!   skipped, tokens, forward/backward/optimizer/GEMM times). Non-finite steps are
 //!   skipped, never applied.
@@ -35,6 +39,7 @@ pub use config_file::{load_config, load_config_str};
 pub mod agreement;
 pub mod bench;
 pub mod checkpoint;
+pub mod ckpt_stream;
 pub mod memory;
 pub mod metrics;
 pub mod plot;

@@ -11,8 +11,10 @@
 //! Classification rules (applied by whoever fills the ledger):
 //! - the buffer the layers read is *compute weights*, unless it is itself the master
 //!   (fp32, bf16 and fp8-o1 keep f32 weights that the optimizer updates in place);
-//! - a *gradient* is the buffer the optimizer reads; when the backward accumulates in a
-//!   wider buffer first and casts (f32 -> FP8), that accumulation buffer is *workspace*.
+//! - a *gradient* is the buffer the optimizer reads (E5M2 for FP8 linears); the one-layer
+//!   f32 scratch their dW GEMM writes before the cast is *workspace* (it is sized by the
+//!   largest layer, not by the model);
+//! - [`measure_peak`] checks the whole ledger against the process's peak resident set.
 
 use crate::config::{Precision, RunConfig};
 use crate::train::Trainer;
@@ -213,21 +215,30 @@ impl MemoryLedger {
         // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
         // rank's ZeRO share (after `Trainer::enable_data_parallel`).
         let o2 = matches!(precision, Precision::Fp8O2 | Precision::Fp8O3);
-        if o2 {
-            l.add(
+        // f32 weights in the model: every tensor, except fp8-o2's linear weights (their
+        // E4M3 copy, written by the optimizer, is the only weight the layers see).
+        let f32_params: usize = (0..model.layout.metas.len())
+            .filter(|&i| model.param_is_f32(i))
+            .map(|i| 4 * model.layout.metas[i].numel())
+            .sum();
+        match precision {
+            Precision::Fp8O2 => l.add(
                 Category::ComputeWeights,
-                "f32 view of the master (the layers' input)",
-                4 * n,
-            );
-        } else {
-            l.add(
+                "f32 weights of norms/biases/positions (layers' copy)",
+                f32_params,
+            ),
+            Precision::Fp8O3 => l.add(
+                Category::ComputeWeights,
+                "f32 view of the masters (shared by the owners)",
+                f32_params,
+            ),
+            _ => l.add(
                 Category::MasterWeights,
                 "f32 weights (the master, read by the layers)",
-                4 * n,
-            );
+                f32_params,
+            ),
         }
-        // Gradients as the optimizer receives them; the rest of the f32 accumulation
-        // buffer is backward workspace.
+        // Gradients as the optimizer receives them: E5M2 for FP8 linears, f32 otherwise.
         let (mut fp8_grads, mut f32_grads) = (0usize, 0usize);
         for (i, lin) in model.linear_of_tensor.iter().enumerate() {
             let numel = model.layout.metas[i].numel();
@@ -244,8 +255,8 @@ impl MemoryLedger {
         l.add(Category::Gradients, "f32 gradients", f32_grads);
         l.add(
             Category::Workspace,
-            "f32 gradient accumulation cast to FP8",
-            4 * n - f32_grads,
+            "f32 dW scratch, cast to E5M2 (tied head + largest block linear)",
+            model.wgrad_scratch_bytes(),
         );
         let (mut w8, mut a8, mut b16) = (0, 0, 0);
         for lin in &model.linears {
@@ -259,15 +270,41 @@ impl MemoryLedger {
         l.add(Category::ComputeWeights, "E4M3 weight copies (linears)", w8);
         l.add(
             Category::Activations,
-            "f32 activations and backward scratch",
+            "f32 activations kept for the backward (and logits)",
             model.activation_bytes(),
         );
         l.add(
-            Category::Activations,
-            "FP8 GEMM inputs (E4M3 x, E5M2 dy)",
-            a8,
+            Category::Workspace,
+            "f32 activation-gradient scratch of one layer",
+            model.backward_scratch_bytes(),
         );
-        l.add(Category::Workspace, "bf16 GEMM operand copies", b16);
+        l.add(Category::Activations, "E4M3 linear inputs (for dW)", a8);
+        let rows = model.dims.b * model.dims.t;
+        l.add(
+            Category::Workspace,
+            "E5M2 output gradient of one linear (shared)",
+            model
+                .linears
+                .iter()
+                .map(|li| li.fp8_dy_bytes(rows))
+                .max()
+                .unwrap_or(0),
+        );
+        l.add(Category::Activations, "bf16 linear inputs (for dW)", b16);
+        if precision == Precision::Bf16 {
+            let rows = model.dims.b * model.dims.t;
+            let tiles = model
+                .linears
+                .iter()
+                .map(|li| crate::model::linear::bf16_tile_bytes(rows, li.c, li.oc))
+                .max()
+                .unwrap_or(0);
+            l.add(
+                Category::Workspace,
+                "bf16 GEMM tiles (weight, dy, output; one thread)",
+                tiles,
+            );
+        }
         let formats = if o2 {
             [
                 "f16 (linears) / f32",
@@ -314,6 +351,120 @@ pub fn bench_memory(cfg: &RunConfig, vocab: usize, all: bool) -> anyhow::Result<
         out += &MemoryLedger::for_trainer(&tr).report(&title);
     }
     Ok(out)
+}
+
+/// The peak resident set size of this process so far (Linux `VmHWM` in
+/// `/proc/self/status`: start-up included), in bytes; `None` where unavailable.
+pub fn peak_resident_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Uniformly random tokens (seeded): batches whose memory is a real run's, for
+/// [`measure_peak`] (which must not depend on a data set being present).
+struct RandomTokens {
+    vocab: usize,
+    state: u64,
+}
+
+impl RandomTokens {
+    fn next(&mut self) -> u32 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        (self.state % self.vocab as u64) as u32
+    }
+}
+
+impl crate::data::Dataset for RandomTokens {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn next_train_batch(&mut self, _b: usize, _t: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        for (x, y) in inputs.iter_mut().zip(targets.iter_mut()) {
+            (*x, *y) = (self.next(), self.next());
+        }
+    }
+    fn val_batch(&self, index: usize, b: usize, t: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        let mut r = RandomTokens {
+            vocab: self.vocab,
+            state: 0x9E37_79B9_7F4A_7C15 ^ index as u64,
+        };
+        r.next_train_batch(b, t, inputs, targets);
+    }
+    fn position(&self) -> u64 {
+        self.state
+    }
+    fn set_position(&mut self, pos: u64) {
+        self.state = pos;
+    }
+}
+
+/// What [`measure_peak`] saw: the ledger's total and the process's peak resident set.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeakReport {
+    pub precision: String,
+    pub params: usize,
+    pub ledger_bytes: usize,
+    pub state_bytes: usize,
+    pub peak_bytes: usize,
+}
+
+/// Run what `fp8lm train` runs, in this process: build the trainer `cfg` describes,
+/// take `steps` training steps and one evaluation on random tokens, and save a
+/// checkpoint (into a temporary directory, removed after); then report the ledger and
+/// the peak resident set of the whole process, start-up included. Run it in a fresh
+/// process per precision (`fp8lm bench memory` does) so the peaks are separate.
+pub fn measure_peak(cfg: &RunConfig, vocab: usize, steps: usize) -> anyhow::Result<PeakReport> {
+    let mut tr = Trainer::new(cfg, vocab)?;
+    let ledger = MemoryLedger::for_trainer(&tr);
+    let mut data = RandomTokens {
+        vocab: tr.model().dims.v.min(vocab.max(1)),
+        state: 0x2545_F491_4F6C_DD1D,
+    };
+    for _ in 0..steps {
+        tr.train_step(&mut data)?;
+    }
+    tr.evaluate(&data, 1)?;
+    let dir = std::env::temp_dir().join(format!("fp8lm-bench-memory-{}", std::process::id()));
+    let saved = crate::snapshot::save_trainer(&tr, &data, serde_json::Value::Null, None, &dir, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+    saved?;
+    Ok(PeakReport {
+        precision: cfg.precision.name().to_string(),
+        params: ledger.params,
+        ledger_bytes: ledger.total(),
+        state_bytes: ledger.state_bytes(),
+        peak_bytes: peak_resident_bytes()
+            .ok_or_else(|| anyhow::anyhow!("no /proc/self/status: peak resident memory unknown"))?,
+    })
+}
+
+/// The side-by-side table of [`PeakReport`]s: ledger total, measured peak, and the
+/// ledger's share of the peak.
+pub fn peak_table(rows: &[PeakReport]) -> String {
+    let mb = |b: usize| b as f64 / 1e6;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:<8} {:>12} {:>14} {:>16} {:>15} {:>8}",
+        "precision", "state B/par", "ledger (MB)", "ledger B/param", "peak RSS (MB)", "ledger/peak"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>12.2} {:>14.1} {:>16.2} {:>15.1} {:>8.3}",
+            r.precision,
+            r.state_bytes as f64 / r.params.max(1) as f64,
+            mb(r.ledger_bytes),
+            r.ledger_bytes as f64 / r.params.max(1) as f64,
+            mb(r.peak_bytes),
+            r.ledger_bytes as f64 / r.peak_bytes.max(1) as f64
+        );
+    }
+    s
 }
 
 /// Resident set size of this process in bytes (Linux `/proc/self/statm`, 4 KiB pages);

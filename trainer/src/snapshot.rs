@@ -140,6 +140,23 @@ fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor
     })
 }
 
+fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMeta {
+    let mut scaling = serde_json::Map::new();
+    for v in tr.fp8_tensors() {
+        scaling.insert(v.name.clone(), scale_state_json(v.state));
+    }
+    CheckpointMeta {
+        format: FORMAT.into(),
+        step: tr.step(),
+        config: tr.cfg.clone(),
+        rng_state: tr.rng.state,
+        data_position: data.position(),
+        scaling: Value::Object(scaling),
+        extra,
+        files: BTreeMap::new(),
+    }
+}
+
 /// Capture a trainer (after `trainer.step()` steps) and its data position.
 pub fn capture(tr: &Trainer, data: &dyn Dataset, extra: Value) -> Checkpoint {
     capture_with_state(tr, data, extra, tr.optimizer().export_state(), None)
@@ -161,25 +178,18 @@ pub fn capture_with_state(
         }
         extra[ZERO_UNITS_KEY] = json!(units);
     }
-    let mut scaling = serde_json::Map::new();
-    for v in tr.fp8_tensors() {
-        scaling.insert(v.name.clone(), scale_state_json(v.state));
-    }
-    let meta = CheckpointMeta {
-        format: FORMAT.into(),
-        step: tr.step(),
-        config: tr.cfg.clone(),
-        rng_state: tr.rng.state,
-        data_position: data.position(),
-        scaling: Value::Object(scaling),
-        extra,
-        files: BTreeMap::new(),
-    };
-    let mut ck = Checkpoint::new(meta);
-    let model: Vec<CkptTensor> = tr
-        .model()
+    let mut ck = Checkpoint::new(capture_meta(tr, data, extra));
+    // fp8-o2's linear weights have no f32 copy: their FP16 master is the weight.
+    let m = tr.model();
+    let model: Vec<CkptTensor> = m
         .named_params()
-        .map(|(m, p)| CkptTensor::f32(&m.name, &m.shape, p))
+        .enumerate()
+        .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => {
+                CkptTensor::f16(&meta.name, &meta.shape, h, Some(scale))
+            }
+            _ => CkptTensor::f32(&meta.name, &meta.shape, p),
+        })
         .collect();
     ck.groups.insert("model".into(), model);
     let opt: Vec<CkptTensor> = opt_state
@@ -190,18 +200,93 @@ pub fn capture_with_state(
     ck
 }
 
+/// fp8-o3's optimizer state gathered from its owners, with its ZeRO units.
+pub type GatheredState = (Vec<(String, StateTensor)>, Option<Vec<UnitSpan>>);
+
+/// Save a checkpoint of `tr` (after `tr.step()` steps) under `root`, streaming every
+/// tensor from where it lives: the model's weights from its buffers (fp8-o2's linear
+/// weights from the optimizer's FP16 master) and the optimizer's state borrowed through
+/// [`fp8lm_optim::Optimizer::visit_state`], or from `opt_state` when given (fp8-o3's
+/// gathered state, with its ZeRO `units`). No copy of the state is made, so saving costs
+/// only I/O buffers. Same files and metadata as [`capture`] + `Checkpoint::save`.
+pub fn save_trainer(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    mut extra: Value,
+    opt_state: Option<GatheredState>,
+    root: &std::path::Path,
+    keep: usize,
+) -> Result<std::path::PathBuf> {
+    use crate::ckpt_stream::{StreamTensor, TensorData};
+    let units = opt_state.as_ref().and_then(|(_, u)| u.clone());
+    if let Some(units) = units {
+        if !extra.is_object() {
+            extra = json!({});
+        }
+        extra[ZERO_UNITS_KEY] = json!(units);
+    }
+    let meta = capture_meta(tr, data, extra);
+    let m = tr.model();
+    let model: Vec<StreamTensor<'_>> = m
+        .named_params()
+        .enumerate()
+        .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => StreamTensor {
+                name: meta.name.clone(),
+                dtype: CkptDtype::F16,
+                shape: meta.shape.clone(),
+                scale: Some(scale),
+                data: TensorData::F16(h),
+            },
+            _ => StreamTensor {
+                name: meta.name.clone(),
+                dtype: CkptDtype::F32,
+                shape: meta.shape.clone(),
+                scale: None,
+                data: TensorData::F32(p),
+            },
+        })
+        .collect();
+    let mut opt: Vec<StreamTensor<'_>> = Vec::new();
+    match &opt_state {
+        Some((st, _)) => {
+            for (n, s) in st {
+                opt.push(StreamTensor::from_state(n, s.as_ref()));
+            }
+        }
+        None => tr
+            .optimizer()
+            .visit_state(&mut |n, s| opt.push(StreamTensor::from_state(n, s))),
+    }
+    let groups = vec![("model".to_string(), model), ("optimizer".to_string(), opt)];
+    crate::checkpoint::save_streamed(&meta, &groups, root, keep, &mut |_| Ok(()))
+}
+
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
     let metas: Vec<_> = tr.model().layout.metas.clone();
-    for m in &metas {
+    for (i, m) in metas.iter().enumerate() {
         let t = ck.tensor("model", &m.name, &m.shape)?;
         let v = t.to_f32()?;
-        tr.model_mut()
-            .set_param(&m.name, &v)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+        if tr.model().param_is_f32(i) {
+            tr.model_mut()
+                .set_param(&m.name, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", ck.dir.display()))?;
+        } else {
+            tr.optimizer_mut()
+                .load_master(i, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {}: {e}", ck.dir.display(), m.name))?;
+        }
     }
-    Ok(())
+    sync_compute_weights(tr)
+}
+
+/// fp8-o2: re-write the E4M3 compute weights from the (restored) masters with the
+/// (restored) scaling states.
+fn sync_compute_weights(tr: &mut Trainer) -> Result<()> {
+    let (model, opt) = tr.model_and_optimizer_mut();
+    model.write_compute_weights(opt).map_err(anyhow::Error::msg)
 }
 
 /// The unit list of a checkpoint whose optimizer state is cut into ZeRO units (fp8-o3).
@@ -360,5 +445,5 @@ fn restore_rest(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Re
     tr.set_step(ck.meta.step);
     tr.rng.state = ck.meta.rng_state;
     data.set_position(ck.meta.data_position);
-    Ok(())
+    sync_compute_weights(tr)
 }

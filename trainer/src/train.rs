@@ -145,6 +145,17 @@ fn sum_squares_f64(c: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
+/// of it (fp8-o2's tied embedding / LM head).
+fn wte_master<'a>(model: &Model, opt: &'a dyn Optimizer) -> Option<(&'a [half::f16], f32)> {
+    let wte = model.layout.wte;
+    if model.param_is_f32(wte) {
+        None
+    } else {
+        opt.master_f16(wte)
+    }
+}
+
 /// Clip factor for a global norm (1 when clipping is off or not needed).
 pub fn clip_scale(grad_norm: f32, clip: f32) -> f32 {
     if clip > 0.0 && grad_norm > clip {
@@ -227,29 +238,47 @@ impl Trainer {
                 o.beta2
             );
         }
-        let mut model = Model::new(dims, precision, cfg.seed);
         let hyper = AdamWHyper {
             beta1: o.beta1,
             beta2: o.beta2,
             eps: o.eps,
             weight_decay: o.weight_decay,
         };
-        // fp8-o3 on a single rank is fp8-o2 (one rank owns every tensor); with several
-        // ranks `enable_data_parallel` replaces this optimizer by the rank's ZeRO share.
-        let optimizer: Box<dyn Optimizer> =
-            if matches!(cfg.precision, Precision::Fp8O2 | Precision::Fp8O3) {
-                // Low-precision state for the FP8 linears' weights; f32 for the rest.
+        let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
+        let (model, optimizer): (Model, Box<dyn Optimizer>) = match cfg.precision {
+            // fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest;
+            // the linears compute with the E4M3 copy the optimizer writes (no f32 weights).
+            Precision::Fp8O2 => {
+                let layout = crate::model::Layout::new(&dims);
+                let mut opt = Fp8Adam::empty(cfg8);
+                let mut model =
+                    Model::new_fp8_compute(dims, precision, cfg.seed, &mut |i, values, low| {
+                        opt.push_tensor(&layout.metas[i], values, low)
+                    })
+                    .map_err(anyhow::Error::msg)?;
+                model
+                    .write_compute_weights(&opt)
+                    .map_err(anyhow::Error::msg)?;
+                (model, Box::new(opt))
+            }
+            // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
+            // tensor); with several ranks `enable_data_parallel` replaces this optimizer
+            // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            Precision::Fp8O3 => {
+                let mut model = Model::new(dims, precision, cfg.seed);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
                 let (mut params, _) = model.params_and_grads();
-                let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
-                Box::new(
-                    Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
-                        .map_err(anyhow::Error::msg)?,
-                )
-            } else {
-                Box::new(AdamW::new(&model.layout.metas, hyper))
-            };
+                let opt = Fp8Adam::with_low_precision(&metas, &mut params, cfg8, &low)
+                    .map_err(anyhow::Error::msg)?;
+                (model, Box::new(opt))
+            }
+            _ => {
+                let model = Model::new(dims, precision, cfg.seed);
+                let opt = AdamW::new(&model.layout.metas, hyper);
+                (model, Box::new(opt))
+            }
+        };
         let rows = dims.b * dims.t;
         Ok(Trainer {
             cfg: cfg.clone(),
@@ -276,6 +305,32 @@ impl Trainer {
     }
     pub fn model(&self) -> &Model {
         &self.model
+    }
+    /// Tensor `i`'s weights as f32: the model's own, or (fp8-o2's linears, which have
+    /// no f32 copy) the f32 view of the optimizer's FP16 master, exactly.
+    pub fn weight_f32(&self, i: usize) -> Vec<f32> {
+        let m = &self.model;
+        match self.optimizer.master_f16(i) {
+            Some((h, scale)) if !m.param_is_f32(i) => {
+                let mut v = vec![0f32; h.len()];
+                fp8lm_fp8::cast::f16_to_f32_amax(h, 1.0 / scale, &mut v);
+                v
+            }
+            _ => m.params[m.layout.range(i)].to_vec(),
+        }
+    }
+    /// Every tensor's [`Trainer::weight_f32`], flat in layout order (what `params` holds
+    /// where every weight is f32).
+    pub fn weights_f32_all(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.model.layout.total);
+        for i in 0..self.model.layout.metas.len() {
+            out.extend(self.weight_f32(i));
+        }
+        out
+    }
+    /// The model and the optimizer, borrowed together.
+    pub fn model_and_optimizer_mut(&mut self) -> (&mut Model, &dyn Optimizer) {
+        (&mut self.model, self.optimizer.as_ref())
     }
     pub fn model_mut(&mut self) -> &mut Model {
         &mut self.model
@@ -344,9 +399,10 @@ impl Trainer {
         let d = self.model.dims;
         self.check_tokens(what)?;
         self.model.take_gemm_time();
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
         let loss = self
             .model
-            .forward(&self.inputs, Some(&self.targets), d.b, d.t, true)
+            .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, true, wte)
             .expect("targets given");
         Ok((loss, Instant::now()))
     }
@@ -364,6 +420,40 @@ impl Trainer {
         Ok((loss, t1, t2, self.model.take_gemm_time()))
     }
 
+    /// The global gradient norm, then (unless `skip(norm)`) the optimizer's update with
+    /// the clip factor folded in, the optimizer writing the new compute weights where
+    /// the model keeps them (f32, or fp8-o2's E4M3 copies). The gradients held are the
+    /// sum over `micro` micro-batches: norm and update use that sum / `micro`. Returns
+    /// (norm, skipped).
+    pub(crate) fn norm_and_update(
+        &mut self,
+        lr: f32,
+        clip: f32,
+        micro: usize,
+        skip: impl FnOnce(f32) -> bool,
+    ) -> (f32, bool) {
+        let (mut outs, grads) = self.model.outs_and_grads();
+        let inv = 1.0 / micro.max(1) as f32;
+        // (x * 1.0 == x: one micro-batch gives exactly the un-accumulated figures.)
+        let grad_norm = global_grad_norm(&grads) * inv;
+        let skipped = skip(grad_norm);
+        if !skipped {
+            let scale = clip_scale(grad_norm, clip) * inv;
+            self.optimizer.step_to(&mut outs, &grads, lr, scale);
+        }
+        let written = crate::model::gpt::written_of(&outs);
+        drop((outs, grads));
+        self.model.accept_written(&written);
+        if skipped {
+            // A delayed scale may have moved in the forward: re-cast the unchanged
+            // masters with it, as a forward casting its own weights would.
+            self.model
+                .write_compute_weights(self.optimizer.as_ref())
+                .expect("the optimizer wrote these compute weights before");
+        }
+        (grad_norm, skipped)
+    }
+
     /// One optimizer step on the next training batch.
     pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
         if let Some(dist) = &self.dist {
@@ -375,15 +465,30 @@ impl Trainer {
             );
         }
         let d = self.model.dims;
+        // `grad_accum` micro-batches: each backward (of its own mean loss) adds to the
+        // gradients held; the sum is scaled by 1/k in the update (folded into
+        // grad_scale with the clip factor), so no buffer is rescaled. FP8 weight
+        // gradients accumulate in E5M2 (see `Linear::quantize_wgrad_acc`).
+        let k = self.cfg.grad_accum.max(1);
         let t0 = Instant::now();
-        data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
-        let (loss, t1, t2, gemm) = self.forward_backward("training batch")?;
-
+        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
+            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for micro in 0..k {
+            let ts = Instant::now();
+            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+            self.model.set_accumulate(micro > 0);
+            let r = self.forward_backward("training batch");
+            self.model.set_accumulate(false);
+            let (l, t1, t2, g) = r?;
+            loss_sum += l as f64;
+            (fwd, bwd, gemm) = (fwd + (t1 - ts), bwd + (t2 - t1), gemm + g);
+        }
+        let loss = (loss_sum / k as f64) as f32;
+        let (t1, t2) = (t0 + fwd, t0 + fwd + bwd);
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
-        let (mut params, grads) = self.model.params_and_grads();
-        let grad_norm = global_grad_norm(&grads);
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let (grad_norm, skipped) =
+            self.norm_and_update(lr, clip, k, |g| !loss.is_finite() || !g.is_finite());
         if skipped {
             self.skipped += 1;
             tracing::warn!(
@@ -392,9 +497,6 @@ impl Trainer {
                 grad_norm,
                 "non-finite loss or gradients: step skipped"
             );
-        } else {
-            self.optimizer
-                .step(&mut params, &grads, lr, clip_scale(grad_norm, clip));
         }
         let t3 = Instant::now();
         let stats = StepStats {
@@ -403,7 +505,7 @@ impl Trainer {
             grad_norm,
             lr,
             skipped,
-            tokens: d.b * d.t,
+            tokens: k * d.b * d.t,
             forward: t1 - t0,
             backward: t2 - t1,
             optimizer: t3 - t2,
@@ -426,9 +528,10 @@ impl Trainer {
         for i in 0..batches {
             data.val_batch(i, d.b, d.t, &mut self.inputs, &mut self.targets);
             self.check_tokens("validation batch")?;
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
             sum += self
                 .model
-                .forward(&self.inputs, Some(&self.targets), d.b, d.t, false)
+                .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, false, wte)
                 .expect("targets") as f64;
             self.model.take_gemm_time();
         }
@@ -448,9 +551,10 @@ impl Trainer {
                 d.v
             );
         }
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
         Ok(self
             .model
-            .forward(inputs, Some(targets), b, t, false)
+            .forward_ext(inputs, Some(targets), b, t, false, wte)
             .expect("targets"))
     }
 
@@ -483,7 +587,8 @@ impl Trainer {
         for _ in 0..n {
             let ctx = &seq[seq.len().saturating_sub(d.t)..];
             let t = ctx.len();
-            self.model.forward(ctx, None, 1, t, false);
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
+            self.model.forward_ext(ctx, None, 1, t, false, wte);
             let logits = self.model.logits_row(t - 1);
             let next = if temperature <= 0.0 {
                 logits

@@ -17,7 +17,10 @@
 //! ```
 //! and re-encode each state with a power-of-two scale from its *new* amax. The model's
 //! compute weights are then set to the f32 view of the new master (`params == master /
-//! scale` exactly, always).
+//! scale` exactly, always), or, for an FP8 target ([`crate::ParamOut::Fp8`]), that view
+//! is cast to E4M3 chunk by chunk while in cache (never stored in f32): with the
+//! target's known scale, or with a guess re-cast from the master only if the new amax
+//! asks for another scale.
 //!
 //! ## One pass over memory although the scale depends on the result
 //! The encode needs the new amax, which is known only after every element is updated.
@@ -59,7 +62,9 @@
 // Three states indexed in lockstep (master, exp_avg, exp_avg_sq) read best as indices.
 #![allow(clippy::needless_range_loop)]
 
-use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateBytes, StateTensor};
+use crate::api::{
+    AdamWHyper, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateTensor,
+};
 use crate::lanes::fp8_lane;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16};
 use rayon::prelude::*;
@@ -223,53 +228,72 @@ impl Fp8Adam {
                 low_precision.len()
             ));
         }
-        let mut tensors = Vec::with_capacity(metas.len());
+        let mut opt = Fp8Adam::empty(cfg);
         for ((meta, p), &low) in metas.iter().zip(params.iter_mut()).zip(low_precision) {
-            let [f_master, f_m, f_v] = if low {
-                cfg.formats()
-            } else {
-                [StateFormat::F32; 3]
-            };
-            if meta.numel() != p.len() {
-                return Err(format!(
-                    "Fp8Adam: parameter {:?} has shape {:?} ({} elements) but its buffer holds {}",
-                    meta.name,
-                    meta.shape,
-                    meta.numel(),
-                    p.len()
-                ));
-            }
-            let shape = &meta.shape;
-            let mut master = Buf::zeros(f_master, shape);
-            let amax_w = fp8lm_fp8::cast::amax_f32(p);
-            if !amax_w.is_finite() {
-                return Err(format!(
-                    "Fp8Adam: parameter {:?} has non-finite initial values",
-                    meta.name
-                ));
-            }
-            let s = f_master
-                .fmt_max()
-                .and_then(|mx| scale_for_amax(mx, amax_w, 0, ScaleRounding::PowerOfTwo))
-                .unwrap_or(1.0);
-            master.set_scale(s);
-            for (c, pc) in master.chunks_mut().iter_mut().zip(p.chunks_mut(CHUNK)) {
-                c.encode(pc, s);
-                c.decode(1.0 / s, pc);
-            }
-            tensors.push(TensorState {
-                meta: meta.clone(),
-                bufs: [master, Buf::zeros(f_m, shape), Buf::zeros(f_v, shape)],
-                amax: [amax_w, 0.0, 0.0],
-                ratio: 0.0,
-            });
+            opt.push_tensor(meta, p, low)?;
         }
-        Ok(Fp8Adam {
+        Ok(opt)
+    }
+
+    /// An optimizer over no tensors yet; [`Fp8Adam::push_tensor`] adds them in order.
+    /// Building tensor by tensor lets a trainer initialise one weight at a time in a
+    /// scratch buffer, so no full-precision copy of the model ever exists (fp8-o2).
+    pub fn empty(cfg: Fp8AdamConfig) -> Self {
+        Fp8Adam {
             cfg,
-            tensors,
+            tensors: Vec::new(),
             step: 0,
             stats: Fp8AdamStats::default(),
-        })
+        }
+    }
+
+    /// Add the next tensor: quantise its master from `p`, which is then overwritten
+    /// with the master's f32 view. `low_precision`: the configured formats, else f32.
+    pub fn push_tensor(
+        &mut self,
+        meta: &ParamMeta,
+        p: &mut [f32],
+        low_precision: bool,
+    ) -> Result<(), String> {
+        let [f_master, f_m, f_v] = if low_precision {
+            self.cfg.formats()
+        } else {
+            [StateFormat::F32; 3]
+        };
+        if meta.numel() != p.len() {
+            return Err(format!(
+                "Fp8Adam: parameter {:?} has shape {:?} ({} elements) but its buffer holds {}",
+                meta.name,
+                meta.shape,
+                meta.numel(),
+                p.len()
+            ));
+        }
+        let shape = &meta.shape;
+        let mut master = Buf::zeros(f_master, shape);
+        let amax_w = fp8lm_fp8::cast::amax_f32(p);
+        if !amax_w.is_finite() {
+            return Err(format!(
+                "Fp8Adam: parameter {:?} has non-finite initial values",
+                meta.name
+            ));
+        }
+        let s = f_master
+            .fmt_max()
+            .and_then(|mx| scale_for_amax(mx, amax_w, 0, ScaleRounding::PowerOfTwo))
+            .unwrap_or(1.0);
+        master.set_scale(s);
+        for (c, pc) in master.chunks_mut().iter_mut().zip(p.chunks_mut(CHUNK)) {
+            c.encode(pc, s);
+            c.decode(1.0 / s, pc);
+        }
+        self.tensors.push(TensorState {
+            meta: meta.clone(),
+            bufs: [master, Buf::zeros(f_m, shape), Buf::zeros(f_v, shape)],
+            amax: [amax_w, 0.0, 0.0],
+            ratio: 0.0,
+        });
+        Ok(())
     }
 
     pub fn config(&self) -> &Fp8AdamConfig {
@@ -302,13 +326,16 @@ impl Fp8Adam {
 
     fn step_tensor(
         ts: &mut TensorState,
-        p: &mut [f32],
+        out: &mut ParamOut<'_>,
         grad: &Grad<'_>,
         k: StepConsts,
         grad_scale: f32,
         stats: &mut Fp8AdamStats,
     ) {
-        let n = p.len();
+        let n = match out {
+            ParamOut::F32(p) => p.len(),
+            ParamOut::Fp8(o) => o.data.len(),
+        };
         let name = &ts.meta.name;
         assert_eq!(
             n,
@@ -387,22 +414,26 @@ impl Fp8Adam {
         let mut wc = b0.chunks_mut();
         let mut mc = b1.chunks_mut();
         let mut vc = b2.chunks_mut();
-        let mut pc: Vec<&mut [f32]> = p.chunks_mut(CHUNK).collect();
-        let outs: Vec<ChunkOut> = wc
+        // The compute weights: f32 chunks, or FP8 chunks cast from each chunk's new
+        // master while it is in cache (with a guessed scale when it depends on the
+        // result; fixed below if the guess was wrong).
+        let policy = Fp8Policy::of(out);
+        let (mut pc, cast) = out_chunks(out);
+        let mut outs: Vec<(ChunkOut, CastPart)> = wc
             .par_iter_mut()
             .zip(&mut mc)
             .zip(&mut vc)
             .zip(&mut pc)
             .zip(&gchunks)
             .map(|((((w, m), v), p), g)| {
-                update_chunk(w, m, v, p, *g, &k, s_old, s_prov, Some(limit))
+                update_and_write(w, m, v, p, *g, &k, s_old, s_prov, Some(limit), cast)
             })
             .collect();
         // 3. The true amax and scale; fix-ups if they differ from the provisional ones.
         let mut amax = [0f32; 3];
         let mut nan = false;
         let mut ratio = 0f32;
-        for o in &outs {
+        for (o, _) in &outs {
             for s in 0..3 {
                 amax[s] = amax[s].max(o.amax[s]);
             }
@@ -426,7 +457,7 @@ impl Fp8Adam {
             s_final[1] / s_prov[1],
             s_final[2] / s_prov[2],
         ];
-        let any_deferred = outs.iter().any(|o| o.deferred);
+        let any_deferred = outs.iter().any(|(o, _)| o.deferred);
         for s in 0..3 {
             if factors[s] != 1.0 {
                 stats.rescales_by_state[s] += 1;
@@ -440,15 +471,15 @@ impl Fp8Adam {
                 .zip(&mut vc)
                 .zip(&mut pc)
                 .zip(&gchunks)
-                .zip(&outs)
-                .for_each(|(((((w, m), v), p), g), o)| {
+                .zip(&mut outs)
+                .for_each(|(((((w, m), v), p), g), (o, part))| {
                     if o.deferred {
-                        update_chunk(w, m, v, p, *g, &k, s_old, s_final, None);
+                        *part = update_and_write(w, m, v, p, *g, &k, s_old, s_final, None, cast).1;
                         return;
                     }
                     if factors[0] != 1.0 {
                         w.rescale(factors[0]);
-                        w.decode(inv_w, p);
+                        *part = write_view(w, inv_w, p, cast);
                     }
                     if factors[1] != 1.0 {
                         m.rescale(factors[1]);
@@ -457,7 +488,28 @@ impl Fp8Adam {
                         v.rescale(factors[2]);
                     }
                 });
-            stats.deferred_chunks += outs.iter().filter(|o| o.deferred).count() as u64;
+            stats.deferred_chunks += outs.iter().filter(|(o, _)| o.deferred).count() as u64;
+        }
+        // An FP8 compute copy whose scale comes from its own amax: re-cast from the new
+        // master if the guess was not that scale (a second pass, only then).
+        if let (Some(pol), Some((_, guess))) = (policy, cast) {
+            let amax_view = outs.iter().fold(0f32, |a, (_, p)| nan_max(a, p.amax));
+            let want = pol.scale_for(amax_view);
+            if want.to_bits() != guess.to_bits() {
+                let inv_w = 1.0 / s_final[0];
+                let cast = Some((pol.format, want));
+                wc.par_iter_mut()
+                    .zip(&mut pc)
+                    .zip(&mut outs)
+                    .for_each(|((w, p), (_, part))| *part = write_view(w, inv_w, p, cast));
+            }
+            let written = sum_parts(outs.iter().map(|(_, p)| p), want);
+            drop(pc);
+            if let ParamOut::Fp8(o) = out {
+                o.written = Some(written);
+            }
+        } else {
+            drop(pc);
         }
         drop((wc, mc, vc));
         for s in 0..3 {
@@ -474,6 +526,177 @@ impl Fp8Adam {
         }
         stats.tensor_steps += 1;
     }
+}
+
+/// One chunk of a tensor's compute weights.
+enum PChunk<'a> {
+    F32(&'a mut [f32]),
+    Fp8(&'a mut [u8]),
+}
+
+/// What casting one chunk of FP8 compute weights did (zero for f32 chunks).
+#[derive(Clone, Copy, Debug, Default)]
+struct CastPart {
+    amax: f32,
+    saturated: u64,
+    flushed: u64,
+}
+
+/// The scale rule of an FP8 compute-weight target (copied out of [`Fp8Out`]).
+#[derive(Clone, Copy, Debug)]
+struct Fp8Policy {
+    format: Fp8Format,
+    scale: Option<f32>,
+    margin: i32,
+    rounding: ScaleRounding,
+    fallback: f32,
+}
+
+impl Fp8Policy {
+    fn of(out: &ParamOut<'_>) -> Option<Fp8Policy> {
+        match out {
+            ParamOut::F32(_) => None,
+            ParamOut::Fp8(o) => Some(Fp8Policy {
+                format: o.format,
+                scale: o.scale,
+                margin: o.margin,
+                rounding: o.rounding,
+                fallback: o.fallback,
+            }),
+        }
+    }
+    /// The scale to cast with when the weights' amax is `amax`.
+    fn scale_for(&self, amax: f32) -> f32 {
+        self.scale.unwrap_or_else(|| {
+            scale_for_amax(self.format.max(), amax, self.margin, self.rounding)
+                .unwrap_or(self.fallback)
+        })
+    }
+    /// The first guess: the fixed scale, else the last one.
+    fn guess(&self) -> f32 {
+        self.scale.unwrap_or(self.fallback)
+    }
+}
+
+/// `out` cut into chunks, and for an FP8 target its format and the first guess of the
+/// scale.
+fn out_chunks<'a>(out: &'a mut ParamOut<'_>) -> (Vec<PChunk<'a>>, Option<(Fp8Format, f32)>) {
+    let policy = Fp8Policy::of(out);
+    match out {
+        ParamOut::F32(p) => (p.chunks_mut(CHUNK).map(PChunk::F32).collect(), None),
+        ParamOut::Fp8(o) => {
+            let pol = policy.expect("an FP8 target has a policy");
+            (
+                o.data.chunks_mut(CHUNK).map(PChunk::Fp8).collect(),
+                Some((pol.format, pol.guess())),
+            )
+        }
+    }
+}
+
+thread_local! {
+    /// One chunk of f32 compute weights on its way to an FP8 target.
+    static VIEW: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0.0; CHUNK]);
+}
+
+/// The fused update of one chunk; an FP8 target gets the chunk's new master cast with
+/// `cast`'s scale right away (unless the chunk was deferred: nothing was written).
+#[allow(clippy::too_many_arguments)]
+fn update_and_write(
+    w: &mut state::ChunkMut,
+    m: &mut state::ChunkMut,
+    v: &mut state::ChunkMut,
+    p: &mut PChunk,
+    g: GradChunk,
+    k: &StepConsts,
+    s_old: [f32; 3],
+    s_new: [f32; 3],
+    limits: Option<[f32; 3]>,
+    cast: Option<(Fp8Format, f32)>,
+) -> (ChunkOut, CastPart) {
+    match p {
+        PChunk::F32(p) => (
+            update_chunk(w, m, v, p, g, k, s_old, s_new, limits),
+            CastPart::default(),
+        ),
+        PChunk::Fp8(d) => VIEW.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let view = &mut buf[..d.len()];
+            let o = update_chunk(w, m, v, view, g, k, s_old, s_new, limits);
+            if o.deferred {
+                return (o, CastPart::default());
+            }
+            let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
+            (o, cast_part(fmt, view, sc, d))
+        }),
+    }
+}
+
+/// Write a chunk's compute weights from its (already final) master.
+fn write_view(
+    w: &state::ChunkMut,
+    inv_w: f32,
+    p: &mut PChunk,
+    cast: Option<(Fp8Format, f32)>,
+) -> CastPart {
+    match p {
+        PChunk::F32(p) => {
+            w.decode(inv_w, p);
+            CastPart::default()
+        }
+        PChunk::Fp8(d) => VIEW.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let view = &mut buf[..d.len()];
+            w.decode(inv_w, view);
+            let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
+            cast_part(fmt, view, sc, d)
+        }),
+    }
+}
+
+/// [`write_view`] of chunk `c` from a master that is only read.
+fn write_master_view(
+    master: &Buf,
+    c: usize,
+    inv_w: f32,
+    p: &mut PChunk,
+    cast: Option<(Fp8Format, f32)>,
+) -> CastPart {
+    match p {
+        PChunk::F32(p) => {
+            master.decode_chunk(c, inv_w, p);
+            CastPart::default()
+        }
+        PChunk::Fp8(d) => VIEW.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let view = &mut buf[..d.len()];
+            master.decode_chunk(c, inv_w, view);
+            let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
+            cast_part(fmt, view, sc, d)
+        }),
+    }
+}
+
+fn cast_part(fmt: Fp8Format, view: &[f32], scale: f32, dst: &mut [u8]) -> CastPart {
+    let (amax, c) = fp8lm_fp8::cast::f32_to_fp8_counted(fmt, view, scale, dst);
+    CastPart {
+        amax,
+        saturated: c.saturated,
+        flushed: c.flushed,
+    }
+}
+
+fn sum_parts<'a>(parts: impl Iterator<Item = &'a CastPart>, scale: f32) -> Fp8Written {
+    let mut w = Fp8Written {
+        scale,
+        ..Default::default()
+    };
+    for p in parts {
+        w.amax = nan_max(w.amax, p.amax);
+        w.saturated += p.saturated;
+        w.flushed += p.flushed;
+    }
+    w
 }
 
 /// The largest stored value of a state, decoded as the update decodes it, given the
@@ -501,6 +724,17 @@ fn nan_max(a: f32, b: f32) -> f32 {
 
 impl Optimizer for Fp8Adam {
     fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
+        let mut outs: Vec<ParamOut<'_>> = params.iter_mut().map(|p| ParamOut::F32(p)).collect();
+        self.step_to(&mut outs, grads, lr, grad_scale)
+    }
+
+    fn step_to(
+        &mut self,
+        params: &mut [ParamOut<'_>],
+        grads: &[Grad<'_>],
+        lr: f32,
+        grad_scale: f32,
+    ) {
         assert_eq!(
             params.len(),
             self.tensors.len(),
@@ -553,6 +787,92 @@ impl Optimizer for Fp8Adam {
         }
     }
 
+    fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
+        if outs.len() != self.tensors.len() {
+            return Err(format!(
+                "Fp8Adam: {} compute-weight targets for {} tensors",
+                outs.len(),
+                self.tensors.len()
+            ));
+        }
+        for (ts, out) in self.tensors.iter().zip(outs.iter_mut()) {
+            // f32 weights belong to the model (already the master's view, or just
+            // loaded): only FP8 compute copies are (re)written from the master.
+            let n = match out {
+                ParamOut::F32(_) => continue,
+                ParamOut::Fp8(o) => o.data.len(),
+            };
+            if n != ts.bufs[0].len() {
+                return Err(format!(
+                    "Fp8Adam: compute weights of {:?} hold {n} values, the master {}",
+                    ts.meta.name,
+                    ts.bufs[0].len()
+                ));
+            }
+            let policy = Fp8Policy::of(out);
+            let inv_w = 1.0 / ts.bufs[0].scale();
+            let master = &ts.bufs[0];
+            let (mut pc, cast) = out_chunks(out);
+            let mut parts: Vec<CastPart> = pc
+                .par_iter_mut()
+                .enumerate()
+                .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                .collect();
+            if let (Some(pol), Some((_, guess))) = (policy, cast) {
+                let amax = parts.iter().fold(0f32, |a, p| nan_max(a, p.amax));
+                let want = pol.scale_for(amax);
+                if want.to_bits() != guess.to_bits() {
+                    let cast = Some((pol.format, want));
+                    parts = pc
+                        .par_iter_mut()
+                        .enumerate()
+                        .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                        .collect();
+                }
+                let written = sum_parts(parts.iter(), want);
+                drop(pc);
+                if let ParamOut::Fp8(o) = out {
+                    o.written = Some(written);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_master(&mut self, i: usize, values: &[f32]) -> Result<(), String> {
+        let ts = self
+            .tensors
+            .get_mut(i)
+            .ok_or_else(|| format!("Fp8Adam: no tensor {i}"))?;
+        if values.len() != ts.bufs[0].len() {
+            return Err(format!(
+                "Fp8Adam: {} values for {:?} ({} elements)",
+                values.len(),
+                ts.meta.name,
+                ts.bufs[0].len()
+            ));
+        }
+        let fmt = ts.bufs[0].format();
+        let amax = fp8lm_fp8::cast::amax_f32(values);
+        let s = fmt
+            .fmt_max()
+            .and_then(|mx| scale_for_amax(mx, amax, 0, ScaleRounding::PowerOfTwo))
+            .unwrap_or(1.0);
+        ts.bufs[0].set_scale(s);
+        for (c, v) in ts.bufs[0].chunks_mut().iter_mut().zip(values.chunks(CHUNK)) {
+            c.encode(v, s);
+        }
+        ts.amax[0] = amax;
+        Ok(())
+    }
+
+    fn master_f16(&self, i: usize) -> Option<(&[half::f16], f32)> {
+        match &self.tensors.get(i)?.bufs[0] {
+            Buf::F16(t) => Some((&t.data, t.scale)),
+            _ => None,
+        }
+    }
+
     fn state_bytes(&self) -> usize {
         self.state_data_bytes() + self.tensors.len() * SCALAR_BYTES_PER_TENSOR + 8
     }
@@ -582,6 +902,25 @@ impl Optimizer for Fp8Adam {
             out.push((name, StateTensor::Scalar(t.ratio as f64)));
         }
         out
+    }
+
+    fn visit_state<'a>(&'a self, f: &mut dyn FnMut(&str, crate::api::StateRef<'a>)) {
+        use crate::api::StateRef;
+        f("step", StateRef::Scalar(self.step as f64));
+        for t in &self.tensors {
+            for (s, b) in t.bufs.iter().enumerate() {
+                f(
+                    &format!("{}.{}", t.meta.name, STATE_NAMES[s]),
+                    b.as_state_ref(),
+                );
+            }
+            for (s, &a) in t.amax.iter().enumerate() {
+                let name = format!("{}.{}.amax", t.meta.name, STATE_NAMES[s]);
+                f(&name, StateRef::Scalar(a as f64));
+            }
+            let name = format!("{}.update_amax", t.meta.name);
+            f(&name, StateRef::Scalar(t.ratio as f64));
+        }
     }
 
     fn import_state(&mut self, state: Vec<(String, StateTensor)>) -> Result<(), String> {

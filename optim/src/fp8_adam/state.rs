@@ -72,12 +72,34 @@ impl Buf {
             }
         }
     }
+    /// `dst[i] = stored[c * CHUNK + i] / scale` for chunk `c` (`dst` its length).
+    pub(super) fn decode_chunk(&self, c: usize, inv_scale: f32, dst: &mut [f32]) {
+        let r = c * CHUNK..c * CHUNK + dst.len();
+        match self {
+            Buf::F32(d) => dst.copy_from_slice(&d[r]),
+            Buf::F16(t) => {
+                cast::f16_to_f32_amax(&t.data[r], inv_scale, dst);
+            }
+            Buf::Fp8(t) => fp8_to_f32_scaled(t.format, &t.data[r], inv_scale, dst),
+        }
+    }
     /// Real values (stored / scale).
     pub(super) fn to_f32(&self) -> Vec<f32> {
         match self {
             Buf::F32(d) => d.clone(),
             Buf::F16(t) => t.dequantize(),
             Buf::Fp8(t) => t.dequantize(),
+        }
+    }
+    pub(super) fn as_state_ref(&self) -> crate::api::StateRef<'_> {
+        use crate::api::StateRef;
+        match self {
+            Buf::F32(d) => StateRef::F32(d),
+            Buf::F16(t) => StateRef::F16 {
+                data: &t.data,
+                scale: t.scale,
+            },
+            Buf::Fp8(t) => StateRef::Fp8(t),
         }
     }
     pub(super) fn to_state(&self) -> StateTensor {

@@ -15,7 +15,7 @@ use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
 use fp8lm_kernels::layers::attention::rope_table;
 use fp8lm_kernels::{Cpu, LayerOps};
-use fp8lm_optim::Grad;
+use fp8lm_optim::{Fp8Written, Grad, Optimizer, ParamOut};
 use std::ops::Range;
 
 /// Rotary base (LLaMA).
@@ -25,6 +25,8 @@ const ROPE_THETA: f64 = 10000.0;
 /// Per-layer buffers are `[L, ...]` with a stride of the full `B x T` size; a smaller
 /// batch (evaluation, sampling) uses the front of each layer's slot.
 struct Acts {
+    /// See [`Acts::new`]; when false, ln1/atty/ln2/fch_act are `[1, ...]`.
+    keep_linear_inputs: bool,
     encoded: Vec<f32>,   // [B,T,C]
     ln1: Vec<f32>,       // [L,B,T,C]
     ln1_mean: Vec<f32>,  // [L,B,T]
@@ -32,14 +34,14 @@ struct Acts {
     qkv: Vec<f32>,       // [L,B,T,3C] (after rope for llama)
     atty: Vec<f32>,      // [L,B,T,C]
     att: Vec<f32>,       // [L,B,H,T,T]
-    attproj: Vec<f32>,   // [L,B,T,C]
+    attproj: Vec<f32>,   // [B,T,C] (one slot: the backward needs no projection output)
     residual2: Vec<f32>, // [L,B,T,C]
     ln2: Vec<f32>,       // [L,B,T,C]
     ln2_mean: Vec<f32>,  // [L,B,T]
     ln2_rstd: Vec<f32>,  // [L,B,T]
     fch: Vec<f32>,       // [L,B,T,FC] FC = 4C (gpt2) or 2F (llama)
     fch_act: Vec<f32>,   // [L,B,T,F]
-    fcproj: Vec<f32>,    // [L,B,T,C]
+    fcproj: Vec<f32>,    // [B,T,C] (one slot, as attproj)
     residual3: Vec<f32>, // [L,B,T,C]
     lnf: Vec<f32>,       // [B,T,C]
     lnf_mean: Vec<f32>,  // [B,T]
@@ -56,25 +58,31 @@ struct Acts {
 }
 
 impl Acts {
-    fn new(d: &Dims) -> Acts {
+    /// `keep_linear_inputs`: keep each layer's f32 linear inputs (ln1, atty, ln2,
+    /// fch_act) for the backward, as the fp32 dW GEMMs read them. The bf16 and FP8
+    /// linears keep their own low-precision copy of the input, so those four are one
+    /// slot shared by all layers (per-layer stride 0, see [`in_stride`]).
+    fn new(d: &Dims, keep_linear_inputs: bool) -> Acts {
         let (bt, c, l) = (d.b * d.t, d.c, d.l);
         let z = |n: usize| vec![0f32; n];
+        let li = if keep_linear_inputs { l } else { 1 };
         Acts {
+            keep_linear_inputs,
             encoded: z(bt * c),
-            ln1: z(l * bt * c),
+            ln1: z(li * bt * c),
             ln1_mean: z(l * bt),
             ln1_rstd: z(l * bt),
             qkv: z(l * bt * 3 * c),
-            atty: z(l * bt * c),
+            atty: z(li * bt * c),
             att: z(l * d.b * d.h * d.t * d.t),
-            attproj: z(l * bt * c),
+            attproj: z(bt * c),
             residual2: z(l * bt * c),
-            ln2: z(l * bt * c),
+            ln2: z(li * bt * c),
             ln2_mean: z(l * bt),
             ln2_rstd: z(l * bt),
             fch: z(l * bt * d.fc_out()),
-            fch_act: z(l * bt * d.f),
-            fcproj: z(l * bt * c),
+            fch_act: z(li * bt * d.f),
+            fcproj: z(bt * c),
             residual3: z(l * bt * c),
             lnf: z(bt * c),
             lnf_mean: z(bt),
@@ -113,14 +121,34 @@ impl Acts {
             &self.lnf_rstd,
             &self.logits,
             &self.losses,
+        ];
+        all.iter().map(|v| v.len() * 4).sum::<usize>() + self.scratch_bytes()
+    }
+
+    /// The backward's one-layer gradient scratch (dresidual, dln, datty, dqkv, dfch,
+    /// dfch_act).
+    fn scratch_bytes(&self) -> usize {
+        [
             &self.dresidual,
             &self.dln,
             &self.datty,
             &self.dqkv,
             &self.dfch,
             &self.dfch_act,
-        ];
-        all.iter().map(|v| v.len() * 4).sum()
+        ]
+        .iter()
+        .map(|v| v.len() * 4)
+        .sum()
+    }
+}
+
+/// Per-layer stride of a linear-input buffer ([`Acts::new`]): `per_layer` when every
+/// layer keeps its own, 0 when all share one slot.
+fn in_stride(keep_linear_inputs: bool, per_layer: usize) -> usize {
+    if keep_linear_inputs {
+        per_layer
+    } else {
+        0
     }
 }
 
@@ -130,6 +158,16 @@ fn at(v: &[f32], l: usize, stride: usize, len: usize) -> &[f32] {
 }
 fn at_mut(v: &mut [f32], l: usize, stride: usize, len: usize) -> &mut [f32] {
     &mut v[l * stride..l * stride + len]
+}
+
+/// Where a linear's dW GEMM writes: its f32 gradient, or (FP8) the front of the scratch.
+fn wgrad_target<'a>(fp8: bool, dw: &'a mut [f32], scratch: &'a mut [f32]) -> &'a mut [f32] {
+    if fp8 {
+        let n = dw.len();
+        &mut scratch[..n]
+    } else {
+        dw
+    }
 }
 
 /// Two disjoint gradient tensors (`a` before `b` in the layout) borrowed mutably.
@@ -181,6 +219,47 @@ fn norm_backward(
     }
 }
 
+/// `out[r] = wte[tok] / scale (+ wpe[pos])` from an FP16 embedding: the same values and
+/// additions as `encoder_forward` on the f32 view (`f16 / scale` is exact for a
+/// power-of-two scale).
+fn encoder_forward_f16(
+    out: &mut [f32],
+    tokens: &[u32],
+    wte: &[half::f16],
+    scale: f32,
+    wpe: Option<&[f32]>,
+    t: usize,
+    c: usize,
+) {
+    use rayon::prelude::*;
+    assert_eq!(out.len(), tokens.len() * c);
+    let inv = 1.0 / scale;
+    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        let tok = tokens[r] as usize;
+        fp8lm_fp8::cast::f16_to_f32_amax(&wte[tok * c..(tok + 1) * c], inv, o);
+        if let Some(wpe) = wpe {
+            let pos = r % t;
+            for (o, &p) in o.iter_mut().zip(&wpe[pos * c..(pos + 1) * c]) {
+                *o += p;
+            }
+        }
+    });
+}
+
+/// [`Model::new_fp8_compute`]'s callback: (tensor index, its initial values, whether it
+/// is an FP8 linear's weight).
+pub type TensorInit<'a> = dyn FnMut(usize, &mut [f32], bool) -> Result<(), String> + 'a;
+
+/// The FP8 targets' results after an update, per tensor.
+pub fn written_of(outs: &[ParamOut<'_>]) -> Vec<Option<Fp8Written>> {
+    outs.iter()
+        .map(|o| match o {
+            ParamOut::Fp8(f) => f.written,
+            ParamOut::F32(_) => None,
+        })
+        .collect()
+}
+
 /// Which part of the network a group of finished gradients belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GradGroup {
@@ -214,13 +293,35 @@ pub struct FinalGrads<'a> {
 }
 
 /// The model: parameters, gradients, activations and per-linear precision state.
+///
+/// Where each tensor lives, by precision:
+/// - fp32 / bf16: every weight and gradient in `params` / `grads` (f32);
+/// - fp8-o1 / o3: weights f32 in `params` (the AdamW master, or the f32 view ZeRO owners
+///   share); the linears' weight gradients leave their dW GEMM through `wgrad_f32` and
+///   are stored only as E5M2 + scale (`Linear::fp8.wgrad`);
+/// - fp8-o2 ([`Model::new_fp8_compute`]): in addition the linears' weights exist only as
+///   the optimizer's FP16 master and the E4M3 copy it writes (`Linear::fp8.w`).
+///
+/// `params` and `grads` keep the flat layout's offsets in every mode; the ranges of
+/// tensors stored elsewhere are never written (nor read), so their pages are never
+/// touched and never become resident (`vec![0.0; n]` is a fresh zero mapping).
 pub struct Model {
     pub dims: Dims,
     pub layout: Layout,
-    /// Flat f32 weights `[layout.total]`, the compute copy the layers read.
+    /// Flat f32 weights `[layout.total]`, the compute copy the layers read (see above
+    /// for the ranges that are not stored here).
     pub params: Vec<f32>,
-    /// Flat f32 gradients, same layout (FP8 weight gradients are cast from these).
+    /// Flat f32 gradients, same layout (FP8 linears' weight gradients are not here).
     pub grads: Vec<f32>,
+    /// FP8 linears' f32 weight-gradient scratch: `[head | largest block linear]`. The
+    /// tied LM head's part lives through the whole backward (the embedding's scatter
+    /// adds to it last); the block part is reused by every block linear, each cast to
+    /// E5M2 right after its dW GEMM. Empty without FP8 linears.
+    wgrad_f32: Vec<f32>,
+    /// fp8-o2: the linears' E4M3 weights are written by the optimizer (no f32 copy).
+    weights_from_optimizer: bool,
+    /// The next backward adds to the gradients held (micro-batch 2.. of a step).
+    accumulate: bool,
     /// Linears in order `[qkv, attn.proj, mlp.fc, mlp.proj] x L`, then the LM head.
     pub linears: Vec<Linear>,
     /// Tensor index -> the linear whose weight it is (the tied wte maps to the head).
@@ -234,9 +335,56 @@ pub struct Model {
 }
 
 impl Model {
+    /// A model whose every weight is f32 in `params`, GPT-2 initialised (`seed`).
     pub fn new(dims: Dims, precision: LinearPrecision, seed: u64) -> Model {
         let layout = Layout::new(&dims);
         let params = layout.init(&dims, seed);
+        Self::assemble(dims, layout, params, precision, false)
+    }
+
+    /// fp8-o2's model: the FP8 linears' weights get no f32 storage. Every tensor is
+    /// initialised in order (the same values as [`Model::new`]) and handed to
+    /// `on_tensor(i, values, is_linear_weight)`, which builds the optimizer's master
+    /// from it (`values` is then its f32 view: f32 tensors' values live in `params`,
+    /// linear weights' in the weight-gradient scratch, so start-up holds no
+    /// full-precision copy of the model). The E4M3 weights are then written by the
+    /// optimizer ([`Model::write_compute_weights`]).
+    pub fn new_fp8_compute(
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<Model, String> {
+        if !matches!(precision, LinearPrecision::Fp8 { .. }) {
+            return Err("new_fp8_compute needs FP8 linears".into());
+        }
+        let layout = Layout::new(&dims);
+        let params = vec![0f32; layout.total];
+        let mut m = Self::assemble(dims, layout, params, precision, true);
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut scratch = std::mem::take(&mut m.wgrad_f32);
+        for i in 0..m.layout.metas.len() {
+            let r = m.layout.range(i);
+            let linear = m.linear_of_tensor[i].is_some();
+            let dst = if linear {
+                &mut scratch[..r.len()]
+            } else {
+                &mut m.params[r]
+            };
+            m.layout.init_tensor(&dims, i, dst, &mut rng);
+            on_tensor(i, dst, linear)?;
+        }
+        m.wgrad_f32 = scratch;
+        Ok(m)
+    }
+
+    fn assemble(
+        dims: Dims,
+        layout: Layout,
+        params: Vec<f32>,
+        precision: LinearPrecision,
+        weights_from_optimizer: bool,
+    ) -> Model {
         let rows = dims.b * dims.t;
         let mut linears = Vec::new();
         let mut linear_of_tensor = vec![None; layout.metas.len()];
@@ -260,9 +408,22 @@ impl Model {
         }
         linear_of_tensor[layout.head] = Some(linears.len());
         linears.push(Linear::new("lm_head".into(), c, dims.v, rows, precision));
+        let fp8 = matches!(precision, LinearPrecision::Fp8 { .. });
+        for lin in &mut linears {
+            lin.weight_from_optimizer = weights_from_optimizer;
+        }
+        let block_max = linears[..4 * dims.l]
+            .iter()
+            .map(|l| l.c * l.oc)
+            .max()
+            .unwrap_or(0);
+        let wgrad_len = if fp8 { dims.v * c + block_max } else { 0 };
         Model {
             grads: vec![0f32; layout.total],
-            acts: Acts::new(&dims),
+            wgrad_f32: vec![0f32; wgrad_len],
+            weights_from_optimizer,
+            accumulate: false,
+            acts: Acts::new(&dims, precision == LinearPrecision::Fp32),
             rope: if dims.arch == Arch::Llama {
                 rope_table(dims.t, dims.c / dims.h, ROPE_THETA)
             } else {
@@ -279,12 +440,50 @@ impl Model {
         }
     }
 
+    /// Whether the next backward adds its gradients to those held (gradient
+    /// accumulation over micro-batches) instead of replacing them.
+    pub fn set_accumulate(&mut self, accumulate: bool) {
+        self.accumulate = accumulate;
+    }
+
+    /// fp8-o2: the linears' E4M3 weights are the optimizer's (no f32 copy exists).
+    pub fn weights_from_optimizer(&self) -> bool {
+        self.weights_from_optimizer
+    }
+
+    /// Whether tensor `i` has f32 storage in `params` (see [`Model`]).
+    pub fn param_is_f32(&self, i: usize) -> bool {
+        !(self.weights_from_optimizer && self.linear_of_tensor[i].is_some())
+    }
+
+    /// Whether tensor `i`'s gradient is f32 in `grads` (else E5M2 in its linear).
+    pub fn grad_is_f32(&self, i: usize) -> bool {
+        self.linear_of_tensor[i]
+            .and_then(|li| self.linears[li].fp8.as_ref())
+            .is_none()
+    }
+
+    /// Bytes of the FP8 linears' f32 weight-gradient scratch.
+    pub fn wgrad_scratch_bytes(&self) -> usize {
+        4 * self.wgrad_f32.len()
+    }
+
     pub fn num_params(&self) -> usize {
         self.layout.total
     }
 
     /// Bytes of the activation arena.
     pub fn activation_bytes(&self) -> usize {
+        self.acts.bytes() - self.acts.scratch_bytes()
+    }
+
+    /// Bytes of the backward's one-layer activation-gradient scratch.
+    pub fn backward_scratch_bytes(&self) -> usize {
+        self.acts.scratch_bytes()
+    }
+
+    /// Bytes of the activation arena, backward scratch included.
+    pub fn arena_bytes(&self) -> usize {
         self.acts.bytes()
     }
 
@@ -333,6 +532,21 @@ impl Model {
         t: usize,
         record: bool,
     ) -> Option<f32> {
+        self.forward_ext(inputs, targets, b, t, record, None)
+    }
+
+    /// [`Model::forward`] for a model whose token embedding has no f32 copy (fp8-o2's
+    /// tied embedding/LM head): `wte_f16` is the optimizer's FP16 master and its scale,
+    /// decoded row by row (`f16 / scale`, exact: the f32 view the optimizer keeps).
+    pub fn forward_ext(
+        &mut self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+        record: bool,
+        wte_f16: Option<(&[half::f16], f32)>,
+    ) -> Option<f32> {
         let d = self.dims;
         assert!(
             b <= d.b && t <= d.t && inputs.len() == b * t,
@@ -343,6 +557,8 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t; // per-layer stride unit
+        let wte_stored = self.param_is_f32(self.layout.wte);
+        let keep = self.acts.keep_linear_inputs;
         let Model {
             params,
             layout: lay,
@@ -352,14 +568,29 @@ impl Model {
             ..
         } = self;
         let p = |i: usize| &params[lay.range(i)];
-        Cpu.encoder_forward(
-            &mut a.encoded[..n * c],
-            inputs,
-            p(lay.wte),
-            lay.wpe.map(p),
-            t,
-            c,
-        );
+        match (wte_stored, wte_f16) {
+            (true, _) => Cpu.encoder_forward(
+                &mut a.encoded[..n * c],
+                inputs,
+                p(lay.wte),
+                lay.wpe.map(p),
+                t,
+                c,
+            ),
+            (false, Some((wte, scale))) => encoder_forward_f16(
+                &mut a.encoded[..n * c],
+                inputs,
+                wte,
+                scale,
+                lay.wpe.map(p),
+                t,
+                c,
+            ),
+            (false, None) => panic!(
+                "forward: this model's token embedding is the optimizer's FP16 master; \
+                 call forward_ext with it (Trainer does)"
+            ),
+        }
         for l in 0..l_n {
             let bp = lay.blocks[l];
             let lin = &mut linears[4 * l..4 * l + 4];
@@ -369,7 +600,8 @@ impl Model {
             } else {
                 at(done, l - 1, bt * c, n * c)
             };
-            let ln1 = at_mut(&mut a.ln1, l, bt * c, n * c);
+            let (s_c, s_f) = (in_stride(keep, bt * c), in_stride(keep, bt * f));
+            let ln1 = at_mut(&mut a.ln1, l, s_c, n * c);
             let (ln1_mean, ln1_rstd) = (
                 at_mut(&mut a.ln1_mean, l, bt, n),
                 at_mut(&mut a.ln1_rstd, l, bt, n),
@@ -388,14 +620,14 @@ impl Model {
             if d.arch == Arch::Llama {
                 Cpu.rope_forward(qkv, rope, t, c, d.h);
             }
-            let atty = at_mut(&mut a.atty, l, bt * c, n * c);
+            let atty = at_mut(&mut a.atty, l, s_c, n * c);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
             Cpu.attention_forward(atty, att, qkv, t, c, d.h);
-            let attproj = at_mut(&mut a.attproj, l, bt * c, n * c);
+            let attproj = &mut a.attproj[..n * c];
             lin[1].forward(attproj, atty, p(bp.projw), bp.projb.map(p), n, record);
             let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
             Cpu.residual_forward(residual2, residual, attproj);
-            let ln2 = at_mut(&mut a.ln2, l, bt * c, n * c);
+            let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
             let (ln2_mean, ln2_rstd) = (
                 at_mut(&mut a.ln2_mean, l, bt, n),
                 at_mut(&mut a.ln2_rstd, l, bt, n),
@@ -411,12 +643,12 @@ impl Model {
             );
             let fch = at_mut(&mut a.fch, l, bt * fc, n * fc);
             lin[2].forward(fch, ln2, p(bp.fcw), bp.fcb.map(p), n, record);
-            let fch_act = at_mut(&mut a.fch_act, l, bt * f, n * f);
+            let fch_act = at_mut(&mut a.fch_act, l, s_f, n * f);
             match d.arch {
                 Arch::Gpt2 => Cpu.gelu_forward(fch_act, fch),
                 Arch::Llama => Cpu.swiglu_forward(fch_act, fch, f),
             }
-            let fcproj = at_mut(&mut a.fcproj, l, bt * c, n * c);
+            let fcproj = &mut a.fcproj[..n * c];
             lin[3].forward(fcproj, fch_act, p(bp.fprojw), bp.fprojb.map(p), n, record);
             Cpu.residual_forward(&mut cur[..n * c], residual2, fcproj);
         }
@@ -509,16 +741,26 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
-        // Linear weights' gradients are overwritten by their dW GEMM; zero the rest.
-        for (i, li) in self.linear_of_tensor.iter().enumerate() {
-            if li.is_none() {
-                self.grads[self.layout.range(i)].fill(0.0);
+        // Linear weights' gradients are overwritten by their dW GEMM; zero the rest
+        // (unless accumulating micro-batches: then every backward op adds).
+        let accumulate = self.accumulate;
+        for lin in &mut self.linears {
+            lin.accumulate = accumulate;
+        }
+        if !accumulate {
+            for (i, li) in self.linear_of_tensor.iter().enumerate() {
+                if li.is_none() {
+                    self.grads[self.layout.range(i)].fill(0.0);
+                }
             }
         }
         let specs = self.grad_groups();
+        let fp8 = !self.wgrad_f32.is_empty();
+        let keep = self.acts.keep_linear_inputs;
         let Model {
             params,
             grads,
+            wgrad_f32,
             layout: lay,
             linears,
             acts: a,
@@ -527,6 +769,9 @@ impl Model {
             targets,
             ..
         } = self;
+        // FP8: each linear's dW GEMM writes f32 scratch, cast to E5M2 right after (the
+        // tied head's part waits for the embedding's scatter-add at the end).
+        let (head_scratch, block_scratch) = wgrad_f32.split_at_mut(if fp8 { d.v * c } else { 0 });
         let lay: &Layout = lay;
         let p = |i: usize| &params[lay.range(i)];
         let (inputs, targets) = (&inputs[..n], &targets[..n]);
@@ -555,7 +800,9 @@ impl Model {
         let dlogits = &mut a.logits[..n * d.v];
         Cpu.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
         let dlnf = &mut a.dln[..n * c];
-        let dhead = if tied {
+        let dhead = if fp8 {
+            &mut head_scratch[..]
+        } else if tied {
             &mut emb_g[lay.range(lay.head)]
         } else {
             &mut head_g[local(lay.head, head_base)]
@@ -589,7 +836,9 @@ impl Model {
             });
             Some(head)
         } else {
-            head.quantize_wgrad(&head_g[local(lay.head, head_base)]);
+            if fp8 {
+                head.quantize_wgrad_acc(&mut head_scratch[..]);
+            }
             on_final(FinalGrads {
                 group: GradGroup::Head,
                 offset: head_base,
@@ -613,15 +862,20 @@ impl Model {
             // MLP: dres is d(residual3) = d(fcproj), and flows on to residual2
             let dfch_act = &mut a.dfch_act[..n * f];
             let (dw, db) = two_mut(grads, rng(bp.fprojw), bp.fprojb.map(rng));
+            let dw = wgrad_target(fp8, dw, block_scratch);
             lin[3].backward(
                 dfch_act,
                 dw,
                 db,
                 dres,
-                at(&a.fch_act, l, bt * f, n * f),
+                at(&a.fch_act, l, in_stride(keep, bt * f), n * f),
                 p(bp.fprojw),
                 n,
             );
+            if fp8 {
+                let len = lin[3].c * lin[3].oc;
+                lin[3].quantize_wgrad_acc(&mut block_scratch[..len]);
+            }
             let fch = at(&a.fch, l, bt * fc, n * fc);
             let dfch = &mut a.dfch[..n * fc];
             match d.arch {
@@ -630,15 +884,20 @@ impl Model {
             }
             let dln = &mut a.dln[..n * c];
             let (dw, db) = two_mut(grads, rng(bp.fcw), bp.fcb.map(rng));
+            let dw = wgrad_target(fp8, dw, block_scratch);
             lin[2].backward(
                 dln,
                 dw,
                 db,
                 dfch,
-                at(&a.ln2, l, bt * c, n * c),
+                at(&a.ln2, l, in_stride(keep, bt * c), n * c),
                 p(bp.fcw),
                 n,
             );
+            if fp8 {
+                let len = lin[2].c * lin[2].oc;
+                lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
+            }
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
             let residual2 = at(&a.residual2, l, bt * c, n * c);
             norm_backward(
@@ -655,15 +914,20 @@ impl Model {
             // attention: dres is now d(residual2) = d(attproj), and flows on to the input
             let datty = &mut a.datty[..n * c];
             let (dw, db) = two_mut(grads, rng(bp.projw), bp.projb.map(rng));
+            let dw = wgrad_target(fp8, dw, block_scratch);
             lin[1].backward(
                 datty,
                 dw,
                 db,
                 dres,
-                at(&a.atty, l, bt * c, n * c),
+                at(&a.atty, l, in_stride(keep, bt * c), n * c),
                 p(bp.projw),
                 n,
             );
+            if fp8 {
+                let len = lin[1].c * lin[1].oc;
+                lin[1].quantize_wgrad_acc(&mut block_scratch[..len]);
+            }
             let qkv = at(&a.qkv, l, bt * 3 * c, n * 3 * c);
             let att = at(&a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
             let dqkv = &mut a.dqkv[..n * 3 * c];
@@ -672,15 +936,20 @@ impl Model {
                 Cpu.rope_backward(dqkv, rope, t, c, d.h);
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
+            let dw = wgrad_target(fp8, dw, block_scratch);
             lin[0].backward(
                 dln,
                 dw,
                 db,
                 dqkv,
-                at(&a.ln1, l, bt * c, n * c),
+                at(&a.ln1, l, in_stride(keep, bt * c), n * c),
                 p(bp.qkvw),
                 n,
             );
+            if fp8 {
+                let len = lin[0].c * lin[0].oc;
+                lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
+            }
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
                 d.arch,
@@ -693,13 +962,6 @@ impl Model {
                 at(&a.ln1_mean, l, bt, n),
                 at(&a.ln1_rstd, l, bt, n),
             );
-            // FP8: the block's weight gradients are final; they leave the backward in FP8
-            for (k, w) in [bp.qkvw, bp.projw, bp.fcw, bp.fprojw]
-                .into_iter()
-                .enumerate()
-            {
-                lin[k].quantize_wgrad(&grads[rng(w)]);
-            }
             on_final(FinalGrads {
                 group: GradGroup::Block(l),
                 offset: base,
@@ -708,11 +970,18 @@ impl Model {
             });
         }
         let (dwte, dwpe) = two_mut(emb_g, lay.range(lay.wte), lay.wpe.map(|i| lay.range(i)));
+        let dwte = if fp8 && tied {
+            &mut head_scratch[..]
+        } else {
+            dwte
+        };
         Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
         let linears: &mut [Linear] = match head {
             Some(head) => {
                 // the tied LM head's gradient is final only now (embedding lookup added)
-                head.quantize_wgrad(&emb_g[lay.range(lay.head)]);
+                if fp8 {
+                    head.quantize_wgrad_acc(&mut head_scratch[..]);
+                }
                 std::slice::from_mut(head)
             }
             None => &mut [],
@@ -758,6 +1027,77 @@ impl Model {
             )
             .collect();
         (ps, gs)
+    }
+
+    /// Where the optimizer writes each tensor's compute weights (f32 in `params`, or
+    /// fp8-o2's E4M3 copy of a linear's weight), and the optimizer-facing gradients.
+    /// After the update, hand the FP8 targets' results to [`Model::accept_written`].
+    pub fn outs_and_grads(&mut self) -> (Vec<ParamOut<'_>>, Vec<Grad<'_>>) {
+        let Model {
+            params,
+            grads,
+            layout,
+            linears,
+            linear_of_tensor,
+            weights_from_optimizer,
+            ..
+        } = self;
+        let ext = *weights_from_optimizer;
+        let mut parts: Vec<Option<(&mut super::linear::Fp8Operand, &fp8lm_fp8::ScaledFp8)>> =
+            linears
+                .iter_mut()
+                .map(|l| {
+                    l.fp8.as_mut().map(|f| {
+                        let super::linear::Fp8Linear { w, wgrad, .. } = f;
+                        (w, &*wgrad)
+                    })
+                })
+                .collect();
+        let mut outs = Vec::with_capacity(layout.metas.len());
+        let mut gs = Vec::with_capacity(layout.metas.len());
+        for (i, p) in split_tensors_mut(params, layout).into_iter().enumerate() {
+            match linear_of_tensor[i].and_then(|li| parts[li].take()) {
+                Some((w, wgrad)) => {
+                    gs.push(Grad::Fp8(wgrad));
+                    outs.push(if ext {
+                        ParamOut::Fp8(w.optimizer_target())
+                    } else {
+                        ParamOut::F32(p)
+                    });
+                }
+                None => {
+                    gs.push(Grad::F32(&grads[layout.range(i)]));
+                    outs.push(ParamOut::F32(p));
+                }
+            }
+        }
+        (outs, gs)
+    }
+
+    /// Take the optimizer's FP8 casts (one entry per tensor, `Some` for FP8 targets).
+    pub fn accept_written(&mut self, written: &[Option<Fp8Written>]) {
+        for (i, w) in written.iter().enumerate() {
+            if let (Some(w), Some(li)) = (w, self.linear_of_tensor[i]) {
+                if let Some(f) = self.linears[li].fp8.as_mut() {
+                    f.w.accept_written(*w);
+                }
+            }
+        }
+    }
+
+    /// Have `opt` write the compute weights from its current master (fp8-o2 after
+    /// construction, a checkpoint restore, or a skipped step). A no-op for models whose
+    /// f32 weights are the master.
+    pub fn write_compute_weights(&mut self, opt: &dyn Optimizer) -> Result<(), String> {
+        if !self.weights_from_optimizer {
+            return Ok(());
+        }
+        let (mut outs, _) = self.outs_and_grads();
+        opt.write_compute_weights(&mut outs)?;
+        let written = written_of(&outs);
+        drop(outs);
+        self.accept_written(&written);
+        Ok(())
     }
 
     /// Total time spent in GEMMs since the last call.

@@ -16,6 +16,7 @@
 use fp8lm_fp8::cast;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
 use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
+use fp8lm_optim::{Fp8Out, Fp8Written};
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -63,6 +64,9 @@ pub struct Fp8Operand {
     data: Vec<u8>,
     /// Scale of the data currently held.
     scale: f32,
+    /// Written by the optimizer rather than cast here (fp8-o2's weights): what that
+    /// cast did, recorded by the next training forward as if it had cast itself.
+    written: Option<Fp8Written>,
 }
 
 impl Fp8Operand {
@@ -74,7 +78,68 @@ impl Fp8Operand {
             stats: CastStats::default(),
             data: vec![0; cap],
             scale: 1.0,
+            written: None,
         }
+    }
+
+    /// The FP8 bytes held (scaled by [`Fp8Operand::held_scale`]).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+    /// The scale of the bytes held.
+    pub fn held_scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// The optimizer's target for this operand's storage (fp8-o2's weights): the scale
+    /// the next forward would cast with (delayed scaling with a history), else "from the
+    /// weights' own amax" (current scaling, or a delayed state's first cast).
+    pub fn optimizer_target(&mut self) -> Fp8Out<'_> {
+        let st = &self.state;
+        let known =
+            matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
+        Fp8Out {
+            data: &mut self.data,
+            format: st.format,
+            scale: known.then_some(st.scale),
+            margin: st.margin,
+            rounding: st.rounding,
+            fallback: st.scale,
+            written: None,
+        }
+    }
+
+    /// Take the optimizer's cast ([`Fp8Operand::optimizer_target`]) as this operand's
+    /// data.
+    pub fn accept_written(&mut self, w: Fp8Written) {
+        self.scale = w.scale;
+        self.written = Some(w);
+    }
+
+    /// The training forward's bookkeeping for optimizer-written data: what
+    /// [`Fp8Operand::quantize`] records, for the cast the optimizer did.
+    fn record_written(&mut self) {
+        let Some(w) = self.written else {
+            panic!("FP8 weight operand read before the optimizer wrote it")
+        };
+        let st = &mut self.state;
+        match st.recipe {
+            ScalingRecipe::Current => {
+                st.scale_for_cast(w.amax);
+            }
+            ScalingRecipe::Delayed { .. } => st.record_amax(w.amax),
+        }
+        let s = &mut self.stats;
+        (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
+            w.amax,
+            w.scale,
+            w.saturated,
+            w.flushed,
+            self.data.len() as u64,
+        );
+        s.total_overflow += w.saturated;
+        s.total_underflow += w.flushed;
+        s.casts += 1;
     }
 
     /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
@@ -131,10 +196,49 @@ pub struct Fp8Linear {
 }
 
 #[derive(Clone, Debug)]
+/// The bf16 input saved for the backward's dW GEMM (the weight and the output gradient
+/// are rounded tile by tile into per-thread scratch instead: [`BF16_TILE_ELEMS`]).
 struct Bf16Cache {
     x: Vec<bf16>,
+}
+
+/// Largest weight tile (elements) a bf16 GEMM rounds at once. The weight is rounded
+/// again in the backward rather than kept: a bf16 copy of every weight (2 B/param) would
+/// make a bf16 run bigger than fp32. The LM head (`[V, C]`) is the only layer of GPT-2
+/// shapes cut into several row tiles; a single-tile layer makes exactly the GEMM calls
+/// of an untiled one.
+pub const BF16_TILE_ELEMS: usize = 1 << 22;
+
+/// Per-thread bf16 GEMM scratch: a weight tile, an output-gradient tile and (several
+/// tiles only) the f32 forward output of one tile.
+#[derive(Default)]
+struct Bf16Tiles {
     w: Vec<bf16>,
     dy: Vec<bf16>,
+    out: Vec<f32>,
+}
+
+thread_local! {
+    /// The E5M2 output gradient of the linear whose backward runs on this thread.
+    static DY_E5M2: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BF16_TILES: std::cell::RefCell<Bf16Tiles> = std::cell::RefCell::new(Bf16Tiles::default());
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// Rows of `w[oc, c]` per bf16 tile.
+pub fn bf16_tile_rows(c: usize, oc: usize) -> usize {
+    (BF16_TILE_ELEMS / c.max(1)).clamp(1, oc.max(1))
+}
+
+/// Bytes of the per-thread bf16 scratch a layer of `rows x c -> oc` needs.
+pub fn bf16_tile_bytes(rows: usize, c: usize, oc: usize) -> usize {
+    let m = bf16_tile_rows(c, oc);
+    2 * m * c + 2 * rows * m + if m < oc { 4 * rows * m } else { 0 }
 }
 
 /// Bytes held by one linear layer's precision state ([`Linear::memory`]).
@@ -142,11 +246,12 @@ struct Bf16Cache {
 pub struct LinearMemory {
     /// E4M3 copy of the weight.
     pub fp8_weight: usize,
-    /// E4M3 input and E5M2 output-gradient copies.
+    /// E4M3 input copy (the E5M2 output gradient lives in a per-thread buffer shared
+    /// by all layers, `rows x oc` bytes of the widest: [`Linear::fp8_dy_bytes`]).
     pub fp8_activations: usize,
     /// FP8 weight gradient handed to the optimizer.
     pub fp8_wgrad: usize,
-    /// bf16 copies of input, weight and output gradient (bf16 runs).
+    /// bf16 copy of the input (bf16 runs).
     pub bf16_cache: usize,
 }
 
@@ -160,6 +265,12 @@ pub struct Linear {
     pub oc: usize,
     pub precision: LinearPrecision,
     pub fp8: Option<Fp8Linear>,
+    /// FP8 only: the E4M3 weight is written by the optimizer (fp8-o2: it is the only
+    /// copy of the weight the layers see; no f32 weight exists).
+    pub weight_from_optimizer: bool,
+    /// Gradient accumulation: the backward adds this micro-batch's weight gradient to
+    /// the one held (f32 `dw` by the dW GEMM; FP8 by [`Linear::quantize_wgrad`]).
+    pub accumulate: bool,
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
@@ -172,7 +283,8 @@ impl Linear {
             LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
                 x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c),
                 w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c),
-                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, rows * oc),
+                // storage lent per backward from DY_E5M2
+                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, 0),
                 wgrad: ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT),
                 wgrad_stats: CastStats::default(),
             }),
@@ -180,8 +292,6 @@ impl Linear {
         };
         let bf16 = (precision == LinearPrecision::Bf16).then(|| Bf16Cache {
             x: vec![bf16::ZERO; rows * c],
-            w: vec![bf16::ZERO; oc * c],
-            dy: vec![bf16::ZERO; rows * oc],
         });
         Linear {
             name,
@@ -189,6 +299,8 @@ impl Linear {
             oc,
             precision,
             fp8,
+            weight_from_optimizer: false,
+            accumulate: false,
             bf16,
             gemm_time: Duration::ZERO,
         }
@@ -203,9 +315,18 @@ impl Linear {
             m.fp8_wgrad = f.wgrad.data.len();
         }
         if let Some(b) = &self.bf16 {
-            m.bf16_cache = 2 * (b.x.len() + b.w.len() + b.dy.len());
+            m.bf16_cache = 2 * b.x.len();
         }
         m
+    }
+
+    /// Bytes of the shared E5M2 output-gradient buffer this layer needs (`rows x oc`).
+    pub fn fp8_dy_bytes(&self, rows: usize) -> usize {
+        if self.fp8.is_some() {
+            rows * self.oc
+        } else {
+            0
+        }
     }
 
     pub fn take_gemm_time(&mut self) -> Duration {
@@ -230,7 +351,9 @@ impl Linear {
     ) {
         let (c, oc) = (self.c, self.oc);
         assert!(
-            out.len() == n * oc && inp.len() == n * c && w.len() == oc * c,
+            out.len() == n * oc
+                && inp.len() == n * c
+                && (w.len() == oc * c || self.weight_from_optimizer),
             "{}: shape mismatch",
             self.name
         );
@@ -241,20 +364,41 @@ impl Linear {
             LinearPrecision::Bf16 => {
                 let mut cache = self.bf16.take().expect("bf16 cache");
                 to_bf16(inp, &mut cache.x[..n * c]);
-                to_bf16(w, &mut cache.w);
-                self.gemm(
-                    shape,
-                    MatRef::Bf16(&cache.x[..n * c]),
-                    MatRef::Bf16(&cache.w),
-                    out,
-                    false,
-                );
+                let x = MatRef::Bf16(&cache.x[..n * c]);
+                let tr = bf16_tile_rows(c, oc);
+                BF16_TILES.with(|t| {
+                    let t = &mut *t.borrow_mut();
+                    for o0 in (0..oc).step_by(tr) {
+                        let m = tr.min(oc - o0);
+                        grow(&mut t.w, m * c);
+                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        let wt = MatRef::Bf16(&t.w[..m * c]);
+                        let sh = GemmShape::new(n, m, c).trans_b();
+                        if m == oc {
+                            self.gemm(sh, x, wt, out, false);
+                        } else {
+                            // out[:, o0..o0+m] through a contiguous tile.
+                            grow(&mut t.out, n * m);
+                            self.gemm(sh, x, wt, &mut t.out[..n * m], false);
+                            for r in 0..n {
+                                out[r * oc + o0..r * oc + o0 + m]
+                                    .copy_from_slice(&t.out[r * m..(r + 1) * m]);
+                            }
+                        }
+                    }
+                });
                 self.bf16 = Some(cache);
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
                 f.x.quantize(inp, record);
-                f.w.quantize(w, record);
+                if self.weight_from_optimizer {
+                    if record {
+                        f.w.record_written();
+                    }
+                } else {
+                    f.w.quantize(w, record);
+                }
                 self.gemm(shape, f.x.mat(n * c), f.w.mat(oc * c), out, false);
                 self.fp8 = Some(f);
             }
@@ -280,6 +424,7 @@ impl Linear {
         n: usize,
     ) {
         let (c, oc) = (self.c, self.oc);
+        let acc_dw = self.accumulate;
         assert!(
             dinp.len() == n * c && dw.len() == oc * c && dout.len() == n * oc && inp.len() == n * c,
             "{}: shape mismatch",
@@ -293,21 +438,55 @@ impl Linear {
         match self.precision {
             LinearPrecision::Fp32 => {
                 self.gemm(s_dinp, MatRef::F32(dout), MatRef::F32(w), dinp, false);
-                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, false);
+                let acc = self.accumulate;
+                self.gemm(s_dw, MatRef::F32(dout), MatRef::F32(inp), dw, acc);
             }
             LinearPrecision::Bf16 => {
-                let mut cache = self.bf16.take().expect("bf16 cache");
-                to_bf16(dout, &mut cache.dy[..n * oc]);
-                let dy = MatRef::Bf16(&cache.dy[..n * oc]);
-                self.gemm(s_dinp, dy, MatRef::Bf16(&cache.w), dinp, false);
-                self.gemm(s_dw, dy, MatRef::Bf16(&cache.x[..n * c]), dw, false);
+                let cache = self.bf16.take().expect("bf16 cache");
+                let x = MatRef::Bf16(&cache.x[..n * c]);
+                let tr = bf16_tile_rows(c, oc);
+                BF16_TILES.with(|t| {
+                    let t = &mut *t.borrow_mut();
+                    for o0 in (0..oc).step_by(tr) {
+                        let m = tr.min(oc - o0);
+                        // dy[:, o0..o0+m] and w[o0..o0+m, :] rounded to bf16 (the same
+                        // values the forward used: rounding is deterministic).
+                        grow(&mut t.dy, n * m);
+                        if m == oc {
+                            to_bf16(dout, &mut t.dy[..n * m]);
+                        } else {
+                            for r in 0..n {
+                                to_bf16(
+                                    &dout[r * oc + o0..r * oc + o0 + m],
+                                    &mut t.dy[r * m..(r + 1) * m],
+                                );
+                            }
+                        }
+                        grow(&mut t.w, m * c);
+                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        let dy = MatRef::Bf16(&t.dy[..n * m]);
+                        // dinp[n,c] += dy_tile[n,m] @ w_tile[m,c]; dW[o0..o0+m] = dy_tile^T @ x
+                        let sh = GemmShape::new(n, c, m);
+                        self.gemm(sh, dy, MatRef::Bf16(&t.w[..m * c]), dinp, o0 > 0);
+                        let sh = GemmShape::new(m, c, n).trans_a();
+                        self.gemm(sh, dy, x, &mut dw[o0 * c..(o0 + m) * c], acc_dw);
+                    }
+                });
                 self.bf16 = Some(cache);
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
-                f.dy.quantize(dout, true);
-                self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
-                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                // dy is needed only by these two GEMMs: its E5M2 bytes live in one
+                // per-thread buffer shared by every layer, lent to the operand here.
+                DY_E5M2.with(|b| {
+                    let mut b = b.borrow_mut();
+                    grow(&mut b, n * oc);
+                    std::mem::swap(&mut *b, &mut f.dy.data);
+                    f.dy.quantize(dout, true);
+                    self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
+                    self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                    std::mem::swap(&mut *b, &mut f.dy.data);
+                });
                 self.fp8 = Some(f);
             }
         }
@@ -316,6 +495,29 @@ impl Linear {
     /// FP8 mode: cast the finished f32 weight gradient (all contributions summed, e.g. a
     /// tied embedding's) to [`WGRAD_FORMAT`] with a current power-of-two scale.
     pub fn quantize_wgrad(&mut self, dw_f32: &[f32]) {
+        self.quantize_wgrad_impl(dw_f32)
+    }
+
+    /// [`Linear::quantize_wgrad`] of a scratch gradient; with [`Linear::accumulate`] the
+    /// gradient held is decoded and added into `dw_f32` first, so the E5M2 buffer holds
+    /// the running sum over micro-batches (one E5M2 rounding per micro-batch).
+    pub fn quantize_wgrad_acc(&mut self, dw_f32: &mut [f32]) {
+        if let (true, Some(f)) = (self.accumulate, self.fp8.as_ref()) {
+            let table = cast::decode_table(f.wgrad.format);
+            let inv = 1.0 / f.wgrad.scale;
+            dw_f32
+                .par_chunks_mut(CAST_CHUNK)
+                .zip(f.wgrad.data.par_chunks(CAST_CHUNK))
+                .for_each(|(d, q)| {
+                    for (x, &b) in d.iter_mut().zip(q) {
+                        *x += table[b as usize] * inv;
+                    }
+                });
+        }
+        self.quantize_wgrad_impl(dw_f32)
+    }
+
+    fn quantize_wgrad_impl(&mut self, dw_f32: &[f32]) {
         if let Some(f) = self.fp8.as_mut() {
             let scale_of = |amax| {
                 scale_for_amax(WGRAD_FORMAT.max(), amax, 0, Default::default()).unwrap_or(1.0)

@@ -198,21 +198,30 @@ impl Layout {
     pub fn init(&self, d: &Dims, seed: u64) -> Vec<f32> {
         let mut p = vec![0f32; self.total];
         let mut rng = Rng::new(seed);
-        let resid_std = 0.02 / (2.0 * d.l as f32).sqrt();
-        for (i, m) in self.metas.iter().enumerate() {
-            let dst = &mut p[self.range(i)];
-            if m.shape.len() >= 2 {
-                let std = if m.name.ends_with("proj.w") {
-                    resid_std
-                } else {
-                    0.02
-                };
-                dst.iter_mut().for_each(|x| *x = std * rng.normal());
-            } else if m.name.ends_with(".w") {
-                dst.fill(1.0);
-            }
+        for i in 0..self.metas.len() {
+            let r = self.range(i);
+            self.init_tensor(d, i, &mut p[r], &mut rng);
         }
         p
+    }
+
+    /// The init of tensor `i` into `dst` (its numel), drawing from `rng`: called for
+    /// every tensor in order with one RNG, it gives exactly [`Layout::init`]'s values.
+    pub fn init_tensor(&self, d: &Dims, i: usize, dst: &mut [f32], rng: &mut Rng) {
+        let m = &self.metas[i];
+        let resid_std = 0.02 / (2.0 * d.l as f32).sqrt();
+        if m.shape.len() >= 2 {
+            let std = if m.name.ends_with("proj.w") {
+                resid_std
+            } else {
+                0.02
+            };
+            dst.iter_mut().for_each(|x| *x = std * rng.normal());
+        } else if m.name.ends_with(".w") {
+            dst.fill(1.0);
+        } else {
+            dst.fill(0.0);
+        }
     }
 }
 

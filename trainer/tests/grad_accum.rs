@@ -1,0 +1,130 @@
+//! `grad_accum = k` over micro-batches of B sequences against one batch of k*B of the
+//! same sequences: the accumulated gradient / k is the big batch's mean gradient.
+//!
+//! Tolerances: fp32 sums the same per-token terms in another order; the bound is the
+//! f32 summation error `n * 2^-24` relative (n = k*B*T terms per weight), times 4 for
+//! cancellation in the sums. fp8-o2: both sides round independently: each E5M2 cast
+//! has a relative RMS error <= 2^-3 / sqrt(3) (half an ulp of a 2-bit mantissa, uniform);
+//! the accumulated side casts once per micro-batch (k), the big batch once, and the
+//! micro-batches' dy / x are cast with their own scales (2 more roundings of the inputs):
+//! relative L2 error <= sqrt(k + 1 + 2) * 2^-3 / sqrt(3). Dropping or doubling one
+//! micro-batch moves the gradient by ~1/sqrt(k) = 0.5, far outside it.
+
+use fp8lm_optim::Grad;
+use fp8lm_trainer::data::Dataset;
+use fp8lm_trainer::{Precision, RunConfig, Trainer};
+
+/// Row r of the stream is a fixed function of r, so 4 batches of B rows are exactly
+/// one batch of 4B rows.
+struct Rows {
+    next: u64,
+    vocab: u32,
+}
+
+impl Rows {
+    fn fill(&self, first: u64, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
+        for r in 0..b {
+            for j in 0..t {
+                let v = ((first + r as u64) * 2654435761 + j as u64 * 40503) % 1_000_003;
+                x[r * t + j] = (v % self.vocab as u64) as u32;
+                y[r * t + j] = ((v / 7) % self.vocab as u64) as u32;
+            }
+        }
+    }
+}
+
+impl Dataset for Rows {
+    fn vocab_size(&self) -> usize {
+        self.vocab as usize
+    }
+    fn next_train_batch(&mut self, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
+        self.fill(self.next, b, t, x, y);
+        self.next += b as u64;
+    }
+    fn val_batch(&self, i: usize, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
+        self.fill(1 << 40 | i as u64, b, t, x, y);
+    }
+    fn position(&self) -> u64 {
+        self.next
+    }
+    fn set_position(&mut self, p: u64) {
+        self.next = p;
+    }
+}
+
+fn grads_f64(tr: &Trainer) -> Vec<f64> {
+    let m = tr.model();
+    let mut out = Vec::new();
+    for g in m.grad_views() {
+        match g {
+            Grad::F32(s) => out.extend(s.iter().map(|&x| x as f64)),
+            Grad::Fp8(q) => out.extend(q.dequantize().iter().map(|&x| x as f64)),
+        }
+    }
+    out
+}
+
+fn one_step(precision: Precision, batch: usize, accum: usize) -> (f32, Vec<f64>) {
+    let mut cfg = RunConfig {
+        precision,
+        batch,
+        grad_accum: accum,
+        max_steps: 1,
+        ..RunConfig::default()
+    };
+    cfg.model.context = 16;
+    let mut data = Rows { next: 0, vocab: 64 };
+    let mut tr = Trainer::new(&cfg, 64).unwrap();
+    let st = tr.train_step(&mut data).unwrap();
+    assert_eq!(st.tokens, batch * accum * 16);
+    assert_eq!(data.next, (batch * accum) as u64);
+    (st.loss, grads_f64(&tr))
+}
+
+fn rel_l2(a: &[f64], b: &[f64], scale_a: f64) -> f64 {
+    let (mut d, mut n) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += (x * scale_a - y).powi(2);
+        n += y * y;
+    }
+    (d / n).sqrt()
+}
+
+#[test]
+fn accumulated_micro_batches_match_one_big_batch() {
+    let (k, b, t) = (4usize, 2usize, 16usize);
+    // fp32
+    let (l_acc, g_acc) = one_step(Precision::Fp32, b, k);
+    let (l_big, g_big) = one_step(Precision::Fp32, k * b, 1);
+    let tol32 = 4.0 * (k * b * t) as f64 * 2f64.powi(-24);
+    assert!(
+        ((l_acc - l_big) / l_big).abs() as f64 <= tol32,
+        "{l_acc} vs {l_big}"
+    );
+    let e = rel_l2(&g_acc, &g_big, 1.0 / k as f64);
+    assert!(
+        e <= tol32,
+        "fp32 gradient: relative error {e:e} > {tol32:e}"
+    );
+    // fp8-o2: E5M2 accumulation
+    let (l_acc, g_acc) = one_step(Precision::Fp8O2, b, k);
+    let (l_big, g_big) = one_step(Precision::Fp8O2, k * b, 1);
+    let tol8 = ((k + 3) as f64).sqrt() * 2f64.powi(-3) / 3f64.sqrt();
+    assert!(((l_acc - l_big) / l_big).abs() < 0.01, "{l_acc} vs {l_big}");
+    let e = rel_l2(&g_acc, &g_big, 1.0 / k as f64);
+    assert!(e <= tol8, "fp8-o2 gradient: relative error {e} > {tol8}");
+    // The test can fail: one micro-batch fewer is far off.
+    let (_, g_short) = one_step(Precision::Fp8O2, b, k - 1);
+    let e_short = rel_l2(&g_short, &g_big, 1.0 / (k - 1) as f64);
+    assert!(
+        e_short > tol8,
+        "dropping a micro-batch went unnoticed ({e_short})"
+    );
+}
+
+#[test]
+fn grad_accum_zero_is_refused() {
+    let e =
+        fp8lm_trainer::config_file::load_config_str("grad_accum = 0\n", "test", &[]).unwrap_err();
+    assert_eq!(e.key, "grad_accum");
+}
