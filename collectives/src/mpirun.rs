@@ -20,6 +20,29 @@ pub struct MpirunOutput {
     pub elapsed: Duration,
 }
 
+/// `mpirun` ready for a test job: allowed to run as root, with its own OpenMPI session
+/// directory. Why the directory: OpenMPI 4 creates `/tmp/ompi.<host>.<uid>` at start-up,
+/// and two `mpirun`s starting at the same moment (parallel tests, or two test binaries)
+/// race on it and one fails with "mkdir ... File exists" in `orte_init`; a fresh
+/// `orte_tmpdir_base` per job removes the race. The directory is left in the system's
+/// temporary folder (OpenMPI removes its session tree when the job ends).
+pub fn mpirun_command() -> Command {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static JOB: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fp8lm-mpirun-{}-{}",
+        std::process::id(),
+        JOB.fetch_add(1, Ordering::Relaxed)
+    ));
+    // If it cannot be created, OpenMPI reports the problem itself when it starts.
+    let _ = std::fs::create_dir_all(&dir);
+    let mut cmd = Command::new("mpirun");
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_orte_tmpdir_base", &dir);
+    cmd
+}
+
 /// `mpirun -n <n> --oversubscribe <exe> <args>` with `envs` set (and `RUST_LOG` unset).
 /// Errors when `mpirun` cannot be started (OpenMPI missing) or the job runs past `limit`
 /// (then it is killed first).
@@ -31,11 +54,9 @@ pub fn run_mpirun(
     limit: Duration,
 ) -> Result<MpirunOutput, String> {
     let t = Instant::now();
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = mpirun_command();
     cmd.args(["-n", &n.to_string(), "--oversubscribe", exe])
         .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("RUST_BACKTRACE", "0")
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())

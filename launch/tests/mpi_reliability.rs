@@ -43,7 +43,7 @@ fn train_args(run: &Path, extra: &[&str]) -> Vec<String> {
 /// output to `log`.
 fn spawn(ranks: &[Vec<String>], log: &Path) -> Child {
     let exe = env!("CARGO_BIN_EXE_fp8lm");
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = fp8lm_collectives::mpirun::mpirun_command();
     cmd.arg("--oversubscribe");
     for (i, a) in ranks.iter().enumerate() {
         if i > 0 {
@@ -52,9 +52,7 @@ fn spawn(ranks: &[Vec<String>], log: &Path) -> Child {
         cmd.args(["-n", "1", exe]).args(a);
     }
     let f = std::fs::File::create(log).unwrap();
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
+    cmd.env("RAYON_NUM_THREADS", "1")
         .env_remove("RUST_LOG")
         .stdout(f.try_clone().unwrap())
         .stderr(f)
