@@ -170,6 +170,10 @@ fn memory(args: &ConfigArgs) -> Result<()> {
         "{}",
         fp8lm_trainer::memory::bench_memory(&cfg, cfg.vocab(), true)?
     );
+    print!(
+        "{}",
+        fp8lm_trainer::distributed::zero_imbalance_table(&cfg, cfg.vocab(), &[2, 4, 8])?
+    );
     if let Some(rss) = fp8lm_trainer::memory::resident_bytes() {
         println!(
             "process resident memory now: {:.1} MiB",

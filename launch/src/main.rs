@@ -9,6 +9,7 @@ mod dist;
 mod inspect;
 
 mod progress;
+mod report;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -4,6 +4,8 @@
 //! - `config.toml`: the resolved config (file + `--set`), as used;
 //! - `metrics.jsonl`: one line per step (see `fp8lm_trainer::metrics`);
 //! - `loss.svg`: loss curves, redrawn at each evaluation;
+//! - `fp8.svg` (FP8 runs) and `allreduce.svg` (data-parallel FP8 runs): FP8 health, redrawn
+//!   with it (`crate::report::plot_health`);
 //! - `checkpoints/step_N/`: the newest `checkpoint_keep` checkpoints;
 //! - `summary.json`: final losses, throughput, memory by category (also printed).
 
@@ -124,6 +126,7 @@ fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
             scale: v.stats.scale,
             overflow: v.stats.overflow,
             underflow: v.stats.underflow,
+            numel: v.stats.numel,
         })
         .collect()
 }
@@ -363,6 +366,9 @@ fn train_ranked(
             skipped_steps: Some(skipped_before + tr.skipped_steps()),
             elapsed_s: Some(t_run.elapsed().as_secs_f64()),
             fp8: fp8_stats(&tr),
+            allreduce: tr
+                .allreduce_tally()
+                .and_then(fp8lm_trainer::metrics::AllReduceStats::from_tally),
             ..Default::default()
         };
         let eval_now =
@@ -391,6 +397,7 @@ fn train_ranked(
             if let Err(e) = fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
+            crate::report::plot_health(&run_dir, &records, &title);
         }
         // Replicas are bit-identical, so rank 0's state is the run's, except fp8-o3's
         // partitioned optimizer state: every rank takes part in gathering it.
@@ -424,6 +431,7 @@ fn train_ranked(
     }
     if !plot_path.exists() {
         fp8lm_trainer::plot::plot_losses(&plot_path, &records, floor, &title).ok();
+        crate::report::plot_health(&run_dir, &records, &title);
     }
 
     // 4. Summary.

@@ -176,12 +176,83 @@ impl Overlap {
     }
 }
 
+/// `dist.fp8_allreduce.*`: the all-reduce of FP8 weight gradients (FP8-LM §3) and its
+/// automatic scaling factor mu (see `fp8lm_collectives::grad`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fp8AllReduceConfig {
+    /// "fp8lm" (adaptive mu), "fp8-prescale" (mu fixed at 1/N), "fp8-postscale" (mu
+    /// fixed at 1).
+    pub method: String,
+    /// Halve mu when more than this fraction of a tensor's summed values saturate.
+    pub overflow_fraction: f64,
+    /// Without overflow, mu doubles over this many steps.
+    pub growth_steps: usize,
+    /// Upper bound of mu. 1 by default: every rank's gradient is cast with the scale of
+    /// the largest current amax (`s_g`, power of two), so the largest value already sits
+    /// in the top binade; mu > 1 would push it past fmt_max on that rank before any sum.
+    pub max_mu: f32,
+}
+
+impl Default for Fp8AllReduceConfig {
+    fn default() -> Self {
+        let d = fp8lm_collectives::GradAllReduceConfig::default();
+        Fp8AllReduceConfig {
+            method: "fp8lm".into(),
+            overflow_fraction: d.overflow_fraction,
+            growth_steps: d.growth_steps as usize,
+            max_mu: d.max_mu,
+        }
+    }
+}
+
+impl Fp8AllReduceConfig {
+    /// The collectives configuration (format: the weight gradients' E5M2).
+    pub fn reducer_config(&self) -> fp8lm_collectives::GradAllReduceConfig {
+        fp8lm_collectives::GradAllReduceConfig {
+            method: fp8lm_collectives::GradMethod::parse(&self.method)
+                .unwrap_or(fp8lm_collectives::GradMethod::Fp8Lm),
+            format: fp8lm_fp8::Fp8Format::E5M2,
+            overflow_fraction: self.overflow_fraction,
+            growth_steps: self.growth_steps.min(u32::MAX as usize) as u32,
+            max_mu: self.max_mu,
+            ..Default::default()
+        }
+    }
+}
+
+/// `dist.zero_partition`: how fp8-o3 assigns optimizer state to ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZeroPartition {
+    /// Tensors larger than 1/(8N) of the model are cut into row blocks (one scale each)
+    /// before the greedy assignment: balanced even when one tensor (GPT-2's wte) exceeds
+    /// a rank's share.
+    #[default]
+    RowBlocks,
+    /// The recipe's strict greedy over whole tensors (one scale per tensor, as FP8-LM
+    /// describes it); unbalanced when a tensor exceeds a rank's share.
+    WholeTensor,
+}
+
+impl ZeroPartition {
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroPartition::RowBlocks => "row-blocks",
+            ZeroPartition::WholeTensor => "whole-tensor",
+        }
+    }
+}
+
 /// Data-parallel keys (`dist.*`); ignored on a single rank.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
     /// `auto` (default), `on` or `off`: see [`Overlap`].
     pub overlap: Overlap,
+    /// fp8-o3's partition of optimizer state: see [`ZeroPartition`].
+    pub zero_partition: ZeroPartition,
+    pub fp8_allreduce: Fp8AllReduceConfig,
 }
 
 /// A whole run.
@@ -394,6 +465,37 @@ impl RunConfig {
                 "fp8.margin",
                 f.margin,
                 "an integer in 0..=16 (binades)",
+            ));
+        }
+
+        let a = &self.dist.fp8_allreduce;
+        let names: Vec<String> = fp8lm_collectives::SCALED_FP8_METHODS
+            .iter()
+            .map(|m| format!("{:?}", m.name()))
+            .collect();
+        if !fp8lm_collectives::SCALED_FP8_METHODS
+            .iter()
+            .any(|m| m.name() == a.method)
+        {
+            return Err(bad(
+                "dist.fp8_allreduce.method",
+                format!("{:?}", a.method),
+                names.join(", "),
+            ));
+        }
+        if !(a.overflow_fraction.is_finite() && (0.0..1.0).contains(&a.overflow_fraction)) {
+            return Err(bad(
+                "dist.fp8_allreduce.overflow_fraction",
+                a.overflow_fraction,
+                "a number in [0, 1)",
+            ));
+        }
+        pos("dist.fp8_allreduce.growth_steps", a.growth_steps)?;
+        if !(a.max_mu.is_finite() && a.max_mu > 0.0 && a.max_mu.log2().fract() == 0.0) {
+            return Err(bad(
+                "dist.fp8_allreduce.max_mu",
+                a.max_mu,
+                "a power of two > 0 (e.g. 1, 0.5, 2)",
             ));
         }
 

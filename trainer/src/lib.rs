@@ -37,6 +37,7 @@ pub mod checkpoint;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod plot_fp8;
 pub mod repartition;
 pub mod snapshot;
 pub mod tokenizer;

@@ -3,7 +3,8 @@
 //! Keys (scripts rely on them): `step`, `loss` (training), `val_loss`, `lr`,
 //! `grad_norm`, `tokens_per_s`, `skipped_steps` (cumulative steps skipped for non-finite
 //! gradients), `elapsed_s`, and `fp8`: per-tensor FP8 statistics (`name`, `amax`,
-//! `scale`, `overflow`, `underflow`). Absent values are omitted, not written as null,
+//! `scale`, `overflow`, `underflow`), `allreduce` (data-parallel FP8 runs: `mu_min`,
+//! `mu_mean`, `mu_max`, `overflow`, `underflow` fractions of the gradient all-reduce). Absent values are omitted, not written as null,
 //! except a non-finite loss, which is written as `null` (JSON has no NaN) so that a
 //! diverged run stays visible.
 //!
@@ -29,6 +30,40 @@ pub struct Fp8TensorStats {
     pub overflow: u64,
     /// Non-zero values that flushed to zero.
     pub underflow: u64,
+    /// Values in the cast (so that overflow/underflow read as fractions); 0 = unknown
+    /// (older files).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub numel: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The FP8 gradient all-reduce of one data-parallel step (all FP8 weight gradients):
+/// FP8-LM's mu after the step's update (min, mean, max over tensors), the fraction of
+/// summed values that saturated (overflow) and of this rank's non-zero values that the
+/// re-quantisation flushed to zero (underflow).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllReduceStats {
+    pub mu_min: f32,
+    pub mu_mean: f32,
+    pub mu_max: f32,
+    pub overflow: f64,
+    pub underflow: f64,
+}
+
+impl AllReduceStats {
+    pub fn from_tally(t: &fp8lm_collectives::GradTally) -> Option<Self> {
+        let (mu_min, mu_mean, mu_max) = t.mu_range()?;
+        Some(AllReduceStats {
+            mu_min,
+            mu_mean,
+            mu_max,
+            overflow: t.overflow_fraction(),
+            underflow: t.underflow_fraction(),
+        })
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -51,6 +86,9 @@ pub struct MetricsRecord {
     pub elapsed_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fp8: Vec<Fp8TensorStats>,
+    /// Data-parallel FP8 runs: the step's gradient all-reduce (mu, overflow, underflow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce: Option<AllReduceStats>,
 }
 
 /// Appends records to `metrics.jsonl`, one flushed line each.
@@ -158,6 +196,7 @@ mod tests {
                     scale: 128.0,
                     overflow: 0,
                     underflow: 3,
+                    numel: 4096,
                 }],
                 ..Default::default()
             })
