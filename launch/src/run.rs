@@ -206,10 +206,11 @@ pub fn train(args: &ConfigArgs, resume: Option<&Path>) -> Result<()> {
 
 /// The run loop, rank-aware. With a communicator (mpirun), every rank trains its shard
 /// of each global batch and holds the same weights; rank 0 alone prints progress and
-/// writes the run directory (config, metrics, plot, summary, checkpoints). Every rank
-/// evaluates the same validation batches with the same weights (so they agree without
-/// communication, and any FP8 scaling state the forward touches stays identical across
-/// replicas). Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
+/// writes the run directory (config, metrics, plot, summary, checkpoints). Each rank
+/// evaluates its share of one fixed set of validation sequences and the loss sums are
+/// reduced (`fp8lm_trainer::eval`: the same figure for any batch or rank count;
+/// evaluation casts leave the FP8 scaling state untouched, so replicas stay identical).
+/// Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
 /// gathered to it first. `--resume` loads the same checkpoint on every rank; fp8-o3
 /// re-partitions its optimizer state for the current number of ranks.
 fn train_ranked(
@@ -374,8 +375,9 @@ fn train_ranked(
         let eval_now =
             cfg.eval_every > 0 && (done % cfg.eval_every as u64 == 0 || done == max_steps);
         if eval_now {
-            // Every rank: same weights, same batches, same result (see train_ranked).
-            let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+            // Every rank evaluates its share of the fixed validation set (see
+            // fp8lm_trainer::eval); the sums are reduced, so all ranks get the same result.
+            let v = tr.evaluate_tokens(data.as_ref(), cfg.eval_tokens, comm)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
             if root {
@@ -567,12 +569,16 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     snapshot::restore_weights(&mut tr, &ck)?;
     let t0 = Instant::now();
-    let v = tr.evaluate(data.as_ref(), cfg.eval_batches)?;
+    let v = tr.evaluate_tokens(data.as_ref(), cfg.eval_tokens, None)?;
+    let seqs = fp8lm_trainer::eval::eval_sequences(
+        cfg.eval_tokens,
+        cfg.model.context,
+        data.val_sequence_count(cfg.model.context),
+    );
     println!("checkpoint {} (step {})", ck.dir.display(), ck.meta.step);
     println!(
-        "val loss {v:.4} nats/token over {} batches of {} x {} tokens ({:.1}s)",
-        cfg.eval_batches,
-        cfg.batch,
+        "val loss {v:.4} nats/token over {} validation sequences of {} tokens ({:.1}s)",
+        seqs.len(),
         cfg.model.context,
         t0.elapsed().as_secs_f64()
     );

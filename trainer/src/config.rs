@@ -267,8 +267,12 @@ pub struct RunConfig {
     /// Checkpoints kept (the newest ones); 0 keeps all.
     pub checkpoint_keep: usize,
     pub eval_every: usize,
-    /// Batches averaged per evaluation.
+    /// Batches of [`crate::Trainer::evaluate`] (the library's per-batch evaluation);
+    /// `fp8lm train`/`eval` evaluate `eval_tokens` instead.
     pub eval_batches: usize,
+    /// Validation tokens per evaluation, a fixed set independent of batch and rank count
+    /// (see [`crate::eval`]); 0 = the whole validation split up to 32 Ki tokens.
+    pub eval_tokens: usize,
     /// "byte" or "gpt2".
     pub tokenizer: String,
     /// Sequences per step B (per rank).
@@ -291,6 +295,7 @@ impl Default for RunConfig {
             checkpoint_keep: 3,
             eval_every: 50,
             eval_batches: 8,
+            eval_tokens: 0,
             tokenizer: "byte".into(),
             batch: 32,
             model: ModelConfig::default(),

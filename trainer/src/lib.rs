@@ -26,6 +26,7 @@ pub mod config;
 pub mod config_file;
 pub mod data;
 pub mod distributed;
+pub mod eval;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -281,6 +281,9 @@ impl Dataset for TokenDataset {
     fn set_position(&mut self, pos: u64) {
         self.position = pos;
     }
+    fn val_sequence_count(&self, t: usize) -> Option<u64> {
+        (t == self.t).then(|| self.val_sequences())
+    }
 }
 
 /// Open the data source a config names: the embedded corpus when `data.path` is empty.
