@@ -24,6 +24,7 @@ Examples:
   fp8lm sample --checkpoint runs/default --prompt 'the '
   fp8lm inspect runs/default/checkpoints/step_00000300
   fp8lm tokenize --input book.txt --output shards/ --tokenizer gpt2
+  fp8lm report runs/fp32 runs/fp8             # final losses, FP8 health, overlaid curves
   fp8lm bench gemm
 
 Every config key is documented in configs/example.toml.";
@@ -110,6 +111,16 @@ enum Cmd {
         /// File name prefix.
         #[arg(long, default_value = "shard")]
         prefix: String,
+    },
+    /// Compare finished (or running) runs: a table of final losses and FP8 health, and
+    /// their loss curves overlaid in one SVG.
+    Report {
+        /// Run directories (each with metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the overlaid loss curves.
+        #[arg(long, default_value = "report.svg")]
+        out: PathBuf,
     },
     /// Print the resolved config (file + overrides, validated) as TOML.
     Config {
@@ -198,6 +209,7 @@ fn main() {
             run::load(&cfg).map(|c| print!("{}", fp8lm_trainer::config_file::to_toml(&c)))
         }
         Cmd::Bench { which } => bench::run(which),
+        Cmd::Report { runs, out } => report::report(&runs, &out),
     };
     if let Err(e) = result {
         progress::finish_all();

@@ -243,6 +243,97 @@ pub fn plot_allreduce(path: &Path, records: &[MetricsRecord], title: &str) -> Re
     Ok(true)
 }
 
+/// (step, loss) points of one curve.
+type Curve = Vec<(f64, f64)>;
+
+/// Distinct line colours for overlaid runs (cycled).
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
+];
+
+/// `fp8lm report`: several runs' loss curves on one chart, training loss thin, validation
+/// loss thick with points, one colour per run (labelled). The y range covers every curve.
+pub fn plot_overlay(path: &Path, runs: &[(String, Vec<MetricsRecord>)], title: &str) -> Result<()> {
+    let pick = |r: &[MetricsRecord], val: bool| -> Vec<(f64, f64)> {
+        r.iter()
+            .filter_map(|m| {
+                let l = if val { m.val_loss } else { m.loss };
+                l.filter(|l| l.is_finite())
+                    .map(|l| (m.step as f64, l as f64))
+            })
+            .collect()
+    };
+    let curves: Vec<(Curve, Curve)> = runs
+        .iter()
+        .map(|(_, r)| (pick(r, false), pick(r, true)))
+        .collect();
+    let all = curves.iter().flat_map(|(a, b)| a.iter().chain(b));
+    let (mut ymin, mut ymax, mut xmax) = (f64::INFINITY, f64::NEG_INFINITY, 1f64);
+    for &(x, y) in all {
+        ymin = ymin.min(y);
+        ymax = ymax.max(y);
+        xmax = xmax.max(x);
+    }
+    if !ymin.is_finite() {
+        (ymin, ymax) = (0.0, 1.0);
+    }
+    let pad = ((ymax - ymin) * 0.05).max(1e-3);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..xmax, (ymin - pad).max(0.0)..ymax + pad)
+            .map_err(perr)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats/token)")
+            .draw()
+            .map_err(perr)?;
+        for (i, ((label, _), (train, val))) in runs.iter().zip(&curves).enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(train.iter().copied(), color.mix(0.45)))
+                .map_err(perr)?;
+            let series = if val.is_empty() { train } else { val };
+            chart
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    color.stroke_width(3),
+                ))
+                .map_err(perr)?
+                .label(format!(
+                    "{label} ({})",
+                    if val.is_empty() { "train" } else { "val" }
+                ))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart
+                .draw_series(val.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(perr)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(perr)?;
+        root.present().map_err(perr)?;
+    }
+    crate::checkpoint::write_atomic(path, svg.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
