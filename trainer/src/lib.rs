@@ -22,6 +22,7 @@
 //!   [`Trainer::is_root`], [`Trainer::zero_rank_bytes`]. [`distributed::train_data_parallel`]
 //!   is the whole loop `fp8lm train` runs under `mpirun`.
 
+pub mod compare;
 pub mod config;
 pub mod config_file;
 pub mod data;

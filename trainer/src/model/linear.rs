@@ -163,6 +163,30 @@ pub struct Linear {
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
+    /// GEMM operand bytes consumed, by element type, since the layer was built.
+    pub operand_bytes: OperandBytes,
+}
+
+/// Bytes of GEMM operands a layer handed to the kernels, by element type: what the tests
+/// check so that a low-precision mode cannot silently compute in a higher one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OperandBytes {
+    pub f32: u64,
+    pub bf16: u64,
+    pub e4m3: u64,
+    pub e5m2: u64,
+}
+
+impl OperandBytes {
+    fn add(&mut self, m: &MatRef<'_>) {
+        let n = m.len() as u64;
+        match m {
+            MatRef::F32(_) => self.f32 += 4 * n,
+            MatRef::Bf16(_) => self.bf16 += 2 * n,
+            MatRef::Fp8 { format, .. } if *format == Fp8Format::E4M3 => self.e4m3 += n,
+            MatRef::Fp8 { .. } => self.e5m2 += n,
+        }
+    }
 }
 
 impl Linear {
@@ -191,6 +215,7 @@ impl Linear {
             fp8,
             bf16,
             gemm_time: Duration::ZERO,
+            operand_bytes: OperandBytes::default(),
         }
     }
 
@@ -213,6 +238,8 @@ impl Linear {
     }
 
     fn gemm(&mut self, shape: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+        self.operand_bytes.add(&a);
+        self.operand_bytes.add(&b);
         let t0 = Instant::now();
         Cpu.gemm(shape, a, b, c, acc);
         self.gemm_time += t0.elapsed();
