@@ -33,6 +33,7 @@
 //! FP8 GEMM runs as fast as the f32 one. Both crates are measured against ours in
 //! [`crate::bench`].
 
+pub mod blockscaled;
 mod driver;
 mod kernel;
 mod pack;
