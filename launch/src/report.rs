@@ -223,6 +223,7 @@ mod tests {
                         overflow: if step == 5 { overflow } else { 0 },
                         underflow: 2,
                         numel: 1000,
+                        ..Default::default()
                     },
                     Fp8TensorStats {
                         name: "h.0.fc.w".into(),
@@ -231,6 +232,7 @@ mod tests {
                         overflow: 0,
                         underflow: 0,
                         numel: 100,
+                        ..Default::default()
                     },
                 ],
                 allreduce: Some(AllReduceStats {

@@ -127,6 +127,8 @@ fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
             overflow: v.stats.overflow,
             underflow: v.stats.underflow,
             numel: v.stats.numel,
+            scale_min: v.stats.block_scales.map(|b| b.0),
+            scale_max: v.stats.block_scales.map(|b| b.1),
         })
         .collect()
 }

@@ -53,7 +53,7 @@ impl Variant {
             ),
         };
         let recipe = r.unwrap_or(&base.fp8.recipe).to_string();
-        let known = ["delayed", "current", BROKEN_RECIPE];
+        let known = ["delayed", "current", "block", BROKEN_RECIPE];
         if precision.is_fp8() && !known.contains(&recipe.as_str()) {
             bail!("variant {spec:?}: recipe {recipe:?} is not one of {known:?}");
         }

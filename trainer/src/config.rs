@@ -81,8 +81,10 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fp8Config {
-    /// "delayed" or "current".
+    /// "delayed", "current" or "block" (one scale per 1x128 / 128x128 tile).
     pub recipe: String,
+    /// Block recipe: tile scales "power-of-two" (exact multiply) or "exact" (the ratio).
+    pub block_rounding: String,
     /// Amax history length of the delayed recipe.
     pub amax_history: usize,
     /// Scale margin in binades.
@@ -93,6 +95,7 @@ impl Default for Fp8Config {
     fn default() -> Self {
         Fp8Config {
             recipe: "delayed".into(),
+            block_rounding: "power-of-two".into(),
             amax_history: 16,
             margin: 0,
         }
@@ -457,11 +460,18 @@ impl RunConfig {
         finite_nonneg("optim.grad_clip", o.grad_clip)?;
 
         let f = &self.fp8;
-        if f.recipe != "delayed" && f.recipe != "current" {
+        if !["delayed", "current", "block"].contains(&f.recipe.as_str()) {
             return Err(bad(
                 "fp8.recipe",
                 format!("{:?}", f.recipe),
-                "\"delayed\" or \"current\"",
+                "\"delayed\", \"current\" or \"block\"",
+            ));
+        }
+        if !["power-of-two", "exact"].contains(&f.block_rounding.as_str()) {
+            return Err(bad(
+                "fp8.block_rounding",
+                format!("{:?}", f.block_rounding),
+                "\"power-of-two\" or \"exact\"",
             ));
         }
         pos("fp8.amax_history", f.amax_history)?;

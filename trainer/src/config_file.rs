@@ -15,7 +15,8 @@ const ENUMS: &[(&str, &[&str])] = &[
     ("precision", &["fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]),
     ("tokenizer", &["byte", "gpt2"]),
     ("model.arch", &["gpt2", "llama"]),
-    ("fp8.recipe", &["delayed", "current"]),
+    ("fp8.recipe", &["delayed", "current", "block"]),
+    ("fp8.block_rounding", &["power-of-two", "exact"]),
     ("dist.overlap", &["auto", "on", "off"]),
     ("dist.zero_partition", &["row-blocks", "whole-tensor"]),
     (

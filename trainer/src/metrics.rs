@@ -3,7 +3,8 @@
 //! Keys (scripts rely on them): `step`, `loss` (training), `val_loss`, `lr`,
 //! `grad_norm`, `tokens_per_s`, `skipped_steps` (cumulative steps skipped for non-finite
 //! gradients), `elapsed_s`, and `fp8`: per-tensor FP8 statistics (`name`, `amax`,
-//! `scale`, `overflow`, `underflow`), `allreduce` (data-parallel FP8 runs: `mu_min`,
+//! `scale`, `overflow`, `underflow`, `numel`; block recipe: `scale_min`, `scale_max` over
+//! tiles), `allreduce` (data-parallel FP8 runs: `mu_min`,
 //! `mu_mean`, `mu_max`, `overflow`, `underflow` fractions of the gradient all-reduce). Absent values are omitted, not written as null,
 //! except a non-finite loss, which is written as `null` (JSON has no NaN) so that a
 //! diverged run stays visible.
@@ -34,6 +35,11 @@ pub struct Fp8TensorStats {
     /// (older files).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub numel: u64,
+    /// Block recipe: smallest and largest tile scale (`scale` is the smallest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_min: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_max: Option<f32>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -197,6 +203,7 @@ mod tests {
                     overflow: 0,
                     underflow: 3,
                     numel: 4096,
+                    ..Default::default()
                 }],
                 ..Default::default()
             })

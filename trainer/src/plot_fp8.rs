@@ -354,6 +354,7 @@ mod tests {
                         overflow: s % 3,
                         underflow: 10 * s,
                         numel: 1000,
+                        ..Default::default()
                     })
                     .collect(),
                 allreduce: Some(AllReduceStats {

@@ -193,7 +193,8 @@ pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
                     ScalingRecipe::Delayed { history_len: cfg.fp8.amax_history }
                 }
                 "current" => ScalingRecipe::Current,
-                other => bail!("fp8.recipe = {other:?} is not a scaling recipe; use \"delayed\" or \"current\""),
+                "block" => ScalingRecipe::Block { exact: cfg.fp8.block_rounding == "exact" },
+                other => bail!("fp8.recipe = {other:?} is not a scaling recipe; use \"delayed\", \"current\" or \"block\""),
             };
             LinearPrecision::Fp8 {
                 recipe,

@@ -14,17 +14,20 @@ use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 #[test]
 fn each_precision_feeds_its_gemms_only_its_own_formats() {
     for arch in [Arch::Gpt2, Arch::Llama] {
-        for precision in [
-            Precision::Fp32,
-            Precision::Bf16,
-            Precision::Fp8O1,
-            Precision::Fp8O2,
+        for (precision, recipe) in [
+            (Precision::Fp32, "delayed"),
+            (Precision::Bf16, "delayed"),
+            (Precision::Fp8O1, "delayed"),
+            (Precision::Fp8O2, "current"),
+            (Precision::Fp8O1, "block"),
+            (Precision::Fp8O2, "block"),
         ] {
             let mut cfg = RunConfig {
                 precision,
                 batch: 2,
                 ..RunConfig::default()
             };
+            cfg.fp8.recipe = recipe.into();
             cfg.model.arch = arch;
             cfg.model.channels = 32;
             let mut data = MarkovCorpus::new(1);
@@ -62,7 +65,7 @@ fn each_precision_feeds_its_gemms_only_its_own_formats() {
                 assert_eq!(
                     l.operand_bytes,
                     want,
-                    "{arch:?} {}: linear {} ({c} -> {oc})",
+                    "{arch:?} {} {recipe}: linear {} ({c} -> {oc})",
                     precision.name(),
                     l.name
                 );

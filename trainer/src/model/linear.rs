@@ -13,8 +13,10 @@
 //! The forward's quantised input and weight are kept for the backward, so the dW and dinp
 //! GEMMs see exactly the operands the forward used (as on a GPU).
 
+use fp8lm_fp8::block::{ACT_BLOCK, WEIGHT_BLOCK};
 use fp8lm_fp8::cast;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
+use fp8lm_kernels::gemm::blockscaled::{gemm_block_scaled, BlockFp8, BlockOperand};
 use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
 use half::bf16;
 use half::slice::HalfFloatSliceExt;
@@ -53,6 +55,9 @@ pub struct CastStats {
     pub total_overflow: u64,
     pub total_underflow: u64,
     pub casts: u64,
+    /// Block recipe: smallest and largest tile scale of the last cast (`scale` is then
+    /// the smallest).
+    pub block_scales: Option<(f32, f32)>,
 }
 
 /// One FP8 operand of a linear layer: its scaling state and quantised storage.
@@ -63,6 +68,10 @@ pub struct Fp8Operand {
     data: Vec<u8>,
     /// Scale of the data currently held.
     scale: f32,
+    /// Block recipe: the operand's columns and tile shape, and the tile scales of the
+    /// data held (row-major grid, `fp8lm_fp8::block`).
+    block: Option<(usize, (usize, usize))>,
+    pub block_scales: Vec<f32>,
 }
 
 impl Fp8Operand {
@@ -74,12 +83,78 @@ impl Fp8Operand {
             stats: CastStats::default(),
             data: vec![0; cap],
             scale: 1.0,
+            block: None,
+            block_scales: Vec::new(),
+        }
+    }
+
+    /// Block recipe: cast in `tile`s of a matrix `cols` wide (no effect otherwise).
+    fn with_blocks(mut self, cols: usize, tile: (usize, usize)) -> Self {
+        if let ScalingRecipe::Block { .. } = self.state.recipe {
+            self.block = Some((cols, tile));
+        }
+        self
+    }
+
+    /// The block recipe's cast: one current scale per tile.
+    fn quantize_blocks(&mut self, src: &[f32], record: bool, cols: usize, tile: (usize, usize)) {
+        let st = &self.state;
+        let rounding = match st.recipe {
+            ScalingRecipe::Block { exact: true } => fp8lm_fp8::ScaleRounding::Exact,
+            _ => fp8lm_fp8::ScaleRounding::PowerOfTwo,
+        };
+        let rows = src.len() / cols.max(1);
+        let (gr, gc) = fp8lm_fp8::block::grid(rows, cols, tile);
+        self.block_scales.resize(gr * gc, 1.0);
+        let b = fp8lm_fp8::block::quantize_blocks(
+            st.format,
+            src,
+            rows,
+            cols,
+            tile,
+            rounding,
+            st.margin,
+            &mut self.data[..src.len()],
+            &mut self.block_scales,
+        );
+        self.scale = b.scale_min;
+        if record {
+            let s = &mut self.stats;
+            (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
+                b.amax,
+                b.scale_min,
+                b.overflow,
+                b.underflow,
+                src.len() as u64,
+            );
+            s.block_scales = Some((b.scale_min, b.scale_max));
+            s.total_overflow += b.overflow;
+            s.total_underflow += b.underflow;
+            s.casts += 1;
+        }
+    }
+
+    /// The operand for the GEMM: per-tensor FP8, or block-scaled FP8.
+    fn operand(&self, len: usize) -> BlockOperand<'_> {
+        match self.block {
+            Some((cols, tile)) => BlockOperand::Blocks(BlockFp8 {
+                data: &self.data[..len],
+                format: self.state.format,
+                rows: len / cols.max(1),
+                cols,
+                block: tile,
+                scales: &self.block_scales,
+            }),
+            None => BlockOperand::Mat(self.mat(len)),
         }
     }
 
     /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
     /// the scaling history and the stats; evaluation casts leave both untouched.
     fn quantize(&mut self, src: &[f32], record: bool) {
+        if let Some((cols, tile)) = self.block {
+            return self.quantize_blocks(src, record, cols, tile);
+        }
         let st = &mut self.state;
         let fmt = st.format;
         let needs_own_amax =
@@ -178,6 +253,16 @@ pub struct OperandBytes {
 }
 
 impl OperandBytes {
+    fn add_blocks(&mut self, m: &BlockOperand<'_>) {
+        match m {
+            BlockOperand::Mat(m) => self.add(m),
+            BlockOperand::Blocks(b) => self.add(&MatRef::Fp8 {
+                data: b.data,
+                format: b.format,
+                scale: 1.0,
+            }),
+        }
+    }
     fn add(&mut self, m: &MatRef<'_>) {
         let n = m.len() as u64;
         match m {
@@ -194,9 +279,12 @@ impl Linear {
     pub fn new(name: String, c: usize, oc: usize, rows: usize, precision: LinearPrecision) -> Self {
         let fp8 = match precision {
             LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
-                x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c),
-                w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c),
-                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, rows * oc),
+                x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c)
+                    .with_blocks(c, ACT_BLOCK),
+                w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c)
+                    .with_blocks(c, WEIGHT_BLOCK),
+                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, rows * oc)
+                    .with_blocks(oc, ACT_BLOCK),
                 wgrad: ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT),
                 wgrad_stats: CastStats::default(),
             }),
@@ -245,6 +333,26 @@ impl Linear {
         self.gemm_time += t0.elapsed();
     }
 
+    /// [`Self::gemm`] on FP8 operands that may be block-scaled (block recipe).
+    fn gemm_fp8(
+        &mut self,
+        shape: GemmShape,
+        a: BlockOperand<'_>,
+        b: BlockOperand<'_>,
+        c: &mut [f32],
+    ) {
+        match (a, b) {
+            (BlockOperand::Mat(a), BlockOperand::Mat(b)) => self.gemm(shape, a, b, c, false),
+            (a, b) => {
+                self.operand_bytes.add_blocks(&a);
+                self.operand_bytes.add_blocks(&b);
+                let t0 = Instant::now();
+                gemm_block_scaled(shape, a, b, c, false);
+                self.gemm_time += t0.elapsed();
+            }
+        }
+    }
+
     /// out\[n,oc\] = inp\[n,c\] @ w\[oc,c\]^T + bias\[oc\]. `record`: update FP8 scaling history.
     pub fn forward(
         &mut self,
@@ -282,7 +390,7 @@ impl Linear {
                 let mut f = self.fp8.take().expect("fp8 state");
                 f.x.quantize(inp, record);
                 f.w.quantize(w, record);
-                self.gemm(shape, f.x.mat(n * c), f.w.mat(oc * c), out, false);
+                self.gemm_fp8(shape, f.x.operand(n * c), f.w.operand(oc * c), out);
                 self.fp8 = Some(f);
             }
         }
@@ -333,8 +441,8 @@ impl Linear {
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
                 f.dy.quantize(dout, true);
-                self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
-                self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                self.gemm_fp8(s_dinp, f.dy.operand(n * oc), f.w.operand(oc * c), dinp);
+                self.gemm_fp8(s_dw, f.dy.operand(n * oc), f.x.operand(n * c), dw);
                 self.fp8 = Some(f);
             }
         }
