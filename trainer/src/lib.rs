@@ -35,6 +35,7 @@ pub mod train;
 pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod bench;
+pub mod block_scales;
 pub mod checkpoint;
 pub mod memory;
 pub mod metrics;

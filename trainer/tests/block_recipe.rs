@@ -269,3 +269,59 @@ fn block_recipe_trains_in_every_fp8_level() {
     assert_eq!(losses[0], losses[1]);
     assert!(losses[0][19] < losses[0][0] - 0.3, "{:?}", losses[0]);
 }
+
+#[test]
+fn checkpoints_store_each_weights_tile_scales_as_name_scale() {
+    let mut cfg = small(Precision::Fp8O2);
+    cfg.model.channels = 160; // ragged: 160 = 128 + 32 inputs; qkv 480 = 3 x 128 + 96 rows
+    cfg.model.heads = 4;
+    let mut data = MarkovCorpus::new(1);
+    let mut tr = Trainer::new(&cfg, data.vocab_size()).unwrap();
+    tr.train_step(&mut data).unwrap();
+    let ck = fp8lm_trainer::snapshot::capture(&tr, &data, serde_json::json!({}));
+    let root = std::env::temp_dir().join(format!("fp8lm-blockck-{}", std::process::id()));
+    let dir = ck.save(&root, 0).unwrap();
+    let file = dir.join("fp8_scales.safetensors");
+    let stored = fp8lm_trainer::checkpoint::read_safetensors_file(&file).unwrap();
+    let m = tr.model();
+    let fp8_weights = m.linears.iter().filter(|l| l.fp8.is_some()).count();
+    assert_eq!(
+        stored.len(),
+        fp8_weights,
+        "one .scale per FP8 linear weight"
+    );
+    let qkv = stored
+        .iter()
+        .find(|t| t.name == "h.0.attn.qkv.w.scale")
+        .unwrap_or_else(|| panic!("{:?}", stored.iter().map(|t| &t.name).collect::<Vec<_>>()));
+    assert_eq!(qkv.shape, vec![4, 2], "[ceil(480/128), ceil(160/128)]");
+    // The scales are those of the saved weights: recompute tile (3, 1) (96 x 32, ragged).
+    let t = m
+        .layout
+        .metas
+        .iter()
+        .position(|x| x.name == "h.0.attn.qkv.w")
+        .unwrap();
+    let w = &m.params[m.layout.range(t)];
+    let amax = (384..480)
+        .flat_map(|r| (128..160).map(move |c| (r, c)))
+        .map(|(r, c)| w[r * 160 + c].abs())
+        .fold(0f32, f32::max);
+    let want = fp8lm_fp8::scale_for_amax(448.0, amax, 0, Default::default()).unwrap();
+    assert_eq!(qkv.to_f32().unwrap()[3 * 2 + 1], want);
+    // A plain safetensors file: 8-byte header length, JSON header naming F32 and the shape.
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["h.0.attn.qkv.w.scale"]["dtype"], "F32");
+    assert_eq!(
+        header["h.0.attn.qkv.w.scale"]["shape"],
+        serde_json::json!([4, 2])
+    );
+    // And the checkpoint still resumes.
+    let back = fp8lm_trainer::checkpoint::Checkpoint::load(&dir).unwrap();
+    let mut tr2 = Trainer::new(&cfg, 256).unwrap();
+    fp8lm_trainer::snapshot::restore(&mut tr2, &mut data, &back).unwrap();
+    assert_eq!(tr2.model().params, tr.model().params);
+    std::fs::remove_dir_all(&root).ok();
+}
