@@ -33,6 +33,11 @@
 //! inside the ring right before its one use ([`crate::comm::fp8_all_reduce_fused`]), so
 //! FP8-LM costs no pass over the data beyond the FP8 sum itself.
 //!
+//! On FP8 inputs the comparison methods are the same re-quantise-and-sum with a fixed
+//! factor: pre-scaling is `mu = 1/N`, post-scaling `mu = 1` ([`fixed_mu`]); the trainer
+//! picks the method and FP8-LM's rule (`overflow_fraction`, `growth_steps`, `max_mu`)
+//! from `dist.fp8_allreduce`, and reports each step's mu and counts ([`GradTally`]).
+//!
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
