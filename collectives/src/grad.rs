@@ -33,6 +33,11 @@
 //! inside the ring right before its one use ([`crate::comm::fp8_all_reduce_fused`]), so
 //! FP8-LM costs no pass over the data beyond the FP8 sum itself.
 //!
+//! On FP8 inputs the comparison methods are the same re-quantise-and-sum with a fixed
+//! factor: pre-scaling is `mu = 1/N`, post-scaling `mu = 1` ([`fixed_mu`]); the trainer
+//! picks the method and FP8-LM's rule (`overflow_fraction`, `growth_steps`, `max_mu`)
+//! from `dist.fp8_allreduce`, and reports each step's mu and counts ([`GradTally`]).
+//!
 //! Small tensors are packed into buckets of up to `bucket_bytes` so that each bucket costs
 //! one all-reduce; the scale agreement for all tensors is a single vector all-reduce.
 
@@ -251,14 +256,14 @@ impl GradAllReducer {
     }
 
     fn update_mu(&mut self, t: usize, saturated: u64, len: usize) {
-        let frac = saturated as f64 / len.max(1) as f64;
-        let mu = &mut self.mu[t];
-        if frac > self.cfg.overflow_fraction {
-            *mu *= 0.5;
-        } else {
-            let g = 2f64.powf(1.0 / self.cfg.growth_steps.max(1) as f64) as f32;
-            *mu = (*mu * g).min(self.cfg.max_mu);
-        }
+        self.mu[t] = next_mu(&self.cfg, self.mu[t], saturated, len);
+    }
+
+    /// The multiplier a tensor is re-quantised with before the FP8 sum of
+    /// [`Self::all_reduce_scaled_fp8`]: FP8-LM's adaptive `mu[t]`, or the fixed factor of
+    /// the method it is compared against (`1/N`: pre-scaling; `1`: post-scaling).
+    fn scaled_mu(&self, t: usize, ranks: usize) -> f32 {
+        fixed_mu(self.cfg.method, ranks).unwrap_or(self.mu[t])
     }
 
     /// In place: each `grads[t]` (this rank's gradient) becomes the mean over ranks, through
@@ -446,12 +451,14 @@ impl GradAllReducer {
         comm: &dyn Communicator,
         grads: &mut [ScaledFp8],
     ) -> Result<GradReport> {
-        if self.cfg.method != GradMethod::Fp8Lm {
+        if !SCALED_FP8_METHODS.contains(&self.cfg.method) {
+            let names: Vec<_> = SCALED_FP8_METHODS.iter().map(|m| m.name()).collect();
             return Err(CommError::new(
                 comm.rank(),
                 "grad all_reduce_scaled_fp8",
                 format!(
-                    "FP8 inputs are reduced the FP8-LM way only; method is {}",
+                    "FP8 inputs are reduced by one of {names:?} (a factor mu on the shared \
+                     minimum scale); method is {}",
                     self.cfg.method.name()
                 ),
             ));
@@ -518,7 +525,7 @@ impl GradAllReducer {
         // ring (fused).
         let mut luts = Vec::with_capacity(k);
         for (t, g) in grads.iter_mut().enumerate() {
-            let q = self.mu[t] * s_g[t];
+            let q = self.scaled_mu(t, ranks) * s_g[t];
             luts.push((table(q / g.scale), table(q / scale_of(prev, t))));
             report.scales[t] = n * q;
             g.scale = n * q;
@@ -531,7 +538,13 @@ impl GradAllReducer {
         }
         let requant: Vec<[Option<Requant>; 2]> =
             luts.iter().map(|(o, p)| [as_rq(o), as_rq(p)]).collect();
-        self.sum_and_finish(comm, grads, fmt, &lens, &requant, true, sent0, report)
+        let adapt_mu = self.cfg.method == GradMethod::Fp8Lm;
+        let mut report =
+            self.sum_and_finish(comm, grads, fmt, &lens, &requant, adapt_mu, sent0, report)?;
+        if !adapt_mu {
+            report.mu = (0..k).map(|t| self.scaled_mu(t, ranks)).collect();
+        }
+        Ok(report)
     }
 
     /// The common tail of both FP8 entry points: FP8-sum the tensors bucket by bucket
@@ -569,6 +582,78 @@ impl GradAllReducer {
         self.steps += 1;
         report.bytes_sent = comm.bytes_sent() - sent0;
         Ok(report)
+    }
+}
+
+/// The methods [`GradAllReducer::all_reduce_scaled_fp8`] takes: all three re-quantise each
+/// rank's FP8 gradient to `mu * s_g` (shared minimum scale) and differ only in `mu`.
+pub const SCALED_FP8_METHODS: [GradMethod; 3] = [
+    GradMethod::Fp8Lm,
+    GradMethod::PreScale,
+    GradMethod::PostScale,
+];
+
+/// The fixed mu of the non-adaptive methods on FP8 inputs (`1/N`: pre-scaling, `1`:
+/// post-scaling); `None` for FP8-LM's adaptive one (and the f32/bf16/MS-AMP methods).
+pub fn fixed_mu(method: GradMethod, ranks: usize) -> Option<f32> {
+    match method {
+        GradMethod::PreScale => Some(1.0 / ranks as f32),
+        GradMethod::PostScale => Some(1.0),
+        _ => None,
+    }
+}
+
+/// FP8-LM's automatic scaling rule, one step of it: `mu` halves when more than
+/// `cfg.overflow_fraction` of the tensor's `len` summed values saturated, else grows by
+/// `2^(1/growth_steps)` up to `cfg.max_mu`. Shared by the replicated all-reduce and the
+/// fp8-o3 reduce-scatter so both follow the same (configured) rule.
+pub fn next_mu(cfg: &GradAllReduceConfig, mu: f32, saturated: u64, len: usize) -> f32 {
+    let frac = saturated as f64 / len.max(1) as f64;
+    if frac > cfg.overflow_fraction {
+        mu * 0.5
+    } else {
+        let g = 2f64.powf(1.0 / cfg.growth_steps.max(1) as f64) as f32;
+        (mu * g).min(cfg.max_mu)
+    }
+}
+
+/// One training step's FP8 gradient reductions summed over every call (groups, buckets):
+/// what `metrics.jsonl` reports as the all-reduce's health.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GradTally {
+    /// FP8 values reduced (per rank).
+    pub elements: u64,
+    /// Summed values at +-fmt_max (identical on all ranks).
+    pub saturated: u64,
+    /// This rank's non-zero values flushed to zero by its (re-)quantisation.
+    pub flushed: u64,
+    /// mu of every reduced tensor after the step.
+    pub mu: Vec<f32>,
+}
+
+impl GradTally {
+    /// Add the report of one call that reduced tensors of `lens` elements.
+    pub fn add(&mut self, report: &GradReport, lens: &[usize]) {
+        self.elements += lens.iter().map(|&l| l as u64).sum::<u64>();
+        self.saturated += report.total_saturated();
+        self.flushed += report.total_flushed();
+        self.mu.extend_from_slice(&report.mu);
+    }
+    pub fn overflow_fraction(&self) -> f64 {
+        self.saturated as f64 / self.elements.max(1) as f64
+    }
+    pub fn underflow_fraction(&self) -> f64 {
+        self.flushed as f64 / self.elements.max(1) as f64
+    }
+    /// (min, mean, max) of mu; `None` before any FP8 reduction.
+    pub fn mu_range(&self) -> Option<(f32, f32, f32)> {
+        if self.mu.is_empty() {
+            return None;
+        }
+        let min = self.mu.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = self.mu.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mean = self.mu.iter().map(|&m| m as f64).sum::<f64>() / self.mu.len() as f64;
+        Some((min, mean as f32, max))
     }
 }
 

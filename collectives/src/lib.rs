@@ -53,7 +53,10 @@ pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
 pub use dp::{agree_config, config_hash, shard_range};
 pub use error::{CommError, Result};
-pub use grad::{GradAllReduceConfig, GradAllReducer, GradMethod, GradReport};
+pub use grad::{
+    fixed_mu, next_mu, GradAllReduceConfig, GradAllReducer, GradMethod, GradReport, GradTally,
+    SCALED_FP8_METHODS,
+};
 pub use local::{panic_message, run_ranks, LocalComm};
 pub use watchdog::Watchdog;
 #[cfg(feature = "mpi")]

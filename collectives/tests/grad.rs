@@ -277,3 +277,61 @@ fn scaled_fp8_bucket_of_two_tensors_matches_the_packed_reference() {
         assert_eq!(o[1].scale, RANKS as f32 * s_g[1]);
     }
 }
+
+#[test]
+fn scaled_fp8_pre_and_post_scaling_are_fixed_mu_variants() {
+    // dist.fp8_allreduce.method = fp8-prescale / fp8-postscale on FP8 gradients: the same
+    // re-quantise-and-sum as FP8-LM with mu fixed at 1/N and 1; mu never adapts, even
+    // though post-scaling saturates (its sums reach N * fmt_max).
+    let fmt = Fp8Format::E5M2;
+    let grads = step_grads(4);
+    let inputs: Vec<ScaledFp8> = grads
+        .iter()
+        .map(|g| ScaledFp8::quantize_current(&g[..4096], &[4096], fmt, 0).0)
+        .collect();
+    let s_g = inputs.iter().map(|t| t.scale).fold(f32::INFINITY, f32::min);
+    for (method, mu) in [
+        (GradMethod::PreScale, 1.0 / RANKS as f32),
+        (GradMethod::PostScale, 1.0),
+    ] {
+        let outs = run_ranks(RANKS, |c| {
+            let mut red = GradAllReducer::new(GradAllReduceConfig {
+                method,
+                ..Default::default()
+            });
+            let mut t = vec![inputs[c.rank()].clone()];
+            let rep = red.all_reduce_scaled_fp8(c, &mut t)?;
+            Ok::<_, fp8lm_collectives::CommError>((t.pop().unwrap(), rep))
+        })
+        .unwrap();
+        let (res, rep) = &outs[0];
+        assert_eq!(res.scale, RANKS as f32 * mu * s_g, "{method:?}");
+        assert_eq!(rep.mu, vec![mu], "{method:?}");
+        let requant: Vec<Vec<u8>> = inputs
+            .iter()
+            .map(|t| {
+                t.data
+                    .iter()
+                    .map(|&b| fmt.encode(fmt.decode(b) * (mu * s_g / t.scale), true))
+                    .collect()
+            })
+            .collect();
+        let want = fp8lm_collectives::comm::reference_all_reduce(&requant, |a, x| {
+            fp8lm_collectives::buf::combine_fp8(fmt, fp8lm_collectives::ReduceOp::Sum, a, x)
+        });
+        assert_eq!(res.data, want, "{method:?}");
+        let sat = want.iter().filter(|&&b| b & 0x7F == fmt.max_bits()).count() as u64;
+        assert_eq!(rep.total_saturated(), sat, "{method:?}");
+    }
+    // MS-AMP needs the f32 gradients (E4M3, max-amax agreement): refused, with the reason.
+    let err = run_ranks(1, |c| {
+        let mut red = GradAllReducer::new(GradAllReduceConfig {
+            method: GradMethod::MsAmp,
+            ..Default::default()
+        });
+        let mut t = vec![inputs[0].clone()];
+        red.all_reduce_scaled_fp8(c, &mut t).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(format!("{err}").contains("fp8-postscale"), "{err}");
+}

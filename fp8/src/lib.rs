@@ -43,6 +43,7 @@
 //!   it bit for bit, NaN payloads included. We use `half` for all f16/bf16 scalar work.
 
 pub mod bench;
+pub mod block;
 pub mod cast;
 pub mod format;
 pub mod scaled;

@@ -31,6 +31,18 @@ pub enum ScalingRecipe {
     /// Max over a window of the last `history_len` amax values (one step stale; the
     /// amax comes free from the cast itself). A length of 0 is treated as 1.
     Delayed { history_len: usize },
+    /// One current scale per tile (1 x 128 activations and gradients, 128 x 128 weights;
+    /// [`crate::block`]), power of two unless `exact`. A [`ScaleState`] with this recipe
+    /// casts whole tensors like `Current` (it has one scale); tiles are cast by
+    /// [`crate::block::quantize_blocks`].
+    Block { exact: bool },
+}
+
+impl ScalingRecipe {
+    /// Whether a cast computes the amax of the tensor (or tile) being cast.
+    pub fn is_current(self) -> bool {
+        matches!(self, ScalingRecipe::Current | ScalingRecipe::Block { .. })
+    }
 }
 
 /// `(exponent, significand)` of a positive finite f64, significand in `[2^52, 2^53)`.
@@ -146,7 +158,7 @@ impl ScaleState {
     /// (counting a zero or non-finite one and keeping the previous scale); the delayed
     /// recipe ignores the argument and returns the scale derived from the history.
     pub fn scale_for_cast(&mut self, tensor_amax: f32) -> f32 {
-        if let ScalingRecipe::Current = self.recipe {
+        if self.recipe.is_current() {
             self.observe(tensor_amax);
             self.update_scale(tensor_amax);
         }
@@ -187,7 +199,7 @@ impl ScaleState {
     pub fn quantize(&mut self, src: &[f32], dst: &mut [u8]) -> Quantized {
         let delayed_bootstrap =
             matches!(self.recipe, ScalingRecipe::Delayed { .. }) && self.amax_history.is_empty();
-        if matches!(self.recipe, ScalingRecipe::Current) || delayed_bootstrap {
+        if self.recipe.is_current() || delayed_bootstrap {
             let amax = cast::amax_f32(src);
             if delayed_bootstrap {
                 self.update_scale(amax);
@@ -198,7 +210,7 @@ impl ScaleState {
         let scale = self.scale;
         let amax = cast::f32_to_fp8_amax(self.format, src, scale, dst);
         match self.recipe {
-            ScalingRecipe::Current => {}
+            ScalingRecipe::Current | ScalingRecipe::Block { .. } => {}
             ScalingRecipe::Delayed { .. } => self.record_amax(amax),
         }
         Quantized { scale, amax }

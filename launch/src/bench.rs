@@ -186,6 +186,10 @@ fn memory(args: &ConfigArgs) -> Result<()> {
         "{}",
         fp8lm_trainer::memory::bench_memory(&cfg, cfg.vocab(), true)?
     );
+    print!(
+        "{}",
+        fp8lm_trainer::distributed::zero_imbalance_table(&cfg, cfg.vocab(), &[2, 4, 8])?
+    );
     // Measured: each precision in a child process (2 training steps, an evaluation and
     // a checkpoint save, as `fp8lm train` does), peak resident set start-up included.
     let exe = std::env::current_exe()?;

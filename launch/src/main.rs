@@ -9,11 +9,13 @@
 //! training run stopped by a signal after saving its checkpoint.
 
 mod bench;
+mod compare;
 mod devices;
 mod dist;
 mod inspect;
 
 mod progress;
+mod report;
 mod run;
 mod signals;
 
@@ -29,6 +31,8 @@ Examples:
   fp8lm sample --checkpoint runs/default --prompt 'the '
   fp8lm inspect runs/default/checkpoints/step_00000300
   fp8lm tokenize --input book.txt --output shards/ --tokenizer gpt2
+  fp8lm report runs/fp32 runs/fp8             # final losses, FP8 health, overlaid curves
+  fp8lm compare --seeds 4 --set max_steps=300   # fp32 vs FP8 recipes, mean +- sd, 95% CI
   fp8lm bench gemm
 
 Every config key is documented in configs/example.toml.";
@@ -123,6 +127,33 @@ enum Cmd {
         /// holds shards is refused: a run would read old and new shards together).
         #[arg(long)]
         force: bool,
+    },
+    /// Compare finished (or running) runs: a table of final losses and FP8 health, and
+    /// their loss curves overlaid in one SVG.
+    Report {
+        /// Run directories (each with metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the overlaid loss curves.
+        #[arg(long, default_value = "report.svg")]
+        out: PathBuf,
+    },
+    /// Parity harness: train K seeds of each precision/recipe on the config's data and
+    /// print the validation losses (mean +- sd) and each variant's difference to the
+    /// first with a 95% interval (paired by seed).
+    Compare {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Comma-separated `precision[:recipe]` list; the first is the reference.
+        /// Precisions: fp32, bf16, fp8-o1, fp8-o2; recipes: delayed, current.
+        #[arg(long, default_value = "fp32,fp8-o1:delayed,fp8-o1:current")]
+        variants: String,
+        /// Seeds per variant (K >= 2 for an interval).
+        #[arg(long, default_value_t = 4)]
+        seeds: usize,
+        /// The seeds are first_seed, first_seed + 1, ...
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
     },
     /// Print the resolved config (file + overrides, validated) as TOML.
     Config {
@@ -232,6 +263,13 @@ fn main() {
         }
         Cmd::Devices => devices::devices(),
         Cmd::Bench { which } => bench::run(which),
+        Cmd::Report { runs, out } => report::report(&runs, &out),
+        Cmd::Compare {
+            cfg,
+            variants,
+            seeds,
+            first_seed,
+        } => compare::run(&cfg, &variants, seeds, first_seed),
     };
     if let Err(e) = result {
         progress::finish_all();

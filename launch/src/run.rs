@@ -4,6 +4,8 @@
 //! - `config.toml`: the resolved config (file + `--set`), as used;
 //! - `metrics.jsonl`: one line per step (see `fp8lm_trainer::metrics`);
 //! - `loss.svg`: loss curves, redrawn at each evaluation;
+//! - `fp8.svg` (FP8 runs) and `allreduce.svg` (data-parallel FP8 runs): FP8 health, redrawn
+//!   with it (`crate::report::plot_health`);
 //! - `checkpoints/step_N/`: the newest `checkpoint_keep` checkpoints;
 //! - `summary.json`: final losses, throughput, memory by category (also printed).
 
@@ -196,6 +198,9 @@ fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
             scale: v.stats.scale,
             overflow: v.stats.overflow,
             underflow: v.stats.underflow,
+            numel: v.stats.numel,
+            scale_min: v.stats.block_scales.map(|b| b.0),
+            scale_max: v.stats.block_scales.map(|b| b.1),
         })
         .collect()
 }
@@ -336,16 +341,17 @@ fn log_fp8_now(cfg: &RunConfig, done: u64, skipped: bool, stats: &[Fp8TensorStat
 
 /// The run loop, rank-aware. With a communicator (mpirun), every rank trains its shard
 /// of each global batch and holds the same weights; rank 0 alone prints progress and
-/// writes the run directory (config, metrics, plot, summary, checkpoints). Every rank
-/// evaluates the same validation batches with the same weights (so they agree without
-/// communication, and any FP8 scaling state the forward touches stays identical across
-/// replicas). Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
-/// gathered to it first. `--resume` loads the same checkpoint on every rank (checked:
-/// step, data position and weights must agree); fp8-o3 re-partitions its optimizer state
-/// for the current number of ranks.
+/// writes the run directory (config, metrics, plot, summary, checkpoints). Each rank
+/// evaluates its share of one fixed set of validation sequences and the loss sums are
+/// reduced (`fp8lm_trainer::eval`: the same figure for any batch or rank count;
+/// evaluation casts leave the FP8 scaling state untouched, so replicas stay identical).
+/// Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
+/// gathered to it first. `--resume` loads the same checkpoint on every rank; fp8-o3
+/// re-partitions its optimizer state for the current number of ranks.
 ///
 /// Nothing in the run directory is written, moved or deleted before every input has been
-/// validated (checkpoint, config, metrics.jsonl, rank agreement).
+/// validated (checkpoint, config, metrics.jsonl, rank agreement: step, data position and
+/// weights must agree).
 fn train_ranked(
     args: &ConfigArgs,
     opts: TrainOpts<'_>,
@@ -447,18 +453,6 @@ fn train_ranked(
         if root {
             tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
         }
-    }
-    let mut eval_batches = cfg.eval_batches;
-    if let Some(n) = capped_eval_batches(data.as_ref(), &cfg) {
-        if root && cfg.eval_every > 0 {
-            tracing::warn!(
-                "eval_batches = {} is beyond the validation set ({} sequences = {n} batches of {}); evaluating {n} batches",
-                cfg.eval_batches,
-                data.val_sequences().unwrap_or(0),
-                cfg.batch
-            );
-        }
-        eval_batches = n;
     }
 
     // 2. The run directory (rank 0 only). Read (and so validate) metrics.jsonl first;
@@ -565,13 +559,17 @@ fn train_ranked(
             } else {
                 Vec::new()
             },
+            allreduce: tr
+                .allreduce_tally()
+                .and_then(fp8lm_trainer::metrics::AllReduceStats::from_tally),
             ..Default::default()
         };
         let eval_now =
             cfg.eval_every > 0 && (done % cfg.eval_every as u64 == 0 || done == max_steps);
         if eval_now {
-            // Every rank: same weights, same batches, same result (see train_ranked).
-            let v = tr.evaluate(data.as_ref(), eval_batches)?;
+            // Every rank evaluates its share of the fixed validation set (see
+            // fp8lm_trainer::eval); the sums are reduced, so all ranks get the same result.
+            let v = tr.evaluate_tokens(data.as_ref(), cfg.eval_tokens, comm)?;
             rec.val_loss = Some(v);
             last_val = Some(v);
             if root {
@@ -594,6 +592,7 @@ fn train_ranked(
             if let Err(e) = fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
+            plot_health_from_disk(&run_dir, &title);
         }
         // A diverged run: too many skipped steps among the last SKIP_WINDOW (every rank
         // skips the same steps: the skip decision follows the all-reduced gradients).
@@ -679,6 +678,7 @@ fn train_ranked(
     }
     if !plot_path.exists() || outcome.is_some() {
         fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title).ok();
+        plot_health_from_disk(&run_dir, &title);
     }
 
     // 4. Summary.
@@ -809,13 +809,6 @@ fn push_last(last: &mut std::collections::VecDeque<f32>, loss: Option<f32>) {
     }
 }
 
-/// `eval_batches` capped at the validation set's distinct batches (`None`: no cap needed).
-fn capped_eval_batches(data: &dyn Dataset, cfg: &RunConfig) -> Option<usize> {
-    let n = data.val_sequences()?;
-    let most = (n / cfg.batch as u64).max(1) as usize;
-    (cfg.eval_batches > most).then_some(most)
-}
-
 fn progress_note(msg: &str) {
     tracing::info!("{msg}");
 }
@@ -841,23 +834,30 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     let data = open_dataset(&cfg)?;
     let mut tr = Trainer::new(&cfg, data.vocab_size())?;
     snapshot::restore_weights(&mut tr, &ck)?;
-    let mut batches = cfg.eval_batches;
-    if let Some(n) = capped_eval_batches(data.as_ref(), &cfg) {
+    // The fixed validation set (fp8lm_trainer::eval); never more than the split holds.
+    let t = cfg.model.context;
+    let seqs = fp8lm_trainer::eval::eval_sequences(cfg.eval_tokens, t, data.val_sequence_count(t));
+    if cfg.eval_tokens > seqs.len() * t {
         eprintln!(
-            "eval_batches = {} is beyond the validation set ({} sequences = {n} batches of {}); evaluating {n} batches (more would repeat data)",
-            cfg.eval_batches,
-            data.val_sequences().unwrap_or(0),
-            cfg.batch
+            "eval_tokens = {} is beyond the validation set ({} sequences of {t} tokens); \
+             evaluating all {} sequences (more would repeat data)",
+            cfg.eval_tokens,
+            seqs.len(),
+            seqs.len()
         );
-        batches = n;
     }
+    let batches = seqs.len().div_ceil(cfg.batch.max(1));
     let t0 = Instant::now();
-    let v = evaluate_with_progress(&mut tr, data.as_ref(), &cfg, batches)?;
+    let v = tr.evaluate_tokens_with(
+        data.as_ref(),
+        cfg.eval_tokens,
+        None,
+        &mut eval_progress(batches),
+    )?;
     println!("checkpoint {} (step {})", ck.dir.display(), ck.meta.step);
     println!(
-        "val loss {v:.4} nats/token over {} batches of {} x {} tokens ({:.1}s)",
-        batches,
-        cfg.batch,
+        "val loss {v:.4} nats/token over {} validation sequences of {} tokens in {batches} batches ({:.1}s)",
+        seqs.len(),
         cfg.model.context,
         t0.elapsed().as_secs_f64()
     );
@@ -867,36 +867,49 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// [`Trainer::evaluate`] batch by batch (same batches, same f64 mean), printing progress
-/// to stderr for a long evaluation: at every tenth of an evaluation of 100 batches or
-/// more, and at least every 5 seconds.
-fn evaluate_with_progress(
-    tr: &mut Trainer,
-    data: &dyn Dataset,
-    cfg: &RunConfig,
-    batches: usize,
-) -> Result<f32> {
-    let (b, t) = (cfg.batch, cfg.model.context);
-    let (mut inputs, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
+/// Redraw `fp8.svg` and `allreduce.svg` from `metrics.jsonl`, re-read from disk: the run
+/// loop keeps nothing per step in memory (flat RSS however long the run). Of the records
+/// that carry FP8 or all-reduce statistics, at most `MAX` are kept, every 2^k-th (the
+/// stride doubles whenever the list would grow past `MAX`), so a long run's heat map
+/// stays a fixed size.
+fn plot_health_from_disk(run_dir: &Path, title: &str) {
+    const MAX: usize = 2048;
+    let (mut keep, mut stride, mut seen) = (Vec::new(), 1u64, 0u64);
+    let read = for_each_metric(&run_dir.join("metrics.jsonl"), |r| {
+        if r.fp8.is_empty() && r.allreduce.is_none() {
+            return;
+        }
+        if seen % stride == 0 {
+            keep.push(r);
+            if keep.len() > MAX {
+                keep = std::mem::take(&mut keep).into_iter().step_by(2).collect();
+                stride *= 2;
+            }
+        }
+        seen += 1;
+    });
+    match read {
+        Ok(()) => crate::report::plot_health(run_dir, &keep, title),
+        Err(e) => tracing::warn!("FP8 health plots: {e:#}"),
+    }
+}
+
+/// Progress of a long evaluation, to stderr: at every tenth of an evaluation of 100
+/// batches or more, and at least every 5 seconds.
+fn eval_progress(batches: usize) -> impl FnMut(usize, f64) {
     let t0 = Instant::now();
     let mut last = Instant::now();
-    let mut sum = 0f64;
-    for i in 0..batches {
-        data.val_batch(i, b, t, &mut inputs, &mut targets);
-        sum += tr.loss_on(&inputs, &targets, b, t)? as f64;
-        let tenth = batches >= 100 && (i + 1) % (batches / 10) == 0;
-        if (tenth || last.elapsed().as_secs_f64() >= 5.0) && i + 1 < batches {
+    move |done, mean_so_far| {
+        let tenth = batches >= 100 && done % (batches / 10).max(1) == 0;
+        if (tenth || last.elapsed().as_secs_f64() >= 5.0) && done < batches {
             last = Instant::now();
             let el = t0.elapsed().as_secs_f64();
             eprintln!(
-                "eval: batch {}/{batches}, mean loss so far {:.4} ({el:.0}s, ~{:.0}s left)",
-                i + 1,
-                sum / (i + 1) as f64,
-                el / (i + 1) as f64 * (batches - i - 1) as f64
+                "eval: batch {done}/{batches}, mean loss so far {mean_so_far:.4} ({el:.0}s, ~{:.0}s left)",
+                el / done as f64 * (batches - done) as f64
             );
         }
     }
-    Ok((sum / batches.max(1) as f64) as f32)
 }
 
 pub fn sample(path: &Path, prompt: &str, tokens: usize, temperature: f32, seed: u64) -> Result<()> {

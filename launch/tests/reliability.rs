@@ -47,7 +47,7 @@ const TINY: &[&str] = &[
     "--set",
     "eval_every=6",
     "--set",
-    "eval_batches=2",
+    "eval_tokens=1024",
     "--set",
     "checkpoint_every=6",
     "--set",
@@ -399,7 +399,7 @@ fn second_signal_aborts_at_once() {
             "--set",
             "eval_every=3",
             "--set",
-            "eval_batches=100000",
+            "eval_tokens=50000000",
         ],
     );
     let errf = d.join("stderr.txt");
@@ -522,10 +522,10 @@ fn tokenize_refuses_a_folder_with_shards_unless_forced() {
 }
 
 #[test]
-fn eval_batches_beyond_the_validation_set_are_capped() {
+fn eval_tokens_beyond_the_validation_set_are_capped() {
     let d = tmp("evalcap");
     let txt = d.join("a.txt");
-    // 4000 bytes, 10% validation = 400 tokens = 25 sequences of 16 = 12 batches of 2.
+    // 4000 bytes, 10% validation = 400 tokens = 25 sequences of 16.
     std::fs::write(&txt, "abcdefghij".repeat(400)).unwrap();
     let dp = format!("data.path={}", txt.display());
     let run = d.join("run");
@@ -537,22 +537,25 @@ fn eval_batches_beyond_the_validation_set_are_capped() {
         "--checkpoint",
         run.to_str().unwrap(),
         "--set",
-        "eval_batches=1000",
+        "eval_tokens=100000",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(
-        t.contains("eval_batches = 1000 is beyond the validation set"),
+        t.contains("eval_tokens = 100000 is beyond the validation set"),
         "{t}"
     );
     let capped: usize = t
-        .split("evaluating ")
+        .split("evaluating all ")
         .nth(1)
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{t}"));
-    assert!((10..=13).contains(&capped), "{t}");
-    assert!(t.contains(&format!("over {capped} batches")), "{t}");
+    assert!((20..=26).contains(&capped), "{t}");
+    assert!(
+        t.contains(&format!("over {capped} validation sequences")),
+        "{t}"
+    );
 }
 
 #[test]
@@ -614,7 +617,8 @@ fn fp8_stats_every_thins_the_metrics() {
     assert!(steps.len() < recs.len(), "{steps:?}");
 }
 
-/// A long evaluation shows its progress (at every tenth for 100 batches or more).
+/// A long evaluation shows its progress (at every tenth for 100 batches or more): 200
+/// batches of the tiny config's 32 x 16 tokens on the (unbounded) embedded corpus.
 #[test]
 fn long_eval_shows_progress() {
     let d = tmp("evalprog");
@@ -625,14 +629,14 @@ fn long_eval_shows_progress() {
         "--checkpoint",
         run.to_str().unwrap(),
         "--set",
-        "eval_batches=200",
+        "eval_tokens=102400",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     for k in [20, 100, 180] {
         assert!(t.contains(&format!("eval: batch {k}/200")), "{t}");
     }
-    assert!(t.contains("over 200 batches"), "{t}");
+    assert!(t.contains("in 200 batches"), "{t}");
 }
 
 /// log_every: a training-loss line every N steps (stderr piped, so no progress bar).

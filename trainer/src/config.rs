@@ -81,8 +81,10 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fp8Config {
-    /// "delayed" or "current".
+    /// "delayed", "current" or "block" (one scale per 1x128 / 128x128 tile).
     pub recipe: String,
+    /// Block recipe: tile scales "power-of-two" (exact multiply) or "exact" (the ratio).
+    pub block_rounding: String,
     /// Amax history length of the delayed recipe.
     pub amax_history: usize,
     /// Scale margin in binades.
@@ -93,6 +95,7 @@ impl Default for Fp8Config {
     fn default() -> Self {
         Fp8Config {
             recipe: "delayed".into(),
+            block_rounding: "power-of-two".into(),
             amax_history: 16,
             margin: 0,
         }
@@ -176,6 +179,74 @@ impl Overlap {
     }
 }
 
+/// `dist.fp8_allreduce.*`: the all-reduce of FP8 weight gradients (FP8-LM §3) and its
+/// automatic scaling factor mu (see `fp8lm_collectives::grad`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fp8AllReduceConfig {
+    /// "fp8lm" (adaptive mu), "fp8-prescale" (mu fixed at 1/N), "fp8-postscale" (mu
+    /// fixed at 1).
+    pub method: String,
+    /// Halve mu when more than this fraction of a tensor's summed values saturate.
+    pub overflow_fraction: f64,
+    /// Without overflow, mu doubles over this many steps.
+    pub growth_steps: usize,
+    /// Upper bound of mu. 1 by default: every rank's gradient is cast with the scale of
+    /// the largest current amax (`s_g`, power of two), so the largest value already sits
+    /// in the top binade; mu > 1 would push it past fmt_max on that rank before any sum.
+    pub max_mu: f32,
+}
+
+impl Default for Fp8AllReduceConfig {
+    fn default() -> Self {
+        let d = fp8lm_collectives::GradAllReduceConfig::default();
+        Fp8AllReduceConfig {
+            method: "fp8lm".into(),
+            overflow_fraction: d.overflow_fraction,
+            growth_steps: d.growth_steps as usize,
+            max_mu: d.max_mu,
+        }
+    }
+}
+
+impl Fp8AllReduceConfig {
+    /// The collectives configuration (format: the weight gradients' E5M2).
+    pub fn reducer_config(&self) -> fp8lm_collectives::GradAllReduceConfig {
+        fp8lm_collectives::GradAllReduceConfig {
+            method: fp8lm_collectives::GradMethod::parse(&self.method)
+                .unwrap_or(fp8lm_collectives::GradMethod::Fp8Lm),
+            format: fp8lm_fp8::Fp8Format::E5M2,
+            overflow_fraction: self.overflow_fraction,
+            growth_steps: self.growth_steps.min(u32::MAX as usize) as u32,
+            max_mu: self.max_mu,
+            ..Default::default()
+        }
+    }
+}
+
+/// `dist.zero_partition`: how fp8-o3 assigns optimizer state to ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZeroPartition {
+    /// Tensors larger than 1/(8N) of the model are cut into row blocks (one scale each)
+    /// before the greedy assignment: balanced even when one tensor (GPT-2's wte) exceeds
+    /// a rank's share.
+    #[default]
+    RowBlocks,
+    /// The recipe's strict greedy over whole tensors (one scale per tensor, as FP8-LM
+    /// describes it); unbalanced when a tensor exceeds a rank's share.
+    WholeTensor,
+}
+
+impl ZeroPartition {
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroPartition::RowBlocks => "row-blocks",
+            ZeroPartition::WholeTensor => "whole-tensor",
+        }
+    }
+}
+
 /// Data-parallel keys (`dist.*`); ignored on a single rank.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -185,6 +256,9 @@ pub struct DistConfig {
     /// Seconds a rank may wait in one collective before the watchdog ends the job, naming
     /// the rank it waited for and the collective (0 = wait forever).
     pub timeout_s: u64,
+    /// fp8-o3's partition of optimizer state: see [`ZeroPartition`].
+    pub zero_partition: ZeroPartition,
+    pub fp8_allreduce: Fp8AllReduceConfig,
 }
 
 impl Default for DistConfig {
@@ -192,6 +266,8 @@ impl Default for DistConfig {
         DistConfig {
             overlap: Overlap::Auto,
             timeout_s: 300,
+            zero_partition: ZeroPartition::default(),
+            fp8_allreduce: Fp8AllReduceConfig::default(),
         }
     }
 }
@@ -235,7 +311,8 @@ pub struct RunConfig {
     /// Checkpoints kept (the newest ones); 0 keeps all.
     pub checkpoint_keep: usize,
     pub eval_every: usize,
-    /// Batches averaged per evaluation.
+    /// Batches of [`crate::Trainer::evaluate`] (the library's per-batch evaluation);
+    /// `fp8lm train`/`eval` evaluate `eval_tokens` instead.
     pub eval_batches: usize,
     /// Training-loss log line every N steps (0 = about 20 lines per run, and at least
     /// every 30 s).
@@ -246,6 +323,9 @@ pub struct RunConfig {
     /// Stop with an error when more than this fraction of the last 100 steps were
     /// skipped for non-finite gradients (a diverged run); 1 = never stop.
     pub max_skipped_fraction: f32,
+    /// Validation tokens per evaluation, a fixed set independent of batch and rank count
+    /// (see [`crate::eval`]); 0 = the whole validation split up to 32 Ki tokens.
+    pub eval_tokens: usize,
     /// "byte" or "gpt2".
     pub tokenizer: String,
     /// Sequences per step B (per rank).
@@ -276,6 +356,7 @@ impl Default for RunConfig {
             log_every: 0,
             fp8_stats_every: 50,
             max_skipped_fraction: 0.25,
+            eval_tokens: 0,
             tokenizer: "byte".into(),
             batch: 32,
             device: "cpu".into(),
@@ -449,11 +530,18 @@ impl RunConfig {
         finite_nonneg("optim.grad_clip", o.grad_clip)?;
 
         let f = &self.fp8;
-        if f.recipe != "delayed" && f.recipe != "current" {
+        if !["delayed", "current", "block"].contains(&f.recipe.as_str()) {
             return Err(bad(
                 "fp8.recipe",
                 format!("{:?}", f.recipe),
-                "\"delayed\" or \"current\"",
+                "\"delayed\", \"current\" or \"block\"",
+            ));
+        }
+        if !["power-of-two", "exact"].contains(&f.block_rounding.as_str()) {
+            return Err(bad(
+                "fp8.block_rounding",
+                format!("{:?}", f.block_rounding),
+                "\"power-of-two\" or \"exact\"",
             ));
         }
         pos("fp8.amax_history", f.amax_history)?;
@@ -462,6 +550,37 @@ impl RunConfig {
                 "fp8.margin",
                 f.margin,
                 "an integer in 0..=16 (binades)",
+            ));
+        }
+
+        let a = &self.dist.fp8_allreduce;
+        let names: Vec<String> = fp8lm_collectives::SCALED_FP8_METHODS
+            .iter()
+            .map(|m| format!("{:?}", m.name()))
+            .collect();
+        if !fp8lm_collectives::SCALED_FP8_METHODS
+            .iter()
+            .any(|m| m.name() == a.method)
+        {
+            return Err(bad(
+                "dist.fp8_allreduce.method",
+                format!("{:?}", a.method),
+                names.join(", "),
+            ));
+        }
+        if !(a.overflow_fraction.is_finite() && (0.0..1.0).contains(&a.overflow_fraction)) {
+            return Err(bad(
+                "dist.fp8_allreduce.overflow_fraction",
+                a.overflow_fraction,
+                "a number in [0, 1)",
+            ));
+        }
+        pos("dist.fp8_allreduce.growth_steps", a.growth_steps)?;
+        if !(a.max_mu.is_finite() && a.max_mu > 0.0 && a.max_mu.log2().fract() == 0.0) {
+            return Err(bad(
+                "dist.fp8_allreduce.max_mu",
+                a.max_mu,
+                "a power of two > 0 (e.g. 1, 0.5, 2)",
             ));
         }
 

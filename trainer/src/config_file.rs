@@ -15,8 +15,14 @@ const ENUMS: &[(&str, &[&str])] = &[
     ("precision", &["fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3"]),
     ("tokenizer", &["byte", "gpt2"]),
     ("model.arch", &["gpt2", "llama"]),
-    ("fp8.recipe", &["delayed", "current"]),
+    ("fp8.recipe", &["delayed", "current", "block"]),
+    ("fp8.block_rounding", &["power-of-two", "exact"]),
     ("dist.overlap", &["auto", "on", "off"]),
+    ("dist.zero_partition", &["row-blocks", "whole-tensor"]),
+    (
+        "dist.fp8_allreduce.method",
+        &["fp8lm", "fp8-prescale", "fp8-postscale"],
+    ),
 ];
 
 fn err(
@@ -521,5 +527,39 @@ mod tests {
         }
         let e = load("device = \"tpu\"\n", &[]).unwrap_err();
         assert_eq!((e.key.as_str(), e.origin.as_str()), ("device", "run.toml"));
+    }
+
+    #[test]
+    fn dist_fp8_allreduce_and_zero_partition_keys() {
+        let c = load(
+            "[dist]\nzero_partition = \"whole-tensor\"\n[dist.fp8_allreduce]\nmax_mu = 0.5\n",
+            &["dist.fp8_allreduce.method=fp8-postscale"],
+        )
+        .unwrap();
+        assert_eq!(
+            c.dist.zero_partition,
+            crate::config::ZeroPartition::WholeTensor
+        );
+        let r = c.dist.fp8_allreduce.reducer_config();
+        assert_eq!((r.method.name(), r.max_mu), ("fp8-postscale", 0.5));
+        for (set, key) in [
+            (
+                "dist.fp8_allreduce.method=fp8-msamp",
+                "dist.fp8_allreduce.method",
+            ),
+            ("dist.fp8_allreduce.max_mu=3", "dist.fp8_allreduce.max_mu"),
+            (
+                "dist.fp8_allreduce.growth_steps=0",
+                "dist.fp8_allreduce.growth_steps",
+            ),
+            (
+                "dist.fp8_allreduce.overflow_fraction=1.5",
+                "dist.fp8_allreduce.overflow_fraction",
+            ),
+            ("dist.zero_partition=rows", "dist.zero_partition"),
+        ] {
+            let e = load("", &[set]).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
     }
 }

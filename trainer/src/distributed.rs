@@ -94,16 +94,17 @@
 //! gathers every owner's units ([`Trainer::gather_optimizer_state`]) and re-partitions
 //! them on resume, for the same or another number of ranks ([`crate::repartition`]).
 
-use crate::config::{Overlap, Precision};
+use crate::config::{Overlap, Precision, ZeroPartition};
 use crate::data::Dataset;
 use crate::model::{FinalGrads, GradGroup, Model};
 use crate::repartition::{decode_states, encode_states, repartition_state, NamedState, UnitSpan};
 use crate::train::{clip_scale, global_grad_norm, lr_at, StepStats, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
-    panic_message, BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, ReduceOp,
+    fixed_mu, next_mu, panic_message, BufMut, Communicator, GradAllReduceConfig, GradAllReducer,
+    GradMethod, GradTally, ReduceOp,
 };
-use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_amax};
+use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_counted};
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::{Fp8Format, ScaledFp8};
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
@@ -135,6 +136,8 @@ pub struct DistState {
     /// ([`Trainer::inject_backward_panic`]).
     panic_after_groups: Option<usize>,
     zero: Option<Zero>,
+    /// The last step's FP8 gradient reductions: mu, overflow, underflow (metrics).
+    tally: GradTally,
 }
 
 /// The reductions of one group of finished gradients (replicated precisions).
@@ -210,6 +213,7 @@ fn reduce_group(
     fp8_reducer: &mut GradAllReducer,
     f32_reducer: &mut GradAllReducer,
     comm: &dyn Communicator,
+    tally: &mut GradTally,
 ) -> Result<bool> {
     let mut nonfinite = false;
     if !plan.fp8.is_empty() {
@@ -233,11 +237,14 @@ fn reduce_group(
             steps: fp8_reducer.steps,
         };
         let res = r.all_reduce_scaled_fp8(comm, &mut taken);
+        let lens: Vec<usize> = taken.iter().map(|t| t.len()).collect();
         for (&(k, j), (t, mu)) in plan.fp8.iter().zip(taken.into_iter().zip(r.mu)) {
             *wgrad_mut(&mut g.linears[k])? = t;
             fp8_reducer.mu[j] = mu;
         }
-        nonfinite |= res.map_err(comm_err)?.nonfinite;
+        let report = res.map_err(comm_err)?;
+        tally.add(&report, &lens);
+        nonfinite |= report.nonfinite;
     }
     if !plan.f32.is_empty() {
         let mut views = slices_mut(g.grads, &plan.f32);
@@ -297,6 +304,8 @@ struct ZeroPacked {
     buf8: Vec<u8>,
     buf32: Vec<f32>,
     s_g: Vec<f32>,
+    /// This rank's non-zero FP8 codes that re-quantisation flushed (all tensors).
+    flushed: u64,
 }
 
 const WGRAD: Fp8Format = crate::model::WGRAD_FORMAT;
@@ -390,6 +399,18 @@ pub fn zero_partition(
     low_precision: &[bool],
     cfg: &Fp8AdamConfig,
 ) -> Result<(Vec<Unit>, Partition)> {
+    zero_partition_with(metas, ranks, low_precision, cfg, ZeroPartition::RowBlocks)
+}
+
+/// [`zero_partition`] with the choice of `dist.zero_partition`: `WholeTensor` skips the
+/// row-block cut (the recipe's greedy over whole tensors).
+pub fn zero_partition_with(
+    metas: &[fp8lm_optim::ParamMeta],
+    ranks: usize,
+    low_precision: &[bool],
+    cfg: &Fp8AdamConfig,
+    mode: ZeroPartition,
+) -> Result<(Vec<Unit>, Partition)> {
     if ranks == 0 {
         bail!("ZeRO partition: the number of ranks must be at least 1");
     }
@@ -401,7 +422,10 @@ pub fn zero_partition(
         );
     }
     let total: usize = metas.iter().map(|m| m.numel()).sum();
-    let max_elems = (total / (8 * ranks)).max(1);
+    let max_elems = match mode {
+        ZeroPartition::RowBlocks => (total / (8 * ranks)).max(1),
+        ZeroPartition::WholeTensor => usize::MAX,
+    };
     let units = split_units(metas, max_elems);
     let items: Vec<(&str, usize)> = units
         .iter()
@@ -418,16 +442,53 @@ pub fn zero_partition(
     Ok((units, part))
 }
 
+/// `fp8lm bench memory`: fp8-o3's partition of `cfg`'s model over each of `ranks`, both
+/// ways (`dist.zero_partition`), as a table of units and max/mean optimizer-state bytes.
+pub fn zero_imbalance_table(
+    cfg: &crate::RunConfig,
+    vocab: usize,
+    ranks: &[usize],
+) -> Result<String> {
+    let mut c = cfg.clone();
+    c.precision = Precision::Fp8O2;
+    let tr = Trainer::new(&c, vocab)?;
+    let model = tr.model();
+    let lay = &model.layout;
+    let low: Vec<bool> = (0..lay.metas.len())
+        .map(|t| fp8_wgrad(model, t).is_some())
+        .collect();
+    let o = &cfg.optim;
+    let ocfg = Fp8AdamConfig::fp8_lm(AdamWHyper {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+    });
+    let mut out = String::from(
+        "fp8-o3 ZeRO partition of the optimizer state (dist.zero_partition), max/mean bytes per rank:\n\
+         ranks | whole-tensor (units, max/mean) | row-blocks (units, max/mean)\n",
+    );
+    for &n in ranks {
+        let mut cells = Vec::new();
+        for mode in [ZeroPartition::WholeTensor, ZeroPartition::RowBlocks] {
+            let (units, part) = zero_partition_with(&lay.metas, n, &low, &ocfg, mode)?;
+            cells.push(format!("{:>5} {:>6.3}", units.len(), part.max_over_mean()));
+        }
+        out += &format!("{n:>5} | {:>30} | {:>28}\n", cells[0], cells[1]);
+    }
+    Ok(out)
+}
+
 /// f32 master weight and two f32 moments.
 const F32_STATE_BYTES_PER_PARAM: usize = 12;
 
 impl Zero {
-    fn new(model: &Model, size: usize, cfg: &Fp8AdamConfig) -> Result<Zero> {
+    fn new(model: &Model, size: usize, cfg: &Fp8AdamConfig, mode: ZeroPartition) -> Result<Zero> {
         let lay = &model.layout;
         let low: Vec<bool> = (0..lay.metas.len())
             .map(|t| fp8_wgrad(model, t).is_some())
             .collect();
-        let (units, part) = zero_partition(&lay.metas, size, &low, cfg)?;
+        let (units, part) = zero_partition_with(&lay.metas, size, &low, cfg, mode)?;
         let ranges: Vec<_> = units
             .iter()
             .map(|u| {
@@ -504,6 +565,7 @@ impl Zero {
             buf8: vec![0u8; n * self.seg8],
             buf32: vec![0f32; n * self.seg32],
             s_g: vec![0.0; self.fp8_tensors.len()],
+            flushed: 0,
         }
     }
 
@@ -561,7 +623,8 @@ impl Zero {
                         let table = decode_table(w.format);
                         let tmp: Vec<f32> =
                             src.iter().map(|&b| table[b as usize] * ratio).collect();
-                        f32_to_fp8_amax(WGRAD, &tmp, 1.0, dst);
+                        let (_, counts) = f32_to_fp8_counted(WGRAD, &tmp, 1.0, dst);
+                        packed.flushed += counts.flushed;
                     }
                 }
                 None => {
@@ -817,7 +880,19 @@ impl Trainer {
                 weight_decay: o.weight_decay,
             };
             let ocfg = Fp8AdamConfig::fp8_lm(hyper);
-            let z = Zero::new(&self.model, size, &ocfg)?;
+            let mode = self.cfg.dist.zero_partition;
+            let mut z = Zero::new(&self.model, size, &ocfg, mode)?;
+            if rank == 0 {
+                tracing::info!(
+                    "fp8-o3 ZeRO partition {} over {size} ranks: {} units, optimizer state max/mean {:.3}",
+                    mode.name(),
+                    z.units.len(),
+                    z.part.max_over_mean()
+                );
+            }
+            if let Some(mu) = fixed_mu(self.cfg.dist.fp8_allreduce.reducer_config().method, size) {
+                z.mu.iter_mut().for_each(|m| *m = mu);
+            }
             let owned = z.owned(rank);
             let metas: Vec<_> = owned.iter().map(|&u| z.units[u].meta()).collect();
             // As fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest.
@@ -855,17 +930,22 @@ impl Trainer {
                 ..GradAllReduceConfig::default()
             })
         };
+        let fp8_cfg = self.cfg.dist.fp8_allreduce.reducer_config();
         self.dist = Some(Box::new(DistState {
             rank,
             size,
             global_inputs: vec![0; size * d.b * d.t],
             global_targets: vec![0; size * d.b * d.t],
-            fp8_reducer: reducer(GradMethod::Fp8Lm),
+            fp8_reducer: GradAllReducer::new(GradAllReduceConfig {
+                format: WGRAD,
+                ..fp8_cfg
+            }),
             f32_reducer: reducer(GradMethod::F32),
             groups: group_plans(&self.model)?,
             overlap: resolve_overlap(self.cfg.dist.overlap, comm),
             panic_after_groups: None,
             zero,
+            tally: GradTally::default(),
         }));
         Ok(())
     }
@@ -1002,6 +1082,16 @@ impl Trainer {
             z.mu = mu;
         }
         Ok(())
+    }
+
+    /// The FP8 gradient reductions of the last data-parallel step (mu per FP8 weight
+    /// gradient, overflow and underflow counts); `None` on a single rank or before the
+    /// first step, and without FP8 weight gradients.
+    pub fn allreduce_tally(&self) -> Option<&GradTally> {
+        self.dist
+            .as_ref()
+            .map(|d| &d.tally)
+            .filter(|t| t.elements > 0)
     }
 
     /// Failure injection for tests: in the next data-parallel steps, the backward pass
@@ -1174,8 +1264,10 @@ impl Trainer {
             groups,
             overlap,
             panic_after_groups,
+            tally,
             ..
         } = dist;
+        *tally = GradTally::default();
         let rank = *rank;
         let nfp8 = groups.iter().map(|g| g.fp8.len()).sum::<usize>();
         let initial_mu = fp8_reducer.cfg.initial_mu;
@@ -1192,7 +1284,7 @@ impl Trainer {
                 ),
             };
             next += 1;
-            nonfinite |= reduce_group(plan, g, fp8_reducer, f32_reducer, comm)?;
+            nonfinite |= reduce_group(plan, g, fp8_reducer, f32_reducer, comm, tally)?;
             Ok(())
         };
         let (backward_end, comm_time, exposed) = run_backward(
@@ -1246,6 +1338,7 @@ impl Trainer {
             mut buf8,
             mut buf32,
             s_g,
+            flushed,
         } = packed;
         // 3. Reduce to the owners: one reduce-scatter per kind.
         let tc = Instant::now();
@@ -1308,17 +1401,23 @@ impl Trainer {
             .map_err(comm_err)?;
         *comm_time += tc.elapsed();
         let grad_norm = sq.sqrt();
-        // FP8-LM's mu: halve on overflow, else grow to 2x over `growth_steps`, cap max_mu.
+        // FP8-LM's mu: halve on overflow, else grow to 2x over `growth_steps`, cap max_mu
+        // (the configured rule, `dist.fp8_allreduce`); the fixed-mu methods keep theirs.
         let rc = &dist.fp8_reducer.cfg;
+        let mut tally = GradTally {
+            flushed,
+            saturated: sat.iter().map(|&c| c as u64).sum(),
+            ..Default::default()
+        };
         for (j, &t) in z.fp8_tensors.iter().enumerate() {
-            let frac = sat[j] as f64 / model.layout.metas[t].numel().max(1) as f64;
-            z.mu[j] = if frac > rc.overflow_fraction {
-                z.mu[j] * 0.5
-            } else {
-                let g = 2f64.powf(1.0 / rc.growth_steps.max(1) as f64) as f32;
-                (z.mu[j] * g).min(rc.max_mu)
-            };
+            let numel = model.layout.metas[t].numel();
+            tally.elements += numel as u64;
+            if rc.method == GradMethod::Fp8Lm {
+                z.mu[j] = next_mu(rc, z.mu[j], sat[j] as u64, numel);
+            }
         }
+        tally.mu = z.mu.clone();
+        dist.tally = tally;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
             return Ok((grad_norm, true));

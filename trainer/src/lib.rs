@@ -26,10 +26,12 @@
 //!   [`Trainer::is_root`], [`Trainer::zero_rank_bytes`]. [`distributed::train_data_parallel`]
 //!   is the whole loop `fp8lm train` runs under `mpirun`.
 
+pub mod compare;
 pub mod config;
 pub mod config_file;
 pub mod data;
 pub mod distributed;
+pub mod eval;
 pub mod model;
 pub mod rng;
 pub mod train;
@@ -38,11 +40,13 @@ pub use config::{Arch, ConfigError, ModelConfig, Precision, RunConfig};
 pub use config_file::{load_config, load_config_str};
 pub mod agreement;
 pub mod bench;
+pub mod block_scales;
 pub mod checkpoint;
 pub mod ckpt_stream;
 pub mod memory;
 pub mod metrics;
 pub mod plot;
+pub mod plot_fp8;
 pub mod preflight;
 pub mod repartition;
 pub mod resume;

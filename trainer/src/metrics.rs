@@ -3,10 +3,13 @@
 //! Keys (scripts rely on them): `step`, `loss` (training), `val_loss`, `lr`,
 //! `grad_norm`, `tokens_per_s`, `skipped_steps` (cumulative steps skipped for non-finite
 //! gradients), `elapsed_s`, and `fp8`: per-tensor FP8 statistics (`name`, `amax`,
-//! `scale`, `overflow`, `underflow`; written every `fp8_stats_every` steps and at steps
-//! with an overflow or a skipped update). Absent values are omitted, not written as null,
-//! except non-finite numbers (a NaN loss, the amax of a skipped step), which are written
-//! as `null` (JSON has no NaN) so that a diverged run stays visible, and read back as NaN.
+//! `scale`, `overflow`, `underflow`, `numel`; block recipe: `scale_min`, `scale_max` over
+//! tiles; written every `fp8_stats_every` steps and at steps with an overflow or a skipped
+//! update), and `allreduce` (data-parallel FP8 runs: `mu_min`, `mu_mean`, `mu_max`,
+//! `overflow`, `underflow` fractions of the gradient all-reduce). Absent values are
+//! omitted, not written as null, except non-finite numbers (a NaN loss, the amax of a
+//! skipped step), which are written as `null` (JSON has no NaN) so that a diverged run
+//! stays visible, and read back as NaN.
 //!
 //! Every line is flushed as it is written, so a killed run keeps everything it logged; on
 //! resume the lines after the checkpoint's step are dropped, so the file never holds two
@@ -33,6 +36,45 @@ pub struct Fp8TensorStats {
     pub overflow: u64,
     /// Non-zero values that flushed to zero.
     pub underflow: u64,
+    /// Values in the cast (so that overflow/underflow read as fractions); 0 = unknown
+    /// (older files).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub numel: u64,
+    /// Block recipe: smallest and largest tile scale (`scale` is the smallest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_min: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_max: Option<f32>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The FP8 gradient all-reduce of one data-parallel step (all FP8 weight gradients):
+/// FP8-LM's mu after the step's update (min, mean, max over tensors), the fraction of
+/// summed values that saturated (overflow) and of this rank's non-zero values that the
+/// re-quantisation flushed to zero (underflow).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllReduceStats {
+    pub mu_min: f32,
+    pub mu_mean: f32,
+    pub mu_max: f32,
+    pub overflow: f64,
+    pub underflow: f64,
+}
+
+impl AllReduceStats {
+    pub fn from_tally(t: &fp8lm_collectives::GradTally) -> Option<Self> {
+        let (mu_min, mu_mean, mu_max) = t.mu_range()?;
+        Some(AllReduceStats {
+            mu_min,
+            mu_mean,
+            mu_max,
+            overflow: t.overflow_fraction(),
+            underflow: t.underflow_fraction(),
+        })
+    }
 }
 
 /// serde_json writes a non-finite f32 as `null`; read it back as NaN.
@@ -60,6 +102,9 @@ pub struct MetricsRecord {
     pub elapsed_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fp8: Vec<Fp8TensorStats>,
+    /// Data-parallel FP8 runs: the step's gradient all-reduce (mu, overflow, underflow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce: Option<AllReduceStats>,
 }
 
 /// Appends records to `metrics.jsonl`, one flushed line each.
@@ -200,6 +245,8 @@ mod tests {
                     scale: 128.0,
                     overflow: 0,
                     underflow: 3,
+                    numel: 4096,
+                    ..Default::default()
                 }],
                 ..Default::default()
             })
@@ -260,6 +307,9 @@ mod tests {
                     scale: 8.0,
                     overflow: 0,
                     underflow: 0,
+                    numel: 16,
+                    scale_min: None,
+                    scale_max: None,
                 }],
                 ..Default::default()
             })

@@ -197,6 +197,10 @@ pub fn capture_with_state(
         .map(|(n, s)| state_to_tensor(n, s))
         .collect();
     ck.groups.insert("optimizer".into(), opt);
+    let scales = crate::block_scales::weight_scale_tensors(tr);
+    if !scales.is_empty() {
+        ck.groups.insert(crate::block_scales::GROUP.into(), scales);
+    }
     ck
 }
 

@@ -204,7 +204,8 @@ pub fn linear_precision(cfg: &RunConfig) -> Result<LinearPrecision> {
                     ScalingRecipe::Delayed { history_len: cfg.fp8.amax_history }
                 }
                 "current" => ScalingRecipe::Current,
-                other => bail!("fp8.recipe = {other:?} is not a scaling recipe; use \"delayed\" or \"current\""),
+                "block" => ScalingRecipe::Block { exact: cfg.fp8.block_rounding == "exact" },
+                other => bail!("fp8.recipe = {other:?} is not a scaling recipe; use \"delayed\", \"current\" or \"block\""),
             };
             LinearPrecision::Fp8 {
                 recipe,
@@ -248,7 +249,9 @@ impl Trainer {
         let (model, optimizer): (Model, Box<dyn Optimizer>) = match cfg.precision {
             // fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest;
             // the linears compute with the E4M3 copy the optimizer writes (no f32 weights).
-            Precision::Fp8O2 => {
+            // The block recipe casts its weights tile by tile in the forward, so it keeps
+            // f32 compute weights and takes the fp8-o3 path below (one rank = fp8-o2).
+            Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
                 let layout = crate::model::Layout::new(&dims);
                 let mut opt = Fp8Adam::empty(cfg8);
                 let mut model =
@@ -264,7 +267,7 @@ impl Trainer {
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
-            Precision::Fp8O3 => {
+            Precision::Fp8O2 | Precision::Fp8O3 => {
                 let mut model = Model::new(dims, precision, cfg.seed);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();

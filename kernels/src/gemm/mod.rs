@@ -41,6 +41,7 @@
 //! [`crate::bench`].
 
 mod amx;
+pub mod blockscaled;
 mod dpbf16;
 mod driver;
 mod driver_bf16;

@@ -24,6 +24,27 @@ pub trait Dataset: Send {
     fn val_sequences(&self) -> Option<u64> {
         None
     }
+    /// Validation sequences of length `t` in the split (`None`: unbounded, e.g. the
+    /// embedded corpus). Sequence `i` is what [`Dataset::val_rows`] gives for `i`.
+    fn val_sequence_count(&self, t: usize) -> Option<u64> {
+        let _ = t;
+        None
+    }
+    /// Fill one row of `t` tokens per entry of `seqs` with validation sequence number
+    /// `seqs[r]`, independent of how sequences are grouped into batches (what
+    /// `Trainer::evaluate_tokens` relies on). Sequence `i` is `val_batch(i, 1, t)`.
+    fn val_rows(&self, seqs: &[u64], t: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        for (r, &s) in seqs.iter().enumerate() {
+            let rows = r * t..(r + 1) * t;
+            self.val_batch(
+                s as usize,
+                1,
+                t,
+                &mut inputs[rows.clone()],
+                &mut targets[rows],
+            );
+        }
+    }
     /// Known entropy floor in nats per token, if the source is synthetic.
     fn entropy_floor(&self) -> Option<f64> {
         None

@@ -284,6 +284,9 @@ impl Dataset for TokenDataset {
     fn val_sequences(&self) -> Option<u64> {
         Some(TokenDataset::val_sequences(self))
     }
+    fn val_sequence_count(&self, t: usize) -> Option<u64> {
+        (t == self.t).then(|| self.val_sequences())
+    }
 }
 
 /// Open the data source a config names: the embedded corpus when `data.path` is empty.

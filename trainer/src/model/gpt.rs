@@ -355,8 +355,19 @@ impl Model {
         seed: u64,
         on_tensor: &mut TensorInit<'_>,
     ) -> Result<Model, String> {
-        if !matches!(precision, LinearPrecision::Fp8 { .. }) {
-            return Err("new_fp8_compute needs FP8 linears".into());
+        match precision {
+            LinearPrecision::Fp8 {
+                recipe: fp8lm_fp8::ScalingRecipe::Block { .. },
+                ..
+            } => {
+                return Err(
+                    "new_fp8_compute: the block recipe's weights are cast tile by \
+                            tile in the forward, not written by the optimizer"
+                        .into(),
+                )
+            }
+            LinearPrecision::Fp8 { .. } => {}
+            _ => return Err("new_fp8_compute needs FP8 linears".into()),
         }
         let layout = Layout::new(&dims);
         let params = vec![0f32; layout.total];

@@ -13,8 +13,10 @@
 //! The forward's quantised input and weight are kept for the backward, so the dW and dinp
 //! GEMMs see exactly the operands the forward used (as on a GPU).
 
+use fp8lm_fp8::block::{ACT_BLOCK, WEIGHT_BLOCK};
 use fp8lm_fp8::cast;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
+use fp8lm_kernels::gemm::blockscaled::{gemm_block_scaled, BlockFp8, BlockOperand};
 use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
 use fp8lm_optim::{Fp8Out, Fp8Written};
 use half::bf16;
@@ -54,6 +56,9 @@ pub struct CastStats {
     pub total_overflow: u64,
     pub total_underflow: u64,
     pub casts: u64,
+    /// Block recipe: smallest and largest tile scale of the last cast (`scale` is then
+    /// the smallest).
+    pub block_scales: Option<(f32, f32)>,
 }
 
 /// One FP8 operand of a linear layer: its scaling state and quantised storage.
@@ -67,6 +72,10 @@ pub struct Fp8Operand {
     /// Written by the optimizer rather than cast here (fp8-o2's weights): what that
     /// cast did, recorded by the next training forward as if it had cast itself.
     written: Option<Fp8Written>,
+    /// Block recipe: the operand's columns and tile shape, and the tile scales of the
+    /// data held (row-major grid, `fp8lm_fp8::block`).
+    block: Option<(usize, (usize, usize))>,
+    pub block_scales: Vec<f32>,
 }
 
 impl Fp8Operand {
@@ -79,6 +88,69 @@ impl Fp8Operand {
             data: vec![0; cap],
             scale: 1.0,
             written: None,
+            block: None,
+            block_scales: Vec::new(),
+        }
+    }
+
+    /// Block recipe: cast in `tile`s of a matrix `cols` wide (no effect otherwise).
+    fn with_blocks(mut self, cols: usize, tile: (usize, usize)) -> Self {
+        if let ScalingRecipe::Block { .. } = self.state.recipe {
+            self.block = Some((cols, tile));
+        }
+        self
+    }
+
+    /// The block recipe's cast: one current scale per tile.
+    fn quantize_blocks(&mut self, src: &[f32], record: bool, cols: usize, tile: (usize, usize)) {
+        let st = &self.state;
+        let rounding = match st.recipe {
+            ScalingRecipe::Block { exact: true } => fp8lm_fp8::ScaleRounding::Exact,
+            _ => fp8lm_fp8::ScaleRounding::PowerOfTwo,
+        };
+        let rows = src.len() / cols.max(1);
+        let (gr, gc) = fp8lm_fp8::block::grid(rows, cols, tile);
+        self.block_scales.resize(gr * gc, 1.0);
+        let b = fp8lm_fp8::block::quantize_blocks(
+            st.format,
+            src,
+            rows,
+            cols,
+            tile,
+            rounding,
+            st.margin,
+            &mut self.data[..src.len()],
+            &mut self.block_scales,
+        );
+        self.scale = b.scale_min;
+        if record {
+            let s = &mut self.stats;
+            (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
+                b.amax,
+                b.scale_min,
+                b.overflow,
+                b.underflow,
+                src.len() as u64,
+            );
+            s.block_scales = Some((b.scale_min, b.scale_max));
+            s.total_overflow += b.overflow;
+            s.total_underflow += b.underflow;
+            s.casts += 1;
+        }
+    }
+
+    /// The operand for the GEMM: per-tensor FP8, or block-scaled FP8.
+    fn operand(&self, len: usize) -> BlockOperand<'_> {
+        match self.block {
+            Some((cols, tile)) => BlockOperand::Blocks(BlockFp8 {
+                data: &self.data[..len],
+                format: self.state.format,
+                rows: len / cols.max(1),
+                cols,
+                block: tile,
+                scales: &self.block_scales,
+            }),
+            None => BlockOperand::Mat(self.mat(len)),
         }
     }
 
@@ -128,6 +200,11 @@ impl Fp8Operand {
                 st.scale_for_cast(w.amax);
             }
             ScalingRecipe::Delayed { .. } => st.record_amax(w.amax),
+            // Model::new_fp8_compute refuses the block recipe: its tile scales are cast
+            // in the forward, the optimizer writes per-tensor E4M3 only.
+            ScalingRecipe::Block { .. } => {
+                unreachable!("block-scaled weights are never written by the optimizer")
+            }
         }
         let s = &mut self.stats;
         (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
@@ -145,6 +222,9 @@ impl Fp8Operand {
     /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
     /// the scaling history and the stats; evaluation casts leave both untouched.
     fn quantize(&mut self, src: &[f32], record: bool) {
+        if let Some((cols, tile)) = self.block {
+            return self.quantize_blocks(src, record, cols, tile);
+        }
         let st = &mut self.state;
         let fmt = st.format;
         let needs_own_amax =
@@ -274,6 +354,40 @@ pub struct Linear {
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
+    /// GEMM operand bytes consumed, by element type, since the layer was built.
+    pub operand_bytes: OperandBytes,
+}
+
+/// Bytes of GEMM operands a layer handed to the kernels, by element type: what the tests
+/// check so that a low-precision mode cannot silently compute in a higher one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OperandBytes {
+    pub f32: u64,
+    pub bf16: u64,
+    pub e4m3: u64,
+    pub e5m2: u64,
+}
+
+impl OperandBytes {
+    fn add_blocks(&mut self, m: &BlockOperand<'_>) {
+        match m {
+            BlockOperand::Mat(m) => self.add(m),
+            BlockOperand::Blocks(b) => self.add(&MatRef::Fp8 {
+                data: b.data,
+                format: b.format,
+                scale: 1.0,
+            }),
+        }
+    }
+    fn add(&mut self, m: &MatRef<'_>) {
+        let n = m.len() as u64;
+        match m {
+            MatRef::F32(_) => self.f32 += 4 * n,
+            MatRef::Bf16(_) => self.bf16 += 2 * n,
+            MatRef::Fp8 { format, .. } if *format == Fp8Format::E4M3 => self.e4m3 += n,
+            MatRef::Fp8 { .. } => self.e5m2 += n,
+        }
+    }
 }
 
 impl Linear {
@@ -281,10 +395,12 @@ impl Linear {
     pub fn new(name: String, c: usize, oc: usize, rows: usize, precision: LinearPrecision) -> Self {
         let fp8 = match precision {
             LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
-                x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c),
-                w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c),
+                x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c)
+                    .with_blocks(c, ACT_BLOCK),
+                w: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, oc * c)
+                    .with_blocks(c, WEIGHT_BLOCK),
                 // storage lent per backward from DY_E5M2
-                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, 0),
+                dy: Fp8Operand::new(Fp8Format::E5M2, recipe, margin, 0).with_blocks(oc, ACT_BLOCK),
                 wgrad: ScaledFp8::zeros(&[oc, c], WGRAD_FORMAT),
                 wgrad_stats: CastStats::default(),
             }),
@@ -303,6 +419,7 @@ impl Linear {
             accumulate: false,
             bf16,
             gemm_time: Duration::ZERO,
+            operand_bytes: OperandBytes::default(),
         }
     }
 
@@ -334,9 +451,31 @@ impl Linear {
     }
 
     fn gemm(&mut self, shape: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+        self.operand_bytes.add(&a);
+        self.operand_bytes.add(&b);
         let t0 = Instant::now();
         Cpu.gemm(shape, a, b, c, acc);
         self.gemm_time += t0.elapsed();
+    }
+
+    /// [`Self::gemm`] on FP8 operands that may be block-scaled (block recipe).
+    fn gemm_fp8(
+        &mut self,
+        shape: GemmShape,
+        a: BlockOperand<'_>,
+        b: BlockOperand<'_>,
+        c: &mut [f32],
+    ) {
+        match (a, b) {
+            (BlockOperand::Mat(a), BlockOperand::Mat(b)) => self.gemm(shape, a, b, c, false),
+            (a, b) => {
+                self.operand_bytes.add_blocks(&a);
+                self.operand_bytes.add_blocks(&b);
+                let t0 = Instant::now();
+                gemm_block_scaled(shape, a, b, c, false);
+                self.gemm_time += t0.elapsed();
+            }
+        }
     }
 
     /// out\[n,oc\] = inp\[n,c\] @ w\[oc,c\]^T + bias\[oc\]. `record`: update FP8 scaling history.
@@ -399,7 +538,7 @@ impl Linear {
                 } else {
                     f.w.quantize(w, record);
                 }
-                self.gemm(shape, f.x.mat(n * c), f.w.mat(oc * c), out, false);
+                self.gemm_fp8(shape, f.x.operand(n * c), f.w.operand(oc * c), out);
                 self.fp8 = Some(f);
             }
         }
@@ -483,8 +622,8 @@ impl Linear {
                     grow(&mut b, n * oc);
                     std::mem::swap(&mut *b, &mut f.dy.data);
                     f.dy.quantize(dout, true);
-                    self.gemm(s_dinp, f.dy.mat(n * oc), f.w.mat(oc * c), dinp, false);
-                    self.gemm(s_dw, f.dy.mat(n * oc), f.x.mat(n * c), dw, false);
+                    self.gemm_fp8(s_dinp, f.dy.operand(n * oc), f.w.operand(oc * c), dinp);
+                    self.gemm_fp8(s_dw, f.dy.operand(n * oc), f.x.operand(n * c), dw);
                     std::mem::swap(&mut *b, &mut f.dy.data);
                 });
                 self.fp8 = Some(f);

@@ -13,6 +13,7 @@ pub mod params;
 
 pub use gpt::{FinalGrads, GradGroup, GradGroupSpec, Model};
 pub use linear::{
-    CastStats, Fp8Linear, Fp8Operand, Linear, LinearMemory, LinearPrecision, WGRAD_FORMAT,
+    CastStats, Fp8Linear, Fp8Operand, Linear, LinearMemory, LinearPrecision, OperandBytes,
+    WGRAD_FORMAT,
 };
 pub use params::{Dims, Layout};
