@@ -870,10 +870,11 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
 /// Redraw `fp8.svg` and `allreduce.svg` from `metrics.jsonl`, re-read from disk: the run
 /// loop keeps nothing per step in memory (flat RSS however long the run). Of the records
 /// that carry FP8 or all-reduce statistics, at most `MAX` are kept, every 2^k-th (the
-/// stride doubles whenever the list would grow past `MAX`), so a long run's heat map
-/// stays a fixed size.
+/// stride doubles whenever the list would grow past `MAX`), so a long run's heat maps
+/// (and the SVG text the plot builds in memory, ~100 bytes per cell) stay a fixed size:
+/// 128 step columns per tensor.
 fn plot_health_from_disk(run_dir: &Path, title: &str) {
-    const MAX: usize = 2048;
+    const MAX: usize = 128;
     let (mut keep, mut stride, mut seen) = (Vec::new(), 1u64, 0u64);
     let read = for_each_metric(&run_dir.join("metrics.jsonl"), |r| {
         if r.fp8.is_empty() && r.allreduce.is_none() {

@@ -5,27 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fp8lm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fp8lm"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run fp8lm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{fp8lm, text};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fp8lm-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp_dir("cli", name)
 }
 
 const TINY: &[&str] = &[

@@ -1,23 +1,8 @@
 //! `fp8lm devices` and the `device` key, end to end. These hold on any machine: with or
 //! without the `cuda` feature, with or without a GPU (the output says which).
 
-use std::process::{Command, Output};
-
-fn fp8lm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fp8lm"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run fp8lm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{fp8lm, text};
 
 #[test]
 fn devices_lists_what_is_there_or_what_is_missing() {

@@ -8,27 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fp8lm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fp8lm"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run fp8lm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{fp8lm, text};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fp8lm-rel-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp_dir("rel", name)
 }
 
 const TINY: &[&str] = &[
@@ -470,7 +454,10 @@ fn diverged_run_stops_with_exit_code_3() {
 #[test]
 fn model_too_large_for_memory_is_refused_up_front() {
     let d = tmp("huge");
-    for set in ["model.layers=100000", "model.context=1000000"] {
+    // Neither fits in any precision: 1e6 layers of width 32 hold 1.2e10 parameters (the
+    // 8 B/param floor alone is 98 GB); a context of 1e6 needs T^2 attention probabilities.
+    // (1e5 layers, 1.2e9 parameters, would fit in fp8-o2's ~10 B/param on a 24 GiB host.)
+    for set in ["model.layers=1000000", "model.context=1000000"] {
         let o = train(&d.join("run"), &["--set", set]);
         let t = text(&o);
         assert_eq!(code(&o), 1, "{t}");
@@ -618,7 +605,7 @@ fn fp8_stats_every_thins_the_metrics() {
 }
 
 /// A long evaluation shows its progress (at every tenth for 100 batches or more): 200
-/// batches of the tiny config's 32 x 16 tokens on the (unbounded) embedded corpus.
+/// batches of the test's 2 x 16 tokens on the (unbounded) embedded corpus.
 #[test]
 fn long_eval_shows_progress() {
     let d = tmp("evalprog");
@@ -629,7 +616,7 @@ fn long_eval_shows_progress() {
         "--checkpoint",
         run.to_str().unwrap(),
         "--set",
-        "eval_tokens=102400",
+        "eval_tokens=6400",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);

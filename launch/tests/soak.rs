@@ -33,7 +33,7 @@ fn rss_is_flat_after_warm_up() {
         "batch=2".into(),
         format!("max_steps={steps}"),
         "eval_every=500".into(),
-        "eval_batches=2".into(),
+        "eval_tokens=64".into(),
         "checkpoint_every=500".into(),
         "checkpoint_keep=3".into(),
         "precision=fp8-o2".into(),
