@@ -4,8 +4,8 @@
 //! NCCL's native FP8 types.
 //!
 //! **Nothing here has run**: no machine of this project has a GPU. What is tested
-//! without one: the rank grid ([`RankGrid`]: which ranks form each DP and TP group, and
-//! who creates each group's id), and that the FP8 newtypes map to NCCL's FP8 data types.
+//! without one: the grouping of ranks ([`crate::grid::Grid`]: which ranks form each DP and
+//! TP group; [`NcclComm::groups`]: who creates each group's id), and that the FP8 newtypes map to NCCL's FP8 data types.
 //!
 //! ## The FP8-LM all-reduce on NCCL ([`NcclComm::fp8lm_all_reduce`])
 //! As the CPU [`crate::GradAllReducer`]: (1) the shared scale is the minimum over ranks
@@ -55,43 +55,6 @@ impl NcclType for E5m2Byte {
     }
 }
 
-/// Ranks laid out as a `dp x tp` grid, tensor-parallel groups innermost (Megatron's
-/// order: ranks `r` and `r + 1` share a TP group, so TP traffic stays within a node).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RankGrid {
-    pub world: usize,
-    pub tp: usize,
-}
-
-impl RankGrid {
-    /// `tp` must divide `world` (an error naming both otherwise).
-    pub fn new(world: usize, tp: usize) -> std::result::Result<RankGrid, String> {
-        if world == 0 || tp == 0 || !world.is_multiple_of(tp) {
-            return Err(format!("tensor-parallel size {tp} must divide the number of ranks {world} (and both be > 0)"));
-        }
-        Ok(RankGrid { world, tp })
-    }
-    pub fn dp(&self) -> usize {
-        self.world / self.tp
-    }
-    /// (tp group index, rank within it) of a world rank.
-    pub fn tp_coords(&self, rank: usize) -> (usize, usize) {
-        (rank / self.tp, rank % self.tp)
-    }
-    /// (dp group index, rank within it): DP groups join the ranks at the same TP position.
-    pub fn dp_coords(&self, rank: usize) -> (usize, usize) {
-        (rank % self.tp, rank / self.tp)
-    }
-    /// World ranks of TP group `g`, in group-rank order.
-    pub fn tp_group(&self, g: usize) -> Vec<usize> {
-        (0..self.tp).map(|i| g * self.tp + i).collect()
-    }
-    /// World ranks of DP group `g`, in group-rank order.
-    pub fn dp_group(&self, g: usize) -> Vec<usize> {
-        (0..self.dp()).map(|i| i * self.tp + g).collect()
-    }
-}
-
 fn nccl_err(rank: usize, op: &str, e: impl std::fmt::Debug) -> CommError {
     CommError::new(rank, op, format!("{e:?}"))
 }
@@ -120,7 +83,7 @@ impl NcclComm {
     }
 
     /// Build one communicator per group in `groups` (disjoint lists of world ranks that
-    /// together cover every rank; e.g. [`RankGrid::dp_group`] for every g). Each group's
+    /// together cover every rank; e.g. [`crate::grid::Grid::dp_members`] of each TP position). Each group's
     /// first rank creates its id; every rank takes part in every id's broadcast (in group
     /// order, so all ranks agree), then joins its own group. Returns this rank's
     /// communicator(s) (one per group it belongs to).
@@ -280,56 +243,6 @@ impl NcclComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grid_groups_cover_every_rank_once() {
-        for (world, tp) in [(1, 1), (8, 1), (8, 2), (8, 4), (8, 8), (12, 3)] {
-            let g = RankGrid::new(world, tp).unwrap();
-            let mut seen_tp = vec![0; world];
-            let mut seen_dp = vec![0; world];
-            for i in 0..g.dp() {
-                let grp = g.tp_group(i);
-                assert_eq!(grp.len(), tp);
-                for (pos, &r) in grp.iter().enumerate() {
-                    seen_tp[r] += 1;
-                    assert_eq!(g.tp_coords(r), (i, pos));
-                }
-            }
-            for j in 0..tp {
-                let grp = g.dp_group(j);
-                assert_eq!(grp.len(), world / tp);
-                for (pos, &r) in grp.iter().enumerate() {
-                    seen_dp[r] += 1;
-                    assert_eq!(g.dp_coords(r), (j, pos));
-                }
-            }
-            assert!(
-                seen_tp.iter().all(|&c| c == 1) && seen_dp.iter().all(|&c| c == 1),
-                "{world}x{tp}"
-            );
-            // A TP group and a DP group meet in exactly one rank.
-            for i in 0..g.dp() {
-                for j in 0..tp {
-                    let both = g
-                        .tp_group(i)
-                        .into_iter()
-                        .filter(|r| g.dp_group(j).contains(r))
-                        .count();
-                    assert_eq!(both, 1);
-                }
-            }
-        }
-        // TP groups are contiguous ranks (intra-node).
-        assert_eq!(RankGrid::new(8, 4).unwrap().tp_group(1), vec![4, 5, 6, 7]);
-        assert_eq!(RankGrid::new(8, 4).unwrap().dp_group(1), vec![1, 5]);
-    }
-
-    #[test]
-    fn bad_grids_are_errors_naming_both_sizes() {
-        let e = RankGrid::new(6, 4).unwrap_err();
-        assert!(e.contains('4') && e.contains('6'), "{e}");
-        assert!(RankGrid::new(4, 0).is_err());
-    }
 
     #[test]
     fn fp8_newtypes_are_nccls_fp8_types() {

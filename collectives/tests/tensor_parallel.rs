@@ -31,6 +31,40 @@ fn grid_places_tensor_parallel_ranks_innermost() {
     assert!(Grid::new(4, 0).is_err());
 }
 
+/// Every grid's TP groups and DP groups each cover every rank exactly once, a TP group
+/// and a DP group meet in exactly one rank, and coordinates match group positions.
+#[test]
+fn grid_groups_cover_every_rank_once() {
+    for (world, tp) in [(1, 1), (8, 1), (8, 2), (8, 4), (8, 8), (12, 3)] {
+        let g = Grid::new(world, tp).unwrap();
+        let (mut seen_tp, mut seen_dp) = (vec![0; world], vec![0; world]);
+        for d in 0..g.data_parallel {
+            let grp = g.tp_members(g.rank_at(d, 0));
+            assert_eq!(grp.len(), tp);
+            for (pos, &r) in grp.iter().enumerate() {
+                seen_tp[r] += 1;
+                assert_eq!(g.coords(r), (d, pos));
+            }
+        }
+        for t in 0..tp {
+            let grp = g.dp_members(g.rank_at(0, t));
+            assert_eq!(grp.len(), world / tp);
+            for (pos, &r) in grp.iter().enumerate() {
+                seen_dp[r] += 1;
+                assert_eq!(g.coords(r), (pos, t));
+            }
+            for d in 0..g.data_parallel {
+                let row = g.tp_members(g.rank_at(d, 0));
+                assert_eq!(grp.iter().filter(|r| row.contains(r)).count(), 1);
+            }
+        }
+        assert!(
+            seen_tp.iter().chain(&seen_dp).all(|&c| c == 1),
+            "{world}x{tp}"
+        );
+    }
+}
+
 /// Each row and each column of a 2 x 3 grid all-reduces independently, bit for bit as a
 /// world of that size would (same ring over the members), and broadcasts reach exactly
 /// the group.
