@@ -459,6 +459,7 @@ fn train_ranked(
     // only then write, remove or move anything.
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut history = LossHistory::default();
+    let mut health = HealthHistory::default();
     let mut last_losses = std::collections::VecDeque::with_capacity(10);
     let mut metrics = None;
     if root {
@@ -482,6 +483,7 @@ fn train_ranked(
                 let w = MetricsWriter::resume(&metrics_path, ck.meta.step)?;
                 for_each_metric(&metrics_path, |r| {
                     history.push(&r);
+                    health.push(&r);
                     push_last(&mut last_losses, r.loss);
                 })?;
                 w
@@ -587,12 +589,13 @@ fn train_ranked(
             m.write(&rec)?;
         }
         history.push(&rec);
+        health.push(&rec);
         push_last(&mut last_losses, rec.loss);
         if eval_now && root {
             if let Err(e) = fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title) {
                 tracing::warn!("plot {}: {e:#}", plot_path.display());
             }
-            plot_health_from_disk(&run_dir, &title);
+            crate::report::plot_health(&run_dir, &health.records, &title);
         }
         // A diverged run: too many skipped steps among the last SKIP_WINDOW (every rank
         // skips the same steps: the skip decision follows the all-reduced gradients).
@@ -678,7 +681,7 @@ fn train_ranked(
     }
     if !plot_path.exists() || outcome.is_some() {
         fp8lm_trainer::plot::plot_history(&plot_path, &history, floor, &title).ok();
-        plot_health_from_disk(&run_dir, &title);
+        crate::report::plot_health(&run_dir, &health.records, &title);
     }
 
     // 4. Summary.
@@ -867,31 +870,36 @@ pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Redraw `fp8.svg` and `allreduce.svg` from `metrics.jsonl`, re-read from disk: the run
-/// loop keeps nothing per step in memory (flat RSS however long the run). Of the records
-/// that carry FP8 or all-reduce statistics, at most `MAX` are kept, every 2^k-th (the
-/// stride doubles whenever the list would grow past `MAX`), so a long run's heat maps
-/// (and the SVG text the plot builds in memory, ~100 bytes per cell) stay a fixed size:
-/// 128 step columns per tensor.
-fn plot_health_from_disk(run_dir: &Path, title: &str) {
+/// What `fp8.svg` and `allreduce.svg` are drawn from: of the steps that logged FP8 or
+/// all-reduce statistics, at most `MAX` records, every 2^k-th (the stride doubles
+/// whenever the list would grow past `MAX`). So memory and each redraw's cost (the SVG
+/// text the plot builds, ~100 bytes per heat-map cell) stay bounded however long the run
+/// (issue 10's flat RSS), and a resume rebuilds the same list from `metrics.jsonl`.
+#[derive(Default)]
+struct HealthHistory {
+    records: Vec<MetricsRecord>,
+    stride: u64,
+    seen: u64,
+}
+
+impl HealthHistory {
+    /// 128 step columns per tensor in the heat maps.
     const MAX: usize = 128;
-    let (mut keep, mut stride, mut seen) = (Vec::new(), 1u64, 0u64);
-    let read = for_each_metric(&run_dir.join("metrics.jsonl"), |r| {
+
+    fn push(&mut self, r: &MetricsRecord) {
         if r.fp8.is_empty() && r.allreduce.is_none() {
             return;
         }
-        if seen % stride == 0 {
-            keep.push(r);
-            if keep.len() > MAX {
-                keep = std::mem::take(&mut keep).into_iter().step_by(2).collect();
-                stride *= 2;
+        self.stride = self.stride.max(1);
+        if self.seen % self.stride == 0 {
+            self.records.push(r.clone());
+            if self.records.len() > Self::MAX {
+                let kept = std::mem::take(&mut self.records);
+                self.records = kept.into_iter().step_by(2).collect();
+                self.stride *= 2;
             }
         }
-        seen += 1;
-    });
-    match read {
-        Ok(()) => crate::report::plot_health(run_dir, &keep, title),
-        Err(e) => tracing::warn!("FP8 health plots: {e:#}"),
+        self.seen += 1;
     }
 }
 
@@ -929,4 +937,34 @@ pub fn sample(path: &Path, prompt: &str, tokens: usize, temperature: f32, seed: 
     let out = tr.sample(&ids, tokens, temperature, seed)?;
     println!("{}{}", prompt, tok.decode(&out));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FP8 health history stays bounded, evenly spaced from the first logged step, and
+    /// ignores steps without FP8 or all-reduce statistics.
+    #[test]
+    fn health_history_is_bounded_and_evenly_spaced() {
+        let mut h = HealthHistory::default();
+        for step in 1..=10_000u64 {
+            let mut r = MetricsRecord {
+                step,
+                ..Default::default()
+            };
+            if step % 2 == 1 {
+                r.fp8.push(Fp8TensorStats::default());
+            }
+            h.push(&r);
+        }
+        // 5000 logged steps, stride 64 after halvings: 5000 / 64 = 78.1 -> 79 records.
+        let steps: Vec<u64> = h.records.iter().map(|r| r.step).collect();
+        assert!(steps.len() <= HealthHistory::MAX && steps.len() > HealthHistory::MAX / 2);
+        assert_eq!(steps[0], 1);
+        assert!(steps.iter().all(|s| s % 2 == 1), "{steps:?}");
+        let gap = steps[1] - steps[0];
+        assert!(steps.windows(2).all(|w| w[1] - w[0] == gap), "{steps:?}");
+        assert_eq!(gap, 2 * h.stride);
+    }
 }
