@@ -891,7 +891,7 @@ impl HealthHistory {
             return;
         }
         self.stride = self.stride.max(1);
-        if self.seen % self.stride == 0 {
+        if self.seen.is_multiple_of(self.stride) {
             self.records.push(r.clone());
             if self.records.len() > Self::MAX {
                 let kept = std::mem::take(&mut self.records);
