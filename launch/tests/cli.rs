@@ -6,34 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{fp8lm, text};
+use common::{fp8lm, text, TINY};
 
 fn tmp(name: &str) -> PathBuf {
     common::tmp_dir("cli", name)
 }
-
-const TINY: &[&str] = &[
-    "--set",
-    "model.layers=1",
-    "--set",
-    "model.channels=32",
-    "--set",
-    "model.heads=2",
-    "--set",
-    "model.context=16",
-    "--set",
-    "batch=2",
-    "--set",
-    "max_steps=12",
-    "--set",
-    "eval_every=6",
-    "--set",
-    "eval_batches=2",
-    "--set",
-    "checkpoint_every=6",
-    "--set",
-    "optim.warmup_steps=2",
-];
 
 fn train(run_dir: &Path, extra: &[&str]) -> Output {
     let rd = format!("run_dir={}", run_dir.display());

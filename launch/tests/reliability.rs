@@ -9,34 +9,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{fp8lm, text};
+use common::{fp8lm, text, TINY};
 
 fn tmp(name: &str) -> PathBuf {
     common::tmp_dir("rel", name)
 }
-
-const TINY: &[&str] = &[
-    "--set",
-    "model.layers=1",
-    "--set",
-    "model.channels=32",
-    "--set",
-    "model.heads=2",
-    "--set",
-    "model.context=16",
-    "--set",
-    "batch=2",
-    "--set",
-    "max_steps=12",
-    "--set",
-    "eval_every=6",
-    "--set",
-    "eval_tokens=1024",
-    "--set",
-    "checkpoint_every=6",
-    "--set",
-    "optim.warmup_steps=2",
-];
 
 fn train_args(run_dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut a = vec![

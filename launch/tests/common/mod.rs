@@ -29,3 +29,28 @@ pub fn tmp_dir(suite: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A tiny model that trains in well under a second in release mode: 12 steps, an
+/// evaluation (1024 validation tokens) and a checkpoint every 6.
+pub const TINY: &[&str] = &[
+    "--set",
+    "model.layers=1",
+    "--set",
+    "model.channels=32",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.context=16",
+    "--set",
+    "batch=2",
+    "--set",
+    "max_steps=12",
+    "--set",
+    "eval_every=6",
+    "--set",
+    "eval_tokens=1024",
+    "--set",
+    "checkpoint_every=6",
+    "--set",
+    "optim.warmup_steps=2",
+];

@@ -19,11 +19,6 @@ pub trait Dataset: Send {
     /// Opaque training position, restored by [`Dataset::set_position`] on resume.
     fn position(&self) -> u64;
     fn set_position(&mut self, pos: u64);
-    /// Distinct validation sequences, when finite (batches beyond them repeat data);
-    /// `None` for a source that generates as many as asked for.
-    fn val_sequences(&self) -> Option<u64> {
-        None
-    }
     /// Validation sequences of length `t` in the split (`None`: unbounded, e.g. the
     /// embedded corpus). Sequence `i` is what [`Dataset::val_rows`] gives for `i`.
     fn val_sequence_count(&self, t: usize) -> Option<u64> {

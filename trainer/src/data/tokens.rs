@@ -281,9 +281,6 @@ impl Dataset for TokenDataset {
     fn set_position(&mut self, pos: u64) {
         self.position = pos;
     }
-    fn val_sequences(&self) -> Option<u64> {
-        Some(TokenDataset::val_sequences(self))
-    }
     fn val_sequence_count(&self, t: usize) -> Option<u64> {
         (t == self.t).then(|| self.val_sequences())
     }
