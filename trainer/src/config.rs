@@ -251,6 +251,9 @@ impl ZeroPartition {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
+    /// Data-parallel replicas D. 0 (default): as many as the job has ranks. Set, it must
+    /// equal them (checked at start-up, naming both), and `fp8lm plan` plans for it.
+    pub data_parallel: usize,
     /// `auto` (default), `on` or `off`: see [`Overlap`].
     pub overlap: Overlap,
     /// Seconds a rank may wait in one collective before the watchdog ends the job, naming
@@ -264,6 +267,7 @@ pub struct DistConfig {
 impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
+            data_parallel: 0,
             overlap: Overlap::Auto,
             timeout_s: 300,
             zero_partition: ZeroPartition::default(),

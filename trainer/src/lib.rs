@@ -45,6 +45,7 @@ pub mod checkpoint;
 pub mod ckpt_stream;
 pub mod memory;
 pub mod metrics;
+pub mod plan;
 pub mod plot;
 pub mod plot_fp8;
 pub mod preflight;
