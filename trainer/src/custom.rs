@@ -571,8 +571,12 @@ pub fn save_checkpoint(
         ("model".to_string(), tensors),
         ("optimizer".to_string(), state),
     ];
-    save_streamed(&meta, &groups, root, 0, &mut |_| Ok(()))
-        .with_context(|| format!("saving the checkpoint of step {step} under {}", root.display()))
+    save_streamed(&meta, &groups, root, 0, &mut |_| Ok(())).with_context(|| {
+        format!(
+            "saving the checkpoint of step {step} under {}",
+            root.display()
+        )
+    })
 }
 
 /// Load a checkpoint written by [`save_checkpoint`] (or by `fp8lm train` with the same
@@ -624,7 +628,11 @@ pub fn load_checkpoint(
     for lin in &mut model.linears {
         let name = lin.name.clone();
         if let Some(f) = &mut lin.fp8 {
-            for (suffix, st) in [("x", &mut f.x.state), ("w", &mut f.w.state), ("dy", &mut f.dy.state)] {
+            for (suffix, st) in [
+                ("x", &mut f.x.state),
+                ("w", &mut f.w.state),
+                ("dy", &mut f.dy.state),
+            ] {
                 let key = format!("{name}.{suffix}");
                 let v = scaling.get(&key).with_context(|| {
                     format!("{dir}: no FP8 scaling state for {key} (checkpoint precision differs?)")
