@@ -72,8 +72,10 @@ fn main() -> Result<()> {
 
     // The model's shape from a config (the defaults are configs/tiny.toml's model:
     // 2 layers, 4 heads, width 64, context 16); the vocabulary from the data.
-    let mut cfg = RunConfig::default();
-    cfg.batch = 16;
+    let cfg = RunConfig {
+        batch: 16,
+        ..RunConfig::default()
+    };
     let dims = Dims::from_config(&cfg, data.vocab_size())?;
     let hyper = AdamWHyper::default();
     let fp8_adam = Fp8AdamConfig::fp8_lm(hyper);
@@ -167,7 +169,7 @@ fn main() -> Result<()> {
         );
     }
     println!("reload: validation loss, next step's loss and weights identical bit for bit");
-    if !(gap < MAX_GAP) {
+    if gap.is_nan() || gap >= MAX_GAP {
         bail!(
             "validation loss {val:.4} is {gap:.3} nats/token above the entropy floor \
              {floor:.4}; the bound is {MAX_GAP} ({skipped} of {} steps skipped)",

@@ -55,8 +55,10 @@ fn train(comm: &dyn Communicator, steps: usize) -> Result<f32> {
     let floor = data
         .entropy_floor()
         .context("the embedded corpus knows its floor")?;
-    let mut cfg = RunConfig::default();
-    cfg.batch = 8; // per rank
+    let cfg = RunConfig {
+        batch: 8, // per rank
+        ..RunConfig::default()
+    };
     let dims = Dims::from_config(&cfg, data.vocab_size())?;
     // Same seed on every rank: the replicas start identical.
     let (mut model, mut opt) = fp8_o2(
@@ -130,7 +132,7 @@ fn train(comm: &dyn Communicator, steps: usize) -> Result<f32> {
             mine_w.len()
         );
     }
-    if !(gap < MAX_GAP) {
+    if gap.is_nan() || gap >= MAX_GAP {
         bail!(
             "validation loss {val:.4} is {gap:.3} nats/token above the floor \
              {floor:.4}; the bound is {MAX_GAP}"
