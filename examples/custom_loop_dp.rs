@@ -92,14 +92,20 @@ fn train(comm: &dyn Communicator, steps: usize) -> Result<f32> {
         model.backward();
         let report = sync.all_reduce(&mut model, comm)?;
         min_mu = report.mu.iter().copied().fold(min_mu, f32::min);
-        let out = optimizer_step(&mut model, &mut opt, lr_at(&sched, step, steps), 1.0);
+        // An overflow on any rank (the flag is the same on all): every rank skips.
+        let (norm, skipped) = if report.nonfinite {
+            skip_update(&mut model, &opt);
+            (f32::NAN, true)
+        } else {
+            let out = optimizer_step(&mut model, &mut opt, lr_at(&sched, step, steps), 1.0);
+            (out.grad_norm, out.skipped)
+        };
         let loss = mean_over_ranks(comm, loss)?;
         if rank == 0 && ((step + 1) % 100 == 0 || step == 0) {
             println!(
-                "step {:>4}  loss {loss:.4} (mean of {n} ranks)  grad norm {:.3}{}",
+                "step {:>4}  loss {loss:.4} (mean of {n} ranks)  grad norm {norm:.3}{}",
                 step + 1,
-                out.grad_norm,
-                if out.skipped { "  skipped" } else { "" }
+                if skipped { "  skipped" } else { "" }
             );
         }
     }

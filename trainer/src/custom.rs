@@ -11,7 +11,7 @@
 //! | one FP8 layer | [`Linear::new`] with [`FP8`] precision ([`Linear::forward`], [`Linear::backward`], [`Linear::quantize_wgrad`]) |
 //! | forward with loss | [`forward_loss`] (checks the batch; feeds fp8-o2's tied embedding from the optimizer's FP16 master) |
 //! | backward | [`Model::backward`] |
-//! | norm, clip, update | [`optimizer_step`] (any [`Optimizer`]: `Fp8Adam`, `AdamW`) |
+//! | norm, clip, update | [`optimizer_step`] (any [`Optimizer`]: `Fp8Adam`, `AdamW`); [`skip_update`] for a step skipped by the loop |
 //! | evaluation | [`evaluate`] |
 //! | data-parallel gradients | [`GradSync`] (FP8-LM all-reduce of the FP8 weight gradients, f32 mean of the rest) over any [`Communicator`] |
 //! | checkpoints | [`save_checkpoint`] / [`load_checkpoint`] (the same files as `fp8lm train`'s) |
@@ -255,15 +255,24 @@ pub fn optimizer_step(
     drop((outs, grads));
     model.accept_written(&written);
     if skipped {
-        model
-            .write_compute_weights(opt)
-            .expect("the optimizer wrote these compute weights before");
+        skip_update(model, opt);
     }
     StepOutcome {
         grad_norm: norm,
         clip_scale: scale,
         skipped,
     }
+}
+
+/// What a step that skips its update must still do (instead of [`optimizer_step`], e.g.
+/// when [`GradSync::all_reduce`] reports a non-finite gradient on some rank): re-cast
+/// fp8-o2's E4M3 compute weights from the unchanged master, because the forward may have
+/// moved their delayed scale (a forward casting its own weights would have cast them
+/// with it). Nothing to do for models whose f32 weights are the master.
+pub fn skip_update(model: &mut Model, opt: &dyn Optimizer) {
+    model
+        .write_compute_weights(opt)
+        .expect("the optimizer wrote these compute weights before");
 }
 
 /// Mean loss over validation batches `0..batches` of `data`, each `Dims::b x Dims::t`
@@ -321,8 +330,12 @@ pub fn evaluate(
 ///         forward_loss(&mut model, &opt, &x, &y, b, t, true)?;
 ///         model.backward();
 ///         let report = sync.all_reduce(&mut model, comm)?;
-///         assert!(!report.nonfinite && report.bytes_sent > 0);
-///         assert!(!optimizer_step(&mut model, &mut opt, 1e-2, 1.0).skipped);
+///         assert!(report.bytes_sent > 0);
+///         if report.nonfinite {
+///             skip_update(&mut model, &opt); // an overflow on some rank: all skip
+///         } else {
+///             assert!(!optimizer_step(&mut model, &mut opt, 1e-2, 1.0).skipped);
+///         }
 ///     }
 ///     Ok(weights_f32(&model, &opt))
 /// })?;
@@ -355,9 +368,9 @@ impl GradSync {
 
     /// Replace every gradient of `model`'s last backward by its mean over `comm`'s ranks.
     /// Returns the FP8 all-reduce's report (per FP8 tensor: saturated and flushed counts,
-    /// scale, mu; `nonfinite` when some rank's gradient overflowed, which makes the next
-    /// [`optimizer_step`] skip on every rank alike). Every rank must call it, with models
-    /// of the same shape and precision.
+    /// scale, mu; `nonfinite`, the same on every rank, when some rank's gradient
+    /// overflowed: then call [`skip_update`] instead of [`optimizer_step`] on every rank).
+    /// Every rank must call it, with models of the same shape and precision.
     pub fn all_reduce(&mut self, model: &mut Model, comm: &dyn Communicator) -> Result<GradReport> {
         let fp8_linears: Vec<usize> = (0..model.linears.len())
             .filter(|&l| model.linears[l].fp8.is_some())

@@ -84,7 +84,7 @@ pub mod prelude {
     pub use crate::config::{Arch, Precision, RunConfig};
     pub use crate::custom::{
         evaluate, forward_loss, fp8_o2, grad_norm, load_checkpoint, mean_over_ranks,
-        optimizer_step, save_checkpoint, weights_f32, GradSync, StepOutcome, FP8,
+        optimizer_step, save_checkpoint, skip_update, weights_f32, GradSync, StepOutcome, FP8,
     };
     pub use crate::data::synthetic::MarkovCorpus;
     pub use crate::data::Dataset;
