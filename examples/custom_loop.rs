@@ -177,7 +177,7 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "ok: validation loss {val:.4} = floor {floor:.4} + {gap:.3} (bound + {MAX_GAP}), \
+        "ok: validation loss {val:.4} = floor {floor:.4} + {gap:.3} (bound: + {MAX_GAP:.1}), \
          {skipped} steps skipped"
     );
     Ok(())

@@ -6,8 +6,8 @@
 //!
 //! `cargo test` builds a package's examples next to its test binaries
 //! (`target/<profile>/examples/`). A test filter such as `cargo test --test examples`
-//! builds only the named test, so the examples may be missing: then the tests fail and
-//! say how to build them (never a silent skip).
+//! builds only the named test, so the examples may be missing (then the tests fail and
+//! say how to build them; never a silent skip) or left from an earlier build.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,7 +36,7 @@ fn custom_loop_trains_saves_and_reloads_bit_for_bit() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("custom_loop_example");
     let _ = std::fs::remove_dir_all(&dir);
     let out = Command::new(example("custom_loop"))
-        .arg("--dir")
+        .args(["--steps", "1500", "--dir"])
         .arg(&dir)
         .env("RUST_BACKTRACE", "0")
         .output()
