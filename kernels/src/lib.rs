@@ -21,11 +21,16 @@
 //!
 //! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
 
+pub mod backend;
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gemm;
 pub mod layers;
+pub mod reference;
+
+pub use backend::{default_backend, Backend, BackendKind, Fp8CastResult};
+pub use reference::Reference;
 
 pub use gemm::{
     path_calls, set_path_override, GemmOps, GemmPath, GemmShape, Isa, MatRef, PathCalls,
