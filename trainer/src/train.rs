@@ -194,11 +194,14 @@ impl Trainer {
             Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
                 let layout = crate::model::Layout::new(&dims);
                 let mut opt = Fp8Adam::empty(cfg8);
-                let mut model =
-                    Model::new_fp8_compute_on(be, dims, precision, cfg.seed, &mut |i, values, low| {
-                        opt.push_tensor(&layout.metas[i], values, low)
-                    })
-                    .map_err(anyhow::Error::msg)?;
+                let mut model = Model::new_fp8_compute_on(
+                    be,
+                    dims,
+                    precision,
+                    cfg.seed,
+                    &mut |i, values, low| opt.push_tensor(&layout.metas[i], values, low),
+                )
+                .map_err(anyhow::Error::msg)?;
                 model
                     .write_compute_weights(&opt)
                     .map_err(anyhow::Error::msg)?;

@@ -152,7 +152,8 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// The accepted names, for error messages.
-    pub const ALLOWED: &'static str = "\"cpu\" (the default, fast) or \"reference\" (scalar oracle, slow)";
+    pub const ALLOWED: &'static str =
+        "\"cpu\" (the default, fast) or \"reference\" (scalar oracle, slow)";
 
     /// `"cpu"` or `"reference"`; `Err` says what is allowed.
     pub fn parse(s: &str) -> Result<BackendKind, &'static str> {

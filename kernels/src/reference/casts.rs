@@ -110,9 +110,7 @@ impl Backend for Reference {
     }
 
     fn sum_squares_fp8(&self, src: &[u8], format: Fp8Format) -> f64 {
-        src.iter()
-            .map(|&b| (format.decode(b) as f64).powi(2))
-            .sum()
+        src.iter().map(|&b| (format.decode(b) as f64).powi(2)).sum()
     }
 
     fn gemm_blocks(
@@ -123,8 +121,6 @@ impl Backend for Reference {
         c: &mut [f32],
         accumulate: bool,
     ) {
-        single(|| {
-            crate::gemm::blockscaled::gemm_block_scaled_on(self, shape, a, b, c, accumulate)
-        })
+        single(|| crate::gemm::blockscaled::gemm_block_scaled_on(self, shape, a, b, c, accumulate))
     }
 }

@@ -41,9 +41,29 @@ fn check(s: &GemmShape, a: &MatRef<'_>, b: &MatRef<'_>, c_len: usize) {
             );
         }
     }
-    assert_eq!(a.len(), s.m * s.k, "gemm: A has {} elements, shape needs {}x{}", a.len(), s.m, s.k);
-    assert_eq!(b.len(), s.k * s.n, "gemm: B has {} elements, shape needs {}x{}", b.len(), s.k, s.n);
-    assert_eq!(c_len, s.m * s.n, "gemm: C has {c_len} elements, shape needs {}x{}", s.m, s.n);
+    assert_eq!(
+        a.len(),
+        s.m * s.k,
+        "gemm: A has {} elements, shape needs {}x{}",
+        a.len(),
+        s.m,
+        s.k
+    );
+    assert_eq!(
+        b.len(),
+        s.k * s.n,
+        "gemm: B has {} elements, shape needs {}x{}",
+        b.len(),
+        s.k,
+        s.n
+    );
+    assert_eq!(
+        c_len,
+        s.m * s.n,
+        "gemm: C has {c_len} elements, shape needs {}x{}",
+        s.m,
+        s.n
+    );
 }
 
 /// The f32 product, `[m, n]`.

@@ -77,9 +77,7 @@ impl LayerOps for Reference {
     ) {
         let (mut di, mut dw64, mut db64) = (wide(dinp), wide(dw), wide(db));
         let (dy, x, w, m, r) = (wide(dout), wide(inp), wide(w), wide(mean), wide(rstd));
-        single(|| {
-            norm::layernorm_backward(&mut di, &mut dw64, &mut db64, &dy, &x, &w, &m, &r)
-        });
+        single(|| norm::layernorm_backward(&mut di, &mut dw64, &mut db64, &dy, &x, &w, &m, &r));
         narrow(dinp, &di);
         narrow(dw, &dw64);
         narrow(db, &db64);

@@ -536,7 +536,8 @@ impl Linear {
                     for o0 in (0..oc).step_by(tr) {
                         let m = tr.min(oc - o0);
                         grow(&mut t.w, m * c);
-                        self.be.cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        self.be
+                            .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
                         let wt = MatRef::Bf16(&t.w[..m * c]);
                         let sh = GemmShape::new(n, m, c).trans_b();
                         if m == oc {
@@ -629,7 +630,8 @@ impl Linear {
                             }
                         }
                         grow(&mut t.w, m * c);
-                        self.be.cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        self.be
+                            .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
                         let dy = MatRef::Bf16(&t.dy[..n * m]);
                         // dinp[n,c] += dy_tile[n,m] @ w_tile[m,c]; dW[o0..o0+m] = dy_tile^T @ x
                         let sh = GemmShape::new(n, c, m);
