@@ -28,9 +28,11 @@ pub mod cuda;
 pub mod gemm;
 pub mod layers;
 pub mod reference;
+pub mod tensor;
 
 pub use backend::{default_backend, Backend, BackendKind, Fp8CastResult};
 pub use reference::Reference;
+pub use tensor::{DType, Scaling, Storage, Tensor};
 
 pub use gemm::{
     path_calls, set_path_override, GemmOps, GemmPath, GemmShape, Isa, MatRef, PathCalls,

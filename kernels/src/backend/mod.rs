@@ -33,7 +33,7 @@
 mod cpu;
 
 use crate::gemm::blockscaled::{gemm_block_scaled_on, BlockOperand};
-use crate::{GemmOps, GemmShape, LayerOps};
+use crate::{GemmOps, GemmShape, LayerOps, Scaling, Tensor};
 use fp8lm_fp8::block::BlockCastStats;
 use fp8lm_fp8::cast::CastCounts;
 use fp8lm_fp8::{Fp8Format, ScaleRounding};
@@ -66,6 +66,67 @@ pub trait Backend: GemmOps + LayerOps + std::fmt::Debug {
     /// Returns the amax of `src` and the saturation / flush counts.
     fn cast_fp8(&self, format: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8])
         -> Fp8CastResult;
+
+    /// [`Backend::cast_fp8`] into an FP8 [`Tensor`] (`dst`'s dtype gives the format;
+    /// its first `src.len()` elements are written): the scale and the amax are stored
+    /// with the bytes ([`crate::Scaling::PerTensor`]), where this backend keeps them.
+    fn cast_fp8_tensor(&self, src: &[f32], scale: f32, dst: &mut Tensor) -> Fp8CastResult {
+        let format = dst
+            .dtype()
+            .fp8()
+            .unwrap_or_else(|| panic!("cast_fp8_tensor: tensor is {}", dst.dtype().name()));
+        let (bytes, scaling) = dst.fp8_parts_mut();
+        let r = self.cast_fp8(format, src, scale, &mut bytes[..src.len()]);
+        *scaling = Scaling::PerTensor {
+            scale,
+            amax: r.amax,
+        };
+        r
+    }
+
+    /// [`Backend::cast_fp8_blocks`] into an FP8 [`Tensor`]: the tile scales and the amax
+    /// are stored with the bytes ([`Scaling::Blocks`]).
+    #[allow(clippy::too_many_arguments)]
+    fn cast_fp8_blocks_tensor(
+        &self,
+        src: &[f32],
+        rows: usize,
+        cols: usize,
+        tile: (usize, usize),
+        rounding: ScaleRounding,
+        margin: i32,
+        dst: &mut Tensor,
+    ) -> BlockCastStats {
+        let format = dst
+            .dtype()
+            .fp8()
+            .unwrap_or_else(|| panic!("cast_fp8_blocks_tensor: tensor is {}", dst.dtype().name()));
+        let (gr, gc) = fp8lm_fp8::block::grid(rows, cols, tile);
+        let (bytes, scaling) = dst.fp8_parts_mut();
+        let mut scales = match std::mem::replace(scaling, Scaling::None) {
+            Scaling::Blocks { scales, .. } => scales,
+            _ => Vec::new(),
+        };
+        scales.resize(gr * gc, 1.0);
+        let b = self.cast_fp8_blocks(
+            format,
+            src,
+            rows,
+            cols,
+            tile,
+            rounding,
+            margin,
+            &mut bytes[..src.len()],
+            &mut scales,
+        );
+        *scaling = Scaling::Blocks {
+            cols,
+            tile,
+            scales,
+            amax: b.amax,
+        };
+        b
+    }
 
     /// The block recipe's cast: `src[rows, cols]` to `format` with one current scale per
     /// `tile` (scales written row-major into `scales`), as `fp8lm_fp8::block`. The

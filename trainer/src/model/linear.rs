@@ -18,8 +18,8 @@
 
 use fp8lm_fp8::block::{ACT_BLOCK, WEIGHT_BLOCK};
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
-use fp8lm_kernels::gemm::blockscaled::{BlockFp8, BlockOperand};
-use fp8lm_kernels::{default_backend, Backend, GemmShape, MatRef};
+use fp8lm_kernels::gemm::blockscaled::BlockOperand;
+use fp8lm_kernels::{default_backend, Backend, DType, GemmShape, MatRef, Scaling, Tensor};
 use fp8lm_optim::{Fp8Out, Fp8Written};
 use half::bf16;
 use std::sync::Arc;
@@ -64,16 +64,15 @@ pub struct CastStats {
 pub struct Fp8Operand {
     pub state: ScaleState,
     pub stats: CastStats,
-    data: Vec<u8>,
-    /// Scale of the data currently held.
-    scale: f32,
+    /// The FP8 bytes held, with the scale (per tensor, or per tile with the block
+    /// recipe) and the amax they were cast with: they travel together, on the backend.
+    t: Tensor,
     /// Written by the optimizer rather than cast here (fp8-o2's weights): what that
     /// cast did, recorded by the next training forward as if it had cast itself.
     written: Option<Fp8Written>,
-    /// Block recipe: the operand's columns and tile shape, and the tile scales of the
-    /// data held (row-major grid, `fp8lm_fp8::block`).
+    /// Block recipe: the operand's columns and tile shape (the tile scales of the data
+    /// held are in `t`, row-major grid, `fp8lm_fp8::block`).
     block: Option<(usize, (usize, usize))>,
-    pub block_scales: Vec<f32>,
 }
 
 impl Fp8Operand {
@@ -83,11 +82,9 @@ impl Fp8Operand {
         Fp8Operand {
             state,
             stats: CastStats::default(),
-            data: vec![0; cap],
-            scale: 1.0,
+            t: Tensor::zeros(DType::of_fp8(format), &[cap]),
             written: None,
             block: None,
-            block_scales: Vec::new(),
         }
     }
 
@@ -114,20 +111,7 @@ impl Fp8Operand {
             _ => fp8lm_fp8::ScaleRounding::PowerOfTwo,
         };
         let rows = src.len() / cols.max(1);
-        let (gr, gc) = fp8lm_fp8::block::grid(rows, cols, tile);
-        self.block_scales.resize(gr * gc, 1.0);
-        let b = be.cast_fp8_blocks(
-            st.format,
-            src,
-            rows,
-            cols,
-            tile,
-            rounding,
-            st.margin,
-            &mut self.data[..src.len()],
-            &mut self.block_scales,
-        );
-        self.scale = b.scale_min;
+        let b = be.cast_fp8_blocks_tensor(src, rows, cols, tile, rounding, st.margin, &mut self.t);
         if record {
             let s = &mut self.stats;
             (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
@@ -146,26 +130,24 @@ impl Fp8Operand {
 
     /// The operand for the GEMM: per-tensor FP8, or block-scaled FP8.
     fn operand(&self, len: usize) -> BlockOperand<'_> {
-        match self.block {
-            Some((cols, tile)) => BlockOperand::Blocks(BlockFp8 {
-                data: &self.data[..len],
-                format: self.state.format,
-                rows: len / cols.max(1),
-                cols,
-                block: tile,
-                scales: &self.block_scales,
-            }),
-            None => BlockOperand::Mat(self.mat(len)),
-        }
+        self.t.block_operand(len)
     }
 
     /// The FP8 bytes held (scaled by [`Fp8Operand::held_scale`]).
     pub fn data(&self) -> &[u8] {
-        &self.data
+        self.t.fp8_bytes()
     }
-    /// The scale of the bytes held.
+    /// The scale of the bytes held (the smallest tile scale with the block recipe).
     pub fn held_scale(&self) -> f32 {
-        self.scale
+        self.t.scale().unwrap_or(1.0)
+    }
+    /// Block recipe: the tile scales of the bytes held (row-major grid; empty otherwise).
+    pub fn block_scales(&self) -> &[f32] {
+        self.t.block_scales()
+    }
+    /// The bytes held with their scaling.
+    pub fn tensor(&self) -> &Tensor {
+        &self.t
     }
 
     /// The optimizer's target for this operand's storage (fp8-o2's weights): the scale
@@ -176,7 +158,7 @@ impl Fp8Operand {
         let known =
             matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
         Fp8Out {
-            data: &mut self.data,
+            data: self.t.fp8_bytes_mut(),
             format: st.format,
             scale: known.then_some(st.scale),
             margin: st.margin,
@@ -189,7 +171,10 @@ impl Fp8Operand {
     /// Take the optimizer's cast ([`Fp8Operand::optimizer_target`]) as this operand's
     /// data.
     pub fn accept_written(&mut self, w: Fp8Written) {
-        self.scale = w.scale;
+        self.t.set_scaling(Scaling::PerTensor {
+            scale: w.scale,
+            amax: w.amax,
+        });
         self.written = Some(w);
     }
 
@@ -217,7 +202,7 @@ impl Fp8Operand {
             w.scale,
             w.saturated,
             w.flushed,
-            self.data.len() as u64,
+            self.t.numel() as u64,
         );
         s.total_overflow += w.saturated;
         s.total_underflow += w.flushed;
@@ -232,6 +217,7 @@ impl Fp8Operand {
         }
         let st = &mut self.state;
         let fmt = st.format;
+        debug_assert_eq!(self.t.dtype(), DType::of_fp8(fmt));
         let needs_own_amax =
             matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
         let scale = if needs_own_amax {
@@ -244,9 +230,8 @@ impl Fp8Operand {
         } else {
             st.scale
         };
-        let (amax, overflow, underflow) =
-            cast_counting_on(be, fmt, src, scale, &mut self.data[..src.len()]);
-        self.scale = scale;
+        let r = be.cast_fp8_tensor(src, scale, &mut self.t);
+        let (amax, overflow, underflow) = (r.amax, r.counts.saturated, r.counts.flushed);
         if record {
             if let ScalingRecipe::Delayed { .. } = st.recipe {
                 st.record_amax(amax);
@@ -257,14 +242,6 @@ impl Fp8Operand {
             s.total_overflow += overflow;
             s.total_underflow += underflow;
             s.casts += 1;
-        }
-    }
-
-    fn mat(&self, len: usize) -> MatRef<'_> {
-        MatRef::Fp8 {
-            data: &self.data[..len],
-            format: self.state.format,
-            scale: self.scale,
         }
     }
 }
@@ -304,8 +281,10 @@ struct Bf16Tiles {
 }
 
 thread_local! {
-    /// The E5M2 output gradient of the linear whose backward runs on this thread.
-    static DY_E5M2: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The E5M2 output gradient (bytes, scale, amax) of the linear whose backward runs
+    /// on this thread.
+    static DY_E5M2: std::cell::RefCell<Tensor> =
+        std::cell::RefCell::new(Tensor::zeros(DType::E5M2, &[0]));
     static BF16_TILES: std::cell::RefCell<Bf16Tiles> = std::cell::RefCell::new(Bf16Tiles::default());
 }
 
@@ -448,8 +427,8 @@ impl Linear {
     pub fn memory(&self) -> LinearMemory {
         let mut m = LinearMemory::default();
         if let Some(f) = &self.fp8 {
-            m.fp8_weight = f.w.data.len();
-            m.fp8_activations = f.x.data.len() + f.dy.data.len();
+            m.fp8_weight = f.w.t.size_bytes();
+            m.fp8_activations = f.x.t.size_bytes() + f.dy.t.size_bytes();
             m.fp8_wgrad = f.wgrad.data.len();
         }
         if let Some(b) = &self.bf16 {
@@ -648,12 +627,15 @@ impl Linear {
                 // per-thread buffer shared by every layer, lent to the operand here.
                 DY_E5M2.with(|b| {
                     let mut b = b.borrow_mut();
-                    grow(&mut b, n * oc);
-                    std::mem::swap(&mut *b, &mut f.dy.data);
+                    b.ensure_len(n * oc);
+                    std::mem::swap(&mut *b, &mut f.dy.t);
                     f.dy.quantize(&*self.be, dout, true);
                     self.gemm_fp8(s_dinp, f.dy.operand(n * oc), f.w.operand(oc * c), dinp);
                     self.gemm_fp8(s_dw, f.dy.operand(n * oc), f.x.operand(n * c), dw);
-                    std::mem::swap(&mut *b, &mut f.dy.data);
+                    std::mem::swap(&mut *b, &mut f.dy.t);
+                    // The bytes go back to the pool; the scaling of this cast stays
+                    // with the operand (metrics and tests read the last cast's scales).
+                    std::mem::swap(b.scaling_mut(), f.dy.t.scaling_mut());
                 });
                 self.fp8 = Some(f);
             }
