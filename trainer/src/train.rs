@@ -15,6 +15,7 @@ use anyhow::{bail, Result};
 use fp8lm_fp8::{ScaleState, ScalingRecipe};
 use fp8lm_kernels::Backend;
 use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one step did.
@@ -157,8 +158,16 @@ impl Trainer {
     /// FP8-LM optimizer for `precision = "fp8-o2"` (which also rounds the initial weights
     /// to its FP16 master, so the model computes with what the optimizer holds). `vocab` is the
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
-    /// key at fault.
+    /// key at fault. The model runs on the backend `cfg.backend` names.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
+        let be = fp8lm_kernels::BackendKind::parse(&cfg.backend)
+            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
+            .instance();
+        Self::new_on(cfg, vocab, be)
+    }
+
+    /// [`Trainer::new`] on backend `be` (any [`Backend`]; `cfg.backend` is ignored).
+    pub fn new_on(cfg: &RunConfig, vocab: usize, be: Arc<dyn Backend>) -> Result<Trainer> {
         let dims = Dims::from_config(cfg, vocab)?;
         let precision = linear_precision(cfg)?;
         let o = &cfg.optim;
@@ -183,9 +192,6 @@ impl Trainer {
             weight_decay: o.weight_decay,
         };
         let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
-        let be = fp8lm_kernels::BackendKind::parse(&cfg.backend)
-            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
-            .instance();
         let (model, optimizer): (Model, Box<dyn Optimizer>) = match cfg.precision {
             // fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest;
             // the linears compute with the E4M3 copy the optimizer writes (no f32 weights).

@@ -24,16 +24,22 @@
 //!   loss difference was 2.3e-3 (lr 1e-2: LLaMA's loss jumps around at that rate) and
 //!   5.1e-4 at lr 3e-3; the weights' relative L2, 1.8e-2 and 1.9e-3. Hence
 //!   `TOL_LOWP_LOSS` = 2e-3 and `TOL_LOWP_WEIGHTS` = 1e-2 at lr 3e-3 (4-5x the measured
-//!   worst). A real bug is far outside: a wrong scale is a power of two (a factor >= 2
-//!   on a GEMM output, an O(1) change of the loss), a transposed operand scrambles the
-//!   products. What this bound cannot see: an operand computed in the wrong precision
+//!   worst). A real bug is far outside: `a_transposed_operand_or_a_wrong_scale_breaks_
+//!   the_tolerance` trains on `Reference` with one bug injected (B read transposed in
+//!   every GEMM; FP8 casts with twice the scale they report) and sees the loss move by
+//!   5.8e-2 and 7.3e-2 (29x and 37x the bound; it asserts > 10x). What this bound cannot
+//!   see: an operand computed in the wrong precision
 //!   (fp8-o1 vs fp32 on one backend moves these losses by only ~7e-4); that is what
 //!   `gemm_bytes.rs` (operand bytes by format) and the kernel-level tests
 //!   (`kernels/tests/backends.rs`: each op against Reference with bounds derived op by
 //!   op, and a transposed operand and a wrong scale shown to break them) check.
 
+use fp8lm_fp8::Fp8Format;
+use fp8lm_kernels::{Backend, Fp8CastResult, GemmOps, GemmShape, LayerOps, MatRef, Reference};
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
+use half::{bf16, f16};
+use std::sync::Arc;
 
 const STEPS: usize = 8;
 const LAYERS: usize = 2;
@@ -93,6 +99,14 @@ struct Run {
 }
 
 fn train(backend: &str, arch: Arch, precision: Precision) -> Run {
+    let be = fp8lm_kernels::BackendKind::parse(backend)
+        .unwrap()
+        .instance();
+    train_on(be, arch, precision)
+}
+
+fn train_on(be: Arc<dyn Backend>, arch: Arch, precision: Precision) -> Run {
+    let backend = be.name();
     let mut cfg = RunConfig {
         precision,
         batch: 4,
@@ -105,7 +119,7 @@ fn train(backend: &str, arch: Arch, precision: Precision) -> Run {
     cfg.model.context = 16;
     cfg.optim.lr = 3e-3;
     let mut data = Rows { next: 0, vocab: 64 };
-    let mut tr = Trainer::new(&cfg, 64).unwrap();
+    let mut tr = Trainer::new_on(&cfg, 64, be).unwrap();
     assert_eq!(tr.model().backend().name(), backend);
     let mut run = Run {
         losses: vec![],
@@ -192,6 +206,228 @@ fn bf16_and_fp8_train_the_same_on_both_backends() {
                 "{arch:?} {p:?}: weights differ by {w:e} > {TOL_LOWP_WEIGHTS:e}"
             );
         }
+    }
+}
+
+/// A backend with one deliberate bug, otherwise [`Reference`].
+#[derive(Debug)]
+struct Buggy(Reference, Bug);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bug {
+    /// The GEMM reads B as if stored the other way round (lengths still match).
+    TransposedB,
+    /// FP8 casts store `x * 2 * scale` but report `scale` (a scale off by one binade).
+    WrongScale,
+}
+
+impl GemmOps for Buggy {
+    fn gemm(&self, s: GemmShape, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], acc: bool) {
+        let s = if self.1 == Bug::TransposedB {
+            GemmShape {
+                trans_b: !s.trans_b,
+                ..s
+            }
+        } else {
+            s
+        };
+        self.0.gemm(s, a, b, c, acc)
+    }
+}
+
+impl LayerOps for Buggy {
+    fn encoder_forward(
+        &self,
+        out: &mut [f32],
+        tokens: &[u32],
+        wte: &[f32],
+        wpe: Option<&[f32]>,
+        t: usize,
+        c: usize,
+    ) {
+        self.0.encoder_forward(out, tokens, wte, wpe, t, c)
+    }
+    fn encoder_backward(
+        &self,
+        dwte: &mut [f32],
+        dwpe: Option<&mut [f32]>,
+        dout: &[f32],
+        tokens: &[u32],
+        t: usize,
+        c: usize,
+    ) {
+        self.0.encoder_backward(dwte, dwpe, dout, tokens, t, c)
+    }
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        b: &[f32],
+    ) {
+        self.0.layernorm_forward(out, mean, rstd, inp, w, b)
+    }
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+    ) {
+        self.0
+            .layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd)
+    }
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32]) {
+        self.0.rmsnorm_forward(out, rstd, inp, w)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+    ) {
+        self.0.rmsnorm_backward(dinp, dw, dout, inp, w, rstd)
+    }
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        self.0.gelu_forward(out, inp)
+    }
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        self.0.gelu_backward(dinp, inp, dout)
+    }
+    fn swiglu_forward(&self, out: &mut [f32], inp: &[f32], f: usize) {
+        self.0.swiglu_forward(out, inp, f)
+    }
+    fn swiglu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], f: usize) {
+        self.0.swiglu_backward(dinp, inp, dout, f)
+    }
+    fn bias_forward(&self, out: &mut [f32], bias: &[f32]) {
+        self.0.bias_forward(out, bias)
+    }
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
+        self.0.bias_backward(dbias, dout)
+    }
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        self.0.residual_forward(out, a, b)
+    }
+    fn add_inplace(&self, dst: &mut [f32], src: &[f32]) {
+        self.0.add_inplace(dst, src)
+    }
+    fn rope_forward(&self, qkv: &mut [f32], table: &[f32], t: usize, c: usize, nh: usize) {
+        self.0.rope_forward(qkv, table, t, c, nh)
+    }
+    fn rope_backward(&self, dqkv: &mut [f32], table: &[f32], t: usize, c: usize, nh: usize) {
+        self.0.rope_backward(dqkv, table, t, c, nh)
+    }
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        att: &mut [f32],
+        qkv: &[f32],
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) {
+        self.0.attention_forward(out, att, qkv, t, c, nh)
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        att: &[f32],
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) {
+        self.0.attention_backward(dqkv, dout, qkv, att, t, c, nh)
+    }
+    fn softmax_xent_forward(
+        &self,
+        logits_to_probs: &mut [f32],
+        losses: &mut [f32],
+        targets: &[u32],
+    ) {
+        self.0
+            .softmax_xent_forward(logits_to_probs, losses, targets)
+    }
+    fn softmax_xent_backward(&self, probs_to_dlogits: &mut [f32], targets: &[u32], dloss: f32) {
+        self.0
+            .softmax_xent_backward(probs_to_dlogits, targets, dloss)
+    }
+}
+
+impl Backend for Buggy {
+    fn name(&self) -> &'static str {
+        "buggy"
+    }
+    fn amax_f32(&self, src: &[f32]) -> f32 {
+        self.0.amax_f32(src)
+    }
+    fn cast_fp8(
+        &self,
+        format: Fp8Format,
+        src: &[f32],
+        scale: f32,
+        dst: &mut [u8],
+    ) -> Fp8CastResult {
+        let k = if self.1 == Bug::WrongScale { 2.0 } else { 1.0 };
+        self.0.cast_fp8(format, src, scale * k, dst)
+    }
+    fn cast_bf16(&self, src: &[f32], dst: &mut [bf16]) {
+        self.0.cast_bf16(src, dst)
+    }
+    fn add_decoded_fp8(&self, dst: &mut [f32], src: &[u8], format: Fp8Format, scale: f32) {
+        self.0.add_decoded_fp8(dst, src, format, scale)
+    }
+    fn encoder_forward_f16(
+        &self,
+        out: &mut [f32],
+        tokens: &[u32],
+        wte: &[f16],
+        scale: f32,
+        wpe: Option<&[f32]>,
+        t: usize,
+        c: usize,
+    ) {
+        self.0
+            .encoder_forward_f16(out, tokens, wte, scale, wpe, t, c)
+    }
+    fn sum_squares_f32(&self, src: &[f32]) -> f64 {
+        self.0.sum_squares_f32(src)
+    }
+    fn sum_squares_fp8(&self, src: &[u8], format: Fp8Format) -> f64 {
+        self.0.sum_squares_fp8(src, format)
+    }
+}
+
+/// The low-precision tolerance sees a real bug: a transposed GEMM operand, and an FP8
+/// scale off by one binade, each break `TOL_LOWP_LOSS` by far.
+#[test]
+fn a_transposed_operand_or_a_wrong_scale_breaks_the_tolerance() {
+    let cpu = train("cpu", Arch::Gpt2, Precision::Fp8O1);
+    for bug in [Bug::TransposedB, Bug::WrongScale] {
+        let bad = train_on(
+            Arc::new(Buggy(Reference, bug)),
+            Arch::Gpt2,
+            Precision::Fp8O1,
+        );
+        let d = (0..STEPS)
+            .map(|i| rel(bad.losses[i], cpu.losses[i]))
+            .fold(0f64, f64::max);
+        eprintln!("report {bug:?}: max rel loss diff {d:.2e}");
+        assert!(
+            !d.is_finite() || d > 10.0 * TOL_LOWP_LOSS,
+            "{bug:?} moved the loss by only {d:e}"
+        );
     }
 }
 
