@@ -244,5 +244,8 @@ impl BackendKind {
 /// The default backend ([`BackendKind::Cpu`]): what every constructor that takes no
 /// backend uses.
 pub fn default_backend() -> Arc<dyn Backend> {
-    BackendKind::default().instance()
+    static DEFAULT: std::sync::OnceLock<Arc<dyn Backend>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| BackendKind::default().instance())
+        .clone()
 }
