@@ -58,10 +58,7 @@ impl Dims {
         if m.arch == Arch::Llama && !hs.is_multiple_of(2) {
             bail!("model.arch = \"llama\" needs an even head size for rotary embeddings; channels/heads = {hs}");
         }
-        let f = match m.arch {
-            Arch::Gpt2 => 4 * m.channels,
-            Arch::Llama => (8 * m.channels / 3).div_ceil(16) * 16,
-        };
+        let f = Self::ffn_width(m.arch, m.channels);
         Ok(Dims {
             arch: m.arch,
             l: m.layers,
@@ -72,6 +69,14 @@ impl Dims {
             b: cfg.batch,
             f,
         })
+    }
+
+    /// MLP hidden width F for width `c`: 4C (GPT-2) or 8C/3 rounded up to 16 (LLaMA).
+    pub fn ffn_width(arch: Arch, c: usize) -> usize {
+        match arch {
+            Arch::Gpt2 => 4 * c,
+            Arch::Llama => (8 * c / 3).div_ceil(16) * 16,
+        }
     }
 
     /// Output width of the first MLP linear: 4C (GPT-2) or 2F (gate and up, LLaMA).
