@@ -63,7 +63,12 @@ pub fn lr_at(o: &OptimConfig, step: u64, max_steps: usize) -> f32 {
 /// Global L2 norm over all gradient tensors (FP8 ones decoded), accumulated in f64 in a
 /// fixed order.
 pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
-    let sq: f64 = grads
+    grad_sum_squares(grads).sqrt() as f32
+}
+
+/// `sum g^2` over all gradient tensors in f64 ([`global_grad_norm`] before its root).
+pub fn grad_sum_squares(grads: &[Grad<'_>]) -> f64 {
+    grads
         .iter()
         .map(|g| match g {
             Grad::F32(s) => s
@@ -116,8 +121,7 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
                 s * inv * inv
             }
         })
-        .sum();
-    sq.sqrt() as f32
+        .sum()
 }
 
 /// `sum x^2` in f64 over 16 interleaved partial sums (fixed order, so deterministic): a
@@ -147,7 +151,10 @@ fn sum_squares_f64(c: &[f32]) -> f64 {
 
 /// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
 /// of it (fp8-o2's tied embedding / LM head).
-fn wte_master<'a>(model: &Model, opt: &'a dyn Optimizer) -> Option<(&'a [half::f16], f32)> {
+pub(crate) fn wte_master<'a>(
+    model: &Model,
+    opt: &'a dyn Optimizer,
+) -> Option<(&'a [half::f16], f32)> {
     let wte = model.layout.wte;
     if model.param_is_f32(wte) {
         None
@@ -222,6 +229,22 @@ impl Trainer {
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
     /// key at fault.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
+        if cfg.dist.tensor_parallel > 1 {
+            bail!(
+                "dist.tensor_parallel = {}: build each rank's trainer with \
+                 Trainer::new_tp (crate::tensor_parallel::step)",
+                cfg.dist.tensor_parallel
+            );
+        }
+        Self::with_shard(cfg, vocab, None)
+    }
+
+    /// [`Trainer::new`] for the whole model (`None`) or tensor-parallel rank `shard`.
+    pub(crate) fn with_shard(
+        cfg: &RunConfig,
+        vocab: usize,
+        shard: Option<crate::tensor_parallel::TpShard>,
+    ) -> Result<Trainer> {
         let dims = Dims::from_config(cfg, vocab)?;
         let precision = linear_precision(cfg)?;
         let o = &cfg.optim;
@@ -252,13 +275,16 @@ impl Trainer {
             // The block recipe casts its weights tile by tile in the forward, so it keeps
             // f32 compute weights and takes the fp8-o3 path below (one rank = fp8-o2).
             Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
-                let layout = crate::model::Layout::new(&dims);
+                let layout = Model::layout_of(&dims, shard);
                 let mut opt = Fp8Adam::empty(cfg8);
-                let mut model =
-                    Model::new_fp8_compute(dims, precision, cfg.seed, &mut |i, values, low| {
-                        opt.push_tensor(&layout.metas[i], values, low)
-                    })
-                    .map_err(anyhow::Error::msg)?;
+                let mut model = Model::new_fp8_compute_tp(
+                    dims,
+                    precision,
+                    cfg.seed,
+                    shard,
+                    &mut |i, values, low| opt.push_tensor(&layout.metas[i], values, low),
+                )
+                .map_err(anyhow::Error::msg)?;
                 model
                     .write_compute_weights(&opt)
                     .map_err(anyhow::Error::msg)?;
@@ -268,7 +294,7 @@ impl Trainer {
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
             Precision::Fp8O2 | Precision::Fp8O3 => {
-                let mut model = Model::new(dims, precision, cfg.seed);
+                let mut model = Model::new_tp(dims, precision, cfg.seed, shard);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
                 let (mut params, _) = model.params_and_grads();
@@ -277,7 +303,7 @@ impl Trainer {
                 (model, Box::new(opt))
             }
             _ => {
-                let model = Model::new(dims, precision, cfg.seed);
+                let model = Model::new_tp(dims, precision, cfg.seed, shard);
                 let opt = AdamW::new(&model.layout.metas, hyper);
                 (model, Box::new(opt))
             }

@@ -13,6 +13,8 @@
 use super::linear::{Linear, LinearPrecision};
 use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
+use crate::tensor_parallel::shard::{self as tp, TpShard};
+use fp8lm_collectives::Communicator;
 use fp8lm_kernels::layers::attention::rope_table;
 use fp8lm_kernels::{Cpu, LayerOps};
 use fp8lm_optim::{Fp8Written, Grad, Optimizer, ParamOut};
@@ -62,7 +64,9 @@ impl Acts {
     /// fch_act) for the backward, as the fp32 dW GEMMs read them. The bf16 and FP8
     /// linears keep their own low-precision copy of the input, so those four are one
     /// slot shared by all layers (per-layer stride 0, see [`in_stride`]).
-    fn new(d: &Dims, keep_linear_inputs: bool) -> Acts {
+    /// `ca`: the attention's width (`C`, or `C / T` on a tensor-parallel rank, whose
+    /// `d` are its local dims).
+    fn new(d: &Dims, ca: usize, keep_linear_inputs: bool) -> Acts {
         let (bt, c, l) = (d.b * d.t, d.c, d.l);
         let z = |n: usize| vec![0f32; n];
         let li = if keep_linear_inputs { l } else { 1 };
@@ -72,8 +76,8 @@ impl Acts {
             ln1: z(li * bt * c),
             ln1_mean: z(l * bt),
             ln1_rstd: z(l * bt),
-            qkv: z(l * bt * 3 * c),
-            atty: z(li * bt * c),
+            qkv: z(l * bt * 3 * ca),
+            atty: z(li * bt * ca),
             att: z(l * d.b * d.h * d.t * d.t),
             attproj: z(bt * c),
             residual2: z(l * bt * c),
@@ -91,8 +95,8 @@ impl Acts {
             losses: z(bt),
             dresidual: z(bt * c),
             dln: z(bt * c),
-            datty: z(bt * c),
-            dqkv: z(bt * 3 * c),
+            datty: z(bt * ca),
+            dqkv: z(bt * 3 * ca),
             dfch: z(bt * d.fc_out()),
             dfch_act: z(bt * d.f),
         }
@@ -246,6 +250,20 @@ fn encoder_forward_f16(
     });
 }
 
+/// The tensor-parallel group a forward or backward uses: `comm` on a rank of a group,
+/// none for the whole model (a missing group is a caller's bug: panics, naming it).
+fn tp_comm(tp: Option<TpShard>, comm: Option<&dyn Communicator>) -> Option<&dyn Communicator> {
+    match (tp, comm) {
+        (None, _) => None,
+        (Some(_), Some(c)) => Some(c),
+        (Some(s), None) => panic!(
+            "tensor-parallel rank {} of {}: forward/backward need its group's \
+             communicator (forward_tp / backward_tp)",
+            s.rank, s.size
+        ),
+    }
+}
+
 /// [`Model::new_fp8_compute`]'s callback: (tensor index, its initial values, whether it
 /// is an FP8 linear's weight).
 pub type TensorInit<'a> = dyn FnMut(usize, &mut [f32], bool) -> Result<(), String> + 'a;
@@ -332,6 +350,11 @@ pub struct Model {
     targets: Vec<u32>,
     /// (b, t) of the last forward with targets (what `backward` differentiates).
     last_bt: Option<(usize, usize)>,
+    /// Tensor parallelism: this rank's place in its group (`None`: the whole model).
+    pub tp: Option<TpShard>,
+    /// The sizes this rank computes with: `dims`, or its tensor-parallel share of heads,
+    /// MLP width and vocabulary ([`TpShard::local_dims`]).
+    pub local: Dims,
 }
 
 impl Model {
@@ -339,7 +362,36 @@ impl Model {
     pub fn new(dims: Dims, precision: LinearPrecision, seed: u64) -> Model {
         let layout = Layout::new(&dims);
         let params = layout.init(&dims, seed);
-        Self::assemble(dims, layout, params, precision, false)
+        Self::assemble(dims, layout, params, precision, false, None)
+    }
+
+    /// [`Model::new`] on tensor-parallel rank `tp` (or the whole model for `None`): each
+    /// tensor is this rank's slice of the whole model's initial values from `seed`.
+    pub fn new_tp(dims: Dims, precision: LinearPrecision, seed: u64, tp: Option<TpShard>) -> Model {
+        let Some(s) = tp else {
+            return Self::new(dims, precision, seed);
+        };
+        let full = Layout::new(&dims);
+        let all = full.init(&dims, seed);
+        let layout = Self::layout_of(&dims, tp);
+        let mut params = Vec::with_capacity(layout.total);
+        for i in 0..full.metas.len() {
+            params.extend(s.shard(&dims, &full, i, &all[full.range(i)]));
+        }
+        Self::assemble(dims, layout, params, precision, false, tp)
+    }
+
+    /// The layout of the tensors a rank holds (the whole model's for `None`).
+    pub fn layout_of(dims: &Dims, tp: Option<TpShard>) -> Layout {
+        match tp {
+            None => Layout::new(dims),
+            Some(s) => Layout::with_attn_width(&s.local_dims(dims), s.attn_width(dims)),
+        }
+    }
+
+    /// Width of this rank's attention: heads held x head size (`C` without TP).
+    fn attn_width(&self) -> usize {
+        self.dims.c / self.dims.h * self.local.h
     }
 
     /// fp8-o2's model: the FP8 linears' weights get no f32 storage. Every tensor is
@@ -353,6 +405,18 @@ impl Model {
         dims: Dims,
         precision: LinearPrecision,
         seed: u64,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<Model, String> {
+        Self::new_fp8_compute_tp(dims, precision, seed, None, on_tensor)
+    }
+
+    /// [`Model::new_fp8_compute`] on tensor-parallel rank `tp` ([`Model::new_tp`]'s
+    /// shards: each whole tensor is drawn in turn, and this rank's slice kept).
+    pub fn new_fp8_compute_tp(
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        tp: Option<TpShard>,
         on_tensor: &mut TensorInit<'_>,
     ) -> Result<Model, String> {
         match precision {
@@ -369,9 +433,10 @@ impl Model {
             LinearPrecision::Fp8 { .. } => {}
             _ => return Err("new_fp8_compute needs FP8 linears".into()),
         }
-        let layout = Layout::new(&dims);
+        let layout = Self::layout_of(&dims, tp);
         let params = vec![0f32; layout.total];
-        let mut m = Self::assemble(dims, layout, params, precision, true);
+        let mut m = Self::assemble(dims, layout, params, precision, true, tp);
+        let full = Layout::new(&dims);
         let mut rng = crate::rng::Rng::new(seed);
         let mut scratch = std::mem::take(&mut m.wgrad_f32);
         for i in 0..m.layout.metas.len() {
@@ -382,7 +447,14 @@ impl Model {
             } else {
                 &mut m.params[r]
             };
-            m.layout.init_tensor(&dims, i, dst, &mut rng);
+            match tp {
+                None => m.layout.init_tensor(&dims, i, dst, &mut rng),
+                Some(s) => {
+                    let mut whole = vec![0f32; full.metas[i].numel()];
+                    full.init_tensor(&dims, i, &mut whole, &mut rng);
+                    dst.copy_from_slice(&s.shard(&dims, &full, i, &whole));
+                }
+            }
             on_tensor(i, dst, linear)?;
         }
         m.wgrad_f32 = scratch;
@@ -395,16 +467,19 @@ impl Model {
         params: Vec<f32>,
         precision: LinearPrecision,
         weights_from_optimizer: bool,
+        tp: Option<TpShard>,
     ) -> Model {
         let rows = dims.b * dims.t;
         let mut linears = Vec::new();
         let mut linear_of_tensor = vec![None; layout.metas.len()];
-        let (c, f) = (dims.c, dims.f);
+        let ld = tp.map_or(dims, |s| s.local_dims(&dims));
+        let ca = tp.map_or(dims.c, |s| s.attn_width(&dims));
+        let (c, f) = (dims.c, ld.f);
         for (l, bp) in layout.blocks.iter().enumerate() {
             for (name, w, cin, oc) in [
-                ("attn.qkv", bp.qkvw, c, 3 * c),
-                ("attn.proj", bp.projw, c, c),
-                ("mlp.fc", bp.fcw, c, dims.fc_out()),
+                ("attn.qkv", bp.qkvw, c, 3 * ca),
+                ("attn.proj", bp.projw, ca, c),
+                ("mlp.fc", bp.fcw, c, ld.fc_out()),
                 ("mlp.proj", bp.fprojw, f, c),
             ] {
                 linear_of_tensor[w] = Some(linears.len());
@@ -418,7 +493,7 @@ impl Model {
             }
         }
         linear_of_tensor[layout.head] = Some(linears.len());
-        linears.push(Linear::new("lm_head".into(), c, dims.v, rows, precision));
+        linears.push(Linear::new("lm_head".into(), c, ld.v, rows, precision));
         let fp8 = matches!(precision, LinearPrecision::Fp8 { .. });
         for lin in &mut linears {
             lin.weight_from_optimizer = weights_from_optimizer;
@@ -428,13 +503,13 @@ impl Model {
             .map(|l| l.c * l.oc)
             .max()
             .unwrap_or(0);
-        let wgrad_len = if fp8 { dims.v * c + block_max } else { 0 };
+        let wgrad_len = if fp8 { ld.v * c + block_max } else { 0 };
         Model {
             grads: vec![0f32; layout.total],
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
             accumulate: false,
-            acts: Acts::new(&dims, precision == LinearPrecision::Fp32),
+            acts: Acts::new(&ld, ca, precision == LinearPrecision::Fp32),
             rope: if dims.arch == Arch::Llama {
                 rope_table(dims.t, dims.c / dims.h, ROPE_THETA)
             } else {
@@ -443,6 +518,8 @@ impl Model {
             inputs: vec![0; rows],
             targets: vec![0; rows],
             last_bt: None,
+            tp,
+            local: ld,
             dims,
             layout,
             params,
@@ -529,7 +606,7 @@ impl Model {
     /// Logits of the last forward for row `row` (before softmax only when the forward
     /// had no targets).
     pub fn logits_row(&self, row: usize) -> &[f32] {
-        &self.acts.logits[row * self.dims.v..(row + 1) * self.dims.v]
+        &self.acts.logits[row * self.local.v..(row + 1) * self.local.v]
     }
 
     /// Forward over `inputs[b*t]` (token ids already checked `< V`). With targets, returns
@@ -558,7 +635,29 @@ impl Model {
         record: bool,
         wte_f16: Option<(&[half::f16], f32)>,
     ) -> Option<f32> {
-        let d = self.dims;
+        self.forward_tp(inputs, targets, b, t, record, wte_f16, None)
+            .expect("no collectives without tensor parallelism")
+    }
+
+    /// [`Model::forward_ext`] on a tensor-parallel rank: `comm` is its tensor-parallel
+    /// group (required when [`Model::tp`] is set; its collectives' errors are returned).
+    /// With targets, the vocabulary-parallel cross-entropy also leaves the gradient of
+    /// the logits for the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_tp(
+        &mut self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+        record: bool,
+        wte_f16: Option<(&[half::f16], f32)>,
+        comm: Option<&dyn Communicator>,
+    ) -> fp8lm_collectives::Result<Option<f32>> {
+        let comm = tp_comm(self.tp, comm);
+        let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
+        let ca = self.attn_width();
+        let d = self.local;
         assert!(
             b <= d.b && t <= d.t && inputs.len() == b * t,
             "forward: b={b} t={t} exceeds B={} T={}",
@@ -580,6 +679,17 @@ impl Model {
         } = self;
         let p = |i: usize| &params[lay.range(i)];
         match (wte_stored, wte_f16) {
+            _ if tp_vocab.is_some() => tp::embed_forward_model(
+                comm.expect("tp_comm"),
+                &mut a.encoded[..n * c],
+                inputs,
+                tp_vocab.clone().expect("checked"),
+                wte_stored.then(|| p(lay.wte)),
+                wte_f16,
+                lay.wpe.map(p),
+                t,
+                c,
+            )?,
             (true, _) => Cpu.encoder_forward(
                 &mut a.encoded[..n * c],
                 inputs,
@@ -612,6 +722,7 @@ impl Model {
                 at(done, l - 1, bt * c, n * c)
             };
             let (s_c, s_f) = (in_stride(keep, bt * c), in_stride(keep, bt * f));
+            let s_a = in_stride(keep, bt * ca);
             let ln1 = at_mut(&mut a.ln1, l, s_c, n * c);
             let (ln1_mean, ln1_rstd) = (
                 at_mut(&mut a.ln1_mean, l, bt, n),
@@ -626,16 +737,18 @@ impl Model {
                 p(bp.n1w),
                 bp.n1b.map(p),
             );
-            let qkv = at_mut(&mut a.qkv, l, bt * 3 * c, n * 3 * c);
+            let qkv = at_mut(&mut a.qkv, l, bt * 3 * ca, n * 3 * ca);
             lin[0].forward(qkv, ln1, p(bp.qkvw), bp.qkvb.map(p), n, record);
             if d.arch == Arch::Llama {
-                Cpu.rope_forward(qkv, rope, t, c, d.h);
+                Cpu.rope_forward(qkv, rope, t, ca, d.h);
             }
-            let atty = at_mut(&mut a.atty, l, s_c, n * c);
+            let atty = at_mut(&mut a.atty, l, s_a, n * ca);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
-            Cpu.attention_forward(atty, att, qkv, t, c, d.h);
+            Cpu.attention_forward(atty, att, qkv, t, ca, d.h);
             let attproj = &mut a.attproj[..n * c];
-            lin[1].forward(attproj, atty, p(bp.projw), bp.projb.map(p), n, record);
+            let bias = tp::bias_in_gemm(comm, bp.projb.map(p));
+            lin[1].forward(attproj, atty, p(bp.projw), bias, n, record);
+            tp::row_output(comm, attproj, bp.projb.map(p))?;
             let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
             Cpu.residual_forward(residual2, residual, attproj);
             let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
@@ -660,7 +773,9 @@ impl Model {
                 Arch::Llama => Cpu.swiglu_forward(fch_act, fch, f),
             }
             let fcproj = &mut a.fcproj[..n * c];
-            lin[3].forward(fcproj, fch_act, p(bp.fprojw), bp.fprojb.map(p), n, record);
+            let bias = tp::bias_in_gemm(comm, bp.fprojb.map(p));
+            lin[3].forward(fcproj, fch_act, p(bp.fprojw), bias, n, record);
+            tp::row_output(comm, fcproj, bp.fprojb.map(p))?;
             Cpu.residual_forward(&mut cur[..n * c], residual2, fcproj);
         }
         let last = at(&a.residual3, l_n - 1, bt * c, n * c);
@@ -680,14 +795,26 @@ impl Model {
         );
         let logits = &mut a.logits[..n * d.v];
         linears[4 * l_n].forward(logits, lnf, p(lay.head), None, n, record);
-        let targets = targets?;
+        let Some(targets) = targets else {
+            return Ok(None);
+        };
         assert_eq!(targets.len(), n);
-        Cpu.softmax_xent_forward(logits, &mut a.losses[..n], targets);
+        match (comm, tp_vocab) {
+            (Some(comm), Some(v)) => crate::tensor_parallel::vocab_parallel_cross_entropy(
+                comm,
+                logits,
+                v,
+                targets,
+                &mut a.losses[..n],
+                1.0 / n as f32,
+            )?,
+            _ => Cpu.softmax_xent_forward(logits, &mut a.losses[..n], targets),
+        }
         self.inputs[..n].copy_from_slice(inputs);
         self.targets[..n].copy_from_slice(targets);
         self.last_bt = Some((b, t));
         let sum: f64 = a.losses[..n].iter().map(|&x| x as f64).sum();
-        Some((sum / n as f64) as f32)
+        Ok(Some((sum / n as f64) as f32))
     }
 
     /// Gradients of the mean loss of the last forward (with targets) into `grads`
@@ -744,11 +871,25 @@ impl Model {
     /// overlap of data-parallel training. The split is plain `split_at_mut`: the
     /// borrows handed out are disjoint by construction.
     pub fn backward_with<'a>(&'a mut self, on_final: &mut dyn FnMut(FinalGrads<'a>)) {
+        self.backward_tp(None, on_final)
+            .expect("no collectives without tensor parallelism")
+    }
+
+    /// [`Model::backward_with`] on a tensor-parallel rank (`comm`: its group, required
+    /// when [`Model::tp`] is set). The group's collectives run on the calling thread.
+    pub fn backward_tp<'a>(
+        &'a mut self,
+        comm: Option<&dyn Communicator>,
+        on_final: &mut dyn FnMut(FinalGrads<'a>),
+    ) -> fp8lm_collectives::Result<()> {
+        let comm = tp_comm(self.tp, comm);
+        let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
+        let ca = self.attn_width();
         let (b, t) = self
             .last_bt
             .take()
             .expect("backward without a forward with targets");
-        let d = self.dims;
+        let d = self.local;
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
@@ -809,7 +950,10 @@ impl Model {
 
         // loss and LM head: dlogits[n,V] in place of the probabilities
         let dlogits = &mut a.logits[..n * d.v];
-        Cpu.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
+        if comm.is_none() {
+            // (under TP the vocabulary-parallel cross-entropy left dlogits in the forward)
+            Cpu.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
+        }
         let dlnf = &mut a.dln[..n * c];
         let dhead = if fp8 {
             &mut head_scratch[..]
@@ -819,6 +963,7 @@ impl Model {
             &mut head_g[local(lay.head, head_base)]
         };
         head.backward(dlnf, dhead, None, dlogits, &a.lnf[..n * c], p(lay.head), n);
+        tp::input_grad(comm, dlnf)?;
         let dres = &mut a.dresidual[..n * c];
         dres.fill(0.0);
         let last = at(&a.residual3, l_n - 1, bt * c, n * c);
@@ -909,6 +1054,7 @@ impl Model {
                 let len = lin[2].c * lin[2].oc;
                 lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
+            tp::input_grad(comm, dln)?;
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
             let residual2 = at(&a.residual2, l, bt * c, n * c);
             norm_backward(
@@ -923,7 +1069,7 @@ impl Model {
                 at(&a.ln2_rstd, l, bt, n),
             );
             // attention: dres is now d(residual2) = d(attproj), and flows on to the input
-            let datty = &mut a.datty[..n * c];
+            let datty = &mut a.datty[..n * ca];
             let (dw, db) = two_mut(grads, rng(bp.projw), bp.projb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
             lin[1].backward(
@@ -931,7 +1077,7 @@ impl Model {
                 dw,
                 db,
                 dres,
-                at(&a.atty, l, in_stride(keep, bt * c), n * c),
+                at(&a.atty, l, in_stride(keep, bt * ca), n * ca),
                 p(bp.projw),
                 n,
             );
@@ -939,12 +1085,12 @@ impl Model {
                 let len = lin[1].c * lin[1].oc;
                 lin[1].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            let qkv = at(&a.qkv, l, bt * 3 * c, n * 3 * c);
+            let qkv = at(&a.qkv, l, bt * 3 * ca, n * 3 * ca);
             let att = at(&a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
-            let dqkv = &mut a.dqkv[..n * 3 * c];
-            Cpu.attention_backward(dqkv, datty, qkv, att, t, c, d.h);
+            let dqkv = &mut a.dqkv[..n * 3 * ca];
+            Cpu.attention_backward(dqkv, datty, qkv, att, t, ca, d.h);
             if d.arch == Arch::Llama {
-                Cpu.rope_backward(dqkv, rope, t, c, d.h);
+                Cpu.rope_backward(dqkv, rope, t, ca, d.h);
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
@@ -961,6 +1107,7 @@ impl Model {
                 let len = lin[0].c * lin[0].oc;
                 lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
+            tp::input_grad(comm, dln)?;
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
                 d.arch,
@@ -986,7 +1133,10 @@ impl Model {
         } else {
             dwte
         };
-        Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
+        match tp_vocab {
+            Some(v) => tp::embed_backward(dwte, dwpe, dres, inputs, v, t, c),
+            None => Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c),
+        }
         let linears: &mut [Linear] = match head {
             Some(head) => {
                 // the tied LM head's gradient is final only now (embedding lookup added)
@@ -1003,6 +1153,7 @@ impl Model {
             grads: emb_g,
             linears,
         });
+        Ok(())
     }
 
     /// Each tensor's gradient as the optimizer sees it: FP8 for linear weights in FP8

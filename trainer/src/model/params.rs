@@ -123,6 +123,12 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(d: &Dims) -> Layout {
+        Self::with_attn_width(d, d.c)
+    }
+
+    /// The layout of a model whose attention is `ca` wide (`C`, or a tensor-parallel
+    /// rank's `C / T` with `d` its local dims: `crate::tensor_parallel::TpShard`).
+    pub fn with_attn_width(d: &Dims, ca: usize) -> Layout {
         let mut lay = Layout {
             metas: vec![],
             offsets: vec![],
@@ -142,9 +148,9 @@ impl Layout {
             let n = |s: &str| format!("h.{l}.{s}");
             let n1w = lay.push(&n("ln1.w"), &[c]);
             let n1b = gpt.then(|| lay.push(&n("ln1.b"), &[c]));
-            let qkvw = lay.push(&n("attn.qkv.w"), &[3 * c, c]);
-            let qkvb = gpt.then(|| lay.push(&n("attn.qkv.b"), &[3 * c]));
-            let projw = lay.push(&n("attn.proj.w"), &[c, c]);
+            let qkvw = lay.push(&n("attn.qkv.w"), &[3 * ca, c]);
+            let qkvb = gpt.then(|| lay.push(&n("attn.qkv.b"), &[3 * ca]));
+            let projw = lay.push(&n("attn.proj.w"), &[c, ca]);
             let projb = gpt.then(|| lay.push(&n("attn.proj.b"), &[c]));
             let n2w = lay.push(&n("ln2.w"), &[c]);
             let n2b = gpt.then(|| lay.push(&n("ln2.b"), &[c]));

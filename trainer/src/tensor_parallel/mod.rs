@@ -23,9 +23,12 @@
 //! them into `Model` waits for the backend seam the model is being rebuilt on.
 
 pub mod layers;
+pub mod shard;
+pub mod step;
 pub mod vocab;
 
 pub use layers::{ColumnParallelLinear, RowParallelLinear, TpGemm};
+pub use shard::TpShard;
 pub use vocab::{vocab_parallel_cross_entropy, VocabParallelEmbedding};
 
 use std::ops::Range;

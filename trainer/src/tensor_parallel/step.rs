@@ -1,0 +1,143 @@
+//! The training step of one tensor-parallel rank ([`Trainer::new_tp`],
+//! [`Trainer::train_step_tp`]): the T ranks of a group each hold a [`TpShard`] of the
+//! model, read the same batch (their datasets are seeded alike), run the forward and
+//! backward with the group's collectives at the Megatron points, and update their own
+//! shards. The gradient norm (clipping, skip test) is the whole model's:
+//! [`super::shard::grad_norm`].
+
+use super::shard::{grad_norm, TpShard};
+use crate::data::Dataset;
+use crate::model::Dims;
+use crate::train::{clip_scale, grad_sum_squares, lr_at, wte_master, StepStats, Trainer};
+use crate::RunConfig;
+use anyhow::{bail, Result};
+use fp8lm_collectives::Communicator;
+use std::time::{Duration, Instant};
+
+impl Trainer {
+    /// Rank `rank` of a `cfg.dist.tensor_parallel`-way group: its shard of the model (the
+    /// slice of the whole model's initial values from `cfg.seed`) and an optimizer over
+    /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here (its
+    /// ZeRO partition is data parallelism's, not wired in with T > 1 yet).
+    pub fn new_tp(cfg: &RunConfig, vocab: usize, rank: usize) -> Result<Trainer> {
+        let t = cfg.dist.tensor_parallel;
+        if rank >= t {
+            bail!("tensor-parallel rank {rank} is outside dist.tensor_parallel = {t}");
+        }
+        if cfg.dist.sequence_parallel {
+            bail!(
+                "dist.sequence_parallel = true: the model does not run sequence-parallel \
+                 yet (the region operators exist in fp8lm_collectives::mappings); set it \
+                 to false"
+            );
+        }
+        let dims = Dims::from_config(cfg, vocab)?;
+        let shard = TpShard::new(&dims, rank, t).map_err(anyhow::Error::msg)?;
+        Self::with_shard(cfg, vocab, Some(shard))
+    }
+
+    /// This rank's shard, when the trainer is one rank of a tensor-parallel group.
+    pub fn tp_shard(&self) -> Option<TpShard> {
+        self.model.tp
+    }
+
+    /// Which tensors of the layout are split over the group (the others are replicated).
+    pub fn tp_sharded(&self) -> Vec<bool> {
+        let m = &self.model;
+        let full = crate::model::Layout::new(&m.dims);
+        (0..m.layout.metas.len())
+            .map(|i| m.tp.is_some_and(|s| s.is_sharded(&m.dims, &full, i)))
+            .collect()
+    }
+
+    /// One optimizer step on the next training batch, on a tensor-parallel rank whose
+    /// group is `comm` (every rank of the group calls it, with the same data order).
+    pub fn train_step_tp(
+        &mut self,
+        data: &mut dyn Dataset,
+        comm: &dyn Communicator,
+    ) -> Result<StepStats> {
+        if self.model.tp.is_none() {
+            bail!("train_step_tp: this trainer holds the whole model; call train_step");
+        }
+        if self.dist.is_some() {
+            bail!(
+                "train_step_tp: data parallelism with dist.tensor_parallel > 1 is not wired in yet"
+            );
+        }
+        let d = self.model.dims;
+        let k = self.cfg.grad_accum.max(1);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
+            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for micro in 0..k {
+            let ts = Instant::now();
+            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+            self.check_tokens("training batch")?;
+            self.model.set_accumulate(micro > 0);
+            self.model.take_gemm_time();
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
+            let r = self.model.forward_tp(
+                &self.inputs,
+                Some(&self.targets),
+                d.b,
+                d.t,
+                true,
+                wte,
+                Some(comm),
+            );
+            let loss = r?.expect("targets given");
+            let t1 = Instant::now();
+            let r = self.model.backward_tp(Some(comm), &mut |_| {});
+            self.model.set_accumulate(false);
+            r?;
+            let t2 = Instant::now();
+            loss_sum += loss as f64;
+            (fwd, bwd, gemm) = (
+                fwd + (t1 - ts),
+                bwd + (t2 - t1),
+                gemm + self.model.take_gemm_time(),
+            );
+        }
+        let loss = (loss_sum / k as f64) as f32;
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
+        let sharded = self.tp_sharded();
+        let (mut outs, grads) = self.model.outs_and_grads();
+        let inv = 1.0 / k as f32;
+        let grad_norm = grad_norm(comm, &grads, &sharded, grad_sum_squares)? * inv;
+        // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
+        // group skips or steps together.
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if !skipped {
+            let scale = clip_scale(grad_norm, clip) * inv;
+            self.optimizer.step_to(&mut outs, &grads, lr, scale);
+        }
+        let written = crate::model::gpt::written_of(&outs);
+        drop((outs, grads));
+        self.model.accept_written(&written);
+        if skipped {
+            self.skipped += 1;
+            self.model
+                .write_compute_weights(self.optimizer.as_ref())
+                .map_err(anyhow::Error::msg)?;
+        }
+        let t3 = Instant::now();
+        let stats = StepStats {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            skipped,
+            tokens: k * d.b * d.t,
+            forward: fwd,
+            backward: bwd,
+            optimizer: t3 - (t0 + fwd + bwd),
+            gemm,
+            comm: Duration::ZERO,
+            comm_exposed: Duration::ZERO,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+}
