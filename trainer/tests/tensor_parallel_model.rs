@@ -47,6 +47,10 @@ use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 const STEPS: usize = 20;
 
 fn cfg(arch: Arch, precision: Precision, tp: usize) -> RunConfig {
+    cfg_sp(arch, precision, tp, false)
+}
+
+fn cfg_sp(arch: Arch, precision: Precision, tp: usize, sp: bool) -> RunConfig {
     let mut c = RunConfig {
         batch: 4,
         max_steps: STEPS,
@@ -56,6 +60,7 @@ fn cfg(arch: Arch, precision: Precision, tp: usize) -> RunConfig {
     c.model.arch = arch;
     c.model.context = 32;
     c.dist.tensor_parallel = tp;
+    c.dist.sequence_parallel = sp;
     c
 }
 
@@ -71,7 +76,12 @@ fn losses_t1(arch: Arch, precision: Precision) -> Vec<f32> {
 /// Every rank's losses (all ranks must report the same, bit for bit: the loss is the
 /// cross-entropy's reduced value).
 fn losses_tp(arch: Arch, precision: Precision, tp: usize) -> Vec<f32> {
-    let c = cfg(arch, precision, tp);
+    losses_tp_sp(arch, precision, tp, false).0
+}
+
+/// The losses, and rank 0's activation-arena bytes.
+fn losses_tp_sp(arch: Arch, precision: Precision, tp: usize, sp: bool) -> (Vec<f32>, usize) {
+    let c = cfg_sp(arch, precision, tp, sp);
     let whole = Trainer::new(&cfg(arch, precision, 1), 256)
         .unwrap()
         .model()
@@ -96,13 +106,14 @@ fn losses_tp(arch: Arch, precision: Precision, tp: usize) -> Vec<f32> {
             "T = {tp}: shards do not tile the model"
         );
         assert!(split > 4 * rep, "T = {tp}: most parameters must be split");
-        (0..STEPS)
+        let losses = (0..STEPS)
             .map(|_| tr.train_step_tp(&mut data, comm).map(|s| s.loss))
-            .collect::<anyhow::Result<Vec<f32>>>()
+            .collect::<anyhow::Result<Vec<f32>>>()?;
+        anyhow::Ok((losses, tr.model().activation_bytes()))
     })
     .unwrap();
     for (r, l) in per_rank.iter().enumerate() {
-        assert_eq!(l, &per_rank[0], "rank {r} of {tp} reports other losses");
+        assert_eq!(l.0, per_rank[0].0, "rank {r} of {tp} reports other losses");
     }
     per_rank.into_iter().next().unwrap()
 }
@@ -149,6 +160,42 @@ fn low_precision_tensor_parallel_trains_like_one_rank() {
             Precision::Fp8O3,
         ] {
             check(arch, p, if p == Precision::Bf16 { 2e-4 } else { 2e-3 });
+        }
+    }
+}
+
+/// Sequence parallelism on equals off (same T): the norms and residual adds compute the
+/// same rows on shards, the FP8 all-gathers use the group amax (exactly the whole
+/// tensor's, so the same scale and bytes as the replicated cast), and the reductions are
+/// the same ring (a reduce-scatter is the all-reduce's first half). What differs is the
+/// order of the partial sums of the norms' and row-parallel biases' gradients (per shard,
+/// then all-reduced): f32 regrouping again, so the bounds are those of T vs 1 above.
+/// Per-rank activations: the residual stream and norm statistics shrink to 1/T; the
+/// attention and MLP activations are 1/T already under TP, the gathered linear inputs
+/// stay whole (a re-gather in the backward would trade them for communication).
+#[test]
+fn sequence_parallel_trains_like_tensor_parallel() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        for (p, bound) in [
+            (Precision::Fp32, 1e-5),
+            (Precision::Bf16, 2e-4),
+            (Precision::Fp8O1, 2e-3),
+            (Precision::Fp8O2, 2e-3),
+        ] {
+            for tp in [2, 4] {
+                let (off, act_off) = losses_tp_sp(arch, p, tp, false);
+                let (on, act_on) = losses_tp_sp(arch, p, tp, true);
+                let rel = max_rel(&on, &off);
+                println!(
+                    "{arch:?} {p:?} T = {tp}: SP on vs off {rel:.2e}; activation bytes \
+                     {act_on} vs {act_off}"
+                );
+                assert!(rel <= bound, "{arch:?} {p:?} T = {tp}: SP on vs off {rel:.2e} > {bound:.0e}\n{on:?}\n{off:?}");
+                assert!(
+                    act_on < act_off,
+                    "{arch:?} {p:?} T = {tp}: SP saves no activation memory"
+                );
+            }
         }
     }
 }

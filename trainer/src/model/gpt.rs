@@ -14,6 +14,7 @@ use super::linear::{Linear, LinearPrecision};
 use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
 use crate::tensor_parallel::shard::{self as tp, TpShard};
+use crate::tensor_parallel::sp;
 use fp8lm_collectives::Communicator;
 use fp8lm_kernels::layers::attention::rope_table;
 use fp8lm_kernels::{Cpu, LayerOps};
@@ -45,11 +46,16 @@ struct Acts {
     fch_act: Vec<f32>,   // [L,B,T,F]
     fcproj: Vec<f32>,    // [B,T,C] (one slot, as attproj)
     residual3: Vec<f32>, // [L,B,T,C]
-    lnf: Vec<f32>,       // [B,T,C]
-    lnf_mean: Vec<f32>,  // [B,T]
-    lnf_rstd: Vec<f32>,  // [B,T]
-    logits: Vec<f32>,    // [B,T,V] -> probs -> dlogits, in place
-    losses: Vec<f32>,    // [B,T]
+    // Sequence parallelism (empty without): a norm output shard, a row-parallel output
+    // shard; the residual stream above (encoded, residual2/3, norm statistics,
+    // dresidual) then holds B*T/T_p rows.
+    sp_a: Vec<f32>,     // [B*T/T_p, C]
+    sp_b: Vec<f32>,     // [B*T/T_p, C]
+    lnf: Vec<f32>,      // [B,T,C]
+    lnf_mean: Vec<f32>, // [B,T]
+    lnf_rstd: Vec<f32>, // [B,T]
+    logits: Vec<f32>,   // [B,T,V] -> probs -> dlogits, in place
+    losses: Vec<f32>,   // [B,T]
     // backward scratch
     dresidual: Vec<f32>, // [B,T,C]
     dln: Vec<f32>,       // [B,T,C]
@@ -66,34 +72,40 @@ impl Acts {
     /// slot shared by all layers (per-layer stride 0, see [`in_stride`]).
     /// `ca`: the attention's width (`C`, or `C / T` on a tensor-parallel rank, whose
     /// `d` are its local dims).
-    fn new(d: &Dims, ca: usize, keep_linear_inputs: bool) -> Acts {
+    /// `spt`: the sequence-parallel group size (1 without SP), whose rank keeps
+    /// `B*T / spt` rows of the residual stream.
+    fn new(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -> Acts {
         let (bt, c, l) = (d.b * d.t, d.c, d.l);
+        let bts = bt / spt;
+        let sp_len = if spt > 1 { bts * c } else { 0 };
         let z = |n: usize| vec![0f32; n];
         let li = if keep_linear_inputs { l } else { 1 };
         Acts {
             keep_linear_inputs,
-            encoded: z(bt * c),
+            encoded: z(bts * c),
             ln1: z(li * bt * c),
-            ln1_mean: z(l * bt),
-            ln1_rstd: z(l * bt),
+            ln1_mean: z(l * bts),
+            ln1_rstd: z(l * bts),
             qkv: z(l * bt * 3 * ca),
             atty: z(li * bt * ca),
             att: z(l * d.b * d.h * d.t * d.t),
             attproj: z(bt * c),
-            residual2: z(l * bt * c),
+            residual2: z(l * bts * c),
             ln2: z(li * bt * c),
-            ln2_mean: z(l * bt),
-            ln2_rstd: z(l * bt),
+            ln2_mean: z(l * bts),
+            ln2_rstd: z(l * bts),
             fch: z(l * bt * d.fc_out()),
             fch_act: z(li * bt * d.f),
             fcproj: z(bt * c),
-            residual3: z(l * bt * c),
+            residual3: z(l * bts * c),
+            sp_a: z(sp_len),
+            sp_b: z(sp_len),
             lnf: z(bt * c),
-            lnf_mean: z(bt),
-            lnf_rstd: z(bt),
+            lnf_mean: z(bts),
+            lnf_rstd: z(bts),
             logits: z(bt * d.v),
             losses: z(bt),
-            dresidual: z(bt * c),
+            dresidual: z(bts * c),
             dln: z(bt * c),
             datty: z(bt * ca),
             dqkv: z(bt * 3 * ca),
@@ -120,6 +132,8 @@ impl Acts {
             &self.fch_act,
             &self.fcproj,
             &self.residual3,
+            &self.sp_a,
+            &self.sp_b,
             &self.lnf,
             &self.lnf_mean,
             &self.lnf_rstd,
@@ -248,6 +262,17 @@ fn encoder_forward_f16(
             }
         }
     });
+}
+
+/// Rows of the residual stream a rank holds (`n / spt`), their per-layer stride
+/// (`bt / spt`), and the length of a `[rows, c]` shard buffer (0 without SP).
+fn sp_rows(n: usize, bt: usize, c: usize, spt: usize) -> (usize, usize, usize) {
+    assert!(
+        n.is_multiple_of(spt),
+        "sequence parallelism: {n} tokens do not divide by dist.tensor_parallel = {spt}"
+    );
+    let ns = n / spt;
+    (ns, bt / spt, if spt > 1 { ns * c } else { 0 })
 }
 
 /// The tensor-parallel group a forward or backward uses: `comm` on a rank of a group,
@@ -389,6 +414,15 @@ impl Model {
         }
     }
 
+    /// Whether the model runs sequence-parallel, and the group size whose rank holds
+    /// `1 / size` of the residual stream's rows (1 without SP).
+    fn sp_size(&self) -> (bool, usize) {
+        match self.tp {
+            Some(s) if s.sp => (true, s.size),
+            _ => (false, 1),
+        }
+    }
+
     /// Width of this rank's attention: heads held x head size (`C` without TP).
     fn attn_width(&self) -> usize {
         self.dims.c / self.dims.h * self.local.h
@@ -509,7 +543,12 @@ impl Model {
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
             accumulate: false,
-            acts: Acts::new(&ld, ca, precision == LinearPrecision::Fp32),
+            acts: Acts::new(
+                &ld,
+                ca,
+                tp.map_or(1, |s| if s.sp { s.size } else { 1 }),
+                precision == LinearPrecision::Fp32,
+            ),
             rope: if dims.arch == Arch::Llama {
                 rope_table(dims.t, dims.c / dims.h, ROPE_THETA)
             } else {
@@ -657,6 +696,8 @@ impl Model {
         let comm = tp_comm(self.tp, comm);
         let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
         let ca = self.attn_width();
+        let (sp, spt) = self.sp_size();
+        let spc = comm.filter(|_| sp);
         let d = self.local;
         assert!(
             b <= d.b && t <= d.t && inputs.len() == b * t,
@@ -667,6 +708,7 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t; // per-layer stride unit
+        let (ns, bts, ks) = sp_rows(n, bt, c, spt);
         let wte_stored = self.param_is_f32(self.layout.wte);
         let keep = self.acts.keep_linear_inputs;
         let Model {
@@ -681,7 +723,7 @@ impl Model {
         match (wte_stored, wte_f16) {
             _ if tp_vocab.is_some() => tp::embed_forward_model(
                 comm.expect("tp_comm"),
-                &mut a.encoded[..n * c],
+                &mut a.encoded[..],
                 inputs,
                 tp_vocab.clone().expect("checked"),
                 wte_stored.then(|| p(lay.wte)),
@@ -689,6 +731,7 @@ impl Model {
                 lay.wpe.map(p),
                 t,
                 c,
+                sp.then_some(&mut a.dln[..]),
             )?,
             (true, _) => Cpu.encoder_forward(
                 &mut a.encoded[..n * c],
@@ -715,22 +758,22 @@ impl Model {
         for l in 0..l_n {
             let bp = lay.blocks[l];
             let lin = &mut linears[4 * l..4 * l + 4];
-            let (done, cur) = a.residual3.split_at_mut(l * bt * c);
+            let (done, cur) = a.residual3.split_at_mut(l * bts * c);
             let residual = if l == 0 {
-                &a.encoded[..n * c]
+                &a.encoded[..ns * c]
             } else {
-                at(done, l - 1, bt * c, n * c)
+                at(done, l - 1, bts * c, ns * c)
             };
             let (s_c, s_f) = (in_stride(keep, bt * c), in_stride(keep, bt * f));
             let s_a = in_stride(keep, bt * ca);
             let ln1 = at_mut(&mut a.ln1, l, s_c, n * c);
             let (ln1_mean, ln1_rstd) = (
-                at_mut(&mut a.ln1_mean, l, bt, n),
-                at_mut(&mut a.ln1_rstd, l, bt, n),
+                at_mut(&mut a.ln1_mean, l, bts, ns),
+                at_mut(&mut a.ln1_rstd, l, bts, ns),
             );
             norm_forward(
                 d.arch,
-                ln1,
+                sp::norm_out(sp, ln1, &mut a.sp_a, ks),
                 ln1_mean,
                 ln1_rstd,
                 residual,
@@ -738,7 +781,8 @@ impl Model {
                 bp.n1b.map(p),
             );
             let qkv = at_mut(&mut a.qkv, l, bt * 3 * ca, n * 3 * ca);
-            lin[0].forward(qkv, ln1, p(bp.qkvw), bp.qkvb.map(p), n, record);
+            let (w, bias, sh) = (p(bp.qkvw), bp.qkvb.map(p), &a.sp_a[..ks]);
+            sp::column_forward(&mut lin[0], spc, qkv, ln1, sh, w, bias, n, record)?;
             if d.arch == Arch::Llama {
                 Cpu.rope_forward(qkv, rope, t, ca, d.h);
             }
@@ -748,17 +792,17 @@ impl Model {
             let attproj = &mut a.attproj[..n * c];
             let bias = tp::bias_in_gemm(comm, bp.projb.map(p));
             lin[1].forward(attproj, atty, p(bp.projw), bias, n, record);
-            tp::row_output(comm, attproj, bp.projb.map(p))?;
-            let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
+            let attproj = sp::row_output(comm, sp, attproj, &mut a.sp_b, bp.projb.map(p))?;
+            let residual2 = at_mut(&mut a.residual2, l, bts * c, ns * c);
             Cpu.residual_forward(residual2, residual, attproj);
             let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
             let (ln2_mean, ln2_rstd) = (
-                at_mut(&mut a.ln2_mean, l, bt, n),
-                at_mut(&mut a.ln2_rstd, l, bt, n),
+                at_mut(&mut a.ln2_mean, l, bts, ns),
+                at_mut(&mut a.ln2_rstd, l, bts, ns),
             );
             norm_forward(
                 d.arch,
-                ln2,
+                sp::norm_out(sp, ln2, &mut a.sp_a, ks),
                 ln2_mean,
                 ln2_rstd,
                 residual2,
@@ -766,7 +810,8 @@ impl Model {
                 bp.n2b.map(p),
             );
             let fch = at_mut(&mut a.fch, l, bt * fc, n * fc);
-            lin[2].forward(fch, ln2, p(bp.fcw), bp.fcb.map(p), n, record);
+            let (w, bias, sh) = (p(bp.fcw), bp.fcb.map(p), &a.sp_a[..ks]);
+            sp::column_forward(&mut lin[2], spc, fch, ln2, sh, w, bias, n, record)?;
             let fch_act = at_mut(&mut a.fch_act, l, s_f, n * f);
             match d.arch {
                 Arch::Gpt2 => Cpu.gelu_forward(fch_act, fch),
@@ -775,18 +820,18 @@ impl Model {
             let fcproj = &mut a.fcproj[..n * c];
             let bias = tp::bias_in_gemm(comm, bp.fprojb.map(p));
             lin[3].forward(fcproj, fch_act, p(bp.fprojw), bias, n, record);
-            tp::row_output(comm, fcproj, bp.fprojb.map(p))?;
-            Cpu.residual_forward(&mut cur[..n * c], residual2, fcproj);
+            let fcproj = sp::row_output(comm, sp, fcproj, &mut a.sp_b, bp.fprojb.map(p))?;
+            Cpu.residual_forward(&mut cur[..ns * c], residual2, fcproj);
         }
-        let last = at(&a.residual3, l_n - 1, bt * c, n * c);
+        let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
         let (lnf, lnf_mean, lnf_rstd) = (
             &mut a.lnf[..n * c],
-            &mut a.lnf_mean[..n],
-            &mut a.lnf_rstd[..n],
+            &mut a.lnf_mean[..ns],
+            &mut a.lnf_rstd[..ns],
         );
         norm_forward(
             d.arch,
-            lnf,
+            sp::norm_out(sp, lnf, &mut a.sp_a, ks),
             lnf_mean,
             lnf_rstd,
             last,
@@ -794,7 +839,8 @@ impl Model {
             lay.nfb.map(p),
         );
         let logits = &mut a.logits[..n * d.v];
-        linears[4 * l_n].forward(logits, lnf, p(lay.head), None, n, record);
+        let (head, sh) = (&mut linears[4 * l_n], &a.sp_a[..ks]);
+        sp::column_forward(head, spc, logits, lnf, sh, p(lay.head), None, n, record)?;
         let Some(targets) = targets else {
             return Ok(None);
         };
@@ -885,6 +931,8 @@ impl Model {
         let comm = tp_comm(self.tp, comm);
         let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
         let ca = self.attn_width();
+        let (sp, spt) = self.sp_size();
+        let spc = comm.filter(|_| sp);
         let (b, t) = self
             .last_bt
             .take()
@@ -893,6 +941,7 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
+        let (ns, bts, _) = sp_rows(n, bt, c, spt);
         // Linear weights' gradients are overwritten by their dW GEMM; zero the rest
         // (unless accumulating micro-batches: then every backward op adds).
         let accumulate = self.accumulate;
@@ -963,10 +1012,10 @@ impl Model {
             &mut head_g[local(lay.head, head_base)]
         };
         head.backward(dlnf, dhead, None, dlogits, &a.lnf[..n * c], p(lay.head), n);
-        tp::input_grad(comm, dlnf)?;
-        let dres = &mut a.dresidual[..n * c];
+        let dlnf = sp::input_grad(comm, sp, dlnf, &mut a.sp_a)?;
+        let dres = &mut a.dresidual[..ns * c];
         dres.fill(0.0);
-        let last = at(&a.residual3, l_n - 1, bt * c, n * c);
+        let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
         let (dw, db) = two_mut(
             head_g,
             local(lay.nfw, head_base),
@@ -980,9 +1029,14 @@ impl Model {
             dlnf,
             last,
             p(lay.nfw),
-            &a.lnf_mean[..n],
-            &a.lnf_rstd[..n],
+            &a.lnf_mean[..ns],
+            &a.lnf_rstd[..ns],
         );
+        let nf = [
+            Some(local(lay.nfw, head_base)),
+            lay.nfb.map(|i| local(i, head_base)),
+        ];
+        sp::reduce_partial_grads(spc, head_g, &nf)?;
         let head = if tied {
             on_final(FinalGrads {
                 group: GradGroup::Head,
@@ -1010,24 +1064,27 @@ impl Model {
             let grads = block_g.pop().expect("one gradient range per block");
             let base = specs[l_n - l].range.start;
             let residual = if l == 0 {
-                &a.encoded[..n * c]
+                &a.encoded[..ns * c]
             } else {
-                at(&a.residual3, l - 1, bt * c, n * c)
+                at(&a.residual3, l - 1, bts * c, ns * c)
             };
             let rng = |i: usize| local(i, base);
             // MLP: dres is d(residual3) = d(fcproj), and flows on to residual2
             let dfch_act = &mut a.dfch_act[..n * f];
             let (dw, db) = two_mut(grads, rng(bp.fprojw), bp.fprojb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[3].backward(
+            sp::row_backward(
+                &mut lin[3],
+                spc,
                 dfch_act,
                 dw,
                 db,
                 dres,
+                &mut a.fcproj,
                 at(&a.fch_act, l, in_stride(keep, bt * f), n * f),
                 p(bp.fprojw),
                 n,
-            );
+            )?;
             if fp8 {
                 let len = lin[3].c * lin[3].oc;
                 lin[3].quantize_wgrad_acc(&mut block_scratch[..len]);
@@ -1054,33 +1111,36 @@ impl Model {
                 let len = lin[2].c * lin[2].oc;
                 lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            tp::input_grad(comm, dln)?;
+            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
-            let residual2 = at(&a.residual2, l, bt * c, n * c);
+            let residual2 = at(&a.residual2, l, bts * c, ns * c);
             norm_backward(
                 d.arch,
                 dres,
                 dw,
                 db,
-                dln,
+                dln_s,
                 residual2,
                 p(bp.n2w),
-                at(&a.ln2_mean, l, bt, n),
-                at(&a.ln2_rstd, l, bt, n),
+                at(&a.ln2_mean, l, bts, ns),
+                at(&a.ln2_rstd, l, bts, ns),
             );
             // attention: dres is now d(residual2) = d(attproj), and flows on to the input
             let datty = &mut a.datty[..n * ca];
             let (dw, db) = two_mut(grads, rng(bp.projw), bp.projb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[1].backward(
+            sp::row_backward(
+                &mut lin[1],
+                spc,
                 datty,
                 dw,
                 db,
                 dres,
+                &mut a.fcproj,
                 at(&a.atty, l, in_stride(keep, bt * ca), n * ca),
                 p(bp.projw),
                 n,
-            );
+            )?;
             if fp8 {
                 let len = lin[1].c * lin[1].oc;
                 lin[1].quantize_wgrad_acc(&mut block_scratch[..len]);
@@ -1107,19 +1167,28 @@ impl Model {
                 let len = lin[0].c * lin[0].oc;
                 lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            tp::input_grad(comm, dln)?;
+            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
                 d.arch,
                 dres,
                 dw,
                 db,
-                dln,
+                dln_s,
                 residual,
                 p(bp.n1w),
-                at(&a.ln1_mean, l, bt, n),
-                at(&a.ln1_rstd, l, bt, n),
+                at(&a.ln1_mean, l, bts, ns),
+                at(&a.ln1_rstd, l, bts, ns),
             );
+            let partial = [
+                Some(rng(bp.n1w)),
+                bp.n1b.map(rng),
+                Some(rng(bp.n2w)),
+                bp.n2b.map(rng),
+                bp.projb.map(rng),
+                bp.fprojb.map(rng),
+            ];
+            sp::reduce_partial_grads(spc, grads, &partial)?;
             on_final(FinalGrads {
                 group: GradGroup::Block(l),
                 offset: base,
@@ -1134,7 +1203,10 @@ impl Model {
             dwte
         };
         match tp_vocab {
-            Some(v) => tp::embed_backward(dwte, dwpe, dres, inputs, v, t, c),
+            Some(v) => {
+                let dres = sp::gather_rows(spc, dres, &mut a.dln)?;
+                tp::embed_backward(dwte, dwpe, dres, inputs, v, t, c)
+            }
             None => Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c),
         }
         let linears: &mut [Linear] = match head {

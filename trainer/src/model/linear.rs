@@ -723,3 +723,8 @@ pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) ->
     let (amax, counts) = cast::par_f32_to_fp8_counted(fmt, src, scale, dst);
     (amax, counts.saturated, counts.flushed)
 }
+
+// Sequence parallelism's converters on this layer (a child module: it reaches the FP8
+// operands' storage).
+#[path = "linear_sp.rs"]
+mod sp;

@@ -24,6 +24,7 @@
 
 pub mod layers;
 pub mod shard;
+pub mod sp;
 pub mod step;
 pub mod vocab;
 

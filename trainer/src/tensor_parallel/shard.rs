@@ -17,7 +17,7 @@
 use super::{even_part, qkv_rows};
 use crate::config::Arch;
 use crate::model::{Dims, Layout};
-use fp8lm_collectives::mappings::{copy_to_tp, reduce_from_tp};
+use fp8lm_collectives::mappings::{reduce_from_tp, reduce_scatter_to_sp};
 use fp8lm_collectives::{Communicator, Result};
 use fp8lm_optim::Grad;
 use std::ops::Range;
@@ -27,6 +27,9 @@ use std::ops::Range;
 pub struct TpShard {
     pub rank: usize,
     pub size: usize,
+    /// Sequence parallelism: norms and residuals on `1 / size` of the token rows
+    /// ([`super::sp`]).
+    pub sp: bool,
 }
 
 /// How a rank's tensor is cut from the full one (row-major `[rows, width]`).
@@ -50,7 +53,11 @@ impl TpShard {
         even_part("model.heads", d.h, size, rank)?;
         even_part("the MLP width", d.f, size, rank)?;
         even_part("the vocabulary (model.vocab)", d.v, size, rank)?;
-        Ok(TpShard { rank, size })
+        Ok(TpShard {
+            rank,
+            size,
+            sp: false,
+        })
     }
 
     /// The sizes this rank computes with: `h`, `f`, `v` divided by T (`c`, `t`, `b` whole).
@@ -155,7 +162,9 @@ impl TpShard {
 /// group's partial lookups: exactly one rank contributes each row and the others add
 /// zeros, so the sum is exact. `wpe` is added after the reduction, on every rank, in the
 /// same order as the unsharded `encoder_forward` (`wte[tok] + wpe[pos]`): the result is
-/// bit-identical to the 1-rank embedding.
+/// bit-identical to the 1-rank embedding. With sequence parallelism (`sp_full`: room for
+/// the `[n, c]` partial lookups) the sum is reduce-scattered instead and `out` receives
+/// this rank's `n / T` rows.
 #[allow(clippy::too_many_arguments)]
 pub fn embed_forward(
     comm: &dyn Communicator,
@@ -166,20 +175,39 @@ pub fn embed_forward(
     wpe: Option<&[f32]>,
     t: usize,
     c: usize,
+    sp_full: Option<&mut [f32]>,
 ) -> Result<()> {
     use rayon::prelude::*;
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-        let tok = tokens[r] as usize;
-        if vocab.contains(&tok) {
-            row(tok - vocab.start, o);
-        } else {
-            o.fill(0.0);
+    let n = tokens.len();
+    let lookup = |dst: &mut [f32]| {
+        dst.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+            let tok = tokens[r] as usize;
+            if vocab.contains(&tok) {
+                row(tok - vocab.start, o);
+            } else {
+                o.fill(0.0);
+            }
+        })
+    };
+    // With SP, ḡ instead of f̄: the rank keeps its rows `first_row..` of the sum.
+    let (out, first_row) = match sp_full {
+        Some(full) => {
+            let full = &mut full[..n * c];
+            lookup(full);
+            let ns = n / comm.size();
+            reduce_scatter_to_sp(comm, full, &mut out[..ns * c])?;
+            (&mut out[..ns * c], comm.rank() * ns)
         }
-    });
-    reduce_from_tp(comm, out)?;
+        None => {
+            let out = &mut out[..n * c];
+            lookup(out);
+            reduce_from_tp(comm, out)?;
+            (out, 0)
+        }
+    };
     if let Some(wpe) = wpe {
         out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-            let pos = r % t;
+            let pos = (first_row + r) % t;
             for (o, &p) in o.iter_mut().zip(&wpe[pos * c..(pos + 1) * c]) {
                 *o += p;
             }
@@ -217,16 +245,6 @@ pub fn embed_backward(
     }
 }
 
-/// f's backward at the input of a column-parallel linear (qkv, fc, LM head): the group
-/// sums its partial input gradients so the replicated norm below sees the full one.
-/// A no-op without TP.
-pub fn input_grad(comm: Option<&dyn Communicator>, dinp: &mut [f32]) -> Result<()> {
-    match comm {
-        Some(comm) => copy_to_tp(comm, dinp),
-        None => Ok(()),
-    }
-}
-
 /// The bias a row-parallel linear adds inside its GEMM call: none under TP (it is added
 /// once, after the reduction, by [`row_output`]), the layer's own otherwise.
 pub fn bias_in_gemm<'a>(
@@ -238,28 +256,6 @@ pub fn bias_in_gemm<'a>(
     } else {
         bias
     }
-}
-
-/// f̄ at the output of a row-parallel linear (attention and MLP projections) under TP:
-/// sum the partial products, then add the bias once (every rank holds it whole). A no-op
-/// without TP (the GEMM call added the bias).
-pub fn row_output(
-    comm: Option<&dyn Communicator>,
-    out: &mut [f32],
-    bias: Option<&[f32]>,
-) -> Result<()> {
-    let Some(comm) = comm else {
-        return Ok(());
-    };
-    reduce_from_tp(comm, out)?;
-    if let Some(b) = bias {
-        for row in out.chunks_exact_mut(b.len()) {
-            for (o, &x) in row.iter_mut().zip(b) {
-                *o += x;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// [`embed_forward`] from the model's storage: the f32 shard `wte` or, when the model
@@ -276,18 +272,19 @@ pub fn embed_forward_model(
     wpe: Option<&[f32]>,
     t: usize,
     c: usize,
+    sp_full: Option<&mut [f32]>,
 ) -> Result<()> {
     match (wte, wte_f16) {
         (Some(w), _) => {
             let row = |i: usize, o: &mut [f32]| o.copy_from_slice(&w[i * c..(i + 1) * c]);
-            embed_forward(comm, out, tokens, vocab, &row, wpe, t, c)
+            embed_forward(comm, out, tokens, vocab, &row, wpe, t, c, sp_full)
         }
         (None, Some((w, scale))) => {
             let inv = 1.0 / scale;
             let row = |i: usize, o: &mut [f32]| {
                 fp8lm_fp8::cast::f16_to_f32_amax(&w[i * c..(i + 1) * c], inv, o);
             };
-            embed_forward(comm, out, tokens, vocab, &row, wpe, t, c)
+            embed_forward(comm, out, tokens, vocab, &row, wpe, t, c, sp_full)
         }
         (None, None) => panic!(
             "forward: this model's token embedding is the optimizer's FP16 master; call \

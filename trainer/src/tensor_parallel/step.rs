@@ -18,21 +18,33 @@ impl Trainer {
     /// Rank `rank` of a `cfg.dist.tensor_parallel`-way group: its shard of the model (the
     /// slice of the whole model's initial values from `cfg.seed`) and an optimizer over
     /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here (its
-    /// ZeRO partition is data parallelism's, not wired in with T > 1 yet).
+    /// ZeRO partition is data parallelism's, not wired in with T > 1 yet). With
+    /// `dist.sequence_parallel` the rank runs norms and residuals on its token shard
+    /// (`crate::tensor_parallel::sp`).
     pub fn new_tp(cfg: &RunConfig, vocab: usize, rank: usize) -> Result<Trainer> {
         let t = cfg.dist.tensor_parallel;
         if rank >= t {
             bail!("tensor-parallel rank {rank} is outside dist.tensor_parallel = {t}");
         }
-        if cfg.dist.sequence_parallel {
+        let sp = cfg.dist.sequence_parallel;
+        if sp && cfg.grad_accum > 1 {
+            // (the norms' partial gradients are all-reduced at each backward's end: with
+            // several micro-batches the sum held would be reduced again each time)
             bail!(
-                "dist.sequence_parallel = true: the model does not run sequence-parallel \
-                 yet (the region operators exist in fp8lm_collectives::mappings); set it \
-                 to false"
+                "dist.sequence_parallel = true with grad_accum = {}: gradient accumulation \
+                 under sequence parallelism is not supported yet; set grad_accum = 1",
+                cfg.grad_accum
+            );
+        }
+        if sp && cfg.fp8.recipe == "block" && cfg.precision.is_fp8() {
+            bail!(
+                "dist.sequence_parallel = true with fp8.recipe = \"block\": the FP8 \
+                 all-gather shares one per-tensor scale; use \"delayed\" or \"current\""
             );
         }
         let dims = Dims::from_config(cfg, vocab)?;
-        let shard = TpShard::new(&dims, rank, t).map_err(anyhow::Error::msg)?;
+        let mut shard = TpShard::new(&dims, rank, t).map_err(anyhow::Error::msg)?;
+        shard.sp = sp;
         Self::with_shard(cfg, vocab, Some(shard))
     }
 
