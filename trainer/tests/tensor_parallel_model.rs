@@ -182,13 +182,19 @@ fn sequence_parallel_trains_like_tensor_parallel() {
             (Precision::Fp8O1, 2e-3),
             (Precision::Fp8O2, 2e-3),
         ] {
+            let whole = Trainer::new(&cfg(arch, p, 1), 256)
+                .unwrap()
+                .model()
+                .activation_bytes();
             for tp in [2, 4] {
                 let (off, act_off) = losses_tp_sp(arch, p, tp, false);
                 let (on, act_on) = losses_tp_sp(arch, p, tp, true);
                 let rel = max_rel(&on, &off);
                 println!(
                     "{arch:?} {p:?} T = {tp}: SP on vs off {rel:.2e}; activation bytes \
-                     {act_on} vs {act_off}"
+                     {act_on} vs {act_off} (x T / whole: {:.3} vs {:.3})",
+                    (act_on * tp) as f64 / whole as f64,
+                    (act_off * tp) as f64 / whole as f64
                 );
                 assert!(rel <= bound, "{arch:?} {p:?} T = {tp}: SP on vs off {rel:.2e} > {bound:.0e}\n{on:?}\n{off:?}");
                 assert!(
