@@ -153,3 +153,63 @@ impl Trainer {
         Ok(stats)
     }
 }
+
+impl Trainer {
+    /// Mean loss of one given batch on a tensor-parallel rank (no update; every rank of
+    /// the group calls it with the same batch and gets the same figure).
+    pub fn loss_on_tp(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        comm: &dyn Communicator,
+    ) -> Result<f32> {
+        let d = self.model.dims;
+        if b == 0 || t == 0 || b > d.b || t > d.t || inputs.len() != b * t || targets.len() != b * t
+        {
+            bail!(
+                "loss_on_tp: batch {b}x{t} does not fit the model (B={}, T={})",
+                d.b,
+                d.t
+            );
+        }
+        if let Some(&bad) = inputs.iter().chain(targets).find(|&&x| x as usize >= d.v) {
+            bail!(
+                "loss_on_tp: token id {bad} is outside the model's vocabulary of {}",
+                d.v
+            );
+        }
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
+        let loss = self
+            .model
+            .forward_tp(inputs, Some(targets), b, t, false, wte, Some(comm))?;
+        Ok(loss.expect("targets given"))
+    }
+
+    /// [`Trainer::evaluate_tokens`] on a tensor-parallel rank: the whole group evaluates
+    /// every sequence of the fixed validation set together (`comm`: the group).
+    pub fn evaluate_tokens_tp(
+        &mut self,
+        data: &dyn Dataset,
+        eval_tokens: usize,
+        comm: &dyn Communicator,
+    ) -> Result<f32> {
+        let d = self.model.dims;
+        let (b, t) = (d.b, d.t);
+        let seqs = crate::eval::eval_sequences(eval_tokens, t, data.val_sequence_count(t));
+        if seqs.is_empty() {
+            bail!("evaluation: the validation split holds no sequence of {t} tokens");
+        }
+        let (mut inputs, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
+        let mut sum = 0f64;
+        for batch in seqs.chunks(b) {
+            let n = batch.len() * t;
+            data.val_rows(batch, t, &mut inputs[..n], &mut targets[..n]);
+            let mean = self.loss_on_tp(&inputs[..n], &targets[..n], batch.len(), t, comm)?;
+            sum += mean as f64 * n as f64;
+        }
+        self.model.take_gemm_time();
+        Ok((sum / (seqs.len() * t) as f64) as f32)
+    }
+}
