@@ -251,6 +251,9 @@ impl ZeroPartition {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
+    /// Data-parallel replicas D. 0 (default): as many as the job has ranks. Set, it must
+    /// equal them (checked at start-up, naming both), and `fp8lm plan` plans for it.
+    pub data_parallel: usize,
     /// Tensor-parallel size T (Megatron layout, `crate::tensor_parallel`): the world is
     /// D x T ranks, T consecutive ranks share one model replica. 1 = off.
     pub tensor_parallel: usize,
@@ -269,6 +272,7 @@ pub struct DistConfig {
 impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
+            data_parallel: 0,
             tensor_parallel: 1,
             sequence_parallel: false,
             overlap: Overlap::Auto,
