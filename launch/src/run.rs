@@ -361,18 +361,27 @@ fn check_tensor_parallel_run(
 ) -> Result<()> {
     let t = cfg.dist.tensor_parallel;
     let world = comm.map_or(1, |c| c.size());
+    if world < t {
+        return Err(UsageError(format!(
+            "dist.tensor_parallel = {t} needs {t} ranks, this job has {world}: launch it \
+             with `mpirun -n {t} fp8lm train ...`"
+        ))
+        .into());
+    }
     if world != t {
-        bail!(
-            "dist.tensor_parallel = {t} needs exactly {t} ranks (mpirun -n {t}), this job has \
-             {world}: data parallelism over tensor-parallel replicas (world = D x T with \
-             D > 1) is not wired in yet"
-        );
+        return Err(UsageError(format!(
+            "dist.tensor_parallel = {t} on {world} ranks: data parallelism over \
+             tensor-parallel replicas (world = D x T with D > 1) is not wired in yet; \
+             launch `mpirun -n {t}`"
+        ))
+        .into());
     }
     if resume {
-        bail!(
+        return Err(UsageError(format!(
             "--resume with dist.tensor_parallel = {t}: tensor-parallel runs write no \
              checkpoints yet"
-        );
+        ))
+        .into());
     }
     Ok(())
 }
