@@ -19,14 +19,38 @@ use std::fmt::Write as _;
 use crate::config::{Precision, RunConfig};
 use crate::memory::{LedgerSizes, MemoryLedger};
 use crate::model::{Dims, Layout};
+use crate::tensor_parallel::TpShard;
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
 use fp8lm_optim::StateBytes;
 
 /// The process grid a plan is for: `dp` data-parallel replicas (fp8-o3 partitions the
-/// optimizer state over them).
+/// optimizer state over them) of a model split over `tp` tensor-parallel ranks (`sp`:
+/// with sequence parallelism).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PlanGrid {
     pub dp: usize,
+    pub tp: usize,
+    pub sp: bool,
+}
+
+impl PlanGrid {
+    /// Data parallelism only.
+    pub fn data_parallel(dp: usize) -> PlanGrid {
+        PlanGrid {
+            dp,
+            tp: 1,
+            sp: false,
+        }
+    }
+
+    /// The grid `cfg.dist` asks for (`dist.data_parallel = 0` plans one replica).
+    pub fn of_config(cfg: &RunConfig) -> PlanGrid {
+        PlanGrid {
+            dp: cfg.dist.data_parallel.max(1),
+            tp: cfg.dist.tensor_parallel.max(1),
+            sp: cfg.dist.sequence_parallel,
+        }
+    }
 }
 
 /// One linear layer's shape: `rows x c -> rows x oc`, its weight tensor `w`.
@@ -56,9 +80,13 @@ pub struct Collective {
     pub bytes: u64,
 }
 
-/// The model's tensors, without their values.
+/// One rank's tensors, without their values.
 struct Shape {
+    /// The rank's dims (heads, MLP width and vocabulary divided by T), its attention
+    /// width (C / T) and the share of the residual stream's rows it holds (T with SP).
     d: Dims,
+    attn_width: usize,
+    sp_rows: usize,
     lay: Layout,
     lin: Vec<(usize, LinearShape)>,
     /// Per tensor: whether it is a linear layer's weight.
@@ -66,18 +94,31 @@ struct Shape {
 }
 
 fn shape(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Shape> {
-    if grid.dp == 0 {
-        bail!("plan: the data-parallel size must be at least 1");
+    if grid.dp == 0 || grid.tp == 0 {
+        bail!("plan: the data-parallel and tensor-parallel sizes must be at least 1");
     }
-    let d = Dims::from_config(cfg, vocab)?;
-    let lay = Layout::new(&d);
-    let lin = linears(&d, &lay);
+    let whole = Dims::from_config(cfg, vocab)?;
+    // Rank 0's shard: every tensor-parallel rank holds the same sizes.
+    let shard = if grid.tp > 1 {
+        let mut s = TpShard::new(&whole, 0, grid.tp).map_err(anyhow::Error::msg)?;
+        s.sp = grid.sp;
+        Some(s)
+    } else {
+        None
+    };
+    let lay = crate::model::Model::layout_of(&whole, shard);
+    let d = shard.map_or(whole, |s| s.local_dims(&whole));
+    let attn_width = shard.map_or(whole.c, |s| s.attn_width(&whole));
+    let sp_rows = if grid.sp { grid.tp } else { 1 };
+    let lin = linears(&d, attn_width, &lay);
     let mut is_linear = vec![false; lay.metas.len()];
     for (w, _) in &lin {
         is_linear[*w] = true;
     }
     Ok(Shape {
         d,
+        attn_width,
+        sp_rows,
         lay,
         lin,
         is_linear,
@@ -86,12 +127,12 @@ fn shape(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Shape> {
 
 /// The model's linear layers in the model's order (block by block: qkv, proj, fc, proj;
 /// then the LM head), with the tensor index of each weight.
-fn linears(d: &Dims, lay: &Layout) -> Vec<(usize, LinearShape)> {
+fn linears(d: &Dims, ca: usize, lay: &Layout) -> Vec<(usize, LinearShape)> {
     let mut out = Vec::new();
     for bp in &lay.blocks {
         for (w, c, oc) in [
-            (bp.qkvw, d.c, 3 * d.c),
-            (bp.projw, d.c, d.c),
+            (bp.qkvw, d.c, 3 * ca),
+            (bp.projw, ca, d.c),
             (bp.fcw, d.c, d.fc_out()),
             (bp.fprojw, d.f, d.c),
         ] {
@@ -103,27 +144,32 @@ fn linears(d: &Dims, lay: &Layout) -> Vec<(usize, LinearShape)> {
 }
 
 /// f32 elements of the activation arena (`Acts` in `model/gpt.rs`): what the forward
-/// keeps for the backward, and the backward's one-layer scratch. `keep_linear_inputs`:
-/// fp32 keeps every layer's linear inputs (its dW GEMMs read them in f32).
-fn activation_elems(d: &Dims, keep_linear_inputs: bool) -> (usize, usize) {
+/// keeps for the backward, and the backward's one-layer scratch, for a rank with dims
+/// `d`, attention width `ca` and `1 / spt` of the residual stream's rows.
+/// `keep_linear_inputs`: fp32 keeps every layer's linear inputs (its dW GEMMs read them
+/// in f32).
+fn activation_elems(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -> (usize, usize) {
     let (bt, c, l) = (d.b * d.t, d.c, d.l);
+    let bts = bt / spt;
+    let sp_len = if spt > 1 { bts * c } else { 0 };
     let li = if keep_linear_inputs { l } else { 1 };
-    let kept = bt * c // encoded
-        + li * bt * c + 2 * l * bt // ln1, mean, rstd
-        + l * bt * 3 * c // qkv
-        + li * bt * c // atty
+    let kept = bts * c // encoded
+        + li * bt * c + 2 * l * bts // ln1, mean, rstd
+        + l * bt * 3 * ca // qkv
+        + li * bt * ca // atty
         + l * d.b * d.h * d.t * d.t // att
         + bt * c // attproj (one slot)
-        + l * bt * c // residual2
-        + li * bt * c + 2 * l * bt // ln2, mean, rstd
+        + l * bts * c // residual2
+        + li * bt * c + 2 * l * bts // ln2, mean, rstd
         + l * bt * d.fc_out() // fch
         + li * bt * d.f // fch_act
         + bt * c // fcproj (one slot)
-        + l * bt * c // residual3
-        + bt * c + 2 * bt // lnf, mean, rstd
+        + l * bts * c // residual3
+        + 2 * sp_len // sequence-parallel shard buffers
+        + bt * c + 2 * bts // lnf, mean, rstd
         + bt * d.v // logits
         + bt; // losses
-    let scratch = 3 * bt * c + bt * 3 * c + bt * d.fc_out() + bt * d.f;
+    let scratch = bts * c + bt * c + bt * ca + bt * 3 * ca + bt * d.fc_out() + bt * d.f;
     (kept, scratch)
 }
 
@@ -153,6 +199,8 @@ pub fn ledger_sizes_of_rank(
 ) -> Result<LedgerSizes> {
     let Shape {
         d,
+        attn_width,
+        sp_rows,
         lay,
         lin,
         is_linear,
@@ -182,7 +230,7 @@ pub fn ledger_sizes_of_rank(
         .max()
         .unwrap_or(0);
     let when = |on: bool, b: usize| if on { b } else { 0 };
-    let (kept, scratch) = activation_elems(&d, p == Precision::Fp32);
+    let (kept, scratch) = activation_elems(&d, attn_width, sp_rows, p == Precision::Fp32);
     let bf16 = p == Precision::Bf16;
     let optimizer = match p {
         Precision::Fp8O3 if grid.dp > 1 => {
@@ -302,12 +350,95 @@ pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
     } else {
         vec![]
     };
+    let mut collectives = collective_bytes(&sizes, &zero, grid);
+    if grid.tp > 1 {
+        collectives.extend(tp_collective_bytes(cfg, &shape(cfg, vocab, grid)?, grid));
+    }
     Ok(Plan {
         grid,
         precision: cfg.precision,
         ledger: sizes.ledger(),
-        collectives: collective_bytes(&sizes, &zero, grid),
+        collectives,
     })
+}
+
+/// Bytes one rank sends per step inside its tensor-parallel group (rings over T ranks;
+/// n = batch x context tokens, C channels, L blocks), as `model/gpt.rs` and
+/// `tensor_parallel/` move them:
+/// - without SP, all-reduces of `[n, C]` f32: f̄ after the embedding and both row-parallel
+///   layers, f's backward before both column-parallel layers of a block and the head
+///   (4L + 2), and the vocabulary-parallel cross-entropy's `[n]` row max and `[2n]` sums;
+/// - with SP, g all-gathers the 2L + 1 norm outputs (E4M3 in the FP8 precisions, f32
+///   otherwise), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
+///   f32), the embedding's backward one f32 `[n, C]`; reduce-scatters: ḡ after the 2L
+///   row-parallel layers and the embedding, g's backward for the 2L + 1 norm outputs;
+///   all-reduces: the cross-entropy's and the replicated tensors' gradients (norms,
+///   row-parallel biases; the position embedding sees every token already).
+///
+/// Left out, as for data parallelism: one-element agreements (amaxes, norm).
+fn tp_collective_bytes(cfg: &RunConfig, sh: &Shape, grid: PlanGrid) -> Vec<Collective> {
+    let t = grid.tp as u64;
+    let frac = |b: u64| b * (t - 1) / t;
+    let (n, c, l) = ((sh.d.b * sh.d.t) as u64, sh.d.c as u64, sh.d.l as u64);
+    let fp8 = cfg.precision.is_fp8();
+    let mut out = Vec::new();
+    let mut push = |kind, what: &str, bytes| {
+        out.push(Collective {
+            kind,
+            group: "tensor-parallel",
+            what: what.to_string(),
+            bytes,
+        })
+    };
+    let xent = 2 * frac(3 * n * 4);
+    if !grid.sp {
+        push(
+            "all-reduce",
+            "f32 activations [n, C] (f̄ forward, f backward) and the cross-entropy",
+            2 * frac((4 * l + 2) * n * c * 4) + xent,
+        );
+        return out;
+    }
+    if fp8 {
+        push(
+            "all-gather",
+            "E4M3 norm outputs (g) and E5M2 output gradients (ḡ backward)",
+            frac((4 * l + 1) * n * c),
+        );
+        push(
+            "all-gather",
+            "f32 embedding output gradient",
+            frac(n * c * 4),
+        );
+    } else {
+        push(
+            "all-gather",
+            "f32 norm outputs, output gradients and the embedding's gradient",
+            frac((4 * l + 2) * n * c * 4),
+        );
+    }
+    push(
+        "reduce-scatter",
+        "f32 row-parallel outputs (ḡ), the embedding and g's backward",
+        frac((4 * l + 2) * n * c * 4),
+    );
+    let replicated: usize = (0..sh.lay.metas.len())
+        .filter(|&i| Some(i) != sh.lay.wpe)
+        .filter(|&i| !sh.is_linear[i] && i != sh.lay.wte)
+        .filter(|&i| {
+            !sh.lay
+                .blocks
+                .iter()
+                .any(|b| [b.qkvb, b.fcb].contains(&Some(i)))
+        })
+        .map(|i| sh.lay.metas[i].numel())
+        .sum();
+    push(
+        "all-reduce",
+        "replicated tensors' f32 gradients and the cross-entropy",
+        2 * frac(replicated as u64 * 4) + xent,
+    );
+    out
 }
 
 /// Bytes one rank sends per step, by collective (the ring algorithms: module docs).
@@ -362,10 +493,13 @@ fn collective_bytes(s: &LedgerSizes, zero: &[ZeroShare], grid: PlanGrid) -> Vec<
 impl Plan {
     /// The table `fp8lm plan` prints: the ledger, then bytes per collective.
     pub fn report(&self, title: &str) -> String {
+        let g = self.grid;
         let mut s = self.ledger.report(&format!(
-            "{title} [{} on {} data-parallel rank(s), per rank]",
+            "{title} [{} on D = {} x T = {}{} ranks, per rank]",
             self.precision.name(),
-            self.grid.dp
+            g.dp,
+            g.tp,
+            if g.sp { " (sequence parallel)" } else { "" }
         ));
         if self.collectives.is_empty() {
             s += "  collectives: none (one rank)\n";

@@ -39,7 +39,7 @@ fn one_rank_plan_equals_the_trainers_ledger_entry_by_entry() {
                 cfg.fp8.recipe = recipe.into();
                 let tr = Trainer::new(&cfg, VOCAB).unwrap();
                 let measured = LedgerSizes::of_trainer(&tr);
-                let planned = ledger_sizes(&cfg, VOCAB, PlanGrid { dp: 1 }).unwrap();
+                let planned = ledger_sizes(&cfg, VOCAB, PlanGrid::data_parallel(1)).unwrap();
                 assert_eq!(planned, measured, "{arch:?} {} {recipe}", p.name());
                 assert_eq!(planned.ledger(), MemoryLedger::for_trainer(&tr));
             }
@@ -84,7 +84,7 @@ fn data_parallel_plan_matches_each_ranks_ledger_and_bytes() {
         // tensor) are well under 1% of the gradients.
         let mut cfg = small(arch, p);
         cfg.model.channels = 128;
-        let grid = PlanGrid { dp: ranks };
+        let grid = PlanGrid::data_parallel(ranks);
         let runs = dp_measure(&cfg, ranks, 2);
         for (r, (measured, _)) in runs.iter().enumerate() {
             let planned = ledger_sizes_of_rank(&cfg, vocab, grid, Some(r)).unwrap();
@@ -117,7 +117,7 @@ fn plans_a_175b_model_on_1024_ranks_without_allocating() {
     let mut per_param = vec![];
     for p in [Precision::Fp32, Precision::Fp8O2, Precision::Fp8O3] {
         cfg.precision = p;
-        let pl = plan(&cfg, 50257, PlanGrid { dp: 1024 }).unwrap();
+        let pl = plan(&cfg, 50257, PlanGrid::data_parallel(1024)).unwrap();
         // GPT-3's 175B parameters (12 L C^2 + (V + T) C).
         assert!((pl.ledger.params as f64 / 1.749e11 - 1.0).abs() < 0.01);
         per_param.push(pl.ledger.state_bytes_per_param());
@@ -131,6 +131,53 @@ fn plans_a_175b_model_on_1024_ranks_without_allocating() {
 
 #[test]
 fn refuses_an_empty_grid() {
-    let e = ledger_sizes(&RunConfig::default(), VOCAB, PlanGrid { dp: 0 }).unwrap_err();
+    let e = ledger_sizes(&RunConfig::default(), VOCAB, PlanGrid::data_parallel(0)).unwrap_err();
     assert!(e.to_string().contains("at least 1"), "{e}");
+}
+
+#[test]
+fn tensor_parallel_plan_matches_each_ranks_ledger_and_bytes() {
+    use fp8lm_collectives::CountingComm;
+    let vocab = MarkovCorpus::new(0).vocab_size();
+    for (arch, p, tp, sp) in [
+        (Arch::Gpt2, Precision::Fp32, 2, false),
+        (Arch::Gpt2, Precision::Fp8O2, 2, true),
+        (Arch::Gpt2, Precision::Fp32, 4, true),
+        (Arch::Llama, Precision::Fp8O1, 2, false),
+        (Arch::Llama, Precision::Bf16, 4, true),
+        (Arch::Gpt2, Precision::Fp8O1, 4, true),
+    ] {
+        let mut cfg = small(arch, p);
+        cfg.model.channels = 128;
+        cfg.model.context = 32;
+        (cfg.dist.tensor_parallel, cfg.dist.sequence_parallel) = (tp, sp);
+        let grid = PlanGrid::of_config(&cfg);
+        let what = format!("{arch:?} {} T = {tp} SP {sp}", p.name());
+        let runs = run_ranks(tp, |c: &LocalComm| -> anyhow::Result<(LedgerSizes, u64)> {
+            let mut data = MarkovCorpus::new(cfg.seed);
+            let mut tr = Trainer::new_tp(&cfg, data.vocab_size(), c.rank())?;
+            let sizes = LedgerSizes::of_trainer(&tr);
+            let counting = CountingComm::new(c);
+            tr.train_step_tp(&mut data, &counting)?;
+            let b = counting.bytes();
+            Ok((
+                sizes,
+                b.all_reduce + b.reduce_scatter + b.all_gather + b.all_gather_fp8,
+            ))
+        })
+        .unwrap();
+        let planned = ledger_sizes(&cfg, vocab, grid).unwrap();
+        for (r, (measured, _)) in runs.iter().enumerate() {
+            assert_eq!(&planned, measured, "{what} rank {r}");
+        }
+        let pl = plan(&cfg, vocab, grid).unwrap();
+        let planned: u64 = pl.collectives.iter().map(|c| c.bytes).sum();
+        let most = runs.iter().map(|(_, b)| *b).max().unwrap();
+        let rel = (most as f64 - planned as f64).abs() / most as f64;
+        assert!(
+            rel < 0.01,
+            "{what}: planned {planned} B/step, measured {most} ({:?})",
+            pl.collectives
+        );
+    }
 }
