@@ -30,7 +30,9 @@ pub mod compare;
 pub mod config;
 pub mod config_file;
 pub mod data;
-pub mod distributed;
+pub mod parallel;
+/// The former name of [`parallel`], kept so existing paths resolve.
+pub use parallel as distributed;
 pub mod eval;
 pub mod model;
 pub mod rng;
@@ -42,7 +44,8 @@ pub mod agreement;
 pub mod bench;
 pub mod block_scales;
 pub mod checkpoint;
-pub mod ckpt_stream;
+/// The former path of [`checkpoint::stream`], kept so existing paths resolve.
+pub use checkpoint::stream as ckpt_stream;
 pub mod memory;
 pub mod metrics;
 pub mod plot;

@@ -185,7 +185,7 @@ pub struct Trainer {
     pub(crate) inputs: Vec<u32>,
     pub(crate) targets: Vec<u32>,
     /// Data-parallel state (see [`crate::distributed`]); `None` on a single-rank run.
-    pub(crate) dist: Option<Box<crate::distributed::DistState>>,
+    pub(crate) dist: Option<Box<crate::parallel::DistState>>,
 }
 
 /// The linear precision a run's config asks for (fp8-o2 computes like fp8-o1; it differs
@@ -395,8 +395,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// The training forward of `forward_backward` alone (the data-parallel step runs
-    /// the backward itself, overlapped with the reduction): checks the tokens, resets
+    /// The training forward (step 2 of `parallel::step`, which runs the backward itself,
+    /// overlapped with the reduction under data parallelism): checks the tokens, resets
     /// the GEMM timer, returns the loss and the time the forward ended.
     pub(crate) fn forward_train(&mut self, what: &str) -> Result<(f32, Instant)> {
         let d = self.model.dims;
@@ -408,19 +408,6 @@ impl Trainer {
             .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, true, wte)
             .expect("targets given");
         Ok((loss, Instant::now()))
-    }
-
-    /// Forward and backward on the batch already in `inputs`/`targets` (checked first;
-    /// `what` names it in errors). Returns the batch's mean loss, the instants the forward
-    /// and the backward finished, and the time spent inside GEMMs.
-    pub(crate) fn forward_backward(
-        &mut self,
-        what: &str,
-    ) -> Result<(f32, Instant, Instant, Duration)> {
-        let (loss, t1) = self.forward_train(what)?;
-        self.model.backward();
-        let t2 = Instant::now();
-        Ok((loss, t1, t2, self.model.take_gemm_time()))
     }
 
     /// The global gradient norm, then (unless `skip(norm)`) the optimizer's update with
@@ -455,69 +442,6 @@ impl Trainer {
                 .expect("the optimizer wrote these compute weights before");
         }
         (grad_norm, skipped)
-    }
-
-    /// One optimizer step on the next training batch.
-    pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
-        if let Some(dist) = &self.dist {
-            bail!(
-                "train_step: this trainer is rank {} of {} data-parallel ranks; call \
-                 train_step_dist with the communicator",
-                dist.rank,
-                dist.size
-            );
-        }
-        let d = self.model.dims;
-        // `grad_accum` micro-batches: each backward (of its own mean loss) adds to the
-        // gradients held; the sum is scaled by 1/k in the update (folded into
-        // grad_scale with the clip factor), so no buffer is rescaled. FP8 weight
-        // gradients accumulate in E5M2 (see `Linear::quantize_wgrad_acc`).
-        let k = self.cfg.grad_accum.max(1);
-        let t0 = Instant::now();
-        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
-            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        for micro in 0..k {
-            let ts = Instant::now();
-            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
-            self.model.set_accumulate(micro > 0);
-            let r = self.forward_backward("training batch");
-            self.model.set_accumulate(false);
-            let (l, t1, t2, g) = r?;
-            loss_sum += l as f64;
-            (fwd, bwd, gemm) = (fwd + (t1 - ts), bwd + (t2 - t1), gemm + g);
-        }
-        let loss = (loss_sum / k as f64) as f32;
-        let (t1, t2) = (t0 + fwd, t0 + fwd + bwd);
-        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
-        let clip = self.cfg.optim.grad_clip;
-        let (grad_norm, skipped) =
-            self.norm_and_update(lr, clip, k, |g| !loss.is_finite() || !g.is_finite());
-        if skipped {
-            self.skipped += 1;
-            tracing::warn!(
-                step = self.step,
-                loss,
-                grad_norm,
-                "non-finite loss or gradients: step skipped"
-            );
-        }
-        let t3 = Instant::now();
-        let stats = StepStats {
-            step: self.step,
-            loss,
-            grad_norm,
-            lr,
-            skipped,
-            tokens: k * d.b * d.t,
-            forward: t1 - t0,
-            backward: t2 - t1,
-            optimizer: t3 - t2,
-            gemm,
-            comm: Duration::ZERO,
-            comm_exposed: Duration::ZERO,
-        };
-        self.step += 1;
-        Ok(stats)
     }
 
     /// Mean validation loss over validation batches `0..batches` (no state changes; FP8
