@@ -184,8 +184,47 @@ pub struct Trainer {
     pub rng: Rng,
     pub(crate) inputs: Vec<u32>,
     pub(crate) targets: Vec<u32>,
-    /// Data-parallel state (see [`crate::distributed`]); `None` on a single-rank run.
+    /// Data-parallel state (see [`crate::parallel`]); `None` on a single-rank run.
     pub(crate) dist: Option<Box<crate::parallel::DistState>>,
+    /// fp8-o3 built for several ranks ([`Trainer::new_for_ranks`]): no optimizer state
+    /// yet; `enable_data_parallel` builds this rank's share.
+    pub(crate) zero_deferred: bool,
+}
+
+/// Overwrite `model`'s weights with the f32 view of the masters `Fp8Adam` would build
+/// from them (per FP8 linear weight: the configured master format with the power-of-two
+/// scale of the tensor's amax; the other tensors keep f32 masters, so stay unchanged),
+/// without building the optimizer. FP16 masters (FP8-LM's) are rounded chunk by chunk
+/// with the casts `Fp8Adam::push_tensor` uses (the same bits, tested); another format
+/// falls back to a throw-away optimizer over one tensor at a time.
+fn round_to_master_view(model: &mut Model, cfg: &Fp8AdamConfig) -> Result<()> {
+    use fp8lm_fp8::cast::{amax_f32, f16_to_f32_amax, f32_to_f16_amax};
+    use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
+    let metas = model.layout.metas.clone();
+    let [f_master, _, _] = cfg.formats();
+    let mut h = vec![half::f16::ZERO; 1 << 14];
+    for (i, meta) in metas.iter().enumerate() {
+        if model.linear_of_tensor[i].is_none() {
+            continue;
+        }
+        let p = &mut model.params[model.layout.range(i)];
+        if f_master != fp8lm_optim::StateFormat::F16 {
+            let mut one = Fp8Adam::empty(cfg.clone());
+            one.push_tensor(meta, p, true).map_err(anyhow::Error::msg)?;
+            continue;
+        }
+        let amax = amax_f32(p);
+        if !amax.is_finite() {
+            bail!("parameter {:?} has non-finite initial values", meta.name);
+        }
+        let s = scale_for_amax(65504.0, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
+        for c in p.chunks_mut(h.len()) {
+            let h = &mut h[..c.len()];
+            f32_to_f16_amax(c, s, h);
+            f16_to_f32_amax(h, 1.0 / s, c);
+        }
+    }
+    Ok(())
 }
 
 /// The linear precision a run's config asks for (fp8-o2 computes like fp8-o1; it differs
@@ -222,6 +261,16 @@ impl Trainer {
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
     /// key at fault.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
+        Self::new_for_ranks(cfg, vocab, 1)
+    }
+
+    /// [`Trainer::new`] for one of `ranks` data-parallel ranks. The same, except for
+    /// fp8-o3 on several ranks: no optimizer state is built here (the whole state would
+    /// be a transient the size of every rank's share together); the weights are rounded
+    /// in place to the master's view, as the single-rank optimizer would leave them, and
+    /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
+    /// step.
+    pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
         let dims = Dims::from_config(cfg, vocab)?;
         let precision = linear_precision(cfg)?;
         let o = &cfg.optim;
@@ -267,6 +316,11 @@ impl Trainer {
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            Precision::Fp8O3 if ranks > 1 => {
+                let mut model = Model::new(dims, precision, cfg.seed);
+                round_to_master_view(&mut model, &cfg8)?;
+                (model, Box::new(Fp8Adam::empty(cfg8)))
+            }
             Precision::Fp8O2 | Precision::Fp8O3 => {
                 let mut model = Model::new(dims, precision, cfg.seed);
                 let metas = model.layout.metas.clone();
@@ -293,6 +347,7 @@ impl Trainer {
             inputs: vec![0; rows],
             targets: vec![0; rows],
             dist: None,
+            zero_deferred: cfg.precision == Precision::Fp8O3 && ranks > 1,
         })
     }
 

@@ -35,8 +35,47 @@ pub struct CheckpointMeta {
     pub scaling: serde_json::Value,
     /// Any other state the trainer needs (e.g. loss history for the plot).
     pub extra: serde_json::Value,
-    /// Tensor files and their checksums.
+    /// Tensor files and their checksums (shard files included).
     pub files: BTreeMap<String, FileSum>,
+    /// The index of a sharded optimizer state (fp8-o3 under data parallelism: one file
+    /// per rank, see [`super::shard`]); `None` when the state is in
+    /// `optimizer.safetensors` (replicated precisions, and fp8-o3 checkpoints written
+    /// before sharding, whose units are in `extra.zero_units`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_shards: Option<ShardIndex>,
+}
+
+/// Which file holds which part of a sharded optimizer state, in `checkpoint.json`.
+///
+/// Ranks are identified by their coordinates in the process grid, `(dp, tp)`, as well
+/// as their global rank: today `tp` is always 0 of 1 (data parallelism only); when
+/// tensor parallelism shards the model, a tensor-parallel rank's units will name the
+/// slice of the full tensor they cover and resume will re-shard across both axes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    /// Ranks that wrote the checkpoint (`dp * tp`).
+    pub world_size: usize,
+    /// Data-parallel and tensor-parallel extents of the grid.
+    pub dp: usize,
+    pub tp: usize,
+    /// `dist.zero_partition` the units were cut by (`row-blocks`, `whole-tensor`).
+    pub partition: String,
+    /// One entry per rank, in rank order.
+    pub shards: Vec<ShardEntry>,
+}
+
+/// One rank's shard file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name inside the checkpoint directory (also listed in `files`).
+    pub file: String,
+    pub rank: usize,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    /// The units (tensors or row blocks) whose optimizer state the file holds: entries
+    /// `<unit>.master`, `.exp_avg`, `.exp_avg_sq` (with their `.scale` where scaled),
+    /// their `.amax` scalars and `<unit>.update_amax`; plus the optimizer's `step`.
+    pub units: Vec<crate::repartition::UnitSpan>,
 }
 
 pub(crate) fn crc_hex(bytes: &[u8]) -> String {

@@ -17,11 +17,12 @@
 pub mod format;
 pub mod fs;
 pub mod meta;
+pub mod shard;
 pub mod stream;
 
 pub use format::{read_safetensors_file, CkptDtype, CkptTensor};
 pub use fs::{list_checkpoints, resolve, step_dir_name, write_atomic};
-pub use meta::{CheckpointMeta, FileSum, FORMAT, META_FILE};
+pub use meta::{CheckpointMeta, FileSum, ShardEntry, ShardIndex, FORMAT, META_FILE};
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -115,7 +116,8 @@ pub(crate) fn safetensors_metadata(step: u64) -> BTreeMap<String, String> {
 }
 
 impl Checkpoint {
-    /// Load and verify a checkpoint. `path` may be a checkpoint directory, a folder of
+    /// Load and verify a checkpoint (every file's size and CRC-32; the tensors of every
+    /// group except a sharded optimizer state's, which stay on disk, see [`shard`]). `path` may be a checkpoint directory, a folder of
     /// checkpoints (the newest is taken) or a run directory (its `checkpoints/`).
     pub fn load(path: &Path) -> Result<Checkpoint> {
         let dir = resolve(path)?;
@@ -126,6 +128,14 @@ impl Checkpoint {
         let mut groups = BTreeMap::new();
         for (fname, sum) in &meta.files {
             let p = dir.join(fname);
+            // Optimizer shards are verified by streaming and read by range later, by
+            // the ranks that own their units (`shard::read_units`): never held whole.
+            if let Some(idx) = &meta.optimizer_shards {
+                if let Some(e) = idx.shards.iter().find(|e| &e.file == fname) {
+                    shard::verify_file(&p, sum, &shard::shard_owner(e, idx))?;
+                    continue;
+                }
+            }
             let bytes = std::fs::read(&p)
                 .with_context(|| format!("{}: missing or unreadable", p.display()))?;
             if bytes.len() as u64 != sum.bytes {
@@ -241,6 +251,7 @@ mod tests {
             scaling: serde_json::json!({"h.0.attn.w": {"scale": 0.5, "amax_history": [1.0, 2.5, 0.125]}}),
             extra: serde_json::json!({"losses": [5.5, 4.25]}),
             files: BTreeMap::new(),
+            optimizer_shards: None,
         };
         meta.config.max_steps = 1000;
         let mut ck = Checkpoint::new(meta);

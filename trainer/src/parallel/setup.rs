@@ -6,6 +6,8 @@ use super::grad_sync::group_plans;
 use super::overlap::resolve_overlap;
 use super::zero::Zero;
 use super::{comm_err, slices_mut, DistState, WGRAD};
+use crate::checkpoint::shard::read_units;
+use crate::checkpoint::Checkpoint;
 use crate::config::Precision;
 use crate::repartition::{repartition_state, NamedState, UnitSpan};
 use crate::train::Trainer;
@@ -14,6 +16,41 @@ use fp8lm_collectives::{
     fixed_mu, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, GradTally,
 };
 use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Optimizer};
+
+/// Where a resuming fp8-o3 rank takes its optimizer state from.
+pub enum ZeroState<'a> {
+    /// A whole optimizer state and the units it is cut into (checkpoints written before
+    /// sharding; tests).
+    Whole(&'a [NamedState], &'a [UnitSpan]),
+    /// A sharded checkpoint: the rank reads only its own units' ranges.
+    Sharded(&'a Checkpoint),
+}
+
+/// `opt`'s state entries as a template for [`repartition_state`]: names, kinds, formats,
+/// scales and shapes, without the data (which `repartition_state` never reads from the
+/// template).
+fn state_template(opt: &dyn Optimizer) -> Vec<NamedState> {
+    use fp8lm_optim::{StateRef, StateTensor};
+    let mut out = Vec::new();
+    opt.visit_state(&mut |name, st| {
+        let t = match st {
+            StateRef::F32(_) => StateTensor::F32(Vec::new()),
+            StateRef::F16 { scale, .. } => StateTensor::F16 {
+                data: Vec::new(),
+                scale,
+            },
+            StateRef::Fp8(t) => StateTensor::Fp8(fp8lm_fp8::ScaledFp8 {
+                data: Vec::new(),
+                shape: t.shape.clone(),
+                format: t.format,
+                scale: t.scale,
+            }),
+            StateRef::Scalar(x) => StateTensor::Scalar(x),
+        };
+        out.push((name.to_string(), t));
+    });
+    out
+}
 
 impl Trainer {
     /// Make this trainer rank `comm.rank()` of `comm.size()` data-parallel ranks (any
@@ -36,6 +73,39 @@ impl Trainer {
         &mut self,
         comm: &dyn Communicator,
         zero_state: Option<(&[NamedState], &[UnitSpan])>,
+    ) -> Result<()> {
+        self.enable_data_parallel_from(comm, zero_state.map(|(s, u)| ZeroState::Whole(s, u)))
+    }
+
+    /// [`Trainer::enable_data_parallel`] for a run resumed from `ck` (everything but the
+    /// optimizer state restored beforehand, as for
+    /// [`Trainer::enable_data_parallel_resume`]). For fp8-o3 the rank's optimizer state
+    /// comes from the checkpoint: from a sharded one, this rank reads only the ranges of
+    /// its own units ([`crate::checkpoint::shard::read_units`]); from one written before
+    /// sharding (the whole state in `optimizer.safetensors`), the whole state is loaded
+    /// and this rank keeps its units. Other precisions ignore `ck` here.
+    pub fn enable_data_parallel_from_checkpoint(
+        &mut self,
+        comm: &dyn Communicator,
+        ck: Option<&Checkpoint>,
+    ) -> Result<()> {
+        match ck {
+            Some(ck) if self.cfg.precision == Precision::Fp8O3 => {
+                if ck.meta.optimizer_shards.is_some() {
+                    self.enable_data_parallel_from(comm, Some(ZeroState::Sharded(ck)))
+                } else {
+                    let (st, units) = crate::snapshot::stored_optimizer_state(self, ck)?;
+                    self.enable_data_parallel_from(comm, Some(ZeroState::Whole(&st, &units)))
+                }
+            }
+            _ => self.enable_data_parallel_from(comm, None),
+        }
+    }
+
+    fn enable_data_parallel_from(
+        &mut self,
+        comm: &dyn Communicator,
+        zero_state: Option<ZeroState<'_>>,
     ) -> Result<()> {
         if self.cfg.grad_accum > 1 {
             bail!(
@@ -78,13 +148,32 @@ impl Trainer {
             // As fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest.
             let low: Vec<bool> = owned.iter().map(|&u| z.fp8_of_unit[u].is_some()).collect();
             let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
+            // The single-rank optimizer `Trainer::new` built (if any) goes first, so the
+            // whole state and this rank's share never coexist.
+            self.optimizer = Box::new(Fp8Adam::empty(ocfg.clone()));
+            self.zero_deferred = false;
             let mut ps = slices_mut(&mut self.model.params, &rs);
             let mut opt =
                 Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
-            match zero_state {
+            let new_units = z.spans(&owned);
+            let read;
+            let stored = match zero_state {
+                Some(ZeroState::Whole(s, u)) => Some((s, u)),
+                Some(ZeroState::Sharded(ck)) => {
+                    read = read_units(ck, &new_units).with_context(|| {
+                        format!(
+                            "fp8-o3 resume on rank {rank} of {size} from {}",
+                            ck.dir.display()
+                        )
+                    })?;
+                    Some((read.0.as_slice(), read.1.as_slice()))
+                }
+                None => None,
+            };
+            match stored {
                 Some((stored, old_units)) => {
-                    let template = opt.export_state();
-                    let new_units = z.spans(&owned);
+                    // Names and formats only: no copy of the state.
+                    let template = state_template(&opt);
                     let state = repartition_state(stored, old_units, &template, &new_units)
                         .with_context(|| format!("fp8-o3 resume on rank {rank} of {size}"))?;
                     opt.import_state(state)

@@ -89,6 +89,13 @@ impl Trainer {
         data: &mut dyn Dataset,
         mut dp: Option<(&mut DistState, &dyn Communicator)>,
     ) -> Result<StepStats> {
+        if self.zero_deferred && dp.is_none() {
+            bail!(
+                "train_step: this fp8-o3 trainer was built for several ranks \
+                 (Trainer::new_for_ranks) and holds no optimizer state yet; call \
+                 enable_data_parallel first"
+            );
+        }
         if let Some((dist, comm)) = &dp {
             if comm.size() != dist.size || comm.rank() != dist.rank {
                 bail!(

@@ -485,6 +485,14 @@ impl Trainer {
         Ok((out, Some(z.spans(&all_units))))
     }
 
+    /// fp8-o3: the units (tensors or row blocks) whose state this rank holds, as
+    /// checkpoints record them. `None` unless ZeRO is on.
+    pub fn zero_owned_spans(&self) -> Option<Vec<UnitSpan>> {
+        let dist = self.dist.as_ref()?;
+        let z = dist.zero.as_ref()?;
+        Some(z.spans(&z.owned(dist.rank)))
+    }
+
     /// fp8-o3: names of the units (tensors or row blocks) whose state this rank holds.
     pub fn zero_owned_units(&self) -> Option<Vec<String>> {
         let dist = self.dist.as_ref()?;
