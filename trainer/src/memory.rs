@@ -442,6 +442,107 @@ pub fn measure_peak(cfg: &RunConfig, vocab: usize, steps: usize) -> anyhow::Resu
     })
 }
 
+/// What [`measure_peak_zero`] saw on one fp8-o3 data-parallel rank.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ZeroPeakReport {
+    pub rank: usize,
+    pub ranks: usize,
+    pub params: usize,
+    /// This rank's optimizer + master state (`Optimizer::state_bytes`).
+    pub state_bytes: usize,
+    /// The whole optimizer state, every rank's share together (the partition's figures).
+    pub total_state_bytes: usize,
+    /// Peak resident set after start-up, the training steps and the evaluation.
+    pub peak_train_bytes: usize,
+    /// Peak resident set after the sharded checkpoint save too.
+    pub peak_bytes: usize,
+}
+
+impl ZeroPeakReport {
+    /// This rank's state over an even share of the whole (`state / N`).
+    pub fn share_ratio(&self) -> f64 {
+        self.state_bytes as f64 * self.ranks as f64 / self.total_state_bytes.max(1) as f64
+    }
+}
+
+/// [`measure_peak`] for fp8-o3 on one of `comm.size()` data-parallel ranks, as `fp8lm
+/// train` runs under `mpirun`: the trainer built for its rank count (no whole-state
+/// transient), `steps` steps and one evaluation, then a sharded checkpoint save into
+/// `dir` (every rank writes its own shard; removed after). Every rank must call it; run
+/// each rank in its own process (`fp8lm bench memory --ranks N` runs `mpirun` children)
+/// so each peak is the rank's own.
+pub fn measure_peak_zero(
+    cfg: &RunConfig,
+    vocab: usize,
+    steps: usize,
+    comm: &dyn fp8lm_collectives::Communicator,
+    dir: &std::path::Path,
+) -> anyhow::Result<ZeroPeakReport> {
+    let mut c = cfg.clone();
+    c.precision = crate::config::Precision::Fp8O3;
+    let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+    tr.enable_data_parallel(comm)?;
+    let mut data = RandomTokens {
+        vocab: tr.model().dims.v.min(vocab.max(1)),
+        state: 0x2545_F491_4F6C_DD1D,
+    };
+    for _ in 0..steps {
+        tr.train_step_dist(&mut data, comm)?;
+    }
+    tr.evaluate(&data, 1)?;
+    let no_peak = || anyhow::anyhow!("no /proc/self/status: peak resident memory unknown");
+    let peak_train_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
+    let saved = crate::snapshot::save_trainer_sharded(
+        &tr,
+        &data,
+        serde_json::Value::Null,
+        comm,
+        dir,
+        1,
+        &mut |_| Ok(()),
+    );
+    comm.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if comm.rank() == 0 {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    saved?;
+    let shares = tr.zero_rank_bytes().unwrap_or_default();
+    Ok(ZeroPeakReport {
+        rank: comm.rank(),
+        ranks: comm.size(),
+        params: tr.model().num_params(),
+        state_bytes: tr.optimizer().state_bytes(),
+        total_state_bytes: shares.iter().sum(),
+        peak_train_bytes,
+        peak_bytes: peak_resident_bytes().ok_or_else(no_peak)?,
+    })
+}
+
+/// The per-rank table of [`ZeroPeakReport`]s: optimizer + master state against an even
+/// share, and the peak resident set while training and after the checkpoint save.
+pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
+    let mb = |b: usize| b as f64 / 1e6;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:>4} {:>16} {:>16} {:>11} {:>19} {:>22}",
+        "rank", "state (MB)", "state/N (MB)", "state/(1/N)", "peak RSS train (MB)", "peak RSS +ckpt (MB)"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "  {:>4} {:>16.1} {:>16.1} {:>11.3} {:>19.1} {:>22.1}",
+            r.rank,
+            mb(r.state_bytes),
+            mb(r.total_state_bytes) / r.ranks.max(1) as f64,
+            r.share_ratio(),
+            mb(r.peak_train_bytes),
+            mb(r.peak_bytes)
+        );
+    }
+    s
+}
+
 /// The side-by-side table of [`PeakReport`]s: ledger total, measured peak, and the
 /// ledger's share of the peak.
 pub fn peak_table(rows: &[PeakReport]) -> String {
