@@ -213,7 +213,11 @@ fn memory(args: &ConfigArgs, ranks: usize, precisions: &str) -> Result<()> {
     // a checkpoint save, as `fp8lm train` does), peak resident set start-up included.
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for p in precisions.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for p in precisions
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let out = std::process::Command::new(&exe)
             .args(std::env::args_os().skip(1))
             .env(MEMORY_CHILD_ENV, p)

@@ -190,7 +190,10 @@ fn mpirun_four_rank_sharded_checkpoint_resumes_on_two_ranks() {
     let ck6 = run.join("checkpoints/step_00000006");
     for r in 0..2 {
         let f = format!("optim.rank-{r:04}-of-0002.safetensors");
-        assert!(ck6.join(&f).is_file(), "missing {f} after the 2-rank resume");
+        assert!(
+            ck6.join(&f).is_file(),
+            "missing {f} after the 2-rank resume"
+        );
     }
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -526,7 +526,12 @@ pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
     let _ = writeln!(
         s,
         "  {:>4} {:>16} {:>16} {:>11} {:>19} {:>22}",
-        "rank", "state (MB)", "state/N (MB)", "state/(1/N)", "peak RSS train (MB)", "peak RSS +ckpt (MB)"
+        "rank",
+        "state (MB)",
+        "state/N (MB)",
+        "state/(1/N)",
+        "peak RSS train (MB)",
+        "peak RSS +ckpt (MB)"
     );
     for r in rows {
         let _ = writeln!(

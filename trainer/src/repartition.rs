@@ -1,11 +1,12 @@
 //! Optimizer state across ZeRO partitions: the fp8-o3 checkpoint and its re-partitioning.
 //!
 //! fp8-o3 keeps each unit's optimizer state (a whole tensor, or a row block of a large
-//! one, see [`fp8lm_optim::zero`]) on one owner rank. A checkpoint gathers every owner's
-//! units to rank 0 and stores them unit by unit, each with its own scale, exactly as
-//! the owners held them, plus the unit list (`extra.zero_units`: name, tensor, element
-//! offset, length). So a resume on the same number of ranks copies every unit's bytes
-//! back and continues bit for bit.
+//! one, see [`fp8lm_optim::zero`]) on one owner rank. A checkpoint stores them unit by
+//! unit, each with its own scale, exactly as the owners held them: each owner in its own
+//! shard file, with the unit list in the shard index ([`crate::checkpoint::shard`]; older
+//! checkpoints gathered every unit into `optimizer.safetensors` with the list in
+//! `extra.zero_units`: name, tensor, element offset, length). So a resume on the same
+//! number of ranks copies every unit's bytes back and continues bit for bit.
 //!
 //! With a different number of ranks, or on one process (whole tensors, as fp8-o2), the
 //! units differ: the row blocks are cut to `1/(8N)` of the model. A unit whose name is

@@ -91,18 +91,37 @@
 //!
 //! ## Checkpoints
 //! Replicated precisions checkpoint rank 0's state (all ranks hold the same). fp8-o3
-//! gathers every owner's units ([`Trainer::gather_optimizer_state`]) and re-partitions
-//! them on resume, for the same or another number of ranks ([`crate::repartition`]).
+//! checkpoints are sharded ([`crate::checkpoint::shard`]): every rank streams its own
+//! units' state to its own file, rank 0 adds the model and the index; a resume reads,
+//! per rank, only the ranges of the units it owns under its partition, re-partitioned
+//! when the rank count changed ([`crate::repartition`]). At start-up
+//! ([`Trainer::new_for_ranks`]) a rank builds only its own share, so no rank ever holds
+//! the whole optimizer state. ([`Trainer::gather_optimizer_state`] still gathers it, for
+//! tests and tools; `fp8lm train` does not call it.)
+//!
+//! ## Map
+//! - [`step`](self::step): the one step path (`Trainer::train_step` on one rank,
+//!   `Trainer::train_step_dist` on many) and where tensor/sequence parallelism plug in;
+//! - `grad_sync`: replicated precisions' per-group reduction (FP8-LM all-reduce, f32
+//!   ring mean);
+//! - `zero`: fp8-o3's partition, packing of owner segments, reduce-scatter, owner update,
+//!   master all-gather;
+//! - `overlap`: the backward on a scoped thread handing finished groups to the
+//!   communicator's thread; `dist.overlap = "auto"`;
+//! - `setup`: `enable_data_parallel*` (config agreement, plans, this rank's share, resume
+//!   from whole or sharded state), accessors, the checkpointed `extra` state;
+//! - `bench`: the whole data-parallel loop and `fp8lm bench train --dist`.
 
 mod bench;
 mod grad_sync;
 mod overlap;
 mod setup;
-mod step;
+pub mod step;
 mod zero;
 
 pub use bench::{bench_train_dist, bench_train_dist_table, train_data_parallel, DistBench};
 pub use overlap::{mpi_local_ranks, rank_cores};
+pub use setup::ZeroState;
 pub use zero::{zero_imbalance_table, zero_partition, zero_partition_with};
 
 use crate::model::Model;

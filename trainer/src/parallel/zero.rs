@@ -431,7 +431,10 @@ impl Trainer {
         Some(z.part.rank_bytes.clone())
     }
 
-    /// The optimizer state a checkpoint stores, and (fp8-o3) the units it is cut into.
+    /// The whole optimizer state, and (fp8-o3) the units it is cut into: for tests and
+    /// tools that compare whole states. Under fp8-o3 it holds every rank's share on every
+    /// rank, so `fp8lm train` does not call it (its checkpoints are sharded, see
+    /// [`crate::snapshot::save_trainer_sharded`]).
     /// Replicated precisions: this rank's own state (every rank holds the same); no
     /// communication. fp8-o3: every owner's units, gathered to every rank (one length
     /// all-gather and one all-gather of the padded encoded states), `step` first, then
