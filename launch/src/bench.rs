@@ -281,8 +281,10 @@ fn memory_zero(ranks: usize) -> Result<()> {
         );
     }
     println!(
-        "fp8-o3 on {ranks} ranks (one mpirun process each; 2 steps, an evaluation, then a \
-         sharded checkpoint save; MB = 1e6 bytes):"
+        "fp8-o3 on {ranks} ranks (one mpirun process each; peak resident set after 2 steps \
+         and an evaluation, after a sharded checkpoint save too, and of a resume from it on \
+         a fresh trainer with one step; state: the rank's optimizer + master bytes; \
+         MB = 1e6 bytes):"
     );
     print!("{}", fp8lm_trainer::memory::zero_peak_table(&rows));
     Ok(())

@@ -456,6 +456,10 @@ pub struct ZeroPeakReport {
     pub peak_train_bytes: usize,
     /// Peak resident set after the sharded checkpoint save too.
     pub peak_bytes: usize,
+    /// Peak resident set of a resume from that checkpoint (a fresh trainer, the peak
+    /// counter reset first: `/proc/self/clear_refs`) and one step; `None` where the
+    /// counter cannot be reset.
+    pub peak_resume_bytes: Option<usize>,
 }
 
 impl ZeroPeakReport {
@@ -468,7 +472,8 @@ impl ZeroPeakReport {
 /// [`measure_peak`] for fp8-o3 on one of `comm.size()` data-parallel ranks, as `fp8lm
 /// train` runs under `mpirun`: the trainer built for its rank count (no whole-state
 /// transient), `steps` steps and one evaluation, then a sharded checkpoint save into
-/// `dir` (every rank writes its own shard; removed after). Every rank must call it; run
+/// `dir` (every rank writes its own shard), then a resume from it on a fresh trainer and
+/// one step (the checkpoint removed after). Every rank must call it; run
 /// each rank in its own process (`fp8lm bench memory --ranks N` runs `mpirun` children)
 /// so each peak is the rank's own.
 pub fn measure_peak_zero(
@@ -501,21 +506,39 @@ pub fn measure_peak_zero(
         1,
         &mut |_| Ok(()),
     );
+    let resumed = saved.and_then(|ck_dir| {
+        let peak_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
+        let shares = tr.zero_rank_bytes().unwrap_or_default();
+        let report = ZeroPeakReport {
+            rank: comm.rank(),
+            ranks: comm.size(),
+            params: tr.model().num_params(),
+            state_bytes: tr.optimizer().state_bytes(),
+            total_state_bytes: shares.iter().sum(),
+            peak_train_bytes,
+            peak_bytes,
+            peak_resume_bytes: None,
+        };
+        // The resume, as `fp8lm train --resume` under mpirun does it, from a fresh
+        // trainer (the old one freed) with the peak counter reset where Linux allows it.
+        drop(tr);
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let ck = crate::checkpoint::Checkpoint::load(&ck_dir)?;
+        let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+        crate::snapshot::restore_except_optimizer(&mut tr, &mut data, &ck)?;
+        tr.enable_data_parallel_from_checkpoint(comm, Some(&ck))?;
+        drop(ck);
+        tr.train_step_dist(&mut data, comm)?;
+        Ok(ZeroPeakReport {
+            peak_resume_bytes: if reset { peak_resident_bytes() } else { None },
+            ..report
+        })
+    });
     comm.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
     if comm.rank() == 0 {
         let _ = std::fs::remove_dir_all(dir);
     }
-    saved?;
-    let shares = tr.zero_rank_bytes().unwrap_or_default();
-    Ok(ZeroPeakReport {
-        rank: comm.rank(),
-        ranks: comm.size(),
-        params: tr.model().num_params(),
-        state_bytes: tr.optimizer().state_bytes(),
-        total_state_bytes: shares.iter().sum(),
-        peak_train_bytes,
-        peak_bytes: peak_resident_bytes().ok_or_else(no_peak)?,
-    })
+    resumed
 }
 
 /// The per-rank table of [`ZeroPeakReport`]s: optimizer + master state against an even
@@ -536,13 +559,15 @@ pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "  {:>4} {:>16.1} {:>16.1} {:>11.3} {:>19.1} {:>22.1}",
+            "  {:>4} {:>11.1} {:>13.1} {:>11.3} {:>16.1} {:>16.1} {:>17}",
             r.rank,
             mb(r.state_bytes),
             mb(r.total_state_bytes) / r.ranks.max(1) as f64,
             r.share_ratio(),
             mb(r.peak_train_bytes),
-            mb(r.peak_bytes)
+            mb(r.peak_bytes),
+            r.peak_resume_bytes
+                .map_or("-".to_string(), |b| format!("{:.1}", mb(b)))
         );
     }
     s

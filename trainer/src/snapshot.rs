@@ -461,7 +461,7 @@ pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Res
         let (stored, old) = stored_optimizer_state(tr, ck)?;
         let template = tr.optimizer().export_state();
         let new = whole_tensor_units(tr);
-        let state = crate::repartition::repartition_state(&stored, &old, &template, &new)
+        let state = crate::repartition::repartition_state_owned(stored, &old, &template, &new)
             .with_context(|| format!("{}: optimizer state", ck.dir.display()))?;
         tr.optimizer_mut()
             .import_state(state)

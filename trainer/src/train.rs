@@ -209,7 +209,7 @@ fn round_to_master_view(model: &mut Model, cfg: &Fp8AdamConfig) -> Result<()> {
         }
         let p = &mut model.params[model.layout.range(i)];
         if f_master != fp8lm_optim::StateFormat::F16 {
-            let mut one = Fp8Adam::empty(cfg.clone());
+            let mut one = Fp8Adam::empty(*cfg);
             one.push_tensor(meta, p, true).map_err(anyhow::Error::msg)?;
             continue;
         }

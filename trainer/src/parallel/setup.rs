@@ -9,7 +9,7 @@ use super::{comm_err, slices_mut, DistState, WGRAD};
 use crate::checkpoint::shard::read_units;
 use crate::checkpoint::Checkpoint;
 use crate::config::Precision;
-use crate::repartition::{repartition_state, NamedState, UnitSpan};
+use crate::repartition::{repartition_state, repartition_state_owned, NamedState, UnitSpan};
 use crate::train::Trainer;
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
@@ -150,34 +150,35 @@ impl Trainer {
             let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
             // The single-rank optimizer `Trainer::new` built (if any) goes first, so the
             // whole state and this rank's share never coexist.
-            self.optimizer = Box::new(Fp8Adam::empty(ocfg.clone()));
+            self.optimizer = Box::new(Fp8Adam::empty(ocfg));
             self.zero_deferred = false;
             let mut ps = slices_mut(&mut self.model.params, &rs);
             let mut opt =
                 Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
             let new_units = z.spans(&owned);
-            let read;
-            let stored = match zero_state {
-                Some(ZeroState::Whole(s, u)) => Some((s, u)),
+            // Names and formats only: no copy of the state.
+            let template = state_template(&opt);
+            let ctx = || format!("fp8-o3 resume on rank {rank} of {size}");
+            let state = match zero_state {
+                Some(ZeroState::Whole(stored, old_units)) => Some(
+                    repartition_state(stored, old_units, &template, &new_units)
+                        .with_context(ctx)?,
+                ),
                 Some(ZeroState::Sharded(ck)) => {
-                    read = read_units(ck, &new_units).with_context(|| {
-                        format!(
-                            "fp8-o3 resume on rank {rank} of {size} from {}",
-                            ck.dir.display()
-                        )
-                    })?;
-                    Some((read.0.as_slice(), read.1.as_slice()))
+                    // What this rank read is moved into its optimizer, not copied.
+                    let (stored, old_units) = read_units(ck, &new_units)
+                        .with_context(|| format!("{} from {}", ctx(), ck.dir.display()))?;
+                    Some(
+                        repartition_state_owned(stored, &old_units, &template, &new_units)
+                            .with_context(ctx)?,
+                    )
                 }
                 None => None,
             };
-            match stored {
-                Some((stored, old_units)) => {
-                    // Names and formats only: no copy of the state.
-                    let template = state_template(&opt);
-                    let state = repartition_state(stored, old_units, &template, &new_units)
-                        .with_context(|| format!("fp8-o3 resume on rank {rank} of {size}"))?;
+            match state {
+                Some(state) => {
                     opt.import_state(state)
-                        .map_err(|e| anyhow!("fp8-o3 resume on rank {rank} of {size}: {e}"))?;
+                        .map_err(|e| anyhow!("{}: {e}", ctx()))?;
                 }
                 None if self.step != 0 => bail!(
                     "fp8-o3: the trainer is at step {} but no optimizer state was given to \
