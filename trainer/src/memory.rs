@@ -548,13 +548,14 @@ pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "  {:>4} {:>16} {:>16} {:>11} {:>19} {:>22}",
+        "  {:>4} {:>11} {:>13} {:>11} {:>16} {:>16} {:>17}",
         "rank",
         "state (MB)",
         "state/N (MB)",
-        "state/(1/N)",
-        "peak RSS train (MB)",
-        "peak RSS +ckpt (MB)"
+        "state/(s/N)",
+        "peak train (MB)",
+        "peak +ckpt (MB)",
+        "peak resume (MB)"
     );
     for r in rows {
         let _ = writeln!(
@@ -673,6 +674,32 @@ mod tests {
         assert!(
             r.contains("fp8-o2") && r.contains("bf16") && r.contains("e4m3"),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn zero_peak_rows_compare_each_rank_with_an_even_share() {
+        let row = |rank, state_bytes| ZeroPeakReport {
+            rank,
+            ranks: 4,
+            params: 100,
+            state_bytes,
+            total_state_bytes: 4_000_000,
+            peak_train_bytes: 9_000_000,
+            peak_bytes: 9_500_000,
+            peak_resume_bytes: None,
+        };
+        assert_eq!(row(0, 1_000_000).share_ratio(), 1.0);
+        assert_eq!(row(1, 1_150_000).share_ratio(), 1.15);
+        let t = zero_peak_table(&[row(0, 1_000_000), row(1, 1_150_000)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].contains("peak resume (MB)"), "{t}");
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["1", "1.1", "1.0", "1.150", "9.0", "9.5", "-"],
+            "{t}"
         );
     }
 
