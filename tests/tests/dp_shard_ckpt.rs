@@ -113,7 +113,10 @@ fn resume(cfg: &RunConfig, ranks: usize, dir: &Path, steps: usize) -> Vec<Resume
         tr.enable_data_parallel_from_checkpoint(c, Some(&ck))?;
         tr.restore_dist_extra(&ck.meta.extra)?;
         let mine = tr.zero_owned_spans().unwrap();
-        let read_numel = read_units(&ck, &mine)?.1.iter().map(|u| u.numel).sum();
+        let read_numel = match ck.meta.optimizer_shards {
+            Some(_) => read_units(&ck, &mine)?.1.iter().map(|u| u.numel).sum(),
+            None => 0,
+        };
         let state0 = tr.gather_optimizer_state(c)?;
         let mut losses = vec![];
         for _ in 0..steps {
@@ -423,4 +426,44 @@ fn a_rank_failing_while_saving_fails_every_rank_and_leaves_no_checkpoint() {
     }
     let left: Vec<_> = std::fs::read_dir(&d.0).unwrap().collect();
     assert!(left.is_empty(), "a failed save left {left:?}");
+}
+
+/// Checkpoints written before sharding (every owner's units gathered into
+/// `optimizer.safetensors`, their list in `extra.zero_units`) still resume, through the
+/// same entry point `fp8lm train` uses, bit for bit on the same number of ranks.
+#[test]
+fn a_gathered_checkpoint_of_the_old_format_still_resumes_bit_identically() {
+    let cfg = small();
+    let d = Dir::new("oldformat");
+    let out = run_ranks(4, |c: &LocalComm| -> anyhow::Result<_> {
+        let mut data = MarkovCorpus::new(cfg.seed);
+        let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+        tr.enable_data_parallel(c)?;
+        let (mut losses, mut saved) = (vec![], None);
+        for s in 0..6 {
+            losses.push(tr.train_step_dist(&mut data, c)?.loss);
+            if s == 2 {
+                let (opt, units) = tr.gather_optimizer_state(c)?;
+                if c.rank() == 0 {
+                    let extra = serde_json::Value::Object(tr.dist_checkpoint_extra());
+                    let ck = snapshot::capture_with_state(&tr, &data, extra, opt, units);
+                    saved = Some(ck.save(&d.0, 3)?);
+                }
+            }
+        }
+        Ok((losses, tr.weights_f32_all(), saved))
+    })
+    .unwrap();
+    let dir = out[0].2.clone().unwrap();
+    let ck = Checkpoint::load(&dir).unwrap();
+    assert!(ck.meta.optimizer_shards.is_none() && ck.groups.contains_key("optimizer"));
+    let res = resume(&cfg, 4, &dir, 3);
+    for (r, x) in res.iter().enumerate() {
+        assert_eq!(bits(&x.losses), bits(&out[0].0[3..]), "rank {r}");
+        assert_eq!(
+            bits(&x.params),
+            bits(&out[0].1),
+            "rank {r}: final weights differ"
+        );
+    }
 }
