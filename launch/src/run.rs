@@ -458,6 +458,13 @@ fn train_ranked(
         }
     }
 
+    // The checkpoint's tensors are in the trainer now: keep only its metadata, so the
+    // loaded bytes (the model, a replicated optimizer state) are not resident all run.
+    let ck = ck.map(|mut c| {
+        c.groups.clear();
+        c
+    });
+
     // 2. The run directory (rank 0 only). Read (and so validate) metrics.jsonl first;
     // only then write, remove or move anything.
     let metrics_path = run_dir.join("metrics.jsonl");
