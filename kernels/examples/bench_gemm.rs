@@ -1,5 +1,6 @@
 //! Prints GEMM throughput of ours (FP8, bf16, f32) and of the f32 GEMM crates on the
-//! issue's shapes: `cargo run --release -p fp8lm-kernels --example bench_gemm [ms-per-case]`.
+//! issue's shapes: `cargo run --release -p fp8lm-kernels --features baselines --example bench_gemm
+//! [ms-per-case]` (the crates are the `baselines` feature's optional dependencies).
 //! With `BENCH_BACKWARD=1`, also the two backward GEMMs (FP8 E5M2 x E4M3 vs our f32).
 //! Environment: `RAYON_NUM_THREADS` / `MATMUL_NUM_THREADS` set the thread counts,
 //! `FP8LM_GEMM_ISA=avx2|scalar` forces a slower kernel of ours, `FP8LM_GEMM=fma` the FMA

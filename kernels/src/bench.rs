@@ -1,6 +1,12 @@
 //! GEMM throughput: our FP8, bf16 and f32 GEMMs against the f32 GEMMs of the `gemm` and
 //! `matrixmultiply` crates, measured in the same run on the same data.
 //!
+//! The two crates are baselines only, so they are optional dependencies behind the cargo
+//! feature `baselines` (which the `fp8lm` binary turns on for `fp8lm bench gemm`): a
+//! library user of `fp8lm-kernels` does not build them. Without the feature the report
+//! has our rows only and [`GemmBenchReport::checks`] leaves out the comparison with the
+//! crates.
+//!
 //! [`gemm_bench`]: the forward GEMM of a linear layer, `out[M,N] = inp[M,K] @ W[N,K]^T`
 //! (`trans_b`), for every implementation (the crates get the same strides). FP8 is
 //! E4M3 x E4M3 as in the forward pass. [`gemm_bench_backward`]: the two backward GEMMs
@@ -150,10 +156,6 @@ fn time_interleaved(budget: Duration, cases: &mut [Case<'_>]) -> Vec<(Duration, 
 /// (implementation, shape). The shapes are `(M, N, K)`.
 pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBenchReport {
     let threads = rayon::current_num_threads();
-    let mm_threads = std::env::var("MATMUL_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut rows = Vec::new();
     for &(m, n, k) in shapes {
         let a32 = data(m * k, 1);
@@ -176,11 +178,9 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
             scale,
         };
         // Each case owns its output so the closures can coexist.
-        let mut cs: Vec<Vec<f32>> = (0..6).map(|_| vec![0f32; m * n]).collect();
+        let mut cs: Vec<Vec<f32>> = (0..4).map(|_| vec![0f32; m * n]).collect();
         let mut cs = cs.iter_mut();
-        let (c0, c1, c2, c3, c4, c5) = (
-            cs.next().unwrap(),
-            cs.next().unwrap(),
+        let (c0, c1, c2, c5) = (
             cs.next().unwrap(),
             cs.next().unwrap(),
             cs.next().unwrap(),
@@ -212,65 +212,9 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
                 threads,
                 Box::new(move || Cpu.gemm(s, MatRef::F32(a32), MatRef::F32(b32), c2, false)),
             ),
-            (
-                "gemm-crate",
-                "f32",
-                threads,
-                Box::new(move || {
-                    // SAFETY: the pointers and strides describe a32 [m,k], b32 [n,k] read
-                    // as its transpose [k,n] (row stride 1, column stride k), and c [m,n].
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            n,
-                            k,
-                            c3.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            a32.as_ptr(),
-                            1,
-                            k as isize,
-                            b32.as_ptr(),
-                            k as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::Rayon(threads),
-                        )
-                    }
-                }),
-            ),
-            (
-                "matrixmultiply",
-                "f32",
-                mm_threads,
-                Box::new(move || {
-                    // SAFETY: as above (matrixmultiply takes row and column strides).
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            m,
-                            k,
-                            n,
-                            1.0,
-                            a32.as_ptr(),
-                            k as isize,
-                            1,
-                            b32.as_ptr(),
-                            1,
-                            k as isize,
-                            0.0,
-                            c4.as_mut_ptr(),
-                            n as isize,
-                            1,
-                        )
-                    }
-                }),
-            ),
         ];
+        #[cfg(feature = "baselines")]
+        cases.extend(baseline_cases((m, n, k), threads, a32, b32));
         push_rows(&mut rows, (m, n, k), "fwd", budget, &mut cases);
     }
     GemmBenchReport {
@@ -279,6 +223,83 @@ pub fn gemm_bench(shapes: &[(usize, usize, usize)], budget: Duration) -> GemmBen
         path: GemmPath::detect().name(),
         load_average: load_average(),
     }
+}
+
+/// The f32 GEMMs of the `gemm` and `matrixmultiply` crates on `a32 [m,k] @ b32 [n,k]^T`
+/// (cargo feature `baselines`; each case owns its output). `matrixmultiply` sizes its
+/// own thread pool: `MATMUL_NUM_THREADS`, else every core.
+#[cfg(feature = "baselines")]
+fn baseline_cases<'a>(
+    (m, n, k): (usize, usize, usize),
+    threads: usize,
+    a32: &'a [f32],
+    b32: &'a [f32],
+) -> Vec<Case<'a>> {
+    let mm_threads = std::env::var("MATMUL_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (mut c3, mut c4) = (vec![0f32; m * n], vec![0f32; m * n]);
+    vec![
+        (
+            "gemm-crate",
+            "f32",
+            threads,
+            Box::new(move || {
+                // SAFETY: the pointers and strides describe a32 [m,k], b32 [n,k] read
+                // as its transpose [k,n] (row stride 1, column stride k), and c [m,n].
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c3.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a32.as_ptr(),
+                        1,
+                        k as isize,
+                        b32.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(threads),
+                    )
+                }
+            }),
+        ),
+        (
+            "matrixmultiply",
+            "f32",
+            mm_threads,
+            Box::new(move || {
+                // SAFETY: as above (matrixmultiply takes row and column strides).
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a32.as_ptr(),
+                        k as isize,
+                        1,
+                        b32.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        c4.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    )
+                }
+            }),
+        ),
+    ]
 }
 
 /// Time `cases` (interleaved) and append their rows.

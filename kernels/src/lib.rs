@@ -1,11 +1,23 @@
-//! # fp8lm-kernels: the op set
+//! # fp8lm-kernels: the op set, per backend
 //!
-//! The model (in `fp8lm-trainer`) is written once against the traits here; each backend
-//! implements them. Today the model runs on one backend, [`Cpu`]. The CUDA backend
-//! (`cuda` module, cargo feature `cuda`) has device op methods shaped like these traits
-//! but does not implement them yet, the model does not call it, and it has never run on
-//! a GPU (see its module docs for what is checked without one).
+//! The model (in `fp8lm-trainer`: `model::gpt`, `model::linear`) and the trainer's step
+//! are written once against [`Backend`]; they hold an `Arc<dyn Backend>` chosen when
+//! the model is built (`Model::new_on`, the run config's `backend` key) and never name
+//! a backend type. Two backends implement it:
+//! - [`Cpu`], the default: rayon, AVX-512/AVX2/portable picked at run time, FP8/bf16
+//!   GEMMs on AMX or AVX512-BF16 when present;
+//! - [`Reference`]: scalar loops on one thread, the oracle the fast one is tested
+//!   against (`tests/backends.rs` here op by op, `trainer/tests/backends.rs` by
+//!   training the model on both).
 //!
+//! The CUDA backend (`cuda` module, cargo feature `cuda`) has device op methods shaped
+//! like these traits but does not implement [`Backend`] yet, the model does not call
+//! it, and it has never run on a GPU (see its module docs for what is checked without
+//! one).
+//!
+//! - [`Backend`] ([`backend`]): [`GemmOps`] + [`LayerOps`] + the rest of a step: FP8 /
+//!   bf16 casts returning amax and saturation / underflow counts, FP8 and FP16 decodes,
+//!   sums of squares for the global gradient norm, block-scaled GEMMs.
 //! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
 //!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
 //!   O(mk + kn), not O(mnk). Outputs f32 ([`GemmOps::gemm`], optionally `C +=`), bf16
@@ -16,16 +28,26 @@
 //!   residual, rotary embeddings, causal attention, softmax cross-entropy), f32 at every
 //!   precision level, forward and backward side by side in [`layers`]; generic over f32/f64
 //!   so every backward is checked against finite differences in f64.
+//! - [`Tensor`] ([`tensor`]): storage, shape, dtype and scaling together, so an FP8
+//!   tensor's scale and amax stay with its bytes (what `Linear` keeps in FP8).
 //! - [`bench`](mod@bench): GEMM throughput of ours against the `gemm` and `matrixmultiply` crates
 //!   (`cargo run --release -p fp8lm-kernels --example bench_gemm`).
 //!
-//! The seam is deliberately narrow: host slices in, host slices out, shapes explicit.
+//! Storage is host memory today (both backends run on the CPU): op arguments are host
+//! slices with explicit shapes; [`tensor::Storage`] has room for a device variant.
 
+pub mod backend;
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gemm;
 pub mod layers;
+pub mod reference;
+pub mod tensor;
+
+pub use backend::{default_backend, Backend, BackendKind, Fp8CastResult};
+pub use reference::Reference;
+pub use tensor::{DType, Scaling, Storage, Tensor};
 
 pub use gemm::{
     path_calls, set_path_override, GemmOps, GemmPath, GemmShape, Isa, MatRef, PathCalls,

@@ -2,8 +2,9 @@
 //! the start-up check of the `device` config key.
 //!
 //! The model does not run on the CUDA backend yet (its kernels, cuBLASLt GEMM and NCCL
-//! collectives exist in `fp8lm_kernels::cuda` and `fp8lm_collectives::nccl`; the model's
-//! backend seam they plug into does not), so `device = "cuda[:N]"` is refused at start,
+//! collectives exist in `fp8lm_kernels::cuda` and `fp8lm_collectives::nccl`, but the
+//! CUDA backend does not implement the model's seam, `fp8lm_kernels::Backend`, which
+//! works on host memory today), so `device = "cuda[:N]"` is refused at start,
 //! saying why, after checking what it can: the feature, the driver, the GPU index.
 
 use anyhow::Result;
@@ -146,7 +147,8 @@ fn cuda_refusal(n: usize, device: &str) -> String {
         .to_string(),
         Ok(_) => {
             "the model does not run on the CUDA backend yet (its kernels, cuBLASLt GEMM and NCCL \
-                  collectives exist; the model's backend seam does not)"
+                  collectives exist; it does not implement the model's backend seam, \
+                  kernels::Backend, yet)"
                 .to_string()
         }
     };

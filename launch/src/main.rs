@@ -13,6 +13,7 @@ mod compare;
 mod devices;
 mod dist;
 mod inspect;
+mod plan;
 
 mod progress;
 mod report;
@@ -163,6 +164,15 @@ enum Cmd {
     /// CUDA support of this binary: GPUs, compute capability, driver, NVRTC, cuBLASLt and
     /// NCCL versions, or exactly which library is missing.
     Devices,
+    /// Each rank's memory by category and the bytes each collective sends per step, for
+    /// the config's model on `dist.data_parallel` ranks, without allocating the model.
+    Plan {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Plan every precision (fp32, bf16, fp8-o1, fp8-o2, fp8-o3) and compare them.
+        #[arg(long)]
+        all: bool,
+    },
     /// Benchmarks that print figures (GEMM, casts, a training step, memory, all-reduce).
     Bench {
         #[command(subcommand)]
@@ -263,6 +273,7 @@ fn main() {
         }
         Cmd::Devices => devices::devices(),
         Cmd::Bench { which } => bench::run(which),
+        Cmd::Plan { cfg, all } => plan::run(&cfg, all),
         Cmd::Report { runs, out } => report::report(&runs, &out),
         Cmd::Compare {
             cfg,

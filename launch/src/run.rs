@@ -396,6 +396,15 @@ fn train_ranked(
     });
     let comm: Option<&dyn Communicator> = watchdog.as_ref().map(|w| w as &dyn Communicator);
     let root = comm.is_none_or(|c| c.rank() == 0);
+    let ranks = comm.map_or(1, |c| c.size());
+    let dp = cfg.dist.data_parallel;
+    if dp != 0 && dp != ranks {
+        return Err(UsageError(format!(
+            "dist.data_parallel = {dp} but this job has {ranks} rank(s): launch it with \
+             `mpirun -n {dp} fp8lm train ...`, or leave dist.data_parallel at 0 (= the ranks)"
+        ))
+        .into());
+    }
     if let Some(c) = comm {
         // Name the differing keys and each rank's value (the trainer's own check only
         // compares hashes).

@@ -251,6 +251,9 @@ impl ZeroPartition {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
+    /// Data-parallel replicas D. 0 (default): as many as the job has ranks. Set, it must
+    /// equal them (checked at start-up, naming both), and `fp8lm plan` plans for it.
+    pub data_parallel: usize,
     /// `auto` (default), `on` or `off`: see [`Overlap`].
     pub overlap: Overlap,
     /// Seconds a rank may wait in one collective before the watchdog ends the job, naming
@@ -264,6 +267,7 @@ pub struct DistConfig {
 impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
+            data_parallel: 0,
             overlap: Overlap::Auto,
             timeout_s: 300,
             zero_partition: ZeroPartition::default(),
@@ -332,6 +336,9 @@ pub struct RunConfig {
     pub batch: usize,
     /// "cpu", "cuda" or "cuda:N" (see [`Device::parse`]).
     pub device: String,
+    /// The host backend the model's ops run on: "cpu" (fast, the default) or
+    /// "reference" (the scalar oracle; see `fp8lm_kernels::BackendKind`).
+    pub backend: String,
     /// Micro-batches of `batch` sequences per optimizer step (gradients accumulated
     /// over them; see `Trainer::train_step`). 1 = no accumulation.
     pub grad_accum: usize,
@@ -360,6 +367,7 @@ impl Default for RunConfig {
             tokenizer: "byte".into(),
             batch: 32,
             device: "cpu".into(),
+            backend: "cpu".into(),
             grad_accum: 1,
             model: ModelConfig::default(),
             optim: OptimConfig::default(),
@@ -433,6 +441,8 @@ impl RunConfig {
         pos("batch", self.batch)?;
         Device::parse(&self.device)
             .map_err(|allowed| bad("device", format!("{:?}", self.device), allowed))?;
+        fp8lm_kernels::BackendKind::parse(&self.backend)
+            .map_err(|allowed| bad("backend", format!("{:?}", self.backend), allowed))?;
         pos("grad_accum", self.grad_accum)?;
         if self.eval_every > 0 {
             pos("eval_batches", self.eval_batches)?;

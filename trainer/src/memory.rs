@@ -112,7 +112,11 @@ impl MemoryLedger {
     /// Record an optimizer's state: master weights, moments, and its per-tensor scalars
     /// (counted with the master, which they mostly scale).
     pub fn add_optimizer(&mut self, opt: &dyn Optimizer, formats: [&str; 3]) {
-        let s = opt.state_breakdown();
+        self.add_state_bytes(opt.state_breakdown(), formats);
+    }
+
+    /// [`MemoryLedger::add_optimizer`] from the figures alone.
+    pub fn add_state_bytes(&mut self, s: fp8lm_optim::StateBytes, formats: [&str; 3]) {
         self.add(
             Category::MasterWeights,
             format!("{} master weights (optimizer)", formats[0]),
@@ -203,42 +207,46 @@ impl MemoryLedger {
     }
 }
 
-impl MemoryLedger {
-    /// The ledger of a constructed trainer: the model's flat weights and gradients, each
-    /// linear layer's precision buffers, the activation arena and the optimizer's state.
-    /// (Small buffers, e.g. token ids and the rotary table, are not listed.)
-    pub fn for_trainer(tr: &Trainer) -> MemoryLedger {
+/// The sizes the ledger is made of, one figure per entry, in bytes. Filled either from
+/// a constructed trainer's buffers ([`LedgerSizes::of_trainer`]) or from the config alone
+/// without allocating (`crate::plan`); [`LedgerSizes::ledger`] turns either into the same
+/// [`MemoryLedger`], so a planned ledger and a measured one are the same code and can be
+/// compared entry by entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerSizes {
+    pub precision: Precision,
+    pub params: usize,
+    /// f32 weights in the model (every tensor, except fp8-o2's linear weights).
+    pub f32_params: usize,
+    /// E5M2 weight gradients of the FP8 linears, and the f32 gradients of the rest.
+    pub fp8_grads: usize,
+    pub f32_grads: usize,
+    /// The FP8 linears' one-layer f32 dW scratch (tied head + largest block linear).
+    pub wgrad_scratch: usize,
+    pub e4m3_weights: usize,
+    pub activations: usize,
+    pub backward_scratch: usize,
+    pub e4m3_inputs: usize,
+    /// The shared E5M2 output gradient of the widest FP8 linear.
+    pub e5m2_dy: usize,
+    pub bf16_inputs: usize,
+    /// bf16 runs: the per-thread GEMM tiles of the largest layer.
+    pub bf16_tiles: usize,
+    pub optimizer: fp8lm_optim::StateBytes,
+}
+
+impl LedgerSizes {
+    /// The sizes of a constructed trainer's buffers: the model's flat weights and
+    /// gradients, each linear layer's precision buffers, the activation arena and the
+    /// optimizer's state. (Small buffers, e.g. token ids and the rotary table, are not
+    /// listed.)
+    pub fn of_trainer(tr: &Trainer) -> LedgerSizes {
         let model = tr.model();
-        let n = model.num_params();
         let precision = tr.cfg.precision;
-        let mut l = MemoryLedger::new(n);
-        // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
-        // rank's ZeRO share (after `Trainer::enable_data_parallel`).
-        let o2 = matches!(precision, Precision::Fp8O2 | Precision::Fp8O3);
-        // f32 weights in the model: every tensor, except fp8-o2's linear weights (their
-        // E4M3 copy, written by the optimizer, is the only weight the layers see).
         let f32_params: usize = (0..model.layout.metas.len())
             .filter(|&i| model.param_is_f32(i))
             .map(|i| 4 * model.layout.metas[i].numel())
             .sum();
-        match precision {
-            Precision::Fp8O2 => l.add(
-                Category::ComputeWeights,
-                "f32 weights of norms/biases/positions (layers' copy)",
-                f32_params,
-            ),
-            Precision::Fp8O3 => l.add(
-                Category::ComputeWeights,
-                "f32 view of the masters (shared by the owners)",
-                f32_params,
-            ),
-            _ => l.add(
-                Category::MasterWeights,
-                "f32 weights (the master, read by the layers)",
-                f32_params,
-            ),
-        }
-        // Gradients as the optimizer receives them: E5M2 for FP8 linears, f32 otherwise.
         let (mut fp8_grads, mut f32_grads) = (0usize, 0usize);
         for (i, lin) in model.linear_of_tensor.iter().enumerate() {
             let numel = model.layout.metas[i].numel();
@@ -247,17 +255,6 @@ impl MemoryLedger {
                 _ => f32_grads += 4 * numel,
             }
         }
-        l.add(
-            Category::Gradients,
-            "FP8 E5M2 weight gradients (linears)",
-            fp8_grads,
-        );
-        l.add(Category::Gradients, "f32 gradients", f32_grads);
-        l.add(
-            Category::Workspace,
-            "f32 dW scratch, cast to E5M2 (tied head + largest block linear)",
-            model.wgrad_scratch_bytes(),
-        );
         let (mut w8, mut a8, mut b16) = (0, 0, 0);
         for lin in &model.linears {
             let m = lin.memory();
@@ -267,45 +264,110 @@ impl MemoryLedger {
                 b16 + m.bf16_cache,
             );
         }
-        l.add(Category::ComputeWeights, "E4M3 weight copies (linears)", w8);
-        l.add(
-            Category::Activations,
-            "f32 activations kept for the backward (and logits)",
-            model.activation_bytes(),
-        );
-        l.add(
-            Category::Workspace,
-            "f32 activation-gradient scratch of one layer",
-            model.backward_scratch_bytes(),
-        );
-        l.add(Category::Activations, "E4M3 linear inputs (for dW)", a8);
         let rows = model.dims.b * model.dims.t;
-        l.add(
-            Category::Workspace,
-            "E5M2 output gradient of one linear (shared)",
+        let bf16_tiles = if precision == Precision::Bf16 {
             model
+                .linears
+                .iter()
+                .map(|li| crate::model::linear::bf16_tile_bytes(rows, li.c, li.oc))
+                .max()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        LedgerSizes {
+            precision,
+            params: model.num_params(),
+            f32_params,
+            fp8_grads,
+            f32_grads,
+            wgrad_scratch: model.wgrad_scratch_bytes(),
+            e4m3_weights: w8,
+            activations: model.activation_bytes(),
+            backward_scratch: model.backward_scratch_bytes(),
+            e4m3_inputs: a8,
+            e5m2_dy: model
                 .linears
                 .iter()
                 .map(|li| li.fp8_dy_bytes(rows))
                 .max()
                 .unwrap_or(0),
-        );
-        l.add(Category::Activations, "bf16 linear inputs (for dW)", b16);
-        if precision == Precision::Bf16 {
-            let rows = model.dims.b * model.dims.t;
-            let tiles = model
-                .linears
-                .iter()
-                .map(|li| crate::model::linear::bf16_tile_bytes(rows, li.c, li.oc))
-                .max()
-                .unwrap_or(0);
-            l.add(
-                Category::Workspace,
-                "bf16 GEMM tiles (weight, dy, output; one thread)",
-                tiles,
-            );
+            bf16_inputs: b16,
+            bf16_tiles,
+            optimizer: tr.optimizer().state_breakdown(),
         }
-        let formats = if o2 {
+    }
+
+    /// The ledger: every size filed under its category, with its format in the label.
+    pub fn ledger(&self) -> MemoryLedger {
+        let s = self;
+        let mut l = MemoryLedger::new(s.params);
+        match s.precision {
+            Precision::Fp8O2 => l.add(
+                Category::ComputeWeights,
+                "f32 weights of norms/biases/positions (layers' copy)",
+                s.f32_params,
+            ),
+            // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
+            // rank's ZeRO share (after `Trainer::enable_data_parallel`).
+            Precision::Fp8O3 => l.add(
+                Category::ComputeWeights,
+                "f32 view of the masters (shared by the owners)",
+                s.f32_params,
+            ),
+            _ => l.add(
+                Category::MasterWeights,
+                "f32 weights (the master, read by the layers)",
+                s.f32_params,
+            ),
+        }
+        l.add(
+            Category::Gradients,
+            "FP8 E5M2 weight gradients (linears)",
+            s.fp8_grads,
+        );
+        l.add(Category::Gradients, "f32 gradients", s.f32_grads);
+        l.add(
+            Category::Workspace,
+            "f32 dW scratch, cast to E5M2 (tied head + largest block linear)",
+            s.wgrad_scratch,
+        );
+        l.add(
+            Category::ComputeWeights,
+            "E4M3 weight copies (linears)",
+            s.e4m3_weights,
+        );
+        l.add(
+            Category::Activations,
+            "f32 activations kept for the backward (and logits)",
+            s.activations,
+        );
+        l.add(
+            Category::Workspace,
+            "f32 activation-gradient scratch of one layer",
+            s.backward_scratch,
+        );
+        l.add(
+            Category::Activations,
+            "E4M3 linear inputs (for dW)",
+            s.e4m3_inputs,
+        );
+        l.add(
+            Category::Workspace,
+            "E5M2 output gradient of one linear (shared)",
+            s.e5m2_dy,
+        );
+        l.add(
+            Category::Activations,
+            "bf16 linear inputs (for dW)",
+            s.bf16_inputs,
+        );
+        l.add(
+            Category::Workspace,
+            "bf16 GEMM tiles (weight, dy, output; one thread)",
+            s.bf16_tiles,
+        );
+        let formats = if matches!(s.precision, Precision::Fp8O2 | Precision::Fp8O3) {
             [
                 "f16 (linears) / f32",
                 "e4m3 (linears) / f32",
@@ -314,8 +376,15 @@ impl MemoryLedger {
         } else {
             ["-", "f32", "f32"]
         };
-        l.add_optimizer(tr.optimizer(), formats);
+        l.add_state_bytes(s.optimizer, formats);
         l
+    }
+}
+
+impl MemoryLedger {
+    /// The ledger of a constructed trainer ([`LedgerSizes::of_trainer`]).
+    pub fn for_trainer(tr: &Trainer) -> MemoryLedger {
+        LedgerSizes::of_trainer(tr).ledger()
     }
 }
 

@@ -19,7 +19,7 @@ use crate::data::Dataset;
 use crate::repartition::{NamedState, UnitSpan, ZERO_UNITS_KEY};
 use crate::train::Trainer;
 
-fn scale_state_json(s: &ScaleState) -> Value {
+pub(crate) fn scale_state_json(s: &ScaleState) -> Value {
     json!({
         "format": format!("{:?}", s.format),
         "scale": s.scale,
@@ -30,7 +30,7 @@ fn scale_state_json(s: &ScaleState) -> Value {
     })
 }
 
-fn restore_scale_state(name: &str, s: &mut ScaleState, v: &Value) -> Result<()> {
+pub(crate) fn restore_scale_state(name: &str, s: &mut ScaleState, v: &Value) -> Result<()> {
     let f = |k: &str| -> Result<f32> {
         v.get(k)
             .and_then(Value::as_f64)
@@ -78,7 +78,7 @@ fn state_to_tensor(name: &str, st: &StateTensor) -> CkptTensor {
     }
 }
 
-fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor> {
+pub(crate) fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<StateTensor> {
     let n = t.numel();
     let want = match template {
         StateTensor::F32(v) => v.len(),

@@ -13,8 +13,9 @@ use crate::model::{CastStats, Dims, LinearPrecision, Model};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use fp8lm_fp8::{ScaleState, ScalingRecipe};
+use fp8lm_kernels::Backend;
 use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer};
-use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one step did.
@@ -61,88 +62,25 @@ pub fn lr_at(o: &OptimConfig, step: u64, max_steps: usize) -> f32 {
 }
 
 /// Global L2 norm over all gradient tensors (FP8 ones decoded), accumulated in f64 in a
-/// fixed order.
+/// fixed order, on the default backend ([`global_grad_norm_on`] takes one).
 pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
+    global_grad_norm_on(&*fp8lm_kernels::default_backend(), grads)
+}
+
+/// [`global_grad_norm`] with the sums of squares on `be` ([`Backend::sum_squares_f32`];
+/// FP8 gradients as `sum decode^2 / scale^2`, [`Backend::sum_squares_fp8`]).
+pub fn global_grad_norm_on(be: &dyn Backend, grads: &[Grad<'_>]) -> f32 {
     let sq: f64 = grads
         .iter()
         .map(|g| match g {
-            Grad::F32(s) => s
-                .par_chunks(16384)
-                .map(sum_squares_f64)
-                .collect::<Vec<_>>()
-                .iter()
-                .sum::<f64>(),
+            Grad::F32(s) => be.sum_squares_f32(s),
             Grad::Fp8(t) => {
-                // Exact and fast: histogram the codes, then sum count * value^2.
-                let hist = t
-                    .data
-                    .par_chunks(1 << 16)
-                    .map(|c| {
-                        // Four interleaved sub-histograms: gradient codes cluster, and
-                        // one histogram would chain each increment on the previous one
-                        // through memory (store-to-load latency, ~5 cycles a byte).
-                        let mut h4 = [[0u32; 256]; 4];
-                        let quads = c.chunks_exact(4);
-                        let rest = quads.remainder();
-                        for q in quads {
-                            h4[0][q[0] as usize] += 1;
-                            h4[1][q[1] as usize] += 1;
-                            h4[2][q[2] as usize] += 1;
-                            h4[3][q[3] as usize] += 1;
-                        }
-                        rest.iter().for_each(|&b| h4[0][b as usize] += 1);
-                        let mut h = [0u64; 256];
-                        for (i, x) in h.iter_mut().enumerate() {
-                            *x = h4.iter().map(|s| s[i] as u64).sum();
-                        }
-                        h
-                    })
-                    .reduce(
-                        || [0u64; 256],
-                        |mut a, b| {
-                            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                            a
-                        },
-                    );
-                let table = fp8lm_fp8::cast::decode_table(t.format);
                 let inv = 1.0 / t.scale as f64;
-                // (empty bins skipped: the NaN codes' values would poison the sum)
-                let s: f64 = hist
-                    .iter()
-                    .zip(table)
-                    .filter(|(&n, _)| n > 0)
-                    .map(|(&n, &v)| n as f64 * (v as f64).powi(2))
-                    .sum();
-                s * inv * inv
+                be.sum_squares_fp8(&t.data, t.format) * inv * inv
             }
         })
         .sum();
     sq.sqrt() as f32
-}
-
-/// `sum x^2` in f64 over 16 interleaved partial sums (fixed order, so deterministic): a
-/// single running f64 sum is one dependent add per element (~4 cycles each, ~80 ms a
-/// step at 124M parameters); independent lanes vectorise and pipeline.
-fn sum_squares_f64(c: &[f32]) -> f64 {
-    const LANES: usize = 16;
-    let mut acc = [0f64; LANES];
-    let blocks = c.chunks_exact(LANES);
-    let rest = blocks.remainder();
-    for (i, b) in blocks.enumerate() {
-        // One read stream per thread leaves DRAM idle without a software prefetch
-        // (as in the fp8 crate's casts).
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching is a hint; it never faults, whatever the address.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().wrapping_add(i * LANES + 1024) as *const i8);
-        }
-        for (a, &x) in acc.iter_mut().zip(b) {
-            *a += (x as f64) * (x as f64);
-        }
-    }
-    let tail: f64 = rest.iter().map(|&x| (x as f64) * (x as f64)).sum();
-    acc.iter().sum::<f64>() + tail
 }
 
 /// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
@@ -259,9 +197,14 @@ impl Trainer {
     /// FP8-LM optimizer for `precision = "fp8-o2"` (which also rounds the initial weights
     /// to its FP16 master, so the model computes with what the optimizer holds). `vocab` is the
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
-    /// key at fault.
+    /// key at fault. The model runs on the backend `cfg.backend` names.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
         Self::new_for_ranks(cfg, vocab, 1)
+    }
+
+    /// [`Trainer::new`] on backend `be` (any [`Backend`]; `cfg.backend` is ignored).
+    pub fn new_on(cfg: &RunConfig, vocab: usize, be: Arc<dyn Backend>) -> Result<Trainer> {
+        Self::new_on_for_ranks(cfg, vocab, be, 1)
     }
 
     /// [`Trainer::new`] for one of `ranks` data-parallel ranks. The same, except for
@@ -271,6 +214,19 @@ impl Trainer {
     /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
     /// step.
     pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
+        let be = fp8lm_kernels::BackendKind::parse(&cfg.backend)
+            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
+            .instance();
+        Self::new_on_for_ranks(cfg, vocab, be, ranks)
+    }
+
+    /// [`Trainer::new_for_ranks`] on backend `be`.
+    pub fn new_on_for_ranks(
+        cfg: &RunConfig,
+        vocab: usize,
+        be: Arc<dyn Backend>,
+        ranks: usize,
+    ) -> Result<Trainer> {
         let dims = Dims::from_config(cfg, vocab)?;
         let precision = linear_precision(cfg)?;
         let o = &cfg.optim;
@@ -303,11 +259,14 @@ impl Trainer {
             Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
                 let layout = crate::model::Layout::new(&dims);
                 let mut opt = Fp8Adam::empty(cfg8);
-                let mut model =
-                    Model::new_fp8_compute(dims, precision, cfg.seed, &mut |i, values, low| {
-                        opt.push_tensor(&layout.metas[i], values, low)
-                    })
-                    .map_err(anyhow::Error::msg)?;
+                let mut model = Model::new_fp8_compute_on(
+                    be,
+                    dims,
+                    precision,
+                    cfg.seed,
+                    &mut |i, values, low| opt.push_tensor(&layout.metas[i], values, low),
+                )
+                .map_err(anyhow::Error::msg)?;
                 model
                     .write_compute_weights(&opt)
                     .map_err(anyhow::Error::msg)?;
@@ -317,12 +276,12 @@ impl Trainer {
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
             Precision::Fp8O3 if ranks > 1 => {
-                let mut model = Model::new(dims, precision, cfg.seed);
+                let mut model = Model::new_on(be, dims, precision, cfg.seed);
                 round_to_master_view(&mut model, &cfg8)?;
                 (model, Box::new(Fp8Adam::empty(cfg8)))
             }
             Precision::Fp8O2 | Precision::Fp8O3 => {
-                let mut model = Model::new(dims, precision, cfg.seed);
+                let mut model = Model::new_on(be, dims, precision, cfg.seed);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
                 let (mut params, _) = model.params_and_grads();
@@ -331,7 +290,7 @@ impl Trainer {
                 (model, Box::new(opt))
             }
             _ => {
-                let model = Model::new(dims, precision, cfg.seed);
+                let model = Model::new_on(be, dims, precision, cfg.seed);
                 let opt = AdamW::new(&model.layout.metas, hyper);
                 (model, Box::new(opt))
             }
@@ -477,10 +436,11 @@ impl Trainer {
         micro: usize,
         skip: impl FnOnce(f32) -> bool,
     ) -> (f32, bool) {
+        let be = self.model.backend().clone();
         let (mut outs, grads) = self.model.outs_and_grads();
         let inv = 1.0 / micro.max(1) as f32;
         // (x * 1.0 == x: one micro-batch gives exactly the un-accumulated figures.)
-        let grad_norm = global_grad_norm(&grads) * inv;
+        let grad_norm = global_grad_norm_on(&*be, &grads) * inv;
         let skipped = skip(grad_norm);
         if !skipped {
             let scale = clip_scale(grad_norm, clip) * inv;

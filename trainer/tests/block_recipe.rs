@@ -111,9 +111,9 @@ fn block_linear_within_tile_bounds_of_fp32_with_ragged_edges() {
         let f = lin.fp8.as_ref().unwrap();
         // Grids of the ragged shapes: x [24, 200] in 1x128 -> 24 x 2; w [136, 200] in
         // 128x128 -> 2 x 2; dy [24, 136] in 1x128 -> 24 x 2.
-        assert_eq!(f.x.block_scales.len(), 24 * 2);
-        assert_eq!(f.w.block_scales.len(), 2 * 2);
-        assert_eq!(f.dy.block_scales.len(), 24 * 2);
+        assert_eq!(f.x.block_scales().len(), 24 * 2);
+        assert_eq!(f.w.block_scales().len(), 2 * 2);
+        assert_eq!(f.dy.block_scales().len(), 24 * 2);
         let (smin, smax) = f.x.stats.block_scales.unwrap();
         assert!(
             smax / smin >= 512.0,
@@ -123,9 +123,9 @@ fn block_linear_within_tile_bounds_of_fp32_with_ragged_edges() {
             f.x.stats.overflow + f.w.stats.overflow + f.dy.stats.overflow,
             0
         );
-        let sx = |r, k| tile_scale(&f.x.block_scales, n, c, ACT_BLOCK, r, k);
-        let sw = |r, k| tile_scale(&f.w.block_scales, oc, c, WEIGHT_BLOCK, r, k);
-        let sdy = |r, k| tile_scale(&f.dy.block_scales, n, oc, ACT_BLOCK, r, k);
+        let sx = |r, k| tile_scale(f.x.block_scales(), n, c, ACT_BLOCK, r, k);
+        let sw = |r, k| tile_scale(f.w.block_scales(), oc, c, WEIGHT_BLOCK, r, k);
+        let sdy = |r, k| tile_scale(f.dy.block_scales(), n, oc, ACT_BLOCK, r, k);
         let (x, w, dy) = (&cs.x, &cs.w, &cs.dy);
         for i in 0..n {
             for j in 0..oc {

@@ -70,8 +70,21 @@ fn decode(b: &BlockFp8<'_>, rows: usize, cols: usize, what: &str) -> Vec<f32> {
 }
 
 /// `C = op(A) @ op(B)` (or `+=` with `accumulate`) with f32 accumulation, as
-/// [`GemmOps::gemm`], where either operand may be block-scaled.
+/// [`GemmOps::gemm`], where either operand may be block-scaled (on [`Cpu`]).
 pub fn gemm_block_scaled(
+    shape: GemmShape,
+    a: BlockOperand<'_>,
+    b: BlockOperand<'_>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    gemm_block_scaled_on(&Cpu, shape, a, b, c, accumulate)
+}
+
+/// [`gemm_block_scaled`] whose f32 GEMM runs on `be` (the default of
+/// `Backend::gemm_blocks`).
+pub fn gemm_block_scaled_on<G: GemmOps + ?Sized>(
+    be: &G,
     shape: GemmShape,
     a: BlockOperand<'_>,
     b: BlockOperand<'_>,
@@ -104,7 +117,7 @@ pub fn gemm_block_scaled(
             MatRef::F32(&b32)
         }
     };
-    Cpu.gemm(shape, a, b, c, accumulate);
+    be.gemm(shape, a, b, c, accumulate);
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //!
 //! Every op has its forward and backward side by side, written once as a generic function
 //! over [`Real`] (`f32` for training, `f64` for the finite-difference tests that check
-//! every backward). The model calls them through [`LayerOps`] (f32, object safe), the
-//! second half of the backend seam next to [`crate::GemmOps`].
+//! every backward). The model calls them through [`LayerOps`] (f32, object safe), part
+//! of the backend seam [`crate::Backend`] next to [`crate::GemmOps`]; the `Reference`
+//! backend runs this same generic code in f64 as its oracle.
 //!
 //! All of these stay in f32 at every precision level (FP8-LM keeps norms, softmax,
 //! attention scores, residuals and the loss in high precision); only the linear layers'

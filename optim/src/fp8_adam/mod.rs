@@ -185,6 +185,33 @@ struct TensorState {
 }
 
 /// AdamW with FP16 master weights, FP8 first moment and FP16 second moment (by default).
+///
+/// On its own, over any f32 parameters: here it fits one tensor to a target, with the
+/// gradients handed over in FP8 (E5M2 with a scale), as FP8-LM's model hands them.
+///
+/// ```
+/// use fp8lm_fp8::{Fp8Format, ScaledFp8};
+/// use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer, ParamMeta};
+///
+/// let n = 256;
+/// let target: Vec<f32> = (0..n).map(|i| ((i % 17) as f32 - 8.0) / 16.0).collect();
+/// let mut w = vec![0f32; n];
+/// let meta = ParamMeta { name: "w".into(), shape: vec![n], weight_decay: false };
+/// let hyper = AdamWHyper { weight_decay: 0.0, ..AdamWHyper::default() };
+/// let mut opt = Fp8Adam::new(&[meta], &mut [&mut w[..]], Fp8AdamConfig::fp8_lm(hyper)).unwrap();
+/// // 2 B FP16 master + 1 B E4M3 first moment + 2 B FP16 second moment per parameter.
+/// let b = opt.state_breakdown();
+/// assert_eq!((b.master, b.exp_avg, b.exp_avg_sq), (2 * n, n, 2 * n));
+/// for _ in 0..300 {
+///     // d/dw of 0.5 |w - target|^2, cast to E5M2 with a current scale.
+///     let g: Vec<f32> = w.iter().zip(&target).map(|(w, t)| w - t).collect();
+///     let (g8, _amax) = ScaledFp8::quantize_current(&g, &[n], Fp8Format::E5M2, 0);
+///     opt.step(&mut [&mut w[..]], &[Grad::Fp8(&g8)], 1e-2, 1.0);
+/// }
+/// // `w` is the exact f32 view of the FP16 master after every step.
+/// let err = w.iter().zip(&target).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+/// assert!(err < 0.02, "fits the target to within 0.02: {err}");
+/// ```
 #[derive(Clone, Debug)]
 pub struct Fp8Adam {
     cfg: Fp8AdamConfig,

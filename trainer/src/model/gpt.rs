@@ -9,14 +9,19 @@
 //! ```
 //! Norms, attention, residuals and the loss are f32 in every mode; only the four linears
 //! per block and the LM head change precision (see [`super::linear`]).
+//!
+//! Every op runs on the model's backend handle (`Arc<dyn Backend>`, chosen at
+//! construction: [`Model::new_on`]; the other constructors take the default), which it
+//! shares with its linears; no backend type is named here.
 
 use super::linear::{Linear, LinearPrecision};
 use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
 use fp8lm_kernels::layers::attention::rope_table;
-use fp8lm_kernels::{Cpu, LayerOps};
+use fp8lm_kernels::{default_backend, Backend};
 use fp8lm_optim::{Fp8Written, Grad, Optimizer, ParamOut};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Rotary base (LLaMA).
 const ROPE_THETA: f64 = 10000.0;
@@ -186,7 +191,9 @@ fn two_mut(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn norm_forward(
+    be: &dyn Backend,
     arch: Arch,
     out: &mut [f32],
     mean: &mut [f32],
@@ -196,13 +203,14 @@ fn norm_forward(
     b: Option<&[f32]>,
 ) {
     match (arch, b) {
-        (Arch::Gpt2, Some(b)) => Cpu.layernorm_forward(out, mean, rstd, inp, w, b),
-        _ => Cpu.rmsnorm_forward(out, rstd, inp, w),
+        (Arch::Gpt2, Some(b)) => be.layernorm_forward(out, mean, rstd, inp, w, b),
+        _ => be.rmsnorm_forward(out, rstd, inp, w),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn norm_backward(
+    be: &dyn Backend,
     arch: Arch,
     dinp: &mut [f32],
     dw: &mut [f32],
@@ -214,36 +222,9 @@ fn norm_backward(
     rstd: &[f32],
 ) {
     match (arch, db) {
-        (Arch::Gpt2, Some(db)) => Cpu.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd),
-        _ => Cpu.rmsnorm_backward(dinp, dw, dout, inp, w, rstd),
+        (Arch::Gpt2, Some(db)) => be.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd),
+        _ => be.rmsnorm_backward(dinp, dw, dout, inp, w, rstd),
     }
-}
-
-/// `out[r] = wte[tok] / scale (+ wpe[pos])` from an FP16 embedding: the same values and
-/// additions as `encoder_forward` on the f32 view (`f16 / scale` is exact for a
-/// power-of-two scale).
-fn encoder_forward_f16(
-    out: &mut [f32],
-    tokens: &[u32],
-    wte: &[half::f16],
-    scale: f32,
-    wpe: Option<&[f32]>,
-    t: usize,
-    c: usize,
-) {
-    use rayon::prelude::*;
-    assert_eq!(out.len(), tokens.len() * c);
-    let inv = 1.0 / scale;
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-        let tok = tokens[r] as usize;
-        fp8lm_fp8::cast::f16_to_f32_amax(&wte[tok * c..(tok + 1) * c], inv, o);
-        if let Some(wpe) = wpe {
-            let pos = r % t;
-            for (o, &p) in o.iter_mut().zip(&wpe[pos * c..(pos + 1) * c]) {
-                *o += p;
-            }
-        }
-    });
 }
 
 /// [`Model::new_fp8_compute`]'s callback: (tensor index, its initial values, whether it
@@ -306,6 +287,8 @@ pub struct FinalGrads<'a> {
 /// tensors stored elsewhere are never written (nor read), so their pages are never
 /// touched and never become resident (`vec![0.0; n]` is a fresh zero mapping).
 pub struct Model {
+    /// The backend every op runs on (shared with the linears).
+    be: Arc<dyn Backend>,
     pub dims: Dims,
     pub layout: Layout,
     /// Flat f32 weights `[layout.total]`, the compute copy the layers read (see above
@@ -336,10 +319,21 @@ pub struct Model {
 
 impl Model {
     /// A model whose every weight is f32 in `params`, GPT-2 initialised (`seed`).
+    /// On the default backend ([`Model::new_on`] chooses one).
     pub fn new(dims: Dims, precision: LinearPrecision, seed: u64) -> Model {
+        Self::new_on(default_backend(), dims, precision, seed)
+    }
+
+    /// [`Model::new`] on backend `be`.
+    pub fn new_on(
+        be: Arc<dyn Backend>,
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+    ) -> Model {
         let layout = Layout::new(&dims);
         let params = layout.init(&dims, seed);
-        Self::assemble(dims, layout, params, precision, false)
+        Self::assemble(be, dims, layout, params, precision, false)
     }
 
     /// fp8-o2's model: the FP8 linears' weights get no f32 storage. Every tensor is
@@ -350,6 +344,17 @@ impl Model {
     /// full-precision copy of the model). The E4M3 weights are then written by the
     /// optimizer ([`Model::write_compute_weights`]).
     pub fn new_fp8_compute(
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<Model, String> {
+        Self::new_fp8_compute_on(default_backend(), dims, precision, seed, on_tensor)
+    }
+
+    /// [`Model::new_fp8_compute`] on backend `be`.
+    pub fn new_fp8_compute_on(
+        be: Arc<dyn Backend>,
         dims: Dims,
         precision: LinearPrecision,
         seed: u64,
@@ -371,7 +376,7 @@ impl Model {
         }
         let layout = Layout::new(&dims);
         let params = vec![0f32; layout.total];
-        let mut m = Self::assemble(dims, layout, params, precision, true);
+        let mut m = Self::assemble(be, dims, layout, params, precision, true);
         let mut rng = crate::rng::Rng::new(seed);
         let mut scratch = std::mem::take(&mut m.wgrad_f32);
         for i in 0..m.layout.metas.len() {
@@ -390,6 +395,7 @@ impl Model {
     }
 
     fn assemble(
+        be: Arc<dyn Backend>,
         dims: Dims,
         layout: Layout,
         params: Vec<f32>,
@@ -408,7 +414,8 @@ impl Model {
                 ("mlp.proj", bp.fprojw, f, c),
             ] {
                 linear_of_tensor[w] = Some(linears.len());
-                linears.push(Linear::new(
+                linears.push(Linear::new_on(
+                    be.clone(),
                     format!("h.{l}.{name}"),
                     cin,
                     oc,
@@ -418,7 +425,14 @@ impl Model {
             }
         }
         linear_of_tensor[layout.head] = Some(linears.len());
-        linears.push(Linear::new("lm_head".into(), c, dims.v, rows, precision));
+        linears.push(Linear::new_on(
+            be.clone(),
+            "lm_head".into(),
+            c,
+            dims.v,
+            rows,
+            precision,
+        ));
         let fp8 = matches!(precision, LinearPrecision::Fp8 { .. });
         for lin in &mut linears {
             lin.weight_from_optimizer = weights_from_optimizer;
@@ -430,6 +444,7 @@ impl Model {
             .unwrap_or(0);
         let wgrad_len = if fp8 { dims.v * c + block_max } else { 0 };
         Model {
+            be,
             grads: vec![0f32; layout.total],
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
@@ -449,6 +464,11 @@ impl Model {
             linears,
             linear_of_tensor,
         }
+    }
+
+    /// The backend this model (and its linears) run on.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.be
     }
 
     /// Whether the next backward adds its gradients to those held (gradient
@@ -571,6 +591,7 @@ impl Model {
         let wte_stored = self.param_is_f32(self.layout.wte);
         let keep = self.acts.keep_linear_inputs;
         let Model {
+            be,
             params,
             layout: lay,
             linears,
@@ -578,9 +599,10 @@ impl Model {
             rope,
             ..
         } = self;
+        let be: &dyn Backend = &**be;
         let p = |i: usize| &params[lay.range(i)];
         match (wte_stored, wte_f16) {
-            (true, _) => Cpu.encoder_forward(
+            (true, _) => be.encoder_forward(
                 &mut a.encoded[..n * c],
                 inputs,
                 p(lay.wte),
@@ -588,7 +610,7 @@ impl Model {
                 t,
                 c,
             ),
-            (false, Some((wte, scale))) => encoder_forward_f16(
+            (false, Some((wte, scale))) => be.encoder_forward_f16(
                 &mut a.encoded[..n * c],
                 inputs,
                 wte,
@@ -618,6 +640,7 @@ impl Model {
                 at_mut(&mut a.ln1_rstd, l, bt, n),
             );
             norm_forward(
+                be,
                 d.arch,
                 ln1,
                 ln1_mean,
@@ -629,21 +652,22 @@ impl Model {
             let qkv = at_mut(&mut a.qkv, l, bt * 3 * c, n * 3 * c);
             lin[0].forward(qkv, ln1, p(bp.qkvw), bp.qkvb.map(p), n, record);
             if d.arch == Arch::Llama {
-                Cpu.rope_forward(qkv, rope, t, c, d.h);
+                be.rope_forward(qkv, rope, t, c, d.h);
             }
             let atty = at_mut(&mut a.atty, l, s_c, n * c);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
-            Cpu.attention_forward(atty, att, qkv, t, c, d.h);
+            be.attention_forward(atty, att, qkv, t, c, d.h);
             let attproj = &mut a.attproj[..n * c];
             lin[1].forward(attproj, atty, p(bp.projw), bp.projb.map(p), n, record);
             let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
-            Cpu.residual_forward(residual2, residual, attproj);
+            be.residual_forward(residual2, residual, attproj);
             let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
             let (ln2_mean, ln2_rstd) = (
                 at_mut(&mut a.ln2_mean, l, bt, n),
                 at_mut(&mut a.ln2_rstd, l, bt, n),
             );
             norm_forward(
+                be,
                 d.arch,
                 ln2,
                 ln2_mean,
@@ -656,12 +680,12 @@ impl Model {
             lin[2].forward(fch, ln2, p(bp.fcw), bp.fcb.map(p), n, record);
             let fch_act = at_mut(&mut a.fch_act, l, s_f, n * f);
             match d.arch {
-                Arch::Gpt2 => Cpu.gelu_forward(fch_act, fch),
-                Arch::Llama => Cpu.swiglu_forward(fch_act, fch, f),
+                Arch::Gpt2 => be.gelu_forward(fch_act, fch),
+                Arch::Llama => be.swiglu_forward(fch_act, fch, f),
             }
             let fcproj = &mut a.fcproj[..n * c];
             lin[3].forward(fcproj, fch_act, p(bp.fprojw), bp.fprojb.map(p), n, record);
-            Cpu.residual_forward(&mut cur[..n * c], residual2, fcproj);
+            be.residual_forward(&mut cur[..n * c], residual2, fcproj);
         }
         let last = at(&a.residual3, l_n - 1, bt * c, n * c);
         let (lnf, lnf_mean, lnf_rstd) = (
@@ -670,6 +694,7 @@ impl Model {
             &mut a.lnf_rstd[..n],
         );
         norm_forward(
+            be,
             d.arch,
             lnf,
             lnf_mean,
@@ -682,12 +707,11 @@ impl Model {
         linears[4 * l_n].forward(logits, lnf, p(lay.head), None, n, record);
         let targets = targets?;
         assert_eq!(targets.len(), n);
-        Cpu.softmax_xent_forward(logits, &mut a.losses[..n], targets);
+        be.softmax_xent_forward(logits, &mut a.losses[..n], targets);
         self.inputs[..n].copy_from_slice(inputs);
         self.targets[..n].copy_from_slice(targets);
         self.last_bt = Some((b, t));
-        let sum: f64 = a.losses[..n].iter().map(|&x| x as f64).sum();
-        Some((sum / n as f64) as f32)
+        Some(be.mean_f64(&a.losses[..n]) as f32)
     }
 
     /// Gradients of the mean loss of the last forward (with targets) into `grads`
@@ -769,6 +793,7 @@ impl Model {
         let fp8 = !self.wgrad_f32.is_empty();
         let keep = self.acts.keep_linear_inputs;
         let Model {
+            be,
             params,
             grads,
             wgrad_f32,
@@ -784,6 +809,7 @@ impl Model {
         // tied head's part waits for the embedding's scatter-add at the end).
         let (head_scratch, block_scratch) = wgrad_f32.split_at_mut(if fp8 { d.v * c } else { 0 });
         let lay: &Layout = lay;
+        let be: &dyn Backend = &**be;
         let p = |i: usize| &params[lay.range(i)];
         let (inputs, targets) = (&inputs[..n], &targets[..n]);
         // Flat buffer: [embeddings | block 0 | ... | block L-1 | final norm (+ head)].
@@ -809,7 +835,7 @@ impl Model {
 
         // loss and LM head: dlogits[n,V] in place of the probabilities
         let dlogits = &mut a.logits[..n * d.v];
-        Cpu.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
+        be.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
         let dlnf = &mut a.dln[..n * c];
         let dhead = if fp8 {
             &mut head_scratch[..]
@@ -828,6 +854,7 @@ impl Model {
             lay.nfb.map(|i| local(i, head_base)),
         );
         norm_backward(
+            be,
             d.arch,
             dres,
             dw,
@@ -890,8 +917,8 @@ impl Model {
             let fch = at(&a.fch, l, bt * fc, n * fc);
             let dfch = &mut a.dfch[..n * fc];
             match d.arch {
-                Arch::Gpt2 => Cpu.gelu_backward(dfch, fch, dfch_act),
-                Arch::Llama => Cpu.swiglu_backward(dfch, fch, dfch_act, f),
+                Arch::Gpt2 => be.gelu_backward(dfch, fch, dfch_act),
+                Arch::Llama => be.swiglu_backward(dfch, fch, dfch_act, f),
             }
             let dln = &mut a.dln[..n * c];
             let (dw, db) = two_mut(grads, rng(bp.fcw), bp.fcb.map(rng));
@@ -912,6 +939,7 @@ impl Model {
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
             let residual2 = at(&a.residual2, l, bt * c, n * c);
             norm_backward(
+                be,
                 d.arch,
                 dres,
                 dw,
@@ -942,9 +970,9 @@ impl Model {
             let qkv = at(&a.qkv, l, bt * 3 * c, n * 3 * c);
             let att = at(&a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
             let dqkv = &mut a.dqkv[..n * 3 * c];
-            Cpu.attention_backward(dqkv, datty, qkv, att, t, c, d.h);
+            be.attention_backward(dqkv, datty, qkv, att, t, c, d.h);
             if d.arch == Arch::Llama {
-                Cpu.rope_backward(dqkv, rope, t, c, d.h);
+                be.rope_backward(dqkv, rope, t, c, d.h);
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
@@ -963,6 +991,7 @@ impl Model {
             }
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
+                be,
                 d.arch,
                 dres,
                 dw,
@@ -986,7 +1015,7 @@ impl Model {
         } else {
             dwte
         };
-        Cpu.encoder_backward(dwte, dwpe, dres, inputs, t, c);
+        be.encoder_backward(dwte, dwpe, dres, inputs, t, c);
         let linears: &mut [Linear] = match head {
             Some(head) => {
                 // the tied LM head's gradient is final only now (embedding lookup added)

@@ -12,23 +12,21 @@
 //!
 //! The forward's quantised input and weight are kept for the backward, so the dW and dinp
 //! GEMMs see exactly the operands the forward used (as on a GPU).
+//!
+//! Every GEMM, cast, amax and decode goes through the layer's backend handle
+//! ([`Linear::backend`], an `Arc<dyn Backend>`; [`Linear::new`] takes the default).
 
 use fp8lm_fp8::block::{ACT_BLOCK, WEIGHT_BLOCK};
-use fp8lm_fp8::cast;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleState, ScaledFp8, ScalingRecipe};
-use fp8lm_kernels::gemm::blockscaled::{gemm_block_scaled, BlockFp8, BlockOperand};
-use fp8lm_kernels::{Cpu, GemmOps, GemmShape, LayerOps, MatRef};
+use fp8lm_kernels::gemm::blockscaled::BlockOperand;
+use fp8lm_kernels::{default_backend, Backend, DType, GemmShape, MatRef, Scaling, Tensor};
 use fp8lm_optim::{Fp8Out, Fp8Written};
 use half::bf16;
-use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Format of the FP8 weight gradients (the project's convention: gradients in E5M2).
 pub const WGRAD_FORMAT: Fp8Format = Fp8Format::E5M2;
-
-/// Elements per rayon task for casts.
-const CAST_CHUNK: usize = 16384;
 
 /// Precision of the linear layers' GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,16 +64,15 @@ pub struct CastStats {
 pub struct Fp8Operand {
     pub state: ScaleState,
     pub stats: CastStats,
-    data: Vec<u8>,
-    /// Scale of the data currently held.
-    scale: f32,
+    /// The FP8 bytes held, with the scale (per tensor, or per tile with the block
+    /// recipe) and the amax they were cast with: they travel together, on the backend.
+    t: Tensor,
     /// Written by the optimizer rather than cast here (fp8-o2's weights): what that
     /// cast did, recorded by the next training forward as if it had cast itself.
     written: Option<Fp8Written>,
-    /// Block recipe: the operand's columns and tile shape, and the tile scales of the
-    /// data held (row-major grid, `fp8lm_fp8::block`).
+    /// Block recipe: the operand's columns and tile shape (the tile scales of the data
+    /// held are in `t`, row-major grid, `fp8lm_fp8::block`).
     block: Option<(usize, (usize, usize))>,
-    pub block_scales: Vec<f32>,
 }
 
 impl Fp8Operand {
@@ -85,11 +82,9 @@ impl Fp8Operand {
         Fp8Operand {
             state,
             stats: CastStats::default(),
-            data: vec![0; cap],
-            scale: 1.0,
+            t: Tensor::zeros(DType::of_fp8(format), &[cap]),
             written: None,
             block: None,
-            block_scales: Vec::new(),
         }
     }
 
@@ -102,27 +97,21 @@ impl Fp8Operand {
     }
 
     /// The block recipe's cast: one current scale per tile.
-    fn quantize_blocks(&mut self, src: &[f32], record: bool, cols: usize, tile: (usize, usize)) {
+    fn quantize_blocks(
+        &mut self,
+        be: &dyn Backend,
+        src: &[f32],
+        record: bool,
+        cols: usize,
+        tile: (usize, usize),
+    ) {
         let st = &self.state;
         let rounding = match st.recipe {
             ScalingRecipe::Block { exact: true } => fp8lm_fp8::ScaleRounding::Exact,
             _ => fp8lm_fp8::ScaleRounding::PowerOfTwo,
         };
         let rows = src.len() / cols.max(1);
-        let (gr, gc) = fp8lm_fp8::block::grid(rows, cols, tile);
-        self.block_scales.resize(gr * gc, 1.0);
-        let b = fp8lm_fp8::block::quantize_blocks(
-            st.format,
-            src,
-            rows,
-            cols,
-            tile,
-            rounding,
-            st.margin,
-            &mut self.data[..src.len()],
-            &mut self.block_scales,
-        );
-        self.scale = b.scale_min;
+        let b = be.cast_fp8_blocks_tensor(src, rows, cols, tile, rounding, st.margin, &mut self.t);
         if record {
             let s = &mut self.stats;
             (s.amax, s.scale, s.overflow, s.underflow, s.numel) = (
@@ -141,26 +130,24 @@ impl Fp8Operand {
 
     /// The operand for the GEMM: per-tensor FP8, or block-scaled FP8.
     fn operand(&self, len: usize) -> BlockOperand<'_> {
-        match self.block {
-            Some((cols, tile)) => BlockOperand::Blocks(BlockFp8 {
-                data: &self.data[..len],
-                format: self.state.format,
-                rows: len / cols.max(1),
-                cols,
-                block: tile,
-                scales: &self.block_scales,
-            }),
-            None => BlockOperand::Mat(self.mat(len)),
-        }
+        self.t.block_operand(len)
     }
 
     /// The FP8 bytes held (scaled by [`Fp8Operand::held_scale`]).
     pub fn data(&self) -> &[u8] {
-        &self.data
+        self.t.fp8_bytes()
     }
-    /// The scale of the bytes held.
+    /// The scale of the bytes held (the smallest tile scale with the block recipe).
     pub fn held_scale(&self) -> f32 {
-        self.scale
+        self.t.scale().unwrap_or(1.0)
+    }
+    /// Block recipe: the tile scales of the bytes held (row-major grid; empty otherwise).
+    pub fn block_scales(&self) -> &[f32] {
+        self.t.block_scales()
+    }
+    /// The bytes held with their scaling.
+    pub fn tensor(&self) -> &Tensor {
+        &self.t
     }
 
     /// The optimizer's target for this operand's storage (fp8-o2's weights): the scale
@@ -171,7 +158,7 @@ impl Fp8Operand {
         let known =
             matches!(st.recipe, ScalingRecipe::Delayed { .. }) && !st.amax_history.is_empty();
         Fp8Out {
-            data: &mut self.data,
+            data: self.t.fp8_bytes_mut(),
             format: st.format,
             scale: known.then_some(st.scale),
             margin: st.margin,
@@ -184,7 +171,10 @@ impl Fp8Operand {
     /// Take the optimizer's cast ([`Fp8Operand::optimizer_target`]) as this operand's
     /// data.
     pub fn accept_written(&mut self, w: Fp8Written) {
-        self.scale = w.scale;
+        self.t.set_scaling(Scaling::PerTensor {
+            scale: w.scale,
+            amax: w.amax,
+        });
         self.written = Some(w);
     }
 
@@ -212,7 +202,7 @@ impl Fp8Operand {
             w.scale,
             w.saturated,
             w.flushed,
-            self.data.len() as u64,
+            self.t.numel() as u64,
         );
         s.total_overflow += w.saturated;
         s.total_underflow += w.flushed;
@@ -221,16 +211,17 @@ impl Fp8Operand {
 
     /// Cast `src` into this operand's storage. With `record` (training), the amax goes into
     /// the scaling history and the stats; evaluation casts leave both untouched.
-    fn quantize(&mut self, src: &[f32], record: bool) {
+    fn quantize(&mut self, be: &dyn Backend, src: &[f32], record: bool) {
         if let Some((cols, tile)) = self.block {
-            return self.quantize_blocks(src, record, cols, tile);
+            return self.quantize_blocks(be, src, record, cols, tile);
         }
         let st = &mut self.state;
         let fmt = st.format;
+        debug_assert_eq!(self.t.dtype(), DType::of_fp8(fmt));
         let needs_own_amax =
             matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
         let scale = if needs_own_amax {
-            let amax = par_amax(src);
+            let amax = be.amax_f32(src);
             if record && matches!(st.recipe, ScalingRecipe::Current) {
                 st.scale_for_cast(amax)
             } else {
@@ -239,9 +230,8 @@ impl Fp8Operand {
         } else {
             st.scale
         };
-        let (amax, overflow, underflow) =
-            cast_counting(fmt, src, scale, &mut self.data[..src.len()]);
-        self.scale = scale;
+        let r = be.cast_fp8_tensor(src, scale, &mut self.t);
+        let (amax, overflow, underflow) = (r.amax, r.counts.saturated, r.counts.flushed);
         if record {
             if let ScalingRecipe::Delayed { .. } = st.recipe {
                 st.record_amax(amax);
@@ -252,14 +242,6 @@ impl Fp8Operand {
             s.total_overflow += overflow;
             s.total_underflow += underflow;
             s.casts += 1;
-        }
-    }
-
-    fn mat(&self, len: usize) -> MatRef<'_> {
-        MatRef::Fp8 {
-            data: &self.data[..len],
-            format: self.state.format,
-            scale: self.scale,
         }
     }
 }
@@ -299,8 +281,10 @@ struct Bf16Tiles {
 }
 
 thread_local! {
-    /// The E5M2 output gradient of the linear whose backward runs on this thread.
-    static DY_E5M2: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The E5M2 output gradient (bytes, scale, amax) of the linear whose backward runs
+    /// on this thread.
+    static DY_E5M2: std::cell::RefCell<Tensor> =
+        std::cell::RefCell::new(Tensor::zeros(DType::E5M2, &[0]));
     static BF16_TILES: std::cell::RefCell<Bf16Tiles> = std::cell::RefCell::new(Bf16Tiles::default());
 }
 
@@ -339,6 +323,8 @@ pub struct LinearMemory {
 /// buffer and are passed in).
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// The backend every GEMM, cast and decode of this layer runs on.
+    be: Arc<dyn Backend>,
     pub name: String,
     /// Input width c and output width oc.
     pub c: usize,
@@ -391,8 +377,21 @@ impl OperandBytes {
 }
 
 impl Linear {
-    /// `rows` is the largest row count (B*T) the layer will see.
+    /// `rows` is the largest row count (B*T) the layer will see. On the default backend
+    /// ([`Linear::new_on`] chooses one).
     pub fn new(name: String, c: usize, oc: usize, rows: usize, precision: LinearPrecision) -> Self {
+        Self::new_on(default_backend(), name, c, oc, rows, precision)
+    }
+
+    /// [`Linear::new`] on backend `be`.
+    pub fn new_on(
+        be: Arc<dyn Backend>,
+        name: String,
+        c: usize,
+        oc: usize,
+        rows: usize,
+        precision: LinearPrecision,
+    ) -> Self {
         let fp8 = match precision {
             LinearPrecision::Fp8 { recipe, margin } => Some(Fp8Linear {
                 x: Fp8Operand::new(Fp8Format::E4M3, recipe, margin, rows * c)
@@ -410,6 +409,7 @@ impl Linear {
             x: vec![bf16::ZERO; rows * c],
         });
         Linear {
+            be,
             name,
             c,
             oc,
@@ -427,8 +427,8 @@ impl Linear {
     pub fn memory(&self) -> LinearMemory {
         let mut m = LinearMemory::default();
         if let Some(f) = &self.fp8 {
-            m.fp8_weight = f.w.data.len();
-            m.fp8_activations = f.x.data.len() + f.dy.data.len();
+            m.fp8_weight = f.w.t.size_bytes();
+            m.fp8_activations = f.x.t.size_bytes() + f.dy.t.size_bytes();
             m.fp8_wgrad = f.wgrad.data.len();
         }
         if let Some(b) = &self.bf16 {
@@ -446,6 +446,11 @@ impl Linear {
         }
     }
 
+    /// The backend this layer runs on.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.be
+    }
+
     pub fn take_gemm_time(&mut self) -> Duration {
         std::mem::take(&mut self.gemm_time)
     }
@@ -454,7 +459,7 @@ impl Linear {
         self.operand_bytes.add(&a);
         self.operand_bytes.add(&b);
         let t0 = Instant::now();
-        Cpu.gemm(shape, a, b, c, acc);
+        self.be.gemm(shape, a, b, c, acc);
         self.gemm_time += t0.elapsed();
     }
 
@@ -472,7 +477,7 @@ impl Linear {
                 self.operand_bytes.add_blocks(&a);
                 self.operand_bytes.add_blocks(&b);
                 let t0 = Instant::now();
-                gemm_block_scaled(shape, a, b, c, false);
+                self.be.gemm_blocks(shape, a, b, c, false);
                 self.gemm_time += t0.elapsed();
             }
         }
@@ -502,7 +507,7 @@ impl Linear {
             LinearPrecision::Fp32 => self.gemm(shape, MatRef::F32(inp), MatRef::F32(w), out, false),
             LinearPrecision::Bf16 => {
                 let mut cache = self.bf16.take().expect("bf16 cache");
-                to_bf16(inp, &mut cache.x[..n * c]);
+                self.be.cast_bf16(inp, &mut cache.x[..n * c]);
                 let x = MatRef::Bf16(&cache.x[..n * c]);
                 let tr = bf16_tile_rows(c, oc);
                 BF16_TILES.with(|t| {
@@ -510,7 +515,8 @@ impl Linear {
                     for o0 in (0..oc).step_by(tr) {
                         let m = tr.min(oc - o0);
                         grow(&mut t.w, m * c);
-                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        self.be
+                            .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
                         let wt = MatRef::Bf16(&t.w[..m * c]);
                         let sh = GemmShape::new(n, m, c).trans_b();
                         if m == oc {
@@ -530,20 +536,21 @@ impl Linear {
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
-                f.x.quantize(inp, record);
+                let be = &*self.be;
+                f.x.quantize(be, inp, record);
                 if self.weight_from_optimizer {
                     if record {
                         f.w.record_written();
                     }
                 } else {
-                    f.w.quantize(w, record);
+                    f.w.quantize(be, w, record);
                 }
                 self.gemm_fp8(shape, f.x.operand(n * c), f.w.operand(oc * c), out);
                 self.fp8 = Some(f);
             }
         }
         if let Some(b) = bias {
-            Cpu.bias_forward(out, b);
+            self.be.bias_forward(out, b);
         }
     }
 
@@ -570,7 +577,7 @@ impl Linear {
             self.name
         );
         if let Some(db) = dbias {
-            Cpu.bias_backward(db, dout);
+            self.be.bias_backward(db, dout);
         }
         let s_dinp = GemmShape::new(n, c, oc); // dout[n,oc] @ w[oc,c]
         let s_dw = GemmShape::new(oc, c, n).trans_a(); // dout[n,oc]^T @ inp[n,c]
@@ -592,17 +599,18 @@ impl Linear {
                         // values the forward used: rounding is deterministic).
                         grow(&mut t.dy, n * m);
                         if m == oc {
-                            to_bf16(dout, &mut t.dy[..n * m]);
+                            self.be.cast_bf16(dout, &mut t.dy[..n * m]);
                         } else {
                             for r in 0..n {
-                                to_bf16(
+                                self.be.cast_bf16(
                                     &dout[r * oc + o0..r * oc + o0 + m],
                                     &mut t.dy[r * m..(r + 1) * m],
                                 );
                             }
                         }
                         grow(&mut t.w, m * c);
-                        to_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                        self.be
+                            .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
                         let dy = MatRef::Bf16(&t.dy[..n * m]);
                         // dinp[n,c] += dy_tile[n,m] @ w_tile[m,c]; dW[o0..o0+m] = dy_tile^T @ x
                         let sh = GemmShape::new(n, c, m);
@@ -619,12 +627,15 @@ impl Linear {
                 // per-thread buffer shared by every layer, lent to the operand here.
                 DY_E5M2.with(|b| {
                     let mut b = b.borrow_mut();
-                    grow(&mut b, n * oc);
-                    std::mem::swap(&mut *b, &mut f.dy.data);
-                    f.dy.quantize(dout, true);
+                    b.ensure_len(n * oc);
+                    std::mem::swap(&mut *b, &mut f.dy.t);
+                    f.dy.quantize(&*self.be, dout, true);
                     self.gemm_fp8(s_dinp, f.dy.operand(n * oc), f.w.operand(oc * c), dinp);
                     self.gemm_fp8(s_dw, f.dy.operand(n * oc), f.x.operand(n * c), dw);
-                    std::mem::swap(&mut *b, &mut f.dy.data);
+                    std::mem::swap(&mut *b, &mut f.dy.t);
+                    // The bytes go back to the pool; the scaling of this cast stays
+                    // with the operand (metrics and tests read the last cast's scales).
+                    std::mem::swap(b.scaling_mut(), f.dy.t.scaling_mut());
                 });
                 self.fp8 = Some(f);
             }
@@ -642,21 +653,14 @@ impl Linear {
     /// the running sum over micro-batches (one E5M2 rounding per micro-batch).
     pub fn quantize_wgrad_acc(&mut self, dw_f32: &mut [f32]) {
         if let (true, Some(f)) = (self.accumulate, self.fp8.as_ref()) {
-            let table = cast::decode_table(f.wgrad.format);
-            let inv = 1.0 / f.wgrad.scale;
-            dw_f32
-                .par_chunks_mut(CAST_CHUNK)
-                .zip(f.wgrad.data.par_chunks(CAST_CHUNK))
-                .for_each(|(d, q)| {
-                    for (x, &b) in d.iter_mut().zip(q) {
-                        *x += table[b as usize] * inv;
-                    }
-                });
+            self.be
+                .add_decoded_fp8(dw_f32, &f.wgrad.data, f.wgrad.format, f.wgrad.scale);
         }
         self.quantize_wgrad_impl(dw_f32)
     }
 
     fn quantize_wgrad_impl(&mut self, dw_f32: &[f32]) {
+        let be = &*self.be;
         if let Some(f) = self.fp8.as_mut() {
             let scale_of = |amax| {
                 scale_for_amax(WGRAD_FORMAT.max(), amax, 0, Default::default()).unwrap_or(1.0)
@@ -667,21 +671,21 @@ impl Linear {
             // amax asks for another scale: same bits and counts as amax-then-cast.
             let (scale, (amax, overflow, underflow)) = if f.wgrad_stats.casts > 0 {
                 let guess = f.wgrad.scale;
-                let r = cast_counting(WGRAD_FORMAT, dw_f32, guess, &mut f.wgrad.data);
+                let r = cast_counting_on(be, WGRAD_FORMAT, dw_f32, guess, &mut f.wgrad.data);
                 let scale = scale_of(r.0);
                 if scale.to_bits() == guess.to_bits() {
                     (scale, r)
                 } else {
                     (
                         scale,
-                        cast_counting(WGRAD_FORMAT, dw_f32, scale, &mut f.wgrad.data),
+                        cast_counting_on(be, WGRAD_FORMAT, dw_f32, scale, &mut f.wgrad.data),
                     )
                 }
             } else {
-                let scale = scale_of(par_amax(dw_f32));
+                let scale = scale_of(be.amax_f32(dw_f32));
                 (
                     scale,
-                    cast_counting(WGRAD_FORMAT, dw_f32, scale, &mut f.wgrad.data),
+                    cast_counting_on(be, WGRAD_FORMAT, dw_f32, scale, &mut f.wgrad.data),
                 )
             };
             f.wgrad.scale = scale;
@@ -695,31 +699,27 @@ impl Linear {
     }
 }
 
-fn to_bf16(src: &[f32], dst: &mut [bf16]) {
-    dst.par_chunks_mut(CAST_CHUNK)
-        .zip(src.par_chunks(CAST_CHUNK))
-        .for_each(|(d, s)| d.convert_from_f32_slice(s));
-}
-
-/// max |x| over the slice (NaN if any NaN), in parallel with a fixed combine order.
+/// max |x| over the slice (NaN if any NaN) on the default backend
+/// ([`Backend::amax_f32`]).
 pub fn par_amax(src: &[f32]) -> f32 {
-    if src.len() <= CAST_CHUNK {
-        return cast::amax_f32(src);
-    }
-    let parts: Vec<f32> = src.par_chunks(CAST_CHUNK).map(cast::amax_f32).collect();
-    parts.iter().fold(0f32, |m, &x| {
-        if x.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(x)
-        }
-    })
+    default_backend().amax_f32(src)
 }
 
-/// Saturating RNE cast `dst = fp8(src * scale)` (the fp8 crate's bulk cast), in parallel;
-/// returns (amax of src, values that saturated, nonzero values flushed to zero), counted
-/// in the same pass where the CPU allows (AVX-512).
+/// Saturating RNE cast `dst = fp8(src * scale)` on the default backend; returns (amax of
+/// src, values that saturated, nonzero values flushed to zero). See
+/// [`Backend::cast_fp8`].
 pub fn cast_counting(fmt: Fp8Format, src: &[f32], scale: f32, dst: &mut [u8]) -> (f32, u64, u64) {
-    let (amax, counts) = cast::par_f32_to_fp8_counted(fmt, src, scale, dst);
-    (amax, counts.saturated, counts.flushed)
+    cast_counting_on(&*default_backend(), fmt, src, scale, dst)
+}
+
+/// [`cast_counting`] on `be`.
+fn cast_counting_on(
+    be: &dyn Backend,
+    fmt: Fp8Format,
+    src: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> (f32, u64, u64) {
+    let r = be.cast_fp8(fmt, src, scale, dst);
+    (r.amax, r.counts.saturated, r.counts.flushed)
 }

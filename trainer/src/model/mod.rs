@@ -4,8 +4,11 @@
 //! - [`linear`]: the single linear layer every GEMM goes through, per precision mode;
 //! - [`gpt`]: the network, its activation arena and the forward/backward passes.
 //!
-//! The non-GEMM ops live in `fp8lm_kernels::layers` (they are backend ops); this module
-//! wires them together.
+//! Every op (GEMMs, the non-GEMM layer ops of `fp8lm_kernels::layers`, casts, amax,
+//! decodes) is a backend op: the model and its linears hold one `Arc<dyn
+//! fp8lm_kernels::Backend>` ([`Model::new_on`]; the default is the fast CPU backend) and
+//! call nothing else, so no backend type is named in this module. It wires the ops
+//! together.
 
 pub mod gpt;
 pub mod linear;

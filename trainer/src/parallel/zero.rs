@@ -7,7 +7,7 @@ use super::{comm_err, fp8_wgrad, slices_mut, DistState, F16_MAX, WGRAD};
 use crate::config::{Precision, ZeroPartition};
 use crate::model::{FinalGrads, GradGroup, Model};
 use crate::repartition::{decode_states, encode_states, NamedState, UnitSpan};
-use crate::train::{clip_scale, global_grad_norm, lr_at, Trainer};
+use crate::train::{clip_scale, global_grad_norm_on, lr_at, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{next_mu, BufMut, Communicator, GradMethod, GradTally, ReduceOp};
 use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_counted};
@@ -584,7 +584,7 @@ impl Trainer {
                 None => Grad::F32(&buf32[me * z.seg32 + z.seg_off[u]..][..z.units[u].numel()]),
             })
             .collect();
-        let local = global_grad_norm(&grads) as f64;
+        let local = global_grad_norm_on(&**model.backend(), &grads) as f64;
         let tc = Instant::now();
         let sq = comm
             .all_reduce_scalar((local * local) as f32, ReduceOp::Sum)

@@ -1,0 +1,390 @@
+//! `fp8lm plan`: each rank's memory and each collective's bytes per step, for any model
+//! and process grid, computed from the config alone: nothing of the model is allocated,
+//! so a GPT-3 175B on 1024 ranks plans in milliseconds on a laptop.
+//!
+//! Memory is the memory ledger's ([`crate::memory`]): the same [`LedgerSizes`] a real run
+//! fills from its buffers ([`LedgerSizes::of_trainer`]) are filled here from the shapes,
+//! and [`LedgerSizes::ledger`] files both under the same categories. Tests build small
+//! trainers (every precision, both architectures, fp8-o3 on several ranks) and check the
+//! two agree entry by entry, so the plan cannot drift from what the runs allocate.
+//!
+//! Bytes per collective are what this rank sends per optimizer step (the ring algorithms
+//! of `fp8lm_collectives`: an all-reduce of n bytes sends `2 (N-1)/N n`, a reduce-scatter
+//! or all-gather `(N-1)/N n`), checked against the communicator's byte counter of real
+//! data-parallel steps.
+
+use anyhow::{bail, Result};
+use std::fmt::Write as _;
+
+use crate::config::{Precision, RunConfig};
+use crate::memory::{LedgerSizes, MemoryLedger};
+use crate::model::{Dims, Layout};
+use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
+use fp8lm_optim::StateBytes;
+
+/// The process grid a plan is for: `dp` data-parallel replicas (fp8-o3 partitions the
+/// optimizer state over them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanGrid {
+    pub dp: usize,
+}
+
+/// One linear layer's shape: `rows x c -> rows x oc`, its weight tensor `w`.
+#[derive(Clone, Copy, Debug)]
+struct LinearShape {
+    c: usize,
+    oc: usize,
+}
+
+/// What a planned rank holds and sends.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub grid: PlanGrid,
+    pub precision: Precision,
+    /// One rank's ledger (every rank of a data-parallel grid holds the same sizes, up to
+    /// fp8-o3's partition: this is its most loaded rank).
+    pub ledger: MemoryLedger,
+    /// (collective, group, what, bytes this rank sends per step).
+    pub collectives: Vec<Collective>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Collective {
+    pub kind: &'static str,
+    pub group: &'static str,
+    pub what: String,
+    pub bytes: u64,
+}
+
+/// The model's tensors, without their values.
+struct Shape {
+    d: Dims,
+    lay: Layout,
+    lin: Vec<(usize, LinearShape)>,
+    /// Per tensor: whether it is a linear layer's weight.
+    is_linear: Vec<bool>,
+}
+
+fn shape(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Shape> {
+    if grid.dp == 0 {
+        bail!("plan: the data-parallel size must be at least 1");
+    }
+    let d = Dims::from_config(cfg, vocab)?;
+    let lay = Layout::new(&d);
+    let lin = linears(&d, &lay);
+    let mut is_linear = vec![false; lay.metas.len()];
+    for (w, _) in &lin {
+        is_linear[*w] = true;
+    }
+    Ok(Shape {
+        d,
+        lay,
+        lin,
+        is_linear,
+    })
+}
+
+/// The model's linear layers in the model's order (block by block: qkv, proj, fc, proj;
+/// then the LM head), with the tensor index of each weight.
+fn linears(d: &Dims, lay: &Layout) -> Vec<(usize, LinearShape)> {
+    let mut out = Vec::new();
+    for bp in &lay.blocks {
+        for (w, c, oc) in [
+            (bp.qkvw, d.c, 3 * d.c),
+            (bp.projw, d.c, d.c),
+            (bp.fcw, d.c, d.fc_out()),
+            (bp.fprojw, d.f, d.c),
+        ] {
+            out.push((w, LinearShape { c, oc }));
+        }
+    }
+    out.push((lay.head, LinearShape { c: d.c, oc: d.v }));
+    out
+}
+
+/// f32 elements of the activation arena (`Acts` in `model/gpt.rs`): what the forward
+/// keeps for the backward, and the backward's one-layer scratch. `keep_linear_inputs`:
+/// fp32 keeps every layer's linear inputs (its dW GEMMs read them in f32).
+fn activation_elems(d: &Dims, keep_linear_inputs: bool) -> (usize, usize) {
+    let (bt, c, l) = (d.b * d.t, d.c, d.l);
+    let li = if keep_linear_inputs { l } else { 1 };
+    let kept = bt * c // encoded
+        + li * bt * c + 2 * l * bt // ln1, mean, rstd
+        + l * bt * 3 * c // qkv
+        + li * bt * c // atty
+        + l * d.b * d.h * d.t * d.t // att
+        + bt * c // attproj (one slot)
+        + l * bt * c // residual2
+        + li * bt * c + 2 * l * bt // ln2, mean, rstd
+        + l * bt * d.fc_out() // fch
+        + li * bt * d.f // fch_act
+        + bt * c // fcproj (one slot)
+        + l * bt * c // residual3
+        + bt * c + 2 * bt // lnf, mean, rstd
+        + bt * d.v // logits
+        + bt; // losses
+    let scratch = 3 * bt * c + bt * 3 * c + bt * d.fc_out() + bt * d.f;
+    (kept, scratch)
+}
+
+/// Per-element optimizer-state bytes (master, first moment, second moment) of the
+/// FP8-LM optimizer: FP16 / E4M3 / FP16 for the FP8 linears' weights, f32 for the rest
+/// (`Fp8Adam::with_low_precision`).
+fn fp8_adam_bytes(low_precision: bool) -> [usize; 3] {
+    if low_precision {
+        [2, 1, 2]
+    } else {
+        [4, 4, 4]
+    }
+}
+
+/// The ledger sizes of the most loaded rank of `grid` for `cfg`'s model, without
+/// building it.
+pub fn ledger_sizes(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<LedgerSizes> {
+    ledger_sizes_of_rank(cfg, vocab, grid, None)
+}
+
+/// [`ledger_sizes`] of data-parallel rank `rank` (`None`: the most loaded).
+pub fn ledger_sizes_of_rank(
+    cfg: &RunConfig,
+    vocab: usize,
+    grid: PlanGrid,
+    rank: Option<usize>,
+) -> Result<LedgerSizes> {
+    let Shape {
+        d,
+        lay,
+        lin,
+        is_linear,
+    } = shape(cfg, vocab, grid)?;
+    let p = cfg.precision;
+    let fp8 = matches!(p, Precision::Fp8O1 | Precision::Fp8O2 | Precision::Fp8O3);
+    let block = cfg.fp8.recipe == "block";
+    // fp8-o2 (not block-scaled) keeps no f32 copy of the linears' weights.
+    let weights_from_optimizer = p == Precision::Fp8O2 && !block;
+    let numel = |i: usize| lay.metas[i].numel();
+    let rows = d.b * d.t;
+    let f32_params = (0..lay.metas.len())
+        .filter(|&i| !(weights_from_optimizer && is_linear[i]))
+        .map(|i| 4 * numel(i))
+        .sum();
+    let (mut fp8_grads, mut f32_grads) = (0, 0);
+    for (i, &l) in is_linear.iter().enumerate() {
+        if fp8 && l {
+            fp8_grads += numel(i);
+        } else {
+            f32_grads += 4 * numel(i);
+        }
+    }
+    let block_max = lin[..4 * d.l]
+        .iter()
+        .map(|(_, s)| s.c * s.oc)
+        .max()
+        .unwrap_or(0);
+    let when = |on: bool, b: usize| if on { b } else { 0 };
+    let (kept, scratch) = activation_elems(&d, p == Precision::Fp32);
+    let bf16 = p == Precision::Bf16;
+    let optimizer = match p {
+        Precision::Fp8O3 if grid.dp > 1 => {
+            let shares = zero_shares(&lay, &is_linear, cfg, grid.dp)?;
+            fp8_adam_state(shares[rank.unwrap_or_else(|| heaviest(&shares))])
+        }
+        Precision::Fp8O2 | Precision::Fp8O3 => fp8_adam_state(whole_share(&lay, &is_linear)),
+        _ => StateBytes {
+            master: 0,
+            exp_avg: 4 * lay.total,
+            exp_avg_sq: 4 * lay.total,
+            scalars: 0,
+        },
+    };
+    Ok(LedgerSizes {
+        precision: p,
+        params: lay.total,
+        f32_params,
+        fp8_grads,
+        f32_grads,
+        wgrad_scratch: when(fp8, 4 * (d.v * d.c + block_max)),
+        e4m3_weights: when(fp8, lin.iter().map(|(_, s)| s.c * s.oc).sum()),
+        activations: 4 * kept,
+        backward_scratch: 4 * scratch,
+        e4m3_inputs: when(fp8, lin.iter().map(|(_, s)| rows * s.c).sum()),
+        e5m2_dy: when(fp8, lin.iter().map(|(_, s)| rows * s.oc).max().unwrap_or(0)),
+        bf16_inputs: when(bf16, lin.iter().map(|(_, s)| 2 * rows * s.c).sum()),
+        bf16_tiles: when(
+            bf16,
+            lin.iter()
+                .map(|(_, s)| crate::model::linear::bf16_tile_bytes(rows, s.c, s.oc))
+                .max()
+                .unwrap_or(0),
+        ),
+        optimizer,
+    })
+}
+
+/// One data-parallel rank's share of fp8-o3's ZeRO partition: elements and units of
+/// the FP8 linears' weights (FP16 masters, E5M2 gradients) and of the rest (f32).
+#[derive(Clone, Copy, Debug, Default)]
+struct ZeroShare {
+    low_elems: usize,
+    low_units: usize,
+    full_elems: usize,
+    full_units: usize,
+}
+
+/// Every rank's share (one rank: everything), from the partition the runs compute.
+fn zero_shares(
+    lay: &Layout,
+    is_linear: &[bool],
+    cfg: &RunConfig,
+    ranks: usize,
+) -> Result<Vec<ZeroShare>> {
+    let o = &cfg.optim;
+    let ocfg = fp8lm_optim::Fp8AdamConfig::fp8_lm(fp8lm_optim::AdamWHyper {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+    });
+    let mode = cfg.dist.zero_partition;
+    let (units, part) =
+        crate::distributed::zero_partition_with(&lay.metas, ranks, is_linear, &ocfg, mode)?;
+    let mut shares = vec![ZeroShare::default(); ranks];
+    for (u, unit) in units.iter().enumerate() {
+        let s = &mut shares[part.owner[u]];
+        if is_linear[unit.tensor] {
+            (s.low_elems, s.low_units) = (s.low_elems + unit.numel(), s.low_units + 1);
+        } else {
+            (s.full_elems, s.full_units) = (s.full_elems + unit.numel(), s.full_units + 1);
+        }
+    }
+    Ok(shares)
+}
+
+/// The FP8-LM optimizer's state of `share` (each unit is a tensor to the optimizer).
+fn fp8_adam_state(share: ZeroShare) -> StateBytes {
+    let [lm, la, lv] = fp8_adam_bytes(true);
+    let [fm, fa, fv] = fp8_adam_bytes(false);
+    let (lo, fu) = (share.low_elems, share.full_elems);
+    StateBytes {
+        master: lm * lo + fm * fu,
+        exp_avg: la * lo + fa * fu,
+        exp_avg_sq: lv * lo + fv * fu,
+        scalars: 8 + SCALAR_BYTES_PER_TENSOR * (share.low_units + share.full_units),
+    }
+}
+
+/// The whole model as one rank's share (one unit per tensor).
+fn whole_share(lay: &Layout, is_linear: &[bool]) -> ZeroShare {
+    let mut s = ZeroShare::default();
+    for (i, m) in lay.metas.iter().enumerate() {
+        if is_linear[i] {
+            (s.low_elems, s.low_units) = (s.low_elems + m.numel(), s.low_units + 1);
+        } else {
+            (s.full_elems, s.full_units) = (s.full_elems + m.numel(), s.full_units + 1);
+        }
+    }
+    s
+}
+
+/// Index of the most loaded share (by optimizer-state bytes; ties to the lowest rank).
+fn heaviest(shares: &[ZeroShare]) -> usize {
+    (0..shares.len())
+        .max_by_key(|&r| (fp8_adam_state(shares[r]).total(), std::cmp::Reverse(r)))
+        .unwrap_or(0)
+}
+
+/// The plan of `cfg` on `grid`: one rank's ledger and its bytes per collective.
+pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
+    let sizes = ledger_sizes(cfg, vocab, grid)?;
+    let zero = if cfg.precision == Precision::Fp8O3 && grid.dp > 1 {
+        let sh = shape(cfg, vocab, grid)?;
+        zero_shares(&sh.lay, &sh.is_linear, cfg, grid.dp)?
+    } else {
+        vec![]
+    };
+    Ok(Plan {
+        grid,
+        precision: cfg.precision,
+        ledger: sizes.ledger(),
+        collectives: collective_bytes(&sizes, &zero, grid),
+    })
+}
+
+/// Bytes one rank sends per step, by collective (the ring algorithms: module docs).
+/// Left out: the per-step scalar agreements (loss, gradient norm, skip and stop flags,
+/// FP8 scales and saturation counts: a few bytes per tensor).
+fn collective_bytes(s: &LedgerSizes, zero: &[ZeroShare], grid: PlanGrid) -> Vec<Collective> {
+    let n = grid.dp as u64;
+    let mut out = Vec::new();
+    if n < 2 {
+        return out;
+    }
+    let allreduce = |bytes: usize| 2 * (n - 1) * bytes as u64 / n;
+    let mut push = |kind, what: &str, bytes| {
+        out.push(Collective {
+            kind,
+            group: "data-parallel",
+            what: what.to_string(),
+            bytes,
+        })
+    };
+    if s.precision == Precision::Fp8O3 {
+        // Each owner's segment padded to the largest, (N-1) segments sent per rank.
+        let max = |f: &dyn Fn(&ZeroShare) -> usize| zero.iter().map(f).max().unwrap_or(0) as u64;
+        push(
+            "reduce-scatter",
+            "E5M2 weight gradients to their ZeRO owners",
+            (n - 1) * max(&|z| z.low_elems),
+        );
+        push(
+            "reduce-scatter",
+            "f32 gradients to their ZeRO owners",
+            (n - 1) * max(&|z| 4 * z.full_elems),
+        );
+        push(
+            "all-gather",
+            "new masters from their owners (f16 + scale linears, f32 rest)",
+            (n - 1) * max(&|z| 2 * z.low_elems + 4 * z.low_units + 4 * z.full_elems),
+        );
+    } else {
+        push("all-reduce", "f32 gradients", allreduce(s.f32_grads));
+        if s.fp8_grads > 0 {
+            push(
+                "all-reduce",
+                "E5M2 weight gradients (FP8-LM all-reduce)",
+                allreduce(s.fp8_grads),
+            );
+        }
+    }
+    out
+}
+
+impl Plan {
+    /// The table `fp8lm plan` prints: the ledger, then bytes per collective.
+    pub fn report(&self, title: &str) -> String {
+        let mut s = self.ledger.report(&format!(
+            "{title} [{} on {} data-parallel rank(s), per rank]",
+            self.precision.name(),
+            self.grid.dp
+        ));
+        if self.collectives.is_empty() {
+            s += "  collectives: none (one rank)\n";
+        } else {
+            let _ = writeln!(s, "  bytes sent per step by this rank:");
+            for c in &self.collectives {
+                let _ = writeln!(
+                    s,
+                    "    {:<15} {:<14} {:<52} {:>12.1} MiB",
+                    c.kind,
+                    c.group,
+                    c.what,
+                    c.bytes as f64 / (1 << 20) as f64
+                );
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! The plan against what real trainers allocate and send. Every comparison is exact
+//! (the sizes are integers computed two ways) except the collective bytes, where the
+//! rings' chunking rounds each bucket's n/N up or down: 1% covers that at these sizes.
+
+use super::*;
+use crate::config::Arch;
+use crate::data::synthetic::MarkovCorpus;
+use crate::data::Dataset;
+use crate::Trainer;
+use fp8lm_collectives::{run_ranks, Communicator, LocalComm};
+
+const VOCAB: usize = 64;
+
+fn small(arch: Arch, p: Precision) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.arch = arch;
+    cfg.precision = p;
+    cfg.batch = 4;
+    cfg
+}
+
+const ALL: [Precision; 5] = [
+    Precision::Fp32,
+    Precision::Bf16,
+    Precision::Fp8O1,
+    Precision::Fp8O2,
+    Precision::Fp8O3,
+];
+
+#[test]
+fn one_rank_plan_equals_the_trainers_ledger_entry_by_entry() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        for p in ALL {
+            for recipe in ["delayed", "block"] {
+                if recipe == "block" && !p.is_fp8() {
+                    continue;
+                }
+                let mut cfg = small(arch, p);
+                cfg.fp8.recipe = recipe.into();
+                let tr = Trainer::new(&cfg, VOCAB).unwrap();
+                let measured = LedgerSizes::of_trainer(&tr);
+                let planned = ledger_sizes(&cfg, VOCAB, PlanGrid { dp: 1 }).unwrap();
+                assert_eq!(planned, measured, "{arch:?} {} {recipe}", p.name());
+                assert_eq!(planned.ledger(), MemoryLedger::for_trainer(&tr));
+            }
+        }
+    }
+}
+
+/// Each rank's fp8-o3 share (after `enable_data_parallel` re-partitions the optimizer),
+/// and the bytes each rank's communicator sent over `steps` steps.
+fn dp_measure(cfg: &RunConfig, ranks: usize, steps: usize) -> Vec<(LedgerSizes, u64)> {
+    run_ranks(
+        ranks,
+        |c: &LocalComm| -> anyhow::Result<(LedgerSizes, u64)> {
+            let mut data = MarkovCorpus::new(cfg.seed);
+            let mut tr = Trainer::new(cfg, data.vocab_size())?;
+            tr.enable_data_parallel(c)?;
+            let sizes = LedgerSizes::of_trainer(&tr);
+            // One step first: start-up collectives (rank agreement) are not per-step.
+            tr.train_step_dist(&mut data, c)?;
+            let sent0 = c.bytes_sent();
+            for _ in 0..steps {
+                tr.train_step_dist(&mut data, c)?;
+            }
+            Ok((sizes, (c.bytes_sent() - sent0) / steps as u64))
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn data_parallel_plan_matches_each_ranks_ledger_and_bytes() {
+    let vocab = MarkovCorpus::new(0).vocab_size();
+    for (arch, p, ranks) in [
+        (Arch::Gpt2, Precision::Fp8O3, 2),
+        (Arch::Gpt2, Precision::Fp8O3, 4),
+        (Arch::Llama, Precision::Fp8O3, 3),
+        (Arch::Gpt2, Precision::Fp32, 2),
+        (Arch::Gpt2, Precision::Fp8O2, 4),
+        (Arch::Llama, Precision::Fp8O1, 2),
+    ] {
+        // Wide enough that the scalar agreements the plan leaves out (a few bytes per
+        // tensor) are well under 1% of the gradients.
+        let mut cfg = small(arch, p);
+        cfg.model.channels = 128;
+        let grid = PlanGrid { dp: ranks };
+        let runs = dp_measure(&cfg, ranks, 2);
+        for (r, (measured, _)) in runs.iter().enumerate() {
+            let planned = ledger_sizes_of_rank(&cfg, vocab, grid, Some(r)).unwrap();
+            assert_eq!(
+                &planned,
+                measured,
+                "{arch:?} {} rank {r} of {ranks}",
+                p.name()
+            );
+        }
+        let plan = plan(&cfg, vocab, grid).unwrap();
+        let planned: u64 = plan.collectives.iter().map(|c| c.bytes).sum();
+        let most = runs.iter().map(|(_, b)| *b).max().unwrap();
+        // The loss, norm, skip and mu agreements are scalars: a few hundred bytes.
+        let rel = (most as f64 - planned as f64).abs() / most as f64;
+        assert!(
+            rel < 0.01,
+            "{arch:?} {} on {ranks}: planned {planned} B/step, measured {most} ({:?})",
+            p.name(),
+            plan.collectives
+        );
+    }
+}
+
+#[test]
+fn plans_a_175b_model_on_1024_ranks_without_allocating() {
+    let mut cfg = RunConfig::default();
+    (cfg.model.layers, cfg.model.heads, cfg.model.channels) = (96, 96, 12288);
+    (cfg.model.context, cfg.batch, cfg.model.vocab) = (2048, 1, 50304);
+    let mut per_param = vec![];
+    for p in [Precision::Fp32, Precision::Fp8O2, Precision::Fp8O3] {
+        cfg.precision = p;
+        let pl = plan(&cfg, 50257, PlanGrid { dp: 1024 }).unwrap();
+        // GPT-3's 175B parameters (12 L C^2 + (V + T) C).
+        assert!((pl.ledger.params as f64 / 1.749e11 - 1.0).abs() < 0.01);
+        per_param.push(pl.ledger.state_bytes_per_param());
+    }
+    // fp32: 16 B/param; fp8-o2: 6 (+ the f32 norms/biases, ~0.1%); fp8-o3 on 1024 ranks:
+    // the 5 B/param of optimizer state divided by 1024, plus the replicated E5M2 grads.
+    assert_eq!(per_param[0], 16.0);
+    assert!((per_param[1] - 6.0).abs() < 0.01, "{per_param:?}");
+    assert!(per_param[2] > 1.0 && per_param[2] < 1.02, "{per_param:?}");
+}
+
+#[test]
+fn refuses_an_empty_grid() {
+    let e = ledger_sizes(&RunConfig::default(), VOCAB, PlanGrid { dp: 0 }).unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+}
