@@ -39,10 +39,15 @@
 //!   [`Trainer::step`]/[`Trainer::set_step`], [`Trainer::rng`], and the FP8 scaling states
 //!   with their cast statistics ([`Trainer::fp8_tensors`], [`Trainer::fp8_scale_states_mut`]).
 //! - [`bench::bench_train`]: the `fp8lm bench train` measurements.
-//! - Data parallelism and FP8 ZeRO ([`distributed`]): [`Trainer::enable_data_parallel`]
-//!   `(&dyn Communicator)` (config hash agreement; fp8-o3 partitions the optimizer),
-//!   then [`Trainer::train_step_dist`]`(data, comm)` on every rank; [`Trainer::rank`],
-//!   [`Trainer::is_root`], [`Trainer::zero_rank_bytes`]. [`distributed::train_data_parallel`]
+//! - Data parallelism and FP8 ZeRO ([`parallel`], formerly `distributed`):
+//!   [`Trainer::new_for_ranks`] (fp8-o3 on several ranks builds no optimizer state yet),
+//!   [`Trainer::enable_data_parallel`]`(&dyn Communicator)` (config hash agreement;
+//!   fp8-o3 partitions the optimizer and builds this rank's share), then
+//!   [`Trainer::train_step_dist`]`(data, comm)` on every rank (the same step path as
+//!   [`Trainer::train_step`], `parallel::step`); [`Trainer::rank`], [`Trainer::is_root`],
+//!   [`Trainer::zero_rank_bytes`]. fp8-o3 checkpoints are sharded, one optimizer file per
+//!   rank ([`snapshot::save_trainer_sharded`], [`checkpoint::shard`]), resumed with
+//!   [`Trainer::enable_data_parallel_from_checkpoint`]. [`parallel::train_data_parallel`]
 //!   is the whole loop `fp8lm train` runs under `mpirun`.
 
 pub mod compare;

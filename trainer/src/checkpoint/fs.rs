@@ -145,7 +145,7 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Find the checkpoint directory `path` refers to (see [`Checkpoint::load`]).
+/// Find the checkpoint directory `path` refers to (see [`Checkpoint::load`](super::Checkpoint::load)).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(META_FILE).is_file() {
         return Ok(path.to_path_buf());

@@ -2,7 +2,7 @@
 //!
 //! Layout of `<run_dir>/checkpoints/step_00000100/`:
 //! - `<group>.safetensors` (e.g. `model`, `optimizer`): tensors with their real dtypes
-//!   ([`format`], written by streaming them from where they live, [`stream`]);
+//!   ([`format`](mod@format), written by streaming them from where they live, [`stream`]);
 //! - for fp8-o3 under data parallelism, `optim.rank-RRRR-of-NNNN.safetensors` instead of
 //!   `optimizer.safetensors`: each rank's own optimizer-state shard, written by that rank,
 //!   with an index in `checkpoint.json` of which file holds which units ([`shard`]);

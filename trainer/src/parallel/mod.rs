@@ -1,5 +1,5 @@
 //! Data-parallel training and FP8 ZeRO (`precision = "fp8-o3"`), over any
-//! [`Communicator`] (threads in one process, or MPI under `mpirun`).
+//! [`Communicator`](fp8lm_collectives::Communicator) (threads in one process, or MPI under `mpirun`).
 //!
 //! ## Data parallelism (every precision)
 //! With N ranks and `batch = B`, the global batch is N*B rows: every rank draws the same
@@ -95,12 +95,12 @@
 //! units' state to its own file, rank 0 adds the model and the index; a resume reads,
 //! per rank, only the ranges of the units it owns under its partition, re-partitioned
 //! when the rank count changed ([`crate::repartition`]). At start-up
-//! ([`Trainer::new_for_ranks`]) a rank builds only its own share, so no rank ever holds
-//! the whole optimizer state. ([`Trainer::gather_optimizer_state`] still gathers it, for
+//! ([`Trainer::new_for_ranks`](crate::Trainer::new_for_ranks)) a rank builds only its own share, so no rank ever holds
+//! the whole optimizer state. ([`Trainer::gather_optimizer_state`](crate::Trainer::gather_optimizer_state) still gathers it, for
 //! tests and tools; `fp8lm train` does not call it.)
 //!
 //! ## Map
-//! - [`step`](self::step): the one step path (`Trainer::train_step` on one rank,
+//! - [`step`]: the one step path (`Trainer::train_step` on one rank,
 //!   `Trainer::train_step_dist` on many) and where tensor/sequence parallelism plug in;
 //! - `grad_sync`: replicated precisions' per-group reduction (FP8-LM all-reduce, f32
 //!   ring mean);
@@ -132,7 +132,7 @@ use grad_sync::GroupPlan;
 use std::ops::Range;
 use zero::Zero;
 
-/// Per-rank data-parallel state held by the [`Trainer`] (the communicator itself is
+/// Per-rank data-parallel state held by the [`Trainer`](crate::Trainer) (the communicator itself is
 /// passed to each call: it is not `Send`, and tests borrow it from `run_ranks`).
 pub struct DistState {
     pub rank: usize,

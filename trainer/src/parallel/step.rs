@@ -5,8 +5,8 @@
 //!    and keep their rows (so the token stream is a single-rank run's with `N*B` rows);
 //! 2. forward (`Trainer::forward_train`);
 //! 3. backward, and with several ranks the gradient reduction of each group as the
-//!    backward finishes it ([`super::grad_sync`]: replicated precisions; [`super::zero`]:
-//!    fp8-o3's scale agreement and packing), overlapped or not ([`super::overlap`]);
+//!    backward finishes it (`grad_sync`: replicated precisions; `zero`:
+//!    fp8-o3's scale agreement and packing), overlapped or not (`overlap`);
 //!    steps 1-3 run `grad_accum` times on one rank (each backward adds to the gradients);
 //! 4. the loss, averaged over the ranks (one scalar all-reduce);
 //! 5. norm, skip, clip and update: `Trainer::norm_and_update` for replicated optimizers,
