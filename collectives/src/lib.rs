@@ -38,6 +38,7 @@
 pub mod bench;
 pub mod buf;
 pub mod comm;
+pub mod count;
 pub mod dp;
 pub mod error;
 pub mod fp8sum;
@@ -51,6 +52,7 @@ pub mod watchdog;
 
 pub use buf::{BufMut, Dtype, ReduceOp};
 pub use comm::{chunk_range, Communicator};
+pub use count::{CollectiveBytes, CountingComm};
 pub use dp::{agree_config, config_hash, shard_range};
 pub use error::{CommError, Result};
 pub use grad::{

@@ -11,6 +11,13 @@ use crate::ConfigArgs;
 /// Print the plan of the config (`all`: of every precision, then a summary table).
 pub fn run(args: &ConfigArgs, all: bool) -> Result<()> {
     let cfg = crate::run::load(args)?;
+    if cfg.dist.tensor_parallel > 1 {
+        anyhow::bail!(
+            "dist.tensor_parallel = {}: fp8lm plan does not model tensor parallelism yet \
+             (it would print one whole replica per rank); plan with dist.tensor_parallel = 1",
+            cfg.dist.tensor_parallel
+        );
+    }
     let grid = PlanGrid {
         dp: cfg.dist.data_parallel.max(1),
     };

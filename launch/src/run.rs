@@ -345,6 +345,53 @@ fn log_fp8_now(cfg: &RunConfig, done: u64, skipped: bool, stats: &[Fp8TensorStat
         || stats.iter().any(|s| s.overflow > 0 || !s.amax.is_finite())
 }
 
+/// Bytes a tensor-parallel rank sent per step, by collective kind (JSON).
+fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> serde_json::Value {
+    let b = tc.bytes();
+    let per = |x: u64| x / steps.max(1);
+    json!({
+        "all_reduce": per(b.all_reduce),
+        "reduce_scatter": per(b.reduce_scatter),
+        "all_gather_f32": per(b.all_gather),
+        "all_gather_fp8": per(b.all_gather_fp8),
+        "other": per(b.other),
+    })
+}
+
+/// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
+/// mpirun with exactly T ranks (one model replica), from scratch.
+fn check_tensor_parallel_run(
+    cfg: &RunConfig,
+    comm: Option<&dyn Communicator>,
+    resume: bool,
+) -> Result<()> {
+    let t = cfg.dist.tensor_parallel;
+    let world = comm.map_or(1, |c| c.size());
+    if world < t {
+        return Err(UsageError(format!(
+            "dist.tensor_parallel = {t} needs {t} ranks, this job has {world}: launch it \
+             with `mpirun -n {t} fp8lm train ...`"
+        ))
+        .into());
+    }
+    if world != t {
+        return Err(UsageError(format!(
+            "dist.tensor_parallel = {t} on {world} ranks: data parallelism over \
+             tensor-parallel replicas (world = D x T with D > 1) is not wired in yet; \
+             launch `mpirun -n {t}`"
+        ))
+        .into());
+    }
+    if resume {
+        return Err(UsageError(format!(
+            "--resume with dist.tensor_parallel = {t}: tensor-parallel runs write no \
+             checkpoints yet"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// The run loop, rank-aware. With a communicator (mpirun), every rank trains its shard
 /// of each global batch and holds the same weights; rank 0 alone prints progress and
 /// writes the run directory (config, metrics, plot, summary, checkpoints). Each rank
@@ -398,10 +445,13 @@ fn train_ranked(
     let root = comm.is_none_or(|c| c.rank() == 0);
     let ranks = comm.map_or(1, |c| c.size());
     let dp = cfg.dist.data_parallel;
-    if dp != 0 && dp != ranks {
+    let tpn = cfg.dist.tensor_parallel;
+    if dp != 0 && dp * tpn != ranks {
         return Err(UsageError(format!(
-            "dist.data_parallel = {dp} but this job has {ranks} rank(s): launch it with \
-             `mpirun -n {dp} fp8lm train ...`, or leave dist.data_parallel at 0 (= the ranks)"
+            "dist.data_parallel = {dp} x dist.tensor_parallel = {tpn} but this job has {ranks} \
+             rank(s): launch it with `mpirun -n {} fp8lm train ...`, or leave \
+             dist.data_parallel at 0 (= the ranks / dist.tensor_parallel)",
+            dp * tpn
         ))
         .into());
     }
@@ -423,13 +473,24 @@ fn train_ranked(
         };
         preflight::check_fits(&cfg, data.vocab_size(), avail / local as u64)?;
     }
-    // fp8-o3 on several ranks builds no optimizer state here: each rank builds only its
-    // own share when data parallelism is enabled.
-    let mut tr = Trainer::new_for_ranks(&cfg, data.vocab_size(), comm.map_or(1, |c| c.size()))?;
+    // Tensor parallelism: every rank of the world is one rank of one T-way group (D = 1).
+    let tp = cfg.dist.tensor_parallel;
+    if tp > 1 {
+        check_tensor_parallel_run(&cfg, comm, ck.is_some())?;
+    }
+    let tp_comm = comm
+        .filter(|_| tp > 1)
+        .map(fp8lm_collectives::CountingComm::new);
+    // fp8-o3 on several data-parallel ranks builds no optimizer state here: each rank
+    // builds only its own share when data parallelism is enabled.
+    let mut tr = match comm.filter(|_| tp > 1) {
+        Some(c) => Trainer::new_tp(&cfg, data.vocab_size(), c.rank())?,
+        None => Trainer::new_for_ranks(&cfg, data.vocab_size(), comm.map_or(1, |c| c.size()))?,
+    };
     let mut skipped_before = 0;
     // fp8-o3 under data parallelism: the optimizer state goes to its owners (re-partitioned
     // for this number of ranks) when data parallelism is enabled.
-    let zero_dist = comm.is_some() && cfg.precision == Precision::Fp8O3;
+    let zero_dist = comm.is_some() && tp == 1 && cfg.precision == Precision::Fp8O3;
     if let Some(ck) = &ck {
         if zero_dist {
             snapshot::restore_except_optimizer(&mut tr, data.as_mut(), ck)?;
@@ -455,7 +516,26 @@ fn train_ranked(
     if let Some(c) = comm {
         // Same checkpoint on every rank: step, data position and weights (before fp8-o3
         // makes the replicas equal to the owners' masters, which would hide a mismatch).
-        agreement::agree_start(c, tr.step(), data.position(), agreement::weights_hash(&tr))?;
+        // (tensor-parallel ranks hold different shards by design: their weights are not
+        // compared; step and data position are)
+        let weights = if tp > 1 {
+            0
+        } else {
+            agreement::weights_hash(&tr)
+        };
+        agreement::agree_start(c, tr.step(), data.position(), weights)?;
+    }
+    if let Some(c) = comm.filter(|_| tp > 1) {
+        if root {
+            tracing::info!(
+                "tensor parallel over {} ranks ({}), sequence parallel {}; checkpoints \
+                 are not written with dist.tensor_parallel > 1 (not implemented)",
+                c.size(),
+                c.backend(),
+                cfg.dist.sequence_parallel
+            );
+        }
+    } else if let Some(c) = comm {
         // fp8-o3: each rank reads its own units' optimizer state from the checkpoint.
         tr.enable_data_parallel_from_checkpoint(c, ck.as_ref())?;
         if let Some(ck) = &ck {
@@ -554,6 +634,9 @@ fn train_ranked(
     while tr.step() < max_steps {
         let t0 = Instant::now();
         let st = match comm {
+            _ if tp_comm.is_some() => {
+                tr.train_step_tp(data.as_mut(), tp_comm.as_ref().expect("checked"))?
+            }
             Some(c) => tr.train_step_dist(data.as_mut(), c)?,
             None => tr.train_step(data.as_mut())?,
         };
@@ -590,7 +673,10 @@ fn train_ranked(
         if eval_now {
             // Every rank evaluates its share of the fixed validation set (see
             // fp8lm_trainer::eval); the sums are reduced, so all ranks get the same result.
-            let v = tr.evaluate_tokens(data.as_ref(), cfg.eval_tokens, comm)?;
+            let v = match &tp_comm {
+                Some(tc) => tr.evaluate_tokens_tp(data.as_ref(), cfg.eval_tokens, tc)?,
+                None => tr.evaluate_tokens(data.as_ref(), cfg.eval_tokens, comm)?,
+            };
             rec.val_loss = Some(v);
             last_val = Some(v);
             if root {
@@ -649,9 +735,11 @@ fn train_ranked(
         }
         // Replicas are bit-identical, so rank 0 writes the run's state alone, except for
         // fp8-o3's partitioned optimizer state: every rank writes its own shard.
-        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
-            || done == max_steps
-            || (stopped_by.is_some() && diverged.is_none())
+        // (Not with tensor parallelism yet: see the shard index's (dp, tp) coordinates.)
+        if tp == 1
+            && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+                || done == max_steps
+                || (stopped_by.is_some() && diverged.is_none()))
         {
             let skipped = skipped_before + tr.skipped_steps();
             if zero_dist || root {
@@ -737,6 +825,9 @@ fn train_ranked(
         "run_dir": run_dir.display().to_string(),
         "precision": cfg.precision.name(),
         "ranks": comm.map_or(1, |c| c.size()),
+        "tensor_parallel": tp,
+        "sequence_parallel": cfg.dist.sequence_parallel,
+        "tensor_parallel_bytes_per_step": tp_comm.as_ref().map(|tc| tp_bytes_per_step(tc, steps_run)),
         "params": n_params,
         "steps": tr.step(),
         "max_steps": max_steps,
@@ -760,7 +851,18 @@ fn train_ranked(
 
     println!("\n== fp8lm run summary: {}", run_dir.display());
     println!("precision            {}", cfg.precision.name());
-    if let Some(c) = comm {
+    if let Some(tc) = &tp_comm {
+        println!(
+            "tensor parallel      {} ranks ({}), sequence parallel {}",
+            tc.size(),
+            tc.backend(),
+            cfg.dist.sequence_parallel
+        );
+        println!(
+            "TP bytes/step/rank   {} (sent per rank, evaluations included)",
+            tp_bytes_per_step(tc, steps_run)
+        );
+    } else if let Some(c) = comm {
         println!("data parallel        {} ranks ({})", c.size(), c.backend());
         if let Some(b) = tr.zero_rank_bytes() {
             let mean = b.iter().sum::<usize>() as f64 / b.len().max(1) as f64;

@@ -247,13 +247,18 @@ impl ZeroPartition {
     }
 }
 
-/// Data-parallel keys (`dist.*`); ignored on a single rank.
+/// Parallelism keys (`dist.*`): data-parallel ones are ignored on a single rank.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
     /// Data-parallel replicas D. 0 (default): as many as the job has ranks. Set, it must
     /// equal them (checked at start-up, naming both), and `fp8lm plan` plans for it.
     pub data_parallel: usize,
+    /// Tensor-parallel size T (Megatron layout, `crate::tensor_parallel`): the world is
+    /// D x T ranks, T consecutive ranks share one model replica. 1 = off.
+    pub tensor_parallel: usize,
+    /// Sequence parallelism inside each tensor-parallel group (needs T > 1).
+    pub sequence_parallel: bool,
     /// `auto` (default), `on` or `off`: see [`Overlap`].
     pub overlap: Overlap,
     /// Seconds a rank may wait in one collective before the watchdog ends the job, naming
@@ -268,6 +273,8 @@ impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
             data_parallel: 0,
+            tensor_parallel: 1,
+            sequence_parallel: false,
             overlap: Overlap::Auto,
             timeout_s: 300,
             zero_partition: ZeroPartition::default(),
@@ -507,6 +514,8 @@ impl RunConfig {
             ));
         }
 
+        self.validate_tensor_parallel(tok_vocab)?;
+
         let o = &self.optim;
         let finite_pos = |key: &str, v: f32| {
             if v.is_finite() && v > 0.0 {
@@ -621,6 +630,67 @@ impl RunConfig {
                 "an existing text file, folder of .txt files, or llm.c .bin shard(s); \
                  empty for the embedded corpus",
             ));
+        }
+        Ok(())
+    }
+
+    /// `dist.tensor_parallel` / `dist.sequence_parallel` against the model's shape: every
+    /// dimension the group splits must divide by T (heads, the MLP width, the vocabulary
+    /// the model is built with; the context with SP, whose shards are token rows).
+    fn validate_tensor_parallel(&self, tok_vocab: usize) -> Result<(), ConfigError> {
+        let (t, m) = (self.dist.tensor_parallel, &self.model);
+        if t == 0 {
+            return Err(bad("dist.tensor_parallel", t, "an integer >= 1 (1 = off)"));
+        }
+        if self.dist.sequence_parallel && t == 1 {
+            return Err(bad(
+                "dist.sequence_parallel",
+                true,
+                "false with dist.tensor_parallel = 1 (sequence parallelism shards tokens \
+                 over the tensor-parallel group)",
+            ));
+        }
+        if t == 1 {
+            return Ok(());
+        }
+        let ffn = crate::model::Dims::ffn_width(m.arch, m.channels);
+        let vocab = if m.vocab != 0 { m.vocab } else { tok_vocab };
+        let mut split = vec![
+            ("model.heads", m.heads, String::new()),
+            (
+                "model.vocab",
+                vocab,
+                if m.vocab == 0 {
+                    format!(
+                        " (0 = the tokenizer's {tok_vocab}; set model.vocab to a padded \
+                         size, e.g. {})",
+                        tok_vocab.div_ceil(64 * t) * 64 * t
+                    )
+                } else {
+                    String::new()
+                },
+            ),
+            (
+                "model.channels",
+                m.channels,
+                format!(" (MLP width {ffn} for arch {:?})", m.arch),
+            ),
+        ];
+        if self.dist.sequence_parallel {
+            split.push(("model.context", m.context, " (sequence parallelism)".into()));
+        }
+        for (key, v, why) in split {
+            let n = if key == "model.channels" { ffn } else { v };
+            if !n.is_multiple_of(t) {
+                return Err(bad(
+                    key,
+                    v,
+                    format!(
+                        "a value whose split dimension divides by dist.tensor_parallel = \
+                         {t}: {n} does not{why}"
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -562,4 +562,86 @@ mod tests {
             assert_eq!(e.key, key, "{e}");
         }
     }
+
+    #[test]
+    fn tensor_parallel_keys_refuse_shapes_that_do_not_split() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(
+            (c.dist.tensor_parallel, c.dist.sequence_parallel),
+            (1, false)
+        );
+        let c = load(
+            "[model]\nheads = 4\nchannels = 64\ncontext = 32\n",
+            &["dist.tensor_parallel=2", "dist.sequence_parallel=true"],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.dist.tensor_parallel, c.dist.sequence_parallel),
+            (2, true)
+        );
+        // (settings, key refused, text the error must contain)
+        for (sets, key, text) in [
+            (vec!["dist.tensor_parallel=0"], "dist.tensor_parallel", "0"),
+            (
+                vec!["dist.sequence_parallel=true"],
+                "dist.sequence_parallel",
+                "tensor_parallel = 1",
+            ),
+            (
+                vec![
+                    "model.heads=3",
+                    "model.channels=48",
+                    "dist.tensor_parallel=2",
+                ],
+                "model.heads",
+                "3 does not",
+            ),
+            // byte tokenizer: 256 divides by 4 but not by 3 (and 3 divides 12 heads)
+            (
+                vec![
+                    "model.heads=12",
+                    "model.channels=48",
+                    "dist.tensor_parallel=3",
+                ],
+                "model.vocab",
+                "256 does not",
+            ),
+            (
+                vec![
+                    "model.vocab=300",
+                    "model.heads=8",
+                    "model.channels=64",
+                    "dist.tensor_parallel=8",
+                ],
+                "model.vocab",
+                "300 does not",
+            ),
+            // LLaMA: F = 8 * 64 / 3 = 170 rounded up to 176 = 5.5 x 32 (heads and 256 split)
+            (
+                vec![
+                    "model.arch=llama",
+                    "model.heads=32",
+                    "model.channels=64",
+                    "dist.tensor_parallel=32",
+                ],
+                "model.channels",
+                "MLP width 176",
+            ),
+            (
+                vec![
+                    "model.heads=4",
+                    "model.channels=64",
+                    "model.context=30",
+                    "dist.tensor_parallel=4",
+                    "dist.sequence_parallel=true",
+                ],
+                "model.context",
+                "30 does not",
+            ),
+        ] {
+            let e = load("", &sets).unwrap_err();
+            assert_eq!(e.key, key, "{sets:?}: {e}");
+            assert!(e.to_string().contains(text), "{sets:?}: {e}");
+        }
+    }
 }

@@ -67,10 +67,21 @@ pub fn global_grad_norm(grads: &[Grad<'_>]) -> f32 {
     global_grad_norm_on(&*fp8lm_kernels::default_backend(), grads)
 }
 
-/// [`global_grad_norm`] with the sums of squares on `be` ([`Backend::sum_squares_f32`];
-/// FP8 gradients as `sum decode^2 / scale^2`, [`Backend::sum_squares_fp8`]).
+/// [`global_grad_norm`] with the sums of squares on `be`.
 pub fn global_grad_norm_on(be: &dyn Backend, grads: &[Grad<'_>]) -> f32 {
-    let sq: f64 = grads
+    grad_sum_squares_on(be, grads).sqrt() as f32
+}
+
+/// `sum g^2` over all gradient tensors in f64 on the default backend
+/// ([`global_grad_norm`] before its root).
+pub fn grad_sum_squares(grads: &[Grad<'_>]) -> f64 {
+    grad_sum_squares_on(&*fp8lm_kernels::default_backend(), grads)
+}
+
+/// [`grad_sum_squares`] on `be` ([`Backend::sum_squares_f32`]; FP8 gradients as
+/// `sum decode^2 / scale^2`, [`Backend::sum_squares_fp8`]).
+pub fn grad_sum_squares_on(be: &dyn Backend, grads: &[Grad<'_>]) -> f64 {
+    grads
         .iter()
         .map(|g| match g {
             Grad::F32(s) => be.sum_squares_f32(s),
@@ -79,13 +90,15 @@ pub fn global_grad_norm_on(be: &dyn Backend, grads: &[Grad<'_>]) -> f32 {
                 be.sum_squares_fp8(&t.data, t.format) * inv * inv
             }
         })
-        .sum();
-    sq.sqrt() as f32
+        .sum()
 }
 
 /// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
 /// of it (fp8-o2's tied embedding / LM head).
-fn wte_master<'a>(model: &Model, opt: &'a dyn Optimizer) -> Option<(&'a [half::f16], f32)> {
+pub(crate) fn wte_master<'a>(
+    model: &Model,
+    opt: &'a dyn Optimizer,
+) -> Option<(&'a [half::f16], f32)> {
     let wte = model.layout.wte;
     if model.param_is_f32(wte) {
         None
@@ -202,6 +215,13 @@ impl Trainer {
         Self::new_for_ranks(cfg, vocab, 1)
     }
 
+    /// The backend `cfg.backend` names.
+    pub(crate) fn backend_of(cfg: &RunConfig) -> Result<Arc<dyn Backend>> {
+        Ok(fp8lm_kernels::BackendKind::parse(&cfg.backend)
+            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
+            .instance())
+    }
+
     /// [`Trainer::new`] on backend `be` (any [`Backend`]; `cfg.backend` is ignored).
     pub fn new_on(cfg: &RunConfig, vocab: usize, be: Arc<dyn Backend>) -> Result<Trainer> {
         Self::new_on_for_ranks(cfg, vocab, be, 1)
@@ -214,16 +234,32 @@ impl Trainer {
     /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
     /// step.
     pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
-        let be = fp8lm_kernels::BackendKind::parse(&cfg.backend)
-            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
-            .instance();
-        Self::new_on_for_ranks(cfg, vocab, be, ranks)
+        Self::new_on_for_ranks(cfg, vocab, Self::backend_of(cfg)?, ranks)
     }
 
     /// [`Trainer::new_for_ranks`] on backend `be`.
     pub fn new_on_for_ranks(
         cfg: &RunConfig,
         vocab: usize,
+        be: Arc<dyn Backend>,
+        ranks: usize,
+    ) -> Result<Trainer> {
+        if cfg.dist.tensor_parallel > 1 {
+            bail!(
+                "dist.tensor_parallel = {}: build each rank's trainer with \
+                 Trainer::new_tp (crate::tensor_parallel::step)",
+                cfg.dist.tensor_parallel
+            );
+        }
+        Self::with_shard(cfg, vocab, None, be, ranks)
+    }
+
+    /// [`Trainer::new_on_for_ranks`] for the whole model (`None`) or tensor-parallel rank
+    /// `shard`, as one of `ranks` data-parallel ranks.
+    pub(crate) fn with_shard(
+        cfg: &RunConfig,
+        vocab: usize,
+        shard: Option<crate::tensor_parallel::TpShard>,
         be: Arc<dyn Backend>,
         ranks: usize,
     ) -> Result<Trainer> {
@@ -257,13 +293,14 @@ impl Trainer {
             // The block recipe casts its weights tile by tile in the forward, so it keeps
             // f32 compute weights and takes the fp8-o3 path below (one rank = fp8-o2).
             Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
-                let layout = crate::model::Layout::new(&dims);
+                let layout = Model::layout_of(&dims, shard);
                 let mut opt = Fp8Adam::empty(cfg8);
-                let mut model = Model::new_fp8_compute_on(
+                let mut model = Model::new_fp8_compute_tp_on(
                     be,
                     dims,
                     precision,
                     cfg.seed,
+                    shard,
                     &mut |i, values, low| opt.push_tensor(&layout.metas[i], values, low),
                 )
                 .map_err(anyhow::Error::msg)?;
@@ -276,12 +313,12 @@ impl Trainer {
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
             Precision::Fp8O3 if ranks > 1 => {
-                let mut model = Model::new_on(be, dims, precision, cfg.seed);
+                let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 round_to_master_view(&mut model, &cfg8)?;
                 (model, Box::new(Fp8Adam::empty(cfg8)))
             }
             Precision::Fp8O2 | Precision::Fp8O3 => {
-                let mut model = Model::new_on(be, dims, precision, cfg.seed);
+                let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 let metas = model.layout.metas.clone();
                 let low: Vec<bool> = model.linear_of_tensor.iter().map(Option::is_some).collect();
                 let (mut params, _) = model.params_and_grads();
@@ -290,7 +327,7 @@ impl Trainer {
                 (model, Box::new(opt))
             }
             _ => {
-                let model = Model::new_on(be, dims, precision, cfg.seed);
+                let model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 let opt = AdamW::new(&model.layout.metas, hyper);
                 (model, Box::new(opt))
             }

@@ -17,6 +17,9 @@
 use super::linear::{Linear, LinearPrecision};
 use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
+use crate::tensor_parallel::shard::{self as tp, TpShard};
+use crate::tensor_parallel::sp;
+use fp8lm_collectives::Communicator;
 use fp8lm_kernels::layers::attention::rope_table;
 use fp8lm_kernels::{default_backend, Backend};
 use fp8lm_optim::{Fp8Written, Grad, Optimizer, ParamOut};
@@ -48,11 +51,16 @@ struct Acts {
     fch_act: Vec<f32>,   // [L,B,T,F]
     fcproj: Vec<f32>,    // [B,T,C] (one slot, as attproj)
     residual3: Vec<f32>, // [L,B,T,C]
-    lnf: Vec<f32>,       // [B,T,C]
-    lnf_mean: Vec<f32>,  // [B,T]
-    lnf_rstd: Vec<f32>,  // [B,T]
-    logits: Vec<f32>,    // [B,T,V] -> probs -> dlogits, in place
-    losses: Vec<f32>,    // [B,T]
+    // Sequence parallelism (empty without): a norm output shard, a row-parallel output
+    // shard; the residual stream above (encoded, residual2/3, norm statistics,
+    // dresidual) then holds B*T/T_p rows.
+    sp_a: Vec<f32>,     // [B*T/T_p, C]
+    sp_b: Vec<f32>,     // [B*T/T_p, C]
+    lnf: Vec<f32>,      // [B,T,C]
+    lnf_mean: Vec<f32>, // [B,T]
+    lnf_rstd: Vec<f32>, // [B,T]
+    logits: Vec<f32>,   // [B,T,V] -> probs -> dlogits, in place
+    losses: Vec<f32>,   // [B,T]
     // backward scratch
     dresidual: Vec<f32>, // [B,T,C]
     dln: Vec<f32>,       // [B,T,C]
@@ -67,37 +75,45 @@ impl Acts {
     /// fch_act) for the backward, as the fp32 dW GEMMs read them. The bf16 and FP8
     /// linears keep their own low-precision copy of the input, so those four are one
     /// slot shared by all layers (per-layer stride 0, see [`in_stride`]).
-    fn new(d: &Dims, keep_linear_inputs: bool) -> Acts {
+    /// `ca`: the attention's width (`C`, or `C / T` on a tensor-parallel rank, whose
+    /// `d` are its local dims).
+    /// `spt`: the sequence-parallel group size (1 without SP), whose rank keeps
+    /// `B*T / spt` rows of the residual stream.
+    fn new(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -> Acts {
         let (bt, c, l) = (d.b * d.t, d.c, d.l);
+        let bts = bt / spt;
+        let sp_len = if spt > 1 { bts * c } else { 0 };
         let z = |n: usize| vec![0f32; n];
         let li = if keep_linear_inputs { l } else { 1 };
         Acts {
             keep_linear_inputs,
-            encoded: z(bt * c),
+            encoded: z(bts * c),
             ln1: z(li * bt * c),
-            ln1_mean: z(l * bt),
-            ln1_rstd: z(l * bt),
-            qkv: z(l * bt * 3 * c),
-            atty: z(li * bt * c),
+            ln1_mean: z(l * bts),
+            ln1_rstd: z(l * bts),
+            qkv: z(l * bt * 3 * ca),
+            atty: z(li * bt * ca),
             att: z(l * d.b * d.h * d.t * d.t),
             attproj: z(bt * c),
-            residual2: z(l * bt * c),
+            residual2: z(l * bts * c),
             ln2: z(li * bt * c),
-            ln2_mean: z(l * bt),
-            ln2_rstd: z(l * bt),
+            ln2_mean: z(l * bts),
+            ln2_rstd: z(l * bts),
             fch: z(l * bt * d.fc_out()),
             fch_act: z(li * bt * d.f),
             fcproj: z(bt * c),
-            residual3: z(l * bt * c),
+            residual3: z(l * bts * c),
+            sp_a: z(sp_len),
+            sp_b: z(sp_len),
             lnf: z(bt * c),
-            lnf_mean: z(bt),
-            lnf_rstd: z(bt),
+            lnf_mean: z(bts),
+            lnf_rstd: z(bts),
             logits: z(bt * d.v),
             losses: z(bt),
-            dresidual: z(bt * c),
+            dresidual: z(bts * c),
             dln: z(bt * c),
-            datty: z(bt * c),
-            dqkv: z(bt * 3 * c),
+            datty: z(bt * ca),
+            dqkv: z(bt * 3 * ca),
             dfch: z(bt * d.fc_out()),
             dfch_act: z(bt * d.f),
         }
@@ -121,6 +137,8 @@ impl Acts {
             &self.fch_act,
             &self.fcproj,
             &self.residual3,
+            &self.sp_a,
+            &self.sp_b,
             &self.lnf,
             &self.lnf_mean,
             &self.lnf_rstd,
@@ -227,6 +245,31 @@ fn norm_backward(
     }
 }
 
+/// Rows of the residual stream a rank holds (`n / spt`), their per-layer stride
+/// (`bt / spt`), and the length of a `[rows, c]` shard buffer (0 without SP).
+fn sp_rows(n: usize, bt: usize, c: usize, spt: usize) -> (usize, usize, usize) {
+    assert!(
+        n.is_multiple_of(spt),
+        "sequence parallelism: {n} tokens do not divide by dist.tensor_parallel = {spt}"
+    );
+    let ns = n / spt;
+    (ns, bt / spt, if spt > 1 { ns * c } else { 0 })
+}
+
+/// The tensor-parallel group a forward or backward uses: `comm` on a rank of a group,
+/// none for the whole model (a missing group is a caller's bug: panics, naming it).
+fn tp_comm(tp: Option<TpShard>, comm: Option<&dyn Communicator>) -> Option<&dyn Communicator> {
+    match (tp, comm) {
+        (None, _) => None,
+        (Some(_), Some(c)) => Some(c),
+        (Some(s), None) => panic!(
+            "tensor-parallel rank {} of {}: forward/backward need its group's \
+             communicator (forward_tp / backward_tp)",
+            s.rank, s.size
+        ),
+    }
+}
+
 /// [`Model::new_fp8_compute`]'s callback: (tensor index, its initial values, whether it
 /// is an FP8 linear's weight).
 pub type TensorInit<'a> = dyn FnMut(usize, &mut [f32], bool) -> Result<(), String> + 'a;
@@ -315,6 +358,11 @@ pub struct Model {
     targets: Vec<u32>,
     /// (b, t) of the last forward with targets (what `backward` differentiates).
     last_bt: Option<(usize, usize)>,
+    /// Tensor parallelism: this rank's place in its group (`None`: the whole model).
+    pub tp: Option<TpShard>,
+    /// The sizes this rank computes with: `dims`, or its tensor-parallel share of heads,
+    /// MLP width and vocabulary ([`TpShard::local_dims`]).
+    pub local: Dims,
 }
 
 impl Model {
@@ -333,7 +381,56 @@ impl Model {
     ) -> Model {
         let layout = Layout::new(&dims);
         let params = layout.init(&dims, seed);
-        Self::assemble(be, dims, layout, params, precision, false)
+        Self::assemble(be, dims, layout, params, precision, false, None)
+    }
+
+    /// [`Model::new`] on tensor-parallel rank `tp` (or the whole model for `None`): each
+    /// tensor is this rank's slice of the whole model's initial values from `seed`.
+    pub fn new_tp(dims: Dims, precision: LinearPrecision, seed: u64, tp: Option<TpShard>) -> Model {
+        Self::new_tp_on(default_backend(), dims, precision, seed, tp)
+    }
+
+    /// [`Model::new_tp`] on backend `be`.
+    pub fn new_tp_on(
+        be: Arc<dyn Backend>,
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        tp: Option<TpShard>,
+    ) -> Model {
+        let Some(s) = tp else {
+            return Self::new_on(be, dims, precision, seed);
+        };
+        let full = Layout::new(&dims);
+        let all = full.init(&dims, seed);
+        let layout = Self::layout_of(&dims, tp);
+        let mut params = Vec::with_capacity(layout.total);
+        for i in 0..full.metas.len() {
+            params.extend(s.shard(&dims, &full, i, &all[full.range(i)]));
+        }
+        Self::assemble(be, dims, layout, params, precision, false, tp)
+    }
+
+    /// The layout of the tensors a rank holds (the whole model's for `None`).
+    pub fn layout_of(dims: &Dims, tp: Option<TpShard>) -> Layout {
+        match tp {
+            None => Layout::new(dims),
+            Some(s) => Layout::with_attn_width(&s.local_dims(dims), s.attn_width(dims)),
+        }
+    }
+
+    /// Whether the model runs sequence-parallel, and the group size whose rank holds
+    /// `1 / size` of the residual stream's rows (1 without SP).
+    fn sp_size(&self) -> (bool, usize) {
+        match self.tp {
+            Some(s) if s.sp => (true, s.size),
+            _ => (false, 1),
+        }
+    }
+
+    /// Width of this rank's attention: heads held x head size (`C` without TP).
+    fn attn_width(&self) -> usize {
+        self.dims.c / self.dims.h * self.local.h
     }
 
     /// fp8-o2's model: the FP8 linears' weights get no f32 storage. Every tensor is
@@ -349,7 +446,7 @@ impl Model {
         seed: u64,
         on_tensor: &mut TensorInit<'_>,
     ) -> Result<Model, String> {
-        Self::new_fp8_compute_on(default_backend(), dims, precision, seed, on_tensor)
+        Self::new_fp8_compute_tp_on(default_backend(), dims, precision, seed, None, on_tensor)
     }
 
     /// [`Model::new_fp8_compute`] on backend `be`.
@@ -358,6 +455,30 @@ impl Model {
         dims: Dims,
         precision: LinearPrecision,
         seed: u64,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<Model, String> {
+        Self::new_fp8_compute_tp_on(be, dims, precision, seed, None, on_tensor)
+    }
+
+    /// [`Model::new_fp8_compute`] on tensor-parallel rank `tp` ([`Model::new_tp`]'s
+    /// shards: each whole tensor is drawn in turn, and this rank's slice kept).
+    pub fn new_fp8_compute_tp(
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        tp: Option<TpShard>,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<Model, String> {
+        Self::new_fp8_compute_tp_on(default_backend(), dims, precision, seed, tp, on_tensor)
+    }
+
+    /// [`Model::new_fp8_compute_tp`] on backend `be`.
+    pub fn new_fp8_compute_tp_on(
+        be: Arc<dyn Backend>,
+        dims: Dims,
+        precision: LinearPrecision,
+        seed: u64,
+        tp: Option<TpShard>,
         on_tensor: &mut TensorInit<'_>,
     ) -> Result<Model, String> {
         match precision {
@@ -374,9 +495,10 @@ impl Model {
             LinearPrecision::Fp8 { .. } => {}
             _ => return Err("new_fp8_compute needs FP8 linears".into()),
         }
-        let layout = Layout::new(&dims);
+        let layout = Self::layout_of(&dims, tp);
         let params = vec![0f32; layout.total];
-        let mut m = Self::assemble(be, dims, layout, params, precision, true);
+        let mut m = Self::assemble(be, dims, layout, params, precision, true, tp);
+        let full = Layout::new(&dims);
         let mut rng = crate::rng::Rng::new(seed);
         let mut scratch = std::mem::take(&mut m.wgrad_f32);
         for i in 0..m.layout.metas.len() {
@@ -387,7 +509,14 @@ impl Model {
             } else {
                 &mut m.params[r]
             };
-            m.layout.init_tensor(&dims, i, dst, &mut rng);
+            match tp {
+                None => m.layout.init_tensor(&dims, i, dst, &mut rng),
+                Some(s) => {
+                    let mut whole = vec![0f32; full.metas[i].numel()];
+                    full.init_tensor(&dims, i, &mut whole, &mut rng);
+                    dst.copy_from_slice(&s.shard(&dims, &full, i, &whole));
+                }
+            }
             on_tensor(i, dst, linear)?;
         }
         m.wgrad_f32 = scratch;
@@ -401,16 +530,19 @@ impl Model {
         params: Vec<f32>,
         precision: LinearPrecision,
         weights_from_optimizer: bool,
+        tp: Option<TpShard>,
     ) -> Model {
         let rows = dims.b * dims.t;
         let mut linears = Vec::new();
         let mut linear_of_tensor = vec![None; layout.metas.len()];
-        let (c, f) = (dims.c, dims.f);
+        let ld = tp.map_or(dims, |s| s.local_dims(&dims));
+        let ca = tp.map_or(dims.c, |s| s.attn_width(&dims));
+        let (c, f) = (dims.c, ld.f);
         for (l, bp) in layout.blocks.iter().enumerate() {
             for (name, w, cin, oc) in [
-                ("attn.qkv", bp.qkvw, c, 3 * c),
-                ("attn.proj", bp.projw, c, c),
-                ("mlp.fc", bp.fcw, c, dims.fc_out()),
+                ("attn.qkv", bp.qkvw, c, 3 * ca),
+                ("attn.proj", bp.projw, ca, c),
+                ("mlp.fc", bp.fcw, c, ld.fc_out()),
                 ("mlp.proj", bp.fprojw, f, c),
             ] {
                 linear_of_tensor[w] = Some(linears.len());
@@ -429,7 +561,7 @@ impl Model {
             be.clone(),
             "lm_head".into(),
             c,
-            dims.v,
+            ld.v,
             rows,
             precision,
         ));
@@ -442,14 +574,19 @@ impl Model {
             .map(|l| l.c * l.oc)
             .max()
             .unwrap_or(0);
-        let wgrad_len = if fp8 { dims.v * c + block_max } else { 0 };
+        let wgrad_len = if fp8 { ld.v * c + block_max } else { 0 };
         Model {
             be,
             grads: vec![0f32; layout.total],
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
             accumulate: false,
-            acts: Acts::new(&dims, precision == LinearPrecision::Fp32),
+            acts: Acts::new(
+                &ld,
+                ca,
+                tp.map_or(1, |s| if s.sp { s.size } else { 1 }),
+                precision == LinearPrecision::Fp32,
+            ),
             rope: if dims.arch == Arch::Llama {
                 rope_table(dims.t, dims.c / dims.h, ROPE_THETA)
             } else {
@@ -458,6 +595,8 @@ impl Model {
             inputs: vec![0; rows],
             targets: vec![0; rows],
             last_bt: None,
+            tp,
+            local: ld,
             dims,
             layout,
             params,
@@ -549,7 +688,7 @@ impl Model {
     /// Logits of the last forward for row `row` (before softmax only when the forward
     /// had no targets).
     pub fn logits_row(&self, row: usize) -> &[f32] {
-        &self.acts.logits[row * self.dims.v..(row + 1) * self.dims.v]
+        &self.acts.logits[row * self.local.v..(row + 1) * self.local.v]
     }
 
     /// Forward over `inputs[b*t]` (token ids already checked `< V`). With targets, returns
@@ -578,7 +717,31 @@ impl Model {
         record: bool,
         wte_f16: Option<(&[half::f16], f32)>,
     ) -> Option<f32> {
-        let d = self.dims;
+        self.forward_tp(inputs, targets, b, t, record, wte_f16, None)
+            .expect("no collectives without tensor parallelism")
+    }
+
+    /// [`Model::forward_ext`] on a tensor-parallel rank: `comm` is its tensor-parallel
+    /// group (required when [`Model::tp`] is set; its collectives' errors are returned).
+    /// With targets, the vocabulary-parallel cross-entropy also leaves the gradient of
+    /// the logits for the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_tp(
+        &mut self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+        record: bool,
+        wte_f16: Option<(&[half::f16], f32)>,
+        comm: Option<&dyn Communicator>,
+    ) -> fp8lm_collectives::Result<Option<f32>> {
+        let comm = tp_comm(self.tp, comm);
+        let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
+        let ca = self.attn_width();
+        let (sp, spt) = self.sp_size();
+        let spc = comm.filter(|_| sp);
+        let d = self.local;
         assert!(
             b <= d.b && t <= d.t && inputs.len() == b * t,
             "forward: b={b} t={t} exceeds B={} T={}",
@@ -588,6 +751,7 @@ impl Model {
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t; // per-layer stride unit
+        let (ns, bts, ks) = sp_rows(n, bt, c, spt);
         let wte_stored = self.param_is_f32(self.layout.wte);
         let keep = self.acts.keep_linear_inputs;
         let Model {
@@ -602,6 +766,18 @@ impl Model {
         let be: &dyn Backend = &**be;
         let p = |i: usize| &params[lay.range(i)];
         match (wte_stored, wte_f16) {
+            _ if tp_vocab.is_some() => tp::embed_forward_model(
+                comm.expect("tp_comm"),
+                &mut a.encoded[..],
+                inputs,
+                tp_vocab.clone().expect("checked"),
+                wte_stored.then(|| p(lay.wte)),
+                wte_f16,
+                lay.wpe.map(p),
+                t,
+                c,
+                sp.then_some(&mut a.dln[..]),
+            )?,
             (true, _) => be.encoder_forward(
                 &mut a.encoded[..n * c],
                 inputs,
@@ -627,49 +803,53 @@ impl Model {
         for l in 0..l_n {
             let bp = lay.blocks[l];
             let lin = &mut linears[4 * l..4 * l + 4];
-            let (done, cur) = a.residual3.split_at_mut(l * bt * c);
+            let (done, cur) = a.residual3.split_at_mut(l * bts * c);
             let residual = if l == 0 {
-                &a.encoded[..n * c]
+                &a.encoded[..ns * c]
             } else {
-                at(done, l - 1, bt * c, n * c)
+                at(done, l - 1, bts * c, ns * c)
             };
             let (s_c, s_f) = (in_stride(keep, bt * c), in_stride(keep, bt * f));
+            let s_a = in_stride(keep, bt * ca);
             let ln1 = at_mut(&mut a.ln1, l, s_c, n * c);
             let (ln1_mean, ln1_rstd) = (
-                at_mut(&mut a.ln1_mean, l, bt, n),
-                at_mut(&mut a.ln1_rstd, l, bt, n),
+                at_mut(&mut a.ln1_mean, l, bts, ns),
+                at_mut(&mut a.ln1_rstd, l, bts, ns),
             );
             norm_forward(
                 be,
                 d.arch,
-                ln1,
+                sp::norm_out(sp, ln1, &mut a.sp_a, ks),
                 ln1_mean,
                 ln1_rstd,
                 residual,
                 p(bp.n1w),
                 bp.n1b.map(p),
             );
-            let qkv = at_mut(&mut a.qkv, l, bt * 3 * c, n * 3 * c);
-            lin[0].forward(qkv, ln1, p(bp.qkvw), bp.qkvb.map(p), n, record);
+            let qkv = at_mut(&mut a.qkv, l, bt * 3 * ca, n * 3 * ca);
+            let (w, bias, sh) = (p(bp.qkvw), bp.qkvb.map(p), &a.sp_a[..ks]);
+            sp::column_forward(&mut lin[0], spc, qkv, ln1, sh, w, bias, n, record)?;
             if d.arch == Arch::Llama {
-                be.rope_forward(qkv, rope, t, c, d.h);
+                be.rope_forward(qkv, rope, t, ca, d.h);
             }
-            let atty = at_mut(&mut a.atty, l, s_c, n * c);
+            let atty = at_mut(&mut a.atty, l, s_a, n * ca);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
-            be.attention_forward(atty, att, qkv, t, c, d.h);
+            be.attention_forward(atty, att, qkv, t, ca, d.h);
             let attproj = &mut a.attproj[..n * c];
-            lin[1].forward(attproj, atty, p(bp.projw), bp.projb.map(p), n, record);
-            let residual2 = at_mut(&mut a.residual2, l, bt * c, n * c);
+            let bias = tp::bias_in_gemm(comm, bp.projb.map(p));
+            lin[1].forward(attproj, atty, p(bp.projw), bias, n, record);
+            let attproj = sp::row_output(comm, sp, attproj, &mut a.sp_b, bp.projb.map(p))?;
+            let residual2 = at_mut(&mut a.residual2, l, bts * c, ns * c);
             be.residual_forward(residual2, residual, attproj);
             let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
             let (ln2_mean, ln2_rstd) = (
-                at_mut(&mut a.ln2_mean, l, bt, n),
-                at_mut(&mut a.ln2_rstd, l, bt, n),
+                at_mut(&mut a.ln2_mean, l, bts, ns),
+                at_mut(&mut a.ln2_rstd, l, bts, ns),
             );
             norm_forward(
                 be,
                 d.arch,
-                ln2,
+                sp::norm_out(sp, ln2, &mut a.sp_a, ks),
                 ln2_mean,
                 ln2_rstd,
                 residual2,
@@ -677,26 +857,29 @@ impl Model {
                 bp.n2b.map(p),
             );
             let fch = at_mut(&mut a.fch, l, bt * fc, n * fc);
-            lin[2].forward(fch, ln2, p(bp.fcw), bp.fcb.map(p), n, record);
+            let (w, bias, sh) = (p(bp.fcw), bp.fcb.map(p), &a.sp_a[..ks]);
+            sp::column_forward(&mut lin[2], spc, fch, ln2, sh, w, bias, n, record)?;
             let fch_act = at_mut(&mut a.fch_act, l, s_f, n * f);
             match d.arch {
                 Arch::Gpt2 => be.gelu_forward(fch_act, fch),
                 Arch::Llama => be.swiglu_forward(fch_act, fch, f),
             }
             let fcproj = &mut a.fcproj[..n * c];
-            lin[3].forward(fcproj, fch_act, p(bp.fprojw), bp.fprojb.map(p), n, record);
-            be.residual_forward(&mut cur[..n * c], residual2, fcproj);
+            let bias = tp::bias_in_gemm(comm, bp.fprojb.map(p));
+            lin[3].forward(fcproj, fch_act, p(bp.fprojw), bias, n, record);
+            let fcproj = sp::row_output(comm, sp, fcproj, &mut a.sp_b, bp.fprojb.map(p))?;
+            be.residual_forward(&mut cur[..ns * c], residual2, fcproj);
         }
-        let last = at(&a.residual3, l_n - 1, bt * c, n * c);
+        let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
         let (lnf, lnf_mean, lnf_rstd) = (
             &mut a.lnf[..n * c],
-            &mut a.lnf_mean[..n],
-            &mut a.lnf_rstd[..n],
+            &mut a.lnf_mean[..ns],
+            &mut a.lnf_rstd[..ns],
         );
         norm_forward(
             be,
             d.arch,
-            lnf,
+            sp::norm_out(sp, lnf, &mut a.sp_a, ks),
             lnf_mean,
             lnf_rstd,
             last,
@@ -704,14 +887,27 @@ impl Model {
             lay.nfb.map(p),
         );
         let logits = &mut a.logits[..n * d.v];
-        linears[4 * l_n].forward(logits, lnf, p(lay.head), None, n, record);
-        let targets = targets?;
+        let (head, sh) = (&mut linears[4 * l_n], &a.sp_a[..ks]);
+        sp::column_forward(head, spc, logits, lnf, sh, p(lay.head), None, n, record)?;
+        let Some(targets) = targets else {
+            return Ok(None);
+        };
         assert_eq!(targets.len(), n);
-        be.softmax_xent_forward(logits, &mut a.losses[..n], targets);
+        match (comm, tp_vocab) {
+            (Some(comm), Some(v)) => crate::tensor_parallel::vocab_parallel_cross_entropy(
+                comm,
+                logits,
+                v,
+                targets,
+                &mut a.losses[..n],
+                1.0 / n as f32,
+            )?,
+            _ => be.softmax_xent_forward(logits, &mut a.losses[..n], targets),
+        }
         self.inputs[..n].copy_from_slice(inputs);
         self.targets[..n].copy_from_slice(targets);
         self.last_bt = Some((b, t));
-        Some(be.mean_f64(&a.losses[..n]) as f32)
+        Ok(Some(be.mean_f64(&a.losses[..n]) as f32))
     }
 
     /// Gradients of the mean loss of the last forward (with targets) into `grads`
@@ -768,14 +964,31 @@ impl Model {
     /// overlap of data-parallel training. The split is plain `split_at_mut`: the
     /// borrows handed out are disjoint by construction.
     pub fn backward_with<'a>(&'a mut self, on_final: &mut dyn FnMut(FinalGrads<'a>)) {
+        self.backward_tp(None, on_final)
+            .expect("no collectives without tensor parallelism")
+    }
+
+    /// [`Model::backward_with`] on a tensor-parallel rank (`comm`: its group, required
+    /// when [`Model::tp`] is set). The group's collectives run on the calling thread.
+    pub fn backward_tp<'a>(
+        &'a mut self,
+        comm: Option<&dyn Communicator>,
+        on_final: &mut dyn FnMut(FinalGrads<'a>),
+    ) -> fp8lm_collectives::Result<()> {
+        let comm = tp_comm(self.tp, comm);
+        let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
+        let ca = self.attn_width();
+        let (sp, spt) = self.sp_size();
+        let spc = comm.filter(|_| sp);
         let (b, t) = self
             .last_bt
             .take()
             .expect("backward without a forward with targets");
-        let d = self.dims;
+        let d = self.local;
         let (n, c, l_n) = (b * t, d.c, d.l);
         let (fc, f) = (d.fc_out(), d.f);
         let bt = d.b * d.t;
+        let (ns, bts, _) = sp_rows(n, bt, c, spt);
         // Linear weights' gradients are overwritten by their dW GEMM; zero the rest
         // (unless accumulating micro-batches: then every backward op adds).
         let accumulate = self.accumulate;
@@ -835,7 +1048,10 @@ impl Model {
 
         // loss and LM head: dlogits[n,V] in place of the probabilities
         let dlogits = &mut a.logits[..n * d.v];
-        be.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
+        if comm.is_none() {
+            // (under TP the vocabulary-parallel cross-entropy left dlogits in the forward)
+            be.softmax_xent_backward(dlogits, targets, 1.0 / n as f32);
+        }
         let dlnf = &mut a.dln[..n * c];
         let dhead = if fp8 {
             &mut head_scratch[..]
@@ -845,9 +1061,10 @@ impl Model {
             &mut head_g[local(lay.head, head_base)]
         };
         head.backward(dlnf, dhead, None, dlogits, &a.lnf[..n * c], p(lay.head), n);
-        let dres = &mut a.dresidual[..n * c];
+        let dlnf = sp::input_grad(comm, sp, dlnf, &mut a.sp_a)?;
+        let dres = &mut a.dresidual[..ns * c];
         dres.fill(0.0);
-        let last = at(&a.residual3, l_n - 1, bt * c, n * c);
+        let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
         let (dw, db) = two_mut(
             head_g,
             local(lay.nfw, head_base),
@@ -862,9 +1079,14 @@ impl Model {
             dlnf,
             last,
             p(lay.nfw),
-            &a.lnf_mean[..n],
-            &a.lnf_rstd[..n],
+            &a.lnf_mean[..ns],
+            &a.lnf_rstd[..ns],
         );
+        let nf = [
+            Some(local(lay.nfw, head_base)),
+            lay.nfb.map(|i| local(i, head_base)),
+        ];
+        sp::reduce_partial_grads(spc, head_g, &nf)?;
         let head = if tied {
             on_final(FinalGrads {
                 group: GradGroup::Head,
@@ -892,24 +1114,27 @@ impl Model {
             let grads = block_g.pop().expect("one gradient range per block");
             let base = specs[l_n - l].range.start;
             let residual = if l == 0 {
-                &a.encoded[..n * c]
+                &a.encoded[..ns * c]
             } else {
-                at(&a.residual3, l - 1, bt * c, n * c)
+                at(&a.residual3, l - 1, bts * c, ns * c)
             };
             let rng = |i: usize| local(i, base);
             // MLP: dres is d(residual3) = d(fcproj), and flows on to residual2
             let dfch_act = &mut a.dfch_act[..n * f];
             let (dw, db) = two_mut(grads, rng(bp.fprojw), bp.fprojb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[3].backward(
+            sp::row_backward(
+                &mut lin[3],
+                spc,
                 dfch_act,
                 dw,
                 db,
                 dres,
+                &mut a.fcproj,
                 at(&a.fch_act, l, in_stride(keep, bt * f), n * f),
                 p(bp.fprojw),
                 n,
-            );
+            )?;
             if fp8 {
                 let len = lin[3].c * lin[3].oc;
                 lin[3].quantize_wgrad_acc(&mut block_scratch[..len]);
@@ -936,43 +1161,47 @@ impl Model {
                 let len = lin[2].c * lin[2].oc;
                 lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
+            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
-            let residual2 = at(&a.residual2, l, bt * c, n * c);
+            let residual2 = at(&a.residual2, l, bts * c, ns * c);
             norm_backward(
                 be,
                 d.arch,
                 dres,
                 dw,
                 db,
-                dln,
+                dln_s,
                 residual2,
                 p(bp.n2w),
-                at(&a.ln2_mean, l, bt, n),
-                at(&a.ln2_rstd, l, bt, n),
+                at(&a.ln2_mean, l, bts, ns),
+                at(&a.ln2_rstd, l, bts, ns),
             );
             // attention: dres is now d(residual2) = d(attproj), and flows on to the input
-            let datty = &mut a.datty[..n * c];
+            let datty = &mut a.datty[..n * ca];
             let (dw, db) = two_mut(grads, rng(bp.projw), bp.projb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[1].backward(
+            sp::row_backward(
+                &mut lin[1],
+                spc,
                 datty,
                 dw,
                 db,
                 dres,
-                at(&a.atty, l, in_stride(keep, bt * c), n * c),
+                &mut a.fcproj,
+                at(&a.atty, l, in_stride(keep, bt * ca), n * ca),
                 p(bp.projw),
                 n,
-            );
+            )?;
             if fp8 {
                 let len = lin[1].c * lin[1].oc;
                 lin[1].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            let qkv = at(&a.qkv, l, bt * 3 * c, n * 3 * c);
+            let qkv = at(&a.qkv, l, bt * 3 * ca, n * 3 * ca);
             let att = at(&a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
-            let dqkv = &mut a.dqkv[..n * 3 * c];
-            be.attention_backward(dqkv, datty, qkv, att, t, c, d.h);
+            let dqkv = &mut a.dqkv[..n * 3 * ca];
+            be.attention_backward(dqkv, datty, qkv, att, t, ca, d.h);
             if d.arch == Arch::Llama {
-                be.rope_backward(dqkv, rope, t, c, d.h);
+                be.rope_backward(dqkv, rope, t, ca, d.h);
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
@@ -989,6 +1218,7 @@ impl Model {
                 let len = lin[0].c * lin[0].oc;
                 lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
             }
+            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
                 be,
@@ -996,12 +1226,21 @@ impl Model {
                 dres,
                 dw,
                 db,
-                dln,
+                dln_s,
                 residual,
                 p(bp.n1w),
-                at(&a.ln1_mean, l, bt, n),
-                at(&a.ln1_rstd, l, bt, n),
+                at(&a.ln1_mean, l, bts, ns),
+                at(&a.ln1_rstd, l, bts, ns),
             );
+            let partial = [
+                Some(rng(bp.n1w)),
+                bp.n1b.map(rng),
+                Some(rng(bp.n2w)),
+                bp.n2b.map(rng),
+                bp.projb.map(rng),
+                bp.fprojb.map(rng),
+            ];
+            sp::reduce_partial_grads(spc, grads, &partial)?;
             on_final(FinalGrads {
                 group: GradGroup::Block(l),
                 offset: base,
@@ -1015,7 +1254,13 @@ impl Model {
         } else {
             dwte
         };
-        be.encoder_backward(dwte, dwpe, dres, inputs, t, c);
+        match tp_vocab {
+            Some(v) => {
+                let dres = sp::gather_rows(spc, dres, &mut a.dln)?;
+                tp::embed_backward(dwte, dwpe, dres, inputs, v, t, c)
+            }
+            None => be.encoder_backward(dwte, dwpe, dres, inputs, t, c),
+        }
         let linears: &mut [Linear] = match head {
             Some(head) => {
                 // the tied LM head's gradient is final only now (embedding lookup added)
@@ -1032,6 +1277,7 @@ impl Model {
             grads: emb_g,
             linears,
         });
+        Ok(())
     }
 
     /// Each tensor's gradient as the optimizer sees it: FP8 for linear weights in FP8

@@ -723,3 +723,8 @@ fn cast_counting_on(
     let r = be.cast_fp8(fmt, src, scale, dst);
     (r.amax, r.counts.saturated, r.counts.flushed)
 }
+
+// Sequence parallelism's converters on this layer (a child module: it reaches the FP8
+// operands' storage).
+#[path = "linear_sp.rs"]
+mod sp;

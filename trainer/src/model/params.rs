@@ -58,10 +58,7 @@ impl Dims {
         if m.arch == Arch::Llama && !hs.is_multiple_of(2) {
             bail!("model.arch = \"llama\" needs an even head size for rotary embeddings; channels/heads = {hs}");
         }
-        let f = match m.arch {
-            Arch::Gpt2 => 4 * m.channels,
-            Arch::Llama => (8 * m.channels / 3).div_ceil(16) * 16,
-        };
+        let f = Self::ffn_width(m.arch, m.channels);
         Ok(Dims {
             arch: m.arch,
             l: m.layers,
@@ -72,6 +69,14 @@ impl Dims {
             b: cfg.batch,
             f,
         })
+    }
+
+    /// MLP hidden width F for width `c`: 4C (GPT-2) or 8C/3 rounded up to 16 (LLaMA).
+    pub fn ffn_width(arch: Arch, c: usize) -> usize {
+        match arch {
+            Arch::Gpt2 => 4 * c,
+            Arch::Llama => (8 * c / 3).div_ceil(16) * 16,
+        }
     }
 
     /// Output width of the first MLP linear: 4C (GPT-2) or 2F (gate and up, LLaMA).
@@ -118,6 +123,12 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(d: &Dims) -> Layout {
+        Self::with_attn_width(d, d.c)
+    }
+
+    /// The layout of a model whose attention is `ca` wide (`C`, or a tensor-parallel
+    /// rank's `C / T` with `d` its local dims: `crate::tensor_parallel::TpShard`).
+    pub fn with_attn_width(d: &Dims, ca: usize) -> Layout {
         let mut lay = Layout {
             metas: vec![],
             offsets: vec![],
@@ -137,9 +148,9 @@ impl Layout {
             let n = |s: &str| format!("h.{l}.{s}");
             let n1w = lay.push(&n("ln1.w"), &[c]);
             let n1b = gpt.then(|| lay.push(&n("ln1.b"), &[c]));
-            let qkvw = lay.push(&n("attn.qkv.w"), &[3 * c, c]);
-            let qkvb = gpt.then(|| lay.push(&n("attn.qkv.b"), &[3 * c]));
-            let projw = lay.push(&n("attn.proj.w"), &[c, c]);
+            let qkvw = lay.push(&n("attn.qkv.w"), &[3 * ca, c]);
+            let qkvb = gpt.then(|| lay.push(&n("attn.qkv.b"), &[3 * ca]));
+            let projw = lay.push(&n("attn.proj.w"), &[c, ca]);
             let projb = gpt.then(|| lay.push(&n("attn.proj.b"), &[c]));
             let n2w = lay.push(&n("ln2.w"), &[c]);
             let n2b = gpt.then(|| lay.push(&n("ln2.b"), &[c]));

@@ -18,14 +18,32 @@
 //! E4M3 bytes of the LN output after a group amax agreement) and f̄ becomes ḡ
 //! (reduce-scatter). A row-parallel layer's bias is added once, after the reduction.
 //!
-//! Status: these layers are tested against the unsharded computation (T = 2, 4; f32 and
-//! FP8; with and without SP) but the model (`crate::model`) does not use them yet: wiring
-//! them into `Model` waits for the backend seam the model is being rebuilt on.
+//! The model itself ([`crate::model::Model`] with a [`TpShard`]) does not use the layer
+//! structs above (they are the reference the layer tests check against); it uses
+//! [`vocab_parallel_cross_entropy`], keeps its flat parameter buffer of shards and
+//! calls, at the Megatron points, the functions of
+//! - [`shard`]: which slice of each tensor a rank holds ([`TpShard::split`]), the
+//!   vocabulary-parallel embedding, f̄ / f, and the whole model's gradient norm;
+//! - [`sp`]: sequence parallelism's g / ḡ around the linears and the all-reduce of the
+//!   norms' partial gradients (the FP8 gathers are `Linear::forward_sp` /
+//!   `Linear::backward_sp`, `model/linear_sp.rs`);
+//! - [`step`]: `Trainer::new_tp`, `train_step_tp`, `evaluate_tokens_tp`.
+//!
+//! Status: T-way tensor parallelism with and without SP, every precision, GPT-2 and LLaMA,
+//! on in-process ranks and under `mpirun -n T fp8lm train` (one replica). Not yet: data
+//! parallelism across replicas (D > 1: `distributed.rs` reduces over the whole world),
+//! checkpoints of a tensor-parallel run, gradient accumulation with SP, re-gathering the
+//! linears' inputs in the backward (with SP they are kept whole, so per-rank activations
+//! shrink by the residual stream's share, not to 1/T).
 
 pub mod layers;
+pub mod shard;
+pub mod sp;
+pub mod step;
 pub mod vocab;
 
 pub use layers::{ColumnParallelLinear, RowParallelLinear, TpGemm};
+pub use shard::TpShard;
 pub use vocab::{vocab_parallel_cross_entropy, VocabParallelEmbedding};
 
 use std::ops::Range;

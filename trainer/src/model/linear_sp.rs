@@ -1,0 +1,173 @@
+//! The linear layer at sequence parallelism's converters (a child of `linear`, so it
+//! reaches the FP8 operands' storage): the input arrives as this rank's token shard and
+//! is all-gathered (g) before the GEMM; in the backward the output gradient arrives as a
+//! shard and is all-gathered (ḡ's backward).
+//!
+//! FP8 (FP8-LM §5): the shard is cast *before* the gather, so the gather moves one byte per
+//! element, E4M3 for the input and E5M2 for the gradient. Every rank must cast with the
+//! same scale, so the amax is MAX-reduced over the group first (NaN as +inf, which a MAX
+//! keeps): the group amax is exactly the whole tensor's, the scale is the one the layer
+//! would choose for the gathered tensor, and the gathered bytes equal the cast of the
+//! gathered f32 tensor byte for byte. Delayed scaling records the group amax, so every
+//! rank's history (and next scale) is the same. The cast counts in the stats are this
+//! rank's shard's. fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
+
+use super::*;
+use fp8lm_collectives::mappings::gather_from_sp;
+use fp8lm_collectives::{chunk_range, BufMut, Communicator, ReduceOp, Result};
+
+impl Fp8Operand {
+    /// Cast this rank's `shard` with the group's shared scale into its rows of the first
+    /// `full` bytes of the storage, and all-gather them (see the module docs). The
+    /// scale is chosen as [`Fp8Operand::quantize`] chooses it for the whole tensor.
+    fn quantize_gathered(
+        &mut self,
+        be: &dyn Backend,
+        shard: &[f32],
+        full: usize,
+        record: bool,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
+        assert!(
+            self.block.is_none(),
+            "sequence parallelism with the block recipe is refused at start-up"
+        );
+        let local = be.amax_f32(shard);
+        let local = if local.is_nan() { f32::INFINITY } else { local };
+        let amax = comm.all_reduce_scalar(local, ReduceOp::Max)?;
+        let st = &mut self.state;
+        let fmt = st.format;
+        let needs_own_amax =
+            matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
+        let scale = if needs_own_amax {
+            if record && matches!(st.recipe, ScalingRecipe::Current) {
+                st.scale_for_cast(amax)
+            } else {
+                scale_for_amax(fmt.max(), amax, st.margin, st.rounding).unwrap_or(st.scale)
+            }
+        } else {
+            st.scale
+        };
+        let r = chunk_range(full, comm.size(), comm.rank());
+        let cast = be.cast_fp8(fmt, shard, scale, &mut self.t.fp8_bytes_mut()[r]);
+        let (overflow, underflow) = (cast.counts.saturated, cast.counts.flushed);
+        comm.all_gather(BufMut::Fp8(&mut self.t.fp8_bytes_mut()[..full], fmt))?;
+        // The group amax: the gathered bytes are the whole tensor's cast.
+        self.t.set_scaling(Scaling::PerTensor { scale, amax });
+        if record {
+            if let ScalingRecipe::Delayed { .. } = st.recipe {
+                st.record_amax(amax);
+            }
+            let s = &mut self.stats;
+            (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
+                (amax, scale, overflow, underflow, shard.len() as u64);
+            s.total_overflow += overflow;
+            s.total_underflow += underflow;
+            s.casts += 1;
+        }
+        Ok(())
+    }
+}
+
+/// `db += sum over rows of dout` (this rank's shard rows: the caller all-reduces `db`).
+fn bias_grad(be: &dyn Backend, db: Option<&mut [f32]>, dout_shard: &[f32]) {
+    if let Some(db) = db {
+        be.bias_backward(db, dout_shard);
+    }
+}
+
+impl Linear {
+    /// [`Linear::forward`] of a column-parallel layer under sequence parallelism: `shard`
+    /// is this rank's `[n / T, c]` rows of the input; `full` (`[n, c]`) receives the f32
+    /// gather in fp32 / bf16 (the input the backward reads) and is untouched in FP8, whose
+    /// gather moves the E4M3 bytes into the layer's own input storage.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_sp(
+        &mut self,
+        out: &mut [f32],
+        shard: &[f32],
+        full: &mut [f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        record: bool,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
+        let (c, oc) = (self.c, self.oc);
+        let LinearPrecision::Fp8 { .. } = self.precision else {
+            gather_from_sp(comm, shard, &mut full[..n * c])?;
+            self.forward(out, &full[..n * c], w, bias, n, record);
+            return Ok(());
+        };
+        assert!(out.len() == n * oc && shard.len() * comm.size() == n * c);
+        let mut f = self.fp8.take().expect("fp8 state");
+        let r = f.x.quantize_gathered(&*self.be, shard, n * c, record, comm);
+        if r.is_ok() {
+            if self.weight_from_optimizer {
+                if record {
+                    f.w.record_written();
+                }
+            } else {
+                f.w.quantize(&*self.be, w, record);
+            }
+            let shape = GemmShape::new(n, oc, c).trans_b();
+            self.gemm_fp8(shape, f.x.operand(n * c), f.w.operand(oc * c), out);
+            if let Some(b) = bias {
+                self.be.bias_forward(out, b);
+            }
+        }
+        self.fp8 = Some(f);
+        r
+    }
+
+    /// [`Linear::backward`] of a row-parallel layer under sequence parallelism: the
+    /// output gradient arrives as this rank's `[n / T, oc]` rows `dout_shard` and is
+    /// all-gathered (f32 into `dout_full` in fp32 / bf16; E5M2 bytes with the group's
+    /// shared scale in FP8). The bias gradient is this rank's rows' sum (partial: the
+    /// caller all-reduces it over the group with the norms').
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_sp(
+        &mut self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout_shard: &[f32],
+        dout_full: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        n: usize,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
+        let (c, oc) = (self.c, self.oc);
+        bias_grad(&*self.be, dbias, dout_shard);
+        let LinearPrecision::Fp8 { .. } = self.precision else {
+            gather_from_sp(comm, dout_shard, &mut dout_full[..n * oc])?;
+            self.backward(dinp, dw, None, &dout_full[..n * oc], inp, w, n);
+            return Ok(());
+        };
+        assert!(
+            dinp.len() == n * c && dw.len() == oc * c && dout_shard.len() * comm.size() == n * oc
+        );
+        let mut f = self.fp8.take().expect("fp8 state");
+        let r = DY_E5M2.with(|b| {
+            let mut b = b.borrow_mut();
+            b.ensure_len(n * oc);
+            std::mem::swap(&mut *b, &mut f.dy.t);
+            let r =
+                f.dy.quantize_gathered(&*self.be, dout_shard, n * oc, true, comm);
+            if r.is_ok() {
+                let s_dinp = GemmShape::new(n, c, oc);
+                let s_dw = GemmShape::new(oc, c, n).trans_a();
+                self.gemm_fp8(s_dinp, f.dy.operand(n * oc), f.w.operand(oc * c), dinp);
+                self.gemm_fp8(s_dw, f.dy.operand(n * oc), f.x.operand(n * c), dw);
+            }
+            std::mem::swap(&mut *b, &mut f.dy.t);
+            // The bytes go back to the pool; the scaling of this cast stays with the
+            // operand (as in `Linear::backward`).
+            std::mem::swap(b.scaling_mut(), f.dy.t.scaling_mut());
+            r
+        });
+        self.fp8 = Some(f);
+        r
+    }
+}

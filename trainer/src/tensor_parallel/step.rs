@@ -1,0 +1,215 @@
+//! The training step of one tensor-parallel rank ([`Trainer::new_tp`],
+//! [`Trainer::train_step_tp`]): the T ranks of a group each hold a [`TpShard`] of the
+//! model, read the same batch (their datasets are seeded alike), run the forward and
+//! backward with the group's collectives at the Megatron points, and update their own
+//! shards. The gradient norm (clipping, skip test) is the whole model's:
+//! [`super::shard::grad_norm`].
+
+use super::shard::{grad_norm, TpShard};
+use crate::data::Dataset;
+use crate::model::Dims;
+use crate::train::{clip_scale, grad_sum_squares, lr_at, wte_master, StepStats, Trainer};
+use crate::RunConfig;
+use anyhow::{bail, Result};
+use fp8lm_collectives::Communicator;
+use std::time::{Duration, Instant};
+
+impl Trainer {
+    /// Rank `rank` of a `cfg.dist.tensor_parallel`-way group: its shard of the model (the
+    /// slice of the whole model's initial values from `cfg.seed`) and an optimizer over
+    /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here (its
+    /// ZeRO partition is data parallelism's, not wired in with T > 1 yet). With
+    /// `dist.sequence_parallel` the rank runs norms and residuals on its token shard
+    /// (`crate::tensor_parallel::sp`).
+    pub fn new_tp(cfg: &RunConfig, vocab: usize, rank: usize) -> Result<Trainer> {
+        let t = cfg.dist.tensor_parallel;
+        if rank >= t {
+            bail!("tensor-parallel rank {rank} is outside dist.tensor_parallel = {t}");
+        }
+        let sp = cfg.dist.sequence_parallel;
+        if sp && cfg.grad_accum > 1 {
+            // (the norms' partial gradients are all-reduced at each backward's end: with
+            // several micro-batches the sum held would be reduced again each time)
+            bail!(
+                "dist.sequence_parallel = true with grad_accum = {}: gradient accumulation \
+                 under sequence parallelism is not supported yet; set grad_accum = 1",
+                cfg.grad_accum
+            );
+        }
+        if sp && cfg.fp8.recipe == "block" && cfg.precision.is_fp8() {
+            bail!(
+                "dist.sequence_parallel = true with fp8.recipe = \"block\": the FP8 \
+                 all-gather shares one per-tensor scale; use \"delayed\" or \"current\""
+            );
+        }
+        let dims = Dims::from_config(cfg, vocab)?;
+        let mut shard = TpShard::new(&dims, rank, t).map_err(anyhow::Error::msg)?;
+        shard.sp = sp;
+        Self::with_shard(cfg, vocab, Some(shard), Self::backend_of(cfg)?, 1)
+    }
+
+    /// This rank's shard, when the trainer is one rank of a tensor-parallel group.
+    pub fn tp_shard(&self) -> Option<TpShard> {
+        self.model.tp
+    }
+
+    /// Which tensors of the layout are split over the group (the others are replicated).
+    pub fn tp_sharded(&self) -> Vec<bool> {
+        let m = &self.model;
+        let full = crate::model::Layout::new(&m.dims);
+        (0..m.layout.metas.len())
+            .map(|i| m.tp.is_some_and(|s| s.is_sharded(&m.dims, &full, i)))
+            .collect()
+    }
+
+    /// One optimizer step on the next training batch, on a tensor-parallel rank whose
+    /// group is `comm` (every rank of the group calls it, with the same data order).
+    pub fn train_step_tp(
+        &mut self,
+        data: &mut dyn Dataset,
+        comm: &dyn Communicator,
+    ) -> Result<StepStats> {
+        if self.model.tp.is_none() {
+            bail!("train_step_tp: this trainer holds the whole model; call train_step");
+        }
+        if self.dist.is_some() {
+            bail!(
+                "train_step_tp: data parallelism with dist.tensor_parallel > 1 is not wired in yet"
+            );
+        }
+        let d = self.model.dims;
+        let k = self.cfg.grad_accum.max(1);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
+            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for micro in 0..k {
+            let ts = Instant::now();
+            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+            self.check_tokens("training batch")?;
+            self.model.set_accumulate(micro > 0);
+            self.model.take_gemm_time();
+            let wte = wte_master(&self.model, self.optimizer.as_ref());
+            let r = self.model.forward_tp(
+                &self.inputs,
+                Some(&self.targets),
+                d.b,
+                d.t,
+                true,
+                wte,
+                Some(comm),
+            );
+            let loss = r?.expect("targets given");
+            let t1 = Instant::now();
+            let r = self.model.backward_tp(Some(comm), &mut |_| {});
+            self.model.set_accumulate(false);
+            r?;
+            let t2 = Instant::now();
+            loss_sum += loss as f64;
+            (fwd, bwd, gemm) = (
+                fwd + (t1 - ts),
+                bwd + (t2 - t1),
+                gemm + self.model.take_gemm_time(),
+            );
+        }
+        let loss = (loss_sum / k as f64) as f32;
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
+        let sharded = self.tp_sharded();
+        let (mut outs, grads) = self.model.outs_and_grads();
+        let inv = 1.0 / k as f32;
+        let grad_norm = grad_norm(comm, &grads, &sharded, grad_sum_squares)? * inv;
+        // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
+        // group skips or steps together.
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if !skipped {
+            let scale = clip_scale(grad_norm, clip) * inv;
+            self.optimizer.step_to(&mut outs, &grads, lr, scale);
+        }
+        let written = crate::model::gpt::written_of(&outs);
+        drop((outs, grads));
+        self.model.accept_written(&written);
+        if skipped {
+            self.skipped += 1;
+            self.model
+                .write_compute_weights(self.optimizer.as_ref())
+                .map_err(anyhow::Error::msg)?;
+        }
+        let t3 = Instant::now();
+        let stats = StepStats {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            skipped,
+            tokens: k * d.b * d.t,
+            forward: fwd,
+            backward: bwd,
+            optimizer: t3 - (t0 + fwd + bwd),
+            gemm,
+            comm: Duration::ZERO,
+            comm_exposed: Duration::ZERO,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+}
+
+impl Trainer {
+    /// Mean loss of one given batch on a tensor-parallel rank (no update; every rank of
+    /// the group calls it with the same batch and gets the same figure).
+    pub fn loss_on_tp(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        comm: &dyn Communicator,
+    ) -> Result<f32> {
+        let d = self.model.dims;
+        if b == 0 || t == 0 || b > d.b || t > d.t || inputs.len() != b * t || targets.len() != b * t
+        {
+            bail!(
+                "loss_on_tp: batch {b}x{t} does not fit the model (B={}, T={})",
+                d.b,
+                d.t
+            );
+        }
+        if let Some(&bad) = inputs.iter().chain(targets).find(|&&x| x as usize >= d.v) {
+            bail!(
+                "loss_on_tp: token id {bad} is outside the model's vocabulary of {}",
+                d.v
+            );
+        }
+        let wte = wte_master(&self.model, self.optimizer.as_ref());
+        let loss = self
+            .model
+            .forward_tp(inputs, Some(targets), b, t, false, wte, Some(comm))?;
+        Ok(loss.expect("targets given"))
+    }
+
+    /// [`Trainer::evaluate_tokens`] on a tensor-parallel rank: the whole group evaluates
+    /// every sequence of the fixed validation set together (`comm`: the group).
+    pub fn evaluate_tokens_tp(
+        &mut self,
+        data: &dyn Dataset,
+        eval_tokens: usize,
+        comm: &dyn Communicator,
+    ) -> Result<f32> {
+        let d = self.model.dims;
+        let (b, t) = (d.b, d.t);
+        let seqs = crate::eval::eval_sequences(eval_tokens, t, data.val_sequence_count(t));
+        if seqs.is_empty() {
+            bail!("evaluation: the validation split holds no sequence of {t} tokens");
+        }
+        let (mut inputs, mut targets) = (vec![0u32; b * t], vec![0u32; b * t]);
+        let mut sum = 0f64;
+        for batch in seqs.chunks(b) {
+            let n = batch.len() * t;
+            data.val_rows(batch, t, &mut inputs[..n], &mut targets[..n]);
+            let mean = self.loss_on_tp(&inputs[..n], &targets[..n], batch.len(), t, comm)?;
+            sum += mean as f64 * n as f64;
+        }
+        self.model.take_gemm_time();
+        Ok((sum / (seqs.len() * t) as f64) as f32)
+    }
+}
