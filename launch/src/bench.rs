@@ -53,6 +53,15 @@ pub enum BenchCmd {
     Memory {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Also measure fp8-o3 on this many data-parallel ranks (each an `mpirun` child
+        /// process, so each peak is its own; needs the `mpi` feature): every rank's
+        /// optimizer + master state against state / N, and its peak resident set while
+        /// training and after a sharded checkpoint save. 0 or 1: not measured.
+        #[arg(long, default_value_t = 0)]
+        ranks: usize,
+        /// Precisions measured one process each (comma-separated).
+        #[arg(long, default_value = "fp32,bf16,fp8-o1,fp8-o2")]
+        precisions: String,
     },
     /// Optimizer step time per parameter: fp32 AdamW vs the FP8-LM optimizer (GPT-2 shapes).
     Optim {
@@ -129,7 +138,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::Memory { cfg } => memory(&cfg),
+        BenchCmd::Memory {
+            cfg,
+            ranks,
+            precisions,
+        } => memory(&cfg, ranks, &precisions),
         BenchCmd::Optim {
             steps,
             layers,
@@ -163,8 +176,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 /// peak resident set is its own): the precision to measure.
 const MEMORY_CHILD_ENV: &str = "FP8LM_BENCH_MEMORY_CHILD";
 
-fn memory(args: &ConfigArgs) -> Result<()> {
+/// The value of [`MEMORY_CHILD_ENV`] in the `mpirun` children measuring fp8-o3 ranks.
+const ZERO_CHILD: &str = "fp8-o3-ranks";
+
+fn memory(args: &ConfigArgs, ranks: usize, precisions: &str) -> Result<()> {
     let cfg = crate::run::load(args)?;
+    if std::env::var(MEMORY_CHILD_ENV).as_deref() == Ok(ZERO_CHILD) {
+        return memory_zero_child(&cfg);
+    }
     if let Ok(p) = std::env::var(MEMORY_CHILD_ENV) {
         let mut c = cfg.clone();
         c.precision = serde_json::from_value(serde_json::json!(p))
@@ -194,7 +213,11 @@ fn memory(args: &ConfigArgs) -> Result<()> {
     // a checkpoint save, as `fp8lm train` does), peak resident set start-up included.
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for p in ["fp32", "bf16", "fp8-o1", "fp8-o2"] {
+    for p in precisions
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let out = std::process::Command::new(&exe)
             .args(std::env::args_os().skip(1))
             .env(MEMORY_CHILD_ENV, p)
@@ -214,5 +237,69 @@ fn memory(args: &ConfigArgs) -> Result<()> {
     }
     println!("ledger vs measured peak resident set (one process per precision; MB = 1e6 bytes):");
     print!("{}", fp8lm_trainer::memory::peak_table(&rows));
+    if ranks > 1 {
+        memory_zero(ranks)?;
+    }
+    Ok(())
+}
+
+/// fp8-o3 on `ranks` data-parallel ranks, each an `mpirun` child running this command
+/// again (with [`MEMORY_CHILD_ENV`] = [`ZERO_CHILD`]): one row per rank.
+fn memory_zero(ranks: usize) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // All ranks save into one folder (rank 0 removes it).
+    let dir = std::env::temp_dir().join(format!("fp8lm-bench-memory-o3-{}", std::process::id()));
+    let dir_s = dir.to_string_lossy().into_owned();
+    let envs = [
+        (MEMORY_CHILD_ENV, ZERO_CHILD),
+        ("FP8LM_BENCH_MEMORY_DIR", dir_s.as_str()),
+    ];
+    let exe_s = exe.to_string_lossy().into_owned();
+    let out = fp8lm_collectives::mpirun::run_mpirun(
+        &exe_s,
+        ranks,
+        &args,
+        &envs,
+        std::time::Duration::from_secs(3600),
+    )
+    .map_err(|e| anyhow::anyhow!("bench memory --ranks {ranks}: {e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let mut rows: Vec<fp8lm_trainer::memory::ZeroPeakReport> = Vec::new();
+    for l in out.text.lines().filter_map(|l| l.strip_prefix("PEAKZERO ")) {
+        rows.push(serde_json::from_str(l)?);
+    }
+    rows.sort_by_key(|r| r.rank);
+    if !out.success || rows.len() != ranks {
+        anyhow::bail!(
+            "bench memory --ranks {ranks}: the mpirun job {} with {} of {ranks} rank reports:\n{}",
+            if out.success { "succeeded" } else { "failed" },
+            rows.len(),
+            out.text
+        );
+    }
+    println!(
+        "fp8-o3 on {ranks} ranks (one mpirun process each; peak resident set after 2 steps \
+         and an evaluation, after a sharded checkpoint save too, and of a resume from it on \
+         a fresh trainer with one step; state: the rank's optimizer + master bytes; \
+         MB = 1e6 bytes):"
+    );
+    print!("{}", fp8lm_trainer::memory::zero_peak_table(&rows));
+    Ok(())
+}
+
+/// One rank of [`memory_zero`]'s job.
+fn memory_zero_child(cfg: &fp8lm_trainer::RunConfig) -> Result<()> {
+    let comm = fp8lm_collectives::init()?;
+    let dir = std::env::var_os("FP8LM_BENCH_MEMORY_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("fp8lm-bench-memory-o3"));
+    let r = fp8lm_collectives::or_abort(
+        comm.as_ref(),
+        fp8lm_trainer::memory::measure_peak_zero(cfg, cfg.vocab(), 2, comm.as_ref(), &dir),
+    );
+    println!("PEAKZERO {}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -86,6 +86,23 @@ pub fn inspect(path: &Path) -> Result<()> {
             s.crc32
         );
     }
+    if let Some(idx) = &m.optimizer_shards {
+        println!(
+            "  optimizer     sharded over {} ranks (dp {} x tp {}), partition {}; each shard's tensors: fp8lm inspect <shard file>",
+            idx.world_size, idx.dp, idx.tp, idx.partition
+        );
+        for e in &idx.shards {
+            println!(
+                "  shard         {}: rank {} (dp {}, tp {}), {} units, {} elements",
+                e.file,
+                e.rank,
+                e.dp_rank,
+                e.tp_rank,
+                e.units.len(),
+                e.units.iter().map(|u| u.numel).sum::<usize>()
+            );
+        }
+    }
     for (g, tensors) in &ck.groups {
         table(g, tensors);
     }

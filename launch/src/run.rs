@@ -205,28 +205,34 @@ fn fp8_stats(tr: &Trainer) -> Vec<Fp8TensorStats> {
         .collect()
 }
 
-/// Write a checkpoint of `tr` (rank 0's view; `opt` is the run's whole optimizer state,
-/// gathered from every owner under fp8-o3, with its ZeRO `units`).
+/// Write a checkpoint of `tr`, streamed from the trainer's own buffers (no copy of the
+/// state). Replicated precisions: rank 0 writes it alone (`zero` is `None`; every rank
+/// holds the same state). fp8-o3 under data parallelism: every rank calls it with its
+/// communicator and writes its own optimizer shard, rank 0 the model and the index
+/// (`snapshot::save_trainer_sharded`): no rank gathers the optimizer state.
 fn save_checkpoint(
     tr: &Trainer,
     data: &dyn Dataset,
     run_dir: &Path,
     skipped: u64,
-    opt: Option<snapshot::GatheredState>,
+    zero: Option<&dyn Communicator>,
 ) -> Result<PathBuf> {
     let mut extra = tr.dist_checkpoint_extra();
     extra.insert("skipped_steps".into(), json!(skipped));
-    // Streamed from the trainer's own buffers (no copy of the state); `opt` is fp8-o3's
-    // gathered optimizer state.
-    let dir = snapshot::save_trainer(
-        tr,
-        data,
+    let (extra, root) = (
         serde_json::Value::Object(extra),
-        opt,
-        &run_dir.join("checkpoints"),
-        tr.cfg.checkpoint_keep,
-    )?;
-    tracing::info!("checkpoint saved: {}", dir.display());
+        run_dir.join("checkpoints"),
+    );
+    let keep = tr.cfg.checkpoint_keep;
+    let dir = match zero {
+        Some(c) => {
+            snapshot::save_trainer_sharded(tr, data, extra, c, &root, keep, &mut |_| Ok(()))?
+        }
+        None => snapshot::save_trainer(tr, data, extra, None, &root, keep)?,
+    };
+    if zero.is_none_or(|c| c.rank() == 0) {
+        tracing::info!("checkpoint saved: {}", dir.display());
+    }
     Ok(dir)
 }
 
@@ -475,19 +481,19 @@ fn train_ranked(
     let tp_comm = comm
         .filter(|_| tp > 1)
         .map(fp8lm_collectives::CountingComm::new);
+    // fp8-o3 on several data-parallel ranks builds no optimizer state here: each rank
+    // builds only its own share when data parallelism is enabled.
     let mut tr = match comm.filter(|_| tp > 1) {
         Some(c) => Trainer::new_tp(&cfg, data.vocab_size(), c.rank())?,
-        None => Trainer::new(&cfg, data.vocab_size())?,
+        None => Trainer::new_for_ranks(&cfg, data.vocab_size(), comm.map_or(1, |c| c.size()))?,
     };
     let mut skipped_before = 0;
     // fp8-o3 under data parallelism: the optimizer state goes to its owners (re-partitioned
     // for this number of ranks) when data parallelism is enabled.
-    let zero_dist = comm.is_some() && cfg.precision == Precision::Fp8O3;
-    let mut zero_state = None;
+    let zero_dist = comm.is_some() && tp == 1 && cfg.precision == Precision::Fp8O3;
     if let Some(ck) = &ck {
         if zero_dist {
             snapshot::restore_except_optimizer(&mut tr, data.as_mut(), ck)?;
-            zero_state = Some(snapshot::stored_optimizer_state(&tr, ck)?);
         } else {
             snapshot::restore(&mut tr, data.as_mut(), ck)?;
         }
@@ -530,11 +536,8 @@ fn train_ranked(
             );
         }
     } else if let Some(c) = comm {
-        let zs = zero_state
-            .as_ref()
-            .map(|(s, u)| (s.as_slice(), u.as_slice()));
-        tr.enable_data_parallel_resume(c, zs)?;
-        drop(zero_state);
+        // fp8-o3: each rank reads its own units' optimizer state from the checkpoint.
+        tr.enable_data_parallel_from_checkpoint(c, ck.as_ref())?;
         if let Some(ck) = &ck {
             tr.restore_dist_extra(&ck.meta.extra)
                 .with_context(|| format!("{}", ck.dir.display()))?;
@@ -543,6 +546,13 @@ fn train_ranked(
             tracing::info!("data parallel over {} ranks ({})", c.size(), c.backend());
         }
     }
+
+    // The checkpoint's tensors are in the trainer now: keep only its metadata, so the
+    // loaded bytes (the model, a replicated optimizer state) are not resident all run.
+    let ck = ck.map(|mut c| {
+        c.groups.clear();
+        c
+    });
 
     // 2. The run directory (rank 0 only). Read (and so validate) metrics.jsonl first;
     // only then write, remove or move anything.
@@ -723,25 +733,21 @@ fn train_ranked(
         if sig != 0 {
             stopped_by = Some(sig);
         }
-        // Replicas are bit-identical, so rank 0's state is the run's, except fp8-o3's
-        // partitioned optimizer state: every rank takes part in gathering it.
+        // Replicas are bit-identical, so rank 0 writes the run's state alone, except for
+        // fp8-o3's partitioned optimizer state: every rank writes its own shard.
+        // (Not with tensor parallelism yet: see the shard index's (dp, tp) coordinates.)
         if tp == 1
             && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
                 || done == max_steps
                 || (stopped_by.is_some() && diverged.is_none()))
         {
-            let opt = match comm {
-                Some(c) => Some(tr.gather_optimizer_state(c)?),
-                None => None,
-            };
-            if root {
-                last_ckpt = Some(save_checkpoint(
-                    &tr,
-                    data.as_ref(),
-                    &run_dir,
-                    skipped_before + tr.skipped_steps(),
-                    opt,
-                )?);
+            let skipped = skipped_before + tr.skipped_steps();
+            if zero_dist || root {
+                let zero = comm.filter(|_| zero_dist);
+                let dir = save_checkpoint(&tr, data.as_ref(), &run_dir, skipped, zero)?;
+                if root {
+                    last_ckpt = Some(dir);
+                }
             }
         }
         if let Some(p) = progress.as_mut() {

@@ -35,10 +35,15 @@ fn tmp(name: &str) -> PathBuf {
 
 /// `mpirun -n 2 fp8lm <args>` (one compute thread per rank): (success, stdout + stderr).
 fn mpirun(args: &[&str]) -> (bool, String) {
+    mpirun_n(2, args)
+}
+
+/// `mpirun -n <n> fp8lm <args>` (one compute thread per rank): (success, stdout + stderr).
+fn mpirun_n(n: usize, args: &[&str]) -> (bool, String) {
     let exe = env!("CARGO_BIN_EXE_fp8lm");
     let envs = [("RAYON_NUM_THREADS", "1")];
     let o =
-        run_mpirun(exe, 2, args, &envs, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+        run_mpirun(exe, n, args, &envs, Duration::from_secs(180)).unwrap_or_else(|e| panic!("{e}"));
     (o.success, o.text)
 }
 
@@ -95,11 +100,17 @@ fn mpirun_fp8lm_train_writes_one_run_dir_and_resumes_bit_identically() {
     );
     let ck3 = run.join("checkpoints/step_00000003");
     assert!(ck3.join("checkpoint.json").is_file(), "{text}");
+    // fp8-o3: one optimizer shard per rank and an index, no gathered state.
     let meta = std::fs::read_to_string(ck3.join("checkpoint.json")).unwrap();
     assert!(
-        meta.contains("zero_units"),
-        "fp8-o3 checkpoint lists its units"
+        meta.contains("optimizer_shards"),
+        "fp8-o3 checkpoint indexes its shards"
     );
+    for r in 0..2 {
+        let f = format!("optim.rank-{r:04}-of-0002.safetensors");
+        assert!(ck3.join(&f).is_file(), "missing {f}");
+    }
+    assert!(!ck3.join("optimizer.safetensors").exists());
 
     // The same losses as 2 in-process ranks (RAYON_NUM_THREADS=1 under mpirun may change
     // the GEMMs' summation order: 1e-6 relative).
@@ -145,4 +156,44 @@ fn mpirun_fp8lm_train_writes_one_run_dir_and_resumes_bit_identically() {
     assert!(one[3..]
         .iter()
         .all(|m| m.1.parse::<f32>().is_ok_and(|x| x.is_finite())));
+}
+
+/// `mpirun -n 4 fp8lm train` (fp8-o3) writes four optimizer shards; `mpirun -n 2` resumes
+/// them re-partitioned for two ranks (each reading only its own units' ranges), and
+/// trains on with finite losses; the first 3 steps stay the 4-rank run's.
+#[test]
+fn mpirun_four_rank_sharded_checkpoint_resumes_on_two_ranks() {
+    let d = tmp("shard4to2");
+    let run = d.join("run");
+    let rd = format!("run_dir={}", run.display());
+    let mut args = vec!["train", "--set", rd.as_str()];
+    for s in SETS {
+        args.extend(["--set", s]);
+    }
+    let (ok, text) = mpirun_n(4, &args);
+    assert!(ok, "{text}");
+    let full = metrics(&run);
+    assert_eq!(full.len(), 6, "{text}");
+    let ck3 = run.join("checkpoints/step_00000003");
+    for r in 0..4 {
+        let f = format!("optim.rank-{r:04}-of-0004.safetensors");
+        assert!(ck3.join(&f).is_file(), "missing {f}");
+    }
+    let (ok, text) = mpirun_n(2, &["train", "--resume", ck3.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let two = metrics(&run);
+    assert_eq!(two.len(), 6, "{text}");
+    assert_eq!(two[..3], full[..3]);
+    assert!(two[3..]
+        .iter()
+        .all(|m| m.1.parse::<f32>().is_ok_and(|x| x.is_finite())));
+    let ck6 = run.join("checkpoints/step_00000006");
+    for r in 0..2 {
+        let f = format!("optim.rank-{r:04}-of-0002.safetensors");
+        assert!(
+            ck6.join(&f).is_file(),
+            "missing {f} after the 2-rank resume"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
 }

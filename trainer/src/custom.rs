@@ -557,6 +557,7 @@ pub fn save_checkpoint(
         scaling: Value::Object(scaling),
         extra: serde_json::json!({ "written_by": "fp8lm_trainer::custom::save_checkpoint" }),
         files: BTreeMap::new(),
+        optimizer_shards: None,
     };
     let tensors: Vec<StreamTensor<'_>> = model
         .named_params()

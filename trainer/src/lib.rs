@@ -39,10 +39,15 @@
 //!   [`Trainer::step`]/[`Trainer::set_step`], [`Trainer::rng`], and the FP8 scaling states
 //!   with their cast statistics ([`Trainer::fp8_tensors`], [`Trainer::fp8_scale_states_mut`]).
 //! - [`bench::bench_train`]: the `fp8lm bench train` measurements.
-//! - Data parallelism and FP8 ZeRO ([`distributed`]): [`Trainer::enable_data_parallel`]
-//!   `(&dyn Communicator)` (config hash agreement; fp8-o3 partitions the optimizer),
-//!   then [`Trainer::train_step_dist`]`(data, comm)` on every rank; [`Trainer::rank`],
-//!   [`Trainer::is_root`], [`Trainer::zero_rank_bytes`]. [`distributed::train_data_parallel`]
+//! - Data parallelism and FP8 ZeRO ([`parallel`], formerly `distributed`):
+//!   [`Trainer::new_for_ranks`] (fp8-o3 on several ranks builds no optimizer state yet),
+//!   [`Trainer::enable_data_parallel`]`(&dyn Communicator)` (config hash agreement;
+//!   fp8-o3 partitions the optimizer and builds this rank's share), then
+//!   [`Trainer::train_step_dist`]`(data, comm)` on every rank (the same step path as
+//!   [`Trainer::train_step`], `parallel::step`); [`Trainer::rank`], [`Trainer::is_root`],
+//!   [`Trainer::zero_rank_bytes`]. fp8-o3 checkpoints are sharded, one optimizer file per
+//!   rank ([`snapshot::save_trainer_sharded`], [`checkpoint::shard`]), resumed with
+//!   [`Trainer::enable_data_parallel_from_checkpoint`]. [`parallel::train_data_parallel`]
 //!   is the whole loop `fp8lm train` runs under `mpirun`.
 
 pub mod compare;
@@ -50,7 +55,9 @@ pub mod config;
 pub mod config_file;
 pub mod custom;
 pub mod data;
-pub mod distributed;
+pub mod parallel;
+/// The former name of [`parallel`], kept so existing paths resolve.
+pub use parallel as distributed;
 pub mod eval;
 pub mod model;
 pub mod rng;
@@ -62,7 +69,8 @@ pub mod agreement;
 pub mod bench;
 pub mod block_scales;
 pub mod checkpoint;
-pub mod ckpt_stream;
+/// The former path of [`checkpoint::stream`], kept so existing paths resolve.
+pub use checkpoint::stream as ckpt_stream;
 pub mod memory;
 pub mod metrics;
 pub mod plan;

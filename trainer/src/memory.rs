@@ -511,6 +511,138 @@ pub fn measure_peak(cfg: &RunConfig, vocab: usize, steps: usize) -> anyhow::Resu
     })
 }
 
+/// What [`measure_peak_zero`] saw on one fp8-o3 data-parallel rank.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ZeroPeakReport {
+    pub rank: usize,
+    pub ranks: usize,
+    pub params: usize,
+    /// This rank's optimizer + master state (`Optimizer::state_bytes`).
+    pub state_bytes: usize,
+    /// The whole optimizer state, every rank's share together (the partition's figures).
+    pub total_state_bytes: usize,
+    /// Peak resident set after start-up, the training steps and the evaluation.
+    pub peak_train_bytes: usize,
+    /// Peak resident set after the sharded checkpoint save too.
+    pub peak_bytes: usize,
+    /// Peak resident set of a resume from that checkpoint (a fresh trainer, the peak
+    /// counter reset first: `/proc/self/clear_refs`) and one step; `None` where the
+    /// counter cannot be reset.
+    pub peak_resume_bytes: Option<usize>,
+}
+
+impl ZeroPeakReport {
+    /// This rank's state over an even share of the whole (`state / N`).
+    pub fn share_ratio(&self) -> f64 {
+        self.state_bytes as f64 * self.ranks as f64 / self.total_state_bytes.max(1) as f64
+    }
+}
+
+/// [`measure_peak`] for fp8-o3 on one of `comm.size()` data-parallel ranks, as `fp8lm
+/// train` runs under `mpirun`: the trainer built for its rank count (no whole-state
+/// transient), `steps` steps and one evaluation, then a sharded checkpoint save into
+/// `dir` (every rank writes its own shard), then a resume from it on a fresh trainer and
+/// one step (the checkpoint removed after). Every rank must call it; run
+/// each rank in its own process (`fp8lm bench memory --ranks N` runs `mpirun` children)
+/// so each peak is the rank's own.
+pub fn measure_peak_zero(
+    cfg: &RunConfig,
+    vocab: usize,
+    steps: usize,
+    comm: &dyn fp8lm_collectives::Communicator,
+    dir: &std::path::Path,
+) -> anyhow::Result<ZeroPeakReport> {
+    let mut c = cfg.clone();
+    c.precision = crate::config::Precision::Fp8O3;
+    let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+    tr.enable_data_parallel(comm)?;
+    let mut data = RandomTokens {
+        vocab: tr.model().dims.v.min(vocab.max(1)),
+        state: 0x2545_F491_4F6C_DD1D,
+    };
+    for _ in 0..steps {
+        tr.train_step_dist(&mut data, comm)?;
+    }
+    tr.evaluate(&data, 1)?;
+    let no_peak = || anyhow::anyhow!("no /proc/self/status: peak resident memory unknown");
+    let peak_train_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
+    let saved = crate::snapshot::save_trainer_sharded(
+        &tr,
+        &data,
+        serde_json::Value::Null,
+        comm,
+        dir,
+        1,
+        &mut |_| Ok(()),
+    );
+    let resumed = saved.and_then(|ck_dir| {
+        let peak_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
+        let shares = tr.zero_rank_bytes().unwrap_or_default();
+        let report = ZeroPeakReport {
+            rank: comm.rank(),
+            ranks: comm.size(),
+            params: tr.model().num_params(),
+            state_bytes: tr.optimizer().state_bytes(),
+            total_state_bytes: shares.iter().sum(),
+            peak_train_bytes,
+            peak_bytes,
+            peak_resume_bytes: None,
+        };
+        // The resume, as `fp8lm train --resume` under mpirun does it, from a fresh
+        // trainer (the old one freed) with the peak counter reset where Linux allows it.
+        drop(tr);
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let ck = crate::checkpoint::Checkpoint::load(&ck_dir)?;
+        let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+        crate::snapshot::restore_except_optimizer(&mut tr, &mut data, &ck)?;
+        tr.enable_data_parallel_from_checkpoint(comm, Some(&ck))?;
+        drop(ck);
+        tr.train_step_dist(&mut data, comm)?;
+        Ok(ZeroPeakReport {
+            peak_resume_bytes: if reset { peak_resident_bytes() } else { None },
+            ..report
+        })
+    });
+    comm.barrier().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if comm.rank() == 0 {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    resumed
+}
+
+/// The per-rank table of [`ZeroPeakReport`]s: optimizer + master state against an even
+/// share, and the peak resident set while training and after the checkpoint save.
+pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
+    let mb = |b: usize| b as f64 / 1e6;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "  {:>4} {:>11} {:>13} {:>11} {:>16} {:>16} {:>17}",
+        "rank",
+        "state (MB)",
+        "state/N (MB)",
+        "state/(s/N)",
+        "peak train (MB)",
+        "peak +ckpt (MB)",
+        "peak resume (MB)"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "  {:>4} {:>11.1} {:>13.1} {:>11.3} {:>16.1} {:>16.1} {:>17}",
+            r.rank,
+            mb(r.state_bytes),
+            mb(r.total_state_bytes) / r.ranks.max(1) as f64,
+            r.share_ratio(),
+            mb(r.peak_train_bytes),
+            mb(r.peak_bytes),
+            r.peak_resume_bytes
+                .map_or("-".to_string(), |b| format!("{:.1}", mb(b)))
+        );
+    }
+    s
+}
+
 /// The side-by-side table of [`PeakReport`]s: ledger total, measured peak, and the
 /// ledger's share of the peak.
 pub fn peak_table(rows: &[PeakReport]) -> String {
@@ -611,6 +743,32 @@ mod tests {
         assert!(
             r.contains("fp8-o2") && r.contains("bf16") && r.contains("e4m3"),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn zero_peak_rows_compare_each_rank_with_an_even_share() {
+        let row = |rank, state_bytes| ZeroPeakReport {
+            rank,
+            ranks: 4,
+            params: 100,
+            state_bytes,
+            total_state_bytes: 4_000_000,
+            peak_train_bytes: 9_000_000,
+            peak_bytes: 9_500_000,
+            peak_resume_bytes: None,
+        };
+        assert_eq!(row(0, 1_000_000).share_ratio(), 1.0);
+        assert_eq!(row(1, 1_150_000).share_ratio(), 1.15);
+        let t = zero_peak_table(&[row(0, 1_000_000), row(1, 1_150_000)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].contains("peak resume (MB)"), "{t}");
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["1", "1.1", "1.0", "1.150", "9.0", "9.5", "-"],
+            "{t}"
         );
     }
 

@@ -1,11 +1,12 @@
 //! Optimizer state across ZeRO partitions: the fp8-o3 checkpoint and its re-partitioning.
 //!
 //! fp8-o3 keeps each unit's optimizer state (a whole tensor, or a row block of a large
-//! one, see [`fp8lm_optim::zero`]) on one owner rank. A checkpoint gathers every owner's
-//! units to rank 0 and stores them unit by unit, each with its own scale, exactly as
-//! the owners held them, plus the unit list (`extra.zero_units`: name, tensor, element
-//! offset, length). So a resume on the same number of ranks copies every unit's bytes
-//! back and continues bit for bit.
+//! one, see [`fp8lm_optim::zero`]) on one owner rank. A checkpoint stores them unit by
+//! unit, each with its own scale, exactly as the owners held them: each owner in its own
+//! shard file, with the unit list in the shard index ([`crate::checkpoint::shard`]; older
+//! checkpoints gathered every unit into `optimizer.safetensors` with the list in
+//! `extra.zero_units`: name, tensor, element offset, length). So a resume on the same
+//! number of ranks copies every unit's bytes back and continues bit for bit.
 //!
 //! With a different number of ranks, or on one process (whole tensors, as fp8-o2), the
 //! units differ: the row blocks are cut to `1/(8N)` of the model. A unit whose name is
@@ -105,6 +106,55 @@ pub fn repartition_state(
     template: &[(String, StateTensor)],
     new: &[UnitSpan],
 ) -> Result<Vec<(String, StateTensor)>> {
+    let mut rebuilt = rebuild(stored, old, template, new)?;
+    let map: HashMap<&str, &StateTensor> = stored.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    template
+        .iter()
+        .map(|(name, _)| {
+            let st = match rebuilt.remove(name) {
+                Some(st) => st,
+                None => (*map.get(name.as_str()).with_context(|| {
+                    format!("optimizer state {name:?} missing from the checkpoint")
+                })?)
+                .clone(),
+            };
+            Ok((name.clone(), st))
+        })
+        .collect()
+}
+
+/// [`repartition_state`] consuming `stored`: entries copied verbatim are moved, not
+/// cloned, so a resuming rank holds its share once (what it read), not twice.
+pub fn repartition_state_owned(
+    stored: Vec<(String, StateTensor)>,
+    old: &[UnitSpan],
+    template: &[(String, StateTensor)],
+    new: &[UnitSpan],
+) -> Result<Vec<(String, StateTensor)>> {
+    let mut rebuilt = rebuild(&stored, old, template, new)?;
+    let mut by_name: HashMap<String, StateTensor> = stored.into_iter().collect();
+    template
+        .iter()
+        .map(|(name, _)| {
+            let st = match rebuilt.remove(name) {
+                Some(st) => st,
+                None => by_name.remove(name).with_context(|| {
+                    format!("optimizer state {name:?} missing from the checkpoint")
+                })?,
+            };
+            Ok((name.clone(), st))
+        })
+        .collect()
+}
+
+/// The entries of the units of `new` that are not stored under their own name, rebuilt
+/// from the stored units that overlap them (see the module docs).
+fn rebuild(
+    stored: &[(String, StateTensor)],
+    old: &[UnitSpan],
+    template: &[(String, StateTensor)],
+    new: &[UnitSpan],
+) -> Result<HashMap<String, StateTensor>> {
     let map: HashMap<&str, &StateTensor> = stored.iter().map(|(n, s)| (n.as_str(), s)).collect();
     // Rebuilt entries, for units not stored under their own name.
     let mut rebuilt: HashMap<String, StateTensor> = HashMap::new();
@@ -173,19 +223,7 @@ pub fn repartition_state(
             StateTensor::Scalar(ratio),
         );
     }
-    template
-        .iter()
-        .map(|(name, _)| {
-            let st = match rebuilt.remove(name) {
-                Some(st) => st,
-                None => (*map.get(name.as_str()).with_context(|| {
-                    format!("optimizer state {name:?} missing from the checkpoint")
-                })?)
-                .clone(),
-            };
-            Ok((name.clone(), st))
-        })
-        .collect()
+    Ok(rebuilt)
 }
 
 // ---- byte encoding of state lists (for gathering them over a communicator) --------

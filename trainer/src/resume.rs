@@ -316,6 +316,7 @@ mod tests {
             scaling: serde_json::json!({}),
             extra: serde_json::json!({}),
             files: Default::default(),
+            optimizer_shards: None,
         });
         let w: Vec<f32> = (0..64).map(|i| i as f32 * 0.5).collect();
         ck.groups

@@ -154,6 +154,7 @@ fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMet
         scaling: Value::Object(scaling),
         extra,
         files: BTreeMap::new(),
+        optimizer_shards: None,
     }
 }
 
@@ -221,7 +222,7 @@ pub fn save_trainer(
     root: &std::path::Path,
     keep: usize,
 ) -> Result<std::path::PathBuf> {
-    use crate::ckpt_stream::{StreamTensor, TensorData};
+    use crate::ckpt_stream::StreamTensor;
     let units = opt_state.as_ref().and_then(|(_, u)| u.clone());
     if let Some(units) = units {
         if !extra.is_object() {
@@ -230,9 +231,29 @@ pub fn save_trainer(
         extra[ZERO_UNITS_KEY] = json!(units);
     }
     let meta = capture_meta(tr, data, extra);
+    let model = model_stream(tr);
+    let mut opt: Vec<StreamTensor<'_>> = Vec::new();
+    match &opt_state {
+        Some((st, _)) => {
+            for (n, s) in st {
+                opt.push(StreamTensor::from_state(n, s.as_ref()));
+            }
+        }
+        None => tr
+            .optimizer()
+            .visit_state(&mut |n, s| opt.push(StreamTensor::from_state(n, s))),
+    }
+    let groups = vec![("model".to_string(), model), ("optimizer".to_string(), opt)];
+    crate::checkpoint::save_streamed(&meta, &groups, root, keep, &mut |_| Ok(()))
+}
+
+/// The model's tensors as a checkpoint streams them: each weight from the model's
+/// buffer, or (fp8-o2's linears, which have no f32 copy) from the optimizer's FP16
+/// master.
+fn model_stream(tr: &Trainer) -> Vec<crate::checkpoint::stream::StreamTensor<'_>> {
+    use crate::checkpoint::stream::{StreamTensor, TensorData};
     let m = tr.model();
-    let model: Vec<StreamTensor<'_>> = m
-        .named_params()
+    m.named_params()
         .enumerate()
         .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
             Some((h, scale)) if !m.param_is_f32(i) => StreamTensor {
@@ -250,20 +271,49 @@ pub fn save_trainer(
                 data: TensorData::F32(p),
             },
         })
-        .collect();
-    let mut opt: Vec<StreamTensor<'_>> = Vec::new();
-    match &opt_state {
-        Some((st, _)) => {
-            for (n, s) in st {
-                opt.push(StreamTensor::from_state(n, s.as_ref()));
-            }
-        }
-        None => tr
-            .optimizer()
-            .visit_state(&mut |n, s| opt.push(StreamTensor::from_state(n, s))),
-    }
-    let groups = vec![("model".to_string(), model), ("optimizer".to_string(), opt)];
-    crate::checkpoint::save_streamed(&meta, &groups, root, keep, &mut |_| Ok(()))
+        .collect()
+}
+
+/// Save a checkpoint of an fp8-o3 data-parallel trainer with its optimizer state
+/// sharded (see [`crate::checkpoint::shard`]): every rank streams its own units' state
+/// into its own file; rank 0 also writes the model and `checkpoint.json` with the shard
+/// index. Every rank must call it; returns the checkpoint directory on every rank, or
+/// on every rank an error naming the ranks that failed (no partial checkpoint is left).
+/// `hook` runs after this rank's shard is written (failure tests).
+pub fn save_trainer_sharded(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    extra: Value,
+    comm: &dyn fp8lm_collectives::Communicator,
+    root: &std::path::Path,
+    keep: usize,
+    hook: &mut dyn FnMut(&std::path::Path) -> Result<()>,
+) -> Result<std::path::PathBuf> {
+    use crate::checkpoint::shard::{save_sharded, ShardSave};
+    use crate::checkpoint::stream::StreamTensor;
+    let units = tr.zero_owned_spans().with_context(|| {
+        format!(
+            "rank {} of {}: a sharded checkpoint needs fp8-o3 with data parallelism enabled",
+            comm.rank(),
+            comm.size()
+        )
+    })?;
+    let meta = capture_meta(tr, data, extra);
+    let model = if comm.rank() == 0 {
+        model_stream(tr)
+    } else {
+        Vec::new()
+    };
+    let mut tensors = Vec::new();
+    tr.optimizer()
+        .visit_state(&mut |n, s| tensors.push(StreamTensor::from_state(n, s)));
+    let shard = ShardSave {
+        tensors,
+        units,
+        partition: tr.cfg.dist.zero_partition.name().to_string(),
+    };
+    let groups = vec![("model".to_string(), model)];
+    save_sharded(&meta, &groups, shard, comm, root, keep, hook)
 }
 
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
@@ -316,6 +366,10 @@ pub fn stored_optimizer_state(
     tr: &Trainer,
     ck: &Checkpoint,
 ) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
+    if ck.meta.optimizer_shards.is_some() {
+        // Every unit of every shard: the whole state (one process taking all of it).
+        return crate::checkpoint::shard::read_units(ck, &whole_tensor_units(tr));
+    }
     let stored = ck
         .groups
         .get("optimizer")
@@ -403,11 +457,11 @@ pub fn restore_except_optimizer(
 /// trainer's whole tensors (see [`crate::repartition`]).
 pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
     restore_weights(tr, ck)?;
-    if zero_units(ck)?.is_some() {
+    if zero_units(ck)?.is_some() || ck.meta.optimizer_shards.is_some() {
         let (stored, old) = stored_optimizer_state(tr, ck)?;
         let template = tr.optimizer().export_state();
         let new = whole_tensor_units(tr);
-        let state = crate::repartition::repartition_state(&stored, &old, &template, &new)
+        let state = crate::repartition::repartition_state_owned(stored, &old, &template, &new)
             .with_context(|| format!("{}: optimizer state", ck.dir.display()))?;
         tr.optimizer_mut()
             .import_state(state)

@@ -135,8 +135,47 @@ pub struct Trainer {
     pub rng: Rng,
     pub(crate) inputs: Vec<u32>,
     pub(crate) targets: Vec<u32>,
-    /// Data-parallel state (see [`crate::distributed`]); `None` on a single-rank run.
-    pub(crate) dist: Option<Box<crate::distributed::DistState>>,
+    /// Data-parallel state (see [`crate::parallel`]); `None` on a single-rank run.
+    pub(crate) dist: Option<Box<crate::parallel::DistState>>,
+    /// fp8-o3 built for several ranks ([`Trainer::new_for_ranks`]): no optimizer state
+    /// yet; `enable_data_parallel` builds this rank's share.
+    pub(crate) zero_deferred: bool,
+}
+
+/// Overwrite `model`'s weights with the f32 view of the masters `Fp8Adam` would build
+/// from them (per FP8 linear weight: the configured master format with the power-of-two
+/// scale of the tensor's amax; the other tensors keep f32 masters, so stay unchanged),
+/// without building the optimizer. FP16 masters (FP8-LM's) are rounded chunk by chunk
+/// with the casts `Fp8Adam::push_tensor` uses (the same bits, tested); another format
+/// falls back to a throw-away optimizer over one tensor at a time.
+fn round_to_master_view(model: &mut Model, cfg: &Fp8AdamConfig) -> Result<()> {
+    use fp8lm_fp8::cast::{amax_f32, f16_to_f32_amax, f32_to_f16_amax};
+    use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
+    let metas = model.layout.metas.clone();
+    let [f_master, _, _] = cfg.formats();
+    let mut h = vec![half::f16::ZERO; 1 << 14];
+    for (i, meta) in metas.iter().enumerate() {
+        if model.linear_of_tensor[i].is_none() {
+            continue;
+        }
+        let p = &mut model.params[model.layout.range(i)];
+        if f_master != fp8lm_optim::StateFormat::F16 {
+            let mut one = Fp8Adam::empty(*cfg);
+            one.push_tensor(meta, p, true).map_err(anyhow::Error::msg)?;
+            continue;
+        }
+        let amax = amax_f32(p);
+        if !amax.is_finite() {
+            bail!("parameter {:?} has non-finite initial values", meta.name);
+        }
+        let s = scale_for_amax(65504.0, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
+        for c in p.chunks_mut(h.len()) {
+            let h = &mut h[..c.len()];
+            f32_to_f16_amax(c, s, h);
+            f16_to_f32_amax(h, 1.0 / s, c);
+        }
+    }
+    Ok(())
 }
 
 /// The linear precision a run's config asks for (fp8-o2 computes like fp8-o1; it differs
@@ -173,7 +212,7 @@ impl Trainer {
     /// data's vocabulary size (used unless `model.vocab` is set). Errors name the config
     /// key at fault. The model runs on the backend `cfg.backend` names.
     pub fn new(cfg: &RunConfig, vocab: usize) -> Result<Trainer> {
-        Self::new_on(cfg, vocab, Self::backend_of(cfg)?)
+        Self::new_for_ranks(cfg, vocab, 1)
     }
 
     /// The backend `cfg.backend` names.
@@ -185,6 +224,26 @@ impl Trainer {
 
     /// [`Trainer::new`] on backend `be` (any [`Backend`]; `cfg.backend` is ignored).
     pub fn new_on(cfg: &RunConfig, vocab: usize, be: Arc<dyn Backend>) -> Result<Trainer> {
+        Self::new_on_for_ranks(cfg, vocab, be, 1)
+    }
+
+    /// [`Trainer::new`] for one of `ranks` data-parallel ranks. The same, except for
+    /// fp8-o3 on several ranks: no optimizer state is built here (the whole state would
+    /// be a transient the size of every rank's share together); the weights are rounded
+    /// in place to the master's view, as the single-rank optimizer would leave them, and
+    /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
+    /// step.
+    pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
+        Self::new_on_for_ranks(cfg, vocab, Self::backend_of(cfg)?, ranks)
+    }
+
+    /// [`Trainer::new_for_ranks`] on backend `be`.
+    pub fn new_on_for_ranks(
+        cfg: &RunConfig,
+        vocab: usize,
+        be: Arc<dyn Backend>,
+        ranks: usize,
+    ) -> Result<Trainer> {
         if cfg.dist.tensor_parallel > 1 {
             bail!(
                 "dist.tensor_parallel = {}: build each rank's trainer with \
@@ -192,15 +251,17 @@ impl Trainer {
                 cfg.dist.tensor_parallel
             );
         }
-        Self::with_shard(cfg, vocab, None, be)
+        Self::with_shard(cfg, vocab, None, be, ranks)
     }
 
-    /// [`Trainer::new_on`] for the whole model (`None`) or tensor-parallel rank `shard`.
+    /// [`Trainer::new_on_for_ranks`] for the whole model (`None`) or tensor-parallel rank
+    /// `shard`, as one of `ranks` data-parallel ranks.
     pub(crate) fn with_shard(
         cfg: &RunConfig,
         vocab: usize,
         shard: Option<crate::tensor_parallel::TpShard>,
         be: Arc<dyn Backend>,
+        ranks: usize,
     ) -> Result<Trainer> {
         let dims = Dims::from_config(cfg, vocab)?;
         let precision = linear_precision(cfg)?;
@@ -251,6 +312,11 @@ impl Trainer {
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
             // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            Precision::Fp8O3 if ranks > 1 => {
+                let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
+                round_to_master_view(&mut model, &cfg8)?;
+                (model, Box::new(Fp8Adam::empty(cfg8)))
+            }
             Precision::Fp8O2 | Precision::Fp8O3 => {
                 let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 let metas = model.layout.metas.clone();
@@ -277,6 +343,7 @@ impl Trainer {
             inputs: vec![0; rows],
             targets: vec![0; rows],
             dist: None,
+            zero_deferred: cfg.precision == Precision::Fp8O3 && ranks > 1,
         })
     }
 
@@ -379,8 +446,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// The training forward of `forward_backward` alone (the data-parallel step runs
-    /// the backward itself, overlapped with the reduction): checks the tokens, resets
+    /// The training forward (step 2 of `parallel::step`, which runs the backward itself,
+    /// overlapped with the reduction under data parallelism): checks the tokens, resets
     /// the GEMM timer, returns the loss and the time the forward ended.
     pub(crate) fn forward_train(&mut self, what: &str) -> Result<(f32, Instant)> {
         let d = self.model.dims;
@@ -392,19 +459,6 @@ impl Trainer {
             .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, true, wte)
             .expect("targets given");
         Ok((loss, Instant::now()))
-    }
-
-    /// Forward and backward on the batch already in `inputs`/`targets` (checked first;
-    /// `what` names it in errors). Returns the batch's mean loss, the instants the forward
-    /// and the backward finished, and the time spent inside GEMMs.
-    pub(crate) fn forward_backward(
-        &mut self,
-        what: &str,
-    ) -> Result<(f32, Instant, Instant, Duration)> {
-        let (loss, t1) = self.forward_train(what)?;
-        self.model.backward();
-        let t2 = Instant::now();
-        Ok((loss, t1, t2, self.model.take_gemm_time()))
     }
 
     /// The global gradient norm, then (unless `skip(norm)`) the optimizer's update with
@@ -440,69 +494,6 @@ impl Trainer {
                 .expect("the optimizer wrote these compute weights before");
         }
         (grad_norm, skipped)
-    }
-
-    /// One optimizer step on the next training batch.
-    pub fn train_step(&mut self, data: &mut dyn Dataset) -> Result<StepStats> {
-        if let Some(dist) = &self.dist {
-            bail!(
-                "train_step: this trainer is rank {} of {} data-parallel ranks; call \
-                 train_step_dist with the communicator",
-                dist.rank,
-                dist.size
-            );
-        }
-        let d = self.model.dims;
-        // `grad_accum` micro-batches: each backward (of its own mean loss) adds to the
-        // gradients held; the sum is scaled by 1/k in the update (folded into
-        // grad_scale with the clip factor), so no buffer is rescaled. FP8 weight
-        // gradients accumulate in E5M2 (see `Linear::quantize_wgrad_acc`).
-        let k = self.cfg.grad_accum.max(1);
-        let t0 = Instant::now();
-        let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
-            (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        for micro in 0..k {
-            let ts = Instant::now();
-            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
-            self.model.set_accumulate(micro > 0);
-            let r = self.forward_backward("training batch");
-            self.model.set_accumulate(false);
-            let (l, t1, t2, g) = r?;
-            loss_sum += l as f64;
-            (fwd, bwd, gemm) = (fwd + (t1 - ts), bwd + (t2 - t1), gemm + g);
-        }
-        let loss = (loss_sum / k as f64) as f32;
-        let (t1, t2) = (t0 + fwd, t0 + fwd + bwd);
-        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
-        let clip = self.cfg.optim.grad_clip;
-        let (grad_norm, skipped) =
-            self.norm_and_update(lr, clip, k, |g| !loss.is_finite() || !g.is_finite());
-        if skipped {
-            self.skipped += 1;
-            tracing::warn!(
-                step = self.step,
-                loss,
-                grad_norm,
-                "non-finite loss or gradients: step skipped"
-            );
-        }
-        let t3 = Instant::now();
-        let stats = StepStats {
-            step: self.step,
-            loss,
-            grad_norm,
-            lr,
-            skipped,
-            tokens: k * d.b * d.t,
-            forward: t1 - t0,
-            backward: t2 - t1,
-            optimizer: t3 - t2,
-            gemm,
-            comm: Duration::ZERO,
-            comm_exposed: Duration::ZERO,
-        };
-        self.step += 1;
-        Ok(stats)
     }
 
     /// Mean validation loss over validation batches `0..batches` (no state changes; FP8

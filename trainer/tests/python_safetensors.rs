@@ -160,6 +160,7 @@ fn python_safetensors_reads_our_checkpoint() {
         scaling: serde_json::json!({}),
         extra: serde_json::json!({}),
         files: BTreeMap::new(),
+        optimizer_shards: None,
     };
     let mut ck = Checkpoint::new(meta);
     ck.groups.insert("model".into(), tensors);

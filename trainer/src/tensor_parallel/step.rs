@@ -45,7 +45,7 @@ impl Trainer {
         let dims = Dims::from_config(cfg, vocab)?;
         let mut shard = TpShard::new(&dims, rank, t).map_err(anyhow::Error::msg)?;
         shard.sp = sp;
-        Self::with_shard(cfg, vocab, Some(shard), Self::backend_of(cfg)?)
+        Self::with_shard(cfg, vocab, Some(shard), Self::backend_of(cfg)?, 1)
     }
 
     /// This rank's shard, when the trainer is one rank of a tensor-parallel group.

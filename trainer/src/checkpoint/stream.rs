@@ -4,7 +4,7 @@
 //! length, JSON header padded with spaces to 8 bytes, then the tensors' bytes in header
 //! order); its size and CRC-32 are computed while it is written.
 
-use crate::checkpoint::{CkptDtype, CkptTensor};
+use super::format::{CkptDtype, CkptTensor};
 use anyhow::{bail, Context, Result};
 use fp8lm_optim::StateRef;
 use half::f16;

@@ -1,0 +1,625 @@
+//! FP8 ZeRO (fp8-o3): the partition of the optimizer state into units and owners, the
+//! packing of each owner's gradient segment, the reduce-scatter to the owners, the
+//! owners' update and the all-gather of their new masters (see the module docs of
+//! [`crate::parallel`]).
+
+use super::{comm_err, fp8_wgrad, slices_mut, DistState, F16_MAX, WGRAD};
+use crate::config::{Precision, ZeroPartition};
+use crate::model::{FinalGrads, GradGroup, Model};
+use crate::repartition::{decode_states, encode_states, NamedState, UnitSpan};
+use crate::train::{clip_scale, global_grad_norm_on, lr_at, Trainer};
+use anyhow::{anyhow, bail, Context, Result};
+use fp8lm_collectives::{next_mu, BufMut, Communicator, GradMethod, GradTally, ReduceOp};
+use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_counted};
+use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
+use fp8lm_fp8::ScaledFp8;
+use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
+use fp8lm_optim::zero::{split_units, Partition, Unit};
+use fp8lm_optim::{AdamWHyper, Fp8AdamConfig, Grad, StateTensor};
+use half::f16;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// FP8 ZeRO bookkeeping (identical on every rank).
+pub(super) struct Zero {
+    pub(super) units: Vec<Unit>,
+    pub(super) part: Partition,
+    /// Flat-buffer range of each unit.
+    pub(super) ranges: Vec<Range<usize>>,
+    /// Per unit: index into `fp8_tensors` when its gradient is FP8 (a linear weight).
+    pub(super) fp8_of_unit: Vec<Option<usize>>,
+    /// Tensor indices of the FP8 weight gradients, and FP8-LM's mu for each.
+    pub(super) fp8_tensors: Vec<usize>,
+    pub(super) mu: Vec<f32>,
+    /// Per-rank segment lengths of the FP8 and f32 reduce buffers, and each unit's offset
+    /// inside its owner's segment (of its kind).
+    pub(super) seg8: usize,
+    pub(super) seg32: usize,
+    pub(super) seg_off: Vec<usize>,
+    /// The units of each group of final gradients, in the backward's order.
+    pub(super) groups: Vec<ZeroGroup>,
+}
+
+/// fp8-o3: what to pack when the backward finishes a group of gradients.
+pub(super) struct ZeroGroup {
+    pub(super) group: GradGroup,
+    /// Flat offset of the group's first gradient.
+    pub(super) start: usize,
+    /// FP8 weight gradients in the group: (index into `Zero::fp8_tensors`, position of
+    /// its linear among the group's linears).
+    pub(super) fp8: Vec<(usize, usize)>,
+    /// Units whose tensor lies in the group.
+    pub(super) units: Vec<usize>,
+}
+
+/// fp8-o3 gradients packed for the reduce-scatter to the owners: each owner's segment of
+/// FP8 bytes (re-quantised to `mu * s_g`) and of f32, and the agreed scales `s_g`.
+pub(super) struct ZeroPacked {
+    pub(super) buf8: Vec<u8>,
+    pub(super) buf32: Vec<f32>,
+    pub(super) s_g: Vec<f32>,
+    /// This rank's non-zero FP8 codes that re-quantisation flushed (all tensors).
+    pub(super) flushed: u64,
+}
+
+/// FP8 ZeRO's partition of `metas` over `ranks`: tensors larger than 1/(8 ranks) of the
+/// model are cut into row blocks (one scale each; blocks of at most 1/(8N) of the model
+/// give the greedy split enough units to balance), then whole units go greedily, largest
+/// first, to the least-loaded rank, weighed by their optimizer-state bytes: `cfg`'s
+/// formats for tensors with `low_precision[t]` (the FP8 linears' weights), f32 master and
+/// moments (12 B/param) for the rest, as `Fp8Adam::with_low_precision` keeps them, plus
+/// the per-unit scalars. Deterministic: every rank computes the same.
+pub fn zero_partition(
+    metas: &[fp8lm_optim::ParamMeta],
+    ranks: usize,
+    low_precision: &[bool],
+    cfg: &Fp8AdamConfig,
+) -> Result<(Vec<Unit>, Partition)> {
+    zero_partition_with(metas, ranks, low_precision, cfg, ZeroPartition::RowBlocks)
+}
+
+/// [`zero_partition`] with the choice of `dist.zero_partition`: `WholeTensor` skips the
+/// row-block cut (the recipe's greedy over whole tensors).
+pub fn zero_partition_with(
+    metas: &[fp8lm_optim::ParamMeta],
+    ranks: usize,
+    low_precision: &[bool],
+    cfg: &Fp8AdamConfig,
+    mode: ZeroPartition,
+) -> Result<(Vec<Unit>, Partition)> {
+    if ranks == 0 {
+        bail!("ZeRO partition: the number of ranks must be at least 1");
+    }
+    if low_precision.len() != metas.len() {
+        bail!(
+            "ZeRO partition: {} precision flags for {} tensors",
+            low_precision.len(),
+            metas.len()
+        );
+    }
+    let total: usize = metas.iter().map(|m| m.numel()).sum();
+    let max_elems = match mode {
+        ZeroPartition::RowBlocks => (total / (8 * ranks)).max(1),
+        ZeroPartition::WholeTensor => usize::MAX,
+    };
+    let units = split_units(metas, max_elems);
+    let items: Vec<(&str, usize)> = units
+        .iter()
+        .map(|u| {
+            let per = if low_precision[u.tensor] {
+                cfg.state_bytes_per_param()
+            } else {
+                F32_STATE_BYTES_PER_PARAM
+            };
+            (u.name.as_str(), u.numel() * per + SCALAR_BYTES_PER_TENSOR)
+        })
+        .collect();
+    let part = Partition::greedy(&items, ranks).map_err(|e| anyhow!(e))?;
+    Ok((units, part))
+}
+
+/// `fp8lm bench memory`: fp8-o3's partition of `cfg`'s model over each of `ranks`, both
+/// ways (`dist.zero_partition`), as a table of units and max/mean optimizer-state bytes.
+pub fn zero_imbalance_table(
+    cfg: &crate::RunConfig,
+    vocab: usize,
+    ranks: &[usize],
+) -> Result<String> {
+    let mut c = cfg.clone();
+    c.precision = Precision::Fp8O2;
+    let tr = Trainer::new(&c, vocab)?;
+    let model = tr.model();
+    let lay = &model.layout;
+    let low: Vec<bool> = (0..lay.metas.len())
+        .map(|t| fp8_wgrad(model, t).is_some())
+        .collect();
+    let o = &cfg.optim;
+    let ocfg = Fp8AdamConfig::fp8_lm(AdamWHyper {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+    });
+    let mut out = String::from(
+        "fp8-o3 ZeRO partition of the optimizer state (dist.zero_partition), max/mean bytes per rank:\n\
+         ranks | whole-tensor (units, max/mean) | row-blocks (units, max/mean)\n",
+    );
+    for &n in ranks {
+        let mut cells = Vec::new();
+        for mode in [ZeroPartition::WholeTensor, ZeroPartition::RowBlocks] {
+            let (units, part) = zero_partition_with(&lay.metas, n, &low, &ocfg, mode)?;
+            cells.push(format!("{:>5} {:>6.3}", units.len(), part.max_over_mean()));
+        }
+        out += &format!("{n:>5} | {:>30} | {:>28}\n", cells[0], cells[1]);
+    }
+    Ok(out)
+}
+
+/// f32 master weight and two f32 moments.
+const F32_STATE_BYTES_PER_PARAM: usize = 12;
+
+impl Zero {
+    pub(super) fn new(
+        model: &Model,
+        size: usize,
+        cfg: &Fp8AdamConfig,
+        mode: ZeroPartition,
+    ) -> Result<Zero> {
+        let lay = &model.layout;
+        let low: Vec<bool> = (0..lay.metas.len())
+            .map(|t| fp8_wgrad(model, t).is_some())
+            .collect();
+        let (units, part) = zero_partition_with(&lay.metas, size, &low, cfg, mode)?;
+        let ranges: Vec<_> = units
+            .iter()
+            .map(|u| {
+                let r = u.range();
+                lay.offsets[u.tensor] + r.start..lay.offsets[u.tensor] + r.end
+            })
+            .collect();
+        let fp8_tensors: Vec<usize> = (0..lay.metas.len())
+            .filter(|&t| fp8_wgrad(model, t).is_some())
+            .collect();
+        let fp8_of_unit: Vec<Option<usize>> = units
+            .iter()
+            .map(|u| fp8_tensors.iter().position(|&t| t == u.tensor))
+            .collect();
+        let (mut fill8, mut fill32) = (vec![0usize; size], vec![0usize; size]);
+        let mut seg_off = vec![0; units.len()];
+        for (u, unit) in units.iter().enumerate() {
+            let q = part.owner[u];
+            let fill = if fp8_of_unit[u].is_some() {
+                &mut fill8[q]
+            } else {
+                &mut fill32[q]
+            };
+            seg_off[u] = *fill;
+            *fill += unit.numel();
+        }
+        let mut groups = Vec::new();
+        for spec in model.grad_groups() {
+            let inside = |r: &Range<usize>| r.start >= spec.range.start && r.end <= spec.range.end;
+            let mut fp8 = Vec::new();
+            for (j, &t) in fp8_tensors.iter().enumerate() {
+                if inside(&lay.range(t)) {
+                    let li = model.linear_of_tensor[t].expect("an FP8 gradient has a linear");
+                    if !spec.linears.contains(&li) {
+                        bail!(
+                            "gradient group {:?}: tensor {} belongs to linear {li}, outside the group's linears",
+                            spec.group,
+                            lay.metas[t].name
+                        );
+                    }
+                    fp8.push((j, li - spec.linears.start));
+                }
+            }
+            groups.push(ZeroGroup {
+                group: spec.group,
+                start: spec.range.start,
+                fp8,
+                units: (0..units.len()).filter(|&u| inside(&ranges[u])).collect(),
+            });
+        }
+        let grouped: usize = groups.iter().map(|g| g.units.len()).sum();
+        if grouped != units.len() {
+            bail!(
+                "fp8-o3: the gradient groups hold {grouped} of the {} units",
+                units.len()
+            );
+        }
+        Ok(Zero {
+            groups,
+            mu: vec![1.0; fp8_tensors.len()],
+            seg8: fill8.into_iter().max().unwrap_or(0),
+            seg32: fill32.into_iter().max().unwrap_or(0),
+            units,
+            part,
+            ranges,
+            fp8_of_unit,
+            fp8_tensors,
+            seg_off,
+        })
+    }
+
+    pub(super) fn pack_buffers(&self, n: usize) -> ZeroPacked {
+        ZeroPacked {
+            buf8: vec![0u8; n * self.seg8],
+            buf32: vec![0f32; n * self.seg32],
+            s_g: vec![0.0; self.fp8_tensors.len()],
+            flushed: 0,
+        }
+    }
+
+    /// Steps 1 and 2 of the fp8-o3 step for one group of final gradients: the FP8-LM
+    /// scale agreement for its FP8 weight gradients (one vector all-reduce, Min), then
+    /// each of its units packed into its owner's segment, FP8 re-quantised to `mu * s_g`.
+    /// Per tensor the same values as when done for all groups at once.
+    pub(super) fn pack_group(
+        &self,
+        zg: &ZeroGroup,
+        g: &FinalGrads<'_>,
+        comm: &dyn Communicator,
+        packed: &mut ZeroPacked,
+    ) -> Result<()> {
+        let wgrad = |k: usize| -> Result<&ScaledFp8> {
+            match g.linears[k].fp8.as_ref() {
+                Some(f) => Ok(&f.wgrad),
+                None => bail!(
+                    "linear {} has no FP8 state in an FP8 run",
+                    g.linears[k].name
+                ),
+            }
+        };
+        let mut s_g = zg
+            .fp8
+            .iter()
+            .map(|&(_, k)| wgrad(k).map(|w| w.scale))
+            .collect::<Result<Vec<f32>>>()?;
+        if !s_g.is_empty() {
+            comm.all_reduce(BufMut::F32(&mut s_g), ReduceOp::Min)
+                .map_err(comm_err)?;
+        }
+        for (&(j, _), &v) in zg.fp8.iter().zip(&s_g) {
+            packed.s_g[j] = v;
+        }
+        for &u in &zg.units {
+            let unit = &self.units[u];
+            let q = self.part.owner[u];
+            let range = unit.range();
+            match self.fp8_of_unit[u] {
+                Some(j) => {
+                    let k = zg
+                        .fp8
+                        .iter()
+                        .find(|&&(jj, _)| jj == j)
+                        .map(|&(_, k)| k)
+                        .expect("the group holds its units' FP8 tensors");
+                    let w = wgrad(k)?;
+                    let dst = &mut packed.buf8[q * self.seg8 + self.seg_off[u]..][..range.len()];
+                    let ratio = self.mu[j] * packed.s_g[j] / w.scale;
+                    let src = &w.data[range];
+                    if ratio == 1.0 {
+                        dst.copy_from_slice(src);
+                    } else {
+                        let table = decode_table(w.format);
+                        let tmp: Vec<f32> =
+                            src.iter().map(|&b| table[b as usize] * ratio).collect();
+                        let (_, counts) = f32_to_fp8_counted(WGRAD, &tmp, 1.0, dst);
+                        packed.flushed += counts.flushed;
+                    }
+                }
+                None => {
+                    let dst = &mut packed.buf32[q * self.seg32 + self.seg_off[u]..][..range.len()];
+                    let r = &self.ranges[u];
+                    dst.copy_from_slice(&g.grads[r.start - zg.start..r.end - zg.start]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn owned(&self, rank: usize) -> Vec<usize> {
+        self.part.owned_by(rank)
+    }
+
+    pub(super) fn spans(&self, units: &[usize]) -> Vec<UnitSpan> {
+        units
+            .iter()
+            .map(|&u| UnitSpan {
+                name: self.units[u].name.clone(),
+                tensor: self.units[u].tensor,
+                offset: self.units[u].offset,
+                numel: self.units[u].numel(),
+            })
+            .collect()
+    }
+
+    /// Owners share their units' new weights in the optimizer's master format: FP16
+    /// with a power-of-two scale per unit for the FP8 linears' weights (exact: the master
+    /// is FP16 with the scale of its amax), f32 for the rest. One ring all-gather of
+    /// per-owner segments (padded to the largest) rather than N broadcasts: one
+    /// synchronisation point per step instead of N. Every rank, the owner included,
+    /// decodes the same bytes into `params`, so the replicas stay identical.
+    pub(super) fn share_weights(&self, comm: &dyn Communicator, params: &mut [f32]) -> Result<()> {
+        let (me, n) = (comm.rank(), comm.size());
+        // Per owner: (FP16 units, f32 units, payload bytes).
+        let layout: Vec<(Vec<usize>, Vec<usize>, usize)> = (0..n)
+            .map(|q| {
+                let (low, full): (Vec<usize>, Vec<usize>) = self
+                    .owned(q)
+                    .into_iter()
+                    .partition(|&u| self.fp8_of_unit[u].is_some());
+                let numel = |us: &[usize]| us.iter().map(|&u| self.units[u].numel()).sum::<usize>();
+                let bytes = 2 * numel(&low) + 4 * low.len() + 4 * numel(&full);
+                (low, full, bytes)
+            })
+            .collect();
+        let seg = layout.iter().map(|l| l.2).max().unwrap_or(0);
+        if seg == 0 {
+            return Ok(());
+        }
+        // Segment layout: [f16 bits of every FP16 unit][f32 scale per FP16 unit][f32 units].
+        let mut mine = vec![0u8; seg];
+        {
+            let (low, full, _) = &layout[me];
+            let mut off = 0;
+            let mut h = Vec::new();
+            let mut scales = Vec::with_capacity(low.len());
+            for &u in low {
+                let src = &params[self.ranges[u].clone()];
+                let amax = fp8lm_fp8::cast::amax_f32(src);
+                let sc = scale_for_amax(F16_MAX, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
+                h.resize(src.len(), f16::ZERO);
+                f32_to_f16_amax(src, sc, &mut h);
+                for x in &h {
+                    mine[off..off + 2].copy_from_slice(&x.to_bits().to_le_bytes());
+                    off += 2;
+                }
+                scales.push(sc);
+            }
+            for sc in scales {
+                mine[off..off + 4].copy_from_slice(&sc.to_le_bytes());
+                off += 4;
+            }
+            for &u in full {
+                for x in &params[self.ranges[u].clone()] {
+                    mine[off..off + 4].copy_from_slice(&x.to_le_bytes());
+                    off += 4;
+                }
+            }
+        }
+        let all = comm.all_gather_bytes(&mine).map_err(comm_err)?;
+        for (q, (low, full, _)) in layout.iter().enumerate() {
+            let b = &all[q * seg..(q + 1) * seg];
+            let n16: usize = low.iter().map(|&u| self.units[u].numel()).sum();
+            let sc_at = 2 * n16;
+            let mut off = 0;
+            let mut h = Vec::new();
+            for (k, &u) in low.iter().enumerate() {
+                let dst = &mut params[self.ranges[u].clone()];
+                h.clear();
+                h.extend(
+                    b[off..off + 2 * dst.len()]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
+                );
+                off += 2 * dst.len();
+                let sc =
+                    f32::from_le_bytes(b[sc_at + 4 * k..sc_at + 4 * k + 4].try_into().unwrap());
+                f16_to_f32_amax(&h, 1.0 / sc, dst);
+            }
+            let mut off = sc_at + 4 * low.len();
+            for &u in full {
+                let dst = &mut params[self.ranges[u].clone()];
+                let l = dst.len();
+                for (d, c) in dst.iter_mut().zip(b[off..off + 4 * l].chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                off += 4 * l;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Trainer {
+    /// fp8-o3: bytes of optimizer state each rank holds by the partition (master, moments,
+    /// per-unit scalars), in rank order. `None` unless ZeRO is on. This rank's actual
+    /// holding is `optimizer().state_bytes()`.
+    pub fn zero_rank_bytes(&self) -> Option<Vec<usize>> {
+        let z = self.dist.as_ref()?.zero.as_ref()?;
+        Some(z.part.rank_bytes.clone())
+    }
+
+    /// The whole optimizer state, and (fp8-o3) the units it is cut into: for tests and
+    /// tools that compare whole states. Under fp8-o3 it holds every rank's share on every
+    /// rank, so `fp8lm train` does not call it (its checkpoints are sharded, see
+    /// [`crate::snapshot::save_trainer_sharded`]).
+    /// Replicated precisions: this rank's own state (every rank holds the same); no
+    /// communication. fp8-o3: every owner's units, gathered to every rank (one length
+    /// all-gather and one all-gather of the padded encoded states), `step` first, then
+    /// each unit's entries in unit order; every rank must call it.
+    pub fn gather_optimizer_state(
+        &self,
+        comm: &dyn Communicator,
+    ) -> Result<(Vec<NamedState>, Option<Vec<UnitSpan>>)> {
+        let mine = self.optimizer.export_state();
+        let Some(dist) = self.dist.as_ref() else {
+            return Ok((mine, None));
+        };
+        let Some(z) = dist.zero.as_ref() else {
+            return Ok((mine, None));
+        };
+        let bytes = encode_states(&mine);
+        let lens = comm
+            .all_gather_bytes(&(bytes.len() as u64).to_le_bytes())
+            .map_err(comm_err)?;
+        let seg = lens
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as usize)
+            .max()
+            .unwrap_or(0);
+        let mut padded = bytes;
+        padded.resize(seg, 0);
+        let all = comm.all_gather_bytes(&padded).map_err(comm_err)?;
+        let mut per_unit: Vec<Vec<(String, StateTensor)>> = vec![Vec::new(); z.units.len()];
+        let mut step = None;
+        for q in 0..dist.size {
+            let states = decode_states(&all[q * seg..(q + 1) * seg])
+                .with_context(|| format!("optimizer state gathered from rank {q}"))?;
+            let owned = z.owned(q);
+            if states.len() != 1 + 7 * owned.len() {
+                bail!(
+                    "rank {q} sent {} optimizer state entries for its {} units (expected step + 7 per unit)",
+                    states.len(),
+                    owned.len()
+                );
+            }
+            let mut it = states.into_iter();
+            let first = it.next().expect("checked length");
+            step.get_or_insert(first);
+            for (i, e) in it.enumerate() {
+                per_unit[owned[i / 7]].push(e);
+            }
+        }
+        let mut out = vec![step.expect("at least one rank")];
+        out.extend(per_unit.into_iter().flatten());
+        let all_units: Vec<usize> = (0..z.units.len()).collect();
+        Ok((out, Some(z.spans(&all_units))))
+    }
+
+    /// fp8-o3: the units (tensors or row blocks) whose state this rank holds, as
+    /// checkpoints record them. `None` unless ZeRO is on.
+    pub fn zero_owned_spans(&self) -> Option<Vec<UnitSpan>> {
+        let dist = self.dist.as_ref()?;
+        let z = dist.zero.as_ref()?;
+        Some(z.spans(&z.owned(dist.rank)))
+    }
+
+    /// fp8-o3: names of the units (tensors or row blocks) whose state this rank holds.
+    pub fn zero_owned_units(&self) -> Option<Vec<String>> {
+        let dist = self.dist.as_ref()?;
+        let z = dist.zero.as_ref()?;
+        Some(
+            z.owned(dist.rank)
+                .iter()
+                .map(|&u| z.units[u].name.clone())
+                .collect(),
+        )
+    }
+
+    /// FP8 ZeRO, after the backward packed the gradients ([`Zero::pack_group`]): reduce
+    /// each unit's gradient to its owner, owners update their units, owners share the
+    /// new weights. Returns (global grad norm, skipped).
+    pub(super) fn zero_update(
+        &mut self,
+        dist: &mut DistState,
+        comm: &dyn Communicator,
+        loss: f32,
+        comm_time: &mut Duration,
+        packed: ZeroPacked,
+    ) -> Result<(f32, bool)> {
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
+        let (n, me) = (dist.size, dist.rank);
+        let z = dist.zero.as_mut().expect("zero state");
+        let model = &mut self.model;
+        let ZeroPacked {
+            mut buf8,
+            mut buf32,
+            s_g,
+            flushed,
+        } = packed;
+        // 3. Reduce to the owners: one reduce-scatter per kind.
+        let tc = Instant::now();
+        if z.seg8 > 0 {
+            let got = comm
+                .reduce_scatter(BufMut::Fp8(&mut buf8, WGRAD), ReduceOp::Sum)
+                .map_err(comm_err)?;
+            debug_assert_eq!(got, me * z.seg8..(me + 1) * z.seg8);
+        }
+        if z.seg32 > 0 {
+            let got = comm
+                .reduce_scatter(BufMut::F32(&mut buf32), ReduceOp::Sum)
+                .map_err(comm_err)?;
+            debug_assert_eq!(got, me * z.seg32..(me + 1) * z.seg32);
+        }
+        // Saturated FP8 sums per tensor (counted by the owners), so all ranks update mu alike.
+        let owned = z.owned(me);
+        let mut sat = vec![0f32; z.fp8_tensors.len()];
+        for &u in &owned {
+            if let Some(j) = z.fp8_of_unit[u] {
+                let s = &buf8[me * z.seg8 + z.seg_off[u]..][..z.units[u].numel()];
+                sat[j] += s.iter().filter(|&&b| b & 0x7F == WGRAD.max_bits()).count() as f32;
+            }
+        }
+        if !sat.is_empty() {
+            comm.all_reduce(BufMut::F32(&mut sat), ReduceOp::Sum)
+                .map_err(comm_err)?;
+        }
+        *comm_time += tc.elapsed();
+        // 4. This rank's reduced gradients (means), its share of the norm, the update.
+        let result_scale: Vec<f32> = (0..z.fp8_tensors.len())
+            .map(|j| n as f32 * z.mu[j] * s_g[j])
+            .collect();
+        let inv_n = 1.0 / n as f32;
+        let mine32 = &mut buf32[me * z.seg32..(me + 1) * z.seg32];
+        mine32.iter_mut().for_each(|x| *x *= inv_n);
+        let fp8_grads: Vec<Option<ScaledFp8>> = owned
+            .iter()
+            .map(|&u| {
+                z.fp8_of_unit[u].map(|j| ScaledFp8 {
+                    data: buf8[me * z.seg8 + z.seg_off[u]..][..z.units[u].numel()].to_vec(),
+                    shape: z.units[u].shape.clone(),
+                    format: WGRAD,
+                    scale: result_scale[j],
+                })
+            })
+            .collect();
+        let grads: Vec<Grad<'_>> = owned
+            .iter()
+            .zip(&fp8_grads)
+            .map(|(&u, g8)| match g8 {
+                Some(g) => Grad::Fp8(g),
+                None => Grad::F32(&buf32[me * z.seg32 + z.seg_off[u]..][..z.units[u].numel()]),
+            })
+            .collect();
+        let local = global_grad_norm_on(&**model.backend(), &grads) as f64;
+        let tc = Instant::now();
+        let sq = comm
+            .all_reduce_scalar((local * local) as f32, ReduceOp::Sum)
+            .map_err(comm_err)?;
+        *comm_time += tc.elapsed();
+        let grad_norm = sq.sqrt();
+        // FP8-LM's mu: halve on overflow, else grow to 2x over `growth_steps`, cap max_mu
+        // (the configured rule, `dist.fp8_allreduce`); the fixed-mu methods keep theirs.
+        let rc = &dist.fp8_reducer.cfg;
+        let mut tally = GradTally {
+            flushed,
+            saturated: sat.iter().map(|&c| c as u64).sum(),
+            ..Default::default()
+        };
+        for (j, &t) in z.fp8_tensors.iter().enumerate() {
+            let numel = model.layout.metas[t].numel();
+            tally.elements += numel as u64;
+            if rc.method == GradMethod::Fp8Lm {
+                z.mu[j] = next_mu(rc, z.mu[j], sat[j] as u64, numel);
+            }
+        }
+        tally.mu = z.mu.clone();
+        dist.tally = tally;
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            return Ok((grad_norm, true));
+        }
+        let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
+        let mut ps = slices_mut(&mut model.params, &rs);
+        self.optimizer
+            .step(&mut ps, &grads, lr, clip_scale(grad_norm, clip));
+        // 5. Owners share the new weights.
+        let tc = Instant::now();
+        z.share_weights(comm, &mut model.params)?;
+        *comm_time += tc.elapsed();
+        Ok((grad_norm, false))
+    }
+}
