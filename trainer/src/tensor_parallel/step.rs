@@ -8,10 +8,11 @@
 use super::shard::{grad_norm, TpShard};
 use crate::data::Dataset;
 use crate::model::Dims;
-use crate::train::{clip_scale, grad_sum_squares, lr_at, wte_master, StepStats, Trainer};
+use crate::train::{clip_scale, grad_sum_squares_on, lr_at, wte_master, StepStats, Trainer};
 use crate::RunConfig;
 use anyhow::{bail, Result};
 use fp8lm_collectives::Communicator;
+use fp8lm_optim::Grad;
 use std::time::{Duration, Instant};
 
 impl Trainer {
@@ -115,9 +116,11 @@ impl Trainer {
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let sharded = self.tp_sharded();
+        let be = self.model.backend().clone();
         let (mut outs, grads) = self.model.outs_and_grads();
         let inv = 1.0 / k as f32;
-        let grad_norm = grad_norm(comm, &grads, &sharded, grad_sum_squares)? * inv;
+        let sum_squares = |g: &[Grad<'_>]| grad_sum_squares_on(&*be, g);
+        let grad_norm = grad_norm(comm, &grads, &sharded, sum_squares)? * inv;
         // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
         // group skips or steps together.
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
