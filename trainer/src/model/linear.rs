@@ -215,34 +215,54 @@ impl Fp8Operand {
         if let Some((cols, tile)) = self.block {
             return self.quantize_blocks(be, src, record, cols, tile);
         }
+        debug_assert_eq!(self.t.dtype(), DType::of_fp8(self.state.format));
+        let scale = self.cast_scale(record, || be.amax_f32(src));
+        let r = be.cast_fp8_tensor(src, scale, &mut self.t);
+        let c = r.counts;
+        self.record_cast(record, r.amax, scale, c.saturated, c.flushed, src.len());
+    }
+
+    /// The scale the next cast uses: the delayed one from the history, or (current
+    /// scaling, or an empty history) one from the tensor's own amax, computed by `amax`
+    /// only then (a training cast with current scaling also updates the state).
+    fn cast_scale(&mut self, record: bool, amax: impl FnOnce() -> f32) -> f32 {
         let st = &mut self.state;
-        let fmt = st.format;
-        debug_assert_eq!(self.t.dtype(), DType::of_fp8(fmt));
         let needs_own_amax =
             matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
-        let scale = if needs_own_amax {
-            let amax = be.amax_f32(src);
-            if record && matches!(st.recipe, ScalingRecipe::Current) {
-                st.scale_for_cast(amax)
-            } else {
-                scale_for_amax(fmt.max(), amax, st.margin, st.rounding).unwrap_or(st.scale)
-            }
-        } else {
-            st.scale
-        };
-        let r = be.cast_fp8_tensor(src, scale, &mut self.t);
-        let (amax, overflow, underflow) = (r.amax, r.counts.saturated, r.counts.flushed);
-        if record {
-            if let ScalingRecipe::Delayed { .. } = st.recipe {
-                st.record_amax(amax);
-            }
-            let s = &mut self.stats;
-            (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
-                (amax, scale, overflow, underflow, src.len() as u64);
-            s.total_overflow += overflow;
-            s.total_underflow += underflow;
-            s.casts += 1;
+        if !needs_own_amax {
+            return st.scale;
         }
+        let amax = amax();
+        if record && matches!(st.recipe, ScalingRecipe::Current) {
+            st.scale_for_cast(amax)
+        } else {
+            scale_for_amax(st.format.max(), amax, st.margin, st.rounding).unwrap_or(st.scale)
+        }
+    }
+
+    /// A training cast's bookkeeping (`record`; evaluation casts keep none): the amax
+    /// into a delayed history, the cast into the stats.
+    fn record_cast(
+        &mut self,
+        record: bool,
+        amax: f32,
+        scale: f32,
+        overflow: u64,
+        underflow: u64,
+        numel: usize,
+    ) {
+        if !record {
+            return;
+        }
+        if let ScalingRecipe::Delayed { .. } = self.state.recipe {
+            self.state.record_amax(amax);
+        }
+        let s = &mut self.stats;
+        (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
+            (amax, scale, overflow, underflow, numel as u64);
+        s.total_overflow += overflow;
+        s.total_underflow += underflow;
+        s.casts += 1;
     }
 }
 

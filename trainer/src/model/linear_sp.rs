@@ -35,36 +35,16 @@ impl Fp8Operand {
         let local = be.amax_f32(shard);
         let local = if local.is_nan() { f32::INFINITY } else { local };
         let amax = comm.all_reduce_scalar(local, ReduceOp::Max)?;
-        let st = &mut self.state;
-        let fmt = st.format;
-        let needs_own_amax =
-            matches!(st.recipe, ScalingRecipe::Current) || st.amax_history.is_empty();
-        let scale = if needs_own_amax {
-            if record && matches!(st.recipe, ScalingRecipe::Current) {
-                st.scale_for_cast(amax)
-            } else {
-                scale_for_amax(fmt.max(), amax, st.margin, st.rounding).unwrap_or(st.scale)
-            }
-        } else {
-            st.scale
-        };
+        let scale = self.cast_scale(record, || amax);
+        let fmt = self.state.format;
         let r = chunk_range(full, comm.size(), comm.rank());
         let cast = be.cast_fp8(fmt, shard, scale, &mut self.t.fp8_bytes_mut()[r]);
-        let (overflow, underflow) = (cast.counts.saturated, cast.counts.flushed);
         comm.all_gather(BufMut::Fp8(&mut self.t.fp8_bytes_mut()[..full], fmt))?;
         // The group amax: the gathered bytes are the whole tensor's cast.
         self.t.set_scaling(Scaling::PerTensor { scale, amax });
-        if record {
-            if let ScalingRecipe::Delayed { .. } = st.recipe {
-                st.record_amax(amax);
-            }
-            let s = &mut self.stats;
-            (s.amax, s.scale, s.overflow, s.underflow, s.numel) =
-                (amax, scale, overflow, underflow, shard.len() as u64);
-            s.total_overflow += overflow;
-            s.total_underflow += underflow;
-            s.casts += 1;
-        }
+        // (the counts are this rank's shard's)
+        let c = cast.counts;
+        self.record_cast(record, amax, scale, c.saturated, c.flushed, shard.len());
         Ok(())
     }
 }
