@@ -359,7 +359,8 @@ fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> se
 }
 
 /// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
-/// mpirun with exactly T ranks (one model replica), from scratch.
+/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 only with
+/// D = 1), from scratch.
 fn check_tensor_parallel_run(
     cfg: &RunConfig,
     comm: Option<&dyn Communicator>,
@@ -367,18 +368,19 @@ fn check_tensor_parallel_run(
 ) -> Result<()> {
     let t = cfg.dist.tensor_parallel;
     let world = comm.map_or(1, |c| c.size());
-    if world < t {
+    if world < t || !world.is_multiple_of(t) {
         return Err(UsageError(format!(
-            "dist.tensor_parallel = {t} needs {t} ranks, this job has {world}: launch it \
-             with `mpirun -n {t} fp8lm train ...`"
+            "dist.tensor_parallel = {t} needs a multiple of {t} ranks (D x T), this job \
+             has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...)"
         ))
         .into());
     }
-    if world != t {
+    if world > t && cfg.precision == Precision::Fp8O3 {
         return Err(UsageError(format!(
-            "dist.tensor_parallel = {t} on {world} ranks: data parallelism over \
-             tensor-parallel replicas (world = D x T with D > 1) is not wired in yet; \
-             launch `mpirun -n {t}`"
+            "precision = \"fp8-o3\" with dist.tensor_parallel = {t} on {world} ranks \
+             ({} replicas): FP8 ZeRO over tensor-parallel replicas is not supported yet; \
+             use fp8-o2, or launch `mpirun -n {t}`",
+            world / t
         ))
         .into());
     }
@@ -473,17 +475,33 @@ fn train_ranked(
         };
         preflight::check_fits(&cfg, data.vocab_size(), avail / local as u64)?;
     }
-    // Tensor parallelism: every rank of the world is one rank of one T-way group (D = 1).
+    // Tensor parallelism: every rank of the world is one rank of one T-way group, of one
+    // of D = world / T replicas (tensor-parallel ranks innermost: `collectives::grid`).
     let tp = cfg.dist.tensor_parallel;
     if tp > 1 {
         check_tensor_parallel_run(&cfg, comm, ck.is_some())?;
     }
-    let tp_comm = comm
-        .filter(|_| tp > 1)
-        .map(fp8lm_collectives::CountingComm::new);
+    // The D x T grid: this rank's tensor-parallel group (counted) and, with D > 1, its
+    // data-parallel group (the same tensor-parallel rank in every replica).
+    let grid_groups = match comm.filter(|_| tp > 1) {
+        Some(c) => Some(
+            fp8lm_collectives::grid::Grid::new(c.size(), tp)
+                .map_err(UsageError)?
+                .groups(c)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        None => None,
+    };
+    let tp_comm = grid_groups
+        .as_ref()
+        .map(|(t, _)| fp8lm_collectives::CountingComm::new(t));
+    let dp_comm: Option<&dyn Communicator> = grid_groups
+        .as_ref()
+        .map(|(_, d)| d as &dyn Communicator)
+        .filter(|d| d.size() > 1);
     // fp8-o3 on several data-parallel ranks builds no optimizer state here: each rank
     // builds only its own share when data parallelism is enabled.
-    let mut tr = match comm.filter(|_| tp > 1) {
+    let mut tr = match &tp_comm {
         Some(c) => Trainer::new_tp(&cfg, data.vocab_size(), c.rank())?,
         None => Trainer::new_for_ranks(&cfg, data.vocab_size(), comm.map_or(1, |c| c.size()))?,
     };
@@ -526,11 +544,15 @@ fn train_ranked(
         agreement::agree_start(c, tr.step(), data.position(), weights)?;
     }
     if let Some(c) = comm.filter(|_| tp > 1) {
+        if let Some(d) = dp_comm {
+            tr.enable_data_parallel(d)?;
+        }
         if root {
             tracing::info!(
-                "tensor parallel over {} ranks ({}), sequence parallel {}; checkpoints \
-                 are not written with dist.tensor_parallel > 1 (not implemented)",
-                c.size(),
+                "tensor parallel over {tp} ranks x {} data-parallel replicas ({}), sequence \
+                 parallel {}; checkpoints are not written with dist.tensor_parallel > 1 (not \
+                 implemented)",
+                c.size() / tp,
                 c.backend(),
                 cfg.dist.sequence_parallel
             );
@@ -635,7 +657,11 @@ fn train_ranked(
         let t0 = Instant::now();
         let st = match comm {
             _ if tp_comm.is_some() => {
-                tr.train_step_tp(data.as_mut(), tp_comm.as_ref().expect("checked"))?
+                let tc = tp_comm.as_ref().expect("checked");
+                match dp_comm {
+                    Some(d) => tr.train_step_dxt(data.as_mut(), tc, d)?,
+                    None => tr.train_step_tp(data.as_mut(), tc)?,
+                }
             }
             Some(c) => tr.train_step_dist(data.as_mut(), c)?,
             None => tr.train_step(data.as_mut())?,
@@ -826,6 +852,7 @@ fn train_ranked(
         "precision": cfg.precision.name(),
         "ranks": comm.map_or(1, |c| c.size()),
         "tensor_parallel": tp,
+        "data_parallel": comm.map_or(1, |c| c.size()) / tp.max(1),
         "sequence_parallel": cfg.dist.sequence_parallel,
         "tensor_parallel_bytes_per_step": tp_comm.as_ref().map(|tc| tp_bytes_per_step(tc, steps_run)),
         "params": n_params,

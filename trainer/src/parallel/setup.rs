@@ -116,6 +116,18 @@ impl Trainer {
                 comm.size()
             );
         }
+        if let Some(tp) = self.model.tp {
+            if self.cfg.precision == Precision::Fp8O3 {
+                bail!(
+                    "precision = \"fp8-o3\" with dist.tensor_parallel = {} and {} \
+                     data-parallel replicas: FP8 ZeRO over the data-parallel group of \
+                     tensor-parallel shards is not supported yet; use fp8-o2 (same \
+                     numerics, replicated optimizer state) or dist.tensor_parallel = 1",
+                    tp.size,
+                    comm.size()
+                );
+            }
+        }
         let toml = crate::config_file::to_toml(&self.cfg);
         fp8lm_collectives::agree_config(comm, "training config", toml.as_bytes())
             .map_err(comm_err)?;

@@ -13,9 +13,11 @@
 //!    `Trainer::zero_update` (reduce-scatter to the owners, owner update, master
 //!    all-gather) for fp8-o3.
 //!
-//! Where tensor/sequence parallelism goes: the batch of step 1 is shared by the ranks of
-//! one tensor-parallel group, steps 2-3 call the TP collectives from inside the model,
-//! and the reductions of step 3 run over the data-parallel subgroup.
+//! With tensor/sequence parallelism ([`Trainer::train_step_dxt`], in
+//! `crate::tensor_parallel::step`): the batch of step 1 is shared by the ranks of one
+//! tensor-parallel group, steps 2-3 call the TP collectives from inside the model, and
+//! the reductions of step 3 (the same `grad_sync` calls, not overlapped) run over the
+//! data-parallel subgroup; step 5's norm is summed over the TP group.
 
 use super::overlap::run_backward;
 use super::zero::ZeroPacked;

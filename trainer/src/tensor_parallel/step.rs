@@ -4,22 +4,36 @@
 //! backward with the group's collectives at the Megatron points, and update their own
 //! shards. The gradient norm (clipping, skip test) is the whole model's:
 //! [`super::shard::grad_norm`].
+//!
+//! Data parallelism over such groups (a D x T grid, `fp8lm_collectives::grid`):
+//! [`Trainer::train_step_dxt`] after [`Trainer::enable_data_parallel`] with the
+//! data-parallel communicator. The replicas split the D*B-row batch as data parallelism
+//! does, each gradient group is averaged over the replicas as the backward hands it out
+//! (`parallel::grad_sync`, on the step's thread: the backward calls the TP collectives),
+//! and the norm and update follow on the averaged gradients, so every replica applies the
+//! same update to its bit-identical shards. fp8-o3 (ZeRO over the replicas of a shard)
+//! is refused there.
 
 use super::shard::{grad_norm, TpShard};
 use crate::data::Dataset;
 use crate::model::Dims;
+use crate::parallel::DistState;
 use crate::train::{clip_scale, grad_sum_squares_on, lr_at, wte_master, StepStats, Trainer};
 use crate::RunConfig;
 use anyhow::{bail, Result};
-use fp8lm_collectives::Communicator;
+use fp8lm_collectives::{CommError, Communicator, ReduceOp};
 use fp8lm_optim::Grad;
 use std::time::{Duration, Instant};
+
+fn cerr(e: CommError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
 
 impl Trainer {
     /// Rank `rank` of a `cfg.dist.tensor_parallel`-way group: its shard of the model (the
     /// slice of the whole model's initial values from `cfg.seed`) and an optimizer over
     /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here (its
-    /// ZeRO partition is data parallelism's, not wired in with T > 1 yet). With
+    /// ZeRO partition is data parallelism's; with D > 1 replicas it is refused). With
     /// `dist.sequence_parallel` the rank runs norms and residuals on its token shard
     /// (`crate::tensor_parallel::sp`).
     pub fn new_tp(cfg: &RunConfig, vocab: usize, rank: usize) -> Result<Trainer> {
@@ -70,12 +84,70 @@ impl Trainer {
         data: &mut dyn Dataset,
         comm: &dyn Communicator,
     ) -> Result<StepStats> {
-        if self.model.tp.is_none() {
-            bail!("train_step_tp: this trainer holds the whole model; call train_step");
-        }
-        if self.dist.is_some() {
+        if let Some(dist) = &self.dist {
             bail!(
-                "train_step_tp: data parallelism with dist.tensor_parallel > 1 is not wired in yet"
+                "train_step_tp: this trainer is data-parallel rank {} of {}; call \
+                 train_step_dxt with the tensor-parallel and data-parallel communicators",
+                dist.rank,
+                dist.size
+            );
+        }
+        self.tp_step(data, comm, None)
+    }
+
+    /// One optimizer step of a D x T grid (`fp8lm_collectives::grid::Grid::groups`):
+    /// this rank is tensor-parallel rank `tp.rank()` of its replica and the replica is
+    /// data-parallel rank `dp.rank()` of D. The D replicas draw the same D*B-row batch
+    /// and keep their B rows (as data parallelism does, `crate::parallel`), shared by
+    /// the T ranks of a replica; after the backward every gradient group is averaged
+    /// over `dp` as the backward finishes it (FP8-LM all-reduce for the FP8 weight
+    /// gradients, f32 ring mean for the rest: `parallel::grad_sync`), then the norm
+    /// (over `tp`, of the reduced gradients), skip, clip and update as
+    /// [`Trainer::train_step_tp`]. The reported loss is the mean over `dp` of the
+    /// replicas' losses. Needs [`Trainer::enable_data_parallel`]`(dp)` first (which
+    /// refuses fp8-o3 and `grad_accum > 1` here).
+    pub fn train_step_dxt(
+        &mut self,
+        data: &mut dyn Dataset,
+        tp: &dyn Communicator,
+        dp: &dyn Communicator,
+    ) -> Result<StepStats> {
+        let Some(dist) = &self.dist else {
+            bail!("train_step_dxt: call enable_data_parallel with the data-parallel communicator first");
+        };
+        if dp.size() != dist.size || dp.rank() != dist.rank {
+            bail!(
+                "train_step_dxt: the data-parallel communicator is rank {} of {}, the trainer \
+                 was set up as rank {} of {}",
+                dp.rank(),
+                dp.size(),
+                dist.rank,
+                dist.size
+            );
+        }
+        let mut dist = self.dist.take();
+        let r = self.tp_step(data, tp, dist.as_deref_mut().map(|s| (s, dp)));
+        self.dist = dist;
+        r
+    }
+
+    fn tp_step(
+        &mut self,
+        data: &mut dyn Dataset,
+        comm: &dyn Communicator,
+        mut dp: Option<(&mut DistState, &dyn Communicator)>,
+    ) -> Result<StepStats> {
+        let Some(shard) = self.model.tp else {
+            bail!("train_step_tp: this trainer holds the whole model; call train_step");
+        };
+        if comm.size() != shard.size || comm.rank() != shard.rank {
+            bail!(
+                "train_step_tp: the tensor-parallel communicator is rank {} of {}, the \
+                 trainer holds shard {} of dist.tensor_parallel = {}",
+                comm.rank(),
+                comm.size(),
+                shard.rank,
+                shard.size
             );
         }
         let d = self.model.dims;
@@ -83,9 +155,15 @@ impl Trainer {
         let t0 = Instant::now();
         let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
             (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut nonfinite = false;
         for micro in 0..k {
             let ts = Instant::now();
-            data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets);
+            match dp.as_mut() {
+                None => data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets),
+                Some((dist, _)) => {
+                    dist.draw_rows(data, d.b, d.t, &mut self.inputs, &mut self.targets)
+                }
+            }
             self.check_tokens("training batch")?;
             self.model.set_accumulate(micro > 0);
             self.model.take_gemm_time();
@@ -101,7 +179,15 @@ impl Trainer {
             );
             let loss = r?.expect("targets given");
             let t1 = Instant::now();
-            let r = self.model.backward_tp(Some(comm), &mut |_| {});
+            let r = match dp.as_mut() {
+                None => self
+                    .model
+                    .backward_tp(Some(comm), &mut |_| {})
+                    .map_err(anyhow::Error::from),
+                Some((dist, dpc)) => dist
+                    .tp_backward_and_reduce(&mut self.model, comm, *dpc)
+                    .map(|nf| nonfinite |= nf),
+            };
             self.model.set_accumulate(false);
             r?;
             let t2 = Instant::now();
@@ -112,7 +198,18 @@ impl Trainer {
                 gemm + self.model.take_gemm_time(),
             );
         }
-        let loss = (loss_sum / k as f64) as f32;
+        let mut loss = (loss_sum / k as f64) as f32;
+        let n = dp.as_ref().map_or(1, |(s, _)| s.size);
+        if let Some((_, dpc)) = &dp {
+            // The replicas' losses (each the same on all ranks of its group) averaged;
+            // and the FP8 scale agreements' non-finite flags, which only the replicas of
+            // one shard saw, shared with the other shards so the whole grid skips.
+            loss = dpc.all_reduce_scalar(loss, ReduceOp::Sum).map_err(cerr)? / n as f32;
+            let nf = comm
+                .all_reduce_scalar(if nonfinite { 1.0 } else { 0.0 }, ReduceOp::Max)
+                .map_err(cerr)?;
+            nonfinite = nf > 0.0;
+        }
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let sharded = self.tp_sharded();
@@ -123,7 +220,7 @@ impl Trainer {
         let grad_norm = grad_norm(comm, &grads, &sharded, sum_squares)? * inv;
         // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
         // group skips or steps together.
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
         if !skipped {
             let scale = clip_scale(grad_norm, clip) * inv;
             self.optimizer.step_to(&mut outs, &grads, lr, scale);
@@ -144,7 +241,7 @@ impl Trainer {
             grad_norm,
             lr,
             skipped,
-            tokens: k * d.b * d.t,
+            tokens: n * k * d.b * d.t,
             forward: fwd,
             backward: bwd,
             optimizer: t3 - (t0 + fwd + bwd),
