@@ -400,9 +400,11 @@ fn check_tensor_parallel_run(
 /// evaluates its share of one fixed set of validation sequences and the loss sums are
 /// reduced (`fp8lm_trainer::eval`: the same figure for any batch or rank count;
 /// evaluation casts leave the FP8 scaling state untouched, so replicas stay identical).
-/// Checkpoints: rank 0 writes them; for fp8-o3 the owners' optimizer state is
-/// gathered to it first. `--resume` loads the same checkpoint on every rank; fp8-o3
-/// re-partitions its optimizer state for the current number of ranks.
+/// Checkpoints: rank 0 writes them; fp8-o3 on several ranks writes them together (each
+/// rank streams its own optimizer shard, rank 0 the model and the shard index; no rank
+/// gathers the whole state). `--resume` loads the same checkpoint on every rank; fp8-o3
+/// ranks read only the byte ranges of their units under the current partition, for any
+/// number of ranks. Tensor-parallel runs write no checkpoints yet.
 ///
 /// Nothing in the run directory is written, moved or deleted before every input has been
 /// validated (checkpoint, config, metrics.jsonl, rank agreement: step, data position and
