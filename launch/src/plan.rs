@@ -34,13 +34,7 @@ pub fn run(args: &ConfigArgs, all: bool) -> Result<()> {
         cfg.vocab()
     );
     let precisions = if all {
-        vec![
-            Precision::Fp32,
-            Precision::Bf16,
-            Precision::Fp8O1,
-            Precision::Fp8O2,
-            Precision::Fp8O3,
-        ]
+        Precision::ALL.to_vec()
     } else {
         vec![cfg.precision]
     };

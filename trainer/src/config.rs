@@ -22,6 +22,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Every precision level, lowest-bit state last.
+    pub const ALL: [Precision; 5] = [
+        Precision::Fp32,
+        Precision::Bf16,
+        Precision::Fp8O1,
+        Precision::Fp8O2,
+        Precision::Fp8O3,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
@@ -115,6 +124,18 @@ pub struct OptimConfig {
     pub weight_decay: f32,
     /// Global gradient-norm clip (0 disables).
     pub grad_clip: f32,
+}
+
+impl OptimConfig {
+    /// The AdamW hyper-parameters these keys set (the update rule of every optimizer).
+    pub fn hyper(&self) -> fp8lm_optim::AdamWHyper {
+        fp8lm_optim::AdamWHyper {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
 }
 
 impl Default for OptimConfig {

@@ -64,8 +64,8 @@ use crate::ckpt_stream::{StreamTensor, TensorData};
 use crate::config::{Precision, RunConfig};
 use crate::data::Dataset;
 use crate::model::gpt::written_of;
-use crate::model::{Dims, Layout, Linear, LinearPrecision, Model};
-use crate::train::{clip_scale, global_grad_norm};
+use crate::model::{Dims, Linear, LinearPrecision, Model};
+use crate::train::{clip_scale, global_grad_norm_on, wte_master};
 use anyhow::{bail, Context, Result};
 use fp8lm_collectives::{
     BufMut, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, GradReport, ReduceOp,
@@ -135,27 +135,31 @@ pub fn fp8_o2(
     seed: u64,
     cfg: Fp8AdamConfig,
 ) -> Result<(Model, Fp8Adam)> {
-    let layout = Layout::new(&dims);
-    let mut opt = Fp8Adam::empty(cfg);
-    let mut model = Model::new_fp8_compute(dims, precision, seed, &mut |i, values, low| {
-        opt.push_tensor(&layout.metas[i], values, low)
-    })
-    .map_err(|e| anyhow::anyhow!("fp8_o2: {e}"))?;
-    model
-        .write_compute_weights(&opt)
-        .map_err(|e| anyhow::anyhow!("fp8_o2: writing the E4M3 weights: {e}"))?;
-    Ok((model, opt))
+    let be = fp8lm_kernels::default_backend();
+    fp8_o2_on(be, dims, precision, seed, None, cfg).context("fp8_o2")
 }
 
-/// The optimizer's FP16 master of the token embedding when the model keeps no f32 copy
-/// of it (fp8-o2's tied embedding / LM head).
-fn wte_master<'a>(model: &Model, opt: &'a dyn Optimizer) -> Option<(&'a [half::f16], f32)> {
-    let wte = model.layout.wte;
-    if model.param_is_f32(wte) {
-        None
-    } else {
-        opt.master_f16(wte)
-    }
+/// [`fp8_o2`] on backend `be`, for the whole model or tensor-parallel rank `shard`
+/// (what `Trainer::new` builds for fp8-o2).
+pub(crate) fn fp8_o2_on(
+    be: std::sync::Arc<dyn fp8lm_kernels::Backend>,
+    dims: Dims,
+    precision: LinearPrecision,
+    seed: u64,
+    shard: Option<crate::tensor_parallel::TpShard>,
+    cfg: Fp8AdamConfig,
+) -> Result<(Model, Fp8Adam)> {
+    let layout = Model::layout_of(&dims, shard);
+    let mut opt = Fp8Adam::empty(cfg);
+    let mut model =
+        Model::new_fp8_compute_tp_on(be, dims, precision, seed, shard, &mut |i, values, low| {
+            opt.push_tensor(&layout.metas[i], values, low)
+        })
+        .map_err(anyhow::Error::msg)?;
+    model
+        .write_compute_weights(&opt)
+        .map_err(|e| anyhow::anyhow!("writing the E4M3 weights: {e}"))?;
+    Ok((model, opt))
 }
 
 fn check_batch(model: &Model, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<()> {
@@ -230,7 +234,7 @@ pub struct StepOutcome {
 
 /// Global gradient norm of the last backward (FP8 weight gradients decoded exactly).
 pub fn grad_norm(model: &Model) -> f32 {
-    global_grad_norm(&model.grad_views())
+    global_grad_norm_on(&**model.backend(), &model.grad_views())
 }
 
 /// Global norm, clip to `clip` (0 = no clipping), and one update of `opt` with learning
@@ -244,8 +248,9 @@ pub fn optimizer_step(
     lr: f32,
     clip: f32,
 ) -> StepOutcome {
+    let be = model.backend().clone();
     let (mut outs, grads) = model.outs_and_grads();
-    let norm = global_grad_norm(&grads);
+    let norm = global_grad_norm_on(&*be, &grads);
     let skipped = !norm.is_finite();
     let scale = if skipped { 1.0 } else { clip_scale(norm, clip) };
     if !skipped {

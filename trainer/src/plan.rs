@@ -286,13 +286,7 @@ fn zero_shares(
     cfg: &RunConfig,
     ranks: usize,
 ) -> Result<Vec<ZeroShare>> {
-    let o = &cfg.optim;
-    let ocfg = fp8lm_optim::Fp8AdamConfig::fp8_lm(fp8lm_optim::AdamWHyper {
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        weight_decay: o.weight_decay,
-    });
+    let ocfg = fp8lm_optim::Fp8AdamConfig::fp8_lm(cfg.optim.hyper());
     let mode = cfg.dist.zero_partition;
     let (units, part) =
         crate::distributed::zero_partition_with(&lay.metas, ranks, is_linear, &ocfg, mode)?;

@@ -14,7 +14,7 @@ use crate::rng::Rng;
 use anyhow::{bail, Result};
 use fp8lm_fp8::{ScaleState, ScalingRecipe};
 use fp8lm_kernels::Backend;
-use fp8lm_optim::{AdamW, AdamWHyper, Fp8Adam, Fp8AdamConfig, Grad, Optimizer};
+use fp8lm_optim::{AdamW, Fp8Adam, Fp8AdamConfig, Grad, Optimizer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -280,12 +280,7 @@ impl Trainer {
                 o.beta2
             );
         }
-        let hyper = AdamWHyper {
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-        };
+        let hyper = o.hyper();
         let cfg8 = Fp8AdamConfig::fp8_lm(hyper);
         let (model, optimizer): (Model, Box<dyn Optimizer>) = match cfg.precision {
             // fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest;
@@ -293,20 +288,8 @@ impl Trainer {
             // The block recipe casts its weights tile by tile in the forward, so it keeps
             // f32 compute weights and takes the fp8-o3 path below (one rank = fp8-o2).
             Precision::Fp8O2 if cfg.fp8.recipe != "block" => {
-                let layout = Model::layout_of(&dims, shard);
-                let mut opt = Fp8Adam::empty(cfg8);
-                let mut model = Model::new_fp8_compute_tp_on(
-                    be,
-                    dims,
-                    precision,
-                    cfg.seed,
-                    shard,
-                    &mut |i, values, low| opt.push_tensor(&layout.metas[i], values, low),
-                )
-                .map_err(anyhow::Error::msg)?;
-                model
-                    .write_compute_weights(&opt)
-                    .map_err(anyhow::Error::msg)?;
+                let (model, opt) =
+                    crate::custom::fp8_o2_on(be, dims, precision, cfg.seed, shard, cfg8)?;
                 (model, Box::new(opt))
             }
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every

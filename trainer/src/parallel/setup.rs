@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{
     fixed_mu, Communicator, GradAllReduceConfig, GradAllReducer, GradMethod, GradTally,
 };
-use fp8lm_optim::{AdamWHyper, Fp8Adam, Fp8AdamConfig, Optimizer};
+use fp8lm_optim::{Fp8Adam, Fp8AdamConfig, Optimizer};
 
 /// Where a resuming fp8-o3 rank takes its optimizer state from.
 pub enum ZeroState<'a> {
@@ -134,14 +134,7 @@ impl Trainer {
         let (rank, size) = (comm.rank(), comm.size());
         let d = self.model.dims;
         let zero = if self.cfg.precision == Precision::Fp8O3 {
-            let o = &self.cfg.optim;
-            let hyper = AdamWHyper {
-                beta1: o.beta1,
-                beta2: o.beta2,
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-            };
-            let ocfg = Fp8AdamConfig::fp8_lm(hyper);
+            let ocfg = Fp8AdamConfig::fp8_lm(self.cfg.optim.hyper());
             let mode = self.cfg.dist.zero_partition;
             let mut z = Zero::new(&self.model, size, &ocfg, mode)?;
             if rank == 0 {

@@ -15,7 +15,7 @@ use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::ScaledFp8;
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
 use fp8lm_optim::zero::{split_units, Partition, Unit};
-use fp8lm_optim::{AdamWHyper, Fp8AdamConfig, Grad, StateTensor};
+use fp8lm_optim::{Fp8AdamConfig, Grad, StateTensor};
 use half::f16;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -133,13 +133,7 @@ pub fn zero_imbalance_table(
     let low: Vec<bool> = (0..lay.metas.len())
         .map(|t| fp8_wgrad(model, t).is_some())
         .collect();
-    let o = &cfg.optim;
-    let ocfg = Fp8AdamConfig::fp8_lm(AdamWHyper {
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        weight_decay: o.weight_decay,
-    });
+    let ocfg = Fp8AdamConfig::fp8_lm(cfg.optim.hyper());
     let mut out = String::from(
         "fp8-o3 ZeRO partition of the optimizer state (dist.zero_partition), max/mean bytes per rank:\n\
          ranks | whole-tensor (units, max/mean) | row-blocks (units, max/mean)\n",

@@ -19,18 +19,10 @@ fn small(arch: Arch, p: Precision) -> RunConfig {
     cfg
 }
 
-const ALL: [Precision; 5] = [
-    Precision::Fp32,
-    Precision::Bf16,
-    Precision::Fp8O1,
-    Precision::Fp8O2,
-    Precision::Fp8O3,
-];
-
 #[test]
 fn one_rank_plan_equals_the_trainers_ledger_entry_by_entry() {
     for arch in [Arch::Gpt2, Arch::Llama] {
-        for p in ALL {
+        for p in Precision::ALL {
             for recipe in ["delayed", "block"] {
                 if recipe == "block" && !p.is_fp8() {
                     continue;
