@@ -236,28 +236,40 @@ pub fn f32_to_fp8_counted_with(
         return (amax_from_bits(bits), counts);
     }
     let amax = f32_to_fp8_amax_with(fmt, CastMode::SatFinite, backend, src, scale, dst);
+    // Each count only when it can be nonzero: the amax tells whether anything saturated.
+    let may_saturate = amax * scale > fmt.max() || amax.is_nan();
+    (amax, cast_counts(fmt, src, scale, dst, may_saturate))
+}
+
+/// The [`CastCounts`] of a cast already done (`dst = fp8(src * scale)`, saturating),
+/// recomputed from its input and output codes: what a backend whose cast kernel does not
+/// count (the CUDA staging adapter) reports. `may_saturate = false` skips the saturation
+/// pass (the caller knows from the amax that nothing saturated).
+pub fn cast_counts(
+    fmt: Fp8Format,
+    src: &[f32],
+    scale: f32,
+    dst: &[u8],
+    may_saturate: bool,
+) -> CastCounts {
     let max = fmt.max();
-    // Each count only when it can be nonzero: the amax tells whether anything saturated,
-    // and a zero-magnitude code is rare outside zeros in the input.
-    let saturated = if amax * scale > max || amax.is_nan() {
+    let saturated = if may_saturate {
         src.iter().filter(|x| (**x * scale).abs() > max).count() as u64
     } else {
         0
     };
     // u32 sums vectorise 8 lanes per AVX2 vector (`filter().count()` widens to u64).
+    // Zero-magnitude codes are rare outside zeros in the input, so count those first.
     let zeros_out = dst.iter().map(|&b| (b & 0x7F == 0) as u32).sum::<u32>();
     let flushed = if zeros_out == 0 {
         0
     } else {
         zeros_out - src.iter().map(|&x| (x == 0.0) as u32).sum::<u32>()
     };
-    (
-        amax,
-        CastCounts {
-            saturated,
-            flushed: flushed as u64,
-        },
-    )
+    CastCounts {
+        saturated,
+        flushed: flushed as u64,
+    }
 }
 
 /// Rayon-parallel [`f32_to_fp8_counted`] (same bytes, amax and counts).

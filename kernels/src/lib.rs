@@ -10,10 +10,11 @@
 //!   against (`tests/backends.rs` here op by op, `trainer/tests/backends.rs` by
 //!   training the model on both).
 //!
-//! The CUDA backend (`cuda` module, cargo feature `cuda`) has device op methods shaped
-//! like these traits but does not implement [`Backend`] yet, the model does not call
-//! it, and it has never run on a GPU (see its module docs for what is checked without
-//! one).
+//! The CUDA backend (`cuda` module, cargo feature `cuda`): device op methods shaped like
+//! these traits, and `cuda::CudaStaged`, which implements [`Backend`] with them by
+//! staging each op's host slices through device memory (`device = "cuda[:N]"` runs the
+//! model on it). It has never run on a GPU (see its module docs for what is checked
+//! without one).
 //!
 //! - [`Backend`] ([`backend`]): [`GemmOps`] + [`LayerOps`] + the rest of a step: FP8 /
 //!   bf16 casts returning amax and saturation / underflow counts, FP8 and FP16 decodes,

@@ -217,3 +217,22 @@ fn cuda_source_still_has_the_mirrored_expressions() {
         );
     }
 }
+
+/// The bf16 cast kernel's algorithm against `half` (what the CPU backends use): every
+/// upper half (sign, exponent, the 7 kept mantissa bits: NaN, infinities, subnormals, both
+/// values of the kept LSB that ties round to) with the rounding-relevant lower halves
+/// (exact, just below / at / above the tie, sticky only) — 524288 inputs.
+#[test]
+fn bf16_cast_rounds_like_half() {
+    let lows = [
+        0x0000u32, 0x0001, 0x4000, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF,
+    ];
+    for hi in 0..=u16::MAX as u32 {
+        for &lo in &lows {
+            let bits = (hi << 16) | lo;
+            let x = f32::from_bits(bits);
+            let want = half::bf16::from_f32(x).to_bits();
+            assert_eq!(mirror::f32_to_bf16_bits(x), want, "f32 bits {bits:#010x}");
+        }
+    }
+}

@@ -1,11 +1,10 @@
 //! `fp8lm devices` (what CUDA support this binary has and what the machine offers) and
 //! the start-up check of the `device` config key.
 //!
-//! The model does not run on the CUDA backend yet (its kernels, cuBLASLt GEMM and NCCL
-//! collectives exist in `fp8lm_kernels::cuda` and `fp8lm_collectives::nccl`, but the
-//! CUDA backend does not implement the model's seam, `fp8lm_kernels::Backend`, which
-//! works on host memory today), so `device = "cuda[:N]"` is refused at start,
-//! saying why, after checking what it can: the feature, the driver, the GPU index.
+//! `device = "cuda[:N]"` runs the model on `fp8lm_kernels::cuda::CudaStaged` (the CUDA
+//! backend behind the model's seam, staging each op through host memory; never run on a
+//! GPU by this project). It is refused at start, saying why, when the feature, the
+//! driver or the GPU is missing.
 
 use anyhow::Result;
 use fp8lm_trainer::config::Device;
@@ -117,26 +116,31 @@ fn report() -> String {
     s
 }
 
-/// Refuse a run on a device it cannot use, naming why (exit code 2).
+/// Refuse a run on a device it cannot use, naming why (exit code 2): CUDA not built in,
+/// no driver, or no such GPU. A GPU that is there is accepted: the model then runs on
+/// `fp8lm_kernels::cuda::CudaStaged` (never run on a GPU by this project; see the README).
 pub fn check_run_device(device: &str) -> Result<()> {
     let d = Device::parse(device)
         .map_err(|allowed| UsageError(format!("device = {device:?}: expected {allowed}")))?;
     let Device::Cuda(n) = d else {
         return Ok(());
     };
-    Err(UsageError(cuda_refusal(n, device)).into())
+    match cuda_refusal(n, device) {
+        Some(why) => Err(UsageError(why).into()),
+        None => Ok(()),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_refusal(_n: usize, device: &str) -> String {
-    format!(
+fn cuda_refusal(_n: usize, device: &str) -> Option<String> {
+    Some(format!(
         "device = {device:?}: this fp8lm was built without the `cuda` feature \
          (rebuild with `cargo build --release --features cuda`); use device = \"cpu\""
-    )
+    ))
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_refusal(n: usize, device: &str) -> String {
+fn cuda_refusal(n: usize, device: &str) -> Option<String> {
     use fp8lm_kernels::cuda::device;
     let why = match device::list_devices() {
         Err(e) => e.to_string(),
@@ -145,12 +149,9 @@ fn cuda_refusal(n: usize, device: &str) -> String {
             found: g.len(),
         }
         .to_string(),
-        Ok(_) => {
-            "the model does not run on the CUDA backend yet (its kernels, cuBLASLt GEMM and NCCL \
-                  collectives exist; it does not implement the model's backend seam, \
-                  kernels::Backend, yet)"
-                .to_string()
-        }
+        Ok(_) => return None,
     };
-    format!("device = {device:?}: {why}; use device = \"cpu\" (`fp8lm devices` shows what is available)")
+    Some(format!(
+        "device = {device:?}: {why}; use device = \"cpu\" (`fp8lm devices` shows what is available)"
+    ))
 }

@@ -215,11 +215,28 @@ impl Trainer {
         Self::new_for_ranks(cfg, vocab, 1)
     }
 
-    /// The backend `cfg.backend` names.
+    /// The backend the config names: `device = "cuda[:N]"` is the CUDA backend
+    /// (`fp8lm_kernels::cuda::CudaStaged`, feature `cuda`; `backend` must stay `"cpu"`),
+    /// else `cfg.backend` (`"cpu"` or `"reference"`).
     pub(crate) fn backend_of(cfg: &RunConfig) -> Result<Arc<dyn Backend>> {
-        Ok(fp8lm_kernels::BackendKind::parse(&cfg.backend)
-            .map_err(|allowed| anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend))?
-            .instance())
+        let kind = fp8lm_kernels::BackendKind::parse(&cfg.backend).map_err(|allowed| {
+            anyhow::anyhow!("backend = {:?}: expected {allowed}", cfg.backend)
+        })?;
+        match crate::config::Device::parse(&cfg.device) {
+            Ok(crate::config::Device::Cuda(n)) => {
+                if kind != fp8lm_kernels::BackendKind::Cpu {
+                    anyhow::bail!(
+                        "backend = {:?} with device = {:?}: the {} backend runs on the CPU; \
+                         leave backend = \"cpu\" for a GPU run",
+                        cfg.backend,
+                        cfg.device,
+                        kind.name()
+                    );
+                }
+                cuda_backend(n, &cfg.device)
+            }
+            _ => Ok(kind.instance()),
+        }
     }
 
     /// [`Trainer::new`] on backend `be` (any [`Backend`]; `cfg.backend` is ignored).
@@ -588,4 +605,26 @@ impl Trainer {
         self.model.take_gemm_time();
         Ok(out)
     }
+}
+
+/// GPU `n` as the model's backend (staged through host memory: see
+/// `fp8lm_kernels::cuda::staged`).
+#[cfg(feature = "cuda")]
+fn cuda_backend(n: usize, device: &str) -> Result<Arc<dyn Backend>> {
+    let be = fp8lm_kernels::cuda::CudaStaged::new(n)
+        .map_err(|e| anyhow::anyhow!("device = {device:?}: {e}"))?;
+    tracing::warn!(
+        device,
+        "the CUDA backend stages every op through host memory and has never been run on a \
+         GPU by this project: check it with scripts/gpu-check.sh first"
+    );
+    Ok(Arc::new(be))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(_n: usize, device: &str) -> Result<Arc<dyn Backend>> {
+    anyhow::bail!(
+        "device = {device:?}: this build has no CUDA support (rebuild with \
+         `cargo build --release --features cuda`); use device = \"cpu\""
+    )
 }

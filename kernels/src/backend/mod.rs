@@ -56,6 +56,14 @@ pub trait Backend: GemmOps + LayerOps + std::fmt::Debug {
     /// Short name (`cpu`, `reference`), for logs and errors.
     fn name(&self) -> &'static str;
 
+    /// The first failure of an op since the last call, taken (a device backend's ops
+    /// can fail, but the seam's methods return no `Result`: like CUDA's sticky errors,
+    /// the backend keeps the first one, does nothing after it, and the trainer ends the
+    /// step with it). The host backends never fail: `None`.
+    fn take_error(&self) -> Option<String> {
+        None
+    }
+
     // ---- casts ----
 
     /// max |x| over `src` (0 for an empty slice; NaN if any element is NaN).

@@ -197,6 +197,20 @@ pub fn fp8_decode(fmt: i32, bits: u32) -> f32 {
 }
 
 /// `abs_bits(x)`, the amax accumulator's element.
+/// `cast_f32_to_bf16` of `cu/cast.cu`: f32 -> bf16 bits, round to nearest even, NaN kept
+/// quiet (the CPU backends use `half::bf16::from_f32`; `tests/cuda_cast_mirror.rs`).
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let x = x.to_bits();
+    let r = if (x & 0x7FFF_FFFF) > 0x7F80_0000 {
+        (x >> 16) | 0x0040
+    } else if (x & 0x8000) != 0 && (x & 0x17FFF) != 0 {
+        (x >> 16) + 1
+    } else {
+        x >> 16
+    };
+    r as u16
+}
+
 pub fn abs_bits(x: f32) -> u32 {
     x.to_bits() & 0x7FFF_FFFF
 }

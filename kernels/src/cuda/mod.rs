@@ -22,18 +22,22 @@
 //! a cubin for sm_89 and sm_90 (`tests/cuda_nvrtc.rs`); the cast algorithm, ported to
 //! Rust, is bit-identical to the CPU casts (`tests/cuda_cast_mirror.rs`); the cuBLASLt
 //! plan maps our layouts correctly (`gemm/tests.rs`). The device paths are exercised only
-//! by `scripts/gpu-check.sh` (the `gpu_check` example), which has never been run. The
-//! model does not run on this backend yet: the Tensor/Backend seam it plugs into is a
-//! separate piece of work.
+//! by `scripts/gpu-check.sh` (the `gpu_check` example, and the trainer's `gpu_train_check`:
+//! the model on [`staged::CudaStaged`] vs the CPU), which has never been run.
+//! - [`staged`]: [`CudaStaged`], the model's [`crate::Backend`] on a GPU: each op stages
+//!   its host slices to the device and back (correct and slow; device-resident tensors
+//!   are the next step). `device = "cuda[:N]"` selects it.
 
 pub mod cast_mirror;
 pub mod device;
 pub mod gemm;
 pub mod libs;
 pub mod nvrtc;
+pub mod staged;
 
 pub use device::{CudaBackend, DevFp8, DeviceInfo};
 pub use libs::CudaLib;
+pub use staged::CudaStaged;
 
 use std::path::PathBuf;
 

@@ -36,6 +36,7 @@ pub const CAST: KernelSource = KernelSource {
         "amax_f32",
         "invert_scales",
         "transpose_u8",
+        "cast_f32_to_bf16",
     ],
 };
 
@@ -64,6 +65,7 @@ pub const LAYERS: KernelSource = KernelSource {
         "softmax_xent_forward",
         "softmax_xent_backward",
         "rope_apply",
+        "encoder_forward_f16",
     ],
 };
 

@@ -162,6 +162,11 @@ impl Trainer {
             nonfinite |= b.nonfinite;
             packed = b.packed;
         }
+        // A device backend's failed op (kept by the backend, `Backend::take_error`) ends
+        // the step here, before any update, naming the op.
+        if let Some(e) = self.model.backend().take_error() {
+            bail!("step {}: {e}", self.step);
+        }
         let (t1, t2) = (t0 + fwd, t0 + fwd + bwd);
         let mut loss = (loss_sum / k as f64) as f32;
 

@@ -98,3 +98,23 @@ extern "C" __global__ void transpose_u8(unsigned char* __restrict__ dst, const u
         if (c < cols && r < rows) dst[(unsigned long long)c * rows + r] = tile[threadIdx.x][dy];
     }
 }
+
+// f32 -> bf16 (bit patterns), round to nearest even; NaN stays NaN (quiet bit set), as
+// the `half` crate's `bf16::from_f32`, which the CPU backends use: bit-identical to them.
+extern "C" __global__ void cast_f32_to_bf16(unsigned short* __restrict__ dst, const float* __restrict__ src,
+                                            unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        const unsigned int x = __float_as_uint(src[i]);
+        unsigned int r;
+        if ((x & 0x7FFFFFFFu) > 0x7F800000u) {
+            r = (x >> 16) | 0x0040u;
+        } else if ((x & 0x8000u) != 0u && (x & 0x17FFFu) != 0u) {
+            // Round bit set and (sticky bits or the kept LSB) set: round up.
+            r = (x >> 16) + 1u;
+        } else {
+            r = x >> 16;
+        }
+        dst[i] = (unsigned short)r;
+    }
+}

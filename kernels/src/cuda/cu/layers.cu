@@ -315,3 +315,18 @@ extern "C" __global__ void rope_apply(float* qkv, const float* table, unsigned l
         x[1] = x0 * sn + x1 * cs;
     }
 }
+
+// ---- embeddings from an FP16 table (fp8-o2's tied embedding: its only copy is the FP16
+// master): out[n,c] = f32(wte[tok]) * inv_scale (+ wpe[t]); inv_scale = 1 / scale on the
+// host, as the CPU backend multiplies by it (exact for power-of-two scales).
+extern "C" __global__ void encoder_forward_f16(float* out, const unsigned int* tokens,
+                                               const unsigned short* wte, float inv_scale,
+                                               const float* wpe, unsigned long long n, int t, int c) {
+    GRID_STRIDE(i, n * c) {
+        const unsigned long long row = i / c;
+        const int ch = (int)(i % c);
+        float v = __fmul_rn(f16_bits_to_f32(wte[(unsigned long long)tokens[row] * c + ch]), inv_scale);
+        if (wpe) v = __fadd_rn(v, wpe[(row % t) * c + ch]);
+        out[i] = v;
+    }
+}

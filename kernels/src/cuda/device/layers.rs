@@ -164,6 +164,34 @@ impl CudaBackend {
         }
     }
 
+    /// `out[n,c] = f32(wte_f16[tok]) * inv_scale (+ wpe[t])`: fp8-o2's tied embedding read
+    /// from its FP16 master (bit patterns), as `Backend::encoder_forward_f16`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encoder_forward_f16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        wte_f16: &CudaSlice<u16>,
+        inv_scale: f32,
+        wpe: Option<&CudaSlice<f32>>,
+        t: usize,
+        c: usize,
+    ) -> Result<(), CudaError> {
+        let n = tokens.len();
+        assert!(
+            out.len() == n * c
+                && wte_f16.len().is_multiple_of(c)
+                && wpe.is_none_or(|p| p.len() >= t * c)
+        );
+        let f = self.function(&nvrtc::LAYERS, "encoder_forward_f16")?;
+        let (nu, ti, ci, cfg) = (n as u64, t as i32, c as i32, ew_cfg(n * c));
+        let null = 0u64;
+        match wpe {
+            Some(p) => launch!(self, f, cfg, out, tokens, wte_f16, &inv_scale, p, &nu, &ti, &ci),
+            None => launch!(self, f, cfg, out, tokens, wte_f16, &inv_scale, &null, &nu, &ti, &ci),
+        }
+    }
+
     /// `dwte[tok] += dout`, `dwpe[t] += dout` (atomics: summation order not fixed).
     pub fn encoder_backward(
         &self,

@@ -1,7 +1,6 @@
 //! A GPU context for the backend: device, streams, events, device tensors, kernel
-//! launches. Shaped like the CPU op set (`GemmOps`, `LayerOps`) but on device buffers,
-//! so it can plug into the model's backend seam once that exists; the model does not
-//! call it yet.
+//! launches. Shaped like the CPU op set (`GemmOps`, `LayerOps`) but on device buffers;
+//! `super::staged::CudaStaged` puts it behind the model's seam (`Backend`).
 //!
 //! Streams: `compute` runs kernels and GEMMs; `comm` runs NCCL collectives (in
 //! `fp8lm-collectives`, feature `cuda`). [`CudaBackend::compute_to_comm`] /
@@ -291,6 +290,30 @@ impl CudaBackend {
         launch!(self, f, cfg, dst, &src.data, &src.scale, amax, &n, &fmt)
     }
 
+    /// `amax_bits[0] = max |src|` as bits (zeroed first; NaN bits win, see `fp8.cuh`).
+    pub fn amax_f32(
+        &self,
+        src: &CudaSlice<f32>,
+        amax_bits: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
+        let f = self.function(&nvrtc::CAST, "amax_f32")?;
+        self.compute.memset_zeros(amax_bits)?;
+        let n = src.len() as u64;
+        launch!(self, f, ew_cfg(src.len()), src, amax_bits, &n)
+    }
+
+    /// `dst = bf16(src)` as bit patterns, round to nearest even (as `half::bf16::from_f32`).
+    pub fn cast_f32_to_bf16(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<u16>,
+    ) -> Result<(), CudaError> {
+        assert_eq!(src.len(), dst.len(), "cast_f32_to_bf16: lengths differ");
+        let f = self.function(&nvrtc::CAST, "cast_f32_to_bf16")?;
+        let n = src.len() as u64;
+        launch!(self, f, ew_cfg(src.len()), dst, src, &n)
+    }
+
     /// `t.scale_inv = 1 / t.scale` on the device (after a scale update, before a GEMM).
     pub fn refresh_scale_inv(&self, t: &mut DevFp8) -> Result<(), CudaError> {
         let f = self.function(&nvrtc::CAST, "invert_scales")?;
@@ -408,6 +431,46 @@ impl CudaBackend {
             d_amax: None,
         };
         // SAFETY: lengths checked above and by the plan's shape; all on the compute stream.
+        unsafe { lt.run(&plan, args) }
+    }
+
+    /// `c[m,n] (+)= op(a) @ op(b)` with f32 or bf16 operands (`ty`: `LtType::F32` or
+    /// `LtType::Bf16`, bit patterns in `T`) and an f32 output, f32 accumulation
+    /// (`CUBLAS_COMPUTE_32F`: no TF32). Any layout (no TN constraint off FP8).
+    pub fn gemm_dense<T: cudarc::driver::DeviceRepr>(
+        &self,
+        shape: GemmShape,
+        ty: LtType,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<(), CudaError> {
+        assert!(
+            !ty.is_fp8(),
+            "gemm_dense: FP8 operands go through gemm_fp8_f32"
+        );
+        assert_eq!(c.len(), shape.m * shape.n, "gemm: C length");
+        assert!(
+            a.len() == shape.m * shape.k && b.len() == shape.k * shape.n,
+            "gemm: A/B length"
+        );
+        let plan = LtPlan::new(shape, ty, ty, LtType::F32, accumulate, false)?;
+        let lt = self.lt()?;
+        let s = &self.compute;
+        let (ap, _ra) = a.device_ptr(s);
+        let (bp, _rb) = b.device_ptr(s);
+        let (cp, _rc) = cudarc::driver::DevicePtrMut::device_ptr_mut(c, s);
+        let args = LtArgs {
+            a: ap,
+            b: bp,
+            d: cp,
+            lt_a_scale_inv: None,
+            lt_b_scale_inv: None,
+            d_scale: None,
+            d_amax: None,
+        };
+        // SAFETY: lengths checked above against the plan's shape; all on the compute stream.
         unsafe { lt.run(&plan, args) }
     }
 
