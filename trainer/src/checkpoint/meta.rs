@@ -43,6 +43,11 @@ pub struct CheckpointMeta {
     /// before sharding, whose units are in `extra.zero_units`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_shards: Option<ShardIndex>,
+    /// The index of a tensor-parallel checkpoint (one model + optimizer shard file per
+    /// tensor-parallel rank, see [`super::tp`]); `None` when the model is in
+    /// `model.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tp_shards: Option<super::tp::TpIndex>,
 }
 
 /// Which file holds which part of a sharded optimizer state, in `checkpoint.json`.

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod meta;
 pub mod shard;
 pub mod stream;
+pub mod tp;
 
 pub use format::{read_safetensors_file, CkptDtype, CkptTensor};
 pub use fs::{list_checkpoints, resolve, step_dir_name, write_atomic};
@@ -133,6 +134,17 @@ impl Checkpoint {
             if let Some(idx) = &meta.optimizer_shards {
                 if let Some(e) = idx.shards.iter().find(|e| &e.file == fname) {
                     shard::verify_file(&p, sum, &shard::shard_owner(e, idx))?;
+                    continue;
+                }
+            }
+            // Tensor-parallel shards likewise: each rank reads only its slices (`tp`).
+            if let Some(idx) = &meta.tp_shards {
+                if let Some(e) = idx.shards.iter().find(|e| &e.file == fname) {
+                    let who = format!(
+                        "tensor-parallel shard of rank {} (dp {}, tp {} of {})",
+                        e.rank, e.dp_rank, e.tp_rank, idx.tp
+                    );
+                    shard::verify_file(&p, sum, &who)?;
                     continue;
                 }
             }
@@ -252,6 +264,7 @@ mod tests {
             extra: serde_json::json!({"losses": [5.5, 4.25]}),
             files: BTreeMap::new(),
             optimizer_shards: None,
+            tp_shards: None,
         };
         meta.config.max_steps = 1000;
         let mut ck = Checkpoint::new(meta);

@@ -36,6 +36,7 @@
 //! linears' inputs in the backward (with SP they are kept whole, so per-rank activations
 //! shrink by the residual stream's share, not to 1/T).
 
+pub mod ckpt;
 pub mod layers;
 pub mod shard;
 pub mod sp;
