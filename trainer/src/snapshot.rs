@@ -512,6 +512,16 @@ fn restore_rest_with(
     ck: &Checkpoint,
     scaling: &Value,
 ) -> Result<()> {
+    restore_scaling(tr, ck, scaling)?;
+    tr.set_step(ck.meta.step);
+    tr.rng.state = ck.meta.rng_state;
+    data.set_position(ck.meta.data_position);
+    sync_compute_weights(tr)
+}
+
+/// Restore every FP8 scaling state of `tr` from `scaling` (`checkpoint.json`'s
+/// `scaling`, or a tensor-parallel shard's own, `checkpoint::tp`), naming a missing one.
+pub fn restore_scaling(tr: &mut Trainer, ck: &Checkpoint, scaling: &Value) -> Result<()> {
     let scaling = scaling.as_object().cloned().unwrap_or_default();
     for (name, st) in tr.fp8_scale_states_mut() {
         let v = scaling.get(&name).with_context(|| {
@@ -522,8 +532,5 @@ fn restore_rest_with(
         })?;
         restore_scale_state(&name, st, v)?;
     }
-    tr.set_step(ck.meta.step);
-    tr.rng.state = ck.meta.rng_state;
-    data.set_position(ck.meta.data_position);
-    sync_compute_weights(tr)
+    Ok(())
 }

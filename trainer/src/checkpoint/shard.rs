@@ -133,12 +133,13 @@ pub fn save_sharded(
         file: shard_file_name(rank, n),
         what: format!("optimizer shard of rank {rank} of {n}"),
         tensors: shard.tensors,
-        report: serde_json::to_value(&shard.units)?,
     };
+    let report = serde_json::to_value(&shard.units)?;
     let partition = shard.partition;
     save_ranked(
         meta,
         Some(local),
+        report,
         comm,
         root,
         keep,
@@ -153,11 +154,13 @@ pub fn save_sharded(
             }
             let mut shards = Vec::with_capacity(n);
             for (q, r) in reports.into_iter().enumerate() {
-                let r = r.with_context(|| format!("rank {q} of {n} wrote no shard"))?;
+                let file = r
+                    .file
+                    .with_context(|| format!("rank {q} of {n} wrote no shard"))?;
                 let units: Vec<UnitSpan> = serde_json::from_value(r.report)
                     .with_context(|| format!("the shard report of rank {q} of {n}"))?;
                 shards.push(ShardEntry {
-                    file: r.file,
+                    file,
                     rank: q,
                     dp_rank: q,
                     tp_rank: 0,
@@ -183,34 +186,33 @@ pub struct RankFile<'a> {
     /// What it is, for errors ("optimizer shard of rank 1 of 4").
     pub what: String,
     pub tensors: Vec<StreamTensor<'a>>,
-    /// What rank 0 needs to know about it for the index (JSON).
-    pub report: serde_json::Value,
 }
 
-/// What rank 0 learns of each rank's file: its name, size, CRC and report.
+/// What rank 0 learns of each rank: its file's name (its size and CRC are in `files`
+/// already), if it wrote one, and its report.
 pub struct RankReport {
-    pub file: String,
-    pub sum: FileSum,
+    pub file: Option<String>,
     pub report: serde_json::Value,
 }
 
 /// The protocol of a checkpoint that every rank writes part of (module docs, "Atomic as
 /// a whole"): one temporary directory, every rank's own file (`local`; `None` for a rank
-/// that writes none, e.g. a data-parallel replica of tensor-parallel shards), the
-/// outcomes exchanged (any failure: the directory is removed and every rank errs naming
-/// the failed ranks), then rank 0 runs `finish` (more files, the index; the reports in
-/// rank order, `None` for ranks without a file), writes `checkpoint.json` with every
+/// that writes none, e.g. a data-parallel replica of tensor-parallel shards) and its
+/// `report` (JSON, whatever rank 0 needs for the index), the outcomes exchanged (any
+/// failure: the directory is removed and every rank errs naming the failed ranks), then
+/// rank 0 runs `finish` (more files, the index; the reports in rank order), writes `checkpoint.json` with every
 /// file's size and CRC-32 and renames the directory into place. Every rank calls it;
 /// returns the checkpoint directory on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn save_ranked(
     meta: &CheckpointMeta,
     local: Option<RankFile<'_>>,
+    report: serde_json::Value,
     comm: &dyn Communicator,
     root: &Path,
     keep: usize,
     hook: &mut dyn FnMut(&Path) -> Result<()>,
-    finish: &mut dyn FnMut(&Path, &mut CheckpointMeta, Vec<Option<RankReport>>) -> Result<()>,
+    finish: &mut dyn FnMut(&Path, &mut CheckpointMeta, Vec<RankReport>) -> Result<()>,
 ) -> Result<PathBuf> {
     let rank = comm.rank();
     // 1. One temporary directory, named by rank 0's process id.
@@ -229,19 +231,17 @@ pub fn save_ranked(
     // 2-3. Every rank's own file.
     let st_meta = safetensors_metadata(meta.step);
     let written = (|| -> Result<String> {
-        let Some(local) = &local else {
-            return Ok(String::new());
+        let file = match &local {
+            None => None,
+            Some(local) => {
+                let path = tmp.join(&local.file);
+                let (bytes, crc32) = write_group(&path, &local.tensors, &st_meta)
+                    .with_context(|| format!("{}: {}", path.display(), local.what))?;
+                hook(&path)?;
+                Some((&local.file, bytes, crc32))
+            }
         };
-        let path = tmp.join(&local.file);
-        let (bytes, crc32) = write_group(&path, &local.tensors, &st_meta)
-            .with_context(|| format!("{}: {}", path.display(), local.what))?;
-        hook(&path)?;
-        Ok(serde_json::to_string(&(
-            &local.file,
-            bytes,
-            crc32,
-            &local.report,
-        ))?)
+        Ok(serde_json::to_string(&(file, &report))?)
     })();
     let outcomes = match agree_outcome(comm, "writing the checkpoint shards", written) {
         Ok(v) => v,
@@ -261,16 +261,14 @@ pub fn save_ranked(
             meta.files.clear();
             let mut reports = Vec::with_capacity(outcomes.len());
             for (q, o) in outcomes.iter().enumerate() {
-                if o.is_empty() {
-                    reports.push(None);
-                    continue;
-                }
-                let (file, bytes, crc32, report): (String, u64, String, serde_json::Value) =
-                    serde_json::from_str(o)
-                        .with_context(|| format!("the shard report of rank {q}"))?;
-                let sum = FileSum { bytes, crc32 };
-                meta.files.insert(file.clone(), sum.clone());
-                reports.push(Some(RankReport { file, sum, report }));
+                type Outcome = (Option<(String, u64, String)>, serde_json::Value);
+                let (file, report): Outcome = serde_json::from_str(o)
+                    .with_context(|| format!("the shard report of rank {q}"))?;
+                let file = file.map(|(file, bytes, crc32)| {
+                    meta.files.insert(file.clone(), FileSum { bytes, crc32 });
+                    file
+                });
+                reports.push(RankReport { file, report });
             }
             finish(&tmp, &mut meta, reports)?;
             fs::write_synced(&tmp.join(META_FILE), &encode_meta(&meta)?)?;

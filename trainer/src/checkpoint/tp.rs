@@ -69,6 +69,42 @@ pub struct TpIndex {
     pub tp: usize,
     /// One entry per shard file, in tensor-parallel rank order.
     pub shards: Vec<TpShardEntry>,
+    /// The FP8 scaling states of the other replicas' ranks (dp > 0): their activations
+    /// and gradients see other rows, so their amax histories differ from replica 0's.
+    /// Restored only on the same D x T ([`TpIndex::scaling_of`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaScaling>,
+}
+
+/// The FP8 scaling state of grid rank (dp, tp) of a replica that wrote no file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaScaling {
+    pub rank: usize,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    pub scaling: Value,
+}
+
+impl TpIndex {
+    /// The FP8 scaling state grid rank (`dp`, `tp`) of a `d` x `t` grid resumes with
+    /// (module docs): its own on the same grid; on the same T, its shard's (replica
+    /// 0's); `None` on any other T (the merged state in `checkpoint.json` then).
+    pub fn scaling_of(&self, d: usize, t: usize, dp: usize, tp: usize) -> Option<&Value> {
+        if t != self.tp {
+            return None;
+        }
+        let own = self
+            .replicas
+            .iter()
+            .find(|r| d == self.dp && r.dp_rank == dp && r.tp_rank == tp)
+            .map(|r| &r.scaling);
+        own.or_else(|| {
+            self.shards
+                .iter()
+                .find(|e| e.tp_rank == tp)
+                .map(|e| &e.scaling)
+        })
+    }
 }
 
 /// One shard file of a tensor-parallel checkpoint.

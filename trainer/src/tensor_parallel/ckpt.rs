@@ -14,8 +14,8 @@ use super::shard::Split;
 use crate::checkpoint::shard::{save_ranked, RankFile};
 use crate::checkpoint::stream::StreamTensor;
 use crate::checkpoint::tp::{
-    merge_scaling, tp_shard_file_name, Assembled, TpIndex, TpReader, TpShardEntry, TpTensor,
-    MODEL_PREFIX, OPTIM_PREFIX,
+    merge_scaling, tp_shard_file_name, Assembled, ReplicaScaling, TpIndex, TpReader, TpShardEntry,
+    TpTensor, MODEL_PREFIX, OPTIM_PREFIX,
 };
 use crate::checkpoint::Checkpoint;
 use crate::data::Dataset;
@@ -85,16 +85,17 @@ pub fn save_trainer_tp(
     }
     let d = world.size() / t;
     let meta = capture_meta(tr, data, extra);
+    let m = tr.model();
+    let full = Layout::new(&m.dims);
+    let tensors: Vec<TpTensor> = (0..m.layout.metas.len())
+        .map(|i| TpTensor {
+            name: m.layout.metas[i].name.clone(),
+            full_shape: full.metas[i].shape.clone(),
+            split: slice_of(tr, &full, i),
+        })
+        .collect();
+    // Replica 0 writes the shards; the other replicas report their scaling states.
     let local = if dp_rank == 0 {
-        let m = tr.model();
-        let full = Layout::new(&m.dims);
-        let tensors: Vec<TpTensor> = (0..m.layout.metas.len())
-            .map(|i| TpTensor {
-                name: m.layout.metas[i].name.clone(),
-                full_shape: full.metas[i].shape.clone(),
-                split: slice_of(tr, &full, i),
-            })
-            .collect();
         let mut st: Vec<StreamTensor<'_>> = model_stream(tr)
             .into_iter()
             .map(|mut s| {
@@ -105,13 +106,6 @@ pub fn save_trainer_tp(
         tr.optimizer().visit_state(&mut |n, s| {
             st.push(StreamTensor::from_state(&format!("{OPTIM_PREFIX}{n}"), s))
         });
-        let report = Report {
-            dp: dp_rank,
-            tp: shard.rank,
-            tensors,
-            scaling: scaling_of(tr),
-            dist_extra: Value::Object(tr.dist_checkpoint_extra()),
-        };
         Some(RankFile {
             file: tp_shard_file_name(dp_rank, shard.rank, t),
             what: format!(
@@ -120,33 +114,47 @@ pub fn save_trainer_tp(
                 shard.rank
             ),
             tensors: st,
-            report: serde_json::to_value(report)?,
         })
     } else {
         None
     };
+    let report = Report {
+        dp: dp_rank,
+        tp: shard.rank,
+        tensors: if dp_rank == 0 { tensors } else { Vec::new() },
+        scaling: scaling_of(tr),
+        dist_extra: Value::Object(tr.dist_checkpoint_extra()),
+    };
     save_ranked(
         &meta,
         local,
+        serde_json::to_value(report)?,
         world,
         root,
         keep,
         hook,
         &mut |_, meta, reports| {
-            let mut shards = Vec::with_capacity(t);
+            let (mut shards, mut replicas) = (Vec::with_capacity(t), Vec::new());
             for (q, r) in reports.into_iter().enumerate() {
-                let Some(r) = r else { continue };
                 let rep: Report = serde_json::from_value(r.report)
                     .with_context(|| format!("the shard report of rank {q}"))?;
-                shards.push(TpShardEntry {
-                    file: r.file,
-                    rank: q,
-                    dp_rank: rep.dp,
-                    tp_rank: rep.tp,
-                    tensors: rep.tensors,
-                    scaling: rep.scaling,
-                    dist_extra: rep.dist_extra,
-                });
+                match r.file {
+                    Some(file) => shards.push(TpShardEntry {
+                        file,
+                        rank: q,
+                        dp_rank: rep.dp,
+                        tp_rank: rep.tp,
+                        tensors: rep.tensors,
+                        scaling: rep.scaling,
+                        dist_extra: rep.dist_extra,
+                    }),
+                    None => replicas.push(ReplicaScaling {
+                        rank: q,
+                        dp_rank: rep.dp,
+                        tp_rank: rep.tp,
+                        scaling: rep.scaling,
+                    }),
+                }
             }
             shards.sort_by_key(|e| e.tp_rank);
             if shards.len() != t || shards.iter().enumerate().any(|(k, e)| e.tp_rank != k) {
@@ -162,6 +170,7 @@ pub fn save_trainer_tp(
                 dp: d,
                 tp: t,
                 shards,
+                replicas,
             });
             Ok(())
         },
@@ -291,18 +300,41 @@ pub fn restore_tp_state(tr: &mut Trainer, ck: &Checkpoint) -> Result<Value> {
     tr.optimizer_mut()
         .import_state(state)
         .map_err(|e| anyhow::anyhow!("{dir}: optimizer state: {e}"))?;
-    let idx = rd.idx;
-    let t_now = tr.tp_shard().map_or(1, |s| s.size);
-    let r_now = tr.tp_shard().map_or(0, |s| s.rank);
-    Ok(if idx.tp == t_now {
-        idx.shards
-            .iter()
-            .find(|e| e.tp_rank == r_now)
-            .map(|e| e.scaling.clone())
-            .unwrap_or_else(|| ck.meta.scaling.clone())
-    } else {
-        ck.meta.scaling.clone()
-    })
+    let t = tr.tp_shard().map_or(1, |s| s.size);
+    let tp = tr.tp_shard().map_or(0, |s| s.rank);
+    let (d, dp) = tr.dist.as_ref().map_or((1, 0), |s| (s.size, s.rank));
+    Ok(rd
+        .idx
+        .scaling_of(d, t, dp, tp)
+        .unwrap_or(&ck.meta.scaling)
+        .clone())
+}
+
+/// After data parallelism is enabled on a trainer resumed from a tensor-parallel
+/// checkpoint (`snapshot::restore` ran first, as `fp8lm train` does): on the same D x T
+/// grid, this replica's own FP8 scaling states (replicas see other rows, so their
+/// activation and gradient amax histories differ) and its shard's data-parallel state
+/// (the FP8 all-reduce's auto-scaling factors). On another grid nothing changes: the
+/// states restored are the shard's (same T) or merged, and the factors start afresh.
+pub fn restore_tp_replica(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
+    let (Some(idx), Some(s), Some((d, dp))) = (
+        ck.meta.tp_shards.as_ref(),
+        tr.tp_shard(),
+        tr.dist.as_ref().map(|x| (x.size, x.rank)),
+    ) else {
+        return Ok(());
+    };
+    if idx.tp != s.size || idx.dp != d {
+        return Ok(());
+    }
+    if let Some(sc) = idx.scaling_of(d, s.size, dp, s.rank) {
+        crate::snapshot::restore_scaling(tr, ck, sc)?;
+    }
+    if let Some(x) = tp_dist_extra(tr, ck) {
+        tr.restore_dist_extra(&x)
+            .with_context(|| format!("{}", ck.dir.display()))?;
+    }
+    Ok(())
 }
 
 /// The data-parallel state (`Trainer::restore_dist_extra`) of this trainer's shard in a
