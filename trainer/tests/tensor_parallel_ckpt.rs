@@ -10,7 +10,8 @@
 //! - Eval loss, 1 x 1 vs T = 2 on the same weights: the T = 2 forward adds each
 //!   row-parallel GEMM's K-sum as two partial sums (and the sum-exp per vocabulary shard);
 //!   regrouping a K = 64..256-term f32 sum changes it by ~sqrt(K) * 2^-24 ~ 1e-6 relative
-//!   typically (tensor_parallel_model.rs). Asserted 1e-5 relative; measured: see the test.
+//!   typically (tensor_parallel_model.rs). Asserted 1e-5 relative; measured: 0 (the
+//!   two figures agreed to the bit on this model, C = 64, 2 layers, 1024 tokens).
 //! - Re-sharded FP8 state (fp8-o2): each piece is decoded with its source shard's
 //!   power-of-two scale (exact) and re-encoded with the power-of-two scale of the
 //!   assembled amax, which is the smallest of the pieces' scales: an element either stays
@@ -351,7 +352,8 @@ fn fp32_t2_checkpoint_reshards_exactly_to_one_process_and_to_t4() {
         let b = size(&f);
         eprintln!("shard {t}: {b} bytes; whole model + optimizer on one process: {whole_bytes}");
         // Replicated tensors (norms, positions, biases of row-parallel layers) are in
-        // both, so a shard is a bit over half; never the whole.
+        // both, so a shard is a bit over half; never the whole. Measured: 736240 bytes
+        // per shard against 1429344 for the whole model and optimizer (51.5%).
         assert!(b < whole_bytes * 6 / 10, "shard {t}: {b} of {whole_bytes}");
     }
     std::fs::remove_dir_all(&root).ok();

@@ -6,6 +6,10 @@
 //! - for fp8-o3 under data parallelism, `optim.rank-RRRR-of-NNNN.safetensors` instead of
 //!   `optimizer.safetensors`: each rank's own optimizer-state shard, written by that rank,
 //!   with an index in `checkpoint.json` of which file holds which units ([`shard`]);
+//! - for a tensor-parallel run, `tp.dp-0000-tp-TTTT-of-NNNN.safetensors` instead of
+//!   `model.safetensors` and `optimizer.safetensors`: each shard's model and optimizer
+//!   slices, written by that rank, with an index in `checkpoint.json` of the slice of
+//!   each full tensor every file holds; resume re-shards them for any layout ([`tp`]);
 //! - `checkpoint.json` ([`meta`]): config, step, RNG, data position, scaling state,
 //!   extra state, the size and CRC-32 of every tensor file, the shard index.
 //!
