@@ -188,6 +188,10 @@ pub struct RankFile<'a> {
     pub tensors: Vec<StreamTensor<'a>>,
 }
 
+/// Rank 0's last part of [`save_ranked`]: the temporary directory (for more files), the
+/// metadata to complete (the index), every rank's report in rank order.
+pub type FinishFn<'a> = dyn FnMut(&Path, &mut CheckpointMeta, Vec<RankReport>) -> Result<()> + 'a;
+
 /// What rank 0 learns of each rank: its file's name (its size and CRC are in `files`
 /// already), if it wrote one, and its report.
 pub struct RankReport {
@@ -212,7 +216,7 @@ pub fn save_ranked(
     root: &Path,
     keep: usize,
     hook: &mut dyn FnMut(&Path) -> Result<()>,
-    finish: &mut dyn FnMut(&Path, &mut CheckpointMeta, Vec<RankReport>) -> Result<()>,
+    finish: &mut FinishFn<'_>,
 ) -> Result<PathBuf> {
     let rank = comm.rank();
     // 1. One temporary directory, named by rank 0's process id.

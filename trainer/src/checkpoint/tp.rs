@@ -463,6 +463,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one row range of a Rows split
     fn overlaps_of_rows_and_cols() {
         // A [4, 6] tensor, columns split 2 ways vs 3 ways.
         let a = runs(
