@@ -320,7 +320,10 @@ pub fn save_trainer_sharded(
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
-    refuse_whole_into_shards(tr, ck)?;
+    if tr.tp_shard().is_some() && ck.meta.tp_shards.is_none() {
+        crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, true)?;
+        return sync_compute_weights(tr);
+    }
     if ck.meta.tp_shards.is_some() {
         crate::tensor_parallel::ckpt::restore_tp_weights(tr, ck)?;
         return sync_compute_weights(tr);
@@ -340,21 +343,6 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
         }
     }
     sync_compute_weights(tr)
-}
-
-/// A checkpoint of the whole model (`model.safetensors`) into a tensor-parallel rank:
-/// not re-sharded yet (only tensor-parallel checkpoints are, `checkpoint::tp`).
-fn refuse_whole_into_shards(tr: &Trainer, ck: &Checkpoint) -> Result<()> {
-    match tr.tp_shard() {
-        Some(s) if s.size > 1 && ck.meta.tp_shards.is_none() => bail!(
-            "{}: written without tensor parallelism; resuming it with \
-             dist.tensor_parallel = {} is not supported (only tensor-parallel checkpoints \
-             are re-sharded): resume it with dist.tensor_parallel = 1",
-            ck.dir.display(),
-            s.size
-        ),
-        _ => Ok(()),
-    }
 }
 
 /// fp8-o2: re-write the E4M3 compute weights from the (restored) masters with the
@@ -483,7 +471,12 @@ pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Res
         let scaling = crate::tensor_parallel::ckpt::restore_tp_state(tr, ck)?;
         return restore_rest_with(tr, data, ck, &scaling);
     }
-    refuse_whole_into_shards(tr, ck)?;
+    if tr.tp_shard().is_some() {
+        // A whole-model checkpoint into a tensor-parallel rank: each tensor cut.
+        ck.check_model_shape(&tr.cfg)?;
+        let scaling = crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, false)?;
+        return restore_rest_with(tr, data, ck, &scaling);
+    }
     restore_weights(tr, ck)?;
     if zero_units(ck)?.is_some() || ck.meta.optimizer_shards.is_some() {
         let (stored, old) = stored_optimizer_state(tr, ck)?;

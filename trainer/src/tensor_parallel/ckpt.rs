@@ -353,3 +353,90 @@ pub fn tp_dist_extra(tr: &Trainer, ck: &Checkpoint) -> Option<Value> {
         .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
         .or_else(|| Some(json!({})))
 }
+
+/// Load a whole-model checkpoint (`model.safetensors` + `optimizer.safetensors`, written
+/// without tensor parallelism, replicated optimizer state) into a tensor-parallel rank:
+/// each tensor cut to this rank's slice ([`super::TpShard::shard`]). f32 weights and
+/// moments are exact slices; scaled state (fp8-o2's FP16 masters, E4M3 / FP16 moments)
+/// is decoded and re-encoded with the slice's own power-of-two scale (the repartition
+/// rule, `crate::checkpoint::tp`); replicated tensors are copied verbatim. Every rank
+/// starts from the whole tensors' FP8 scaling states (their amax bounds each slice's).
+/// With `weights_only` the optimizer state is left alone. Returns the scaling states to
+/// restore. fp8-o3 checkpoints (state cut into ZeRO units) are refused.
+pub fn restore_whole_into_shard(
+    tr: &mut Trainer,
+    ck: &Checkpoint,
+    weights_only: bool,
+) -> Result<Value> {
+    let dir = ck.dir.display().to_string();
+    let Some(shard) = tr.tp_shard() else {
+        bail!("{dir}: restore_whole_into_shard needs a tensor-parallel trainer");
+    };
+    if ck.meta.optimizer_shards.is_some() || crate::snapshot::zero_units(ck)?.is_some() {
+        bail!(
+            "{dir}: an fp8-o3 checkpoint (optimizer state in ZeRO units) cannot be resumed \
+             with dist.tensor_parallel = {} yet; resume it with dist.tensor_parallel = 1",
+            shard.size
+        );
+    }
+    let tg = Target::of(tr);
+    let dims = tr.model().dims;
+    let cut = |i: usize, full: &[f32]| shard.shard(&dims, &tg.full, i, full);
+    for (i, name) in tg.names.iter().enumerate() {
+        let t = ck.tensor("model", name, &tg.full.metas[i].shape)?;
+        let v = cut(i, &t.to_f32()?);
+        if tr.model().param_is_f32(i) {
+            tr.model_mut()
+                .set_param(name, &v)
+                .map_err(|e| anyhow::anyhow!("{dir}: {name}: {e}"))?;
+        } else {
+            tr.optimizer_mut()
+                .load_master(i, &v)
+                .map_err(|e| anyhow::anyhow!("{dir}: {name}: {e}"))?;
+        }
+    }
+    if weights_only {
+        return Ok(ck.meta.scaling.clone());
+    }
+    let stored = ck
+        .groups
+        .get("optimizer")
+        .with_context(|| format!("{dir}: no optimizer.safetensors"))?;
+    let find = |name: &str| {
+        stored.iter().find(|t| t.name == name).with_context(|| {
+            format!("{dir}/optimizer.safetensors: no state tensor {name} (another optimizer or precision?)")
+        })
+    };
+    let template = tr.optimizer().export_state();
+    let mut rebuilt_amax: HashMap<String, f64> = HashMap::new();
+    let mut state = Vec::with_capacity(template.len());
+    for (name, tmpl) in &template {
+        let t = find(name)?;
+        let scalar = matches!(tmpl, StateTensor::Scalar(_));
+        let st = match param_of(name).filter(|_| !scalar) {
+            Some(p) => {
+                let i = tg.index(p).with_context(|| {
+                    format!("{dir}: optimizer state {name}: the model has no parameter {p}")
+                })?;
+                if shard.is_sharded(&dims, &tg.full, i) {
+                    let v = cut(i, &t.to_f32()?);
+                    rebuilt_amax.insert(name.clone(), fp8lm_fp8::cast::amax_f32(&v) as f64);
+                    crate::repartition::encode_like(tmpl, &v)
+                } else {
+                    crate::snapshot::tensor_to_state(t, tmpl)
+                        .with_context(|| format!("{dir}/optimizer.safetensors"))?
+                }
+            }
+            None => match name.strip_suffix(".amax").and_then(|s| rebuilt_amax.get(s)) {
+                Some(&a) => StateTensor::Scalar(a),
+                None => crate::snapshot::tensor_to_state(t, tmpl)
+                    .with_context(|| format!("{dir}/optimizer.safetensors"))?,
+            },
+        };
+        state.push((name.clone(), st));
+    }
+    tr.optimizer_mut()
+        .import_state(state)
+        .map_err(|e| anyhow::anyhow!("{dir}/optimizer.safetensors: {e}"))?;
+    Ok(ck.meta.scaling.clone())
+}

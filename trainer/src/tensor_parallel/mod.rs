@@ -34,7 +34,7 @@
 //! Status: T-way tensor parallelism with and without SP, every precision, GPT-2 and LLaMA,
 //! on in-process ranks and under `mpirun -n D*T fp8lm train` (D replicas), with
 //! checkpoints re-sharded on resume for any D x T (one process included). Not yet:
-//! fp8-o3 with D > 1, resuming a whole-model checkpoint with T > 1, gradient
+//! fp8-o3 with D > 1, resuming an fp8-o3 whole-model checkpoint with T > 1, gradient
 //! accumulation with SP, re-gathering the
 //! linears' inputs in the backward (with SP they are kept whole, so per-rank activations
 //! shrink by the residual stream's share, not to 1/T).
