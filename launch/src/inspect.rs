@@ -103,6 +103,24 @@ pub fn inspect(path: &Path) -> Result<()> {
             );
         }
     }
+    if let Some(idx) = &m.tp_shards {
+        println!(
+            "  tensor par.   {} shards (grid dp {} x tp {}); each shard's tensors: fp8lm inspect <shard file>",
+            idx.shards.len(),
+            idx.dp,
+            idx.tp
+        );
+        for e in &idx.shards {
+            println!(
+                "  shard         {}: rank {} (dp {}, tp {}), {} tensors",
+                e.file,
+                e.rank,
+                e.dp_rank,
+                e.tp_rank,
+                e.tensors.len()
+            );
+        }
+    }
     for (g, tensors) in &ck.groups {
         table(g, tensors);
     }

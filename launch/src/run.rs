@@ -236,6 +236,35 @@ fn save_checkpoint(
     Ok(dir)
 }
 
+/// Write a checkpoint of a tensor-parallel run: every rank of the D x T grid calls it;
+/// the T ranks of replica 0 stream their shards into their own files, rank 0 writes the
+/// index (`fp8lm_trainer::tensor_parallel::ckpt::save_trainer_tp`; atomic as a whole).
+fn save_checkpoint_tp(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    run_dir: &Path,
+    skipped: u64,
+    world: &dyn Communicator,
+    dp_rank: usize,
+) -> Result<PathBuf> {
+    let mut extra = tr.dist_checkpoint_extra();
+    extra.insert("skipped_steps".into(), json!(skipped));
+    let dir = fp8lm_trainer::tensor_parallel::ckpt::save_trainer_tp(
+        tr,
+        data,
+        serde_json::Value::Object(extra),
+        world,
+        dp_rank,
+        &run_dir.join("checkpoints"),
+        tr.cfg.checkpoint_keep,
+        &mut |_| Ok(()),
+    )?;
+    if world.rank() == 0 {
+        tracing::info!("checkpoint saved: {}", dir.display());
+    }
+    Ok(dir)
+}
+
 /// Resuming from an earlier checkpoint starts a new timeline: later checkpoints of the old
 /// one would otherwise be picked as "newest" by the next `--resume`. They are moved to
 /// `checkpoints/superseded-<unix time>/`, not deleted.
@@ -360,18 +389,17 @@ fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> se
 
 /// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
 /// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 only with
-/// D = 1), from scratch.
-fn check_tensor_parallel_run(
-    cfg: &RunConfig,
-    comm: Option<&dyn Communicator>,
-    resume: bool,
-) -> Result<()> {
+/// D = 1), from scratch or resumed from any checkpoint written with tensor parallelism
+/// (re-sharded when its D x T differs, `fp8lm_trainer::checkpoint::tp`).
+fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -> Result<()> {
     let t = cfg.dist.tensor_parallel;
     let world = comm.map_or(1, |c| c.size());
     if world < t || !world.is_multiple_of(t) {
         return Err(UsageError(format!(
             "dist.tensor_parallel = {t} needs a multiple of {t} ranks (D x T), this job \
-             has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...)"
+             has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...; \
+             a tensor-parallel checkpoint resumes on one process with --set \
+             dist.tensor_parallel=1)"
         ))
         .into());
     }
@@ -381,13 +409,6 @@ fn check_tensor_parallel_run(
              ({} replicas): FP8 ZeRO over tensor-parallel replicas is not supported yet; \
              use fp8-o2, or launch `mpirun -n {t}`",
             world / t
-        ))
-        .into());
-    }
-    if resume {
-        return Err(UsageError(format!(
-            "--resume with dist.tensor_parallel = {t}: tensor-parallel runs write no \
-             checkpoints yet"
         ))
         .into());
     }
@@ -404,7 +425,9 @@ fn check_tensor_parallel_run(
 /// rank streams its own optimizer shard, rank 0 the model and the shard index; no rank
 /// gathers the whole state). `--resume` loads the same checkpoint on every rank; fp8-o3
 /// ranks read only the byte ranges of their units under the current partition, for any
-/// number of ranks. Tensor-parallel runs write no checkpoints yet.
+/// number of ranks. Tensor-parallel runs: every shard of replica 0 writes its own file
+/// (model and optimizer slices, FP8 scaling), rank 0 the index; `--resume` re-shards
+/// them for any D x T, one process included (`fp8lm_trainer::checkpoint::tp`).
 ///
 /// Nothing in the run directory is written, moved or deleted before every input has been
 /// validated (checkpoint, config, metrics.jsonl, rank agreement: step, data position and
@@ -481,7 +504,7 @@ fn train_ranked(
     // of D = world / T replicas (tensor-parallel ranks innermost: `collectives::grid`).
     let tp = cfg.dist.tensor_parallel;
     if tp > 1 {
-        check_tensor_parallel_run(&cfg, comm, ck.is_some())?;
+        check_tensor_parallel_run(&cfg, comm)?;
     }
     // The D x T grid: this rank's tensor-parallel group (counted) and, with D > 1, its
     // data-parallel group (the same tensor-parallel rank in every replica).
@@ -549,11 +572,14 @@ fn train_ranked(
         if let Some(d) = dp_comm {
             tr.enable_data_parallel(d)?;
         }
+        if let Some(ck) = &ck {
+            // Same grid: this replica's own FP8 scaling states and all-reduce factors.
+            fp8lm_trainer::tensor_parallel::ckpt::restore_tp_replica(&mut tr, ck)?;
+        }
         if root {
             tracing::info!(
                 "tensor parallel over {tp} ranks x {} data-parallel replicas ({}), sequence \
-                 parallel {}; checkpoints are not written with dist.tensor_parallel > 1 (not \
-                 implemented)",
+                 parallel {}; checkpoints: one file per shard of replica 0",
                 c.size() / tp,
                 c.backend(),
                 cfg.dist.sequence_parallel
@@ -762,15 +788,21 @@ fn train_ranked(
             stopped_by = Some(sig);
         }
         // Replicas are bit-identical, so rank 0 writes the run's state alone, except for
-        // fp8-o3's partitioned optimizer state: every rank writes its own shard.
-        // (Not with tensor parallelism yet: see the shard index's (dp, tp) coordinates.)
-        if tp == 1
-            && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
-                || done == max_steps
-                || (stopped_by.is_some() && diverged.is_none()))
+        // fp8-o3's partitioned optimizer state (every rank writes its own shard) and
+        // tensor parallelism (every shard of replica 0 writes its own file).
+        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every as u64 == 0)
+            || done == max_steps
+            || (stopped_by.is_some() && diverged.is_none())
         {
             let skipped = skipped_before + tr.skipped_steps();
-            if zero_dist || root {
+            if let (Some(world), true) = (comm, tp > 1) {
+                let dp_rank = dp_comm.map_or(0, |d| d.rank());
+                let dir =
+                    save_checkpoint_tp(&tr, data.as_ref(), &run_dir, skipped, world, dp_rank)?;
+                if root {
+                    last_ckpt = Some(dir);
+                }
+            } else if zero_dist || root {
                 let zero = comm.filter(|_| zero_dist);
                 let dir = save_checkpoint(&tr, data.as_ref(), &run_dir, skipped, zero)?;
                 if root {
@@ -967,16 +999,25 @@ fn trainer_from_checkpoint(
     sets: &[String],
 ) -> Result<(Checkpoint, RunConfig, Trainer)> {
     let ck = resume_check::find_checkpoint(path)?;
-    let cfg = config_from_checkpoint(&ck, sets)?;
+    let cfg = one_process(config_from_checkpoint(&ck, sets)?);
     ck.check_model_shape(&cfg)?;
     let mut tr = Trainer::new(&cfg, cfg.vocab())?;
     snapshot::restore_weights(&mut tr, &ck)?;
     Ok((ck, cfg, tr))
 }
 
+/// `eval` and `sample` run on one process: a checkpoint of a data- or tensor-parallel run
+/// loads whole (tensor-parallel shards gathered by `snapshot::restore_weights`).
+fn one_process(mut cfg: RunConfig) -> RunConfig {
+    cfg.dist.tensor_parallel = 1;
+    cfg.dist.sequence_parallel = false;
+    cfg.dist.data_parallel = 0;
+    cfg
+}
+
 pub fn eval(path: &Path, sets: &[String]) -> Result<()> {
     let ck = resume_check::find_checkpoint(path)?;
-    let cfg = config_from_checkpoint(&ck, sets)?;
+    let cfg = one_process(config_from_checkpoint(&ck, sets)?);
     crate::devices::check_run_device(&cfg.device)?;
     ck.check_model_shape(&cfg)?;
     let data = open_dataset(&cfg)?;

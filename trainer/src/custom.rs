@@ -563,6 +563,7 @@ pub fn save_checkpoint(
         extra: serde_json::json!({ "written_by": "fp8lm_trainer::custom::save_checkpoint" }),
         files: BTreeMap::new(),
         optimizer_shards: None,
+        tp_shards: None,
     };
     let tensors: Vec<StreamTensor<'_>> = model
         .named_params()

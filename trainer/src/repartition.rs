@@ -63,7 +63,7 @@ fn pow2_scale(fmt_max: f32, amax: f32, fallback: f32) -> f32 {
 
 /// `values` encoded like `template` (its format), with the power-of-two scale of their
 /// amax (the template's scale when the amax is 0 or non-finite).
-fn encode_like(template: &StateTensor, values: &[f32]) -> StateTensor {
+pub(crate) fn encode_like(template: &StateTensor, values: &[f32]) -> StateTensor {
     let amax = amax_f32(values);
     match template {
         StateTensor::F32(_) => StateTensor::F32(values.to_vec()),

@@ -317,6 +317,7 @@ mod tests {
             extra: serde_json::json!({}),
             files: Default::default(),
             optimizer_shards: None,
+            tp_shards: None,
         });
         let w: Vec<f32> = (0..64).map(|i| i as f32 * 0.5).collect();
         ck.groups

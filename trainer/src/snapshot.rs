@@ -140,7 +140,7 @@ pub(crate) fn tensor_to_state(t: &CkptTensor, template: &StateTensor) -> Result<
     })
 }
 
-fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMeta {
+pub(crate) fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMeta {
     let mut scaling = serde_json::Map::new();
     for v in tr.fp8_tensors() {
         scaling.insert(v.name.clone(), scale_state_json(v.state));
@@ -155,6 +155,7 @@ fn capture_meta(tr: &Trainer, data: &dyn Dataset, extra: Value) -> CheckpointMet
         extra,
         files: BTreeMap::new(),
         optimizer_shards: None,
+        tp_shards: None,
     }
 }
 
@@ -250,7 +251,7 @@ pub fn save_trainer(
 /// The model's tensors as a checkpoint streams them: each weight from the model's
 /// buffer, or (fp8-o2's linears, which have no f32 copy) from the optimizer's FP16
 /// master.
-fn model_stream(tr: &Trainer) -> Vec<crate::checkpoint::stream::StreamTensor<'_>> {
+pub(crate) fn model_stream(tr: &Trainer) -> Vec<crate::checkpoint::stream::StreamTensor<'_>> {
     use crate::checkpoint::stream::{StreamTensor, TensorData};
     let m = tr.model();
     m.named_params()
@@ -319,6 +320,14 @@ pub fn save_trainer_sharded(
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
+    if tr.tp_shard().is_some() && ck.meta.tp_shards.is_none() {
+        crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, true)?;
+        return sync_compute_weights(tr);
+    }
+    if ck.meta.tp_shards.is_some() {
+        crate::tensor_parallel::ckpt::restore_tp_weights(tr, ck)?;
+        return sync_compute_weights(tr);
+    }
     let metas: Vec<_> = tr.model().layout.metas.clone();
     for (i, m) in metas.iter().enumerate() {
         let t = ck.tensor("model", &m.name, &m.shape)?;
@@ -338,7 +347,7 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
 
 /// fp8-o2: re-write the E4M3 compute weights from the (restored) masters with the
 /// (restored) scaling states.
-fn sync_compute_weights(tr: &mut Trainer) -> Result<()> {
+pub(crate) fn sync_compute_weights(tr: &mut Trainer) -> Result<()> {
     let (model, opt) = tr.model_and_optimizer_mut();
     model.write_compute_weights(opt).map_err(anyhow::Error::msg)
 }
@@ -456,6 +465,18 @@ pub fn restore_except_optimizer(
 /// state of an fp8-o3 checkpoint (cut into ZeRO units) is re-assembled into this
 /// trainer's whole tensors (see [`crate::repartition`]).
 pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
+    if ck.meta.tp_shards.is_some() {
+        // Written by tensor-parallel ranks: each slice re-sharded for this trainer.
+        ck.check_model_shape(&tr.cfg)?;
+        let scaling = crate::tensor_parallel::ckpt::restore_tp_state(tr, ck)?;
+        return restore_rest_with(tr, data, ck, &scaling);
+    }
+    if tr.tp_shard().is_some() {
+        // A whole-model checkpoint into a tensor-parallel rank: each tensor cut.
+        ck.check_model_shape(&tr.cfg)?;
+        let scaling = crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, false)?;
+        return restore_rest_with(tr, data, ck, &scaling);
+    }
     restore_weights(tr, ck)?;
     if zero_units(ck)?.is_some() || ck.meta.optimizer_shards.is_some() {
         let (stored, old) = stored_optimizer_state(tr, ck)?;
@@ -490,7 +511,28 @@ pub fn restore(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Res
 }
 
 fn restore_rest(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Result<()> {
-    let scaling = ck.meta.scaling.as_object().cloned().unwrap_or_default();
+    restore_rest_with(tr, data, ck, &ck.meta.scaling)
+}
+
+/// [`restore_rest`] with the FP8 scaling states `scaling` (a tensor-parallel shard's
+/// own, or the merged ones: `checkpoint::tp`).
+fn restore_rest_with(
+    tr: &mut Trainer,
+    data: &mut dyn Dataset,
+    ck: &Checkpoint,
+    scaling: &Value,
+) -> Result<()> {
+    restore_scaling(tr, ck, scaling)?;
+    tr.set_step(ck.meta.step);
+    tr.rng.state = ck.meta.rng_state;
+    data.set_position(ck.meta.data_position);
+    sync_compute_weights(tr)
+}
+
+/// Restore every FP8 scaling state of `tr` from `scaling` (`checkpoint.json`'s
+/// `scaling`, or a tensor-parallel shard's own, `checkpoint::tp`), naming a missing one.
+pub fn restore_scaling(tr: &mut Trainer, ck: &Checkpoint, scaling: &Value) -> Result<()> {
+    let scaling = scaling.as_object().cloned().unwrap_or_default();
     for (name, st) in tr.fp8_scale_states_mut() {
         let v = scaling.get(&name).with_context(|| {
             format!(
@@ -500,8 +542,5 @@ fn restore_rest(tr: &mut Trainer, data: &mut dyn Dataset, ck: &Checkpoint) -> Re
         })?;
         restore_scale_state(&name, st, v)?;
     }
-    tr.set_step(ck.meta.step);
-    tr.rng.state = ck.meta.rng_state;
-    data.set_position(ck.meta.data_position);
-    sync_compute_weights(tr)
+    Ok(())
 }

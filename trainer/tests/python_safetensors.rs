@@ -161,6 +161,7 @@ fn python_safetensors_reads_our_checkpoint() {
         extra: serde_json::json!({}),
         files: BTreeMap::new(),
         optimizer_shards: None,
+        tp_shards: None,
     };
     let mut ck = Checkpoint::new(meta);
     ck.groups.insert("model".into(), tensors);

@@ -43,14 +43,20 @@ pub struct CheckpointMeta {
     /// before sharding, whose units are in `extra.zero_units`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_shards: Option<ShardIndex>,
+    /// The index of a tensor-parallel checkpoint (one model + optimizer shard file per
+    /// tensor-parallel rank, see [`super::tp`]); `None` when the model is in
+    /// `model.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tp_shards: Option<super::tp::TpIndex>,
 }
 
 /// Which file holds which part of a sharded optimizer state, in `checkpoint.json`.
 ///
 /// Ranks are identified by their coordinates in the process grid, `(dp, tp)`, as well
-/// as their global rank: today `tp` is always 0 of 1 (data parallelism only); when
-/// tensor parallelism shards the model, a tensor-parallel rank's units will name the
-/// slice of the full tensor they cover and resume will re-shard across both axes.
+/// as their global rank: today `tp` is always 0 of 1 (data parallelism only). A
+/// tensor-parallel model's slices are indexed by [`super::tp::TpIndex`]; fp8-o3 over
+/// tensor-parallel replicas would list here one file per (dp, tp) rank, its units in
+/// that shard's local element coordinates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardIndex {
     /// Ranks that wrote the checkpoint (`dp * tp`).

@@ -6,6 +6,10 @@
 //! - for fp8-o3 under data parallelism, `optim.rank-RRRR-of-NNNN.safetensors` instead of
 //!   `optimizer.safetensors`: each rank's own optimizer-state shard, written by that rank,
 //!   with an index in `checkpoint.json` of which file holds which units ([`shard`]);
+//! - for a tensor-parallel run, `tp.dp-0000-tp-TTTT-of-NNNN.safetensors` instead of
+//!   `model.safetensors` and `optimizer.safetensors`: each shard's model and optimizer
+//!   slices, written by that rank, with an index in `checkpoint.json` of the slice of
+//!   each full tensor every file holds; resume re-shards them for any layout ([`tp`]);
 //! - `checkpoint.json` ([`meta`]): config, step, RNG, data position, scaling state,
 //!   extra state, the size and CRC-32 of every tensor file, the shard index.
 //!
@@ -19,6 +23,7 @@ pub mod fs;
 pub mod meta;
 pub mod shard;
 pub mod stream;
+pub mod tp;
 
 pub use format::{read_safetensors_file, CkptDtype, CkptTensor};
 pub use fs::{list_checkpoints, resolve, step_dir_name, write_atomic};
@@ -133,6 +138,17 @@ impl Checkpoint {
             if let Some(idx) = &meta.optimizer_shards {
                 if let Some(e) = idx.shards.iter().find(|e| &e.file == fname) {
                     shard::verify_file(&p, sum, &shard::shard_owner(e, idx))?;
+                    continue;
+                }
+            }
+            // Tensor-parallel shards likewise: each rank reads only its slices (`tp`).
+            if let Some(idx) = &meta.tp_shards {
+                if let Some(e) = idx.shards.iter().find(|e| &e.file == fname) {
+                    let who = format!(
+                        "tensor-parallel shard of rank {} (dp {}, tp {} of {})",
+                        e.rank, e.dp_rank, e.tp_rank, idx.tp
+                    );
+                    shard::verify_file(&p, sum, &who)?;
                     continue;
                 }
             }
@@ -252,6 +268,7 @@ mod tests {
             extra: serde_json::json!({"losses": [5.5, 4.25]}),
             files: BTreeMap::new(),
             optimizer_shards: None,
+            tp_shards: None,
         };
         meta.config.max_steps = 1000;
         let mut ck = Checkpoint::new(meta);

@@ -129,6 +129,96 @@ pub fn save_sharded(
     hook: &mut dyn FnMut(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let (rank, n) = (comm.rank(), comm.size());
+    let local = RankFile {
+        file: shard_file_name(rank, n),
+        what: format!("optimizer shard of rank {rank} of {n}"),
+        tensors: shard.tensors,
+    };
+    let report = serde_json::to_value(&shard.units)?;
+    let partition = shard.partition;
+    save_ranked(
+        meta,
+        Some(local),
+        report,
+        comm,
+        root,
+        keep,
+        hook,
+        &mut |tmp, meta, reports| {
+            let st_meta = safetensors_metadata(meta.step);
+            for (group, tensors) in model_groups {
+                let fname = format!("{group}.safetensors");
+                let (bytes, crc32) = write_group(&tmp.join(&fname), tensors, &st_meta)
+                    .with_context(|| format!("checkpoint group {group}"))?;
+                meta.files.insert(fname, FileSum { bytes, crc32 });
+            }
+            let mut shards = Vec::with_capacity(n);
+            for (q, r) in reports.into_iter().enumerate() {
+                let file = r
+                    .file
+                    .with_context(|| format!("rank {q} of {n} wrote no shard"))?;
+                let units: Vec<UnitSpan> = serde_json::from_value(r.report)
+                    .with_context(|| format!("the shard report of rank {q} of {n}"))?;
+                shards.push(ShardEntry {
+                    file,
+                    rank: q,
+                    dp_rank: q,
+                    tp_rank: 0,
+                    units,
+                });
+            }
+            meta.optimizer_shards = Some(ShardIndex {
+                world_size: n,
+                dp: n,
+                tp: 1,
+                partition: partition.clone(),
+                shards,
+            });
+            Ok(())
+        },
+    )
+}
+
+/// One rank's own file of a checkpoint written by every rank ([`save_ranked`]).
+pub struct RankFile<'a> {
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// What it is, for errors ("optimizer shard of rank 1 of 4").
+    pub what: String,
+    pub tensors: Vec<StreamTensor<'a>>,
+}
+
+/// Rank 0's last part of [`save_ranked`]: the temporary directory (for more files), the
+/// metadata to complete (the index), every rank's report in rank order.
+pub type FinishFn<'a> = dyn FnMut(&Path, &mut CheckpointMeta, Vec<RankReport>) -> Result<()> + 'a;
+
+/// What rank 0 learns of each rank: its file's name (its size and CRC are in `files`
+/// already), if it wrote one, and its report.
+pub struct RankReport {
+    pub file: Option<String>,
+    pub report: serde_json::Value,
+}
+
+/// The protocol of a checkpoint that every rank writes part of (module docs, "Atomic as
+/// a whole"): one temporary directory, every rank's own file (`local`; `None` for a rank
+/// that writes none, e.g. a data-parallel replica of tensor-parallel shards) and its
+/// `report` (JSON, whatever rank 0 needs for the index), the outcomes exchanged (any
+/// failure: the directory is removed and every rank errs naming the failed ranks), then
+/// rank 0 runs `finish` (more files, the index; the reports in rank order), writes `checkpoint.json` with every
+/// file's size and CRC-32 and renames the directory into place. Every rank calls it;
+/// returns the checkpoint directory on every rank.
+#[allow(clippy::too_many_arguments)]
+pub fn save_ranked(
+    meta: &CheckpointMeta,
+    local: Option<RankFile<'_>>,
+    report: serde_json::Value,
+    comm: &dyn Communicator,
+    root: &Path,
+    keep: usize,
+    hook: &mut dyn FnMut(&Path) -> Result<()>,
+    finish: &mut FinishFn<'_>,
+) -> Result<PathBuf> {
+    let rank = comm.rank();
     // 1. One temporary directory, named by rank 0's process id.
     let pids = comm
         .all_gather_bytes(&std::process::id().to_le_bytes())
@@ -142,17 +232,22 @@ pub fn save_sharded(
     };
     agree_outcome(comm, "creating the checkpoint's temporary directory", made)?;
 
-    // 2-3. Every rank's shard.
+    // 2-3. Every rank's own file.
     let st_meta = safetensors_metadata(meta.step);
     let written = (|| -> Result<String> {
-        let path = tmp.join(shard_file_name(rank, n));
-        let (bytes, crc32) = write_group(&path, &shard.tensors, &st_meta).with_context(|| {
-            format!("{}: optimizer shard of rank {rank} of {n}", path.display())
-        })?;
-        hook(&path)?;
-        Ok(serde_json::to_string(&(bytes, crc32, &shard.units))?)
+        let file = match &local {
+            None => None,
+            Some(local) => {
+                let path = tmp.join(&local.file);
+                let (bytes, crc32) = write_group(&path, &local.tensors, &st_meta)
+                    .with_context(|| format!("{}: {}", path.display(), local.what))?;
+                hook(&path)?;
+                Some((&local.file, bytes, crc32))
+            }
+        };
+        Ok(serde_json::to_string(&(file, &report))?)
     })();
-    let outcomes = match agree_outcome(comm, "writing the optimizer shards", written) {
+    let outcomes = match agree_outcome(comm, "writing the checkpoint shards", written) {
         Ok(v) => v,
         Err(e) => {
             if rank == 0 {
@@ -162,40 +257,24 @@ pub fn save_sharded(
         }
     };
 
-    // 4. Rank 0: model, metadata with the index, rename into place.
+    // 4. Rank 0: the rest, metadata with the index, rename into place.
     let committed = if rank == 0 {
         let r = (|| -> Result<String> {
             let mut meta = meta.clone();
             meta.format = FORMAT.into();
             meta.files.clear();
-            for (group, tensors) in model_groups {
-                let fname = format!("{group}.safetensors");
-                let (bytes, crc32) = write_group(&tmp.join(&fname), tensors, &st_meta)
-                    .with_context(|| format!("checkpoint group {group}"))?;
-                meta.files.insert(fname, FileSum { bytes, crc32 });
-            }
-            let mut shards = Vec::with_capacity(n);
+            let mut reports = Vec::with_capacity(outcomes.len());
             for (q, o) in outcomes.iter().enumerate() {
-                let (bytes, crc32, units): (u64, String, Vec<UnitSpan>) =
-                    serde_json::from_str(o)
-                        .with_context(|| format!("the shard report of rank {q} of {n}"))?;
-                let file = shard_file_name(q, n);
-                meta.files.insert(file.clone(), FileSum { bytes, crc32 });
-                shards.push(ShardEntry {
-                    file,
-                    rank: q,
-                    dp_rank: q,
-                    tp_rank: 0,
-                    units,
+                type Outcome = (Option<(String, u64, String)>, serde_json::Value);
+                let (file, report): Outcome = serde_json::from_str(o)
+                    .with_context(|| format!("the shard report of rank {q}"))?;
+                let file = file.map(|(file, bytes, crc32)| {
+                    meta.files.insert(file.clone(), FileSum { bytes, crc32 });
+                    file
                 });
+                reports.push(RankReport { file, report });
             }
-            meta.optimizer_shards = Some(ShardIndex {
-                world_size: n,
-                dp: n,
-                tp: 1,
-                partition: shard.partition.clone(),
-                shards,
-            });
+            finish(&tmp, &mut meta, reports)?;
             fs::write_synced(&tmp.join(META_FILE), &encode_meta(&meta)?)?;
             let dir = fs::commit(root, &tmp, meta.step, keep)?;
             Ok(dir.to_string_lossy().into_owned())
@@ -261,16 +340,16 @@ pub(crate) fn shard_owner(e: &ShardEntry, idx: &ShardIndex) -> String {
 }
 
 /// One shard file opened for positioned reads of its tensors.
-struct ShardFile {
-    path: PathBuf,
-    who: String,
+pub(crate) struct ShardFile {
+    pub(crate) path: PathBuf,
+    pub(crate) who: String,
     file: File,
     /// name -> (dtype, element count, absolute byte range in the file).
-    tensors: HashMap<String, (CkptDtype, usize, u64, u64)>,
+    pub(crate) tensors: HashMap<String, (CkptDtype, usize, u64, u64)>,
 }
 
 impl ShardFile {
-    fn open(path: PathBuf, who: String) -> Result<ShardFile> {
+    pub(crate) fn open(path: PathBuf, who: String) -> Result<ShardFile> {
         let file = File::open(&path)
             .with_context(|| format!("{} ({who}): missing or unreadable", path.display()))?;
         let len = file
@@ -378,7 +457,7 @@ impl ShardFile {
     }
 
     /// Elements `lo..hi` of state entry `name`, in the kind it is stored as.
-    fn state(&self, name: &str, lo: usize, hi: usize) -> Result<StateTensor> {
+    pub(crate) fn state(&self, name: &str, lo: usize, hi: usize) -> Result<StateTensor> {
         let (dt, b) = self.bytes(name, lo, hi)?;
         let scale = self.scale(name)?;
         let need_scale = || {

@@ -27,15 +27,19 @@
 //! - [`sp`]: sequence parallelism's g / ḡ around the linears and the all-reduce of the
 //!   norms' partial gradients (the FP8 gathers are `Linear::forward_sp` /
 //!   `Linear::backward_sp`, `model/linear_sp.rs`);
-//! - [`step`]: `Trainer::new_tp`, `train_step_tp`, `evaluate_tokens_tp`.
+//! - [`step`]: `Trainer::new_tp`, `train_step_tp`, `evaluate_tokens_tp`;
+//! - [`ckpt`]: checkpoints of the grid (one file per shard, an index) and loading them
+//!   into any other layout (file layout and re-sharding rules: `crate::checkpoint::tp`).
 //!
 //! Status: T-way tensor parallelism with and without SP, every precision, GPT-2 and LLaMA,
-//! on in-process ranks and under `mpirun -n T fp8lm train` (one replica). Not yet: data
-//! parallelism across replicas (D > 1: `distributed.rs` reduces over the whole world),
-//! checkpoints of a tensor-parallel run, gradient accumulation with SP, re-gathering the
+//! on in-process ranks and under `mpirun -n D*T fp8lm train` (D replicas), with
+//! checkpoints re-sharded on resume for any D x T (one process included). Not yet:
+//! fp8-o3 with D > 1, resuming an fp8-o3 whole-model checkpoint with T > 1, gradient
+//! accumulation with SP, re-gathering the
 //! linears' inputs in the backward (with SP they are kept whole, so per-rank activations
 //! shrink by the residual stream's share, not to 1/T).
 
+pub mod ckpt;
 pub mod layers;
 pub mod shard;
 pub mod sp;

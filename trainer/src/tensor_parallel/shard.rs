@@ -32,8 +32,11 @@ pub struct TpShard {
     pub sp: bool,
 }
 
-/// How a rank's tensor is cut from the full one (row-major `[rows, width]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How a rank's tensor is cut from the full one (row-major `[rows, width]`). Also the
+/// slice a tensor-parallel checkpoint's index records for each shard
+/// (`checkpoint::tp`), hence serializable.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Split {
     /// Replicated.
     Full,

@@ -1,0 +1,442 @@
+//! Checkpoints of tensor-parallel trainers: saving a D x T grid's shards
+//! ([`save_trainer_tp`]) and loading any tensor-parallel checkpoint into a trainer of
+//! any layout, one process included ([`restore_tp_state`], [`restore_tp_weights`]). The
+//! file layout, the index and the re-sharding rules are `crate::checkpoint::tp`'s.
+
+use anyhow::{bail, Context, Result};
+use fp8lm_collectives::Communicator;
+use fp8lm_optim::StateTensor;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::shard::Split;
+use crate::checkpoint::shard::{save_ranked, RankFile};
+use crate::checkpoint::stream::StreamTensor;
+use crate::checkpoint::tp::{
+    merge_scaling, tp_shard_file_name, Assembled, ReplicaScaling, TpIndex, TpReader, TpShardEntry,
+    TpTensor, MODEL_PREFIX, OPTIM_PREFIX,
+};
+use crate::checkpoint::Checkpoint;
+use crate::data::Dataset;
+use crate::model::Layout;
+use crate::snapshot::{capture_meta, model_stream, scale_state_json};
+use crate::train::Trainer;
+
+/// What a writing rank reports to rank 0 for the index.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Report {
+    dp: usize,
+    tp: usize,
+    tensors: Vec<TpTensor>,
+    scaling: Value,
+    dist_extra: Value,
+}
+
+/// This rank's FP8 scaling states, as `checkpoint.json` stores them.
+fn scaling_of(tr: &Trainer) -> Value {
+    let mut m = serde_json::Map::new();
+    for v in tr.fp8_tensors() {
+        m.insert(v.name.clone(), scale_state_json(v.state));
+    }
+    Value::Object(m)
+}
+
+/// The slice of full tensor `i` this trainer holds (`Full` without tensor parallelism).
+fn slice_of(tr: &Trainer, full: &Layout, i: usize) -> Split {
+    let m = tr.model();
+    m.tp.map_or(Split::Full, |s| s.split(&m.dims, full, i))
+}
+
+/// Save a checkpoint of a tensor-parallel trainer (after `tr.step()` steps) under `root`
+/// (`crate::checkpoint::tp`): every rank of the grid calls it with the world
+/// communicator `world` and its data-parallel coordinate `dp_rank`; the T ranks of
+/// replica 0 each stream their model and optimizer shard into their own file, rank 0
+/// writes the index. Atomic as a whole; on a failure of any rank every rank returns an
+/// error naming it and no checkpoint is left. `hook` runs after this rank's file is
+/// written (failure tests). Returns the checkpoint directory on every rank.
+#[allow(clippy::too_many_arguments)]
+pub fn save_trainer_tp(
+    tr: &Trainer,
+    data: &dyn Dataset,
+    extra: Value,
+    world: &dyn Communicator,
+    dp_rank: usize,
+    root: &Path,
+    keep: usize,
+    hook: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let shard = tr.tp_shard().with_context(|| {
+        format!(
+            "rank {} of {}: a tensor-parallel checkpoint needs a tensor-parallel trainer \
+             (Trainer::new_tp)",
+            world.rank(),
+            world.size()
+        )
+    })?;
+    let t = shard.size;
+    if !world.size().is_multiple_of(t) || dp_rank >= world.size() / t {
+        bail!(
+            "rank {} of {}: data-parallel rank {dp_rank} does not fit a grid of \
+             dist.tensor_parallel = {t}",
+            world.rank(),
+            world.size()
+        );
+    }
+    let d = world.size() / t;
+    let meta = capture_meta(tr, data, extra);
+    let m = tr.model();
+    let full = Layout::new(&m.dims);
+    let tensors: Vec<TpTensor> = (0..m.layout.metas.len())
+        .map(|i| TpTensor {
+            name: m.layout.metas[i].name.clone(),
+            full_shape: full.metas[i].shape.clone(),
+            split: slice_of(tr, &full, i),
+        })
+        .collect();
+    // Replica 0 writes the shards; the other replicas report their scaling states.
+    let local = if dp_rank == 0 {
+        let mut st: Vec<StreamTensor<'_>> = model_stream(tr)
+            .into_iter()
+            .map(|mut s| {
+                s.name = format!("{MODEL_PREFIX}{}", s.name);
+                s
+            })
+            .collect();
+        tr.optimizer().visit_state(&mut |n, s| {
+            st.push(StreamTensor::from_state(&format!("{OPTIM_PREFIX}{n}"), s))
+        });
+        Some(RankFile {
+            file: tp_shard_file_name(dp_rank, shard.rank, t),
+            what: format!(
+                "tensor-parallel shard of rank {} (dp {dp_rank}, tp {} of {t})",
+                world.rank(),
+                shard.rank
+            ),
+            tensors: st,
+        })
+    } else {
+        None
+    };
+    let report = Report {
+        dp: dp_rank,
+        tp: shard.rank,
+        tensors: if dp_rank == 0 { tensors } else { Vec::new() },
+        scaling: scaling_of(tr),
+        dist_extra: Value::Object(tr.dist_checkpoint_extra()),
+    };
+    save_ranked(
+        &meta,
+        local,
+        serde_json::to_value(report)?,
+        world,
+        root,
+        keep,
+        hook,
+        &mut |_, meta, reports| {
+            let (mut shards, mut replicas) = (Vec::with_capacity(t), Vec::new());
+            for (q, r) in reports.into_iter().enumerate() {
+                let rep: Report = serde_json::from_value(r.report)
+                    .with_context(|| format!("the shard report of rank {q}"))?;
+                match r.file {
+                    Some(file) => shards.push(TpShardEntry {
+                        file,
+                        rank: q,
+                        dp_rank: rep.dp,
+                        tp_rank: rep.tp,
+                        tensors: rep.tensors,
+                        scaling: rep.scaling,
+                        dist_extra: rep.dist_extra,
+                    }),
+                    None => replicas.push(ReplicaScaling {
+                        rank: q,
+                        dp_rank: rep.dp,
+                        tp_rank: rep.tp,
+                        scaling: rep.scaling,
+                    }),
+                }
+            }
+            shards.sort_by_key(|e| e.tp_rank);
+            if shards.len() != t || shards.iter().enumerate().any(|(k, e)| e.tp_rank != k) {
+                bail!(
+                    "tensor-parallel checkpoint: {} shard files for dist.tensor_parallel = {t}",
+                    shards.len()
+                );
+            }
+            let all: Vec<&Value> = shards.iter().map(|e| &e.scaling).collect();
+            meta.scaling = merge_scaling(&all);
+            meta.tp_shards = Some(TpIndex {
+                world_size: world.size(),
+                dp: d,
+                tp: t,
+                shards,
+                replicas,
+            });
+            Ok(())
+        },
+    )
+}
+
+/// The target slices of `tr`'s tensors and the full shapes.
+struct Target {
+    full: Layout,
+    names: Vec<String>,
+}
+
+impl Target {
+    fn of(tr: &Trainer) -> Target {
+        let m = tr.model();
+        Target {
+            full: Layout::new(&m.dims),
+            names: m.layout.metas.iter().map(|x| x.name.clone()).collect(),
+        }
+    }
+    fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+/// Load the model weights of a tensor-parallel checkpoint into `tr` (any layout; its
+/// slices re-sharded, `crate::checkpoint::tp`). For `eval` / `sample` and as the first
+/// part of [`restore_tp_state`].
+pub fn restore_tp_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
+    let mut rd = TpReader::new(ck)?;
+    let tg = Target::of(tr);
+    for (i, name) in tg.names.iter().enumerate() {
+        let dst = slice_of(tr, &tg.full, i);
+        let a = rd.read(
+            &format!("{MODEL_PREFIX}{name}"),
+            name,
+            &tg.full.metas[i].shape,
+            &dst,
+        )?;
+        let v = a.values();
+        if tr.model().param_is_f32(i) {
+            tr.model_mut()
+                .set_param(name, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {name}: {e}", ck.dir.display()))?;
+        } else {
+            tr.optimizer_mut()
+                .load_master(i, &v)
+                .map_err(|e| anyhow::anyhow!("{}: {name}: {e}", ck.dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The parameter an optimizer state entry belongs to (`adamw.m.<p>`, `adamw.v.<p>`,
+/// `<p>.master`, `<p>.exp_avg`, `<p>.exp_avg_sq`), `None` for the global scalars.
+fn param_of(entry: &str) -> Option<&str> {
+    if let Some(p) = entry
+        .strip_prefix("adamw.m.")
+        .or_else(|| entry.strip_prefix("adamw.v."))
+    {
+        return Some(p);
+    }
+    ["master", "exp_avg", "exp_avg_sq"]
+        .iter()
+        .find_map(|s| entry.strip_suffix(&format!(".{s}")))
+}
+
+/// Load the whole state of a tensor-parallel checkpoint into `tr` (weights and optimizer
+/// state re-sharded for `tr`'s layout); returns the FP8 scaling states to restore: the
+/// shard's own when `tr` has the checkpoint's T (and so the same slices), else the merged
+/// ones (`crate::checkpoint::tp`). The caller restores them with step, RNG and data
+/// position.
+pub fn restore_tp_state(tr: &mut Trainer, ck: &Checkpoint) -> Result<Value> {
+    restore_tp_weights(tr, ck)?;
+    let mut rd = TpReader::new(ck)?;
+    let tg = Target::of(tr);
+    let dir = ck.dir.display().to_string();
+    let template = tr.optimizer().export_state();
+    // Amax of each rebuilt state (verbatim ones keep their stored `.amax`), and the
+    // source of each verbatim one.
+    let mut rebuilt_amax: HashMap<String, f64> = HashMap::new();
+    let mut verbatim: HashMap<String, usize> = HashMap::new();
+    let mut state = Vec::with_capacity(template.len());
+    let first = 0;
+    for (name, tmpl) in &template {
+        let entry = format!("{OPTIM_PREFIX}{name}");
+        let st = if let Some(p) = param_of(name).filter(|_| !matches!(tmpl, StateTensor::Scalar(_)))
+        {
+            let i = tg.index(p).with_context(|| {
+                format!("{dir}: optimizer state {name}: the model has no parameter {p}")
+            })?;
+            let dst = slice_of(tr, &tg.full, i);
+            match rd.read(&entry, p, &tg.full.metas[i].shape, &dst)? {
+                Assembled::Verbatim { state, source } => {
+                    verbatim.insert(name.clone(), source);
+                    state
+                }
+                Assembled::Values { values, .. } => {
+                    rebuilt_amax.insert(name.clone(), fp8lm_fp8::cast::amax_f32(&values) as f64);
+                    crate::repartition::encode_like(tmpl, &values)
+                }
+            }
+        } else if let Some(s) = name.strip_suffix(".amax") {
+            // A state's amax: the rebuilt values' own, or the stored one of its source.
+            match (rebuilt_amax.get(s), verbatim.get(s)) {
+                (Some(&a), _) => StateTensor::Scalar(a),
+                (None, Some(&k)) => StateTensor::Scalar(rd.scalar(k, &entry)?),
+                (None, None) => bail!("{dir}: optimizer state {name}: no state {s} before it"),
+            }
+        } else if let Some(p) = name.strip_suffix(".update_amax") {
+            // Bounds the next step's provisional scale: the max over the sources.
+            let i = tg.index(p).with_context(|| {
+                format!("{dir}: optimizer state {name}: the model has no parameter {p}")
+            })?;
+            let dst = slice_of(tr, &tg.full, i);
+            let mut m = 0f64;
+            for k in rd.sources_of(p, &tg.full.metas[i].shape, &dst)? {
+                m = m.max(rd.scalar(k, &entry)?);
+            }
+            StateTensor::Scalar(m)
+        } else {
+            // Global scalars (the step count): the same on every shard.
+            StateTensor::Scalar(rd.scalar(first, &entry)?)
+        };
+        state.push((name.clone(), st));
+    }
+    tr.optimizer_mut()
+        .import_state(state)
+        .map_err(|e| anyhow::anyhow!("{dir}: optimizer state: {e}"))?;
+    let t = tr.tp_shard().map_or(1, |s| s.size);
+    let tp = tr.tp_shard().map_or(0, |s| s.rank);
+    let (d, dp) = tr.dist.as_ref().map_or((1, 0), |s| (s.size, s.rank));
+    Ok(rd
+        .idx
+        .scaling_of(d, t, dp, tp)
+        .unwrap_or(&ck.meta.scaling)
+        .clone())
+}
+
+/// After data parallelism is enabled on a trainer resumed from a tensor-parallel
+/// checkpoint (`snapshot::restore` ran first, as `fp8lm train` does): on the same D x T
+/// grid, this replica's own FP8 scaling states (replicas see other rows, so their
+/// activation and gradient amax histories differ) and its shard's data-parallel state
+/// (the FP8 all-reduce's auto-scaling factors). On another grid nothing changes: the
+/// states restored are the shard's (same T) or merged, and the factors start afresh.
+pub fn restore_tp_replica(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
+    let (Some(idx), Some(s), Some((d, dp))) = (
+        ck.meta.tp_shards.as_ref(),
+        tr.tp_shard(),
+        tr.dist.as_ref().map(|x| (x.size, x.rank)),
+    ) else {
+        return Ok(());
+    };
+    if idx.tp != s.size || idx.dp != d {
+        return Ok(());
+    }
+    if let Some(sc) = idx.scaling_of(d, s.size, dp, s.rank) {
+        crate::snapshot::restore_scaling(tr, ck, sc)?;
+    }
+    if let Some(x) = tp_dist_extra(tr, ck) {
+        tr.restore_dist_extra(&x)
+            .with_context(|| format!("{}", ck.dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The data-parallel state (`Trainer::restore_dist_extra`) of this trainer's shard in a
+/// tensor-parallel checkpoint with the same T; `None` for another layout (the defaults
+/// then apply: the FP8 all-reduce's auto-scaling factors start afresh).
+pub fn tp_dist_extra(tr: &Trainer, ck: &Checkpoint) -> Option<Value> {
+    let idx = ck.meta.tp_shards.as_ref()?;
+    let s = tr.tp_shard()?;
+    if idx.tp != s.size {
+        return None;
+    }
+    idx.shards
+        .iter()
+        .find(|e| e.tp_rank == s.rank)
+        .map(|e| e.dist_extra.clone())
+        .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+        .or_else(|| Some(json!({})))
+}
+
+/// Load a whole-model checkpoint (`model.safetensors` + `optimizer.safetensors`, written
+/// without tensor parallelism, replicated optimizer state) into a tensor-parallel rank:
+/// each tensor cut to this rank's slice ([`super::TpShard::shard`]). f32 weights and
+/// moments are exact slices; scaled state (fp8-o2's FP16 masters, E4M3 / FP16 moments)
+/// is decoded and re-encoded with the slice's own power-of-two scale (the repartition
+/// rule, `crate::checkpoint::tp`); replicated tensors are copied verbatim. Every rank
+/// starts from the whole tensors' FP8 scaling states (their amax bounds each slice's).
+/// With `weights_only` the optimizer state is left alone. Returns the scaling states to
+/// restore. fp8-o3 checkpoints (state cut into ZeRO units) are refused.
+pub fn restore_whole_into_shard(
+    tr: &mut Trainer,
+    ck: &Checkpoint,
+    weights_only: bool,
+) -> Result<Value> {
+    let dir = ck.dir.display().to_string();
+    let Some(shard) = tr.tp_shard() else {
+        bail!("{dir}: restore_whole_into_shard needs a tensor-parallel trainer");
+    };
+    if ck.meta.optimizer_shards.is_some() || crate::snapshot::zero_units(ck)?.is_some() {
+        bail!(
+            "{dir}: an fp8-o3 checkpoint (optimizer state in ZeRO units) cannot be resumed \
+             with dist.tensor_parallel = {} yet; resume it with dist.tensor_parallel = 1",
+            shard.size
+        );
+    }
+    let tg = Target::of(tr);
+    let dims = tr.model().dims;
+    let cut = |i: usize, full: &[f32]| shard.shard(&dims, &tg.full, i, full);
+    for (i, name) in tg.names.iter().enumerate() {
+        let t = ck.tensor("model", name, &tg.full.metas[i].shape)?;
+        let v = cut(i, &t.to_f32()?);
+        if tr.model().param_is_f32(i) {
+            tr.model_mut()
+                .set_param(name, &v)
+                .map_err(|e| anyhow::anyhow!("{dir}: {name}: {e}"))?;
+        } else {
+            tr.optimizer_mut()
+                .load_master(i, &v)
+                .map_err(|e| anyhow::anyhow!("{dir}: {name}: {e}"))?;
+        }
+    }
+    if weights_only {
+        return Ok(ck.meta.scaling.clone());
+    }
+    let stored = ck
+        .groups
+        .get("optimizer")
+        .with_context(|| format!("{dir}: no optimizer.safetensors"))?;
+    let find = |name: &str| {
+        stored.iter().find(|t| t.name == name).with_context(|| {
+            format!("{dir}/optimizer.safetensors: no state tensor {name} (another optimizer or precision?)")
+        })
+    };
+    let template = tr.optimizer().export_state();
+    let mut rebuilt_amax: HashMap<String, f64> = HashMap::new();
+    let mut state = Vec::with_capacity(template.len());
+    for (name, tmpl) in &template {
+        let t = find(name)?;
+        let scalar = matches!(tmpl, StateTensor::Scalar(_));
+        let st = match param_of(name).filter(|_| !scalar) {
+            Some(p) => {
+                let i = tg.index(p).with_context(|| {
+                    format!("{dir}: optimizer state {name}: the model has no parameter {p}")
+                })?;
+                if shard.is_sharded(&dims, &tg.full, i) {
+                    let v = cut(i, &t.to_f32()?);
+                    rebuilt_amax.insert(name.clone(), fp8lm_fp8::cast::amax_f32(&v) as f64);
+                    crate::repartition::encode_like(tmpl, &v)
+                } else {
+                    crate::snapshot::tensor_to_state(t, tmpl)
+                        .with_context(|| format!("{dir}/optimizer.safetensors"))?
+                }
+            }
+            None => match name.strip_suffix(".amax").and_then(|s| rebuilt_amax.get(s)) {
+                Some(&a) => StateTensor::Scalar(a),
+                None => crate::snapshot::tensor_to_state(t, tmpl)
+                    .with_context(|| format!("{dir}/optimizer.safetensors"))?,
+            },
+        };
+        state.push((name.clone(), st));
+    }
+    tr.optimizer_mut()
+        .import_state(state)
+        .map_err(|e| anyhow::anyhow!("{dir}/optimizer.safetensors: {e}"))?;
+    Ok(ck.meta.scaling.clone())
+}
