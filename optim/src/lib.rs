@@ -27,6 +27,7 @@ pub mod bench;
 pub mod experiment;
 pub mod fp8_adam;
 pub mod lanes;
+pub mod update;
 pub mod zero;
 
 pub use adamw::AdamW;
@@ -35,3 +36,4 @@ pub use api::{
     StateTensor,
 };
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub use update::{HostUpdate, UpdateOps};

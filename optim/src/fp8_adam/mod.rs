@@ -73,10 +73,10 @@ use rayon::prelude::*;
 mod fused;
 #[cfg(target_arch = "x86_64")]
 mod fused512;
-mod kernel;
-mod state;
+pub(crate) mod kernel;
+pub(crate) mod state;
 
-use kernel::{update_chunk, ChunkOut, StepConsts};
+use crate::update::{ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps};
 use state::{Buf, GradChunk};
 
 /// Elements per chunk of the fused pass: four f32 scratch rows of 8 KiB stay in L1/L2.
@@ -352,6 +352,7 @@ impl Fp8Adam {
     }
 
     fn step_tensor(
+        ops: &dyn UpdateOps,
         ts: &mut TensorState,
         out: &mut ParamOut<'_>,
         grad: &Grad<'_>,
@@ -453,7 +454,7 @@ impl Fp8Adam {
             .zip(&mut pc)
             .zip(&gchunks)
             .map(|((((w, m), v), p), g)| {
-                update_and_write(w, m, v, p, *g, &k, s_old, s_prov, Some(limit), cast)
+                update_and_write(ops, w, m, v, p, *g, &k, s_old, s_prov, Some(limit), cast)
             })
             .collect();
         // 3. The true amax and scale; fix-ups if they differ from the provisional ones.
@@ -501,12 +502,14 @@ impl Fp8Adam {
                 .zip(&mut outs)
                 .for_each(|(((((w, m), v), p), g), (o, part))| {
                     if o.deferred {
-                        *part = update_and_write(w, m, v, p, *g, &k, s_old, s_final, None, cast).1;
+                        *part =
+                            update_and_write(ops, w, m, v, p, *g, &k, s_old, s_final, None, cast)
+                                .1;
                         return;
                     }
                     if factors[0] != 1.0 {
                         w.rescale(factors[0]);
-                        *part = write_view(w, inv_w, p, cast);
+                        *part = write_view(ops, w, inv_w, p, cast);
                     }
                     if factors[1] != 1.0 {
                         m.rescale(factors[1]);
@@ -528,7 +531,7 @@ impl Fp8Adam {
                 wc.par_iter_mut()
                     .zip(&mut pc)
                     .zip(&mut outs)
-                    .for_each(|((w, p), (_, part))| *part = write_view(w, inv_w, p, cast));
+                    .for_each(|((w, p), (_, part))| *part = write_view(ops, w, inv_w, p, cast));
             }
             let written = sum_parts(outs.iter().map(|(_, p)| p), want);
             drop(pc);
@@ -629,10 +632,11 @@ thread_local! {
 /// The fused update of one chunk; an FP8 target gets the chunk's new master cast with
 /// `cast`'s scale right away (unless the chunk was deferred: nothing was written).
 #[allow(clippy::too_many_arguments)]
-fn update_and_write(
-    w: &mut state::ChunkMut,
-    m: &mut state::ChunkMut,
-    v: &mut state::ChunkMut,
+fn update_and_write<'b>(
+    ops: &dyn UpdateOps,
+    w: &mut state::ChunkMut<'b>,
+    m: &mut state::ChunkMut<'b>,
+    v: &mut state::ChunkMut<'b>,
     p: &mut PChunk,
     g: GradChunk,
     k: &StepConsts,
@@ -641,26 +645,37 @@ fn update_and_write(
     limits: Option<[f32; 3]>,
     cast: Option<(Fp8Format, f32)>,
 ) -> (ChunkOut, CastPart) {
+    let mut chunk = |p: &mut [f32]| {
+        ops.fp8_adam_chunk(Fp8AdamChunk {
+            w,
+            m,
+            v,
+            p,
+            g,
+            k,
+            old_scale: s_old,
+            scale: s_new,
+            limits,
+        })
+    };
     match p {
-        PChunk::F32(p) => (
-            update_chunk(w, m, v, p, g, k, s_old, s_new, limits),
-            CastPart::default(),
-        ),
+        PChunk::F32(p) => (chunk(p), CastPart::default()),
         PChunk::Fp8(d) => VIEW.with(|cell| {
             let mut buf = cell.borrow_mut();
             let view = &mut buf[..d.len()];
-            let o = update_chunk(w, m, v, view, g, k, s_old, s_new, limits);
+            let o = chunk(view);
             if o.deferred {
                 return (o, CastPart::default());
             }
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            (o, cast_part(fmt, view, sc, d))
+            (o, cast_part(ops, fmt, view, sc, d))
         }),
     }
 }
 
 /// Write a chunk's compute weights from its (already final) master.
 fn write_view(
+    ops: &dyn UpdateOps,
     w: &state::ChunkMut,
     inv_w: f32,
     p: &mut PChunk,
@@ -676,7 +691,7 @@ fn write_view(
             let view = &mut buf[..d.len()];
             w.decode(inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            cast_part(fmt, view, sc, d)
+            cast_part(ops, fmt, view, sc, d)
         }),
     }
 }
@@ -699,13 +714,20 @@ fn write_master_view(
             let view = &mut buf[..d.len()];
             master.decode_chunk(c, inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            cast_part(fmt, view, sc, d)
+            // Not on the backend yet: `write_compute_weights` takes no backend.
+            cast_part(&HostUpdate, fmt, view, sc, d)
         }),
     }
 }
 
-fn cast_part(fmt: Fp8Format, view: &[f32], scale: f32, dst: &mut [u8]) -> CastPart {
-    let (amax, c) = fp8lm_fp8::cast::f32_to_fp8_counted(fmt, view, scale, dst);
+fn cast_part(
+    ops: &dyn UpdateOps,
+    fmt: Fp8Format,
+    view: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> CastPart {
+    let (amax, c) = ops.cast_weights_fp8(fmt, view, scale, dst);
     CastPart {
         amax,
         saturated: c.saturated,
@@ -750,13 +772,9 @@ fn nan_max(a: f32, b: f32) -> f32 {
 }
 
 impl Optimizer for Fp8Adam {
-    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
-        let mut outs: Vec<ParamOut<'_>> = params.iter_mut().map(|p| ParamOut::F32(p)).collect();
-        self.step_to(&mut outs, grads, lr, grad_scale)
-    }
-
-    fn step_to(
+    fn step_on(
         &mut self,
+        ops: &dyn UpdateOps,
         params: &mut [ParamOut<'_>],
         grads: &[Grad<'_>],
         lr: f32,
@@ -799,7 +817,7 @@ impl Optimizer for Fp8Adam {
                     wd: if ts.meta.weight_decay { wd } else { 0.0 },
                     ..base
                 };
-                Self::step_tensor(ts, p, g, k, grad_scale, &mut st);
+                Self::step_tensor(ops, ts, p, g, k, grad_scale, &mut st);
                 st
             })
             .collect();
