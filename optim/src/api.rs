@@ -163,7 +163,16 @@ pub trait Optimizer: Send {
     /// checkpoint restore, or a skipped step whose forward moved a delayed scale).
     /// Optimizers whose f32 weights are the master have nothing to do.
     fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
-        let _ = outs;
+        self.write_compute_weights_on(&HostUpdate, outs)
+    }
+    /// [`Optimizer::write_compute_weights`] with the FP8 casts on the backend `ops`
+    /// (the model passes its own, `Model::write_compute_weights`).
+    fn write_compute_weights_on(
+        &self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+    ) -> Result<(), String> {
+        let _ = (ops, outs);
         Ok(())
     }
     /// The FP16 master of tensor `i` and its scale (`real = stored / scale`), when the

@@ -76,7 +76,7 @@ mod fused512;
 pub(crate) mod kernel;
 pub(crate) mod state;
 
-use crate::update::{ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps};
+use crate::update::{ChunkOut, Fp8AdamChunk, StepConsts, UpdateOps};
 use state::{Buf, GradChunk};
 
 /// Elements per chunk of the fused pass: four f32 scratch rows of 8 KiB stay in L1/L2.
@@ -698,6 +698,7 @@ fn write_view(
 
 /// [`write_view`] of chunk `c` from a master that is only read.
 fn write_master_view(
+    ops: &dyn UpdateOps,
     master: &Buf,
     c: usize,
     inv_w: f32,
@@ -714,8 +715,7 @@ fn write_master_view(
             let view = &mut buf[..d.len()];
             master.decode_chunk(c, inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            // Not on the backend yet: `write_compute_weights` takes no backend.
-            cast_part(&HostUpdate, fmt, view, sc, d)
+            cast_part(ops, fmt, view, sc, d)
         }),
     }
 }
@@ -832,7 +832,11 @@ impl Optimizer for Fp8Adam {
         }
     }
 
-    fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
+    fn write_compute_weights_on(
+        &self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+    ) -> Result<(), String> {
         if outs.len() != self.tensors.len() {
             return Err(format!(
                 "Fp8Adam: {} compute-weight targets for {} tensors",
@@ -861,7 +865,7 @@ impl Optimizer for Fp8Adam {
             let mut parts: Vec<CastPart> = pc
                 .par_iter_mut()
                 .enumerate()
-                .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                .map(|(c, p)| write_master_view(ops, master, c, inv_w, p, cast))
                 .collect();
             if let (Some(pol), Some((_, guess))) = (policy, cast) {
                 let amax = parts.iter().fold(0f32, |a, p| nan_max(a, p.amax));
@@ -871,7 +875,7 @@ impl Optimizer for Fp8Adam {
                     parts = pc
                         .par_iter_mut()
                         .enumerate()
-                        .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                        .map(|(c, p)| write_master_view(ops, master, c, inv_w, p, cast))
                         .collect();
                 }
                 let written = sum_parts(parts.iter(), want);
