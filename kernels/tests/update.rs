@@ -66,7 +66,11 @@ fn fp8_codes(rng: &mut Rng, f: Fp8Format, n: usize, nan: bool) -> Vec<u8> {
 fn f16_bits(rng: &mut Rng, n: usize, signed: bool) -> Vec<u16> {
     (0..n)
         .map(|i| {
-            let s = if signed { (rng.next() as u16) & 0x8000 } else { 0 };
+            let s = if signed {
+                (rng.next() as u16) & 0x8000
+            } else {
+                0
+            };
             let mag = match i % 5 {
                 0 => 0,
                 1 => 1 + (rng.next() as u16) % 0x3FF,
@@ -173,8 +177,14 @@ fn fp8_adam_chunk_is_bit_identical_on_cpu_and_reference() {
                 _ => St::F16(f16_bits(&mut rng, n, true)),
             };
             let m0 = match fmts {
-                0 => St::Fp8(fp8_codes(&mut rng, Fp8Format::E4M3, n, false), Fp8Format::E4M3),
-                1 => St::Fp8(fp8_codes(&mut rng, Fp8Format::E5M2, n, false), Fp8Format::E5M2),
+                0 => St::Fp8(
+                    fp8_codes(&mut rng, Fp8Format::E4M3, n, false),
+                    Fp8Format::E4M3,
+                ),
+                1 => St::Fp8(
+                    fp8_codes(&mut rng, Fp8Format::E5M2, n, false),
+                    Fp8Format::E5M2,
+                ),
                 _ => St::F32((0..n).map(|_| 1e-3 * rng.unit()).collect()),
             };
             let v0 = match fmts {
@@ -190,7 +200,11 @@ fn fp8_adam_chunk_is_bit_identical_on_cpu_and_reference() {
             } else {
                 GradChunk::F32(&g32, gs)
             };
-            let k = consts(1 + (case + li) as i32, [1e-3, 0.3][case % 2], [0.0, 0.1][li % 2]);
+            let k = consts(
+                1 + (case + li) as i32,
+                [1e-3, 0.3][case % 2],
+                [0.0, 0.1][li % 2],
+            );
             let f32s = fmts == 2;
             let old = if f32s {
                 [1.0; 3]
@@ -217,7 +231,10 @@ fn fp8_adam_chunk_is_bit_identical_on_cpu_and_reference() {
                 assert_eq!(oc.deferred, or.deferred, "{at}");
                 assert_eq!(oc.saw_nan, or.saw_nan, "{at}");
                 for s in 0..3 {
-                    assert!(same_f32(oc.amax[s], or.amax[s]), "{at}: amax {s} {oc:?} {or:?}");
+                    assert!(
+                        same_f32(oc.amax[s], or.amax[s]),
+                        "{at}: amax {s} {oc:?} {or:?}"
+                    );
                     assert_eq!(sc[s].bits(), sr[s].bits(), "{at}: state {s}");
                 }
                 assert!(same_f32(oc.ratio, or.ratio), "{at}: ratio");
@@ -236,8 +253,13 @@ fn fp8_adam_chunk_is_bit_identical_on_cpu_and_reference() {
             }
         }
     }
-    eprintln!("{cases} chunks: {deferred} deferred, {saturated} with a saturated moment, {nans} NaN");
-    assert!(deferred > 0 && saturated > 0 && nans > 0, "an edge case was not exercised");
+    eprintln!(
+        "{cases} chunks: {deferred} deferred, {saturated} with a saturated moment, {nans} NaN"
+    );
+    assert!(
+        deferred > 0 && saturated > 0 && nans > 0,
+        "an edge case was not exercised"
+    );
 }
 
 #[test]
@@ -371,18 +393,31 @@ fn optimizers_step_identically_on_cpu_and_reference() {
                 scale8 = wr.scale;
                 written.push(wr);
             }
-            let mut outs32: Vec<ParamOut> =
-                p32.iter_mut().map(|p| ParamOut::F32(p.as_mut_slice())).collect();
+            let mut outs32: Vec<ParamOut> = p32
+                .iter_mut()
+                .map(|p| ParamOut::F32(p.as_mut_slice()))
+                .collect();
             adamw.step_on(ops, &mut outs32, &gr, 1e-2, 0.5);
         }
-        (opt.export_state(), opt.stats(), w8, p[1].clone(), written, adamw.export_state(), p32)
+        (
+            opt.export_state(),
+            opt.stats(),
+            w8,
+            p[1].clone(),
+            written,
+            adamw.export_state(),
+            p32,
+        )
     };
     let before = update_calls();
     let c = run(&Cpu);
     let mid = update_calls();
     let r = run(&Reference);
     // 30 steps x (2 Fp8Adam tensors + 2 AdamW tensors) x at least one chunk each
-    assert!(update_calls() - mid >= 120, "the reference update did not run");
+    assert!(
+        update_calls() - mid >= 120,
+        "the reference update did not run"
+    );
     let _ = before;
     assert_eq!(c.0, r.0, "Fp8Adam state");
     assert_eq!(c.1, r.1, "Fp8Adam fix-up counts");
@@ -392,4 +427,43 @@ fn optimizers_step_identically_on_cpu_and_reference() {
     assert_eq!(c.4, r.4, "FP8 casts' scale, amax and counts");
     assert_eq!(c.5, r.5, "AdamW state");
     assert_eq!(c.6, r.6, "AdamW weights");
+}
+
+/// The re-scale pass and the master's f32 view on both backends, bit for bit: factors
+/// up and down by binades (exact except where values enter or leave the subnormal
+/// range, rounded there the same way: one RNE of the same f32), saturation of FP8 when
+/// scaled past max (f16: overflow to inf).
+#[test]
+fn rescale_and_decode_are_bit_identical_on_cpu_and_reference() {
+    let mut rng = Rng(0x7E5C_0000_0000_0009);
+    for &n in &LENS {
+        for factor in [2f32.powi(-9), 0.5, 2.0, 2f32.powi(12)] {
+            let states = [
+                St::F16(f16_bits(&mut rng, n, true)),
+                St::Fp8(
+                    fp8_codes(&mut rng, Fp8Format::E4M3, n, false),
+                    Fp8Format::E4M3,
+                ),
+                St::Fp8(
+                    fp8_codes(&mut rng, Fp8Format::E5M2, n, false),
+                    Fp8Format::E5M2,
+                ),
+                St::F32((0..n).map(|_| rng.unit()).collect()),
+            ];
+            for s0 in states {
+                let (mut sc, mut sr) = (s0.clone(), s0.clone());
+                Cpu.rescale_state(&mut sc.view(), factor);
+                Reference.rescale_state(&mut sr.view(), factor);
+                assert_eq!(sc.bits(), sr.bits(), "n {n} x{factor} {s0:?}");
+                if factor != 1.0 && !matches!(s0, St::F32(_)) && n > 2 {
+                    assert_ne!(sc, s0, "n {n} x{factor}: the re-scale changed nothing");
+                }
+                let (mut dc, mut dr) = (vec![0f32; n], vec![0f32; n]);
+                Cpu.decode_state(&sc.view(), 0.125, &mut dc);
+                Reference.decode_state(&sr.view(), 0.125, &mut dr);
+                let bits = |p: &[f32]| p.iter().map(|&x| canon(x)).collect::<Vec<_>>();
+                assert_eq!(bits(&dc), bits(&dr), "n {n} x{factor}: decode");
+            }
+        }
+    }
 }

@@ -124,6 +124,14 @@ pub trait UpdateOps: Send + Sync {
     /// even, saturating infinities too; f16: IEEE RNE) and `p = stored_w / scale`.
     fn fp8_adam_chunk(&self, c: Fp8AdamChunk<'_, '_>) -> ChunkOut;
 
+    /// `stored = encode(decode(stored) * factor)` over one state chunk (the re-scale
+    /// pass after the amax left the predicted binade; f32 states are left as they are).
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32);
+
+    /// `dst = stored * inv_scale` (f32 states: copied), the f32 view of a stored chunk
+    /// (the compute weights after a re-scale of the master).
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]);
+
     /// The FP8 compute weights of one chunk: `dst = fp8(view * scale)` (RNE, finite
     /// overflow saturates: the training cast), with the amax of `view` and the counts.
     fn cast_weights_fp8(
@@ -171,6 +179,14 @@ impl UpdateOps for HostUpdate {
             c.scale,
             c.limits,
         )
+    }
+
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        c.rescale(factor)
+    }
+
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        c.decode(inv_scale, dst)
     }
 
     fn cast_weights_fp8(

@@ -6,9 +6,11 @@ use super::{Backend, Fp8CastResult};
 use crate::Cpu;
 use fp8lm_fp8::cast;
 use fp8lm_fp8::Fp8Format;
+use fp8lm_optim::update::{
+    AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps,
+};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use fp8lm_optim::update::{AdamWGrad, ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps};
 use rayon::prelude::*;
 
 /// Elements per rayon task for casts and amax.
@@ -33,6 +35,12 @@ impl UpdateOps for Cpu {
     }
     fn fp8_adam_chunk(&self, c: Fp8AdamChunk<'_, '_>) -> ChunkOut {
         HostUpdate.fp8_adam_chunk(c)
+    }
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        HostUpdate.rescale_state(c, factor)
+    }
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        HostUpdate.decode_state(c, inv_scale, dst)
     }
     fn cast_weights_fp8(
         &self,

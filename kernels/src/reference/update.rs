@@ -183,6 +183,20 @@ impl UpdateOps for Reference {
         out
     }
 
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        for i in 0..len(c) {
+            let x = decode(c, i, factor);
+            encode(c, i, x, 1.0);
+        }
+    }
+
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        assert_eq!(len(c), dst.len(), "decode_state: lengths differ");
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = decode(c, i, inv_scale);
+        }
+    }
+
     fn cast_weights_fp8(
         &self,
         format: Fp8Format,

@@ -503,19 +503,18 @@ impl Fp8Adam {
                 .for_each(|(((((w, m), v), p), g), (o, part))| {
                     if o.deferred {
                         *part =
-                            update_and_write(ops, w, m, v, p, *g, &k, s_old, s_final, None, cast)
-                                .1;
+                            update_and_write(ops, w, m, v, p, *g, &k, s_old, s_final, None, cast).1;
                         return;
                     }
                     if factors[0] != 1.0 {
-                        w.rescale(factors[0]);
+                        ops.rescale_state(w, factors[0]);
                         *part = write_view(ops, w, inv_w, p, cast);
                     }
                     if factors[1] != 1.0 {
-                        m.rescale(factors[1]);
+                        ops.rescale_state(m, factors[1]);
                     }
                     if factors[2] != 1.0 {
-                        v.rescale(factors[2]);
+                        ops.rescale_state(v, factors[2]);
                     }
                 });
             stats.deferred_chunks += outs.iter().filter(|(o, _)| o.deferred).count() as u64;
@@ -683,13 +682,13 @@ fn write_view(
 ) -> CastPart {
     match p {
         PChunk::F32(p) => {
-            w.decode(inv_w, p);
+            ops.decode_state(w, inv_w, p);
             CastPart::default()
         }
         PChunk::Fp8(d) => VIEW.with(|cell| {
             let mut buf = cell.borrow_mut();
             let view = &mut buf[..d.len()];
-            w.decode(inv_w, view);
+            ops.decode_state(w, inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
             cast_part(ops, fmt, view, sc, d)
         }),

@@ -186,7 +186,7 @@ pub enum ChunkMut<'a> {
 impl ChunkMut<'_> {
     /// `dst[i] = stored[i] / scale`.
     #[inline(always)]
-    pub(super) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
+    pub(crate) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
         match self {
             ChunkMut::F32(s) => dst.copy_from_slice(s),
             ChunkMut::F16(s) => {
@@ -222,7 +222,7 @@ impl ChunkMut<'_> {
     }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
     /// except in the subnormal range. At most CHUNK elements (one stack row).
-    pub(super) fn rescale(&mut self, factor: f32) {
+    pub(crate) fn rescale(&mut self, factor: f32) {
         let mut buf = [0f32; CHUNK];
         match self {
             ChunkMut::F32(_) => {}
