@@ -136,6 +136,7 @@ fn same_f32(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
 
+#[allow(clippy::too_many_arguments)] // the chunk's fields, as Fp8AdamChunk has them
 fn run_chunk(
     ops: &dyn UpdateOps,
     st: &mut [St; 3],

@@ -19,7 +19,7 @@
 //!   [`HostUpdate`] is this crate's fused SIMD implementation (what the `Cpu` backend
 //!   runs, and what [`Optimizer::step`] / [`Optimizer::step_to`] use). The rule's own
 //!   bookkeeping (amax predictions, scales, deferral, checkpoints) stays here;
-//! //! - [`experiment`] and [`bench`](mod@bench): the convex problems the numerics tests and ablation
+//! - [`experiment`] and [`bench`](mod@bench): the convex problems the numerics tests and ablation
 //!   example share, and the step-time benchmark (`examples/bench_optim.rs`).
 //!
 //! The trainer owns the model's compute weights; an optimizer reads gradients, updates

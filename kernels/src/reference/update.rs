@@ -168,7 +168,7 @@ impl UpdateOps for Reference {
         }
         // Second pass: the same values again (pure functions of the unchanged inputs),
         // stored.
-        for i in 0..n {
+        for (i, pi) in p.iter_mut().enumerate() {
             let (mi, vi, _, wi) = adam(
                 k,
                 grad(&g, i),
@@ -176,7 +176,7 @@ impl UpdateOps for Reference {
                 decode(v, i, inv_old[2]),
                 decode(w, i, inv_old[0]),
             );
-            p[i] = encode(w, i, wi, scale[0]);
+            *pi = encode(w, i, wi, scale[0]);
             encode(m, i, mi, scale[1]);
             encode(v, i, vi, scale[2]);
         }
