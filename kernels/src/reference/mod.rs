@@ -20,7 +20,8 @@
 //! - [`update`]: the optimizer updates ([`fp8lm_optim::UpdateOps`]: fp32 AdamW and the
 //!   FP8-LM update's chunks, the FP8 compute-weight cast) element by element with the
 //!   scalar casts, in f32: the update rule is defined in f32, so these must equal the
-//!   host kernels bit for bit.
+//!   host kernels bit for bit. The optimizer calls them chunk by chunk, from its own
+//!   rayon tasks; each call is a scalar loop (results do not depend on the threads).
 //!
 //! Slow (a scalar O(mnk) GEMM): meant for tiny models, tests and debugging
 //! (`backend = "reference"`).
