@@ -16,9 +16,15 @@
 //! model on it). It has never run on a GPU (see its module docs for what is checked
 //! without one).
 //!
-//! - [`Backend`] ([`backend`]): [`GemmOps`] + [`LayerOps`] + the rest of a step: FP8 /
-//!   bf16 casts returning amax and saturation / underflow counts, FP8 and FP16 decodes,
-//!   sums of squares for the global gradient norm, block-scaled GEMMs.
+//! - [`Backend`] ([`backend`]): [`GemmOps`] + [`LayerOps`] + [`UpdateOps`] + the rest of
+//!   a step: FP8 / bf16 casts returning amax and saturation / underflow counts, FP8 and
+//!   FP16 decodes, sums of squares for the global gradient norm, block-scaled GEMMs.
+//! - [`UpdateOps`] (defined in `fp8lm-optim`, next to the update rule; this crate
+//!   depends on it, not the reverse): the optimizer updates per chunk (fp32 AdamW, the
+//!   FP8-LM update with its fused E4M3 compute-weight cast, the re-scale pass). `Cpu`
+//!   runs `optim`'s fused SIMD kernels ([`fp8lm_optim::HostUpdate`]), `Reference`
+//!   scalar f32 loops (`reference::update`); `tests/update.rs` checks them bit for bit.
+//!   The trainer passes the model's backend to `Optimizer::step_on`.
 //! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
 //!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
 //!   O(mk + kn), not O(mnk). Outputs f32 ([`GemmOps::gemm`], optionally `C +=`), bf16
@@ -50,6 +56,7 @@ pub use backend::{default_backend, Backend, BackendKind, Fp8CastResult};
 pub use reference::Reference;
 pub use tensor::{DType, Scaling, Storage, Tensor};
 
+pub use fp8lm_optim::UpdateOps;
 pub use gemm::{
     path_calls, set_path_override, GemmOps, GemmPath, GemmShape, Isa, MatRef, PathCalls,
 };

@@ -6,7 +6,8 @@
 //! gradients ([`Grad::Fp8`]) are decoded on the fly (`real = stored / scale`), so an O1
 //! run's FP8 weight gradients feed the same f32 update.
 
-use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, StateTensor};
+use crate::api::{AdamWHyper, Grad, Optimizer, ParamMeta, ParamOut, StateTensor};
+use crate::update::{AdamWGrad, StepConsts, UpdateOps};
 use fp8lm_fp8::cast::decode_table;
 use rayon::prelude::*;
 
@@ -38,36 +39,85 @@ impl AdamW {
     }
 }
 
-/// The per-element update with its constants.
-struct Update {
-    h: AdamWHyper,
-    inv_bc1: f32,
-    inv_bc2: f32,
-    lr: f32,
-    wd: f32,
+/// The host AdamW over one chunk ([`crate::UpdateOps::adamw_chunk`] of
+/// [`crate::HostUpdate`]): one monomorphised loop per gradient type, so the f32 one
+/// vectorises.
+pub(crate) fn host_chunk(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: AdamWGrad<'_>,
+    k: &StepConsts,
     grad_scale: f32,
-}
-
-impl Update {
-    #[inline(always)]
-    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: impl Fn(usize) -> f32) {
-        let h = self.h;
-        for j in 0..p.len() {
-            let g = grad(j) * self.grad_scale;
-            m[j] = h.beta1 * m[j] + (1.0 - h.beta1) * g;
-            v[j] = h.beta2 * v[j] + (1.0 - h.beta2) * g * g;
-            let upd = (m[j] * self.inv_bc1) / ((v[j] * self.inv_bc2).sqrt() + h.eps);
-            p[j] -= self.lr * (upd + self.wd * p[j]);
+) {
+    assert!(
+        m.len() == p.len() && v.len() == p.len() && g.len() == p.len(),
+        "AdamW chunk: lengths differ"
+    );
+    match g {
+        AdamWGrad::F32(g) => apply(k, grad_scale, p, m, v, |j| g[j]),
+        AdamWGrad::Fp8 {
+            codes,
+            format,
+            scale,
+        } => {
+            // decode and descale folded into one 256-entry table (the same
+            // `value / scale` division, done once per code)
+            let mut table = *decode_table(format);
+            table.iter_mut().for_each(|x| *x /= scale);
+            // Decode a block into f32 first (a scalar gather), then run the update on
+            // it: the update vectorises, which it cannot with a table lookup inside
+            // (same values, same bits).
+            const BLOCK: usize = 512;
+            let mut gb = [0f32; BLOCK];
+            for (((p, m), v), c) in p
+                .chunks_mut(BLOCK)
+                .zip(m.chunks_mut(BLOCK))
+                .zip(v.chunks_mut(BLOCK))
+                .zip(codes.chunks(BLOCK))
+            {
+                let gb = &mut gb[..c.len()];
+                gb.iter_mut()
+                    .zip(c)
+                    .for_each(|(g, &c)| *g = table[c as usize]);
+                apply(k, grad_scale, p, m, v, |j| gb[j]);
+            }
         }
     }
 }
 
+/// The per-element update (the expressions [`crate::UpdateOps::adamw_chunk`] documents).
+#[inline(always)]
+fn apply(
+    k: &StepConsts,
+    grad_scale: f32,
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: impl Fn(usize) -> f32,
+) {
+    for j in 0..p.len() {
+        let g = grad(j) * grad_scale;
+        m[j] = k.b1 * m[j] + k.one_minus_b1 * g;
+        v[j] = k.b2 * v[j] + k.one_minus_b2 * g * g;
+        let upd = (m[j] * k.inv_bc1) / ((v[j] * k.inv_bc2).sqrt() + k.eps);
+        p[j] -= k.lr * (upd + k.wd * p[j]);
+    }
+}
+
 impl Optimizer for AdamW {
-    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
+    fn step_on(
+        &mut self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+        grads: &[Grad<'_>],
+        lr: f32,
+        grad_scale: f32,
+    ) {
         assert!(
-            params.len() == self.metas.len() && grads.len() == self.metas.len(),
+            outs.len() == self.metas.len() && grads.len() == self.metas.len(),
             "AdamW::step: {} params / {} grads for {} tensors",
-            params.len(),
+            outs.len(),
             grads.len(),
             self.metas.len()
         );
@@ -82,56 +132,45 @@ impl Optimizer for AdamW {
             } else {
                 0.0
             };
-            let p = &mut *params[i];
+            let p: &mut [f32] = match &mut outs[i] {
+                ParamOut::F32(p) => p,
+                ParamOut::Fp8(_) => {
+                    panic!("AdamW holds no master to write FP8 compute weights from")
+                }
+            };
             assert_eq!(
                 p.len(),
                 self.m_f32[i].len(),
                 "AdamW::step: tensor {} length",
                 self.metas[i].name
             );
+            let k = StepConsts {
+                b1: h.beta1,
+                b2: h.beta2,
+                one_minus_b1: 1.0 - h.beta1,
+                one_minus_b2: 1.0 - h.beta2,
+                inv_bc1,
+                inv_bc2,
+                eps: h.eps,
+                lr,
+                wd,
+            };
             let grad = grads[i];
             p.par_chunks_mut(CHUNK)
                 .zip(self.m_f32[i].par_chunks_mut(CHUNK))
                 .zip(self.v_f32[i].par_chunks_mut(CHUNK))
                 .enumerate()
                 .for_each(|(ci, ((p, m), v))| {
-                    let off = ci * CHUNK;
-                    let k = Update {
-                        h,
-                        inv_bc1,
-                        inv_bc2,
-                        lr,
-                        wd,
-                        grad_scale,
+                    let r = ci * CHUNK..ci * CHUNK + p.len();
+                    let g = match grad {
+                        Grad::F32(g) => AdamWGrad::F32(&g[r]),
+                        Grad::Fp8(t) => AdamWGrad::Fp8 {
+                            codes: &t.data[r],
+                            format: t.format,
+                            scale: t.scale,
+                        },
                     };
-                    // One monomorphised loop per gradient type, so the f32 one vectorises.
-                    match grad {
-                        Grad::F32(g) => k.apply(p, m, v, |j| g[off + j]),
-                        Grad::Fp8(t) => {
-                            // decode and descale folded into one 256-entry table (the same
-                            // `value / scale` division, done once per code)
-                            let mut table = *decode_table(t.format);
-                            table.iter_mut().for_each(|x| *x /= t.scale);
-                            // Decode a block into f32 first (a scalar gather), then run
-                            // the update on it: the update vectorises, which it cannot
-                            // with a table lookup inside (same values, same bits).
-                            const BLOCK: usize = 512;
-                            let mut g = [0f32; BLOCK];
-                            let codes = &t.data[off..off + p.len()];
-                            for (((p, m), v), c) in p
-                                .chunks_mut(BLOCK)
-                                .zip(m.chunks_mut(BLOCK))
-                                .zip(v.chunks_mut(BLOCK))
-                                .zip(codes.chunks(BLOCK))
-                            {
-                                let g = &mut g[..c.len()];
-                                g.iter_mut()
-                                    .zip(c)
-                                    .for_each(|(g, &c)| *g = table[c as usize]);
-                                k.apply(p, m, v, |j| g[j]);
-                            }
-                        }
-                    }
+                    ops.adamw_chunk(p, m, v, g, &k, grad_scale);
                 });
         }
     }

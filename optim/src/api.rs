@@ -1,5 +1,6 @@
 //! The optimizer interface shared by the trainer, checkpoints and ZeRO.
 
+use crate::update::{HostUpdate, UpdateOps};
 use fp8lm_fp8::{Fp8Format, ScaleRounding, ScaledFp8};
 use half::f16;
 
@@ -133,31 +134,45 @@ impl StateBytes {
 
 /// A parameter update rule with its state.
 pub trait Optimizer: Send {
-    /// Update every tensor: `params[i]` are the model's compute weights (f32), updated in
-    /// place; `grads[i]` the matching gradients. Every gradient is multiplied by
-    /// `grad_scale` first (clipping and loss-scale undo are folded into it).
-    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32);
-    /// [`Optimizer::step`] writing each tensor's new compute weights to `outs` (f32 or
-    /// an FP8 copy). Only optimizers that hold a master of their own can write FP8
-    /// compute weights; the default handles f32 targets and panics on FP8 ones.
+    /// Update every tensor on the backend `ops` runs the update kernels on
+    /// ([`crate::UpdateOps`]; the trainer passes its model's backend): `outs[i]`
+    /// receives tensor `i`'s new compute weights (f32, updated in place, or an FP8 copy),
+    /// `grads[i]` is its gradient. Every gradient is multiplied by `grad_scale` first
+    /// (clipping and loss-scale undo are folded into it). Only optimizers that hold a
+    /// master of their own can write FP8 compute weights; the others panic on an FP8
+    /// target (a programming error of the caller).
+    fn step_on(
+        &mut self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+        grads: &[Grad<'_>],
+        lr: f32,
+        grad_scale: f32,
+    );
+    /// [`Optimizer::step_on`] on the host kernels ([`HostUpdate`]) with f32 weights.
+    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
+        let mut outs: Vec<ParamOut<'_>> = params.iter_mut().map(|p| ParamOut::F32(p)).collect();
+        self.step_on(&HostUpdate, &mut outs, grads, lr, grad_scale)
+    }
+    /// [`Optimizer::step_on`] on the host kernels ([`HostUpdate`]).
     fn step_to(&mut self, outs: &mut [ParamOut<'_>], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
-        let mut ps: Vec<&mut [f32]> = outs
-            .iter_mut()
-            .map(|o| match o {
-                ParamOut::F32(p) => &mut **p,
-                ParamOut::Fp8(_) => {
-                    panic!("this optimizer holds no master to write FP8 compute weights from")
-                }
-            })
-            .collect();
-        self.step(&mut ps, grads, lr, grad_scale)
+        self.step_on(&HostUpdate, outs, grads, lr, grad_scale)
     }
     /// Write the FP8 compute weights (`ParamOut::Fp8` targets; f32 targets are left as
     /// they are) from the current master without updating it (after construction, a
     /// checkpoint restore, or a skipped step whose forward moved a delayed scale).
     /// Optimizers whose f32 weights are the master have nothing to do.
     fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
-        let _ = outs;
+        self.write_compute_weights_on(&HostUpdate, outs)
+    }
+    /// [`Optimizer::write_compute_weights`] with the FP8 casts on the backend `ops`
+    /// (the model passes its own, `Model::write_compute_weights`).
+    fn write_compute_weights_on(
+        &self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+    ) -> Result<(), String> {
+        let _ = (ops, outs);
         Ok(())
     }
     /// The FP16 master of tensor `i` and its scale (`real = stored / scale`), when the

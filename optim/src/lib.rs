@@ -12,6 +12,13 @@
 //! - [`zero`]: the greedy whole-tensor partitioner FP8-LM's ZeRO uses (tensors are not
 //!   split across ranks, so each keeps its own scale; oversized ones can be cut into row
 //!   blocks with a scale each);
+//! - [`update`]: [`UpdateOps`], the seam between the rule and the arithmetic: every
+//!   chunk of an update (AdamW's, the FP8-LM fused pass, its re-scale pass, the E4M3
+//!   compute-weight cast) is one call on the backend given to [`Optimizer::step_on`]
+//!   (the trainer gives its model's `kernels::Backend`, which includes this trait);
+//!   [`HostUpdate`] is this crate's fused SIMD implementation (what the `Cpu` backend
+//!   runs, and what [`Optimizer::step`] / [`Optimizer::step_to`] use). The rule's own
+//!   bookkeeping (amax predictions, scales, deferral, checkpoints) stays here;
 //! - [`experiment`] and [`bench`](mod@bench): the convex problems the numerics tests and ablation
 //!   example share, and the step-time benchmark (`examples/bench_optim.rs`).
 //!
@@ -27,6 +34,7 @@ pub mod bench;
 pub mod experiment;
 pub mod fp8_adam;
 pub mod lanes;
+pub mod update;
 pub mod zero;
 
 pub use adamw::AdamW;
@@ -35,3 +43,4 @@ pub use api::{
     StateTensor,
 };
 pub use fp8_adam::{Fp8Adam, Fp8AdamConfig, Fp8AdamStats, StateFormat};
+pub use update::{HostUpdate, UpdateOps};

@@ -254,7 +254,7 @@ pub fn optimizer_step(
     let skipped = !norm.is_finite();
     let scale = if skipped { 1.0 } else { clip_scale(norm, clip) };
     if !skipped {
-        opt.step_to(&mut outs, &grads, lr, scale);
+        opt.step_on(&*be, &mut outs, &grads, lr, scale);
     }
     let written = written_of(&outs);
     drop((outs, grads));

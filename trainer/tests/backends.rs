@@ -4,6 +4,12 @@
 //!
 //! The runs use lr 3e-3 (cosine after 5 warmup steps) and AdamW's default eps (1e-8).
 //!
+//! Everything a step runs goes through the backend, the optimizer update included
+//! (`Optimizer::step_on` with the model's backend: AdamW and Fp8Adam chunks, the E4M3
+//! compute-weight cast); the two backends' updates are bit-identical
+//! (`kernels/tests/update.rs`), so they add nothing to the tolerances below, and each
+//! reference run checks that the update ran on `Reference` (its chunk counter).
+//!
 //! What differs between the two runs, and the tolerances it gives:
 //! - fp32: only rounding in f32. The GEMMs sum the same products in another order
 //!   (blocked, threaded, FMA on Cpu; plain k order on Reference) and the layer ops are
@@ -34,8 +40,12 @@
 //!   (`kernels/tests/backends.rs`: each op against Reference with bounds derived op by
 //!   op, and a transposed operand and a wrong scale shown to break them) check.
 
+use fp8lm_fp8::cast::CastCounts;
 use fp8lm_fp8::Fp8Format;
+use fp8lm_kernels::reference::update_calls;
 use fp8lm_kernels::{Backend, Fp8CastResult, GemmOps, GemmShape, LayerOps, MatRef, Reference};
+use fp8lm_optim::update::{AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, StepConsts};
+use fp8lm_optim::UpdateOps;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 use half::{bf16, f16};
@@ -96,6 +106,8 @@ struct Run {
     losses: Vec<f32>,
     weights: Vec<f32>,
     grad_norms: Vec<f32>,
+    /// Reference update chunks run in this process while this run trained.
+    reference_updates: u64,
 }
 
 fn train(backend: &str, arch: Arch, precision: Precision) -> Run {
@@ -125,13 +137,16 @@ fn train_on(be: Arc<dyn Backend>, arch: Arch, precision: Precision) -> Run {
         losses: vec![],
         weights: vec![],
         grad_norms: vec![],
+        reference_updates: 0,
     };
+    let before = update_calls();
     for _ in 0..STEPS {
         let st = tr.train_step(&mut data).unwrap();
         run.losses.push(st.loss);
         run.grad_norms.push(st.grad_norm);
     }
     run.weights = tr.weights_f32_all();
+    run.reference_updates = update_calls() - before;
     run
 }
 
@@ -161,6 +176,14 @@ fn compare(arch: Arch, precision: Precision) -> (f64, f64, f64, f64) {
         .map(|i| rel(cpu.grad_norms[i], rf.grad_norms[i]))
         .fold(0f64, f64::max);
     let w = rel_l2(&cpu.weights, &rf.weights);
+    // The reference run's optimizer ran on Reference: at least one chunk per step (the
+    // counter only grows, so other tests running at the same time cannot hide a miss
+    // of all of them, only add to a count that is already there).
+    assert!(
+        rf.reference_updates >= STEPS as u64,
+        "{arch:?} {precision:?}: {} reference update chunks in {STEPS} steps",
+        rf.reference_updates
+    );
     // training happened: the loss moved
     assert!(
         rel(cpu.losses[STEPS - 1], cpu.losses[0]) > 10.0 * TOL_LOWP_LOSS,
@@ -219,6 +242,59 @@ enum Bug {
     TransposedB,
     /// FP8 casts store `x * 2 * scale` but report `scale` (a scale off by one binade).
     WrongScale,
+    /// The optimizer update steps uphill (lr negated): shows that the trainer's update
+    /// runs on the model's backend (a bypass would not see this bug).
+    UphillUpdate,
+}
+
+impl UpdateOps for Buggy {
+    fn update_name(&self) -> &'static str {
+        "buggy"
+    }
+    fn adamw_chunk(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: AdamWGrad<'_>,
+        k: &StepConsts,
+        grad_scale: f32,
+    ) {
+        self.0.adamw_chunk(p, m, v, g, &self.consts(k), grad_scale)
+    }
+    fn fp8_adam_chunk(&self, c: Fp8AdamChunk<'_, '_>) -> ChunkOut {
+        let k = self.consts(c.k);
+        self.0.fp8_adam_chunk(Fp8AdamChunk { k: &k, ..c })
+    }
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        self.0.rescale_state(c, factor)
+    }
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        self.0.decode_state(c, inv_scale, dst)
+    }
+    fn cast_weights_fp8(
+        &self,
+        format: Fp8Format,
+        view: &[f32],
+        scale: f32,
+        dst: &mut [u8],
+    ) -> (f32, CastCounts) {
+        self.0.cast_weights_fp8(format, view, scale, dst)
+    }
+}
+
+impl Buggy {
+    fn consts(&self, k: &StepConsts) -> StepConsts {
+        let sign = if self.1 == Bug::UphillUpdate {
+            -1.0
+        } else {
+            1.0
+        };
+        StepConsts {
+            lr: sign * k.lr,
+            ..*k
+        }
+    }
 }
 
 impl GemmOps for Buggy {
@@ -406,6 +482,25 @@ impl Backend for Buggy {
     }
     fn sum_squares_fp8(&self, src: &[u8], format: Fp8Format) -> f64 {
         self.0.sum_squares_fp8(src, format)
+    }
+}
+
+/// The optimizer's update goes through the model's backend, for AdamW (fp32) and
+/// Fp8Adam (fp8-o2, FP8 compute weights written by the update): a backend whose update
+/// steps uphill moves the weights by far more than `TOL_LOWP_WEIGHTS` (measured: 0.205
+/// relative L2 for both, 20x the bound; it asserts > 10x), while everything else it runs
+/// is `Reference`'s.
+#[test]
+fn an_uphill_update_on_the_backend_breaks_the_tolerance() {
+    for p in [Precision::Fp32, Precision::Fp8O2] {
+        let rf = train("reference", Arch::Gpt2, p);
+        let bad = train_on(Arc::new(Buggy(Reference, Bug::UphillUpdate)), Arch::Gpt2, p);
+        let w = rel_l2(&bad.weights, &rf.weights);
+        eprintln!("report UphillUpdate {p:?}: weights rel L2 {w:.2e}");
+        assert!(
+            w > 10.0 * TOL_LOWP_WEIGHTS,
+            "{p:?}: weights moved by only {w:e}"
+        );
     }
 }
 

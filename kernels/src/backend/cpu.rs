@@ -6,12 +6,52 @@ use super::{Backend, Fp8CastResult};
 use crate::Cpu;
 use fp8lm_fp8::cast;
 use fp8lm_fp8::Fp8Format;
+use fp8lm_optim::update::{
+    AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps,
+};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Elements per rayon task for casts and amax.
 const CAST_CHUNK: usize = 16384;
+
+/// The optimizer updates: the fused SIMD host kernels of `fp8lm-optim`
+/// ([`HostUpdate`]), which the optimizers also run when given no backend.
+impl UpdateOps for Cpu {
+    fn update_name(&self) -> &'static str {
+        "cpu"
+    }
+    fn adamw_chunk(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: AdamWGrad<'_>,
+        k: &StepConsts,
+        grad_scale: f32,
+    ) {
+        HostUpdate.adamw_chunk(p, m, v, g, k, grad_scale)
+    }
+    fn fp8_adam_chunk(&self, c: Fp8AdamChunk<'_, '_>) -> ChunkOut {
+        HostUpdate.fp8_adam_chunk(c)
+    }
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        HostUpdate.rescale_state(c, factor)
+    }
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        HostUpdate.decode_state(c, inv_scale, dst)
+    }
+    fn cast_weights_fp8(
+        &self,
+        format: Fp8Format,
+        view: &[f32],
+        scale: f32,
+        dst: &mut [u8],
+    ) -> (f32, cast::CastCounts) {
+        HostUpdate.cast_weights_fp8(format, view, scale, dst)
+    }
+}
 
 impl Backend for Cpu {
     fn name(&self) -> &'static str {

@@ -2,7 +2,9 @@
 //! trainer's step are written against, so that a backend is chosen once (at model
 //! construction) and never named in model code.
 //!
-//! [`Backend`] is [`GemmOps`] + [`LayerOps`] plus what a training step needs besides
+//! [`Backend`] is [`GemmOps`] + [`LayerOps`] + [`UpdateOps`] (the optimizer updates;
+//! the trait lives in `fp8lm-optim`, next to the update rule, which is why this crate
+//! depends on `optim` and not the reverse) plus what a training step needs besides
 //! GEMMs and layer ops: FP8 / bf16 casts that return the amax (and the saturation and
 //! underflow counts the FP8 health metrics report), FP8 and FP16 decodes, and the
 //! reductions of the step (amax, sum of squares for the global gradient norm).
@@ -37,6 +39,7 @@ use crate::{GemmOps, GemmShape, LayerOps, Scaling, Tensor};
 use fp8lm_fp8::block::BlockCastStats;
 use fp8lm_fp8::cast::CastCounts;
 use fp8lm_fp8::{Fp8Format, ScaleRounding};
+use fp8lm_optim::UpdateOps;
 use half::{bf16, f16};
 use std::sync::Arc;
 
@@ -52,7 +55,7 @@ pub struct Fp8CastResult {
 ///
 /// Slice lengths must match the shapes (checked with `assert!`: a programming error,
 /// not an input error), as in [`GemmOps`] and [`LayerOps`].
-pub trait Backend: GemmOps + LayerOps + std::fmt::Debug {
+pub trait Backend: GemmOps + LayerOps + UpdateOps + std::fmt::Debug {
     /// Short name (`cpu`, `reference`), for logs and errors.
     fn name(&self) -> &'static str;
 

@@ -26,8 +26,9 @@
 //! The saturation/underflow counts of an FP8 cast (recomputed from the staged input and
 //! the downloaded codes by `fp8lm_fp8::cast::cast_counts`; the device kernel returns the
 //! amax only), the block-wise (tile-scaled) cast and GEMM of the block recipe (the
-//! seam's default implementations: decode on the host, then this backend's GEMM), and
-//! the loss mean.
+//! seam's default implementations: decode on the host, then this backend's GEMM), the
+//! loss mean, and the optimizer update (`UpdateOps`, on `optim::HostUpdate` as on the
+//! CPU; only the compute weights' FP8 cast runs on the GPU).
 
 use super::device::CudaBackend;
 use super::gemm::{LtPlan, LtType};
@@ -36,6 +37,9 @@ use crate::backend::{Backend, Fp8CastResult};
 use crate::{GemmOps, GemmShape, LayerOps, MatRef};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use fp8lm_fp8::{CastMode, Fp8Format};
+use fp8lm_optim::update::{
+    AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps,
+};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::sync::Mutex;
@@ -560,6 +564,46 @@ impl CudaStaged {
             d.rope(&mut q, &table, t, c, nh, inverse)?;
             self.down(&q, qkv)
         });
+    }
+}
+
+/// The optimizer update runs on the host (`optim::HostUpdate`, as on `Cpu`): the seam's
+/// storage is host memory, and a staged update would copy the whole optimizer state over
+/// PCIe every step for no gain. The E4M3 compute-weight cast runs on the GPU's cast
+/// kernel. (The device update kernel, `cu/optim.cu`, waits for device-resident state.)
+impl UpdateOps for CudaStaged {
+    fn update_name(&self) -> &'static str {
+        "cuda (host update)"
+    }
+    fn adamw_chunk(
+        &self,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: AdamWGrad<'_>,
+        k: &StepConsts,
+        grad_scale: f32,
+    ) {
+        HostUpdate.adamw_chunk(p, m, v, g, k, grad_scale)
+    }
+    fn fp8_adam_chunk(&self, c: Fp8AdamChunk<'_, '_>) -> ChunkOut {
+        HostUpdate.fp8_adam_chunk(c)
+    }
+    fn rescale_state(&self, c: &mut ChunkMut<'_>, factor: f32) {
+        HostUpdate.rescale_state(c, factor)
+    }
+    fn decode_state(&self, c: &ChunkMut<'_>, inv_scale: f32, dst: &mut [f32]) {
+        HostUpdate.decode_state(c, inv_scale, dst)
+    }
+    fn cast_weights_fp8(
+        &self,
+        format: Fp8Format,
+        view: &[f32],
+        scale: f32,
+        dst: &mut [u8],
+    ) -> (f32, fp8lm_fp8::cast::CastCounts) {
+        let r = self.cast_fp8(format, view, scale, dst);
+        (r.amax, r.counts)
     }
 }
 

@@ -17,12 +17,21 @@
 //!   bulk SIMD casts are tested against exhaustively), `bf16::from_f32`, plain amax and
 //!   sums of squares in f64.
 //!
+//! - [`update`]: the optimizer updates ([`fp8lm_optim::UpdateOps`]: fp32 AdamW and the
+//!   FP8-LM update's chunks, the FP8 compute-weight cast) element by element with the
+//!   scalar casts, in f32: the update rule is defined in f32, so these must equal the
+//!   host kernels bit for bit. The optimizer calls them chunk by chunk, from its own
+//!   rayon tasks; each call is a scalar loop (results do not depend on the threads).
+//!
 //! Slow (a scalar O(mnk) GEMM): meant for tiny models, tests and debugging
 //! (`backend = "reference"`).
 
 mod casts;
 pub mod gemm;
 mod layers;
+pub mod update;
+
+pub use update::update_calls;
 
 /// The scalar, single-threaded oracle backend (see the module docs).
 #[derive(Clone, Copy, Debug, Default)]

@@ -5,31 +5,7 @@ use super::CHUNK;
 use fp8lm_fp8::Fp8Format;
 use std::cell::RefCell;
 
-/// Per-step constants of the update for one tensor.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct StepConsts {
-    pub(super) b1: f32,
-    pub(super) b2: f32,
-    pub(super) one_minus_b1: f32,
-    pub(super) one_minus_b2: f32,
-    /// 1 / (1 - b1^t) and 1 / (1 - b2^t), computed in f64 (as the fp32 AdamW does).
-    pub(super) inv_bc1: f32,
-    pub(super) inv_bc2: f32,
-    pub(super) eps: f32,
-    pub(super) lr: f32,
-    /// Weight decay of this tensor (0 when ParamMeta.weight_decay is false).
-    pub(super) wd: f32,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct ChunkOut {
-    /// amax of the new (pre-encode) values of master, exp_avg, exp_avg_sq.
-    pub(super) amax: [f32; 3],
-    pub(super) saw_nan: bool,
-    /// max |u| (the Adam direction before lr).
-    pub(super) ratio: f32,
-    pub(super) deferred: bool,
-}
+pub(crate) use crate::update::{ChunkOut, StepConsts};
 
 /// The fused per-chunk update: decode, AdamW in f32, amax, encode (unless `limits` says
 /// the provisional scales would overflow, then nothing is written).
@@ -39,7 +15,7 @@ pub(super) struct ChunkOut {
 /// Both versions are the same Rust expressions without FMA contraction, so their
 /// results are bit-identical.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn update_chunk(
+pub(crate) fn update_chunk(
     w: &mut ChunkMut,
     m: &mut ChunkMut,
     v: &mut ChunkMut,

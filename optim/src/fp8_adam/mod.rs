@@ -73,10 +73,10 @@ use rayon::prelude::*;
 mod fused;
 #[cfg(target_arch = "x86_64")]
 mod fused512;
-mod kernel;
-mod state;
+pub(crate) mod kernel;
+pub(crate) mod state;
 
-use kernel::{update_chunk, ChunkOut, StepConsts};
+use crate::update::{ChunkOut, Fp8AdamChunk, StepConsts, UpdateOps};
 use state::{Buf, GradChunk};
 
 /// Elements per chunk of the fused pass: four f32 scratch rows of 8 KiB stay in L1/L2.
@@ -352,6 +352,7 @@ impl Fp8Adam {
     }
 
     fn step_tensor(
+        ops: &dyn UpdateOps,
         ts: &mut TensorState,
         out: &mut ParamOut<'_>,
         grad: &Grad<'_>,
@@ -453,7 +454,7 @@ impl Fp8Adam {
             .zip(&mut pc)
             .zip(&gchunks)
             .map(|((((w, m), v), p), g)| {
-                update_and_write(w, m, v, p, *g, &k, s_old, s_prov, Some(limit), cast)
+                update_and_write(ops, w, m, v, p, *g, &k, s_old, s_prov, Some(limit), cast)
             })
             .collect();
         // 3. The true amax and scale; fix-ups if they differ from the provisional ones.
@@ -501,18 +502,19 @@ impl Fp8Adam {
                 .zip(&mut outs)
                 .for_each(|(((((w, m), v), p), g), (o, part))| {
                     if o.deferred {
-                        *part = update_and_write(w, m, v, p, *g, &k, s_old, s_final, None, cast).1;
+                        *part =
+                            update_and_write(ops, w, m, v, p, *g, &k, s_old, s_final, None, cast).1;
                         return;
                     }
                     if factors[0] != 1.0 {
-                        w.rescale(factors[0]);
-                        *part = write_view(w, inv_w, p, cast);
+                        ops.rescale_state(w, factors[0]);
+                        *part = write_view(ops, w, inv_w, p, cast);
                     }
                     if factors[1] != 1.0 {
-                        m.rescale(factors[1]);
+                        ops.rescale_state(m, factors[1]);
                     }
                     if factors[2] != 1.0 {
-                        v.rescale(factors[2]);
+                        ops.rescale_state(v, factors[2]);
                     }
                 });
             stats.deferred_chunks += outs.iter().filter(|(o, _)| o.deferred).count() as u64;
@@ -528,7 +530,7 @@ impl Fp8Adam {
                 wc.par_iter_mut()
                     .zip(&mut pc)
                     .zip(&mut outs)
-                    .for_each(|((w, p), (_, part))| *part = write_view(w, inv_w, p, cast));
+                    .for_each(|((w, p), (_, part))| *part = write_view(ops, w, inv_w, p, cast));
             }
             let written = sum_parts(outs.iter().map(|(_, p)| p), want);
             drop(pc);
@@ -629,10 +631,11 @@ thread_local! {
 /// The fused update of one chunk; an FP8 target gets the chunk's new master cast with
 /// `cast`'s scale right away (unless the chunk was deferred: nothing was written).
 #[allow(clippy::too_many_arguments)]
-fn update_and_write(
-    w: &mut state::ChunkMut,
-    m: &mut state::ChunkMut,
-    v: &mut state::ChunkMut,
+fn update_and_write<'b>(
+    ops: &dyn UpdateOps,
+    w: &mut state::ChunkMut<'b>,
+    m: &mut state::ChunkMut<'b>,
+    v: &mut state::ChunkMut<'b>,
     p: &mut PChunk,
     g: GradChunk,
     k: &StepConsts,
@@ -641,26 +644,37 @@ fn update_and_write(
     limits: Option<[f32; 3]>,
     cast: Option<(Fp8Format, f32)>,
 ) -> (ChunkOut, CastPart) {
+    let mut chunk = |p: &mut [f32]| {
+        ops.fp8_adam_chunk(Fp8AdamChunk {
+            w,
+            m,
+            v,
+            p,
+            g,
+            k,
+            old_scale: s_old,
+            scale: s_new,
+            limits,
+        })
+    };
     match p {
-        PChunk::F32(p) => (
-            update_chunk(w, m, v, p, g, k, s_old, s_new, limits),
-            CastPart::default(),
-        ),
+        PChunk::F32(p) => (chunk(p), CastPart::default()),
         PChunk::Fp8(d) => VIEW.with(|cell| {
             let mut buf = cell.borrow_mut();
             let view = &mut buf[..d.len()];
-            let o = update_chunk(w, m, v, view, g, k, s_old, s_new, limits);
+            let o = chunk(view);
             if o.deferred {
                 return (o, CastPart::default());
             }
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            (o, cast_part(fmt, view, sc, d))
+            (o, cast_part(ops, fmt, view, sc, d))
         }),
     }
 }
 
 /// Write a chunk's compute weights from its (already final) master.
 fn write_view(
+    ops: &dyn UpdateOps,
     w: &state::ChunkMut,
     inv_w: f32,
     p: &mut PChunk,
@@ -668,21 +682,22 @@ fn write_view(
 ) -> CastPart {
     match p {
         PChunk::F32(p) => {
-            w.decode(inv_w, p);
+            ops.decode_state(w, inv_w, p);
             CastPart::default()
         }
         PChunk::Fp8(d) => VIEW.with(|cell| {
             let mut buf = cell.borrow_mut();
             let view = &mut buf[..d.len()];
-            w.decode(inv_w, view);
+            ops.decode_state(w, inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            cast_part(fmt, view, sc, d)
+            cast_part(ops, fmt, view, sc, d)
         }),
     }
 }
 
 /// [`write_view`] of chunk `c` from a master that is only read.
 fn write_master_view(
+    ops: &dyn UpdateOps,
     master: &Buf,
     c: usize,
     inv_w: f32,
@@ -699,13 +714,19 @@ fn write_master_view(
             let view = &mut buf[..d.len()];
             master.decode_chunk(c, inv_w, view);
             let (fmt, sc) = cast.expect("an FP8 target has a format and scale");
-            cast_part(fmt, view, sc, d)
+            cast_part(ops, fmt, view, sc, d)
         }),
     }
 }
 
-fn cast_part(fmt: Fp8Format, view: &[f32], scale: f32, dst: &mut [u8]) -> CastPart {
-    let (amax, c) = fp8lm_fp8::cast::f32_to_fp8_counted(fmt, view, scale, dst);
+fn cast_part(
+    ops: &dyn UpdateOps,
+    fmt: Fp8Format,
+    view: &[f32],
+    scale: f32,
+    dst: &mut [u8],
+) -> CastPart {
+    let (amax, c) = ops.cast_weights_fp8(fmt, view, scale, dst);
     CastPart {
         amax,
         saturated: c.saturated,
@@ -750,13 +771,9 @@ fn nan_max(a: f32, b: f32) -> f32 {
 }
 
 impl Optimizer for Fp8Adam {
-    fn step(&mut self, params: &mut [&mut [f32]], grads: &[Grad<'_>], lr: f32, grad_scale: f32) {
-        let mut outs: Vec<ParamOut<'_>> = params.iter_mut().map(|p| ParamOut::F32(p)).collect();
-        self.step_to(&mut outs, grads, lr, grad_scale)
-    }
-
-    fn step_to(
+    fn step_on(
         &mut self,
+        ops: &dyn UpdateOps,
         params: &mut [ParamOut<'_>],
         grads: &[Grad<'_>],
         lr: f32,
@@ -799,7 +816,7 @@ impl Optimizer for Fp8Adam {
                     wd: if ts.meta.weight_decay { wd } else { 0.0 },
                     ..base
                 };
-                Self::step_tensor(ts, p, g, k, grad_scale, &mut st);
+                Self::step_tensor(ops, ts, p, g, k, grad_scale, &mut st);
                 st
             })
             .collect();
@@ -814,7 +831,11 @@ impl Optimizer for Fp8Adam {
         }
     }
 
-    fn write_compute_weights(&self, outs: &mut [ParamOut<'_>]) -> Result<(), String> {
+    fn write_compute_weights_on(
+        &self,
+        ops: &dyn UpdateOps,
+        outs: &mut [ParamOut<'_>],
+    ) -> Result<(), String> {
         if outs.len() != self.tensors.len() {
             return Err(format!(
                 "Fp8Adam: {} compute-weight targets for {} tensors",
@@ -843,7 +864,7 @@ impl Optimizer for Fp8Adam {
             let mut parts: Vec<CastPart> = pc
                 .par_iter_mut()
                 .enumerate()
-                .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                .map(|(c, p)| write_master_view(ops, master, c, inv_w, p, cast))
                 .collect();
             if let (Some(pol), Some((_, guess))) = (policy, cast) {
                 let amax = parts.iter().fold(0f32, |a, p| nan_max(a, p.amax));
@@ -853,7 +874,7 @@ impl Optimizer for Fp8Adam {
                     parts = pc
                         .par_iter_mut()
                         .enumerate()
-                        .map(|(c, p)| write_master_view(master, c, inv_w, p, cast))
+                        .map(|(c, p)| write_master_view(ops, master, c, inv_w, p, cast))
                         .collect();
                 }
                 let written = sum_parts(parts.iter(), want);

@@ -177,7 +177,7 @@ impl Buf {
 /// has them, picked at run time; bit-identical to the scalar references, which their
 /// tests check on every input class). FP8 encodes use [`CastMode::SatAll`], i.e.
 /// exactly `Fp8Format::encode(x, true)`: finite overflow and infinities saturate.
-pub(super) enum ChunkMut<'a> {
+pub enum ChunkMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [u16]),
     Fp8(&'a mut [u8], Fp8Format),
@@ -186,7 +186,7 @@ pub(super) enum ChunkMut<'a> {
 impl ChunkMut<'_> {
     /// `dst[i] = stored[i] / scale`.
     #[inline(always)]
-    pub(super) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
+    pub(crate) fn decode(&self, inv_scale: f32, dst: &mut [f32]) {
         match self {
             ChunkMut::F32(s) => dst.copy_from_slice(s),
             ChunkMut::F16(s) => {
@@ -222,7 +222,7 @@ impl ChunkMut<'_> {
     }
     /// `stored[i] = encode(decode(stored[i]) * factor)`; exact for a power-of-two factor
     /// except in the subnormal range. At most CHUNK elements (one stack row).
-    pub(super) fn rescale(&mut self, factor: f32) {
+    pub(crate) fn rescale(&mut self, factor: f32) {
         let mut buf = [0f32; CHUNK];
         match self {
             ChunkMut::F32(_) => {}
@@ -243,8 +243,8 @@ impl ChunkMut<'_> {
 
 /// A chunk of the incoming gradient with grad_scale (and the FP8 tensor's 1/scale, a
 /// power of two, so the multiply equals the reference's exact division).
-#[derive(Clone, Copy)]
-pub(super) enum GradChunk<'a> {
+#[derive(Clone, Copy, Debug)]
+pub enum GradChunk<'a> {
     F32(&'a [f32], f32),
     Fp8(&'a [u8], Fp8Format, f32, f32),
 }

@@ -1373,13 +1373,14 @@ impl Model {
 
     /// Have `opt` write the compute weights from its current master (fp8-o2 after
     /// construction, a checkpoint restore, or a skipped step). A no-op for models whose
-    /// f32 weights are the master.
+    /// f32 weights are the master. The FP8 casts run on the model's backend.
     pub fn write_compute_weights(&mut self, opt: &dyn Optimizer) -> Result<(), String> {
         if !self.weights_from_optimizer {
             return Ok(());
         }
+        let be = self.backend().clone();
         let (mut outs, _) = self.outs_and_grads();
-        opt.write_compute_weights(&mut outs)?;
+        opt.write_compute_weights_on(&*be, &mut outs)?;
         let written = written_of(&outs);
         drop(outs);
         self.accept_written(&written);

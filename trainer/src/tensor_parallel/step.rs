@@ -223,7 +223,7 @@ impl Trainer {
         let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
         if !skipped {
             let scale = clip_scale(grad_norm, clip) * inv;
-            self.optimizer.step_to(&mut outs, &grads, lr, scale);
+            self.optimizer.step_on(&*be, &mut outs, &grads, lr, scale);
         }
         let written = crate::model::gpt::written_of(&outs);
         drop((outs, grads));
