@@ -237,7 +237,8 @@ impl Trainer {
                 (norm, skipped, comm_time)
             }
             _ => {
-                let (norm, skipped) = self.tp_norm_and_update(comm, &sharded, loss, k, nonfinite)?;
+                let (norm, skipped) =
+                    self.tp_norm_and_update(comm, &sharded, loss, k, nonfinite)?;
                 (norm, skipped, Duration::ZERO)
             }
         };
