@@ -282,7 +282,7 @@ fn fp8_o3_dp_over_tp_trains_like_twice_the_batch() {
             .optimizer()
             .state_breakdown();
         let big = |s: &fp8lm_optim::StateBytes| s.master + s.exp_avg + s.exp_avg_sq;
-        for tp in 0..2 {
+        for (tp, d1_tp) in d1.iter().enumerate() {
             let shares: Vec<usize> = ends
                 .iter()
                 .filter(|e| e.tp == tp)
@@ -291,10 +291,10 @@ fn fp8_o3_dp_over_tp_trains_like_twice_the_batch() {
             assert_eq!(shares.len(), 2);
             assert_eq!(
                 shares.iter().sum::<usize>(),
-                big(&d1[tp]),
+                big(d1_tp),
                 "{arch:?}: tp rank {tp}'s replicas hold {shares:?} bytes of master + moments, \
                  the D = 1 rank {}",
-                big(&d1[tp])
+                big(d1_tp)
             );
         }
         let ideal = whole.total() as f64 / 4.0;
@@ -308,7 +308,7 @@ fn fp8_o3_dp_over_tp_trains_like_twice_the_batch() {
                 whole.total()
             );
             assert!(
-                ratio <= 1.25 && ratio >= 0.5,
+                (0.5..=1.25).contains(&ratio),
                 "{arch:?}: rank (dp {}, tp {}) holds {} B of optimizer state, {ratio:.3} x \
                  the whole model's {} B / (D*T)",
                 e.dp,
