@@ -145,7 +145,7 @@ fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
 /// The same with fp8-o3 (FP8 ZeRO over each shard's two replicas). The GEMMs' other
 /// thread count regroups f32 sums (~1e-6 relative), which can flip an E4M3/E5M2
 /// rounding (2^-4 / 2^-3 relative) of a few elements: FP8 noise, bounded as in
-/// trainer/tests/tensor_parallel_dp.rs by 2e-3.
+/// trainer/tests/tensor_parallel_dp.rs by 2e-3 (measured: 0, bit-identical, on this host).
 #[test]
 fn mpirun_fp8_o3_over_tensor_parallel_matches_in_process_grid() {
     dxt_matches_in_process("fp8-o3", 2e-3);
