@@ -388,9 +388,10 @@ fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> se
 }
 
 /// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
-/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 only with
-/// D = 1), from scratch or resumed from any checkpoint written with tensor parallelism
-/// (re-sharded when its D x T differs, `fp8lm_trainer::checkpoint::tp`).
+/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 runs ZeRO
+/// over each shard's D replicas), from scratch or resumed from any checkpoint written
+/// with tensor parallelism (re-sharded when its D x T differs,
+/// `fp8lm_trainer::checkpoint::tp`).
 fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -> Result<()> {
     let t = cfg.dist.tensor_parallel;
     let world = comm.map_or(1, |c| c.size());
@@ -400,15 +401,6 @@ fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -
              has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...; \
              a tensor-parallel checkpoint resumes on one process with --set \
              dist.tensor_parallel=1)"
-        ))
-        .into());
-    }
-    if world > t && cfg.precision == Precision::Fp8O3 {
-        return Err(UsageError(format!(
-            "precision = \"fp8-o3\" with dist.tensor_parallel = {t} on {world} ranks \
-             ({} replicas): FP8 ZeRO over tensor-parallel replicas is not supported yet; \
-             use fp8-o2, or launch `mpirun -n {t}`",
-            world / t
         ))
         .into());
     }

@@ -139,7 +139,21 @@ fn losses_grid_in_process(sets: &[String]) -> Vec<f32> {
 /// the fp32 regrouping bound (1e-5: the GEMMs' thread count differs, as above).
 #[test]
 fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
-    let dir = std::env::temp_dir().join(format!("fp8lm-mpi-dxt-{}", std::process::id()));
+    dxt_matches_in_process("fp32", 1e-5);
+}
+
+/// The same with fp8-o3 (FP8 ZeRO over each shard's two replicas). The GEMMs' other
+/// thread count regroups f32 sums (~1e-6 relative), which can flip an E4M3/E5M2
+/// rounding (2^-4 / 2^-3 relative) of a few elements: FP8 noise, bounded as in
+/// trainer/tests/tensor_parallel_dp.rs by 2e-3 (measured: 0, bit-identical, on this host).
+#[test]
+fn mpirun_fp8_o3_over_tensor_parallel_matches_in_process_grid() {
+    dxt_matches_in_process("fp8-o3", 2e-3);
+}
+
+fn dxt_matches_in_process(precision: &str, bound: f32) {
+    let dir =
+        std::env::temp_dir().join(format!("fp8lm-mpi-dxt-{precision}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run");
     let mut sets: Vec<String> = [
@@ -149,11 +163,11 @@ fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
         "eval_tokens=256",
         "optim.warmup_steps=2",
         "dist.tensor_parallel=2",
-        "precision=fp32",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    sets.push(format!("precision={precision}"));
     sets.push(format!("max_steps={STEPS}"));
     sets.push(format!("run_dir={}", run.display()));
     let mut args = vec!["train".to_string()];
@@ -185,9 +199,9 @@ fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
         .zip(&local)
         .map(|(a, b)| ((a - b) / b).abs())
         .fold(0f32, f32::max);
-    println!("fp32 2 x 2: mpirun vs in-process grid max relative {worst:.2e}");
+    println!("{precision} 2 x 2: mpirun vs in-process grid max relative {worst:.2e}");
     assert!(
-        worst <= 1e-5,
+        worst <= bound,
         "mpirun {mpi:?} vs in-process {local:?}: {worst:.2e}"
     );
     let summary: serde_json::Value =
@@ -202,26 +216,19 @@ fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// What the grid refuses under mpirun, naming the values: fp8-o3 over tensor-parallel
-/// replicas, and a world that is not a multiple of T.
+/// What the grid refuses under mpirun, naming the values: a world that is not a
+/// multiple of T.
 #[test]
-fn mpirun_refuses_fp8_o3_replicas_and_ragged_worlds() {
+fn mpirun_refuses_ragged_worlds() {
     let dir = std::env::temp_dir().join(format!("fp8lm-mpi-dxt-refuse-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run");
     let rd = format!("run_dir={}", run.display());
-    for (n, precision, want) in [
-        (
-            4,
-            "fp8-o3",
-            "fp8-o3\" with dist.tensor_parallel = 2 on 4 ranks",
-        ),
-        (
-            3,
-            "fp32",
-            "needs a multiple of 2 ranks (D x T), this job has 3",
-        ),
-    ] {
+    for (n, precision, want) in [(
+        3,
+        "fp32",
+        "needs a multiple of 2 ranks (D x T), this job has 3",
+    )] {
         let p = format!("precision={precision}");
         let mut args = vec!["train"];
         for s in [

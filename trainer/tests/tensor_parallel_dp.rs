@@ -79,6 +79,8 @@ struct RankEnd {
     params: Vec<f32>,
     sharded: Vec<bool>,
     ranges: Vec<std::ops::Range<usize>>,
+    /// The optimizer state this rank holds (fp8-o3: its ZeRO share of its shard's).
+    state: fp8lm_optim::StateBytes,
 }
 
 /// D = 2 x T = 2, batch B per replica: every rank's losses and final weights.
@@ -105,6 +107,7 @@ fn grid_run(c: &RunConfig) -> Vec<RankEnd> {
             params: tr.weights_f32_all(),
             sharded: tr.tp_sharded(),
             ranges,
+            state: tr.optimizer().state_breakdown(),
         })
     })
     .unwrap()
@@ -120,6 +123,11 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 /// Checks D = 2 x T = 2 against D = 1 x T = 2 with 2B rows (`sp`: both with sequence
 /// parallelism); returns the grid's losses.
 fn check_sp(arch: Arch, p: Precision, bound: f64, sp: bool) -> Vec<f32> {
+    check_ends(arch, p, bound, sp).0
+}
+
+/// [`check_sp`], returning the grid's losses and every rank's outcome.
+fn check_ends(arch: Arch, p: Precision, bound: f64, sp: bool) -> (Vec<f32>, Vec<RankEnd>) {
     let base = losses_d1(&cfg_sp(arch, p, 2 * B, sp));
     assert!(
         base[STEPS - 1] < base[0] - 0.1,
@@ -185,7 +193,7 @@ fn check_sp(arch: Arch, p: Precision, bound: f64, sp: bool) -> Vec<f32> {
         "{arch:?} {p:?} SP {sp}: losses differ by {rel:.2e} > {bound:.0e}\nD = 1: {base:?}\nD = 2: {:?}",
         ends[0].losses
     );
-    ends.into_iter().next().unwrap().losses
+    (ends[0].losses.clone(), ends)
 }
 
 fn check(arch: Arch, p: Precision, bound: f64) {
@@ -228,22 +236,86 @@ fn low_precision_dp_over_tp_trains_like_twice_the_batch() {
     }
 }
 
-#[test]
-fn fp8_o3_over_tp_replicas_is_refused() {
-    let c = cfg(Arch::Gpt2, Precision::Fp8O3, B);
-    let grid = Grid::new(4, 2).unwrap();
-    let errs = run_ranks(4, |world| {
-        let (tp, dp) = grid.groups(world)?;
-        let mut tr = Trainer::new_tp(&c, 256, tp.rank())?;
-        anyhow::Ok(tr.enable_data_parallel(&dp).unwrap_err().to_string())
+/// The optimizer state one D = 1 x T = 2 rank holds (its whole shard's, no ZeRO).
+fn state_d1(c: &RunConfig) -> Vec<fp8lm_optim::StateBytes> {
+    run_ranks(2, |comm| {
+        let tr = Trainer::new_tp(c, 256, comm.rank())?;
+        anyhow::Ok(tr.optimizer().state_breakdown())
     })
-    .unwrap();
-    for e in errs {
-        assert!(
-            e.contains("fp8-o3")
-                && e.contains("dist.tensor_parallel = 2")
-                && e.contains("2 data-parallel"),
-            "{e}"
-        );
+    .unwrap()
+}
+
+/// Issue #13: "D = 2 x T = 2 on 4 ranks, fp8-o3, matches D = 1 x T = 2 with twice the
+/// batch." The grid runs FP8 ZeRO over each data-parallel pair (the replicas of one
+/// shard); D = 1 runs the shard's whole FP8 optimizer on each TP rank.
+///
+/// Tolerance. Against D = 1 the grid changes only the FP8 rounding of the weight
+/// gradients: each replica casts its half batch's gradient to E5M2 with its own scale,
+/// the pair agrees the smaller scale (re-quantising one side, 2^-3 relative per element
+/// at E5M2's 2 mantissa bits) and the reduce-scatter's FP8 sum rounds again (one more
+/// 2^-3), where D = 1 rounds the whole batch's gradient once. The updates are AdamW's
+/// g / sqrt(v), so per-element gradient noise of ~2^-3 moves each weight by a fraction
+/// of lr in direction noise only; the loss sees its mean, ~2^-3 / sqrt(elements) per
+/// step. The master all-gather is exact (FP16 with its power-of-two scale, decoded the
+/// same on every rank), so nothing else differs. This is the same noise as fp8-o2 under
+/// the FP8-LM all-reduce, measured above at 2.6e-4 / 5.0e-4; fp8-o3 measured
+/// 2.7e-4 (GPT-2) / 4.6e-4 (LLaMA) max relative loss difference over 10 steps; asserted
+/// 2e-3 (the FP8 bound of the other precisions, 4x the measurement), still 5x below the
+/// 9.5e-3 / 1.2e-2 a run that dropped half the batch shows in fp32.
+///
+/// Memory (the ledger's optimizer figures, `StateBytes`): each replica owns a disjoint
+/// set of its shard's units, so per TP coordinate the two shares' master and moment
+/// bytes add up exactly to the D = 1 rank's; and no rank holds more than 1.25x its
+/// 1/(D*T) of the whole model's fp8-o2 state: the greedy partition's max is at most the
+/// mean plus the largest unit (units are cut at 1/(8D) of the shard, +12.5%), plus the
+/// norms, biases and positions every TP rank keeps whole (12 B/param in f32). Measured:
+/// 1.060 / 1.059 (GPT-2), 1.008 / 1.004 (LLaMA) x whole/(D*T).
+#[test]
+fn fp8_o3_dp_over_tp_trains_like_twice_the_batch() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let (_, ends) = check_ends(arch, Precision::Fp8O3, 2e-3, false);
+        let d1 = state_d1(&cfg(arch, Precision::Fp8O3, B));
+        let mut whole_cfg = cfg(arch, Precision::Fp8O2, B);
+        whole_cfg.dist.tensor_parallel = 1;
+        let whole = Trainer::new(&whole_cfg, 256)
+            .unwrap()
+            .optimizer()
+            .state_breakdown();
+        let big = |s: &fp8lm_optim::StateBytes| s.master + s.exp_avg + s.exp_avg_sq;
+        for (tp, d1_tp) in d1.iter().enumerate() {
+            let shares: Vec<usize> = ends
+                .iter()
+                .filter(|e| e.tp == tp)
+                .map(|e| big(&e.state))
+                .collect();
+            assert_eq!(shares.len(), 2);
+            assert_eq!(
+                shares.iter().sum::<usize>(),
+                big(d1_tp),
+                "{arch:?}: tp rank {tp}'s replicas hold {shares:?} bytes of master + moments, \
+                 the D = 1 rank {}",
+                big(d1_tp)
+            );
+        }
+        let ideal = whole.total() as f64 / 4.0;
+        for e in &ends {
+            let ratio = e.state.total() as f64 / ideal;
+            println!(
+                "{arch:?} fp8-o3 rank (dp {}, tp {}): optimizer state {} B = {ratio:.3} x whole/(D*T) ({} B / 4)",
+                e.dp,
+                e.tp,
+                e.state.total(),
+                whole.total()
+            );
+            assert!(
+                (0.5..=1.25).contains(&ratio),
+                "{arch:?}: rank (dp {}, tp {}) holds {} B of optimizer state, {ratio:.3} x \
+                 the whole model's {} B / (D*T)",
+                e.dp,
+                e.tp,
+                e.state.total(),
+                whole.total()
+            );
+        }
     }
 }

@@ -106,6 +106,8 @@
 //!   ring mean);
 //! - `zero`: fp8-o3's partition, packing of owner segments, reduce-scatter, owner update,
 //!   master all-gather;
+//! - `zero_dxt`: fp8-o3 on a D x T grid (ZeRO over each data-parallel subgroup of
+//!   tensor-parallel shards);
 //! - `overlap`: the backward on a scoped thread handing finished groups to the
 //!   communicator's thread; `dist.overlap = "auto"`;
 //! - `setup`: `enable_data_parallel*` (config agreement, plans, this rank's share, resume
@@ -118,6 +120,7 @@ mod overlap;
 mod setup;
 pub mod step;
 mod zero;
+mod zero_dxt;
 
 pub use bench::{bench_train_dist, bench_train_dist_table, train_data_parallel, DistBench};
 pub use overlap::{mpi_local_ranks, rank_cores};

@@ -116,18 +116,8 @@ impl Trainer {
                 comm.size()
             );
         }
-        if let Some(tp) = self.model.tp {
-            if self.cfg.precision == Precision::Fp8O3 {
-                bail!(
-                    "precision = \"fp8-o3\" with dist.tensor_parallel = {} and {} \
-                     data-parallel replicas: FP8 ZeRO over the data-parallel group of \
-                     tensor-parallel shards is not supported yet; use fp8-o2 (same \
-                     numerics, replicated optimizer state) or dist.tensor_parallel = 1",
-                    tp.size,
-                    comm.size()
-                );
-            }
-        }
+        // Under tensor parallelism `comm` is the data-parallel group of this rank's shard:
+        // fp8-o3 partitions the shard's tensors over it (`super::zero_dxt`).
         let toml = crate::config_file::to_toml(&self.cfg);
         fp8lm_collectives::agree_config(comm, "training config", toml.as_bytes())
             .map_err(comm_err)?;

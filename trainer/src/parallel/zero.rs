@@ -7,7 +7,7 @@ use super::{comm_err, fp8_wgrad, slices_mut, DistState, F16_MAX, WGRAD};
 use crate::config::{Precision, ZeroPartition};
 use crate::model::{FinalGrads, GradGroup, Model};
 use crate::repartition::{decode_states, encode_states, NamedState, UnitSpan};
-use crate::train::{clip_scale, global_grad_norm_on, lr_at, Trainer};
+use crate::train::{clip_scale, global_grad_norm_on, grad_sum_squares_on, lr_at, Trainer};
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{next_mu, BufMut, Communicator, GradMethod, GradTally, ReduceOp};
 use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_counted};
@@ -15,6 +15,7 @@ use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::ScaledFp8;
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
 use fp8lm_optim::zero::{split_units, Partition, Unit};
+use fp8lm_optim::ParamOut;
 use fp8lm_optim::{Fp8AdamConfig, Grad, StateTensor};
 use half::f16;
 use std::ops::Range;
@@ -54,7 +55,7 @@ pub(super) struct ZeroGroup {
 
 /// fp8-o3 gradients packed for the reduce-scatter to the owners: each owner's segment of
 /// FP8 bytes (re-quantised to `mu * s_g`) and of f32, and the agreed scales `s_g`.
-pub(super) struct ZeroPacked {
+pub(crate) struct ZeroPacked {
     pub(super) buf8: Vec<u8>,
     pub(super) buf32: Vec<f32>,
     pub(super) s_g: Vec<f32>,
@@ -505,13 +506,19 @@ impl Trainer {
     /// FP8 ZeRO, after the backward packed the gradients ([`Zero::pack_group`]): reduce
     /// each unit's gradient to its owner, owners update their units, owners share the
     /// new weights. Returns (global grad norm, skipped).
-    pub(super) fn zero_update(
+    ///
+    /// `tp`: on a D x T grid (`comm` the data-parallel group of this tensor-parallel
+    /// rank), the tensor-parallel group and which tensors are split over it, for the
+    /// whole model's norm: the sharded tensors' squares are summed over `tp` too, the
+    /// replicated ones (the same on every TP rank) counted once.
+    pub(crate) fn zero_update(
         &mut self,
         dist: &mut DistState,
         comm: &dyn Communicator,
         loss: f32,
         comm_time: &mut Duration,
         packed: ZeroPacked,
+        tp: Option<(&dyn Communicator, &[bool])>,
     ) -> Result<(f32, bool)> {
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
@@ -578,13 +585,44 @@ impl Trainer {
                 None => Grad::F32(&buf32[me * z.seg32 + z.seg_off[u]..][..z.units[u].numel()]),
             })
             .collect();
-        let local = global_grad_norm_on(&**model.backend(), &grads) as f64;
         let tc = Instant::now();
-        let sq = comm
-            .all_reduce_scalar((local * local) as f32, ReduceOp::Sum)
-            .map_err(comm_err)?;
+        let grad_norm = match tp {
+            None => {
+                let local = global_grad_norm_on(&**model.backend(), &grads) as f64;
+                let sq = comm
+                    .all_reduce_scalar((local * local) as f32, ReduceOp::Sum)
+                    .map_err(comm_err)?;
+                sq.sqrt()
+            }
+            Some((tpc, sharded)) => {
+                let (mut sh, mut rep) = (Vec::new(), Vec::new());
+                for (&u, &g) in owned.iter().zip(&grads) {
+                    match sharded.get(z.units[u].tensor) {
+                        Some(true) => sh.push(g),
+                        Some(false) => rep.push(g),
+                        None => bail!(
+                            "fp8-o3 on rank {me}: unit {} names tensor {}, outside the {} \
+                             tensors of the tensor-parallel layout",
+                            z.units[u].name,
+                            z.units[u].tensor,
+                            sharded.len()
+                        ),
+                    }
+                }
+                let be = &**model.backend();
+                let mut sq = [
+                    grad_sum_squares_on(be, &sh) as f32,
+                    grad_sum_squares_on(be, &rep) as f32,
+                ];
+                comm.all_reduce(BufMut::F32(&mut sq), ReduceOp::Sum)
+                    .map_err(comm_err)?;
+                let shards = tpc
+                    .all_reduce_scalar(sq[0], ReduceOp::Sum)
+                    .map_err(comm_err)?;
+                (shards + sq[1]).sqrt()
+            }
+        };
         *comm_time += tc.elapsed();
-        let grad_norm = sq.sqrt();
         // FP8-LM's mu: halve on overflow, else grow to 2x over `growth_steps`, cap max_mu
         // (the configured rule, `dist.fp8_allreduce`); the fixed-mu methods keep theirs.
         let rc = &dist.fp8_reducer.cfg;
@@ -607,9 +645,11 @@ impl Trainer {
             return Ok((grad_norm, true));
         }
         let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
+        let be = model.backend().clone();
         let mut ps = slices_mut(&mut model.params, &rs);
+        let mut outs: Vec<ParamOut<'_>> = ps.iter_mut().map(|p| ParamOut::F32(p)).collect();
         self.optimizer
-            .step(&mut ps, &grads, lr, clip_scale(grad_norm, clip));
+            .step_on(&*be, &mut outs, &grads, lr, clip_scale(grad_norm, clip));
         // 5. Owners share the new weights.
         let tc = Instant::now();
         z.share_weights(comm, &mut model.params)?;

@@ -11,8 +11,10 @@
 //! does, each gradient group is averaged over the replicas as the backward hands it out
 //! (`parallel::grad_sync`, on the step's thread: the backward calls the TP collectives),
 //! and the norm and update follow on the averaged gradients, so every replica applies the
-//! same update to its bit-identical shards. fp8-o3 (ZeRO over the replicas of a shard)
-//! is refused there.
+//! same update to its bit-identical shards. fp8-o3 runs FP8 ZeRO over the replicas of
+//! each shard (`parallel::zero_dxt`): the gradients are packed for their owners instead
+//! of averaged, reduce-scattered over `dp`, the owners update and all-gather their new
+//! masters over `dp`.
 
 use super::shard::{grad_norm, TpShard};
 use crate::data::Dataset;
@@ -32,8 +34,9 @@ fn cerr(e: CommError) -> anyhow::Error {
 impl Trainer {
     /// Rank `rank` of a `cfg.dist.tensor_parallel`-way group: its shard of the model (the
     /// slice of the whole model's initial values from `cfg.seed`) and an optimizer over
-    /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here (its
-    /// ZeRO partition is data parallelism's; with D > 1 replicas it is refused). With
+    /// its shard. Every precision; fp8-o3 computes as fp8-o2 with f32 weights here, and
+    /// with D > 1 replicas `enable_data_parallel(dp)` replaces its optimizer by the
+    /// rank's ZeRO share of the shard's state (`parallel::zero_dxt`). With
     /// `dist.sequence_parallel` the rank runs norms and residuals on its token shard
     /// (`crate::tensor_parallel::sp`).
     pub fn new_tp(cfg: &RunConfig, vocab: usize, rank: usize) -> Result<Trainer> {
@@ -104,8 +107,9 @@ impl Trainer {
     /// gradients, f32 ring mean for the rest: `parallel::grad_sync`), then the norm
     /// (over `tp`, of the reduced gradients), skip, clip and update as
     /// [`Trainer::train_step_tp`]. The reported loss is the mean over `dp` of the
-    /// replicas' losses. Needs [`Trainer::enable_data_parallel`]`(dp)` first (which
-    /// refuses fp8-o3 and `grad_accum > 1` here).
+    /// replicas' losses. fp8-o3: ZeRO over `dp` instead of the averaging
+    /// (`parallel::zero_dxt`). Needs [`Trainer::enable_data_parallel`]`(dp)` first (which
+    /// refuses `grad_accum > 1`).
     pub fn train_step_dxt(
         &mut self,
         data: &mut dyn Dataset,
@@ -156,6 +160,8 @@ impl Trainer {
         let (mut loss_sum, mut fwd, mut bwd, mut gemm) =
             (0f64, Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut nonfinite = false;
+        // fp8-o3: the gradients packed for the owners (ZeRO over the replicas of a shard).
+        let mut packed = None;
         for micro in 0..k {
             let ts = Instant::now();
             match dp.as_mut() {
@@ -184,6 +190,9 @@ impl Trainer {
                     .model
                     .backward_tp(Some(comm), &mut |_| {})
                     .map_err(anyhow::Error::from),
+                Some((dist, dpc)) if dist.zero_on() => dist
+                    .tp_backward_and_pack(&mut self.model, comm, *dpc)
+                    .map(|p| packed = Some(p)),
                 Some((dist, dpc)) => dist
                     .tp_backward_and_reduce(&mut self.model, comm, *dpc)
                     .map(|nf| nonfinite |= nf),
@@ -211,28 +220,30 @@ impl Trainer {
             nonfinite = nf > 0.0;
         }
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
-        let clip = self.cfg.optim.grad_clip;
         let sharded = self.tp_sharded();
-        let be = self.model.backend().clone();
-        let (mut outs, grads) = self.model.outs_and_grads();
-        let inv = 1.0 / k as f32;
-        let sum_squares = |g: &[Grad<'_>]| grad_sum_squares_on(&*be, g);
-        let grad_norm = grad_norm(comm, &grads, &sharded, sum_squares)? * inv;
-        // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
-        // group skips or steps together.
-        let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
-        if !skipped {
-            let scale = clip_scale(grad_norm, clip) * inv;
-            self.optimizer.step_on(&*be, &mut outs, &grads, lr, scale);
-        }
-        let written = crate::model::gpt::written_of(&outs);
-        drop((outs, grads));
-        self.model.accept_written(&written);
+        let (grad_norm, skipped, comm_time) = match (dp, packed) {
+            (Some((dist, dpc)), Some(packed)) => {
+                // fp8-o3: reduce-scatter to the owners over `dp`, owner update, master
+                // all-gather over `dp`; the norm over the whole grid.
+                let mut comm_time = Duration::ZERO;
+                let (norm, skipped) = self.zero_update(
+                    dist,
+                    dpc,
+                    loss,
+                    &mut comm_time,
+                    packed,
+                    Some((comm, &sharded)),
+                )?;
+                (norm, skipped, comm_time)
+            }
+            _ => {
+                let (norm, skipped) =
+                    self.tp_norm_and_update(comm, &sharded, loss, k, nonfinite)?;
+                (norm, skipped, Duration::ZERO)
+            }
+        };
         if skipped {
             self.skipped += 1;
-            self.model
-                .write_compute_weights(self.optimizer.as_ref())
-                .map_err(anyhow::Error::msg)?;
         }
         let t3 = Instant::now();
         let stats = StepStats {
@@ -246,11 +257,46 @@ impl Trainer {
             backward: bwd,
             optimizer: t3 - (t0 + fwd + bwd),
             gemm,
-            comm: Duration::ZERO,
-            comm_exposed: Duration::ZERO,
+            comm: comm_time,
+            comm_exposed: comm_time,
         };
         self.step += 1;
         Ok(stats)
+    }
+
+    /// Norm (over the TP group), skip, clip and update of a replicated optimizer on this
+    /// rank's shard; returns (norm, skipped).
+    fn tp_norm_and_update(
+        &mut self,
+        comm: &dyn Communicator,
+        sharded: &[bool],
+        loss: f32,
+        k: usize,
+        nonfinite: bool,
+    ) -> Result<(f32, bool)> {
+        let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
+        let clip = self.cfg.optim.grad_clip;
+        let be = self.model.backend().clone();
+        let (mut outs, grads) = self.model.outs_and_grads();
+        let inv = 1.0 / k as f32;
+        let sum_squares = |g: &[Grad<'_>]| grad_sum_squares_on(&*be, g);
+        let grad_norm = grad_norm(comm, &grads, sharded, sum_squares)? * inv;
+        // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
+        // group skips or steps together.
+        let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
+        if !skipped {
+            let scale = clip_scale(grad_norm, clip) * inv;
+            self.optimizer.step_on(&*be, &mut outs, &grads, lr, scale);
+        }
+        let written = crate::model::gpt::written_of(&outs);
+        drop((outs, grads));
+        self.model.accept_written(&written);
+        if skipped {
+            self.model
+                .write_compute_weights(self.optimizer.as_ref())
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok((grad_norm, skipped))
     }
 }
 
