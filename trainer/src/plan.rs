@@ -176,7 +176,7 @@ fn activation_elems(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -
 /// The share of its E4M3 input's rows linear `i` of `count` (the model's order) keeps:
 /// `spt` for a column-parallel layer (qkv, fc, the head) under SP, 1 otherwise.
 fn column_shards(i: usize, count: usize, spt: usize) -> usize {
-    if i % 4 == 0 || i % 4 == 2 || i + 1 == count {
+    if matches!(i % 4, 0 | 2) || i + 1 == count {
         spt
     } else {
         1

@@ -572,7 +572,7 @@ impl Model {
             lin.weight_from_optimizer = weights_from_optimizer;
             // Column-parallel (qkv, fc, head) under SP: keep only this rank's rows of the
             // E4M3 input (Megatron's SP; the backward re-gathers them).
-            if i % 4 == 0 || i % 4 == 2 || i == 4 * dims.l {
+            if matches!(i % 4, 0 | 2) || i == 4 * dims.l {
                 lin.keep_input_shard(spt);
             }
         }
