@@ -9,8 +9,10 @@
 //! - ḡ backward: 2L gathers of the output gradient `[n, C]` (the two row-parallel layers);
 //! - the embedding's backward: 1 f32 gather of `[n, C]` (its vocabulary shard sees every
 //!   token), in every precision;
+//! - FP8 only, g backward: 2L + 1 re-gathers of the column-parallel layers' E4M3 inputs
+//!   (each rank keeps only its shard of them);
 //!
-//! so fp32 gathers (4L + 2) n C 4 (T - 1) / T bytes of f32, and FP8 (4L + 1) n C (T - 1) / T
+//! so fp32 gathers (4L + 2) n C 4 (T - 1) / T bytes of f32, and FP8 (6L + 2) n C (T - 1) / T
 //! bytes of FP8 plus the embedding's n C 4 (T - 1) / T of f32.
 
 use fp8lm_collectives::{run_ranks, CollectiveBytes, Communicator, CountingComm};

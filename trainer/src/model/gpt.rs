@@ -654,7 +654,8 @@ impl Model {
         self.acts.bytes() - self.acts.scratch_bytes()
     }
 
-    /// Bytes of the backward's one-layer activation-gradient scratch.
+    /// Bytes of the one-layer scratch (the backward's activation gradients, the
+    /// row-parallel outputs).
     pub fn backward_scratch_bytes(&self) -> usize {
         self.acts.scratch_bytes()
     }
