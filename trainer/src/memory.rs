@@ -229,6 +229,9 @@ pub struct LedgerSizes {
     pub e4m3_inputs: usize,
     /// The shared E5M2 output gradient of the widest FP8 linear.
     pub e5m2_dy: usize,
+    /// FP8 with sequence parallelism: the shared gathered E4M3 input `[n, C]` of the
+    /// column-parallel linear running (each keeps only its shard in `e4m3_inputs`).
+    pub e4m3_gathered: usize,
     pub bf16_inputs: usize,
     /// bf16 runs: the per-thread GEMM tiles of the largest layer.
     pub bf16_tiles: usize,
@@ -292,6 +295,12 @@ impl LedgerSizes {
                 .map(|li| li.fp8_dy_bytes(rows))
                 .max()
                 .unwrap_or(0),
+            e4m3_gathered: model
+                .linears
+                .iter()
+                .map(|li| li.e4m3_gathered_bytes(rows))
+                .max()
+                .unwrap_or(0),
             bf16_inputs: b16,
             bf16_tiles,
             optimizer: tr.optimizer().state_breakdown(),
@@ -344,7 +353,7 @@ impl LedgerSizes {
         );
         l.add(
             Category::Workspace,
-            "f32 activation-gradient scratch of one layer",
+            "f32 one-layer scratch (activation gradients, row-parallel outputs)",
             s.backward_scratch,
         );
         l.add(
@@ -356,6 +365,11 @@ impl LedgerSizes {
             Category::Workspace,
             "E5M2 output gradient of one linear (shared)",
             s.e5m2_dy,
+        );
+        l.add(
+            Category::Workspace,
+            "E4M3 gathered input of one column-parallel linear (SP, shared)",
+            s.e4m3_gathered,
         );
         l.add(
             Category::Activations,

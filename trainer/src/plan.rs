@@ -158,19 +158,29 @@ fn activation_elems(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -
         + l * bt * 3 * ca // qkv
         + li * bt * ca // atty
         + l * d.b * d.h * d.t * d.t // att
-        + bt * c // attproj (one slot)
         + l * bts * c // residual2
         + li * bt * c + 2 * l * bts // ln2, mean, rstd
         + l * bt * d.fc_out() // fch
         + li * bt * d.f // fch_act
-        + bt * c // fcproj (one slot)
         + l * bts * c // residual3
         + 2 * sp_len // sequence-parallel shard buffers
         + bt * c + 2 * bts // lnf, mean, rstd
         + bt * d.v // logits
         + bt; // losses
-    let scratch = bts * c + bt * c + bt * ca + bt * 3 * ca + bt * d.fc_out() + bt * d.f;
+              // attproj and fcproj (one slot each, read by no backward), then the gradients.
+    let scratch =
+        2 * bt * c + bts * c + bt * c + bt * ca + bt * 3 * ca + bt * d.fc_out() + bt * d.f;
     (kept, scratch)
+}
+
+/// The share of its E4M3 input's rows linear `i` of `count` (the model's order) keeps:
+/// `spt` for a column-parallel layer (qkv, fc, the head) under SP, 1 otherwise.
+fn column_shards(i: usize, count: usize, spt: usize) -> usize {
+    if matches!(i % 4, 0 | 2) || i + 1 == count {
+        spt
+    } else {
+        1
+    }
 }
 
 /// Per-element optimizer-state bytes (master, first moment, second moment) of the
@@ -255,7 +265,17 @@ pub fn ledger_sizes_of_rank(
         e4m3_weights: when(fp8, lin.iter().map(|(_, s)| s.c * s.oc).sum()),
         activations: 4 * kept,
         backward_scratch: 4 * scratch,
-        e4m3_inputs: when(fp8, lin.iter().map(|(_, s)| rows * s.c).sum()),
+        // With SP the column-parallel layers (qkv, fc, head) keep 1 / T of their rows.
+        e4m3_inputs: when(
+            fp8,
+            lin.iter()
+                .enumerate()
+                .map(|(i, (_, s))| {
+                    rows * s.c / column_shards(i, lin.len(), if block { 1 } else { sp_rows })
+                })
+                .sum(),
+        ),
+        e4m3_gathered: when(fp8 && sp_rows > 1 && !block, rows * d.c),
         e5m2_dy: when(fp8, lin.iter().map(|(_, s)| rows * s.oc).max().unwrap_or(0)),
         bf16_inputs: when(bf16, lin.iter().map(|(_, s)| 2 * rows * s.c).sum()),
         bf16_tiles: when(
@@ -363,7 +383,8 @@ pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
 ///   layers, f's backward before both column-parallel layers of a block and the head
 ///   (4L + 2), and the vocabulary-parallel cross-entropy's `[n]` row max and `[2n]` sums;
 /// - with SP, g all-gathers the 2L + 1 norm outputs (E4M3 in the FP8 precisions, f32
-///   otherwise), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
+///   otherwise; FP8 gathers them again in the backward, the column-parallel layers
+///   keeping only their shard), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
 ///   f32), the embedding's backward one f32 `[n, C]`; reduce-scatters: ḡ after the 2L
 ///   row-parallel layers and the embedding, g's backward for the 2L + 1 norm outputs;
 ///   all-reduces: the cross-entropy's and the replicated tensors' gradients (norms,
@@ -396,8 +417,8 @@ fn tp_collective_bytes(cfg: &RunConfig, sh: &Shape, grid: PlanGrid) -> Vec<Colle
     if fp8 {
         push(
             "all-gather",
-            "E4M3 norm outputs (g) and E5M2 output gradients (ḡ backward)",
-            frac((4 * l + 1) * n * c),
+            "E4M3 norm outputs (g, and again in the backward) and E5M2 output gradients",
+            frac((6 * l + 2) * n * c),
         );
         push(
             "all-gather",

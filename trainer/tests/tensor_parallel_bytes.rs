@@ -9,8 +9,10 @@
 //! - ḡ backward: 2L gathers of the output gradient `[n, C]` (the two row-parallel layers);
 //! - the embedding's backward: 1 f32 gather of `[n, C]` (its vocabulary shard sees every
 //!   token), in every precision;
+//! - FP8 only, g backward: 2L + 1 re-gathers of the column-parallel layers' E4M3 inputs
+//!   (each rank keeps only its shard of them);
 //!
-//! so fp32 gathers (4L + 2) n C 4 (T - 1) / T bytes of f32, and FP8 (4L + 1) n C (T - 1) / T
+//! so fp32 gathers (4L + 2) n C 4 (T - 1) / T bytes of f32, and FP8 (6L + 2) n C (T - 1) / T
 //! bytes of FP8 plus the embedding's n C 4 (T - 1) / T of f32.
 
 use fp8lm_collectives::{run_ranks, CollectiveBytes, Communicator, CountingComm};
@@ -66,14 +68,21 @@ fn fp8_sequence_parallel_gathers_move_a_quarter_of_f32() {
         println!("T = {tp} SP fp32: {f32b:?}\nT = {tp} SP fp8-o1: {fp8b:?}");
         assert_eq!(f32b.all_gather, frac((4 * l + 2) * n * ch * 4));
         assert_eq!(f32b.all_gather_fp8, 0);
-        assert_eq!(fp8b.all_gather_fp8, frac((4 * l + 1) * n * ch));
+        // The converters' 4L + 1 gathers (2L + 1 norm outputs, 2L output gradients), and
+        // the backward's re-gathers of the 2L + 1 column-parallel E4M3 inputs (each rank
+        // keeps only its shard; fp32 keeps its f32 inputs whole and gathers nothing more).
+        let regather = frac((2 * l + 1) * n * ch);
+        assert_eq!(fp8b.all_gather_fp8, frac((4 * l + 1) * n * ch) + regather);
         assert_eq!(
             fp8b.all_gather,
             frac(n * ch * 4),
             "only the embedding's gather is f32"
         );
         // The converters' gathers: FP8 moves exactly a quarter of the f32 bytes.
-        assert_eq!(4 * fp8b.all_gather_fp8, f32b.all_gather - fp8b.all_gather);
+        assert_eq!(
+            4 * (fp8b.all_gather_fp8 - regather),
+            f32b.all_gather - fp8b.all_gather
+        );
         // Reductions stay f32 in every precision (sums of partial products); FP8 adds one
         // MAX all-reduce of an f32 amax per FP8 gather (4L + 1), for the shared scale: a
         // 4-byte all-reduce sends 2 (T - 1) x 4 bytes over the group, per rank / T.

@@ -128,14 +128,12 @@ impl Acts {
             &self.qkv,
             &self.atty,
             &self.att,
-            &self.attproj,
             &self.residual2,
             &self.ln2,
             &self.ln2_mean,
             &self.ln2_rstd,
             &self.fch,
             &self.fch_act,
-            &self.fcproj,
             &self.residual3,
             &self.sp_a,
             &self.sp_b,
@@ -149,9 +147,12 @@ impl Acts {
     }
 
     /// The backward's one-layer gradient scratch (dresidual, dln, datty, dqkv, dfch,
-    /// dfch_act).
+    /// dfch_act) and the two one-slot row-parallel outputs (attproj, fcproj: written
+    /// by every layer's forward and read by no backward, so not kept activations).
     fn scratch_bytes(&self) -> usize {
         [
+            &self.attproj,
+            &self.fcproj,
             &self.dresidual,
             &self.dln,
             &self.datty,
@@ -566,8 +567,14 @@ impl Model {
             precision,
         ));
         let fp8 = matches!(precision, LinearPrecision::Fp8 { .. });
-        for lin in &mut linears {
+        let spt = tp.map_or(1, |s| if s.sp { s.size } else { 1 });
+        for (i, lin) in linears.iter_mut().enumerate() {
             lin.weight_from_optimizer = weights_from_optimizer;
+            // Column-parallel (qkv, fc, head) under SP: keep only this rank's rows of the
+            // E4M3 input (Megatron's SP; the backward re-gathers them).
+            if matches!(i % 4, 0 | 2) || i == 4 * dims.l {
+                lin.keep_input_shard(spt);
+            }
         }
         let block_max = linears[..4 * dims.l]
             .iter()
@@ -647,7 +654,8 @@ impl Model {
         self.acts.bytes() - self.acts.scratch_bytes()
     }
 
-    /// Bytes of the backward's one-layer activation-gradient scratch.
+    /// Bytes of the one-layer scratch (the backward's activation gradients, the
+    /// row-parallel outputs).
     pub fn backward_scratch_bytes(&self) -> usize {
         self.acts.scratch_bytes()
     }
@@ -1060,7 +1068,10 @@ impl Model {
         } else {
             &mut head_g[local(lay.head, head_base)]
         };
-        head.backward(dlnf, dhead, None, dlogits, &a.lnf[..n * c], p(lay.head), n);
+        let lnf = &a.lnf[..n * c];
+        head.with_input_gathered(n, spc, |li| {
+            li.backward(dlnf, dhead, None, dlogits, lnf, p(lay.head), n)
+        })?;
         let dlnf = sp::input_grad(comm, sp, dlnf, &mut a.sp_a)?;
         let dres = &mut a.dresidual[..ns * c];
         dres.fill(0.0);
@@ -1148,15 +1159,10 @@ impl Model {
             let dln = &mut a.dln[..n * c];
             let (dw, db) = two_mut(grads, rng(bp.fcw), bp.fcb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[2].backward(
-                dln,
-                dw,
-                db,
-                dfch,
-                at(&a.ln2, l, in_stride(keep, bt * c), n * c),
-                p(bp.fcw),
-                n,
-            );
+            let ln2 = at(&a.ln2, l, in_stride(keep, bt * c), n * c);
+            lin[2].with_input_gathered(n, spc, |li| {
+                li.backward(dln, dw, db, dfch, ln2, p(bp.fcw), n)
+            })?;
             if fp8 {
                 let len = lin[2].c * lin[2].oc;
                 lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
@@ -1205,15 +1211,10 @@ impl Model {
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            lin[0].backward(
-                dln,
-                dw,
-                db,
-                dqkv,
-                at(&a.ln1, l, in_stride(keep, bt * c), n * c),
-                p(bp.qkvw),
-                n,
-            );
+            let ln1 = at(&a.ln1, l, in_stride(keep, bt * c), n * c);
+            lin[0].with_input_gathered(n, spc, |li| {
+                li.backward(dln, dw, db, dqkv, ln1, p(bp.qkvw), n)
+            })?;
             if fp8 {
                 let len = lin[0].c * lin[0].oc;
                 lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);

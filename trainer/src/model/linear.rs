@@ -357,6 +357,10 @@ pub struct Linear {
     /// Gradient accumulation: the backward adds this micro-batch's weight gradient to
     /// the one held (f32 `dw` by the dW GEMM; FP8 by [`Linear::quantize_wgrad`]).
     pub accumulate: bool,
+    /// FP8 column-parallel layer under sequence parallelism: the E4M3 input is kept as
+    /// this rank's `1 / input_shards` of the rows (re-gathered for the backward,
+    /// `model/linear_sp.rs`); 1 otherwise.
+    input_shards: usize,
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
@@ -437,6 +441,7 @@ impl Linear {
             fp8,
             weight_from_optimizer: false,
             accumulate: false,
+            input_shards: 1,
             bf16,
             gemm_time: Duration::ZERO,
             operand_bytes: OperandBytes::default(),

@@ -12,6 +12,14 @@
 //! rank's history (and next scale) is the same. The cast counts in the stats are this
 //! rank's shard's. fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
 
+//!
+//! Memory (Megatron-LM's SP): a column-parallel FP8 layer keeps only this rank's shard
+//! of its E4M3 input ([`Linear::keep_input_shard`]); the gathered `[n, c]` bytes live in
+//! one per-thread buffer while the GEMM runs, and the backward all-gathers the shards
+//! again ([`Linear::with_input_gathered`]): the same bytes with the same scale, so the dW
+//! GEMM reads exactly what the forward's GEMM read, for `(T - 1) / T` of `n x c` bytes
+//! more traffic per layer.
+
 use super::*;
 use fp8lm_collectives::mappings::gather_from_sp;
 use fp8lm_collectives::{chunk_range, BufMut, Communicator, ReduceOp, Result};
@@ -49,6 +57,13 @@ impl Fp8Operand {
     }
 }
 
+thread_local! {
+    /// The gathered E4M3 input `[n, c]` of the column-parallel layer whose forward or
+    /// backward runs on this thread (each layer keeps only its shard under SP).
+    static X_E4M3_GATHERED: std::cell::RefCell<Tensor> =
+        std::cell::RefCell::new(Tensor::zeros(DType::E4M3, &[0]));
+}
+
 /// `db += sum over rows of dout` (this rank's shard rows: the caller all-reduces `db`).
 fn bias_grad(be: &dyn Backend, db: Option<&mut [f32]>, dout_shard: &[f32]) {
     if let Some(db) = db {
@@ -81,8 +96,45 @@ impl Linear {
         };
         assert!(out.len() == n * oc && shard.len() * comm.size() == n * c);
         let mut f = self.fp8.take().expect("fp8 state");
-        let r = f.x.quantize_gathered(&*self.be, shard, n * c, record, comm);
-        if r.is_ok() {
+        let sharded = self.input_shards > 1;
+        let r = X_E4M3_GATHERED.with(|g| {
+            let mut g = g.borrow_mut();
+            if sharded {
+                // Gather into the shared buffer; the layer's own storage (now in `g`)
+                // receives this rank's rows below.
+                g.ensure_len(n * c);
+                std::mem::swap(&mut *g, &mut f.x.t);
+            }
+            let r = f.x.quantize_gathered(&*self.be, shard, n * c, record, comm);
+            if r.is_ok() {
+                self.gemm_sp(&mut f, out, w, bias, n, record);
+            }
+            if sharded {
+                let rows = chunk_range(n * c, comm.size(), comm.rank());
+                let own = rows.len();
+                g.fp8_bytes_mut()[..own].copy_from_slice(&f.x.t.fp8_bytes()[rows]);
+                std::mem::swap(&mut *g, &mut f.x.t);
+                // The scale and amax of this cast stay with the shard kept.
+                std::mem::swap(g.scaling_mut(), f.x.t.scaling_mut());
+            }
+            r
+        });
+        self.fp8 = Some(f);
+        r
+    }
+
+    /// The forward GEMM of [`Linear::forward_sp`] once the E4M3 input is gathered.
+    fn gemm_sp(
+        &mut self,
+        f: &mut Fp8Linear,
+        out: &mut [f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        record: bool,
+    ) {
+        let (c, oc) = (self.c, self.oc);
+        {
             if self.weight_from_optimizer {
                 if record {
                     f.w.record_written();
@@ -96,8 +148,66 @@ impl Linear {
                 self.be.bias_forward(out, b);
             }
         }
-        self.fp8 = Some(f);
-        r
+    }
+
+    /// Sequence parallelism, FP8: keep only `1 / t` of the E4M3 input's rows (this
+    /// rank's shard) from now on; the layer must then be run by
+    /// [`Linear::forward_sp`] and its backward inside [`Linear::with_input_gathered`].
+    /// No effect in the other precisions, with the block recipe (refused with SP at
+    /// start-up) or for `t <= 1`.
+    pub fn keep_input_shard(&mut self, t: usize) {
+        if let Some(f) = &mut self.fp8 {
+            if t > 1 && f.x.block.is_none() {
+                let rows_c = f.x.t.numel() / t;
+                f.x.t = Tensor::zeros(DType::E4M3, &[rows_c]);
+                self.input_shards = t;
+            }
+        }
+    }
+
+    /// Bytes of the per-thread gathered-input buffer this layer needs (`rows x c` when
+    /// it keeps a shard, else 0).
+    pub fn e4m3_gathered_bytes(&self, rows: usize) -> usize {
+        if self.input_shards > 1 {
+            rows * self.c
+        } else {
+            0
+        }
+    }
+
+    /// Run `backward` (this layer's [`Linear::backward`]) with the whole E4M3 input in
+    /// place: under SP (`comm`) a layer that keeps a shard all-gathers the shards of
+    /// its `n` rows first (bit-identical to the forward's gather: same bytes, same
+    /// scale); otherwise `backward` runs as it is.
+    pub fn with_input_gathered<R>(
+        &mut self,
+        n: usize,
+        comm: Option<&dyn Communicator>,
+        backward: impl FnOnce(&mut Linear) -> R,
+    ) -> Result<R> {
+        let Some(comm) = comm.filter(|_| self.input_shards > 1) else {
+            return Ok(backward(self));
+        };
+        let c = self.c;
+        let mut f = self.fp8.take().expect("fp8 state");
+        X_E4M3_GATHERED.with(|g| {
+            let mut g = g.borrow_mut();
+            g.ensure_len(n * c);
+            let rows = chunk_range(n * c, comm.size(), comm.rank());
+            let own = rows.len();
+            g.fp8_bytes_mut()[rows].copy_from_slice(&f.x.t.fp8_bytes()[..own]);
+            let fmt = f.x.state.format;
+            let gathered = comm.all_gather(BufMut::Fp8(&mut g.fp8_bytes_mut()[..n * c], fmt));
+            std::mem::swap(&mut *g, &mut f.x.t);
+            // The gathered bytes were cast with the shard's scale.
+            f.x.t.set_scaling(g.scaling().clone());
+            self.fp8 = Some(f);
+            let out = gathered.map(|()| backward(self));
+            let mut f = self.fp8.take().expect("fp8 state");
+            std::mem::swap(&mut *g, &mut f.x.t);
+            self.fp8 = Some(f);
+            out
+        })
     }
 
     /// [`Linear::backward`] of a row-parallel layer under sequence parallelism: the
