@@ -388,8 +388,9 @@ fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> se
 }
 
 /// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
-/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 runs ZeRO
-/// over each shard's D replicas), from scratch or resumed from any checkpoint written
+/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 only with
+/// D = 1 here, as its checkpoints over D > 1 replicas are not written yet; the library
+/// trains it), from scratch or resumed from any checkpoint written
 /// with tensor parallelism (re-sharded when its D x T differs,
 /// `fp8lm_trainer::checkpoint::tp`).
 fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -> Result<()> {
@@ -401,6 +402,19 @@ fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -
              has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...; \
              a tensor-parallel checkpoint resumes on one process with --set \
              dist.tensor_parallel=1)"
+        ))
+        .into());
+    }
+    if world > t && cfg.precision == Precision::Fp8O3 {
+        // Each replica holds another ZeRO share of its shard's optimizer state, and the
+        // tensor-parallel checkpoint (which every run writes at its end) records
+        // replica 0's state only: it would lose the other shares.
+        return Err(UsageError(format!(
+            "precision = \"fp8-o3\" with dist.tensor_parallel = {t} on {world} ranks \
+             ({} replicas): it trains (the library's Trainer::train_step_dxt), but its \
+             checkpoints are not written yet (each replica holds another ZeRO share); \
+             use fp8-o2, or launch `mpirun -n {t}`",
+            world / t
         ))
         .into());
     }

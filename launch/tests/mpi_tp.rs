@@ -142,15 +142,6 @@ fn mpirun_data_parallel_over_tensor_parallel_matches_in_process_grid() {
     dxt_matches_in_process("fp32", 1e-5);
 }
 
-/// The same with fp8-o3 (FP8 ZeRO over each shard's two replicas). The GEMMs' other
-/// thread count regroups f32 sums (~1e-6 relative), which can flip an E4M3/E5M2
-/// rounding (2^-4 / 2^-3 relative) of a few elements: FP8 noise, bounded as in
-/// trainer/tests/tensor_parallel_dp.rs by 2e-3 (measured: 0, bit-identical, on this host).
-#[test]
-fn mpirun_fp8_o3_over_tensor_parallel_matches_in_process_grid() {
-    dxt_matches_in_process("fp8-o3", 2e-3);
-}
-
 fn dxt_matches_in_process(precision: &str, bound: f32) {
     let dir =
         std::env::temp_dir().join(format!("fp8lm-mpi-dxt-{precision}-{}", std::process::id()));
@@ -224,11 +215,14 @@ fn mpirun_refuses_ragged_worlds() {
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run");
     let rd = format!("run_dir={}", run.display());
-    for (n, precision, want) in [(
-        3,
-        "fp32",
-        "needs a multiple of 2 ranks (D x T), this job has 3",
-    )] {
+    for (n, precision, want) in [
+        (
+            3,
+            "fp32",
+            "needs a multiple of 2 ranks (D x T), this job has 3",
+        ),
+        (4, "fp8-o3", "its checkpoints are not written yet"),
+    ] {
         let p = format!("precision={precision}");
         let mut args = vec!["train"];
         for s in [

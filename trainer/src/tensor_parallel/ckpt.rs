@@ -84,6 +84,15 @@ pub fn save_trainer_tp(
         );
     }
     let d = world.size() / t;
+    if d > 1 && tr.zero_owned_spans().is_some() {
+        // Replica 0 writes each shard's state; under fp8-o3 it holds only its ZeRO share.
+        bail!(
+            "rank {} of {}: fp8-o3 over {d} tensor-parallel replicas: its checkpoints are \
+             not written yet (each replica holds another ZeRO share of the optimizer state)",
+            world.rank(),
+            world.size()
+        );
+    }
     let meta = capture_meta(tr, data, extra);
     let m = tr.model();
     let full = Layout::new(&m.dims);
