@@ -238,3 +238,40 @@ fn stopped_rank_ends_the_job_through_the_watchdog() {
     );
     assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
 }
+
+/// The same inside tensor parallelism (issue 13: "a rank that fails inside a TP
+/// collective ends the job naming it"): with `dist.tensor_parallel = 2` the two ranks
+/// meet in the model's all-reduces / all-gathers every layer (the tensor-parallel
+/// sub-communicator, built over the watched world), so a stopped rank is found there.
+#[test]
+fn stopped_rank_inside_tensor_parallelism_ends_the_job() {
+    let d = tmp("stop-tp");
+    let run_dir = d.join("run");
+    let a = train_args(
+        &run_dir,
+        &[
+            "max_steps=1000000",
+            "checkpoint_every=0",
+            "eval_every=0",
+            "dist.timeout_s=2",
+            "dist.tensor_parallel=2",
+        ],
+    );
+    let log = d.join("log.txt");
+    let mut child = spawn(&[a.clone(), a], &log);
+    wait_lines(&run_dir.join("metrics.jsonl"), 3);
+    let pid = rank_pid(&run_dir.display().to_string(), 1).expect("rank 1's pid");
+    kill(pid, "STOP");
+    let t0 = Instant::now();
+    let (code, text) = wait(&mut child, Duration::from_secs(60), &log);
+    kill(pid, "KILL");
+    if let Some(l) = text.lines().find(|l| l.contains("no answer from rank 1")) {
+        eprintln!("report: {l}");
+    }
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains("rank 0 of 2: no answer from rank 1") && text.contains("in collective `"),
+        "{text}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+}
