@@ -212,31 +212,7 @@ fn ranks_must_agree_on_checkpoint_and_config() {
 /// did not answer and the collective, with the watchdog's exit code.
 #[test]
 fn stopped_rank_ends_the_job_through_the_watchdog() {
-    let d = tmp("stop");
-    let run_dir = d.join("run");
-    let a = train_args(
-        &run_dir,
-        &[
-            "max_steps=1000000",
-            "checkpoint_every=0",
-            "eval_every=0",
-            "dist.timeout_s=2",
-        ],
-    );
-    let log = d.join("log.txt");
-    let mut child = spawn(&[a.clone(), a], &log);
-    wait_lines(&run_dir.join("metrics.jsonl"), 3);
-    let pid = rank_pid(&run_dir.display().to_string(), 1).expect("rank 1's pid");
-    kill(pid, "STOP");
-    let t0 = Instant::now();
-    let (code, text) = wait(&mut child, Duration::from_secs(60), &log);
-    kill(pid, "KILL"); // in case the launcher left it stopped
-    assert_ne!(code, Some(0), "{text}");
-    assert!(
-        text.contains("rank 0 of 2: no answer from rank 1") && text.contains("in collective `"),
-        "{text}"
-    );
-    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+    stop_rank_1_and_expect_the_watchdog("stop", &[]);
 }
 
 /// The same inside tensor parallelism (issue 13: "a rank that fails inside a TP
@@ -245,18 +221,22 @@ fn stopped_rank_ends_the_job_through_the_watchdog() {
 /// sub-communicator, built over the watched world), so a stopped rank is found there.
 #[test]
 fn stopped_rank_inside_tensor_parallelism_ends_the_job() {
-    let d = tmp("stop-tp");
+    stop_rank_1_and_expect_the_watchdog("stop-tp", &["dist.tensor_parallel=2"]);
+}
+
+/// Two ranks train with `extra` keys; rank 1 gets SIGSTOP after 3 steps; the job must
+/// end within 40 s (timeout 2 s) with rank 0 naming rank 1 and the collective.
+fn stop_rank_1_and_expect_the_watchdog(name: &str, extra: &[&str]) {
+    let d = tmp(name);
     let run_dir = d.join("run");
-    let a = train_args(
-        &run_dir,
-        &[
-            "max_steps=1000000",
-            "checkpoint_every=0",
-            "eval_every=0",
-            "dist.timeout_s=2",
-            "dist.tensor_parallel=2",
-        ],
-    );
+    let mut keys = vec![
+        "max_steps=1000000",
+        "checkpoint_every=0",
+        "eval_every=0",
+        "dist.timeout_s=2",
+    ];
+    keys.extend_from_slice(extra);
+    let a = train_args(&run_dir, &keys);
     let log = d.join("log.txt");
     let mut child = spawn(&[a.clone(), a], &log);
     wait_lines(&run_dir.join("metrics.jsonl"), 3);
@@ -264,9 +244,9 @@ fn stopped_rank_inside_tensor_parallelism_ends_the_job() {
     kill(pid, "STOP");
     let t0 = Instant::now();
     let (code, text) = wait(&mut child, Duration::from_secs(60), &log);
-    kill(pid, "KILL");
+    kill(pid, "KILL"); // in case the launcher left it stopped
     if let Some(l) = text.lines().find(|l| l.contains("no answer from rank 1")) {
-        eprintln!("report: {l}");
+        eprintln!("report {name}: {l}");
     }
     assert_ne!(code, Some(0), "{text}");
     assert!(

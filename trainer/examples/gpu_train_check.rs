@@ -17,7 +17,6 @@
 
 use fp8lm_kernels::cuda::CudaStaged;
 use fp8lm_kernels::Backend;
-use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,42 +31,9 @@ const TOL_F32: f64 = (STEPS * (8 * LAYERS + 4) * K) as f64 * U;
 const TOL_LOWP_LOSS: f64 = 2e-3;
 const TOL_LOWP_WEIGHTS: f64 = 1e-2;
 
-/// Row r of the stream is a fixed function of r (as in backends.rs).
-struct Rows {
-    next: u64,
-    vocab: u32,
-}
-
-impl Rows {
-    fn fill(&self, first: u64, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        for r in 0..b {
-            for j in 0..t {
-                let v = ((first + r as u64) * 2654435761 + j as u64 * 40503) % 1_000_003;
-                x[r * t + j] = (v % self.vocab as u64) as u32;
-                y[r * t + j] = ((v / 7) % self.vocab as u64) as u32;
-            }
-        }
-    }
-}
-
-impl Dataset for Rows {
-    fn vocab_size(&self) -> usize {
-        self.vocab as usize
-    }
-    fn next_train_batch(&mut self, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        self.fill(self.next, b, t, x, y);
-        self.next += b as u64;
-    }
-    fn val_batch(&self, i: usize, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        self.fill(1 << 40 | i as u64, b, t, x, y);
-    }
-    fn position(&self) -> u64 {
-        self.next
-    }
-    fn set_position(&mut self, p: u64) {
-        self.next = p;
-    }
-}
+#[path = "../tests/rows/mod.rs"]
+mod rows;
+use rows::Rows;
 
 struct Run {
     losses: Vec<f32>,

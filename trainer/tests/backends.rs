@@ -46,7 +46,6 @@ use fp8lm_kernels::reference::update_calls;
 use fp8lm_kernels::{Backend, Fp8CastResult, GemmOps, GemmShape, LayerOps, MatRef, Reference};
 use fp8lm_optim::update::{AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, StepConsts};
 use fp8lm_optim::UpdateOps;
-use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -65,42 +64,8 @@ const TOL_LOWP_LOSS: f64 = 2e-3;
 /// Measured (module docs): 5x the worst weight difference seen at this learning rate.
 const TOL_LOWP_WEIGHTS: f64 = 1e-2;
 
-/// Row r of the stream is a fixed function of r (as in grad_accum.rs).
-struct Rows {
-    next: u64,
-    vocab: u32,
-}
-
-impl Rows {
-    fn fill(&self, first: u64, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        for r in 0..b {
-            for j in 0..t {
-                let v = ((first + r as u64) * 2654435761 + j as u64 * 40503) % 1_000_003;
-                x[r * t + j] = (v % self.vocab as u64) as u32;
-                y[r * t + j] = ((v / 7) % self.vocab as u64) as u32;
-            }
-        }
-    }
-}
-
-impl Dataset for Rows {
-    fn vocab_size(&self) -> usize {
-        self.vocab as usize
-    }
-    fn next_train_batch(&mut self, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        self.fill(self.next, b, t, x, y);
-        self.next += b as u64;
-    }
-    fn val_batch(&self, i: usize, b: usize, t: usize, x: &mut [u32], y: &mut [u32]) {
-        self.fill(1 << 40 | i as u64, b, t, x, y);
-    }
-    fn position(&self) -> u64 {
-        self.next
-    }
-    fn set_position(&mut self, p: u64) {
-        self.next = p;
-    }
-}
+mod rows;
+use rows::Rows;
 
 struct Run {
     losses: Vec<f32>,
