@@ -474,10 +474,26 @@ impl Trainer {
         skip: impl FnOnce(f32) -> bool,
     ) -> (f32, bool) {
         let be = self.model.backend().clone();
+        let norm = |g: &[Grad<'_>]| Ok(global_grad_norm_on(&*be, g));
+        self.norm_and_update_with(lr, clip, micro, norm, skip)
+            .expect("the optimizer wrote these compute weights before")
+    }
+
+    /// [`Trainer::norm_and_update`] with the norm of the gradients held computed by
+    /// `norm` (the tensor-parallel step sums the shards' squares over its group).
+    pub(crate) fn norm_and_update_with(
+        &mut self,
+        lr: f32,
+        clip: f32,
+        micro: usize,
+        norm: impl FnOnce(&[Grad<'_>]) -> Result<f32>,
+        skip: impl FnOnce(f32) -> bool,
+    ) -> Result<(f32, bool)> {
+        let be = self.model.backend().clone();
         let (mut outs, grads) = self.model.outs_and_grads();
         let inv = 1.0 / micro.max(1) as f32;
         // (x * 1.0 == x: one micro-batch gives exactly the un-accumulated figures.)
-        let grad_norm = global_grad_norm_on(&*be, &grads) * inv;
+        let grad_norm = norm(&grads)? * inv;
         let skipped = skip(grad_norm);
         if !skipped {
             let scale = clip_scale(grad_norm, clip) * inv;
@@ -491,9 +507,9 @@ impl Trainer {
             // masters with it, as a forward casting its own weights would.
             self.model
                 .write_compute_weights(self.optimizer.as_ref())
-                .expect("the optimizer wrote these compute weights before");
+                .map_err(anyhow::Error::msg)?;
         }
-        (grad_norm, skipped)
+        Ok((grad_norm, skipped))
     }
 
     /// Mean validation loss over validation batches `0..batches` (no state changes; FP8

@@ -20,7 +20,7 @@ use super::shard::{grad_norm, TpShard};
 use crate::data::Dataset;
 use crate::model::Dims;
 use crate::parallel::DistState;
-use crate::train::{clip_scale, grad_sum_squares_on, lr_at, wte_master, StepStats, Trainer};
+use crate::train::{grad_sum_squares_on, lr_at, wte_master, StepStats, Trainer};
 use crate::RunConfig;
 use anyhow::{bail, Result};
 use fp8lm_collectives::{CommError, Communicator, ReduceOp};
@@ -277,26 +277,12 @@ impl Trainer {
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let be = self.model.backend().clone();
-        let (mut outs, grads) = self.model.outs_and_grads();
-        let inv = 1.0 / k as f32;
         let sum_squares = |g: &[Grad<'_>]| grad_sum_squares_on(&*be, g);
-        let grad_norm = grad_norm(comm, &grads, sharded, sum_squares)? * inv;
+        let norm = |g: &[Grad<'_>]| Ok(grad_norm(comm, g, sharded, sum_squares)?);
         // Every rank sees the same loss (the cross-entropy's reductions) and norm, so the
         // group skips or steps together.
-        let skipped = nonfinite || !loss.is_finite() || !grad_norm.is_finite();
-        if !skipped {
-            let scale = clip_scale(grad_norm, clip) * inv;
-            self.optimizer.step_on(&*be, &mut outs, &grads, lr, scale);
-        }
-        let written = crate::model::gpt::written_of(&outs);
-        drop((outs, grads));
-        self.model.accept_written(&written);
-        if skipped {
-            self.model
-                .write_compute_weights(self.optimizer.as_ref())
-                .map_err(anyhow::Error::msg)?;
-        }
-        Ok((grad_norm, skipped))
+        let skip = |norm: f32| nonfinite || !loss.is_finite() || !norm.is_finite();
+        self.norm_and_update_with(lr, clip, k, norm, skip)
     }
 }
 
