@@ -147,8 +147,16 @@ pub(crate) unsafe fn tile_amx(
     beta_one: bool,
 ) {
     use std::arch::asm;
-    let mut acc = [0f32; MR * 32];
-    let accp = acc.as_mut_ptr();
+    // Every element is written by the tile stores below before the epilogue reads it.
+    let mut acc = std::mem::MaybeUninit::<[f32; MR * 32]>::uninit();
+    let accp = acc.as_mut_ptr() as *mut f32;
+    // Ask for this block's C lines (for writing) now: the tile products below take far
+    // longer than the misses, so the epilogue finds C in cache.
+    for r in 0..MR {
+        let row = c.add(r * ldc) as *const i8;
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row);
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(row.add(64));
+    }
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -189,7 +197,7 @@ pub(crate) unsafe fn tile_amx(
         s = in(reg) 128usize,
         options(nostack)
     );
-    epilogue_avx512(&acc, c, ldc, alpha, beta_one);
+    epilogue_avx512(acc.assume_init_ref(), c, ldc, alpha, beta_one);
 }
 
 /// `C = alpha * acc (+ C)` for a 32 x 32 block.

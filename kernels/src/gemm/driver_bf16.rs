@@ -13,7 +13,7 @@
 //! `tilerelease`), so any rayon worker that picks up an item has its tiles configured.
 
 use super::amx::{self, TileGuard};
-use super::driver::{combined_scale, grid_mr, SendPtr};
+use super::driver::{combined_scale, grid_mr, Grid, SendPtr};
 use super::pack::{E4M3Byte, E5M2Byte, Operand};
 use super::pack_bf16::{pack_pairs, pack_rows, BfSrc};
 use super::{dpbf16, GemmShape, MatRef, NR};
@@ -166,6 +166,28 @@ unsafe fn tile(
     }
 }
 
+/// The work split: [`grid_mr`]'s column strips, except for tall outputs (the weight
+/// gradient of the LM head, 50257 x 768): there every column strip would stream all of
+/// the (large, shared) packed A from memory once more, so the items take row ranges
+/// with every column instead, each reading its own part of A once and packing the
+/// (small) B whole.
+fn grid_lowp(m: usize, n: usize, k: usize, mr: usize, pool_threads: usize) -> Grid {
+    let g = grid_mr(m, n, k, mr, pool_threads);
+    let (mp, np) = (m.div_ceil(mr), n.div_ceil(NR));
+    if g.threads > 1 && m >= 4 * n && np <= TALL_MAX_COL_PANELS {
+        let rows = (m / MC_ROWS).clamp(1, mp).min(4 * g.threads.max(1) * 4);
+        return Grid {
+            threads: g.threads,
+            row_parts: rows.max(g.threads).min(mp),
+            col_parts: 1,
+        };
+    }
+    g
+}
+
+/// Widest B (in NR panels) a tall output's items pack whole: 1536 columns.
+const TALL_MAX_COL_PANELS: usize = 48;
+
 /// `c = alpha * op(A) @ op(B)`, or `c += ...`; shapes checked, operands not f32, `unit`
 /// runnable on this CPU (AMX: [`amx::permission`] granted).
 pub(crate) fn gemm_lowp(
@@ -189,7 +211,7 @@ pub(crate) fn gemm_lowp(
     }
     let (mr, ka) = (unit.mr(), unit.k_align());
     let alpha = combined_scale(&a, &b);
-    let g = grid_mr(m, n, k, mr, pool_threads);
+    let g = grid_lowp(m, n, k, mr, pool_threads);
     let k_blocks = k.div_ceil(KC_MAX);
     let kc_max = k.div_ceil(k_blocks);
     let kcp_max = kc_max.div_ceil(ka) * ka;

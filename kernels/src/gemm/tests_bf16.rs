@@ -158,6 +158,7 @@ fn ragged_edges_every_layout() {
         (31, 33, 31),
         (40, 70, 600),
         (65, 31, 1100),
+        (1201, 37, 130), // tall: the driver splits rows, not columns (grid_lowp)
         (17, 40, 0),
     ];
     for unit in units() {
@@ -195,7 +196,11 @@ fn ragged_edges_every_layout() {
 #[test]
 fn thread_independent_and_decoded_once() {
     let mut rng = Rng(23);
-    for (m, n, k, ta, tb) in [(100, 300, 700, false, true), (64, 200, 1100, true, false)] {
+    for (m, n, k, ta, tb) in [
+        (100, 300, 700, false, true),
+        (64, 200, 1100, true, false),
+        (1100, 50, 300, true, false), // tall: row ranges
+    ] {
         let s = shape(m, n, k, ta, tb);
         let a = Mat::random(&mut rng, m * k, Ty::E5M2, 8.0);
         let b = Mat::random(&mut rng, k * n, Ty::E4M3, 8.0);
