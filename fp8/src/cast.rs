@@ -19,6 +19,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
+mod to_bf16;
+pub use to_bf16::f32_to_bf16;
 
 use crate::format::{CastMode, EncodeConsts, Fp8Format};
 use half::{bf16, f16};

@@ -9,7 +9,6 @@ use fp8lm_fp8::Fp8Format;
 use fp8lm_optim::update::{
     AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, HostUpdate, StepConsts, UpdateOps,
 };
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -88,7 +87,7 @@ impl Backend for Cpu {
         assert_eq!(src.len(), dst.len(), "cast_bf16: lengths differ");
         dst.par_chunks_mut(CAST_CHUNK)
             .zip(src.par_chunks(CAST_CHUNK))
-            .for_each(|(d, s)| d.convert_from_f32_slice(s));
+            .for_each(|(d, s)| cast::f32_to_bf16(s, d));
     }
 
     fn add_decoded_fp8(&self, dst: &mut [f32], src: &[u8], format: Fp8Format, scale: f32) {
