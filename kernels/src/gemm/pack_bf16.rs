@@ -55,6 +55,12 @@ pub(crate) trait BfSrc: Copy + Send + Sync {
     unsafe fn bits16_lut(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
         Self::bits16_mask(ptr, k)
     }
+    /// The byte tables of an FP8 format (for the 64-lane decoder, [`decode64`]); `None`
+    /// for bf16.
+    #[inline(always)]
+    fn lut() -> Option<&'static ByteLut> {
+        None
+    }
     /// [`BfSrc::bits16_mask`] of all 16 lanes (the decoder tests use it).
     ///
     /// # Safety
@@ -132,7 +138,7 @@ const fn mag_bf16(fmt_e4m3: bool, m: u8) -> u16 {
 /// Byte tables of [`mag_bf16`] for `vpermi2b`: the low and the high byte of the bf16 bits
 /// of each of the 128 magnitudes (two 64-byte registers each).
 #[repr(C, align(64))]
-struct ByteLut {
+pub(crate) struct ByteLut {
     lo: [u8; 128],
     hi: [u8; 128],
 }
@@ -177,6 +183,56 @@ unsafe fn lut16(t: &ByteLut, ptr: *const u8, k: u16) -> std::arch::x86_64::__m25
     _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(first), second)
 }
 
+/// `vpermt2b` index that interleaves the low 32 bytes of two registers `a`, `b`:
+/// `a[0], b[0], a[1], b[1], ...` (byte 2i from `a[i]`, 2i+1 from `b[i]`, i.e. index
+/// 64 + i); the same index with 32 added picks their high halves.
+#[cfg(target_arch = "x86_64")]
+const fn interleave_index(high: bool) -> [u8; 64] {
+    let mut t = [0u8; 64];
+    let mut i = 0;
+    while i < 32 {
+        let src = if high { 32 + i } else { i } as u8;
+        t[2 * i] = src;
+        t[2 * i + 1] = 64 + src;
+        i += 1;
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct Index64([u8; 64]);
+#[cfg(target_arch = "x86_64")]
+static INTERLEAVE_LO: Index64 = Index64(interleave_index(false));
+#[cfg(target_arch = "x86_64")]
+static INTERLEAVE_HI: Index64 = Index64(interleave_index(true));
+
+/// 64 FP8 codes (bytes of `x`) to 64 bf16 bit patterns by table, in order: codes 0..32
+/// in the first register, 32..64 in the second. As [`lut16`], 64 lanes at once: both
+/// bytes of each value looked up (`vpermi2b`), the sign bit moved over, low and high
+/// bytes interleaved into u16 (`vpermt2b`).
+///
+/// # Safety
+/// The CPU supports avx512f/bw/vbmi.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn decode64(
+    t: &ByteLut,
+    x: std::arch::x86_64::__m512i,
+) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
+    let tab = |p: &[u8; 128], h: usize| _mm512_load_si512(p.as_ptr().add(64 * h) as *const _);
+    let lo = _mm512_permutex2var_epi8(tab(&t.lo, 0), x, tab(&t.lo, 1));
+    let hi = _mm512_permutex2var_epi8(tab(&t.hi, 0), x, tab(&t.hi, 1));
+    let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, x, _mm512_set1_epi8(0x80u8 as i8));
+    let il = _mm512_load_si512(INTERLEAVE_LO.0.as_ptr() as *const _);
+    let ih = _mm512_load_si512(INTERLEAVE_HI.0.as_ptr() as *const _);
+    (
+        _mm512_permutex2var_epi8(lo, il, hi),
+        _mm512_permutex2var_epi8(lo, ih, hi),
+    )
+}
+
 impl BfSrc for E4M3Byte {
     #[inline(always)]
     fn bits1(self) -> u16 {
@@ -186,6 +242,10 @@ impl BfSrc for E4M3Byte {
     #[inline(always)]
     unsafe fn bits16_lut(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
         lut16(&E4M3_LUT, ptr as *const u8, k)
+    }
+    #[inline(always)]
+    fn lut() -> Option<&'static ByteLut> {
+        Some(&E4M3_LUT)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -215,6 +275,10 @@ impl BfSrc for E5M2Byte {
     #[inline(always)]
     unsafe fn bits16_lut(ptr: *const Self, k: u16) -> std::arch::x86_64::__m256i {
         lut16(&E5M2_LUT, ptr as *const u8, k)
+    }
+    #[inline(always)]
+    fn lut() -> Option<&'static ByteLut> {
+        Some(&E5M2_LUT)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -386,6 +450,39 @@ unsafe fn pack_pairs_body<S: BfSrc, const W: usize, const LUT: bool>(
     use std::arch::x86_64::*;
     let src = op.data.as_ptr();
     let out = dst.as_mut_ptr();
+    if !op.k_contig && LUT && W == 32 {
+        if let Some(t) = S::lut() {
+            // FP8 rows p and p+1 (contiguous in x): interleave their 32 bytes into 64
+            // (code pairs), then decode all 64 at once: one pair-row of the panel.
+            // Edges through masked loads (nothing read there, codes 0 = +0.0).
+            let xmask: u64 = if w >= 32 {
+                u32::MAX as u64
+            } else {
+                (1u64 << w) - 1
+            };
+            let il = _mm512_load_si512(INTERLEAVE_LO.0.as_ptr() as *const _);
+            debug_assert_eq!(std::mem::size_of::<S>(), 1, "FP8 sources are bytes");
+            let src8 = src as *const i8;
+            // (a macro, not a closure: see row! below)
+            macro_rules! row8 {
+                ($p:expr) => {
+                    if $p < kc && w > 0 {
+                        _mm512_maskz_loadu_epi8(xmask, src8.add((p0 + $p) * op.ld + x0))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                };
+            }
+            for j in 0..kcp / 2 {
+                let (r0, r1) = (row8!(2 * j), row8!(2 * j + 1));
+                let (d0, d1) = decode64(t, _mm512_permutex2var_epi8(r0, il, r1));
+                let d = out.add(j * W * 2) as *mut __m512i;
+                _mm512_storeu_si512(d, d0);
+                _mm512_storeu_si512(d.add(1), d1);
+            }
+            return;
+        }
+    }
     if !op.k_contig {
         // Rows p and p+1 are contiguous in x: interleave them 16 x at a time; the edge
         // (x >= w, p >= kc) through masked loads, which read nothing there and give 0.
