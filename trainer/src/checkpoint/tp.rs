@@ -44,9 +44,9 @@ use fp8lm_optim::StateTensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::shard::ShardFile;
+use super::shard::{read_units_from, ShardFile, UnitSource};
 use super::{Checkpoint, META_FILE};
-use crate::repartition::state_values;
+use crate::repartition::{state_values, NamedState, UnitSpan};
 use crate::tensor_parallel::shard::Split;
 
 /// Prefix of model tensors in a shard file.
@@ -456,6 +456,85 @@ impl<'a> TpReader<'a> {
         }
         Ok(out)
     }
+}
+
+/// fp8-o3: the optimizer state of tensor-parallel rank `tp_rank` of a `d` x `t` grid
+/// that overlaps the units `want` (in that shard's local element coordinates, as the
+/// ZeRO partition of the shard cuts them), read by range as
+/// [`super::shard::read_units`] reads a data-parallel checkpoint's; ready for
+/// [`crate::repartition::repartition_state`]. From the (dp, tp) files of a checkpoint
+/// written under fp8-o3 over D > 1 replicas (`optimizer_shards`: only the entries of
+/// `tp_rank`), or, from one written with one replica, from shard `tp_rank`'s file, whose
+/// optimizer state is held whole per tensor (`whole`: the shard's tensors as units). The
+/// units are the shard's own, so `t` must be the checkpoint's T: another T is refused,
+/// naming both grids.
+pub fn read_tp_units(
+    ck: &Checkpoint,
+    (d, t, tp_rank): (usize, usize, usize),
+    whole: &[UnitSpan],
+    want: &[UnitSpan],
+) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
+    let dir = ck.dir.display();
+    let idx = ck.meta.tp_shards.as_ref().with_context(|| {
+        format!("{dir}: not a tensor-parallel checkpoint (no tp_shards in {META_FILE})")
+    })?;
+    if idx.tp != t {
+        bail!(
+            "{dir}: an fp8-o3 tensor-parallel checkpoint written on a {} x {} grid (D x T) \
+             cannot be resumed under fp8-o3 on a {d} x {t} grid: its ZeRO units are cut \
+             from each tensor-parallel shard, and re-cutting them across tensor slices is \
+             not supported; resume with dist.tensor_parallel = {} (any number of \
+             replicas), or use fp8-o2",
+            idx.dp,
+            idx.tp,
+            idx.tp
+        );
+    }
+    let sources: Vec<UnitSource<'_>> = match &ck.meta.optimizer_shards {
+        Some(os) => {
+            if os.tp != idx.tp || os.dp != idx.dp {
+                bail!(
+                    "{dir}/{META_FILE}: optimizer_shards says a {} x {} grid, tp_shards a \
+                     {} x {} one",
+                    os.dp,
+                    os.tp,
+                    idx.dp,
+                    idx.tp
+                );
+            }
+            os.shards
+                .iter()
+                .filter(|e| e.tp_rank == tp_rank)
+                .map(|e| UnitSource {
+                    file: &e.file,
+                    who: format!(
+                        "fp8-o3 optimizer shard of rank {} (dp {}, tp {} of {})",
+                        e.rank, e.dp_rank, e.tp_rank, idx.tp
+                    ),
+                    units: &e.units,
+                })
+                .collect()
+        }
+        None => idx
+            .shards
+            .iter()
+            .filter(|e| e.tp_rank == tp_rank)
+            .map(|e| UnitSource {
+                file: &e.file,
+                who: format!(
+                    "tensor-parallel shard of rank {} (dp {}, tp {} of {})",
+                    e.rank, e.dp_rank, e.tp_rank, idx.tp
+                ),
+                units: whole,
+            })
+            .collect(),
+    };
+    if sources.is_empty() {
+        bail!("{dir}/{META_FILE}: no optimizer state of tensor-parallel rank {tp_rank} listed");
+    }
+    read_units_from(ck, &sources, OPTIM_PREFIX, want).with_context(|| {
+        format!("{dir}: fp8-o3 optimizer state of tensor-parallel rank {tp_rank} of {t}")
+    })
 }
 
 #[cfg(test)]
