@@ -5,19 +5,34 @@
 //! Each rank of data-parallel replica 0 of a D x T grid streams its model shard and its
 //! optimizer state shard (in the formats it holds them: f32, FP16 masters and E4M3 / FP16
 //! moments with their own per-shard scales) into its own file,
-//! `tp.dp-0000-tp-TTTT-of-NNNN.safetensors` ([`tp_shard_file_name`]), with model tensors
-//! named `model/<param>` and optimizer entries `optim/<entry>`. The other replicas hold
-//! bit-identical copies and write nothing. Rank 0 writes `checkpoint.json` with the
-//! [`TpIndex`]: per shard its file, its (dp, tp) coordinates, its FP8 scaling state, and
-//! per tensor the full shape and the slice of the full tensor it holds
+//! `tp.dp-DDDD-tp-TTTT-of-NNNN.safetensors` ([`tp_shard_file_name`]; DDDD = 0000), with
+//! model tensors named `model/<param>` and optimizer entries `optim/<entry>`. The other
+//! replicas hold bit-identical copies and write nothing. Rank 0 writes `checkpoint.json`
+//! with the [`TpIndex`]: per shard its file, its (dp, tp) coordinates, its FP8 scaling
+//! state, and per tensor the full shape and the slice of the full tensor it holds
 //! ([`crate::tensor_parallel::shard::Split`]: replicated, row ranges (qkv: three, one per
 //! q/k/v block), or a column range). An optimizer entry of parameter `p` (`adamw.m.p`,
 //! `p.master`, ...) is cut like `p`. The save is atomic as a whole and names a failed rank
 //! ([`super::shard::save_ranked`], shared with fp8-o3's sharded optimizer state).
-//! fp8-o3 with D > 1 replicas (ZeRO over the replicas of one shard) would add one
-//! optimizer file per (dp, tp) rank, indexed by `optimizer_shards` (whose entries carry
-//! (dp, tp) coordinates) with units in that shard's local element coordinates.
 //!
+//! fp8-o3 with D > 1 replicas (FP8 ZeRO over the replicas of each shard,
+//! `crate::parallel::zero_dxt`): every (dp, tp) rank holds another share of its shard's
+//! optimizer state, so every rank writes its own file, the same name: its share's
+//! entries `optim/<unit>.<state>` (`optim/step`, the units' FP16 masters and E4M3 / FP16
+//! moments with their scales, `.amax` and `.update_amax` scalars), plus, on replica 0,
+//! the model slices as above. `checkpoint.json` adds `optimizer_shards`
+//! ([`super::meta::ShardIndex`]: dp = D, tp = T, the partition) with one entry per rank:
+//! its file, its (dp, tp) coordinates and its units, in that shard's local element
+//! coordinates (tensor index in the shard's layout, element offset and length), as the
+//! ZeRO partition of the shard cut them. No rank gathers any other's share. A resume on
+//! the same T ([`read_tp_units`]) reads, per rank, only the pieces of its own
+//! tensor-parallel rank's files that overlap the units it owns under its new partition:
+//! the same D copies every unit verbatim (bit for bit), another D (one replica included,
+//! which takes whole tensors) re-partitions by [`crate::repartition`]'s rule, as the
+//! data-parallel fp8-o3 checkpoints do. Another T (one process included) is refused with
+//! an error naming both grids: re-cutting ZeRO units across tensor slices is not done.
+//! The model slices load anywhere, as above (`eval`, `sample`).
+
 //! ## Re-sharding ([`TpReader`])
 //! A resuming rank (any D' x T', one process included) reads, for each of its tensors,
 //! only the pieces of the stored shards that overlap its own slice: both slices are turned

@@ -57,8 +57,10 @@ fn slice_of(tr: &Trainer, full: &Layout, i: usize) -> Split {
 /// (`crate::checkpoint::tp`): every rank of the grid calls it with the world
 /// communicator `world` and its data-parallel coordinate `dp_rank`; the T ranks of
 /// replica 0 each stream their model and optimizer shard into their own file, rank 0
-/// writes the index. Atomic as a whole; on a failure of any rank every rank returns an
-/// error naming it and no checkpoint is left. `hook` runs after this rank's file is
+/// writes the index. fp8-o3 over D > 1 replicas: every rank streams its own ZeRO share
+/// of its shard's optimizer state into its own file (replica 0's with the model
+/// slices), listed in `optimizer_shards`; nothing is gathered. Atomic as a whole; on a
+/// failure of any rank every rank returns an error naming it and no checkpoint is left. `hook` runs after this rank's file is
 /// written (failure tests). Returns the checkpoint directory on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn save_trainer_tp(
@@ -294,7 +296,8 @@ fn param_of(entry: &str) -> Option<&str> {
 }
 
 /// Load the whole state of a tensor-parallel checkpoint into `tr` (weights and optimizer
-/// state re-sharded for `tr`'s layout); returns the FP8 scaling states to restore: the
+/// state re-sharded for `tr`'s layout; fp8-o3's ZeRO shares, `optimizer_shards`, on
+/// the same T only, re-partitioned for `tr`'s units); returns the FP8 scaling states to restore: the
 /// shard's own when `tr` has the checkpoint's T (and so the same slices), else the merged
 /// ones (`crate::checkpoint::tp`). The caller restores them with step, RNG and data
 /// position.
@@ -497,7 +500,8 @@ pub fn tp_dist_extra(tr: &Trainer, ck: &Checkpoint) -> Option<Value> {
 /// rule, `crate::checkpoint::tp`); replicated tensors are copied verbatim. Every rank
 /// starts from the whole tensors' FP8 scaling states (their amax bounds each slice's).
 /// With `weights_only` the optimizer state is left alone. Returns the scaling states to
-/// restore. fp8-o3 checkpoints (state cut into ZeRO units) are refused.
+/// restore. fp8-o3 checkpoints (state cut into ZeRO units of the whole model) are
+/// refused: their units would have to be re-cut across tensor slices.
 pub fn restore_whole_into_shard(
     tr: &mut Trainer,
     ck: &Checkpoint,
