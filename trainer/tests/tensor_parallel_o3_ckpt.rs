@@ -17,7 +17,12 @@
 //!   format's normal range, which round to the subnormal grid: at most half a subnormal
 //!   spacing at the smaller of the two scales, 2^-25 / s (FP16 masters and second
 //!   moments), 2^-10 / s (E4M3 first moments); f32 states exact. Asserted element by
-//!   element with exactly those bounds; the runs train on from there.
+//!   element with exactly those bounds; the runs train on from there. Measured: 2 x 2 ->
+//!   1 x 2, 389 of 364416 state elements not bit-identical (all within the bound);
+//!   1 x 2 -> 2 x 2, none.
+//! - No gathering: replica 1's file is its share (183172 bytes for 164172 bytes of
+//!   state, the rest the safetensors header) of the shard's 328560; asserted: under its
+//!   share + 32 KiB, the share under 60% of the shard's state.
 //! - Another T: refused, the error naming both grids.
 //! - A rank failing to write: no checkpoint, every rank's error names it.
 
@@ -82,6 +87,8 @@ struct End {
     state: Vec<(String, StateTensor)>,
     units: Option<Vec<UnitSpan>>,
     names: Vec<String>,
+    /// Bytes of optimizer state this rank holds.
+    state_bytes: usize,
 }
 
 fn end(tr: &Trainer, dp: usize, tp: usize, losses: Vec<f32>) -> End {
@@ -92,6 +99,7 @@ fn end(tr: &Trainer, dp: usize, tp: usize, losses: Vec<f32>) -> End {
         weights: tr.weights_f32_all(),
         state: tr.optimizer().export_state(),
         units: tr.zero_owned_spans(),
+        state_bytes: tr.optimizer().state_bytes(),
         names: tr
             .model()
             .layout
@@ -220,12 +228,33 @@ fn grid_2x2_fp8_o3_resumes_bit_for_bit() {
                 .unwrap()
                 .len()
         };
+        // Replica 1's file is its share (plus the safetensors header), not the shard's
+        // whole state: no rank gathered the others' units.
+        let share = first.iter().find(|r| (r.dp, r.tp) == (1, t)).unwrap();
+        let shard_state: usize = first
+            .iter()
+            .filter(|r| r.tp == t)
+            .map(|r| r.state_bytes)
+            .sum();
         eprintln!(
-            "tp {t}: replica 0's file {} bytes, replica 1's {} bytes",
+            "tp {t}: replica 0's file {} bytes, replica 1's {} bytes; replica 1 holds {} \
+             bytes of optimizer state, the shard {shard_state}",
             size(0),
-            size(1)
+            size(1),
+            share.state_bytes
         );
         assert!(size(1) < size(0), "tp {t}");
+        assert!(
+            (size(1) as usize) < share.state_bytes + 32 * 1024,
+            "tp {t}: replica 1's file {} bytes for a share of {}",
+            size(1),
+            share.state_bytes
+        );
+        assert!(
+            share.state_bytes * 10 < shard_state * 6,
+            "tp {t}: a share of {} bytes of the shard's {shard_state}",
+            share.state_bytes
+        );
     }
 
     let second = grid(2, Start::Resume(&root), STEPS - STEPS / 2, None);
@@ -267,13 +296,14 @@ fn half_spacing(s: &StateTensor) -> f32 {
 
 /// `whole` holds every tensor of a shard whole (`names`); `parts` the units `units` of
 /// the same shard. Every element of every unit's states agrees with the whole tensor's
-/// within the re-encoding bound (module docs). Returns the elements compared.
+/// within the re-encoding bound (module docs). Returns the elements compared and how
+/// many of them differ at all.
 fn check_units(
     whole: &[(String, StateTensor)],
     names: &[String],
     parts: &[(String, StateTensor)],
     units: &[UnitSpan],
-) -> usize {
+) -> (usize, usize) {
     let find = |st: &[(String, StateTensor)], k: &str| -> StateTensor {
         st.iter()
             .find(|(n, _)| n == k)
@@ -281,7 +311,7 @@ fn check_units(
             .1
             .clone()
     };
-    let mut n = 0;
+    let (mut n, mut differ) = (0, 0);
     for u in units {
         for s in ["master", "exp_avg", "exp_avg_sq"] {
             let w = find(whole, &format!("{}.{s}", names[u.tensor]));
@@ -291,6 +321,7 @@ fn check_units(
             let pv = state_values(&p);
             assert_eq!(pv.len(), u.numel, "{} {s}", u.name);
             for (k, (a, b)) in pv.iter().zip(&wv[u.offset..u.offset + u.numel]).enumerate() {
+                differ += usize::from(a.to_bits() != b.to_bits());
                 assert!(
                     (a - b).abs() <= bound,
                     "{} {s}[{k}]: {a} vs {b} (bound {bound:e})",
@@ -300,7 +331,7 @@ fn check_units(
             n += u.numel;
         }
     }
-    n
+    (n, differ)
 }
 
 #[test]
@@ -320,16 +351,17 @@ fn fp8_o3_grid_checkpoints_resume_on_another_number_of_replicas() {
         );
     }
     let restored = grid(1, Start::Resume(&root), 0, None);
-    let mut compared = 0;
+    let (mut compared, mut differ) = (0, 0);
     for r in &restored {
         assert!(r.units.is_none());
         for s in saved.iter().filter(|s| s.tp == r.tp) {
-            compared += check_units(&r.state, &r.names, &s.state, s.units.as_ref().unwrap());
+            let (n, k) = check_units(&r.state, &r.names, &s.state, s.units.as_ref().unwrap());
+            (compared, differ) = (compared + n, differ + k);
             // Weights: f32 slices, copied exactly (replica 0's).
             assert_eq!(bits(&r.weights), bits(&s.weights), "tp {} weights", r.tp);
         }
     }
-    eprintln!("2x2 -> 1x2: {compared} state elements within the bound");
+    eprintln!("2x2 -> 1x2: {compared} state elements within the bound, {differ} not exact");
     std::fs::remove_dir_all(&root).ok();
 
     // 1 x 2 -> 2 x 2: each rank takes its units from its shard's whole-tensor state.
@@ -341,13 +373,14 @@ fn fp8_o3_grid_checkpoints_resume_on_another_number_of_replicas() {
         "one replica: no ZeRO files"
     );
     let restored = grid(2, Start::Resume(&root), 0, None);
-    let mut compared = 0;
+    let (mut compared, mut differ) = (0, 0);
     for r in &restored {
         let s = saved.iter().find(|s| s.tp == r.tp).unwrap();
-        compared += check_units(&s.state, &s.names, &r.state, r.units.as_ref().unwrap());
+        let (n, k) = check_units(&s.state, &s.names, &r.state, r.units.as_ref().unwrap());
+        (compared, differ) = (compared + n, differ + k);
         assert_eq!(bits(&r.weights), bits(&s.weights), "tp {} weights", r.tp);
     }
-    eprintln!("1x2 -> 2x2: {compared} state elements within the bound");
+    eprintln!("1x2 -> 2x2: {compared} state elements within the bound, {differ} not exact");
     let more = grid(2, Start::Resume(&root), 2, None);
     for e in &more {
         assert!(
