@@ -60,8 +60,9 @@ fn slice_of(tr: &Trainer, full: &Layout, i: usize) -> Split {
 /// writes the index. fp8-o3 over D > 1 replicas: every rank streams its own ZeRO share
 /// of its shard's optimizer state into its own file (replica 0's with the model
 /// slices), listed in `optimizer_shards`; nothing is gathered. Atomic as a whole; on a
-/// failure of any rank every rank returns an error naming it and no checkpoint is left. `hook` runs after this rank's file is
-/// written (failure tests). Returns the checkpoint directory on every rank.
+/// failure of any rank every rank returns an error naming it and no checkpoint is left.
+/// `hook` runs after this rank's file is written (failure tests). Returns the
+/// checkpoint directory on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn save_trainer_tp(
     tr: &Trainer,
@@ -296,11 +297,11 @@ fn param_of(entry: &str) -> Option<&str> {
 }
 
 /// Load the whole state of a tensor-parallel checkpoint into `tr` (weights and optimizer
-/// state re-sharded for `tr`'s layout; fp8-o3's ZeRO shares, `optimizer_shards`, on
-/// the same T only, re-partitioned for `tr`'s units); returns the FP8 scaling states to restore: the
-/// shard's own when `tr` has the checkpoint's T (and so the same slices), else the merged
-/// ones (`crate::checkpoint::tp`). The caller restores them with step, RNG and data
-/// position.
+/// state re-sharded for `tr`'s layout; fp8-o3's ZeRO shares, `optimizer_shards`, on the
+/// same T only, re-partitioned for `tr`'s units); returns the FP8 scaling states to
+/// restore: the shard's own when `tr` has the checkpoint's T (and so the same slices),
+/// else the merged ones (`crate::checkpoint::tp`). The caller restores them with step,
+/// RNG and data position.
 pub fn restore_tp_state(tr: &mut Trainer, ck: &Checkpoint) -> Result<Value> {
     restore_tp_weights(tr, ck)?;
     if ck.meta.optimizer_shards.is_some() {
