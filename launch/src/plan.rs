@@ -13,15 +13,6 @@ use crate::ConfigArgs;
 pub fn run(args: &ConfigArgs, all: bool) -> Result<()> {
     let cfg = crate::run::load(args)?;
     let grid = PlanGrid::of_config(&cfg);
-    if grid.dp > 1 && grid.tp > 1 && (all || cfg.precision == fp8lm_trainer::Precision::Fp8O3) {
-        // (what training refuses today: say so next to the figures)
-        println!(
-            "note: D = {} x T = {} is planned, but training refuses fp8-o3 (ZeRO) over \
-             tensor-parallel replicas yet; fp32, bf16, fp8-o1 and fp8-o2 run on this grid \
-             (README: tensor parallelism)\n",
-            grid.dp, grid.tp
-        );
-    }
     let m = &cfg.model;
     let title = format!(
         "{:?} L={} H={} C={} T={} B={} V={}",

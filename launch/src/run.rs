@@ -237,8 +237,9 @@ fn save_checkpoint(
 }
 
 /// Write a checkpoint of a tensor-parallel run: every rank of the D x T grid calls it;
-/// the T ranks of replica 0 stream their shards into their own files, rank 0 writes the
-/// index (`fp8lm_trainer::tensor_parallel::ckpt::save_trainer_tp`; atomic as a whole).
+/// the T ranks of replica 0 stream their shards into their own files (fp8-o3 over D > 1
+/// replicas: every rank its own ZeRO share too), rank 0 writes the index
+/// (`fp8lm_trainer::tensor_parallel::ckpt::save_trainer_tp`; atomic as a whole).
 fn save_checkpoint_tp(
     tr: &Trainer,
     data: &dyn Dataset,
@@ -388,11 +389,11 @@ fn tp_bytes_per_step(tc: &fp8lm_collectives::CountingComm<'_>, steps: u64) -> se
 }
 
 /// A tensor-parallel run (`dist.tensor_parallel = T > 1`) as far as it is wired in: under
-/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 only with
-/// D = 1 here, as its checkpoints over D > 1 replicas are not written yet; the library
-/// trains it), from scratch or resumed from any checkpoint written
-/// with tensor parallelism (re-sharded when its D x T differs,
-/// `fp8lm_trainer::checkpoint::tp`).
+/// mpirun with world = D x T ranks (D model replicas of T ranks each; fp8-o3 runs FP8
+/// ZeRO over each shard's D replicas), from scratch or resumed from any checkpoint
+/// written with tensor parallelism (re-sharded when its D x T differs,
+/// `fp8lm_trainer::checkpoint::tp`; fp8-o3's ZeRO state over D > 1 replicas resumes on
+/// the same T only, with any D: the library refuses another T, naming both grids).
 fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -> Result<()> {
     let t = cfg.dist.tensor_parallel;
     let world = comm.map_or(1, |c| c.size());
@@ -402,19 +403,6 @@ fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -
              has {world}: launch it with `mpirun -n {t} fp8lm train ...` (or 2 x {t}, ...; \
              a tensor-parallel checkpoint resumes on one process with --set \
              dist.tensor_parallel=1)"
-        ))
-        .into());
-    }
-    if world > t && cfg.precision == Precision::Fp8O3 {
-        // Each replica holds another ZeRO share of its shard's optimizer state, and the
-        // tensor-parallel checkpoint (which every run writes at its end) records
-        // replica 0's state only: it would lose the other shares.
-        return Err(UsageError(format!(
-            "precision = \"fp8-o3\" with dist.tensor_parallel = {t} on {world} ranks \
-             ({} replicas): it trains (the library's Trainer::train_step_dxt), but its \
-             checkpoints are not written yet (each replica holds another ZeRO share); \
-             use fp8-o2, or launch `mpirun -n {t}`",
-            world / t
         ))
         .into());
     }
@@ -433,7 +421,9 @@ fn check_tensor_parallel_run(cfg: &RunConfig, comm: Option<&dyn Communicator>) -
 /// ranks read only the byte ranges of their units under the current partition, for any
 /// number of ranks. Tensor-parallel runs: every shard of replica 0 writes its own file
 /// (model and optimizer slices, FP8 scaling), rank 0 the index; `--resume` re-shards
-/// them for any D x T, one process included (`fp8lm_trainer::checkpoint::tp`).
+/// them for any D x T, one process included (`fp8lm_trainer::checkpoint::tp`). fp8-o3
+/// over D > 1 tensor-parallel replicas: every rank also writes its own ZeRO share, and
+/// `--resume` (same T, any D) reads per rank only its units.
 ///
 /// Nothing in the run directory is written, moved or deleted before every input has been
 /// validated (checkpoint, config, metrics.jsonl, rank agreement: step, data position and
@@ -540,9 +530,18 @@ fn train_ranked(
     // fp8-o3 under data parallelism: the optimizer state goes to its owners (re-partitioned
     // for this number of ranks) when data parallelism is enabled.
     let zero_dist = comm.is_some() && tp == 1 && cfg.precision == Precision::Fp8O3;
+    // fp8-o3 over D > 1 tensor-parallel replicas: likewise, each rank reads only its own
+    // units of its shard's state when data parallelism is enabled.
+    let zero_dxt = dp_comm.is_some() && cfg.precision == Precision::Fp8O3;
     if let Some(ck) = &ck {
         if zero_dist {
             snapshot::restore_except_optimizer(&mut tr, data.as_mut(), ck)?;
+        } else if zero_dxt {
+            fp8lm_trainer::tensor_parallel::ckpt::restore_tp_except_optimizer(
+                &mut tr,
+                data.as_mut(),
+                ck,
+            )?;
         } else {
             snapshot::restore(&mut tr, data.as_mut(), ck)?;
         }
@@ -576,7 +575,8 @@ fn train_ranked(
     }
     if let Some(c) = comm.filter(|_| tp > 1) {
         if let Some(d) = dp_comm {
-            tr.enable_data_parallel(d)?;
+            // fp8-o3: this rank's ZeRO units of its shard, read from the checkpoint.
+            tr.enable_data_parallel_from_tp_checkpoint(d, c, ck.as_ref())?;
         }
         if let Some(ck) = &ck {
             // Same grid: this replica's own FP8 scaling states and all-reduce factors.
@@ -585,10 +585,15 @@ fn train_ranked(
         if root {
             tracing::info!(
                 "tensor parallel over {tp} ranks x {} data-parallel replicas ({}), sequence \
-                 parallel {}; checkpoints: one file per shard of replica 0",
+                 parallel {}; checkpoints: one file per shard of replica 0{}",
                 c.size() / tp,
                 c.backend(),
-                cfg.dist.sequence_parallel
+                cfg.dist.sequence_parallel,
+                if tr.zero_owned_spans().is_some() {
+                    ", plus one fp8-o3 optimizer share per rank"
+                } else {
+                    ""
+                }
             );
         }
     } else if let Some(c) = comm {

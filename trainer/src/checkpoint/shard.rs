@@ -522,13 +522,54 @@ pub fn read_units(ck: &Checkpoint, want: &[UnitSpan]) -> Result<(Vec<NamedState>
             ck.dir.display()
         )
     })?;
+    if let Some(tp) = &ck.meta.tp_shards {
+        // Units cut from tensor-parallel shards, in their local coordinates.
+        bail!(
+            "{}: an fp8-o3 tensor-parallel checkpoint written on a {} x {} grid (D x T) \
+             cannot be resumed under fp8-o3 without tensor parallelism: its ZeRO units are \
+             cut from each tensor-parallel shard; resume it with dist.tensor_parallel = {}",
+            ck.dir.display(),
+            tp.dp,
+            tp.tp,
+            tp.tp
+        );
+    }
+    let sources: Vec<UnitSource<'_>> = idx
+        .shards
+        .iter()
+        .map(|e| UnitSource {
+            file: &e.file,
+            who: shard_owner(e, idx),
+            units: &e.units,
+        })
+        .collect();
+    read_units_from(ck, &sources, "", want)
+}
+
+/// One file holding optimizer state cut into units, for [`read_units_from`]: its name in
+/// the checkpoint directory, who wrote it (for errors), the units it holds.
+pub(crate) struct UnitSource<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) who: String,
+    pub(crate) units: &'a [UnitSpan],
+}
+
+/// [`read_units`] over the files `sources`, whose entries are named `<prefix><unit>.<state>`
+/// (and `<prefix>step`): the fp8-o3 files of a tensor-parallel checkpoint use `optim/`
+/// (`super::tp`), the data-parallel ones no prefix. The entries returned carry no prefix.
+pub(crate) fn read_units_from(
+    ck: &Checkpoint,
+    sources: &[UnitSource<'_>],
+    prefix: &str,
+    want: &[UnitSpan],
+) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
     let mut out: Vec<NamedState> = Vec::new();
     let mut spans = Vec::new();
     let mut step = None;
-    for e in &idx.shards {
+    for e in sources {
         // (stored unit, element range inside it) for every overlap with a wanted unit.
         let mut pieces = Vec::new();
-        for o in &e.units {
+        for o in e.units {
             for w in want.iter().filter(|w| w.tensor == o.tensor) {
                 let lo = w.offset.max(o.offset);
                 let hi = (w.offset + w.numel).min(o.offset + o.numel);
@@ -540,9 +581,9 @@ pub fn read_units(ck: &Checkpoint, want: &[UnitSpan]) -> Result<(Vec<NamedState>
         if pieces.is_empty() && step.is_some() {
             continue;
         }
-        let f = ShardFile::open(ck.dir.join(&e.file), shard_owner(e, idx))?;
+        let f = ShardFile::open(ck.dir.join(e.file), e.who.clone())?;
         if step.is_none() {
-            step = Some(f.state("step", 0, 1)?);
+            step = Some(f.state(&format!("{prefix}step"), 0, 1)?);
         }
         for (o, lo, hi, same) in pieces {
             let name = if same && lo == 0 && hi == o.numel {
@@ -551,14 +592,14 @@ pub fn read_units(ck: &Checkpoint, want: &[UnitSpan]) -> Result<(Vec<NamedState>
                 format!("{}@{lo}..{hi}", o.name)
             };
             for s in STATES {
-                let src = format!("{}.{s}", o.name);
+                let src = format!("{prefix}{}.{s}", o.name);
                 out.push((format!("{name}.{s}"), f.state(&src, lo, hi)?));
                 out.push((
                     format!("{name}.{s}.amax"),
                     f.state(&format!("{src}.amax"), 0, 1)?,
                 ));
             }
-            let ua = format!("{}.update_amax", o.name);
+            let ua = format!("{prefix}{}.update_amax", o.name);
             out.push((format!("{name}.update_amax"), f.state(&ua, 0, 1)?));
             spans.push(UnitSpan {
                 name,

@@ -5,19 +5,34 @@
 //! Each rank of data-parallel replica 0 of a D x T grid streams its model shard and its
 //! optimizer state shard (in the formats it holds them: f32, FP16 masters and E4M3 / FP16
 //! moments with their own per-shard scales) into its own file,
-//! `tp.dp-0000-tp-TTTT-of-NNNN.safetensors` ([`tp_shard_file_name`]), with model tensors
-//! named `model/<param>` and optimizer entries `optim/<entry>`. The other replicas hold
-//! bit-identical copies and write nothing. Rank 0 writes `checkpoint.json` with the
-//! [`TpIndex`]: per shard its file, its (dp, tp) coordinates, its FP8 scaling state, and
-//! per tensor the full shape and the slice of the full tensor it holds
+//! `tp.dp-DDDD-tp-TTTT-of-NNNN.safetensors` ([`tp_shard_file_name`]; DDDD = 0000), with
+//! model tensors named `model/<param>` and optimizer entries `optim/<entry>`. The other
+//! replicas hold bit-identical copies and write nothing. Rank 0 writes `checkpoint.json`
+//! with the [`TpIndex`]: per shard its file, its (dp, tp) coordinates, its FP8 scaling
+//! state, and per tensor the full shape and the slice of the full tensor it holds
 //! ([`crate::tensor_parallel::shard::Split`]: replicated, row ranges (qkv: three, one per
 //! q/k/v block), or a column range). An optimizer entry of parameter `p` (`adamw.m.p`,
 //! `p.master`, ...) is cut like `p`. The save is atomic as a whole and names a failed rank
 //! ([`super::shard::save_ranked`], shared with fp8-o3's sharded optimizer state).
-//! fp8-o3 with D > 1 replicas (ZeRO over the replicas of one shard) would add one
-//! optimizer file per (dp, tp) rank, indexed by `optimizer_shards` (whose entries carry
-//! (dp, tp) coordinates) with units in that shard's local element coordinates.
 //!
+//! fp8-o3 with D > 1 replicas (FP8 ZeRO over the replicas of each shard,
+//! `crate::parallel::zero_dxt`): every (dp, tp) rank holds another share of its shard's
+//! optimizer state, so every rank writes its own file, the same name: its share's
+//! entries `optim/<unit>.<state>` (`optim/step`, the units' FP16 masters and E4M3 / FP16
+//! moments with their scales, `.amax` and `.update_amax` scalars), plus, on replica 0,
+//! the model slices as above. `checkpoint.json` adds `optimizer_shards`
+//! ([`super::meta::ShardIndex`]: dp = D, tp = T, the partition) with one entry per rank:
+//! its file, its (dp, tp) coordinates and its units, in that shard's local element
+//! coordinates (tensor index in the shard's layout, element offset and length), as the
+//! ZeRO partition of the shard cut them. No rank gathers any other's share. A resume on
+//! the same T ([`read_tp_units`]) reads, per rank, only the pieces of its own
+//! tensor-parallel rank's files that overlap the units it owns under its new partition:
+//! the same D copies every unit verbatim (bit for bit), another D (one replica included,
+//! which takes whole tensors) re-partitions by [`crate::repartition`]'s rule, as the
+//! data-parallel fp8-o3 checkpoints do. Another T (one process included) is refused with
+//! an error naming both grids: re-cutting ZeRO units across tensor slices is not done.
+//! The model slices load anywhere, as above (`eval`, `sample`).
+
 //! ## Re-sharding ([`TpReader`])
 //! A resuming rank (any D' x T', one process included) reads, for each of its tensors,
 //! only the pieces of the stored shards that overlap its own slice: both slices are turned
@@ -44,9 +59,9 @@ use fp8lm_optim::StateTensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::shard::ShardFile;
+use super::shard::{read_units_from, ShardFile, UnitSource};
 use super::{Checkpoint, META_FILE};
-use crate::repartition::state_values;
+use crate::repartition::{state_values, NamedState, UnitSpan};
 use crate::tensor_parallel::shard::Split;
 
 /// Prefix of model tensors in a shard file.
@@ -456,6 +471,85 @@ impl<'a> TpReader<'a> {
         }
         Ok(out)
     }
+}
+
+/// fp8-o3: the optimizer state of tensor-parallel rank `tp_rank` of a `d` x `t` grid
+/// that overlaps the units `want` (in that shard's local element coordinates, as the
+/// ZeRO partition of the shard cuts them), read by range as
+/// [`super::shard::read_units`] reads a data-parallel checkpoint's; ready for
+/// [`crate::repartition::repartition_state`]. From the (dp, tp) files of a checkpoint
+/// written under fp8-o3 over D > 1 replicas (`optimizer_shards`: only the entries of
+/// `tp_rank`), or, from one written with one replica, from shard `tp_rank`'s file, whose
+/// optimizer state is held whole per tensor (`whole`: the shard's tensors as units). The
+/// units are the shard's own, so `t` must be the checkpoint's T: another T is refused,
+/// naming both grids.
+pub fn read_tp_units(
+    ck: &Checkpoint,
+    (d, t, tp_rank): (usize, usize, usize),
+    whole: &[UnitSpan],
+    want: &[UnitSpan],
+) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
+    let dir = ck.dir.display();
+    let idx = ck.meta.tp_shards.as_ref().with_context(|| {
+        format!("{dir}: not a tensor-parallel checkpoint (no tp_shards in {META_FILE})")
+    })?;
+    if idx.tp != t {
+        bail!(
+            "{dir}: an fp8-o3 tensor-parallel checkpoint written on a {} x {} grid (D x T) \
+             cannot be resumed under fp8-o3 on a {d} x {t} grid: its ZeRO units are cut \
+             from each tensor-parallel shard, and re-cutting them across tensor slices is \
+             not supported; resume with dist.tensor_parallel = {} (any number of \
+             replicas), or use fp8-o2",
+            idx.dp,
+            idx.tp,
+            idx.tp
+        );
+    }
+    let sources: Vec<UnitSource<'_>> = match &ck.meta.optimizer_shards {
+        Some(os) => {
+            if os.tp != idx.tp || os.dp != idx.dp {
+                bail!(
+                    "{dir}/{META_FILE}: optimizer_shards says a {} x {} grid, tp_shards a \
+                     {} x {} one",
+                    os.dp,
+                    os.tp,
+                    idx.dp,
+                    idx.tp
+                );
+            }
+            os.shards
+                .iter()
+                .filter(|e| e.tp_rank == tp_rank)
+                .map(|e| UnitSource {
+                    file: &e.file,
+                    who: format!(
+                        "fp8-o3 optimizer shard of rank {} (dp {}, tp {} of {})",
+                        e.rank, e.dp_rank, e.tp_rank, idx.tp
+                    ),
+                    units: &e.units,
+                })
+                .collect()
+        }
+        None => idx
+            .shards
+            .iter()
+            .filter(|e| e.tp_rank == tp_rank)
+            .map(|e| UnitSource {
+                file: &e.file,
+                who: format!(
+                    "tensor-parallel shard of rank {} (dp {}, tp {} of {})",
+                    e.rank, e.dp_rank, e.tp_rank, idx.tp
+                ),
+                units: whole,
+            })
+            .collect(),
+    };
+    if sources.is_empty() {
+        bail!("{dir}/{META_FILE}: no optimizer state of tensor-parallel rank {tp_rank} listed");
+    }
+    read_units_from(ck, &sources, OPTIM_PREFIX, want).with_context(|| {
+        format!("{dir}: fp8-o3 optimizer state of tensor-parallel rank {tp_rank} of {t}")
+    })
 }
 
 #[cfg(test)]

@@ -9,12 +9,71 @@
 //! ([`Trainer::zero_update`]'s `tp` argument). Per-rank optimizer state: the shard's
 //! state / D, i.e. about the whole model's / (D * T) (plus the replicated norms and
 //! biases, held by every TP rank's owner).
+//!
+//! Checkpoints (`crate::checkpoint::tp`): every (dp, tp) rank streams its own share into
+//! its own file (units in its shard's local element coordinates, listed in
+//! `optimizer_shards`); nobody gathers the state. A resume on the same T reads, per
+//! rank, only the stored pieces that overlap its units under the new partition
+//! ([`Trainer::enable_data_parallel_from_tp_checkpoint`]): the same D copies every unit
+//! verbatim (bit for bit), another D re-partitions by [`crate::repartition`]'s rule.
 
-use super::zero::ZeroPacked;
+use super::zero::{Zero, ZeroPacked};
 use super::DistState;
+use crate::checkpoint::shard::agree_outcome;
+use crate::checkpoint::Checkpoint;
+use crate::config::Precision;
 use crate::model::{FinalGrads, Model};
-use anyhow::{bail, Result};
+use crate::train::Trainer;
+use anyhow::{anyhow, bail, Result};
 use fp8lm_collectives::Communicator;
+use fp8lm_optim::{Fp8Adam, Fp8AdamConfig};
+
+impl Trainer {
+    /// [`Trainer::enable_data_parallel`] on a D x T grid for a run resumed from `ck`
+    /// (everything but the optimizer state restored beforehand: for fp8-o3
+    /// `tensor_parallel::ckpt::restore_tp_except_optimizer`, else `snapshot::restore`).
+    /// fp8-o3: this rank's units under the ZeRO partition of its shard over `dp` are read
+    /// from the checkpoint by range (its tensor-parallel rank's stored pieces that overlap
+    /// them: `checkpoint::tp::read_tp_units`), re-partitioned when the checkpoint's D
+    /// differs, and become its optimizer; the shard's whole state that
+    /// `Trainer::new_tp` built is dropped first, so no rank holds more than its share
+    /// besides what it reads. Every rank of `world` (the whole grid) learns whether every
+    /// rank read its share (an error names the ranks that did not). Other precisions, or
+    /// without `ck`, as [`Trainer::enable_data_parallel`]. Every rank calls it.
+    pub fn enable_data_parallel_from_tp_checkpoint(
+        &mut self,
+        dp: &dyn Communicator,
+        world: &dyn Communicator,
+        ck: Option<&Checkpoint>,
+    ) -> Result<()> {
+        let Some(ck) = ck.filter(|_| self.cfg.precision == Precision::Fp8O3) else {
+            return self.enable_data_parallel(dp);
+        };
+        if self.tp_shard().is_none() {
+            bail!(
+                "rank {} of {}: enable_data_parallel_from_tp_checkpoint needs a \
+                 tensor-parallel trainer (Trainer::new_tp)",
+                world.rank(),
+                world.size()
+            );
+        }
+        let ocfg = Fp8AdamConfig::fp8_lm(self.cfg.optim.hyper());
+        let (rank, size) = (dp.rank(), dp.size());
+        // The partition `enable_data_parallel` builds (deterministic: the same there).
+        let z = Zero::new(&self.model, size, &ocfg, self.cfg.dist.zero_partition)?;
+        let want = z.spans(&z.owned(rank));
+        drop(z);
+        self.optimizer = Box::new(Fp8Adam::empty(ocfg));
+        let read = crate::tensor_parallel::ckpt::read_own_units(self, ck, size, &want);
+        let outcome = match &read {
+            Ok(_) => Ok(String::new()),
+            Err(e) => Err(anyhow!("{e:#}")),
+        };
+        agree_outcome(world, "reading the fp8-o3 optimizer shards", outcome)?;
+        let (stored, old) = read?;
+        self.enable_data_parallel_resume(dp, Some((&stored, &old)))
+    }
+}
 
 impl DistState {
     /// Whether this rank runs fp8-o3's ZeRO (its optimizer holds only its units).

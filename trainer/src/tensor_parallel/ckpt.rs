@@ -11,15 +11,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::shard::Split;
+use crate::checkpoint::meta::{ShardEntry, ShardIndex};
 use crate::checkpoint::shard::{save_ranked, RankFile};
 use crate::checkpoint::stream::StreamTensor;
 use crate::checkpoint::tp::{
-    merge_scaling, tp_shard_file_name, Assembled, ReplicaScaling, TpIndex, TpReader, TpShardEntry,
-    TpTensor, MODEL_PREFIX, OPTIM_PREFIX,
+    merge_scaling, read_tp_units, tp_shard_file_name, Assembled, ReplicaScaling, TpIndex, TpReader,
+    TpShardEntry, TpTensor, MODEL_PREFIX, OPTIM_PREFIX,
 };
 use crate::checkpoint::Checkpoint;
 use crate::data::Dataset;
 use crate::model::Layout;
+use crate::repartition::UnitSpan;
 use crate::snapshot::{capture_meta, model_stream, scale_state_json};
 use crate::train::Trainer;
 
@@ -31,6 +33,9 @@ struct Report {
     tensors: Vec<TpTensor>,
     scaling: Value,
     dist_extra: Value,
+    /// fp8-o3 over D > 1 replicas: the units of this rank's optimizer shard.
+    #[serde(default)]
+    units: Option<Vec<UnitSpan>>,
 }
 
 /// This rank's FP8 scaling states, as `checkpoint.json` stores them.
@@ -52,9 +57,12 @@ fn slice_of(tr: &Trainer, full: &Layout, i: usize) -> Split {
 /// (`crate::checkpoint::tp`): every rank of the grid calls it with the world
 /// communicator `world` and its data-parallel coordinate `dp_rank`; the T ranks of
 /// replica 0 each stream their model and optimizer shard into their own file, rank 0
-/// writes the index. Atomic as a whole; on a failure of any rank every rank returns an
-/// error naming it and no checkpoint is left. `hook` runs after this rank's file is
-/// written (failure tests). Returns the checkpoint directory on every rank.
+/// writes the index. fp8-o3 over D > 1 replicas: every rank streams its own ZeRO share
+/// of its shard's optimizer state into its own file (replica 0's with the model
+/// slices), listed in `optimizer_shards`; nothing is gathered. Atomic as a whole; on a
+/// failure of any rank every rank returns an error naming it and no checkpoint is left.
+/// `hook` runs after this rank's file is written (failure tests). Returns the
+/// checkpoint directory on every rank.
 #[allow(clippy::too_many_arguments)]
 pub fn save_trainer_tp(
     tr: &Trainer,
@@ -84,15 +92,9 @@ pub fn save_trainer_tp(
         );
     }
     let d = world.size() / t;
-    if d > 1 && tr.zero_owned_spans().is_some() {
-        // Replica 0 writes each shard's state; under fp8-o3 it holds only its ZeRO share.
-        bail!(
-            "rank {} of {}: fp8-o3 over {d} tensor-parallel replicas: its checkpoints are \
-             not written yet (each replica holds another ZeRO share of the optimizer state)",
-            world.rank(),
-            world.size()
-        );
-    }
+    // fp8-o3 over D > 1 replicas: this rank's ZeRO share of its shard's optimizer state
+    // (units in the shard's local coordinates); every rank writes it, none gathers.
+    let zero_units = tr.zero_owned_spans();
     let meta = capture_meta(tr, data, extra);
     let m = tr.model();
     let full = Layout::new(&m.dims);
@@ -103,22 +105,34 @@ pub fn save_trainer_tp(
             split: slice_of(tr, &full, i),
         })
         .collect();
-    // Replica 0 writes the shards; the other replicas report their scaling states.
-    let local = if dp_rank == 0 {
-        let mut st: Vec<StreamTensor<'_>> = model_stream(tr)
-            .into_iter()
-            .map(|mut s| {
-                s.name = format!("{MODEL_PREFIX}{}", s.name);
-                s
-            })
-            .collect();
+    // Replica 0 writes the shards' model slices (and, replicated precisions, their
+    // optimizer state); under fp8-o3 every rank writes its own ZeRO share. Replicas that
+    // write nothing report their scaling states.
+    let write_model = dp_rank == 0;
+    let local = if write_model || zero_units.is_some() {
+        let mut st: Vec<StreamTensor<'_>> = if write_model {
+            model_stream(tr)
+                .into_iter()
+                .map(|mut s| {
+                    s.name = format!("{MODEL_PREFIX}{}", s.name);
+                    s
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         tr.optimizer().visit_state(&mut |n, s| {
             st.push(StreamTensor::from_state(&format!("{OPTIM_PREFIX}{n}"), s))
         });
+        let what = match (write_model, zero_units.is_some()) {
+            (true, false) => "tensor-parallel shard",
+            (true, true) => "tensor-parallel shard and fp8-o3 optimizer shard",
+            _ => "fp8-o3 optimizer shard",
+        };
         Some(RankFile {
             file: tp_shard_file_name(dp_rank, shard.rank, t),
             what: format!(
-                "tensor-parallel shard of rank {} (dp {dp_rank}, tp {} of {t})",
+                "{what} of rank {} (dp {dp_rank}, tp {} of {t})",
                 world.rank(),
                 shard.rank
             ),
@@ -130,10 +144,12 @@ pub fn save_trainer_tp(
     let report = Report {
         dp: dp_rank,
         tp: shard.rank,
-        tensors: if dp_rank == 0 { tensors } else { Vec::new() },
+        tensors: if write_model { tensors } else { Vec::new() },
         scaling: scaling_of(tr),
         dist_extra: Value::Object(tr.dist_checkpoint_extra()),
+        units: zero_units,
     };
+    let partition = tr.cfg.dist.zero_partition.name().to_string();
     save_ranked(
         &meta,
         local,
@@ -144,11 +160,27 @@ pub fn save_trainer_tp(
         hook,
         &mut |_, meta, reports| {
             let (mut shards, mut replicas) = (Vec::with_capacity(t), Vec::new());
+            let mut zero_shards = Vec::new();
             for (q, r) in reports.into_iter().enumerate() {
                 let rep: Report = serde_json::from_value(r.report)
                     .with_context(|| format!("the shard report of rank {q}"))?;
+                if let Some(units) = rep.units {
+                    let file = r.file.clone().with_context(|| {
+                        format!(
+                            "fp8-o3: rank {q} (dp {}, tp {}) wrote no file",
+                            rep.dp, rep.tp
+                        )
+                    })?;
+                    zero_shards.push(ShardEntry {
+                        file,
+                        rank: q,
+                        dp_rank: rep.dp,
+                        tp_rank: rep.tp,
+                        units,
+                    });
+                }
                 match r.file {
-                    Some(file) => shards.push(TpShardEntry {
+                    Some(file) if rep.dp == 0 => shards.push(TpShardEntry {
                         file,
                         rank: q,
                         dp_rank: rep.dp,
@@ -157,13 +189,30 @@ pub fn save_trainer_tp(
                         scaling: rep.scaling,
                         dist_extra: rep.dist_extra,
                     }),
-                    None => replicas.push(ReplicaScaling {
+                    _ => replicas.push(ReplicaScaling {
                         rank: q,
                         dp_rank: rep.dp,
                         tp_rank: rep.tp,
                         scaling: rep.scaling,
                     }),
                 }
+            }
+            if !zero_shards.is_empty() {
+                if zero_shards.len() != world.size() {
+                    bail!(
+                        "tensor-parallel checkpoint: {} of the {} ranks reported fp8-o3 \
+                         optimizer shards",
+                        zero_shards.len(),
+                        world.size()
+                    );
+                }
+                meta.optimizer_shards = Some(ShardIndex {
+                    world_size: world.size(),
+                    dp: d,
+                    tp: t,
+                    partition: partition.clone(),
+                    shards: zero_shards,
+                });
             }
             shards.sort_by_key(|e| e.tp_rank);
             if shards.len() != t || shards.iter().enumerate().any(|(k, e)| e.tp_rank != k) {
@@ -248,12 +297,17 @@ fn param_of(entry: &str) -> Option<&str> {
 }
 
 /// Load the whole state of a tensor-parallel checkpoint into `tr` (weights and optimizer
-/// state re-sharded for `tr`'s layout); returns the FP8 scaling states to restore: the
-/// shard's own when `tr` has the checkpoint's T (and so the same slices), else the merged
-/// ones (`crate::checkpoint::tp`). The caller restores them with step, RNG and data
-/// position.
+/// state re-sharded for `tr`'s layout; fp8-o3's ZeRO shares, `optimizer_shards`, on the
+/// same T only, re-partitioned for `tr`'s units); returns the FP8 scaling states to
+/// restore: the shard's own when `tr` has the checkpoint's T (and so the same slices),
+/// else the merged ones (`crate::checkpoint::tp`). The caller restores them with step,
+/// RNG and data position.
 pub fn restore_tp_state(tr: &mut Trainer, ck: &Checkpoint) -> Result<Value> {
     restore_tp_weights(tr, ck)?;
+    if ck.meta.optimizer_shards.is_some() {
+        restore_tp_zero_units(tr, ck)?;
+        return Ok(tp_scaling(tr, ck));
+    }
     let mut rd = TpReader::new(ck)?;
     let tg = Target::of(tr);
     let dir = ck.dir.display().to_string();
@@ -309,14 +363,90 @@ pub fn restore_tp_state(tr: &mut Trainer, ck: &Checkpoint) -> Result<Value> {
     tr.optimizer_mut()
         .import_state(state)
         .map_err(|e| anyhow::anyhow!("{dir}: optimizer state: {e}"))?;
+    Ok(tp_scaling(tr, ck))
+}
+
+/// The FP8 scaling states `tr` resumes with from tensor-parallel checkpoint `ck`
+/// ([`TpIndex::scaling_of`], else the merged ones).
+fn tp_scaling(tr: &Trainer, ck: &Checkpoint) -> Value {
     let t = tr.tp_shard().map_or(1, |s| s.size);
     let tp = tr.tp_shard().map_or(0, |s| s.rank);
     let (d, dp) = tr.dist.as_ref().map_or((1, 0), |s| (s.size, s.rank));
-    Ok(rd
-        .idx
-        .scaling_of(d, t, dp, tp)
+    ck.meta
+        .tp_shards
+        .as_ref()
+        .and_then(|idx| idx.scaling_of(d, t, dp, tp))
         .unwrap_or(&ck.meta.scaling)
-        .clone())
+        .clone()
+}
+
+/// `tr`'s grid as (D, T, tensor-parallel rank); D is 1 before data parallelism is
+/// enabled.
+fn grid_of(tr: &Trainer) -> (usize, usize, usize) {
+    let d = tr.dist.as_ref().map_or(1, |s| s.size);
+    tr.tp_shard().map_or((d, 1, 0), |s| (d, s.size, s.rank))
+}
+
+/// The optimizer state of an fp8-o3 tensor-parallel checkpoint written over D > 1
+/// replicas (`optimizer_shards` of (dp, tp) files) into `tr`, which holds its shard's
+/// whole state (one replica) or, under ZeRO, its units: this rank's tensor-parallel
+/// rank's units that overlap them are read by range and re-partitioned
+/// ([`crate::repartition`]: verbatim where a unit is stored whole under its name).
+/// Another T is refused ([`read_tp_units`]).
+fn restore_tp_zero_units(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
+    let dir = ck.dir.display().to_string();
+    let whole = crate::snapshot::whole_tensor_units(tr);
+    let want = tr.zero_owned_spans().unwrap_or_else(|| whole.clone());
+    let (stored, old) = read_tp_units(ck, grid_of(tr), &whole, &want)?;
+    let template = tr.optimizer().export_state();
+    let state = crate::repartition::repartition_state_owned(stored, &old, &template, &want)
+        .with_context(|| format!("{dir}: fp8-o3 optimizer state"))?;
+    tr.optimizer_mut()
+        .import_state(state)
+        .map_err(|e| anyhow::anyhow!("{dir}: optimizer state: {e}"))
+}
+
+/// fp8-o3 over D > 1 tensor-parallel replicas, resumed from `ck`: everything
+/// [`crate::snapshot::restore`] restores except the optimizer state (weights re-sharded
+/// as [`restore_tp_weights`] does, FP8 scaling states, step, RNG, data position), which
+/// [`Trainer::enable_data_parallel_from_tp_checkpoint`] then reads, each rank only its
+/// own units. `ck` must be a tensor-parallel checkpoint.
+pub fn restore_tp_except_optimizer(
+    tr: &mut Trainer,
+    data: &mut dyn Dataset,
+    ck: &Checkpoint,
+) -> Result<()> {
+    let dir = ck.dir.display().to_string();
+    if ck.meta.tp_shards.is_none() {
+        let (_, t, _) = grid_of(tr);
+        bail!(
+            "{dir}: fp8-o3 over tensor-parallel replicas (dist.tensor_parallel = {t}) \
+             resumes only from a tensor-parallel checkpoint; this one was written without \
+             tensor parallelism (resume it with dist.tensor_parallel = 1)"
+        );
+    }
+    ck.check_model_shape(&tr.cfg)?;
+    restore_tp_weights(tr, ck)?;
+    let scaling = tp_scaling(tr, ck);
+    crate::snapshot::restore_scaling(tr, ck, &scaling)?;
+    tr.set_step(ck.meta.step);
+    tr.rng.state = ck.meta.rng_state;
+    data.set_position(ck.meta.data_position);
+    crate::snapshot::sync_compute_weights(tr)
+}
+
+/// This rank's fp8-o3 optimizer units (tensor-parallel rank `tp_rank`'s shard, ZeRO
+/// partition `want`) from tensor-parallel checkpoint `ck`, read by range: for
+/// [`Trainer::enable_data_parallel_from_tp_checkpoint`].
+pub(crate) fn read_own_units(
+    tr: &Trainer,
+    ck: &Checkpoint,
+    d: usize,
+    want: &[UnitSpan],
+) -> Result<(Vec<crate::repartition::NamedState>, Vec<UnitSpan>)> {
+    let (_, t, tp) = grid_of(tr);
+    let whole = crate::snapshot::whole_tensor_units(tr);
+    read_tp_units(ck, (d, t, tp), &whole, want)
 }
 
 /// After data parallelism is enabled on a trainer resumed from a tensor-parallel
@@ -371,7 +501,8 @@ pub fn tp_dist_extra(tr: &Trainer, ck: &Checkpoint) -> Option<Value> {
 /// rule, `crate::checkpoint::tp`); replicated tensors are copied verbatim. Every rank
 /// starts from the whole tensors' FP8 scaling states (their amax bounds each slice's).
 /// With `weights_only` the optimizer state is left alone. Returns the scaling states to
-/// restore. fp8-o3 checkpoints (state cut into ZeRO units) are refused.
+/// restore. fp8-o3 checkpoints (state cut into ZeRO units of the whole model) are
+/// refused: their units would have to be re-cut across tensor slices.
 pub fn restore_whole_into_shard(
     tr: &mut Trainer,
     ck: &Checkpoint,

@@ -1,0 +1,194 @@
+//! fp8-o3 on a 2 x 2 grid under `mpirun -n 4 fp8lm train --set dist.tensor_parallel=2`
+//! (FP8 ZeRO over each tensor-parallel shard's two replicas): every rank writes its own
+//! optimizer share (four files; replica 0's also hold the model slices), `--resume` on
+//! the same 4 ranks continues bit for bit (losses, val losses, and the final checkpoints'
+//! files byte for byte: same units, same bytes, same scales), on 2 ranks (1 x 2: the
+//! shards' states re-assembled from both replicas' files) it trains on, and on one
+//! process it is refused naming both grids; `fp8lm eval` on one process loads its
+//! weights. Built only with the `mpi` feature; FAILS (never skips) when `mpirun` is
+//! missing.
+
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use fp8lm_collectives::mpirun::run_mpirun;
+use std::path::Path;
+use std::time::Duration;
+
+const STEPS: usize = 6;
+
+fn losses(run: &Path) -> Vec<(u64, f32, Option<f32>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap() as f32,
+                v["val_loss"].as_f64().map(|x| x as f32),
+            )
+        })
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn mpi(n: usize, args: &[String]) -> String {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_mpirun(
+        env!("CARGO_BIN_EXE_fp8lm"),
+        n,
+        &a,
+        &[("RAYON_NUM_THREADS", "1")],
+        Duration::from_secs(240),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.success, "mpirun -n {n} {args:?} failed:\n{}", o.text);
+    o.text
+}
+
+fn sets(run: &Path, steps: usize) -> Vec<String> {
+    let mut v = vec!["train".to_string()];
+    for s in [
+        "model.channels=32",
+        "batch=4",
+        "eval_every=3",
+        "eval_tokens=256",
+        "optim.warmup_steps=2",
+        "dist.tensor_parallel=2",
+        "checkpoint_every=3",
+        "precision=fp8-o3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("run_dir={}", run.display()),
+        format!("max_steps={steps}"),
+    ]) {
+        v.extend(["--set".to_string(), s]);
+    }
+    v
+}
+
+fn resume(run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "train".to_string(),
+        "--resume".to_string(),
+        run.display().to_string(),
+        "--set".to_string(),
+        format!("max_steps={STEPS}"),
+    ];
+    for s in extra {
+        v.extend(["--set".to_string(), s.to_string()]);
+    }
+    v
+}
+
+fn files_of(ck: &Path) -> Vec<String> {
+    let mut f: Vec<String> = std::fs::read_dir(ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    f.sort();
+    f
+}
+
+#[test]
+fn mpirun_fp8_o3_grid_2x2_checkpoint_resumes_bit_for_bit() {
+    let dir = common::tmp_dir("mpi-tp-o3-ckpt", "grid");
+    let (a, b, c, d) = (dir.join("a"), dir.join("b"), dir.join("c"), dir.join("d"));
+    // Straight: 6 steps. Split: 3 steps (its checkpoint), copied, resumed on 4 ranks.
+    let text = mpi(4, &sets(&a, STEPS));
+    assert!(
+        text.contains("plus one fp8-o3 optimizer share per rank"),
+        "{text}"
+    );
+    mpi(4, &sets(&b, STEPS / 2));
+    let ck = b.join("checkpoints/step_00000003");
+    let shard_files = [
+        "tp.dp-0000-tp-0000-of-0002.safetensors",
+        "tp.dp-0000-tp-0001-of-0002.safetensors",
+        "tp.dp-0001-tp-0000-of-0002.safetensors",
+        "tp.dp-0001-tp-0001-of-0002.safetensors",
+    ];
+    let mut want = vec!["checkpoint.json".to_string()];
+    want.extend(shard_files.iter().map(|s| s.to_string()));
+    assert_eq!(files_of(&ck), want);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("checkpoint.json")).unwrap())
+            .unwrap();
+    let os = &meta["meta"]["optimizer_shards"];
+    assert_eq!((os["dp"].as_u64(), os["tp"].as_u64()), (Some(2), Some(2)));
+    let coords: Vec<(u64, u64)> = os["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["dp_rank"].as_u64().unwrap(),
+                e["tp_rank"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(coords, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+    copy_dir(&b, &c);
+    copy_dir(&b, &d);
+
+    mpi(4, &resume(&b, &[]));
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), STEPS);
+    assert_eq!(lb.len(), STEPS, "{lb:?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x.1.to_bits(), y.1.to_bits(), "{la:?} vs {lb:?}");
+        assert_eq!(x.2.map(f32::to_bits), y.2.map(f32::to_bits), "val");
+    }
+    // The final checkpoints: every rank's file byte for byte (model slices, optimizer
+    // shares with their scales, the same step in the metadata).
+    let (fa, fb) = (
+        a.join("checkpoints/step_00000006"),
+        b.join("checkpoints/step_00000006"),
+    );
+    assert_eq!(files_of(&fa), files_of(&fb));
+    for f in shard_files {
+        assert!(
+            std::fs::read(fa.join(f)).unwrap() == std::fs::read(fb.join(f)).unwrap(),
+            "{f} differs between the straight and the resumed run"
+        );
+    }
+
+    // 1 x 2 (same T, one replica): each shard's state re-assembled from both replicas'
+    // shares; it trains on.
+    mpi(2, &resume(&c, &[]));
+    let lc = losses(&c);
+    assert_eq!(lc.len(), STEPS, "{lc:?}");
+    assert!(lc.iter().all(|x| x.1.is_finite() && x.1 < 6.0), "{lc:?}");
+
+    // One process: refused, naming both grids; the run directory is left alone.
+    let before = std::fs::read(d.join("metrics.jsonl")).unwrap();
+    let args = resume(&d, &["dist.tensor_parallel=1"]);
+    let o = common::fp8lm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = common::text(&o);
+    assert!(!o.status.success(), "not refused: {t}");
+    assert!(t.contains("2 x 2") && t.contains("1 x 1"), "{t}");
+    assert_eq!(std::fs::read(d.join("metrics.jsonl")).unwrap(), before);
+
+    // Its weights load anywhere: eval on one process.
+    let o = common::fp8lm(&["eval", "--checkpoint", a.to_str().unwrap()]);
+    let t = common::text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("val loss "), "{t}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
