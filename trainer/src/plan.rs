@@ -218,8 +218,11 @@ pub fn ledger_sizes_of_rank(
     let p = cfg.precision;
     let fp8 = matches!(p, Precision::Fp8O1 | Precision::Fp8O2 | Precision::Fp8O3);
     let block = cfg.fp8.recipe == "block";
-    // fp8-o2 (not block-scaled) keeps no f32 copy of the linears' weights.
-    let weights_from_optimizer = p == Precision::Fp8O2 && !block;
+    // fp8-o2 (not block-scaled) keeps no f32 copy of the linears' weights; nor does
+    // fp8-o3 over several data-parallel ranks without tensor parallelism, whose ranks
+    // hold the owners' E4M3 bytes and the tied embedding's FP16 masters.
+    let zero_e4m3 = p == Precision::Fp8O3 && grid.dp > 1 && grid.tp == 1 && !block;
+    let weights_from_optimizer = (p == Precision::Fp8O2 && !block) || zero_e4m3;
     let numel = |i: usize| lay.metas[i].numel();
     let rows = d.b * d.t;
     let f32_params = (0..lay.metas.len())
@@ -259,6 +262,7 @@ pub fn ledger_sizes_of_rank(
         precision: p,
         params: lay.total,
         f32_params,
+        wte_f16: when(zero_e4m3 && is_linear[lay.wte], 2 * numel(lay.wte)),
         fp8_grads,
         f32_grads,
         wgrad_scratch: when(fp8, 4 * (d.v * d.c + block_max)),

@@ -1,0 +1,199 @@
+//! fp8-o3's weight storage over several data-parallel ranks (issue #11, "FP8 as the
+//! storage, not a side copy"): each rank holds the linears' E4M3 weights, cast by the
+//! ZeRO owners from their FP16 masters in the update's pass and all-gathered, GPT-2's
+//! tied embedding as the owners' FP16 masters, and f32 only for the norms, biases and
+//! positions; no rank holds an f32 copy of the masters.
+//!
+//! - it trains bit for bit like the f32 view of the masters fp8-o3 held before
+//!   (`Trainer::keep_zero_f32_view`), whose forward cast the E4M3 bytes itself: losses,
+//!   the exact weights gathered from the owners, the E4M3 bytes and scales, on 2 and 4
+//!   ranks, GPT-2 (tied embedding, row-block units with their own scales) and LLaMA,
+//!   delayed and current scaling;
+//! - at start-up the E4M3 bytes are those the replicated fp8-o2 optimizer writes;
+//! - the linears' ranges of `params` are never written, and the memory ledger files the
+//!   difference: 4 B per linear weight less, 2 B per tied-embedding value more.
+
+use fp8lm_collectives::{run_ranks, Communicator, LocalComm};
+use fp8lm_trainer::config::Arch;
+use fp8lm_trainer::data::synthetic::MarkovCorpus;
+use fp8lm_trainer::data::Dataset;
+use fp8lm_trainer::memory::MemoryLedger;
+use fp8lm_trainer::{Precision, RunConfig, Trainer};
+
+fn small(arch: Arch, recipe: &str) -> RunConfig {
+    let mut cfg = RunConfig {
+        precision: Precision::Fp8O3,
+        batch: 2,
+        max_steps: 20,
+        ..RunConfig::default()
+    };
+    cfg.model.arch = arch;
+    cfg.model.channels = 32;
+    cfg.model.layers = 2;
+    cfg.fp8.recipe = recipe.into();
+    cfg
+}
+
+/// What a rank ends with.
+struct End {
+    losses: Vec<u32>,
+    eval: u32,
+    /// The exact weights (the owners' masters), gathered.
+    weights: Vec<u32>,
+    /// Per linear: its E4M3 weight bytes and their scale (bits).
+    e4m3: Vec<(Vec<u8>, u32)>,
+    holds_e4m3: bool,
+    /// Linear weights' ranges of `params` all zero.
+    linear_params_zero: bool,
+    ledger_total: usize,
+    linear_numel: usize,
+    wte_numel: usize,
+    tied: bool,
+}
+
+fn run(cfg: &RunConfig, ranks: usize, steps: usize, f32_view: bool) -> Vec<End> {
+    run_ranks(ranks, |c: &LocalComm| -> anyhow::Result<End> {
+        let mut data = MarkovCorpus::new(cfg.seed);
+        let mut tr = Trainer::new(cfg, data.vocab_size())?;
+        if f32_view {
+            tr.keep_zero_f32_view();
+        }
+        tr.enable_data_parallel(c)?;
+        let mut losses = vec![];
+        for _ in 0..steps {
+            let st = tr.train_step_dist(&mut data, c)?;
+            assert!(!st.skipped, "rank {} step {} skipped", c.rank(), st.step);
+            losses.push(st.loss.to_bits());
+        }
+        // An evaluation forward casts the f32 view's weights (record = false) with the
+        // scale the E4M3 storage's owners cast with: both then hold comparable bytes.
+        let eval = tr.evaluate(&data, 1)?.to_bits();
+        let weights = tr.gather_weights_f32(c)?;
+        let m = tr.model();
+        let e4m3 = m
+            .linears
+            .iter()
+            .map(|l| {
+                let f = l.fp8.as_ref().expect("FP8 linears");
+                (f.w.data().to_vec(), f.w.held_scale().to_bits())
+            })
+            .collect();
+        let lin: Vec<usize> = (0..m.layout.metas.len())
+            .filter(|&i| m.linear_of_tensor[i].is_some())
+            .collect();
+        Ok(End {
+            losses,
+            eval,
+            weights: weights.iter().map(|x| x.to_bits()).collect(),
+            e4m3,
+            holds_e4m3: tr.zero_holds_e4m3(),
+            linear_params_zero: lin
+                .iter()
+                .all(|&i| m.params[m.layout.range(i)].iter().all(|&x| x == 0.0)),
+            ledger_total: MemoryLedger::for_trainer(&tr).total(),
+            linear_numel: lin.iter().map(|&i| m.layout.metas[i].numel()).sum(),
+            wte_numel: m.layout.metas[m.layout.wte].numel(),
+            tied: m.linear_of_tensor[m.layout.wte].is_some(),
+        })
+    })
+    .unwrap()
+}
+
+#[test]
+fn e4m3_storage_trains_bit_for_bit_like_the_f32_view_of_the_masters() {
+    for (arch, recipe, ranks) in [
+        (Arch::Gpt2, "delayed", 4),
+        (Arch::Gpt2, "current", 2),
+        (Arch::Llama, "delayed", 2),
+        (Arch::Llama, "current", 4),
+    ] {
+        let cfg = small(arch, recipe);
+        let e4m3 = run(&cfg, ranks, 4, false);
+        let view = run(&cfg, ranks, 4, true);
+        let what = format!("{arch:?} {recipe} on {ranks} ranks");
+        for (r, (a, b)) in e4m3.iter().zip(&view).enumerate() {
+            assert!(a.holds_e4m3 && !b.holds_e4m3, "{what}: rank {r} storage");
+            assert_eq!(a.losses, b.losses, "{what}: rank {r} losses (bits)");
+            assert_eq!(a.eval, b.eval, "{what}: rank {r} evaluation loss (bits)");
+            assert!(
+                a.weights == b.weights,
+                "{what}: rank {r}: the owners' masters differ from the f32 view"
+            );
+            for (k, (x, y)) in a.e4m3.iter().zip(&b.e4m3).enumerate() {
+                assert_eq!(x.1, y.1, "{what}: rank {r} linear {k}: E4M3 scale");
+                let bad = x.0.iter().zip(&y.0).filter(|(p, q)| p != q).count();
+                assert_eq!(
+                    bad, 0,
+                    "{what}: rank {r} linear {k}: {bad} E4M3 bytes differ"
+                );
+            }
+            // Replicas hold the same bytes.
+            assert!(a.e4m3 == e4m3[0].e4m3, "{what}: rank {r} vs rank 0 E4M3");
+        }
+    }
+}
+
+#[test]
+fn no_rank_holds_an_f32_copy_of_the_linears_and_the_ledger_says_so() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let cfg = small(arch, "delayed");
+        let e4m3 = run(&cfg, 3, 2, false);
+        let view = run(&cfg, 3, 2, true);
+        for (r, (a, b)) in e4m3.iter().zip(&view).enumerate() {
+            assert!(
+                a.linear_params_zero,
+                "{arch:?} rank {r}: linear params written"
+            );
+            assert!(!b.linear_params_zero);
+            // 4 B per linear weight value less; the tied embedding's FP16 (2 B) more.
+            let wte16 = if a.tied { 2 * a.wte_numel } else { 0 };
+            assert_eq!(
+                a.ledger_total + 4 * a.linear_numel,
+                b.ledger_total + wte16,
+                "{arch:?} rank {r}: ledger {} vs f32 view {}",
+                a.ledger_total,
+                b.ledger_total
+            );
+        }
+    }
+}
+
+#[test]
+fn start_up_e4m3_bytes_are_those_the_replicated_o2_optimizer_writes() {
+    for arch in [Arch::Gpt2, Arch::Llama] {
+        let mut cfg = small(arch, "delayed");
+        let o3 = run_ranks(4, |c: &LocalComm| -> anyhow::Result<Vec<(Vec<u8>, u32)>> {
+            let data = MarkovCorpus::new(cfg.seed);
+            let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+            tr.enable_data_parallel(c)?;
+            assert!(tr.zero_holds_e4m3());
+            Ok(tr
+                .model()
+                .linears
+                .iter()
+                .map(|l| {
+                    let f = l.fp8.as_ref().unwrap();
+                    (f.w.data().to_vec(), f.w.held_scale().to_bits())
+                })
+                .collect())
+        })
+        .unwrap();
+        cfg.precision = Precision::Fp8O2;
+        let o2 = Trainer::new(&cfg, MarkovCorpus::new(cfg.seed).vocab_size()).unwrap();
+        assert!(o2.model().weights_from_optimizer());
+        for (r, lins) in o3.iter().enumerate() {
+            for (k, (l, (bytes, scale))) in o2.model().linears.iter().zip(lins).enumerate() {
+                let f = l.fp8.as_ref().unwrap();
+                assert_eq!(
+                    f.w.held_scale().to_bits(),
+                    *scale,
+                    "{arch:?} rank {r} linear {k}"
+                );
+                assert!(
+                    f.w.data() == &bytes[..],
+                    "{arch:?} rank {r} linear {k}: bytes"
+                );
+            }
+        }
+    }
+}
