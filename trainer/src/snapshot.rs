@@ -339,7 +339,7 @@ pub fn save_trainer_sharded(
     // fp8-o3 with E4M3 weight storage: no rank holds the f32 weights; the owners'
     // masters are gathered for the model group (a transient of the save).
     let gathered = if tr.zero_holds_e4m3() {
-        Some(tr.gather_weights_f32(comm)?)
+        tr.gather_weights_f32_to(comm, 0)?
     } else {
         None
     };

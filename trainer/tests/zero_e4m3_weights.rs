@@ -197,3 +197,73 @@ fn start_up_e4m3_bytes_are_those_the_replicated_o2_optimizer_writes() {
         }
     }
 }
+
+/// The model group of a sharded checkpoint: every tensor's f32 weights, the linears
+/// gathered from their owners' FP16 masters: bit for bit what the f32 view wrote; a
+/// plain process loading it evaluates to the same loss as the ranks did.
+#[test]
+fn a_sharded_checkpoint_holds_the_owners_exact_masters() {
+    use fp8lm_trainer::checkpoint::Checkpoint;
+    use fp8lm_trainer::snapshot;
+    let cfg = small(Arch::Gpt2, "delayed");
+    let save = |f32_view: bool| -> Vec<(String, Vec<u32>)> {
+        let root =
+            std::env::temp_dir().join(format!("fp8lm-zero-e4m3-{}-{f32_view}", std::process::id()));
+        let dirs = run_ranks(4, |c: &LocalComm| -> anyhow::Result<_> {
+            let mut data = MarkovCorpus::new(cfg.seed);
+            let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+            if f32_view {
+                tr.keep_zero_f32_view();
+            }
+            tr.enable_data_parallel(c)?;
+            for _ in 0..3 {
+                tr.train_step_dist(&mut data, c)?;
+            }
+            let e = tr.evaluate(&data, 1)?;
+            let dir = snapshot::save_trainer_sharded(
+                &tr,
+                &data,
+                serde_json::json!({}),
+                c,
+                &root,
+                1,
+                &mut |_| Ok(()),
+            )?;
+            Ok((dir, e))
+        })
+        .unwrap();
+        let ck = Checkpoint::load(&dirs[0].0).unwrap();
+        // One plain process (fp8-o3 on one rank keeps f32 weights) loads the weights.
+        let data = MarkovCorpus::new(cfg.seed);
+        let mut one = Trainer::new(&cfg, data.vocab_size()).unwrap();
+        snapshot::restore_weights(&mut one, &ck).unwrap();
+        let e = one.evaluate(&data, 1).unwrap();
+        assert_eq!(
+            e.to_bits(),
+            dirs[0].1.to_bits(),
+            "f32 view {f32_view}: eval"
+        );
+        let out = one
+            .model()
+            .layout
+            .metas
+            .iter()
+            .map(|m| {
+                let t = ck.tensor("model", &m.name, &m.shape).unwrap();
+                (
+                    m.name.clone(),
+                    t.to_f32().unwrap().iter().map(|x| x.to_bits()).collect(),
+                )
+            })
+            .collect();
+        std::fs::remove_dir_all(&root).unwrap();
+        out
+    };
+    let (a, b) = (save(false), save(true));
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            x == y,
+            "{name}: the checkpoint's weights differ from the f32 view's"
+        );
+    }
+}

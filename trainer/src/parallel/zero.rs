@@ -485,63 +485,72 @@ impl Trainer {
 
     /// Every tensor's exact f32 weights, flat in layout order, on every rank: under
     /// fp8-o3 with E4M3 weight storage ([`Trainer::zero_holds_e4m3`]) the owners' FP16
-    /// masters of the linears (`f16 / scale`, one all-gather of per-owner segments,
-    /// padded) and the f32 tensors from `params`; otherwise [`Trainer::weights_f32_all`],
-    /// without communication. Every rank must call it. A transient of the whole model
-    /// (checkpoints of the model, tests).
+    /// masters of the linears (`f16 / scale`, exact) and the f32 tensors from `params`;
+    /// otherwise [`Trainer::weights_f32_all`], without communication. Every rank must
+    /// call it. A transient of the whole model (tests, tools).
     pub fn gather_weights_f32(&self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+        Ok(self
+            .weights_f32_from_owners(comm, None)?
+            .expect("every rank receives"))
+    }
+
+    /// [`Trainer::gather_weights_f32`] to rank `root` only (`Some` there, `None` on the
+    /// others): one broadcast per FP8 unit from its owner, so a rank other than `root`
+    /// holds one unit's FP16 at a time (the model group of a sharded checkpoint).
+    pub fn gather_weights_f32_to(
+        &self,
+        comm: &dyn Communicator,
+        root: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.weights_f32_from_owners(comm, Some(root))
+    }
+
+    fn weights_f32_from_owners(
+        &self,
+        comm: &dyn Communicator,
+        root: Option<usize>,
+    ) -> Result<Option<Vec<f32>>> {
+        let me = comm.rank();
         let zero = self.dist.as_ref().and_then(|d| d.zero.as_ref());
         let Some(z) = zero.filter(|_| self.zero_holds_e4m3()) else {
-            return Ok(self.weights_f32_all());
+            return Ok((root.is_none() || root == Some(me)).then(|| self.weights_f32_all()));
         };
-        let (me, n) = (comm.rank(), comm.size());
-        let low_of = |q: usize| -> Vec<usize> {
-            z.owned(q)
-                .into_iter()
-                .filter(|&u| z.fp8_of_unit[u].is_some())
-                .collect()
-        };
-        let bytes = |us: &[usize]| {
-            us.iter()
-                .map(|&u| 2 * z.units[u].numel() + 4)
-                .sum::<usize>()
-        };
-        let seg = (0..n).map(|q| bytes(&low_of(q))).max().unwrap_or(0);
+        let receive = root.is_none() || root == Some(me);
+        let mut out = receive.then(|| self.model.params.clone());
         let owned = z.owned(me);
-        let mut mine = Vec::with_capacity(seg);
-        for u in low_of(me) {
-            let k = owned.iter().position(|&x| x == u).expect("an owned unit");
-            let (h, s) = self.optimizer.master_f16(k).with_context(|| {
-                format!(
-                    "fp8-o3 on rank {me}: unit {} has no FP16 master",
-                    z.units[u].name
-                )
-            })?;
-            mine.extend_from_slice(&s.to_le_bytes());
-            for x in h {
-                mine.extend_from_slice(&x.to_bits().to_le_bytes());
-            }
-        }
-        mine.resize(seg, 0);
-        let all = comm.all_gather_bytes(&mine).map_err(comm_err)?;
-        let m = &self.model;
-        let mut out = m.params.clone();
+        let biggest = (0..z.units.len())
+            .filter(|&u| z.fp8_of_unit[u].is_some())
+            .map(|u| z.units[u].numel())
+            .max()
+            .unwrap_or(0);
+        let mut buf = vec![0u8; 4 + 2 * biggest];
         let mut h = Vec::new();
-        for q in 0..n {
-            let b = &all[q * seg..(q + 1) * seg];
-            let mut at = 0;
-            for u in low_of(q) {
-                let dst = &mut out[z.ranges[u].clone()];
-                let s = f32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-                at += 4;
+        for u in (0..z.units.len()).filter(|&u| z.fp8_of_unit[u].is_some()) {
+            let (q, numel) = (z.part.owner[u], z.units[u].numel());
+            let b = &mut buf[..4 + 2 * numel];
+            if q == me {
+                let k = owned.iter().position(|&x| x == u).expect("an owned unit");
+                let (m, s) = self.optimizer.master_f16(k).with_context(|| {
+                    format!(
+                        "fp8-o3 on rank {me}: unit {} has no FP16 master",
+                        z.units[u].name
+                    )
+                })?;
+                b[..4].copy_from_slice(&s.to_le_bytes());
+                for (d, x) in b[4..].chunks_exact_mut(2).zip(m) {
+                    d.copy_from_slice(&x.to_bits().to_le_bytes());
+                }
+            }
+            comm.broadcast_bytes(b, q).map_err(comm_err)?;
+            if let Some(out) = out.as_mut() {
+                let s = f32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
                 h.clear();
                 h.extend(
-                    b[at..at + 2 * dst.len()]
+                    b[4..]
                         .chunks_exact(2)
                         .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
                 );
-                at += 2 * dst.len();
-                f16_to_f32_amax(&h, 1.0 / s, dst);
+                f16_to_f32_amax(&h, 1.0 / s, &mut out[z.ranges[u].clone()]);
             }
         }
         Ok(out)
