@@ -267,3 +267,48 @@ fn a_sharded_checkpoint_holds_the_owners_exact_masters() {
         );
     }
 }
+
+/// GPT-2 124M dims (context 64, batch 4) on 4 in-process ranks: rank 0's ledger and the
+/// process's peak resident set, with the E4M3 storage or (`FP8LM_ZERO_F32_VIEW=1`) the
+/// f32 view of the masters. Run one mode per process (the peak is the process's):
+/// `cargo test --release -p fp8lm-trainer --test zero_e4m3_weights -- --ignored
+/// --nocapture measure`. Needs about 8 GB.
+#[test]
+#[ignore]
+fn measure_gpt2_124m_on_4_in_process_ranks() {
+    let f32_view = std::env::var("FP8LM_ZERO_F32_VIEW").is_ok_and(|v| v == "1");
+    let mut cfg = small(Arch::Gpt2, "delayed");
+    (cfg.model.layers, cfg.model.heads, cfg.model.channels) = (12, 12, 768);
+    (cfg.model.context, cfg.model.vocab, cfg.batch) = (64, 50304, 4);
+    let ranks = 4;
+    let out = run_ranks(ranks, |c: &LocalComm| -> anyhow::Result<(String, usize)> {
+        let mut data = MarkovCorpus::new(cfg.seed);
+        let mut tr = Trainer::new_for_ranks(&cfg, data.vocab_size(), ranks)?;
+        if f32_view {
+            tr.keep_zero_f32_view();
+        }
+        tr.enable_data_parallel(c)?;
+        for _ in 0..2 {
+            tr.train_step_dist(&mut data, c)?;
+        }
+        tr.evaluate(&data, 1)?;
+        let l = MemoryLedger::for_trainer(&tr);
+        let title = format!(
+            "fp8-o3 rank {} of {ranks} ({})",
+            c.rank(),
+            if f32_view { "f32 view of the masters" } else { "E4M3 storage" }
+        );
+        Ok((l.report(&title), l.total()))
+    })
+    .unwrap();
+    let peak = fp8lm_trainer::memory::peak_resident_bytes().unwrap();
+    println!("{}", out[0].0);
+    let ledgers: Vec<usize> = out.iter().map(|o| o.1).collect();
+    println!(
+        "mode {}: ledger per rank (MB) {:?}; process peak RSS {:.1} MB = {:.1} MB per rank",
+        if f32_view { "f32-view" } else { "e4m3" },
+        ledgers.iter().map(|&b| b as f64 / 1048576.0).collect::<Vec<_>>(),
+        peak as f64 / 1048576.0,
+        peak as f64 / 1048576.0 / ranks as f64
+    );
+}
