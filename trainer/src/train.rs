@@ -315,7 +315,9 @@ impl Trainer {
             }
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
-            // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            // by the rank's ZeRO share and (`Model::hold_linear_weights_as_e4m3`) these
+            // f32 weights by the E4M3 ones the owners cast and share (the f32 view of
+            // the masters stays for the block recipe and tensor parallelism).
             Precision::Fp8O3 if ranks > 1 => {
                 let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 round_to_master_view(&mut model, &cfg8)?;

@@ -296,7 +296,11 @@ fn measure_gpt2_124m_on_4_in_process_ranks() {
         let title = format!(
             "fp8-o3 rank {} of {ranks} ({})",
             c.rank(),
-            if f32_view { "f32 view of the masters" } else { "E4M3 storage" }
+            if f32_view {
+                "f32 view of the masters"
+            } else {
+                "E4M3 storage"
+            }
         );
         Ok((l.report(&title), l.total()))
     })
@@ -307,7 +311,10 @@ fn measure_gpt2_124m_on_4_in_process_ranks() {
     println!(
         "mode {}: ledger per rank (MB) {:?}; process peak RSS {:.1} MB = {:.1} MB per rank",
         if f32_view { "f32-view" } else { "e4m3" },
-        ledgers.iter().map(|&b| b as f64 / 1048576.0).collect::<Vec<_>>(),
+        ledgers
+            .iter()
+            .map(|&b| b as f64 / 1048576.0)
+            .collect::<Vec<_>>(),
         peak as f64 / 1048576.0,
         peak as f64 / 1048576.0 / ranks as f64
     );
