@@ -319,3 +319,61 @@ fn measure_gpt2_124m_on_4_in_process_ranks() {
         peak as f64 / 1048576.0 / ranks as f64
     );
 }
+
+/// A skipped step (a non-finite norm weight on every rank, put back after): the owners
+/// re-cast their unchanged masters with the scale the skipped forward moved, as the f32
+/// view's next forward casts: the same losses, skips, weights and E4M3 bytes after.
+#[test]
+fn a_skipped_step_re_casts_like_the_f32_view() {
+    let cfg = small(Arch::Gpt2, "delayed");
+    let go = |f32_view: bool| {
+        run_ranks(3, |c: &LocalComm| -> anyhow::Result<_> {
+            let mut data = MarkovCorpus::new(cfg.seed);
+            let mut tr = Trainer::new(&cfg, data.vocab_size())?;
+            if f32_view {
+                tr.keep_zero_f32_view();
+            }
+            tr.enable_data_parallel(c)?;
+            let mut log = vec![];
+            for s in 0..5 {
+                let ln = tr.model().layout.index("h.0.ln2.w").unwrap();
+                let at = tr.model().layout.range(ln).start;
+                let keep = tr.model().params[at];
+                if s == 2 {
+                    tr.model_mut().params[at] = f32::INFINITY;
+                }
+                let st = tr.train_step_dist(&mut data, c)?;
+                if s == 2 {
+                    tr.model_mut().params[at] = keep;
+                }
+                log.push((st.skipped, st.loss.to_bits(), st.grad_norm.is_finite()));
+            }
+            // (The f32 view casts its bytes in the forward: evaluate so both hold them.)
+            log.push((false, tr.evaluate(&data, 1)?.to_bits(), true));
+            let e4m3: Vec<Vec<u8>> = tr
+                .model()
+                .linears
+                .iter()
+                .map(|l| l.fp8.as_ref().unwrap().w.data().to_vec())
+                .collect();
+            let w: Vec<u32> = tr
+                .gather_weights_f32(c)?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            Ok((log, e4m3, w))
+        })
+        .unwrap()
+    };
+    let (a, b) = (go(false), go(true));
+    assert!(
+        a[0].0[2].0 && !a[0].0[3].0,
+        "step 2 skipped, 3 not: {:?}",
+        a[0].0
+    );
+    for (r, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.0, y.0, "rank {r}: skips and losses");
+        assert!(x.1 == y.1, "rank {r}: E4M3 bytes after the skipped step");
+        assert!(x.2 == y.2, "rank {r}: weights after the skipped step");
+    }
+}
