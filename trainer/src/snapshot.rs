@@ -363,6 +363,14 @@ pub fn save_trainer_sharded(
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
+    if tr.zero_holds_e4m3() {
+        bail!(
+            "rank {}: an fp8-o3 rank holding E4M3 weights takes its weights from the \
+             owners' masters; restore the checkpoint before enable_data_parallel \
+             (restore_except_optimizer, then enable_data_parallel_from_checkpoint)",
+            tr.rank()
+        );
+    }
     if tr.tp_shard().is_some() && ck.meta.tp_shards.is_none() {
         crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, true)?;
         return sync_compute_weights(tr);

@@ -229,6 +229,16 @@ fn a_sharded_checkpoint_holds_the_owners_exact_masters() {
                 1,
                 &mut |_| Ok(()),
             )?;
+            // Loading weights into a rank that holds E4M3 weights is refused, clearly.
+            let ck = Checkpoint::load(&dir)?;
+            match (f32_view, snapshot::restore_weights(&mut tr, &ck)) {
+                (false, Err(err)) => assert!(
+                    format!("{err:#}").contains("before enable_data_parallel"),
+                    "{err:#}"
+                ),
+                (false, Ok(())) => panic!("restore_weights into an E4M3 rank succeeded"),
+                (true, r) => r?,
+            }
             Ok((dir, e))
         })
         .unwrap();
