@@ -298,6 +298,15 @@ fn measure_gpt2_124m_on_4_in_process_ranks() {
             tr.keep_zero_f32_view();
         }
         tr.enable_data_parallel(c)?;
+        c.barrier()?;
+        if c.rank() == 0 {
+            let p = fp8lm_trainer::memory::peak_resident_bytes().unwrap_or(0);
+            println!(
+                "process peak RSS after start-up (every rank enabled): {:.1} MiB",
+                p as f64 / 1048576.0
+            );
+        }
+        c.barrier()?;
         for _ in 0..2 {
             tr.train_step_dist(&mut data, c)?;
         }

@@ -196,7 +196,8 @@ impl Trainer {
                 self.model
                     .hold_linear_weights_as_e4m3(Some(wte_units))
                     .map_err(|e| anyhow!("fp8-o3 on rank {rank} of {size}: {e}"))?;
-                z.update_and_share_e4m3(comm, &mut self.model, self.optimizer.as_mut(), None)?;
+                let opt = self.optimizer.as_mut();
+                z.update_and_share_e4m3(comm, &mut self.model, opt, None)?;
             } else {
                 z.share_weights(comm, &mut self.model.params)?;
             }

@@ -718,10 +718,9 @@ impl Trainer {
             // E4M3 weight storage: the owners write the compute bytes from their masters
             // in the update's pass and all-gather them (after a skipped step, re-cast
             // with the scale the forward may have moved, as fp8-o2 does).
-            let tc = Instant::now();
             let update = (!skipped).then_some((&grads[..], lr, clip_scale(grad_norm, clip)));
-            z.update_and_share_e4m3(comm, model, self.optimizer.as_mut(), update)?;
-            *comm_time += tc.elapsed();
+            let opt = self.optimizer.as_mut();
+            *comm_time += z.update_and_share_e4m3(comm, model, opt, update)?;
             return Ok((grad_norm, skipped));
         }
         if skipped {
@@ -830,15 +829,17 @@ impl Zero {
     /// embedding's FP16 master + scale per unit (for the lookup), f32 values of the rest.
     /// Every rank copies the same bytes in, so replicas stay bit-identical; the bytes are
     /// those a forward would cast from the f32 view of the masters (the fp8-o2 fused
-    /// cast, `fp8_o2_storage.rs`; `zero_e4m3_weights.rs`).
+    /// cast, `fp8_o2_storage.rs`; `zero_e4m3_weights.rs`). Returns the time spent in
+    /// the collectives.
     pub(super) fn update_and_share_e4m3(
         &self,
         comm: &dyn Communicator,
         model: &mut Model,
         opt: &mut dyn fp8lm_optim::Optimizer,
         update: Option<(&[Grad<'_>], f32, f32)>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let (me, n) = (comm.rank(), comm.size());
+        let mut in_comm = Duration::ZERO;
         let wte = model.layout.wte;
         let wte_f16 = model.wte_f16_bytes().gt(&0).then_some(wte);
         let layouts: Vec<E4m3Segment> = (0..n).map(|q| self.e4m3_layout(q, wte_f16)).collect();
@@ -906,8 +907,10 @@ impl Zero {
                 let j = self.fp8_of_unit[u].expect("an FP8 unit");
                 amax[j] = nan_max(amax[j], written[k].amax);
             }
+            let tc = Instant::now();
             comm.all_reduce(BufMut::F32(&mut amax), ReduceOp::Max)
                 .map_err(comm_err)?;
+            in_comm += tc.elapsed();
             let want: Vec<f32> = policy
                 .iter()
                 .zip(&amax)
@@ -1000,11 +1003,13 @@ impl Zero {
                 at += 4;
             }
         }
+        let tc = Instant::now();
         let all = if seg == 0 {
             Vec::new()
         } else {
             comm.all_gather_bytes(&mine).map_err(comm_err)?
         };
+        in_comm += tc.elapsed();
         drop(mine);
         // Every rank (the owners included) copies the same bytes in.
         let mut agg: Vec<Option<fp8lm_optim::Fp8Written>> = vec![None; self.fp8_tensors.len()];
@@ -1093,7 +1098,7 @@ impl Zero {
                 .w
                 .accept_written(w);
         }
-        Ok(())
+        Ok(in_comm)
     }
 }
 
