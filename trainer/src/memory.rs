@@ -216,8 +216,12 @@ impl MemoryLedger {
 pub struct LedgerSizes {
     pub precision: Precision,
     pub params: usize,
-    /// f32 weights in the model (every tensor, except fp8-o2's linear weights).
+    /// f32 weights in the model (every tensor, except fp8-o2's linear weights and
+    /// those of fp8-o3's E4M3 storage).
     pub f32_params: usize,
+    /// fp8-o3 with E4M3 weight storage: the tied token embedding's FP16 masters every
+    /// rank holds for the lookup (shared by their owners).
+    pub wte_f16: usize,
     /// E5M2 weight gradients of the FP8 linears, and the f32 gradients of the rest.
     pub fp8_grads: usize,
     pub f32_grads: usize,
@@ -282,6 +286,7 @@ impl LedgerSizes {
             precision,
             params: model.num_params(),
             f32_params,
+            wte_f16: model.wte_f16_bytes(),
             fp8_grads,
             f32_grads,
             wgrad_scratch: model.wgrad_scratch_bytes(),
@@ -318,7 +323,15 @@ impl LedgerSizes {
                 s.f32_params,
             ),
             // fp8-o3 holds the same kinds of state as o2; its optimizer holds only this
-            // rank's ZeRO share (after `Trainer::enable_data_parallel`).
+            // rank's ZeRO share (after `Trainer::enable_data_parallel`). Over several
+            // ranks (not block-scaled, no tensor parallelism) the linears are the E4M3
+            // bytes the owners share and the f32 entry is the norms/biases/positions;
+            // else (one rank, block recipe, D x T) it is the f32 view of every master.
+            Precision::Fp8O3 if s.f32_params < 4 * s.params => l.add(
+                Category::ComputeWeights,
+                "f32 weights of norms/biases/positions (shared by the owners)",
+                s.f32_params,
+            ),
             Precision::Fp8O3 => l.add(
                 Category::ComputeWeights,
                 "f32 view of the masters (shared by the owners)",
@@ -330,6 +343,11 @@ impl LedgerSizes {
                 s.f32_params,
             ),
         }
+        l.add(
+            Category::ComputeWeights,
+            "FP16 token embedding for the lookup (owners' masters)",
+            s.wte_f16,
+        );
         l.add(
             Category::Gradients,
             "FP8 E5M2 weight gradients (linears)",

@@ -218,8 +218,11 @@ pub fn ledger_sizes_of_rank(
     let p = cfg.precision;
     let fp8 = matches!(p, Precision::Fp8O1 | Precision::Fp8O2 | Precision::Fp8O3);
     let block = cfg.fp8.recipe == "block";
-    // fp8-o2 (not block-scaled) keeps no f32 copy of the linears' weights.
-    let weights_from_optimizer = p == Precision::Fp8O2 && !block;
+    // fp8-o2 (not block-scaled) keeps no f32 copy of the linears' weights; nor does
+    // fp8-o3 over several data-parallel ranks without tensor parallelism, whose ranks
+    // hold the owners' E4M3 bytes and the tied embedding's FP16 masters.
+    let zero_e4m3 = p == Precision::Fp8O3 && grid.dp > 1 && grid.tp == 1 && !block;
+    let weights_from_optimizer = (p == Precision::Fp8O2 && !block) || zero_e4m3;
     let numel = |i: usize| lay.metas[i].numel();
     let rows = d.b * d.t;
     let f32_params = (0..lay.metas.len())
@@ -259,6 +262,7 @@ pub fn ledger_sizes_of_rank(
         precision: p,
         params: lay.total,
         f32_params,
+        wte_f16: when(zero_e4m3 && is_linear[lay.wte], 2 * numel(lay.wte)),
         fp8_grads,
         f32_grads,
         wgrad_scratch: when(fp8, 4 * (d.v * d.c + block_max)),
@@ -297,6 +301,9 @@ struct ZeroShare {
     low_units: usize,
     full_elems: usize,
     full_units: usize,
+    /// Of the FP8 units, those of a tied token embedding (GPT-2's wte / LM head).
+    wte_elems: usize,
+    wte_units: usize,
 }
 
 /// Every rank's share (one rank: everything), from the partition the runs compute.
@@ -315,6 +322,9 @@ fn zero_shares(
         let s = &mut shares[part.owner[u]];
         if is_linear[unit.tensor] {
             (s.low_elems, s.low_units) = (s.low_elems + unit.numel(), s.low_units + 1);
+            if unit.tensor == lay.wte {
+                (s.wte_elems, s.wte_units) = (s.wte_elems + unit.numel(), s.wte_units + 1);
+            }
         } else {
             (s.full_elems, s.full_units) = (s.full_elems + unit.numel(), s.full_units + 1);
         }
@@ -487,11 +497,31 @@ fn collective_bytes(s: &LedgerSizes, zero: &[ZeroShare], grid: PlanGrid) -> Vec<
             "f32 gradients to their ZeRO owners",
             (n - 1) * max(&|z| 4 * z.full_elems),
         );
-        push(
-            "all-gather",
-            "new masters from their owners (f16 + scale linears, f32 rest)",
-            (n - 1) * max(&|z| 2 * z.low_elems + 4 * z.low_units + 4 * z.full_elems),
-        );
+        if s.f32_params < 4 * s.params {
+            // E4M3 weight storage (`Zero::update_and_share_e4m3`): per FP8 unit its E4M3
+            // bytes and 24 B (scale, amax, two counts); the tied embedding's units also
+            // their FP16 master and scale; f32 for the rest.
+            let tied = s.wte_f16 > 0;
+            push(
+                "all-gather",
+                "E4M3 weights from their owners (+ tied embedding f16, f32 rest)",
+                (n - 1)
+                    * max(&|z| {
+                        let (we, wu) = if tied {
+                            (z.wte_elems, z.wte_units)
+                        } else {
+                            (0, 0)
+                        };
+                        z.low_elems + 24 * z.low_units + 2 * we + 4 * wu + 4 * z.full_elems
+                    }),
+            );
+        } else {
+            push(
+                "all-gather",
+                "new masters from their owners (f16 + scale linears, f32 rest)",
+                (n - 1) * max(&|z| 2 * z.low_elems + 4 * z.low_units + 4 * z.full_elems),
+            );
+        }
     } else {
         push("all-reduce", "f32 gradients", allreduce(s.f32_grads));
         if s.fp8_grads > 0 {

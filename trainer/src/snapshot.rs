@@ -182,11 +182,18 @@ pub fn capture_with_state(
     }
     let mut ck = Checkpoint::new(capture_meta(tr, data, extra));
     // fp8-o2's linear weights have no f32 copy: their FP16 master is the weight.
+    // fp8-o3 with E4M3 weight storage: no master on this rank but its own units'; the
+    // linears are what the rank computes with (`Trainer::weight_f32`; a resume takes
+    // the masters from the optimizer state, `save_trainer_sharded` gathers them exact).
     let m = tr.model();
+    let zero_e4m3 = tr.zero_holds_e4m3();
     let model: Vec<CkptTensor> = m
         .named_params()
         .enumerate()
         .map(|(i, (meta, p))| match tr.optimizer().master_f16(i) {
+            _ if zero_e4m3 && !m.param_is_f32(i) => {
+                CkptTensor::f32(&meta.name, &meta.shape, &tr.weight_f32(i))
+            }
             Some((h, scale)) if !m.param_is_f32(i) => {
                 CkptTensor::f16(&meta.name, &meta.shape, h, Some(scale))
             }
@@ -224,6 +231,13 @@ pub fn save_trainer(
     keep: usize,
 ) -> Result<std::path::PathBuf> {
     use crate::ckpt_stream::StreamTensor;
+    if tr.zero_holds_e4m3() {
+        anyhow::bail!(
+            "rank {}: an fp8-o3 rank holding E4M3 weights has no f32 copy of the model; \
+             save with save_trainer_sharded (it gathers the owners' masters)",
+            tr.rank()
+        );
+    }
     let units = opt_state.as_ref().and_then(|(_, u)| u.clone());
     if let Some(units) = units {
         if !extra.is_object() {
@@ -275,6 +289,28 @@ pub(crate) fn model_stream(tr: &Trainer) -> Vec<crate::checkpoint::stream::Strea
         .collect()
 }
 
+/// The model's tensors streamed from `all`, every tensor's f32 weights flat in layout
+/// order ([`Trainer::gather_weights_f32`]).
+pub(crate) fn model_stream_f32<'a>(
+    tr: &'a Trainer,
+    all: &'a [f32],
+) -> Vec<crate::checkpoint::stream::StreamTensor<'a>> {
+    use crate::checkpoint::stream::{StreamTensor, TensorData};
+    let m = tr.model();
+    m.layout
+        .metas
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| StreamTensor {
+            name: meta.name.clone(),
+            dtype: CkptDtype::F32,
+            shape: meta.shape.clone(),
+            scale: None,
+            data: TensorData::F32(&all[m.layout.range(i)]),
+        })
+        .collect()
+}
+
 /// Save a checkpoint of an fp8-o3 data-parallel trainer with its optimizer state
 /// sharded (see [`crate::checkpoint::shard`]): every rank streams its own units' state
 /// into its own file; rank 0 also writes the model and `checkpoint.json` with the shard
@@ -300,10 +336,17 @@ pub fn save_trainer_sharded(
         )
     })?;
     let meta = capture_meta(tr, data, extra);
-    let model = if comm.rank() == 0 {
-        model_stream(tr)
+    // fp8-o3 with E4M3 weight storage: no rank holds the f32 weights; the owners'
+    // masters are gathered for the model group (a transient of the save).
+    let gathered = if tr.zero_holds_e4m3() {
+        tr.gather_weights_f32_to(comm, 0)?
     } else {
-        Vec::new()
+        None
+    };
+    let model = match (comm.rank(), &gathered) {
+        (0, None) => model_stream(tr),
+        (0, Some(w)) => model_stream_f32(tr, w),
+        _ => Vec::new(),
     };
     let mut tensors = Vec::new();
     tr.optimizer()
@@ -320,6 +363,14 @@ pub fn save_trainer_sharded(
 /// Load model weights only (for `eval` / `sample`), checking names and shapes.
 pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     ck.check_model_shape(&tr.cfg)?;
+    if tr.zero_holds_e4m3() {
+        bail!(
+            "rank {}: an fp8-o3 rank holding E4M3 weights takes its weights from the \
+             owners' masters; restore the checkpoint before enable_data_parallel \
+             (restore_except_optimizer, then enable_data_parallel_from_checkpoint)",
+            tr.rank()
+        );
+    }
     if tr.tp_shard().is_some() && ck.meta.tp_shards.is_none() {
         crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, true)?;
         return sync_compute_weights(tr);

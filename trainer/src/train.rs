@@ -100,7 +100,8 @@ pub(crate) fn wte_master<'a>(
     opt: &'a dyn Optimizer,
 ) -> Option<(&'a [half::f16], f32)> {
     let wte = model.layout.wte;
-    if model.param_is_f32(wte) {
+    // (fp8-o3's E4M3 storage holds its own FP16 units of the embedding.)
+    if model.param_is_f32(wte) || model.wte_f16_bytes() > 0 {
         None
     } else {
         opt.master_f16(wte)
@@ -140,6 +141,9 @@ pub struct Trainer {
     /// fp8-o3 built for several ranks ([`Trainer::new_for_ranks`]): no optimizer state
     /// yet; `enable_data_parallel` builds this rank's share.
     pub(crate) zero_deferred: bool,
+    /// fp8-o3: keep the f32 view of the masters on every rank instead of the E4M3
+    /// weights (what fp8-o3 held before; [`Trainer::keep_zero_f32_view`], for tests).
+    pub(crate) zero_f32_view: bool,
 }
 
 /// Overwrite `model`'s weights with the f32 view of the masters `Fp8Adam` would build
@@ -311,7 +315,9 @@ impl Trainer {
             }
             // fp8-o3 on a single rank is fp8-o2 with f32 weights (one rank owns every
             // tensor); with several ranks `enable_data_parallel` replaces this optimizer
-            // by the rank's ZeRO share, whose owners share f32 views of their masters.
+            // by the rank's ZeRO share and (`Model::hold_linear_weights_as_e4m3`) these
+            // f32 weights by the E4M3 ones the owners cast and share (the f32 view of
+            // the masters stays for the block recipe and tensor parallelism).
             Precision::Fp8O3 if ranks > 1 => {
                 let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 round_to_master_view(&mut model, &cfg8)?;
@@ -344,7 +350,35 @@ impl Trainer {
             targets: vec![0; rows],
             dist: None,
             zero_deferred: cfg.precision == Precision::Fp8O3 && ranks > 1,
+            zero_f32_view: false,
         })
+    }
+
+    /// fp8-o3 on several data-parallel ranks: whether `enable_data_parallel` gives this
+    /// rank the E4M3 weight storage ([`Model::hold_linear_weights_as_e4m3`]): every
+    /// FP8 recipe but the block one (cast tile by tile in the forward), without tensor
+    /// parallelism (`parallel/zero_dxt.rs` shares f32 views), unless
+    /// [`Trainer::keep_zero_f32_view`] asked for the f32 view.
+    pub(crate) fn zero_e4m3_eligible(&self, ranks: usize) -> bool {
+        self.cfg.precision == Precision::Fp8O3
+            && ranks > 1
+            && self.model.tp.is_none()
+            && self.cfg.fp8.recipe != "block"
+            && !self.zero_f32_view
+    }
+
+    /// fp8-o3, before `enable_data_parallel`: keep every rank's f32 view of the masters
+    /// (the storage fp8-o3 had before the E4M3 weights), so tests can check that the
+    /// E4M3 storage trains bit for bit like it.
+    #[doc(hidden)]
+    pub fn keep_zero_f32_view(&mut self) {
+        self.zero_f32_view = true;
+    }
+
+    /// fp8-o3 with E4M3 weight storage: the linears' weights are the E4M3 bytes the
+    /// ZeRO owners share, the masters live on their owners only.
+    pub fn zero_holds_e4m3(&self) -> bool {
+        self.cfg.precision == Precision::Fp8O3 && self.model.weights_from_optimizer()
     }
 
     /// Swap in another optimizer (e.g. the FP8 one), built over `model().layout.metas`.
@@ -362,8 +396,22 @@ impl Trainer {
     }
     /// Tensor `i`'s weights as f32: the model's own, or (fp8-o2's linears, which have
     /// no f32 copy) the f32 view of the optimizer's FP16 master, exactly.
+    ///
+    /// fp8-o3 with E4M3 weight storage ([`Trainer::zero_holds_e4m3`]): a rank holds no
+    /// master but its own units', so this is what the rank computes with: the tied
+    /// embedding's FP16 masters (exact), other linears' E4M3 bytes decoded (`e4m3 /
+    /// scale`, not the master); [`Trainer::gather_weights_f32`] gathers the exact
+    /// values from the owners.
     pub fn weight_f32(&self, i: usize) -> Vec<f32> {
         let m = &self.model;
+        if self.zero_holds_e4m3() && !m.param_is_f32(i) {
+            if i == m.layout.wte {
+                if let Some(v) = m.wte_f16_view() {
+                    return v;
+                }
+            }
+            return m.e4m3_weight_view(i);
+        }
         match self.optimizer.master_f16(i) {
             Some((h, scale)) if !m.param_is_f32(i) => {
                 let mut v = vec![0f32; h.len()];

@@ -285,6 +285,51 @@ pub fn written_of(outs: &[ParamOut<'_>]) -> Vec<Option<Fp8Written>> {
         .collect()
 }
 
+/// One ZeRO unit of fp8-o3's tied token embedding: its element range (whole rows) and
+/// the power-of-two scale of its FP16 master.
+pub(crate) type WteUnit = (Range<usize>, f32);
+
+/// fp8-o3's tied token embedding on a data-parallel rank: the FP16 masters of its ZeRO
+/// units, each with its own power-of-two scale (`real = stored / scale`).
+struct WteF16Units {
+    bits: Vec<half::f16>,
+    /// Element ranges of the tensor (row blocks, in order) and their scales.
+    units: Vec<WteUnit>,
+}
+
+impl WteF16Units {
+    /// `out[r] = wte[tok] (+ wpe[pos])` with each row decoded with its unit's scale:
+    /// the values and additions of `encoder_forward` on the f32 view (`f16 / scale` is
+    /// exact for a power-of-two scale), through the backend's FP16 lookup.
+    fn encoder_forward(
+        &self,
+        be: &dyn Backend,
+        out: &mut [f32],
+        tokens: &[u32],
+        wpe: Option<&[f32]>,
+        t: usize,
+        c: usize,
+    ) {
+        let s0 = self.units.first().map_or(1.0, |u| u.1);
+        if self.units.iter().all(|u| u.1.to_bits() == s0.to_bits()) {
+            return be.encoder_forward_f16(out, tokens, &self.bits, s0, wpe, t, c);
+        }
+        for (r, (o, &tok)) in out.chunks_mut(c).zip(tokens).enumerate() {
+            let at = tok as usize * c;
+            let (range, scale) = self
+                .units
+                .iter()
+                .find(|(u, _)| u.contains(&at))
+                .expect("the units cover the table");
+            // The unit's rows as a table of their own (units are whole rows).
+            let row0 = range.start / c;
+            let table = &self.bits[range.clone()];
+            let pos = wpe.map(|w| &w[(r % t) * c..(r % t + 1) * c]);
+            be.encoder_forward_f16(o, &[tok - row0 as u32], table, *scale, pos, 1, c);
+        }
+    }
+}
+
 /// Which part of the network a group of finished gradients belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GradGroup {
@@ -321,11 +366,17 @@ pub struct FinalGrads<'a> {
 ///
 /// Where each tensor lives, by precision:
 /// - fp32 / bf16: every weight and gradient in `params` / `grads` (f32);
-/// - fp8-o1 / o3: weights f32 in `params` (the AdamW master, or the f32 view ZeRO owners
-///   share); the linears' weight gradients leave their dW GEMM through `wgrad_f32` and
-///   are stored only as E5M2 + scale (`Linear::fp8.wgrad`);
+/// - fp8-o1: weights f32 in `params` (the AdamW master); the linears' weight gradients
+///   leave their dW GEMM through `wgrad_f32` and are stored only as E5M2 + scale
+///   (`Linear::fp8.wgrad`);
 /// - fp8-o2 ([`Model::new_fp8_compute`]): in addition the linears' weights exist only as
-///   the optimizer's FP16 master and the E4M3 copy it writes (`Linear::fp8.w`).
+///   the optimizer's FP16 master and the E4M3 copy it writes (`Linear::fp8.w`);
+/// - fp8-o3 on several data-parallel ranks ([`Model::hold_linear_weights_as_e4m3`]): as
+///   fp8-o2, except that each FP16 master lives on its ZeRO owner only; every rank holds
+///   the linears' E4M3 weights the owners cast and all-gather, GPT-2's tied embedding
+///   as the owners' FP16 masters (`wte_f16_units`, for the lookup), and the other
+///   tensors f32 in `params`. (With the block recipe or tensor parallelism, fp8-o3
+///   keeps the f32 view of the masters in `params`, as fp8-o1.)
 ///
 /// `params` and `grads` keep the flat layout's offsets in every mode; the ranges of
 /// tensors stored elsewhere are never written (nor read), so their pages are never
@@ -347,6 +398,9 @@ pub struct Model {
     wgrad_f32: Vec<f32>,
     /// fp8-o2: the linears' E4M3 weights are written by the optimizer (no f32 copy).
     weights_from_optimizer: bool,
+    /// fp8-o3 on several ranks with a tied embedding: the token embedding's FP16
+    /// masters, as their ZeRO owners share them (one power-of-two scale per unit).
+    wte_f16_units: Option<WteF16Units>,
     /// The next backward adds to the gradients held (micro-batch 2.. of a step).
     accumulate: bool,
     /// Linears in order `[qkv, attn.proj, mlp.fc, mlp.proj] x L`, then the LM head.
@@ -587,6 +641,7 @@ impl Model {
             grads: vec![0f32; layout.total],
             wgrad_f32: vec![0f32; wgrad_len],
             weights_from_optimizer,
+            wte_f16_units: None,
             accumulate: false,
             acts: Acts::new(
                 &ld,
@@ -626,6 +681,104 @@ impl Model {
     /// fp8-o2: the linears' E4M3 weights are the optimizer's (no f32 copy exists).
     pub fn weights_from_optimizer(&self) -> bool {
         self.weights_from_optimizer
+    }
+
+    /// fp8-o3 on several data-parallel ranks: from now on the linears' weights exist on
+    /// this rank only as the E4M3 bytes the ZeRO owners cast from their FP16 masters and
+    /// share (written into `Linear::fp8.w` by the owners' all-gather, as fp8-o2's
+    /// optimizer writes them), and a tied token embedding as the owners' FP16 masters,
+    /// one scale per unit (`units`: element ranges of the tensor, with `numel` elements
+    /// in all). `params` is replaced by a fresh buffer holding only the other tensors,
+    /// so the f32 values of the linears' ranges are released. Errors without FP8
+    /// linears or with the block recipe (whose weights are cast in the forward).
+    pub fn hold_linear_weights_as_e4m3(
+        &mut self,
+        wte_units: Option<Vec<(Range<usize>, f32)>>,
+    ) -> Result<(), String> {
+        if self.linears.iter().any(|l| l.fp8.is_none()) {
+            return Err("E4M3 weight storage needs FP8 linears".into());
+        }
+        if self.linears.iter().any(|l| {
+            matches!(
+                l.precision,
+                LinearPrecision::Fp8 {
+                    recipe: fp8lm_fp8::ScalingRecipe::Block { .. },
+                    ..
+                }
+            )
+        }) {
+            return Err("the block recipe casts its weights tile by tile in the forward:                         it keeps f32 weights"
+                .into());
+        }
+        let mut fresh = vec![0f32; self.layout.total];
+        for i in 0..self.layout.metas.len() {
+            if self.linear_of_tensor[i].is_none() {
+                let r = self.layout.range(i);
+                fresh[r.clone()].copy_from_slice(&self.params[r]);
+            }
+        }
+        self.params = fresh;
+        self.weights_from_optimizer = true;
+        for lin in &mut self.linears {
+            lin.weight_from_optimizer = true;
+        }
+        let wte = self.layout.wte;
+        self.wte_f16_units = match (self.linear_of_tensor[wte], wte_units) {
+            (Some(_), Some(units)) => {
+                let numel = self.layout.metas[wte].numel();
+                let covered: usize = units.iter().map(|(r, _)| r.len()).sum();
+                if covered != numel {
+                    return Err(format!(
+                        "the token embedding's FP16 units cover {covered} of its {numel} values"
+                    ));
+                }
+                Some(WteF16Units {
+                    bits: vec![half::f16::ZERO; numel],
+                    units,
+                })
+            }
+            (Some(_), None) => return Err("the tied token embedding needs its FP16 units".into()),
+            (None, _) => None,
+        };
+        Ok(())
+    }
+
+    /// fp8-o3 ([`Model::hold_linear_weights_as_e4m3`]): the tied token embedding's FP16
+    /// masters and each unit's range and scale, to be written by the owners' all-gather.
+    pub(crate) fn wte_f16_units_mut(&mut self) -> Option<(&mut [half::f16], &mut [WteUnit])> {
+        self.wte_f16_units
+            .as_mut()
+            .map(|w| (&mut w.bits[..], &mut w.units[..]))
+    }
+
+    /// fp8-o3: the tied token embedding's f32 view (`f16 / scale` per unit, exact), when
+    /// this model holds it as FP16 units.
+    pub fn wte_f16_view(&self) -> Option<Vec<f32>> {
+        let w = self.wte_f16_units.as_ref()?;
+        let mut out = vec![0f32; w.bits.len()];
+        for (r, s) in &w.units {
+            fp8lm_fp8::cast::f16_to_f32_amax(&w.bits[r.clone()], 1.0 / s, &mut out[r.clone()]);
+        }
+        Some(out)
+    }
+
+    /// Linear weight `i`'s E4M3 compute bytes decoded (`e4m3 / scale`): what the GEMMs
+    /// read, where no f32 copy exists (empty for a tensor that is no FP8 linear's).
+    pub fn e4m3_weight_view(&self, i: usize) -> Vec<f32> {
+        let Some(f) = self.linear_of_tensor[i].and_then(|li| self.linears[li].fp8.as_ref()) else {
+            return Vec::new();
+        };
+        let table = fp8lm_fp8::cast::decode_table(f.w.state.format);
+        let inv = 1.0 / f.w.held_scale();
+        f.w.data()
+            .iter()
+            .map(|&b| table[b as usize] * inv)
+            .collect()
+    }
+
+    /// Bytes of the FP16 token embedding fp8-o3 ranks hold for the lookup (0 otherwise).
+    pub fn wte_f16_bytes(&self) -> usize {
+        self.wte_f16_units.as_ref().map_or(0, |w| 2 * w.bits.len())
     }
 
     /// Whether tensor `i` has f32 storage in `params` (see [`Model`]).
@@ -769,11 +922,16 @@ impl Model {
             linears,
             acts: a,
             rope,
+            wte_f16_units,
             ..
         } = self;
         let be: &dyn Backend = &**be;
         let p = |i: usize| &params[lay.range(i)];
         match (wte_stored, wte_f16) {
+            (false, None) if tp_vocab.is_none() && wte_f16_units.is_some() => wte_f16_units
+                .as_ref()
+                .expect("checked")
+                .encoder_forward(be, &mut a.encoded[..n * c], inputs, lay.wpe.map(p), t, c),
             _ if tp_vocab.is_some() => tp::embed_forward_model(
                 comm.expect("tp_comm"),
                 &mut a.encoded[..],

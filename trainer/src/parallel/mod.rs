@@ -74,11 +74,16 @@
 //! 3. saturation counts of the FP8 sums (one small all-reduce) so every rank updates the
 //!    same mu; the global gradient norm (one scalar all-reduce);
 //! 4. each owner runs `Fp8Adam` on its units only;
-//! 5. the owners share their units' new weights in the optimizer's master format (FP16
-//!    with a power-of-two per-unit scale for the FP8 linears' weights, f32 for the rest)
-//!    through one all-gather of per-owner segments: the master is FP16 with the
-//!    power-of-two scale of its amax, so this is exact, and every rank (the owner
-//!    included) decodes the same bytes, so the replicas stay bit-identical.
+//! 5. the owners share what the compute reads, through one all-gather of per-owner
+//!    segments: each FP8 linear unit's E4M3 bytes, which the owner's update wrote from
+//!    the new FP16 master in the same fused pass (as fp8-o2's optimizer writes them),
+//!    with their scale, amax and counts; GPT-2's tied embedding also as its FP16 master
+//!    (the lookup reads it); f32 for the rest. Every rank (the owner included) copies
+//!    the same bytes in, so the replicas stay bit-identical, and no rank holds an f32
+//!    copy of the masters (`Zero::update_and_share_e4m3`). With the block recipe
+//!    (weights cast tile by tile in the forward) and on a D x T grid the owners
+//!    instead all-gather the FP16 masters (power-of-two per-unit scale, exact) into
+//!    every rank's f32 view (`Zero::share_weights`).
 //!
 //! ## Not done
 //! fp8-o3 overlaps only its steps 1 and 2 (scale agreement and packing, group by group as

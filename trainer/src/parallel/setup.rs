@@ -183,7 +183,24 @@ impl Trainer {
                 None => {}
             }
             self.optimizer = Box::new(opt);
-            z.share_weights(comm, &mut self.model.params)?;
+            if self.zero_e4m3_eligible(size) {
+                // What the compute reads, in its formats: the linears' E4M3 weights and
+                // the tied embedding's FP16 masters; the f32 view of the masters goes.
+                let wte = self.model.layout.wte;
+                let wte_units: Vec<_> = z
+                    .units
+                    .iter()
+                    .filter(|u| u.tensor == wte)
+                    .map(|u| (u.range(), 1.0f32))
+                    .collect();
+                self.model
+                    .hold_linear_weights_as_e4m3(Some(wte_units))
+                    .map_err(|e| anyhow!("fp8-o3 on rank {rank} of {size}: {e}"))?;
+                let opt = self.optimizer.as_mut();
+                z.update_and_share_e4m3(comm, &mut self.model, opt, None)?;
+            } else {
+                z.share_weights(comm, &mut self.model.params)?;
+            }
             Some(z)
         } else {
             None

@@ -483,6 +483,79 @@ impl Trainer {
         Ok((out, Some(z.spans(&all_units))))
     }
 
+    /// Every tensor's exact f32 weights, flat in layout order, on every rank: under
+    /// fp8-o3 with E4M3 weight storage ([`Trainer::zero_holds_e4m3`]) the owners' FP16
+    /// masters of the linears (`f16 / scale`, exact) and the f32 tensors from `params`;
+    /// otherwise [`Trainer::weights_f32_all`], without communication. Every rank must
+    /// call it. A transient of the whole model (tests, tools).
+    pub fn gather_weights_f32(&self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+        Ok(self
+            .weights_f32_from_owners(comm, None)?
+            .expect("every rank receives"))
+    }
+
+    /// [`Trainer::gather_weights_f32`] to rank `root` only (`Some` there, `None` on the
+    /// others): one broadcast per FP8 unit from its owner, so a rank other than `root`
+    /// holds one unit's FP16 at a time (the model group of a sharded checkpoint).
+    pub fn gather_weights_f32_to(
+        &self,
+        comm: &dyn Communicator,
+        root: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.weights_f32_from_owners(comm, Some(root))
+    }
+
+    fn weights_f32_from_owners(
+        &self,
+        comm: &dyn Communicator,
+        root: Option<usize>,
+    ) -> Result<Option<Vec<f32>>> {
+        let me = comm.rank();
+        let zero = self.dist.as_ref().and_then(|d| d.zero.as_ref());
+        let Some(z) = zero.filter(|_| self.zero_holds_e4m3()) else {
+            return Ok((root.is_none() || root == Some(me)).then(|| self.weights_f32_all()));
+        };
+        let receive = root.is_none() || root == Some(me);
+        let mut out = receive.then(|| self.model.params.clone());
+        let owned = z.owned(me);
+        let biggest = (0..z.units.len())
+            .filter(|&u| z.fp8_of_unit[u].is_some())
+            .map(|u| z.units[u].numel())
+            .max()
+            .unwrap_or(0);
+        let mut buf = vec![0u8; 4 + 2 * biggest];
+        let mut h = Vec::new();
+        for u in (0..z.units.len()).filter(|&u| z.fp8_of_unit[u].is_some()) {
+            let (q, numel) = (z.part.owner[u], z.units[u].numel());
+            let b = &mut buf[..4 + 2 * numel];
+            if q == me {
+                let k = owned.iter().position(|&x| x == u).expect("an owned unit");
+                let (m, s) = self.optimizer.master_f16(k).with_context(|| {
+                    format!(
+                        "fp8-o3 on rank {me}: unit {} has no FP16 master",
+                        z.units[u].name
+                    )
+                })?;
+                b[..4].copy_from_slice(&s.to_le_bytes());
+                for (d, x) in b[4..].chunks_exact_mut(2).zip(m) {
+                    d.copy_from_slice(&x.to_bits().to_le_bytes());
+                }
+            }
+            comm.broadcast_bytes(b, q).map_err(comm_err)?;
+            if let Some(out) = out.as_mut() {
+                let s = f32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+                h.clear();
+                h.extend(
+                    b[4..]
+                        .chunks_exact(2)
+                        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))),
+                );
+                f16_to_f32_amax(&h, 1.0 / s, &mut out[z.ranges[u].clone()]);
+            }
+        }
+        Ok(out)
+    }
+
     /// fp8-o3: the units (tensors or row blocks) whose state this rank holds, as
     /// checkpoints record them. `None` unless ZeRO is on.
     pub fn zero_owned_spans(&self) -> Option<Vec<UnitSpan>> {
@@ -641,6 +714,15 @@ impl Trainer {
         tally.mu = z.mu.clone();
         dist.tally = tally;
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if model.weights_from_optimizer() {
+            // E4M3 weight storage: the owners write the compute bytes from their masters
+            // in the update's pass and all-gather them (after a skipped step, re-cast
+            // with the scale the forward may have moved, as fp8-o2 does).
+            let update = (!skipped).then_some((&grads[..], lr, clip_scale(grad_norm, clip)));
+            let opt = self.optimizer.as_mut();
+            *comm_time += z.update_and_share_e4m3(comm, model, opt, update)?;
+            return Ok((grad_norm, skipped));
+        }
         if skipped {
             return Ok((grad_norm, true));
         }
@@ -656,4 +738,379 @@ impl Trainer {
         *comm_time += tc.elapsed();
         Ok((grad_norm, false))
     }
+}
+
+/// How one FP8 linear weight is cast to its E4M3 compute copy (the linear's
+/// `Fp8Operand::optimizer_target`, without its bytes): the same on every rank.
+#[derive(Clone, Copy)]
+struct CastPolicy {
+    format: fp8lm_fp8::Fp8Format,
+    scale: Option<f32>,
+    margin: i32,
+    rounding: ScaleRounding,
+    fallback: f32,
+}
+
+impl CastPolicy {
+    fn target<'a>(&self, data: &'a mut [u8], scale: Option<f32>) -> ParamOut<'a> {
+        ParamOut::Fp8(fp8lm_optim::Fp8Out {
+            data,
+            format: self.format,
+            scale,
+            margin: self.margin,
+            rounding: self.rounding,
+            fallback: self.fallback,
+            written: None,
+        })
+    }
+}
+
+/// Bytes per FP8 unit of an owner's E4M3 segment besides its E4M3 bytes: the cast's
+/// scale and amax (f32) and its saturated and flushed counts (u64).
+const E4M3_UNIT_META: usize = 24;
+
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl Zero {
+    /// Per owner, in E4M3 storage ([`Zero::update_and_share_e4m3`]): its FP8 units,
+    /// its f32 units, which of its FP8 units also carry their FP16 master (the tied
+    /// embedding, `wte_f16`), and its segment's bytes.
+    fn e4m3_layout(&self, q: usize, wte_f16: Option<usize>) -> E4m3Segment {
+        let (low, full): (Vec<usize>, Vec<usize>) = self
+            .owned(q)
+            .into_iter()
+            .partition(|&u| self.fp8_of_unit[u].is_some());
+        let f16: Vec<usize> = low
+            .iter()
+            .copied()
+            .filter(|&u| Some(self.units[u].tensor) == wte_f16)
+            .collect();
+        let numel = |us: &[usize]| us.iter().map(|&u| self.units[u].numel()).sum::<usize>();
+        let n8 = numel(&low);
+        let meta = n8;
+        let f16_at = meta + E4M3_UNIT_META * low.len();
+        let f32_at = f16_at + 2 * numel(&f16) + 4 * f16.len();
+        let bytes = f32_at + 4 * numel(&full);
+        E4m3Segment {
+            low,
+            full,
+            f16,
+            meta,
+            f16_at,
+            f32_at,
+            bytes,
+        }
+    }
+
+    /// fp8-o3 with E4M3 weight storage ([`Model::hold_linear_weights_as_e4m3`]): the
+    /// owners' update (`update`: gradients in owned order, learning rate, gradient scale;
+    /// `None` re-casts the unchanged masters, after a skipped step or a restore) writes
+    /// each owned FP8 unit's E4M3 compute bytes straight from the new FP16 master in the
+    /// same fused pass (`ParamOut::Fp8`, as fp8-o2's optimizer does), at the linear's
+    /// cast scale: the delayed one every rank knows, or (current scaling, a first cast)
+    /// one from the whole tensor's amax, agreed by one Max all-reduce over the owners'
+    /// units and re-cast where a unit's own guess differs; the f32 units are updated in
+    /// `params` as before. Then one all-gather of per-owner segments moves what the
+    /// compute reads: E4M3 bytes + scale, amax and counts per FP8 unit, the tied
+    /// embedding's FP16 master + scale per unit (for the lookup), f32 values of the rest.
+    /// Every rank copies the same bytes in, so replicas stay bit-identical; the bytes are
+    /// those a forward would cast from the f32 view of the masters (the fp8-o2 fused
+    /// cast, `fp8_o2_storage.rs`; `zero_e4m3_weights.rs`). Returns the time spent in
+    /// the collectives.
+    pub(super) fn update_and_share_e4m3(
+        &self,
+        comm: &dyn Communicator,
+        model: &mut Model,
+        opt: &mut dyn fp8lm_optim::Optimizer,
+        update: Option<(&[Grad<'_>], f32, f32)>,
+    ) -> Result<Duration> {
+        let (me, n) = (comm.rank(), comm.size());
+        let mut in_comm = Duration::ZERO;
+        let wte = model.layout.wte;
+        let wte_f16 = model.wte_f16_bytes().gt(&0).then_some(wte);
+        let layouts: Vec<E4m3Segment> = (0..n).map(|q| self.e4m3_layout(q, wte_f16)).collect();
+        let seg = layouts.iter().map(|l| l.bytes).max().unwrap_or(0);
+        // The cast policy of every FP8 weight tensor (the same on every rank).
+        let mut policy = Vec::with_capacity(self.fp8_tensors.len());
+        for &t in &self.fp8_tensors {
+            let li = model.linear_of_tensor[t].expect("an FP8 gradient has a linear");
+            let Some(f) = model.linears[li].fp8.as_mut() else {
+                bail!("linear {} has no FP8 state", model.linears[li].name);
+            };
+            let o = f.w.optimizer_target();
+            policy.push(CastPolicy {
+                format: o.format,
+                scale: o.scale,
+                margin: o.margin,
+                rounding: o.rounding,
+                fallback: o.fallback,
+            });
+        }
+        let owned = self.owned(me);
+        let lay = &layouts[me];
+        let be = model.backend().clone();
+        let mut mine = vec![0u8; seg];
+        let mut written: Vec<fp8lm_optim::Fp8Written> = Vec::with_capacity(lay.low.len());
+        {
+            let (e4m3, _) = mine.split_at_mut(lay.meta);
+            let full_ranges: Vec<Range<usize>> =
+                lay.full.iter().map(|&u| self.ranges[u].clone()).collect();
+            let mut f32_outs = slices_mut(&mut model.params, &full_ranges).into_iter();
+            let mut rest = e4m3;
+            let mut outs: Vec<ParamOut<'_>> = Vec::with_capacity(owned.len());
+            for &u in &owned {
+                match self.fp8_of_unit[u] {
+                    Some(j) => {
+                        let (head, tail) =
+                            std::mem::take(&mut rest).split_at_mut(self.units[u].numel());
+                        rest = tail;
+                        outs.push(policy[j].target(head, policy[j].scale));
+                    }
+                    None => outs.push(ParamOut::F32(f32_outs.next().expect("one per f32 unit"))),
+                }
+            }
+            match update {
+                Some((grads, lr, grad_scale)) => {
+                    opt.step_on(&*be, &mut outs, grads, lr, grad_scale)
+                }
+                None => opt.write_compute_weights_on(&*be, &mut outs).map_err(|e| {
+                    anyhow!("fp8-o3 on rank {me}: re-casting the E4M3 weights: {e}")
+                })?,
+            }
+            for o in &outs {
+                if let ParamOut::Fp8(o) = o {
+                    written.push(o.written.with_context(|| {
+                        format!("fp8-o3 on rank {me}: the optimizer wrote no E4M3 weights")
+                    })?);
+                }
+            }
+        }
+        // A scale from the amax (current scaling, a first cast): the whole tensor's,
+        // over its units' owners, as a forward casting the f32 view would take it.
+        if policy.iter().any(|p| p.scale.is_none()) {
+            let mut amax = vec![0f32; self.fp8_tensors.len()];
+            for (k, &u) in lay.low.iter().enumerate() {
+                let j = self.fp8_of_unit[u].expect("an FP8 unit");
+                amax[j] = nan_max(amax[j], written[k].amax);
+            }
+            let tc = Instant::now();
+            comm.all_reduce(BufMut::F32(&mut amax), ReduceOp::Max)
+                .map_err(comm_err)?;
+            in_comm += tc.elapsed();
+            let want: Vec<f32> = policy
+                .iter()
+                .zip(&amax)
+                .map(|(p, &a)| {
+                    p.scale.unwrap_or_else(|| {
+                        scale_for_amax(p.format.max(), a, p.margin, p.rounding)
+                            .unwrap_or(p.fallback)
+                    })
+                })
+                .collect();
+            let redo: Vec<bool> = lay
+                .low
+                .iter()
+                .zip(&written)
+                .map(|(&u, w)| {
+                    let j = self.fp8_of_unit[u].expect("an FP8 unit");
+                    w.scale.to_bits() != want[j].to_bits()
+                })
+                .collect();
+            if redo.iter().any(|&r| r) {
+                let (e4m3, _) = mine.split_at_mut(lay.meta);
+                let mut rest = e4m3;
+                let mut outs: Vec<ParamOut<'_>> = Vec::with_capacity(owned.len());
+                let mut k = 0;
+                for &u in &owned {
+                    match self.fp8_of_unit[u] {
+                        Some(j) => {
+                            let (head, tail) =
+                                std::mem::take(&mut rest).split_at_mut(self.units[u].numel());
+                            rest = tail;
+                            outs.push(if redo[k] {
+                                policy[j].target(head, Some(want[j]))
+                            } else {
+                                ParamOut::F32(&mut [])
+                            });
+                            k += 1;
+                        }
+                        None => outs.push(ParamOut::F32(&mut [])),
+                    }
+                }
+                opt.write_compute_weights_on(&*be, &mut outs).map_err(|e| {
+                    anyhow!("fp8-o3 on rank {me}: re-casting the E4M3 weights: {e}")
+                })?;
+                let mut k = 0;
+                for (o, &u) in outs.iter().zip(&owned) {
+                    if self.fp8_of_unit[u].is_none() {
+                        continue;
+                    }
+                    if let ParamOut::Fp8(o) = o {
+                        written[k] = o.written.with_context(|| {
+                            format!("fp8-o3 on rank {me}: the optimizer re-cast no E4M3 weights")
+                        })?;
+                    }
+                    k += 1;
+                }
+            }
+        }
+        // The rest of this owner's segment: per FP8 unit its cast, the tied embedding's
+        // FP16 masters, the f32 units.
+        for (k, w) in written.iter().enumerate() {
+            let at = lay.meta + E4M3_UNIT_META * k;
+            mine[at..at + 4].copy_from_slice(&w.scale.to_le_bytes());
+            mine[at + 4..at + 8].copy_from_slice(&w.amax.to_le_bytes());
+            mine[at + 8..at + 16].copy_from_slice(&w.saturated.to_le_bytes());
+            mine[at + 16..at + 24].copy_from_slice(&w.flushed.to_le_bytes());
+        }
+        let mut at = lay.f16_at;
+        let mut scales = Vec::with_capacity(lay.f16.len());
+        for &u in &lay.f16 {
+            let k = owned.iter().position(|&x| x == u).expect("an owned unit");
+            let (h, s) = opt.master_f16(k).with_context(|| {
+                format!(
+                    "fp8-o3 on rank {me}: unit {} has no FP16 master",
+                    self.units[u].name
+                )
+            })?;
+            for x in h {
+                mine[at..at + 2].copy_from_slice(&x.to_bits().to_le_bytes());
+                at += 2;
+            }
+            scales.push(s);
+        }
+        for s in scales {
+            mine[at..at + 4].copy_from_slice(&s.to_le_bytes());
+            at += 4;
+        }
+        for &u in &lay.full {
+            for x in &model.params[self.ranges[u].clone()] {
+                mine[at..at + 4].copy_from_slice(&x.to_le_bytes());
+                at += 4;
+            }
+        }
+        let tc = Instant::now();
+        let all = if seg == 0 {
+            Vec::new()
+        } else {
+            comm.all_gather_bytes(&mine).map_err(comm_err)?
+        };
+        in_comm += tc.elapsed();
+        drop(mine);
+        // Every rank (the owners included) copies the same bytes in.
+        let mut agg: Vec<Option<fp8lm_optim::Fp8Written>> = vec![None; self.fp8_tensors.len()];
+        for (q, l) in layouts.iter().enumerate() {
+            let b = &all[q * seg..(q + 1) * seg];
+            let mut off = 0;
+            for (k, &u) in l.low.iter().enumerate() {
+                let unit = &self.units[u];
+                let j = self.fp8_of_unit[u].expect("an FP8 unit");
+                let li = model.linear_of_tensor[unit.tensor].expect("an FP8 linear");
+                let f = model.linears[li].fp8.as_mut().expect("FP8 state");
+                let tgt = f.w.optimizer_target();
+                let r = unit.range();
+                tgt.data[r.clone()].copy_from_slice(&b[off..off + r.len()]);
+                off += r.len();
+                let at = l.meta + E4M3_UNIT_META * k;
+                let w = fp8lm_optim::Fp8Written {
+                    scale: f32_at(b, at),
+                    amax: f32_at(b, at + 4),
+                    saturated: u64_at(b, at + 8),
+                    flushed: u64_at(b, at + 16),
+                };
+                agg[j] = Some(match agg[j] {
+                    None => w,
+                    Some(a) => {
+                        if a.scale.to_bits() != w.scale.to_bits() {
+                            bail!(
+                                "fp8-o3: unit {} of {} was cast with scale {} by rank {q}, \
+                                 another unit of it with {}",
+                                unit.name,
+                                model.layout.metas[unit.tensor].name,
+                                w.scale,
+                                a.scale
+                            );
+                        }
+                        fp8lm_optim::Fp8Written {
+                            scale: a.scale,
+                            amax: nan_max(a.amax, w.amax),
+                            saturated: a.saturated + w.saturated,
+                            flushed: a.flushed + w.flushed,
+                        }
+                    }
+                });
+            }
+            if !l.f16.is_empty() {
+                let (bits, units) = model
+                    .wte_f16_units_mut()
+                    .context("fp8-o3: the tied embedding's FP16 units are not held")?;
+                let mut at = l.f16_at;
+                let sc_at =
+                    l.f16_at + 2 * l.f16.iter().map(|&u| self.units[u].numel()).sum::<usize>();
+                for (k, &u) in l.f16.iter().enumerate() {
+                    let r = self.units[u].range();
+                    for (d, c) in bits[r.clone()]
+                        .iter_mut()
+                        .zip(b[at..at + 2 * r.len()].chunks_exact(2))
+                    {
+                        *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                    }
+                    at += 2 * r.len();
+                    let s = f32_at(b, sc_at + 4 * k);
+                    let slot = units.iter_mut().find(|(ur, _)| *ur == r).with_context(|| {
+                        format!("fp8-o3: no FP16 slot for unit {}", self.units[u].name)
+                    })?;
+                    slot.1 = s;
+                }
+            }
+            let mut at = l.f32_at;
+            for &u in &l.full {
+                let dst = &mut model.params[self.ranges[u].clone()];
+                let len = dst.len();
+                for (d, c) in dst.iter_mut().zip(b[at..at + 4 * len].chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                at += 4 * len;
+            }
+        }
+        for (j, &t) in self.fp8_tensors.iter().enumerate() {
+            let w = agg[j]
+                .with_context(|| format!("fp8-o3: no owner sent {}", model.layout.metas[t].name))?;
+            let li = model.linear_of_tensor[t].expect("an FP8 linear");
+            model.linears[li]
+                .fp8
+                .as_mut()
+                .expect("FP8 state")
+                .w
+                .accept_written(w);
+        }
+        Ok(in_comm)
+    }
+}
+
+/// One owner's segment of the E4M3 all-gather: `[E4M3 bytes of its FP8 units]` then at
+/// `meta` 24 B per FP8 unit (scale, amax, saturated, flushed), at `f16_at` the tied
+/// embedding's FP16 masters then one f32 scale per such unit, at `f32_at` its f32 units.
+struct E4m3Segment {
+    low: Vec<usize>,
+    full: Vec<usize>,
+    f16: Vec<usize>,
+    meta: usize,
+    f16_at: usize,
+    f32_at: usize,
+    bytes: usize,
 }
