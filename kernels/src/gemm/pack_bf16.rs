@@ -519,6 +519,12 @@ unsafe fn pack_pairs_body<S: BfSrc, const W: usize, const LUT: bool>(
         }
         return;
     }
+    if LUT && W == 32 {
+        if let Some(t) = S::lut() {
+            pack_pairs_kcontig_fp8_32(t, src as *const u8, op.ld, x0, w, p0, kc, kcp, out);
+            return;
+        }
+    }
     // k-contiguous: each x holds its pairs contiguously; transpose 8 x by 8 pairs.
     for g in (0..W).step_by(8) {
         let rows = w.saturating_sub(g).min(8);
@@ -547,6 +553,105 @@ unsafe fn pack_pairs_body<S: BfSrc, const W: usize, const LUT: bool>(
                 };
             }
         }
+    }
+}
+
+/// The pairs layout of a 32-wide FP8 panel from a k-contiguous source (B of the forward
+/// GEMM: the weight `[N, K]`), 32 k steps at a time: two rows' 32 codes are decoded at
+/// once ([`decode64`]), which leaves each row's 16 pairs as 32-bit words, and two 16 x 16
+/// transposes of those words turn rows into pair-rows. Rows `w..32` and steps past `kc`
+/// (masked loads) are zero; pair-rows up to `kcp / 2` are written.
+///
+/// # Safety
+/// `src` valid for the rectangle (rows `x0..x0+w` at stride `ld`, steps `p0..p0+kc`);
+/// `out` for `kcp * 32` values; the CPU supports avx512f/bw/vbmi.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_pairs_kcontig_fp8_32(
+    t: &ByteLut,
+    src: *const u8,
+    ld: usize,
+    x0: usize,
+    w: usize,
+    p0: usize,
+    kc: usize,
+    kcp: usize,
+    out: *mut u16,
+) {
+    use std::arch::x86_64::*;
+    let lanes32 = |n: usize| -> u64 {
+        if n >= 32 {
+            u32::MAX as u64
+        } else {
+            (1u64 << n) - 1
+        }
+    };
+    let mut p = 0;
+    while p < kcp {
+        let k = lanes32(kc.saturating_sub(p));
+        // rows[r]: row r's 16 pairs (32 bf16) as 16 words
+        let mut rows = [_mm512_setzero_si512(); 32];
+        // (a macro, not a closure: the loads must inline into the VBMI instance)
+        macro_rules! load {
+            ($q:expr) => {
+                if $q < w && k != 0 {
+                    _mm512_maskz_loadu_epi8(k, src.add((x0 + $q) * ld + p0 + p) as *const i8)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            };
+        }
+        for r in (0..32).step_by(2) {
+            let (a, b) = (load!(r), load!(r + 1));
+            // row r's codes in bytes 0..32, row r+1's in 32..64
+            let both = _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b));
+            let (d0, d1) = decode64(t, both);
+            rows[r] = d0;
+            rows[r + 1] = d1;
+        }
+        // Two 16 x 16 word transposes: pair-row j holds word j of every row.
+        let (lo, hi) = rows.split_at_mut(16);
+        transpose16x16_epi32(lo.try_into().unwrap());
+        transpose16x16_epi32(hi.try_into().unwrap());
+        for j in 0..16.min((kcp - p) / 2) {
+            let d = out.add((p / 2 + j) * 64) as *mut __m512i;
+            _mm512_storeu_si512(d, rows[j]);
+            _mm512_storeu_si512(d.add(1), rows[16 + j]);
+        }
+        p += 32;
+    }
+}
+
+/// In-register transpose of a 16 x 16 matrix of 32-bit words (`r[i]` = row i).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose16x16_epi32(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_unpacklo_epi64(a, c);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // now, within each 128-bit lane L of r[4i+q]: words (row 4i..4i+4, column 4L+q)
+    for i in 0..2 {
+        for q in 0..4 {
+            let (a, b) = (r[8 * i + q], r[8 * i + 4 + q]);
+            t[8 * i + q] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            t[8 * i + 4 + q] = _mm512_shuffle_i32x4::<0xDD>(a, b);
+        }
+    }
+    for q in 0..8 {
+        let (a, b) = (t[q], t[8 + q]);
+        r[q] = _mm512_shuffle_i32x4::<0x88>(a, b);
+        r[8 + q] = _mm512_shuffle_i32x4::<0xDD>(a, b);
     }
 }
 
