@@ -11,52 +11,15 @@
 
 mod common;
 
-use fp8lm_collectives::mpirun::run_mpirun;
 use std::path::Path;
 use std::time::Duration;
 
 const STEPS: usize = 6;
 
-fn losses(run: &Path) -> Vec<(u64, f32, Option<f32>)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap() as f32,
-                v["val_loss"].as_f64().map(|x| x as f32),
-            )
-        })
-        .collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
+use common::{copy_dir, losses};
 
 fn mpi(n: usize, args: &[String]) -> String {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run_mpirun(
-        env!("CARGO_BIN_EXE_fp8lm"),
-        n,
-        &a,
-        &[("RAYON_NUM_THREADS", "1")],
-        Duration::from_secs(180),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(o.success, "mpirun -n {n} {args:?} failed:\n{}", o.text);
-    o.text
+    common::mpirun_ok(n, args, Duration::from_secs(180))
 }
 
 fn with_sets(cmd: &[&str], sets: &[String]) -> Vec<String> {

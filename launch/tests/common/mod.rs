@@ -1,8 +1,9 @@
 //! Helpers shared by the end-to-end tests of the `fp8lm` binary.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// Run the binary under test with `args` (RUST_LOG unset, so logs are the defaults).
 pub fn fp8lm(args: &[&str]) -> Output {
@@ -54,3 +55,50 @@ pub const TINY: &[&str] = &[
     "--set",
     "optim.warmup_steps=2",
 ];
+
+/// `(step, loss, val_loss)` of every line of a run's `metrics.jsonl`.
+pub fn losses(run: &Path) -> Vec<(u64, f32, Option<f32>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap() as f32,
+                v["val_loss"].as_f64().map(|x| x as f32),
+            )
+        })
+        .collect()
+}
+
+/// Copy a directory tree (a run directory, to resume a copy of it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// `mpirun -n n fp8lm args...` with one rayon thread per rank; panics (naming the
+/// command and its output) unless every rank succeeded within `timeout`. Returns the
+/// output text.
+pub fn mpirun_ok(n: usize, args: &[String], timeout: Duration) -> String {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = fp8lm_collectives::mpirun::run_mpirun(
+        env!("CARGO_BIN_EXE_fp8lm"),
+        n,
+        &a,
+        &[("RAYON_NUM_THREADS", "1")],
+        timeout,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.success, "mpirun -n {n} {args:?} failed:\n{}", o.text);
+    o.text
+}
