@@ -245,7 +245,8 @@ pub struct GridBench {
     /// (T = 1: none) and in its data-parallel group.
     pub tp_bytes: fp8lm_collectives::CollectiveBytes,
     pub dp_bytes: fp8lm_collectives::CollectiveBytes,
-    /// Rank 0's activation arena and optimizer state (bytes).
+    /// Rank 0's activations (the ledger's category: the arena and the linears' kept
+    /// inputs) and optimizer state, bytes.
     pub activation_bytes: usize,
     pub state_bytes: usize,
 }
@@ -348,7 +349,9 @@ pub fn bench_train_grid(
         dp_exposed_s,
         tp_bytes: per_step(tp_c.bytes().since(&tpb0), steps),
         dp_bytes: per_step(dp_c.bytes().since(&dpb0), steps),
-        activation_bytes: tr.model().activation_bytes(),
+        activation_bytes: crate::memory::LedgerSizes::of_trainer(&tr)
+            .ledger()
+            .category_bytes(crate::memory::Category::Activations),
         state_bytes: tr.optimizer().state_bytes(),
     })
 }
@@ -357,7 +360,7 @@ pub fn bench_train_grid(
 /// (dividing the world size), each precision of `precisions`, SP off and on (T > 1),
 /// `steps` measured steps after 2 warm-up ones: step time, communication time and what
 /// the step waited for, bytes per step by collective kind (rank 0, tensor-parallel and
-/// data-parallel groups) and rank 0's activation and optimizer-state bytes. Every rank
+/// data-parallel groups) and rank 0's activation (memory ledger) and optimizer-state bytes. Every rank
 /// must call it; the table (rank 0's view) is for rank 0 to print.
 pub fn bench_train_grid_table(
     cfg: &crate::RunConfig,
