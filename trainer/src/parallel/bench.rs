@@ -312,7 +312,7 @@ pub fn bench_train_grid(
         }
         tr
     };
-    let (mut step_s, mut dp_exposed_s) = (0.0, 0.0);
+    let (mut step_s, mut step_comm_s, mut dp_exposed_s) = (0.0, 0.0, 0.0);
     let (mut tp0, mut dp0) = (0.0, 0.0);
     let (mut tpb0, mut dpb0) = (CollectiveBytes::default(), CollectiveBytes::default());
     for k in 0..warmup + steps {
@@ -328,15 +328,21 @@ pub fn bench_train_grid(
         };
         if k >= warmup {
             step_s += (st.forward + st.backward + st.optimizer).as_secs_f64();
+            step_comm_s += st.comm.as_secs_f64();
             dp_exposed_s += st.comm_exposed.as_secs_f64();
         }
     }
     let m = steps.max(1) as f64;
-    let dp_comm_s = (dp_timed.seconds() - dp0) / m;
     // T > 1: the replicas' reductions run on the step's thread as `backward_tp` hands
-    // the gradients out (`train_step_dxt`): all of it is waited for. T = 1: the step
-    // reports the part of its (overlapped) reduction it waited for.
-    let dp_exposed_s = if t > 1 { dp_comm_s } else { dp_exposed_s / m };
+    // the gradients out (`train_step_dxt`): all of it (the exchanges timed) is waited
+    // for. T = 1: the step's own figures (`bench_train_dist`'s), its reduction time and
+    // the part of it (overlapped with the backward) it waited for.
+    let (dp_comm_s, dp_exposed_s) = if t > 1 {
+        let s = (dp_timed.seconds() - dp0) / m;
+        (s, s)
+    } else {
+        (step_comm_s / m, dp_exposed_s / m)
+    };
     Ok(GridBench {
         precision: cfg.precision,
         dp,
