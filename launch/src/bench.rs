@@ -45,6 +45,12 @@ pub enum BenchCmd {
         /// In-process ranks for --dist without mpirun.
         #[arg(long, default_value_t = 2)]
         ranks: usize,
+        /// With --dist: tensor-parallel sizes T to measure (comma-separated, each
+        /// dividing the rank count; D = ranks / T), SP off and on for T > 1, in
+        /// fp32, fp8-o1 and fp8-o3: step time, TP / DP communication time, exposed
+        /// time, bytes per collective kind. Without it: the data-parallel table.
+        #[arg(long, value_delimiter = ',')]
+        tp: Vec<usize>,
         #[command(flatten)]
         cfg: ConfigArgs,
     },
@@ -124,8 +130,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             ranks,
             steps,
             cfg,
+            tp,
             ..
-        } => crate::dist::bench(&cfg, steps, ranks),
+        } => crate::dist::bench(&cfg, steps, ranks, &tp),
         BenchCmd::Train {
             small_only, steps, ..
         } => {

@@ -11,19 +11,25 @@ use fp8lm_trainer::distributed::bench_train_dist_table;
 use crate::ConfigArgs;
 
 /// `fp8lm bench train --dist`: under mpirun over MPI, else `ranks` in-process ranks.
-pub fn bench(args: &ConfigArgs, steps: usize, ranks: usize) -> Result<()> {
+pub fn bench(args: &ConfigArgs, steps: usize, ranks: usize, tps: &[usize]) -> Result<()> {
     let cfg = crate::run::load(args)?;
+    use fp8lm_trainer::Precision;
+    let precisions = [Precision::Fp32, Precision::Fp8O1, Precision::Fp8O3];
+    let table = |c: &dyn fp8lm_collectives::Communicator| {
+        if tps.is_empty() {
+            bench_train_dist_table(&cfg, c, steps)
+        } else {
+            fp8lm_trainer::distributed::bench_train_grid_table(&cfg, c, tps, &precisions, steps)
+        }
+    };
     if fp8lm_collectives::launched_by_mpi() {
         let comm = fp8lm_collectives::init()?;
-        let table = or_abort(
-            comm.as_ref(),
-            bench_train_dist_table(&cfg, comm.as_ref(), steps),
-        );
+        let table = or_abort(comm.as_ref(), table(comm.as_ref()));
         if comm.rank() == 0 {
             print!("{table}");
         }
     } else {
-        let tables = run_ranks(ranks, |c| bench_train_dist_table(&cfg, c, steps))?;
+        let tables = run_ranks(ranks, |c| table(c))?;
         print!("{}", tables[0]);
     }
     Ok(())

@@ -236,6 +236,14 @@ pub struct LedgerSizes {
     /// FP8 with sequence parallelism: the shared gathered E4M3 input `[n, C]` of the
     /// column-parallel linear running (each keeps only its shard in `e4m3_inputs`).
     pub e4m3_gathered: usize,
+    /// fp32 with sequence parallelism: the column-parallel linears' f32 input shards
+    /// `[n / T, C]` (kept for the dW GEMM), and the shared gathered f32 input `[n, C]` of
+    /// the one running.
+    pub f32_input_shards: usize,
+    pub f32_gathered: usize,
+    /// bf16 with sequence parallelism: the shared gathered bf16 input `[n, C]` of the
+    /// column-parallel linear running (each keeps only its shard in `bf16_inputs`).
+    pub bf16_gathered: usize,
     pub bf16_inputs: usize,
     /// bf16 runs: the per-thread GEMM tiles of the largest layer.
     pub bf16_tiles: usize,
@@ -304,6 +312,23 @@ impl LedgerSizes {
                 .linears
                 .iter()
                 .map(|li| li.e4m3_gathered_bytes(rows))
+                .max()
+                .unwrap_or(0),
+            f32_input_shards: model
+                .linears
+                .iter()
+                .map(|li| li.f32_input_shard_bytes())
+                .sum(),
+            f32_gathered: model
+                .linears
+                .iter()
+                .map(|li| li.f32_gathered_bytes(rows))
+                .max()
+                .unwrap_or(0),
+            bf16_gathered: model
+                .linears
+                .iter()
+                .map(|li| li.bf16_gathered_bytes(rows))
                 .max()
                 .unwrap_or(0),
             bf16_inputs: b16,
@@ -391,8 +416,23 @@ impl LedgerSizes {
         );
         l.add(
             Category::Activations,
+            "f32 input shards of the column-parallel linears (SP, for dW)",
+            s.f32_input_shards,
+        );
+        l.add(
+            Category::Workspace,
+            "f32 gathered input of one column-parallel linear (SP, shared)",
+            s.f32_gathered,
+        );
+        l.add(
+            Category::Activations,
             "bf16 linear inputs (for dW)",
             s.bf16_inputs,
+        );
+        l.add(
+            Category::Workspace,
+            "bf16 gathered input of one column-parallel linear (SP, shared)",
+            s.bf16_gathered,
         );
         l.add(
             Category::Workspace,

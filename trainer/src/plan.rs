@@ -153,18 +153,25 @@ fn activation_elems(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -
     let bts = bt / spt;
     let sp_len = if spt > 1 { bts * c } else { 0 };
     let li = if keep_linear_inputs { l } else { 1 };
+    // With SP the column-parallel linears keep their own shard of the norm outputs: ln1
+    // is one shared slot (none in fp32), ln2 and lnf none.
+    let (ln1, ln2, lnf) = match (spt > 1, keep_linear_inputs) {
+        (false, _) => (li * bt * c, li * bt * c, bt * c),
+        (true, false) => (bt * c, 0, 0),
+        (true, true) => (0, 0, 0),
+    };
     let kept = bts * c // encoded
-        + li * bt * c + 2 * l * bts // ln1, mean, rstd
+        + ln1 + 2 * l * bts // ln1, mean, rstd
         + l * bt * 3 * ca // qkv
         + li * bt * ca // atty
         + l * d.b * d.h * d.t * d.t // att
         + l * bts * c // residual2
-        + li * bt * c + 2 * l * bts // ln2, mean, rstd
+        + ln2 + 2 * l * bts // ln2, mean, rstd
         + l * bt * d.fc_out() // fch
         + li * bt * d.f // fch_act
         + l * bts * c // residual3
         + 2 * sp_len // sequence-parallel shard buffers
-        + bt * c + 2 * bts // lnf, mean, rstd
+        + lnf + 2 * bts // lnf, mean, rstd
         + bt * d.v // logits
         + bt; // losses
               // attproj and fcproj (one slot each, read by no backward), then the gradients.
@@ -176,11 +183,16 @@ fn activation_elems(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -
 /// The share of its E4M3 input's rows linear `i` of `count` (the model's order) keeps:
 /// `spt` for a column-parallel layer (qkv, fc, the head) under SP, 1 otherwise.
 fn column_shards(i: usize, count: usize, spt: usize) -> usize {
-    if matches!(i % 4, 0 | 2) || i + 1 == count {
+    if is_column(i, count) {
         spt
     } else {
         1
     }
+}
+
+/// Whether linear `i` of `count` (the model's order) is column-parallel (qkv, fc, head).
+fn is_column(i: usize, count: usize) -> bool {
+    matches!(i % 4, 0 | 2) || i + 1 == count
 }
 
 /// Per-element optimizer-state bytes (master, first moment, second moment) of the
@@ -243,8 +255,16 @@ pub fn ledger_sizes_of_rank(
         .max()
         .unwrap_or(0);
     let when = |on: bool, b: usize| if on { b } else { 0 };
-    let (kept, scratch) = activation_elems(&d, attn_width, sp_rows, p == Precision::Fp32);
+    let (kept_elems, scratch) = activation_elems(&d, attn_width, sp_rows, p == Precision::Fp32);
     let bf16 = p == Precision::Bf16;
+    let fp32 = p == Precision::Fp32;
+    let sp = sp_rows > 1;
+    // The elements of its `[rows, c]` input linear `i` keeps (1 / T of them for a
+    // column-parallel layer under SP, block-scaled FP8 excepted).
+    let kept = |i: usize, c: usize| {
+        let spt = if fp8 && block { 1 } else { sp_rows };
+        rows * c / column_shards(i, lin.len(), spt)
+    };
     let optimizer = match p {
         Precision::Fp8O3 if grid.dp > 1 => {
             let shares = zero_shares(&lay, &is_linear, cfg, grid.dp)?;
@@ -267,21 +287,33 @@ pub fn ledger_sizes_of_rank(
         f32_grads,
         wgrad_scratch: when(fp8, 4 * (d.v * d.c + block_max)),
         e4m3_weights: when(fp8, lin.iter().map(|(_, s)| s.c * s.oc).sum()),
-        activations: 4 * kept,
+        activations: 4 * kept_elems,
         backward_scratch: 4 * scratch,
         // With SP the column-parallel layers (qkv, fc, head) keep 1 / T of their rows.
         e4m3_inputs: when(
             fp8,
+            lin.iter().enumerate().map(|(i, (_, s))| kept(i, s.c)).sum(),
+        ),
+        e4m3_gathered: when(fp8 && sp && !block, rows * d.c),
+        // fp32 keeps the other linears' inputs in the arena (`activation_elems`).
+        f32_input_shards: when(
+            fp32 && sp,
             lin.iter()
                 .enumerate()
-                .map(|(i, (_, s))| {
-                    rows * s.c / column_shards(i, lin.len(), if block { 1 } else { sp_rows })
-                })
+                .filter(|&(i, _)| is_column(i, lin.len()))
+                .map(|(i, (_, s))| 4 * kept(i, s.c))
                 .sum(),
         ),
-        e4m3_gathered: when(fp8 && sp_rows > 1 && !block, rows * d.c),
+        f32_gathered: when(fp32 && sp, 4 * rows * d.c),
+        bf16_gathered: when(bf16 && sp, 2 * rows * d.c),
         e5m2_dy: when(fp8, lin.iter().map(|(_, s)| rows * s.oc).max().unwrap_or(0)),
-        bf16_inputs: when(bf16, lin.iter().map(|(_, s)| 2 * rows * s.c).sum()),
+        bf16_inputs: when(
+            bf16,
+            lin.iter()
+                .enumerate()
+                .map(|(i, (_, s))| 2 * kept(i, s.c))
+                .sum(),
+        ),
         bf16_tiles: when(
             bf16,
             lin.iter()
@@ -393,8 +425,8 @@ pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
 ///   layers, f's backward before both column-parallel layers of a block and the head
 ///   (4L + 2), and the vocabulary-parallel cross-entropy's `[n]` row max and `[2n]` sums;
 /// - with SP, g all-gathers the 2L + 1 norm outputs (E4M3 in the FP8 precisions, f32
-///   otherwise; FP8 gathers them again in the backward, the column-parallel layers
-///   keeping only their shard), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
+///   otherwise) and gathers them again in the backward, the column-parallel layers
+///   keeping only their shard (E4M3, f32 or bf16), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
 ///   f32), the embedding's backward one f32 `[n, C]`; reduce-scatters: ḡ after the 2L
 ///   row-parallel layers and the embedding, g's backward for the 2L + 1 norm outputs;
 ///   all-reduces: the cross-entropy's and the replicated tensors' gradients (norms,
@@ -440,6 +472,22 @@ fn tp_collective_bytes(cfg: &RunConfig, sh: &Shape, grid: PlanGrid) -> Vec<Colle
             "all-gather",
             "f32 norm outputs, output gradients and the embedding's gradient",
             frac((4 * l + 2) * n * c * 4),
+        );
+        // The column-parallel layers keep their input shard and gather it again for dW,
+        // in the format it is kept in.
+        let elem = if cfg.precision == Precision::Bf16 {
+            2
+        } else {
+            4
+        };
+        push(
+            "all-gather",
+            if elem == 2 {
+                "bf16 norm outputs again (dW of the column-parallel layers)"
+            } else {
+                "f32 norm outputs again (dW of the column-parallel layers)"
+            },
+            frac((2 * l + 1) * n * c * elem),
         );
     }
     push(

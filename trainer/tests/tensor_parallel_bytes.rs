@@ -9,11 +9,12 @@
 //! - ḡ backward: 2L gathers of the output gradient `[n, C]` (the two row-parallel layers);
 //! - the embedding's backward: 1 f32 gather of `[n, C]` (its vocabulary shard sees every
 //!   token), in every precision;
-//! - FP8 only, g backward: 2L + 1 re-gathers of the column-parallel layers' E4M3 inputs
-//!   (each rank keeps only its shard of them);
+//! - g backward: 2L + 1 re-gathers of the column-parallel layers' inputs (each rank keeps
+//!   only its shard of them), in the format kept: E4M3 (FP8), f32 (fp32), bf16 (bf16);
 //!
-//! so fp32 gathers (4L + 2) n C 4 (T - 1) / T bytes of f32, and FP8 (6L + 2) n C (T - 1) / T
-//! bytes of FP8 plus the embedding's n C 4 (T - 1) / T of f32.
+//! so fp32 gathers (6L + 3) n C 4 (T - 1) / T bytes of f32, bf16 (4L + 2) n C 4 (T - 1) / T
+//! of f32 and (2L + 1) n C 2 (T - 1) / T of bf16, and FP8 (6L + 2) n C (T - 1) / T bytes of
+//! FP8 plus the embedding's n C 4 (T - 1) / T of f32.
 
 use fp8lm_collectives::{run_ranks, CollectiveBytes, Communicator, CountingComm};
 use fp8lm_trainer::data::synthetic::MarkovCorpus;
@@ -59,19 +60,32 @@ fn fp8_sequence_parallel_gathers_move_a_quarter_of_f32() {
     for tp in [2, 4] {
         let (f32b, c) = step_bytes(Precision::Fp32, tp, true);
         let (fp8b, _) = step_bytes(Precision::Fp8O1, tp, true);
+        let (bf16b, _) = step_bytes(Precision::Bf16, tp, true);
         let (n, ch, l) = (
             (c.batch * c.model.context) as u64,
             c.model.channels as u64,
             c.model.layers as u64,
         );
         let frac = |bytes: u64| bytes * (tp as u64 - 1) / tp as u64;
-        println!("T = {tp} SP fp32: {f32b:?}\nT = {tp} SP fp8-o1: {fp8b:?}");
-        assert_eq!(f32b.all_gather, frac((4 * l + 2) * n * ch * 4));
-        assert_eq!(f32b.all_gather_fp8, 0);
-        // The converters' 4L + 1 gathers (2L + 1 norm outputs, 2L output gradients), and
-        // the backward's re-gathers of the 2L + 1 column-parallel E4M3 inputs (each rank
-        // keeps only its shard; fp32 keeps its f32 inputs whole and gathers nothing more).
+        println!(
+            "T = {tp} SP fp32: {f32b:?}\nT = {tp} SP bf16: {bf16b:?}\nT = {tp} SP fp8-o1: {fp8b:?}"
+        );
+        // The backward's re-gathers of the 2L + 1 column-parallel inputs (each rank keeps
+        // only its shard), one element per row and channel, in the format kept.
         let regather = frac((2 * l + 1) * n * ch);
+        assert_eq!(
+            f32b.all_gather,
+            frac((4 * l + 2) * n * ch * 4) + 4 * regather
+        );
+        assert_eq!(f32b.all_gather_fp8, 0);
+        assert_eq!(
+            bf16b.all_gather,
+            frac((4 * l + 2) * n * ch * 4) + 2 * regather,
+            "bf16 re-gathers its bf16 input shards"
+        );
+        assert_eq!(bf16b.all_gather_fp8, 0);
+        // The converters' 4L + 1 gathers (2L + 1 norm outputs, 2L output gradients), and
+        // the re-gathers of the E4M3 inputs.
         assert_eq!(fp8b.all_gather_fp8, frac((4 * l + 1) * n * ch) + regather);
         assert_eq!(
             fp8b.all_gather,
@@ -81,7 +95,7 @@ fn fp8_sequence_parallel_gathers_move_a_quarter_of_f32() {
         // The converters' gathers: FP8 moves exactly a quarter of the f32 bytes.
         assert_eq!(
             4 * (fp8b.all_gather_fp8 - regather),
-            f32b.all_gather - fp8b.all_gather
+            f32b.all_gather - 4 * regather - fp8b.all_gather
         );
         // Reductions stay f32 in every precision (sums of partial products); FP8 adds one
         // MAX all-reduce of an f32 amax per FP8 gather (4L + 1), for the shared scale: a

@@ -171,9 +171,9 @@ fn low_precision_tensor_parallel_trains_like_one_rank() {
 /// order of the partial sums of the norms' and row-parallel biases' gradients (per shard,
 /// then all-reduced): f32 regrouping again, so the bounds are those of T vs 1 above.
 /// Per-rank activations: the residual stream and norm statistics shrink to 1/T; the
-/// attention and MLP activations are 1/T already under TP; in FP8 the column-parallel
-/// linears keep only their E4M3 input shard (re-gathered in the backward, bit-identical,
-/// so the SP-on vs SP-off bounds are unchanged); fp32 / bf16 keep their inputs whole.
+/// attention and MLP activations are 1/T already under TP; the column-parallel linears
+/// keep only their input shard, E4M3 / f32 / bf16 (re-gathered in the backward in that
+/// format, bit-identical, so the SP-on vs SP-off bounds are unchanged).
 #[test]
 fn sequence_parallel_trains_like_tensor_parallel() {
     for arch in [Arch::Gpt2, Arch::Llama] {

@@ -78,17 +78,26 @@ impl Acts {
     /// `ca`: the attention's width (`C`, or `C / T` on a tensor-parallel rank, whose
     /// `d` are its local dims).
     /// `spt`: the sequence-parallel group size (1 without SP), whose rank keeps
-    /// `B*T / spt` rows of the residual stream.
+    /// `B*T / spt` rows of the residual stream. With SP the column-parallel linears
+    /// (qkv, fc, head) keep their own shard of the norm outputs and gather them into a
+    /// per-thread buffer (`model/linear_sp.rs`): ln2 and lnf are empty then, and ln1 is
+    /// one `[B*T, C]` slot shared by the three (bf16's f32 gather, the input the bf16 /
+    /// FP8 backwards are handed and do not read), empty in fp32 ([`sp_norm_full`]).
     fn new(d: &Dims, ca: usize, spt: usize, keep_linear_inputs: bool) -> Acts {
         let (bt, c, l) = (d.b * d.t, d.c, d.l);
         let bts = bt / spt;
         let sp_len = if spt > 1 { bts * c } else { 0 };
         let z = |n: usize| vec![0f32; n];
         let li = if keep_linear_inputs { l } else { 1 };
+        let (ln1, ln2, lnf) = match (spt > 1, keep_linear_inputs) {
+            (false, _) => (li * bt * c, li * bt * c, bt * c),
+            (true, false) => (bt * c, 0, 0),
+            (true, true) => (0, 0, 0),
+        };
         Acts {
             keep_linear_inputs,
             encoded: z(bts * c),
-            ln1: z(li * bt * c),
+            ln1: z(ln1),
             ln1_mean: z(l * bts),
             ln1_rstd: z(l * bts),
             qkv: z(l * bt * 3 * ca),
@@ -96,7 +105,7 @@ impl Acts {
             att: z(l * d.b * d.h * d.t * d.t),
             attproj: z(bt * c),
             residual2: z(l * bts * c),
-            ln2: z(li * bt * c),
+            ln2: z(ln2),
             ln2_mean: z(l * bts),
             ln2_rstd: z(l * bts),
             fch: z(l * bt * d.fc_out()),
@@ -105,7 +114,7 @@ impl Acts {
             residual3: z(l * bts * c),
             sp_a: z(sp_len),
             sp_b: z(sp_len),
-            lnf: z(bt * c),
+            lnf: z(lnf),
             lnf_mean: z(bts),
             lnf_rstd: z(bts),
             logits: z(bt * d.v),
@@ -174,6 +183,13 @@ fn in_stride(keep_linear_inputs: bool, per_layer: usize) -> usize {
     } else {
         0
     }
+}
+
+/// Under SP: the f32 `[n, C]` norm-output buffer a column-parallel linear is handed
+/// (`Acts::ln1`'s one shared slot, or nothing in fp32: see [`Acts::new`]).
+fn sp_norm_full(v: &mut [f32], len: usize) -> &mut [f32] {
+    let k = v.len().min(len);
+    &mut v[..k]
 }
 
 /// Slot `l` of a `[L, stride]` buffer, first `len` elements.
@@ -625,9 +641,9 @@ impl Model {
         for (i, lin) in linears.iter_mut().enumerate() {
             lin.weight_from_optimizer = weights_from_optimizer;
             // Column-parallel (qkv, fc, head) under SP: keep only this rank's rows of the
-            // E4M3 input (Megatron's SP; the backward re-gathers them).
+            // input (E4M3, f32 or bf16; Megatron's SP; the backward re-gathers them).
             if matches!(i % 4, 0 | 2) || i == 4 * dims.l {
-                lin.keep_input_shard(spt);
+                lin.keep_input_shard(spt, rows);
             }
         }
         let block_max = linears[..4 * dims.l]
@@ -977,7 +993,10 @@ impl Model {
             };
             let (s_c, s_f) = (in_stride(keep, bt * c), in_stride(keep, bt * f));
             let s_a = in_stride(keep, bt * ca);
-            let ln1 = at_mut(&mut a.ln1, l, s_c, n * c);
+            let ln1 = match sp {
+                true => sp_norm_full(&mut a.ln1, n * c),
+                false => at_mut(&mut a.ln1, l, s_c, n * c),
+            };
             let (ln1_mean, ln1_rstd) = (
                 at_mut(&mut a.ln1_mean, l, bts, ns),
                 at_mut(&mut a.ln1_rstd, l, bts, ns),
@@ -1007,7 +1026,10 @@ impl Model {
             let attproj = sp::row_output(comm, sp, attproj, &mut a.sp_b, bp.projb.map(p))?;
             let residual2 = at_mut(&mut a.residual2, l, bts * c, ns * c);
             be.residual_forward(residual2, residual, attproj);
-            let ln2 = at_mut(&mut a.ln2, l, s_c, n * c);
+            let ln2 = match sp {
+                true => sp_norm_full(&mut a.ln1, n * c),
+                false => at_mut(&mut a.ln2, l, s_c, n * c),
+            };
             let (ln2_mean, ln2_rstd) = (
                 at_mut(&mut a.ln2_mean, l, bts, ns),
                 at_mut(&mut a.ln2_rstd, l, bts, ns),
@@ -1038,7 +1060,10 @@ impl Model {
         }
         let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
         let (lnf, lnf_mean, lnf_rstd) = (
-            &mut a.lnf[..n * c],
+            match sp {
+                true => sp_norm_full(&mut a.ln1, n * c),
+                false => &mut a.lnf[..n * c],
+            },
             &mut a.lnf_mean[..ns],
             &mut a.lnf_rstd[..ns],
         );
@@ -1226,9 +1251,12 @@ impl Model {
         } else {
             &mut head_g[local(lay.head, head_base)]
         };
-        let lnf = &a.lnf[..n * c];
-        head.with_input_gathered(n, spc, |li| {
-            li.backward(dlnf, dhead, None, dlogits, lnf, p(lay.head), n)
+        let lnf = match sp {
+            true => sp_norm_full(&mut a.ln1, n * c),
+            false => &a.lnf[..n * c],
+        };
+        head.with_input_gathered(n, spc, lnf, |li, x| {
+            li.backward(dlnf, dhead, None, dlogits, x, p(lay.head), n)
         })?;
         let dlnf = sp::input_grad(comm, sp, dlnf, &mut a.sp_a)?;
         let dres = &mut a.dresidual[..ns * c];
@@ -1317,9 +1345,12 @@ impl Model {
             let dln = &mut a.dln[..n * c];
             let (dw, db) = two_mut(grads, rng(bp.fcw), bp.fcb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            let ln2 = at(&a.ln2, l, in_stride(keep, bt * c), n * c);
-            lin[2].with_input_gathered(n, spc, |li| {
-                li.backward(dln, dw, db, dfch, ln2, p(bp.fcw), n)
+            let ln2 = match sp {
+                true => sp_norm_full(&mut a.ln1, n * c),
+                false => at(&a.ln2, l, in_stride(keep, bt * c), n * c),
+            };
+            lin[2].with_input_gathered(n, spc, ln2, |li, x| {
+                li.backward(dln, dw, db, dfch, x, p(bp.fcw), n)
             })?;
             if fp8 {
                 let len = lin[2].c * lin[2].oc;
@@ -1369,9 +1400,12 @@ impl Model {
             }
             let (dw, db) = two_mut(grads, rng(bp.qkvw), bp.qkvb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            let ln1 = at(&a.ln1, l, in_stride(keep, bt * c), n * c);
-            lin[0].with_input_gathered(n, spc, |li| {
-                li.backward(dln, dw, db, dqkv, ln1, p(bp.qkvw), n)
+            let ln1 = match sp {
+                true => sp_norm_full(&mut a.ln1, n * c),
+                false => at(&a.ln1, l, in_stride(keep, bt * c), n * c),
+            };
+            lin[0].with_input_gathered(n, spc, ln1, |li, x| {
+                li.backward(dln, dw, db, dqkv, x, p(bp.qkvw), n)
             })?;
             if fp8 {
                 let len = lin[0].c * lin[0].oc;

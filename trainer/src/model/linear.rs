@@ -361,6 +361,10 @@ pub struct Linear {
     /// this rank's `1 / input_shards` of the rows (re-gathered for the backward,
     /// `model/linear_sp.rs`); 1 otherwise.
     input_shards: usize,
+    /// fp32 column-parallel layer under sequence parallelism: this rank's `[n / T, c]`
+    /// rows of the f32 input (re-gathered for the dW GEMM, `model/linear_sp.rs`); empty
+    /// otherwise.
+    x_shard_f32: Vec<f32>,
     bf16: Option<Bf16Cache>,
     /// Time spent inside GEMMs since the last [`Linear::take_gemm_time`].
     gemm_time: Duration,
@@ -442,6 +446,7 @@ impl Linear {
             weight_from_optimizer: false,
             accumulate: false,
             input_shards: 1,
+            x_shard_f32: Vec::new(),
             bf16,
             gemm_time: Duration::ZERO,
             operand_bytes: OperandBytes::default(),

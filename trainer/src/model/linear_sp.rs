@@ -11,14 +11,14 @@
 //! gathered f32 tensor byte for byte. Delayed scaling records the group amax, so every
 //! rank's history (and next scale) is the same. The cast counts in the stats are this
 //! rank's shard's. fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
-
 //!
-//! Memory (Megatron-LM's SP): a column-parallel FP8 layer keeps only this rank's shard
-//! of its E4M3 input ([`Linear::keep_input_shard`]); the gathered `[n, c]` bytes live in
-//! one per-thread buffer while the GEMM runs, and the backward all-gathers the shards
-//! again ([`Linear::with_input_gathered`]): the same bytes with the same scale, so the dW
-//! GEMM reads exactly what the forward's GEMM read, for `(T - 1) / T` of `n x c` bytes
-//! more traffic per layer.
+//! Memory (Megatron-LM's SP): a column-parallel layer keeps only this rank's shard of
+//! its input ([`Linear::keep_input_shard`]), in the format its dW GEMM reads: E4M3 bytes
+//! (FP8), f32 (fp32), bf16 (bf16). The gathered `[n, c]` input lives in one per-thread
+//! buffer per format while the GEMM runs, and the backward all-gathers the shards again
+//! ([`Linear::with_input_gathered`]) in that same format: the same bytes (and, in FP8,
+//! the same scale), so the dW GEMM reads exactly what the forward's GEMM read, for
+//! `(T - 1) / T` of `n x c` elements more traffic per layer (1, 4 or 2 bytes each).
 
 use super::*;
 use fp8lm_collectives::mappings::gather_from_sp;
@@ -62,6 +62,10 @@ thread_local! {
     /// backward runs on this thread (each layer keeps only its shard under SP).
     static X_E4M3_GATHERED: std::cell::RefCell<Tensor> =
         std::cell::RefCell::new(Tensor::zeros(DType::E4M3, &[0]));
+    /// fp32's: the gathered f32 input `[n, c]` (as `X_E4M3_GATHERED`).
+    static X_F32_GATHERED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// bf16's: the gathered bf16 input `[n, c]` (as `X_E4M3_GATHERED`).
+    static X_BF16_GATHERED: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `db += sum over rows of dout` (this rank's shard rows: the caller all-reduces `db`).
@@ -89,14 +93,52 @@ impl Linear {
         comm: &dyn Communicator,
     ) -> Result<()> {
         let (c, oc) = (self.c, self.oc);
-        let LinearPrecision::Fp8 { .. } = self.precision else {
-            gather_from_sp(comm, shard, &mut full[..n * c])?;
-            self.forward(out, &full[..n * c], w, bias, n, record);
-            return Ok(());
-        };
-        assert!(out.len() == n * oc && shard.len() * comm.size() == n * c);
-        let mut f = self.fp8.take().expect("fp8 state");
+        assert!(
+            out.len() == n * oc && shard.len() * comm.size() == n * c,
+            "{}: shape mismatch",
+            self.name
+        );
         let sharded = self.input_shards > 1;
+        match self.precision {
+            LinearPrecision::Fp32 if sharded => {
+                return X_F32_GATHERED.with(|g| {
+                    let mut g = g.borrow_mut();
+                    grow(&mut g, n * c);
+                    gather_from_sp(comm, shard, &mut g[..n * c])?;
+                    self.forward(out, &g[..n * c], w, bias, n, record);
+                    // Keep this rank's rows: the backward gathers them again.
+                    self.x_shard_f32[..shard.len()].copy_from_slice(shard);
+                    Ok(())
+                });
+            }
+            LinearPrecision::Bf16 if sharded => {
+                gather_from_sp(comm, shard, &mut full[..n * c])?;
+                return X_BF16_GATHERED.with(|g| {
+                    let mut g = g.borrow_mut();
+                    grow(&mut g, n * c);
+                    // The forward rounds the gathered input into the shared buffer (lent
+                    // to the cache); this rank's rows of that rounding are kept.
+                    let mut cache = self.bf16.take().expect("bf16 cache");
+                    std::mem::swap(&mut *g, &mut cache.x);
+                    self.bf16 = Some(cache);
+                    self.forward(out, &full[..n * c], w, bias, n, record);
+                    let mut cache = self.bf16.take().expect("bf16 cache");
+                    std::mem::swap(&mut *g, &mut cache.x);
+                    let rows = chunk_range(n * c, comm.size(), comm.rank());
+                    let own = rows.len();
+                    cache.x[..own].copy_from_slice(&g[rows]);
+                    self.bf16 = Some(cache);
+                    Ok(())
+                });
+            }
+            LinearPrecision::Fp32 | LinearPrecision::Bf16 => {
+                gather_from_sp(comm, shard, &mut full[..n * c])?;
+                self.forward(out, &full[..n * c], w, bias, n, record);
+                return Ok(());
+            }
+            LinearPrecision::Fp8 { .. } => {}
+        }
+        let mut f = self.fp8.take().expect("fp8 state");
         let r = X_E4M3_GATHERED.with(|g| {
             let mut g = g.borrow_mut();
             if sharded {
@@ -150,64 +192,129 @@ impl Linear {
         }
     }
 
-    /// Sequence parallelism, FP8: keep only `1 / t` of the E4M3 input's rows (this
-    /// rank's shard) from now on; the layer must then be run by
-    /// [`Linear::forward_sp`] and its backward inside [`Linear::with_input_gathered`].
-    /// No effect in the other precisions, with the block recipe (refused with SP at
-    /// start-up) or for `t <= 1`.
-    pub fn keep_input_shard(&mut self, t: usize) {
-        if let Some(f) = &mut self.fp8 {
-            if t > 1 && f.x.block.is_none() {
-                let rows_c = f.x.t.numel() / t;
-                f.x.t = Tensor::zeros(DType::E4M3, &[rows_c]);
-                self.input_shards = t;
+    /// Sequence parallelism: keep only `1 / t` of the `rows x c` input's rows (this
+    /// rank's shard) from now on, in the format the dW GEMM reads (E4M3, f32 or bf16);
+    /// the layer must then be run by [`Linear::forward_sp`] and its backward inside
+    /// [`Linear::with_input_gathered`]. No effect with the block recipe (refused with SP
+    /// at start-up) or for `t <= 1`.
+    pub fn keep_input_shard(&mut self, t: usize, rows: usize) {
+        if t <= 1 {
+            return;
+        }
+        let shard = rows * self.c / t;
+        match self.precision {
+            LinearPrecision::Fp8 { .. } => {
+                let f = self.fp8.as_mut().expect("fp8 state");
+                if f.x.block.is_some() {
+                    return;
+                }
+                f.x.t = Tensor::zeros(DType::E4M3, &[shard]);
+            }
+            LinearPrecision::Fp32 => self.x_shard_f32 = vec![0f32; shard],
+            LinearPrecision::Bf16 => {
+                self.bf16.as_mut().expect("bf16 cache").x = vec![bf16::ZERO; shard];
             }
         }
+        self.input_shards = t;
     }
 
-    /// Bytes of the per-thread gathered-input buffer this layer needs (`rows x c` when
-    /// it keeps a shard, else 0).
+    /// Bytes of the per-thread gathered-input buffer this layer needs (`rows x c` E4M3
+    /// bytes when an FP8 layer keeps a shard, else 0).
     pub fn e4m3_gathered_bytes(&self, rows: usize) -> usize {
-        if self.input_shards > 1 {
-            rows * self.c
+        self.gathered_bytes(
+            rows,
+            1,
+            matches!(self.precision, LinearPrecision::Fp8 { .. }),
+        )
+    }
+
+    /// fp32 under SP: bytes of the per-thread gathered f32 input this layer needs
+    /// (`4 x rows x c` when it keeps a shard, else 0).
+    pub fn f32_gathered_bytes(&self, rows: usize) -> usize {
+        self.gathered_bytes(rows, 4, self.precision == LinearPrecision::Fp32)
+    }
+
+    /// bf16 under SP: bytes of the per-thread gathered bf16 input this layer needs
+    /// (`2 x rows x c` when it keeps a shard, else 0).
+    pub fn bf16_gathered_bytes(&self, rows: usize) -> usize {
+        self.gathered_bytes(rows, 2, self.precision == LinearPrecision::Bf16)
+    }
+
+    fn gathered_bytes(&self, rows: usize, elem: usize, precision: bool) -> usize {
+        if self.input_shards > 1 && precision {
+            elem * rows * self.c
         } else {
             0
         }
     }
 
-    /// Run `backward` (this layer's [`Linear::backward`]) with the whole E4M3 input in
-    /// place: under SP (`comm`) a layer that keeps a shard all-gathers the shards of
-    /// its `n` rows first (bit-identical to the forward's gather: same bytes, same
-    /// scale); otherwise `backward` runs as it is.
+    /// fp32 under SP: bytes of the f32 input shard this layer keeps for its dW GEMM.
+    pub fn f32_input_shard_bytes(&self) -> usize {
+        4 * self.x_shard_f32.len()
+    }
+
+    /// Run `backward` (this layer's [`Linear::backward`]) with the whole input in place:
+    /// under SP (`comm`) a layer that keeps a shard all-gathers the shards of its `n`
+    /// rows first, in their own format (E4M3 bytes with the forward's scale, f32, bf16:
+    /// bit-identical to what the forward's GEMM read); otherwise `backward` runs as it
+    /// is. `backward` gets the f32 input to pass on: `inp`, or (fp32 keeping a shard) the
+    /// gathered one (the other formats' backwards read their own copy, not `inp`).
     pub fn with_input_gathered<R>(
         &mut self,
         n: usize,
         comm: Option<&dyn Communicator>,
-        backward: impl FnOnce(&mut Linear) -> R,
+        inp: &[f32],
+        backward: impl FnOnce(&mut Linear, &[f32]) -> R,
     ) -> Result<R> {
         let Some(comm) = comm.filter(|_| self.input_shards > 1) else {
-            return Ok(backward(self));
+            return Ok(backward(self, inp));
         };
         let c = self.c;
-        let mut f = self.fp8.take().expect("fp8 state");
-        X_E4M3_GATHERED.with(|g| {
-            let mut g = g.borrow_mut();
-            g.ensure_len(n * c);
-            let rows = chunk_range(n * c, comm.size(), comm.rank());
-            let own = rows.len();
-            g.fp8_bytes_mut()[rows].copy_from_slice(&f.x.t.fp8_bytes()[..own]);
-            let fmt = f.x.state.format;
-            let gathered = comm.all_gather(BufMut::Fp8(&mut g.fp8_bytes_mut()[..n * c], fmt));
-            std::mem::swap(&mut *g, &mut f.x.t);
-            // The gathered bytes were cast with the shard's scale.
-            f.x.t.set_scaling(g.scaling().clone());
-            self.fp8 = Some(f);
-            let out = gathered.map(|()| backward(self));
-            let mut f = self.fp8.take().expect("fp8 state");
-            std::mem::swap(&mut *g, &mut f.x.t);
-            self.fp8 = Some(f);
-            out
-        })
+        let rows = chunk_range(n * c, comm.size(), comm.rank());
+        let own = rows.len();
+        match self.precision {
+            LinearPrecision::Fp32 => X_F32_GATHERED.with(|g| {
+                let mut g = g.borrow_mut();
+                grow(&mut g, n * c);
+                g[rows].copy_from_slice(&self.x_shard_f32[..own]);
+                comm.all_gather(BufMut::F32(&mut g[..n * c]))?;
+                Ok(backward(self, &g[..n * c]))
+            }),
+            LinearPrecision::Bf16 => X_BF16_GATHERED.with(|g| {
+                let mut g = g.borrow_mut();
+                grow(&mut g, n * c);
+                let mut cache = self.bf16.take().expect("bf16 cache");
+                g[rows].copy_from_slice(&cache.x[..own]);
+                let gathered = comm.all_gather(BufMut::Bf16(&mut g[..n * c]));
+                std::mem::swap(&mut *g, &mut cache.x);
+                self.bf16 = Some(cache);
+                let out = gathered.map(|()| backward(self, inp));
+                let mut cache = self.bf16.take().expect("bf16 cache");
+                std::mem::swap(&mut *g, &mut cache.x);
+                self.bf16 = Some(cache);
+                out
+            }),
+            LinearPrecision::Fp8 { .. } => {
+                let mut f = self.fp8.take().expect("fp8 state");
+                X_E4M3_GATHERED.with(|g| {
+                    let mut g = g.borrow_mut();
+                    g.ensure_len(n * c);
+                    g.fp8_bytes_mut()[rows].copy_from_slice(&f.x.t.fp8_bytes()[..own]);
+                    let fmt = f.x.state.format;
+                    let gathered =
+                        comm.all_gather(BufMut::Fp8(&mut g.fp8_bytes_mut()[..n * c], fmt));
+                    std::mem::swap(&mut *g, &mut f.x.t);
+                    // The gathered bytes were cast with the shard's scale.
+                    f.x.t.set_scaling(g.scaling().clone());
+                    self.fp8 = Some(f);
+                    let out = gathered.map(|()| backward(self, inp));
+                    let mut f = self.fp8.take().expect("fp8 state");
+                    std::mem::swap(&mut *g, &mut f.x.t);
+                    self.fp8 = Some(f);
+                    out
+                })
+            }
+        }
     }
 
     /// [`Linear::backward`] of a row-parallel layer under sequence parallelism: the

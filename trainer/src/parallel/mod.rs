@@ -127,7 +127,10 @@ pub mod step;
 mod zero;
 mod zero_dxt;
 
-pub use bench::{bench_train_dist, bench_train_dist_table, train_data_parallel, DistBench};
+pub use bench::{
+    bench_train_dist, bench_train_dist_table, bench_train_grid, bench_train_grid_table,
+    train_data_parallel, DistBench, GridBench,
+};
 pub use overlap::{mpi_local_ranks, rank_cores};
 pub use setup::ZeroState;
 pub use zero::{zero_imbalance_table, zero_partition, zero_partition_with};

@@ -34,12 +34,13 @@
 //! Status: T-way tensor parallelism with and without SP, every precision, GPT-2 and LLaMA,
 //! on in-process ranks and under `mpirun -n D*T fp8lm train` (D replicas; fp8-o3 runs
 //! ZeRO over each shard's D replicas), with checkpoints re-sharded on resume for any
-//! D x T (one process included). With SP in the FP8 precisions the column-parallel
-//! linears keep only their rank's shard of the E4M3 input and all-gather it again in the
-//! backward (Megatron's SP; `model/linear_sp.rs`), so a rank's activations are 1/T of the
-//! T = 1 run's within 10% (`plan/tests.rs`: 1.04 x at T = 2, 1.09 x at T = 4, GPT-2
-//! C = 768, context 1024). Not yet: the same re-gather for fp32 / bf16 (their f32 / bf16
-//! linear inputs are kept whole: 1.05-1.14 x), resuming an fp8-o3 whole-model checkpoint
+//! D x T (one process included). With SP the column-parallel linears keep only their
+//! rank's shard of their input (E4M3, f32 or bf16: the format their dW GEMM reads) and
+//! all-gather it again in that format in the backward (Megatron's SP;
+//! `model/linear_sp.rs`), so a rank's activations are 1/T of the T = 1 run's within 10%
+//! in every precision (`plan/tests.rs`, GPT-2 C = 768, context 1024: fp32 1.015 x at
+//! T = 2 and 4; bf16 and FP8 1.008 x at T = 2, 1.023 x at T = 4). Not yet: resuming an
+//! fp8-o3 whole-model checkpoint
 //! with T > 1, gradient accumulation with SP.
 
 pub mod ckpt;
