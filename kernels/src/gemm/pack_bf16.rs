@@ -26,7 +26,11 @@
 //! (AVX-512F/BW/VL, which every CPU with AMX or AVX512-BF16 has) decode 16 values at a
 //! time; pairs from k-contiguous sources are 32-bit transposes (8x8 blocks), pairs from
 //! x-contiguous sources an interleave of two rows, rows from x-contiguous sources an
-//! interleave followed by a 32-bit transpose.
+//! interleave followed by a 32-bit transpose. Where the CPU has AVX512-VBMI, FP8 codes
+//! are decoded by table (`vpermi2b` on the bytes of each magnitude's bf16, [`lut16`]),
+//! and the 32-wide pairs panels (every B panel) of FP8 sources decode 64 codes at once
+//! ([`decode64`]): x-contiguous as an interleave of two rows' bytes, k-contiguous as two
+//! rows decoded together and turned into pair-rows by 16 x 16 word transposes.
 
 use super::pack::{E4M3Byte, E5M2Byte, Operand};
 use fp8lm_fp8::cast::decode_table;
