@@ -168,23 +168,13 @@ static E4M3_LUT: ByteLut = ByteLut::build(true);
 static E5M2_LUT: ByteLut = ByteLut::build(false);
 
 /// 16 FP8 codes (lanes in `k`; the others read as code 0, +0.0) to bf16 bits by table:
-/// `vpermi2b` looks up both bytes of each magnitude (it reads the index's low 7 bits,
-/// so the sign bit needs no masking) and the code's sign bit is the bf16's (bit 7 of the
-/// high byte).
+/// [`decode64`] of the 16 codes, its first 16 values.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn lut16(t: &ByteLut, ptr: *const u8, k: u16) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     let x = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, ptr as *const i8));
-    let tab = |p: &[u8; 128], h: usize| _mm512_load_si512(p.as_ptr().add(64 * h) as *const _);
-    let lo = _mm512_permutex2var_epi8(tab(&t.lo, 0), x, tab(&t.lo, 1));
-    let hi = _mm512_permutex2var_epi8(tab(&t.hi, 0), x, tab(&t.hi, 1));
-    // hi | (x & 0x80): imm 0xF8 = A | (B & C)
-    let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, x, _mm512_set1_epi8(0x80u8 as i8));
-    let (lo, hi) = (_mm512_castsi512_si128(lo), _mm512_castsi512_si128(hi));
-    let first = _mm_unpacklo_epi8(lo, hi); // values 0..8 as u16
-    let second = _mm_unpackhi_epi8(lo, hi); // values 8..16
-    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(first), second)
+    _mm512_castsi512_si256(decode64(t, x).0)
 }
 
 /// `vpermt2b` index that interleaves the low 32 bytes of two registers `a`, `b`:
@@ -212,9 +202,10 @@ static INTERLEAVE_LO: Index64 = Index64(interleave_index(false));
 static INTERLEAVE_HI: Index64 = Index64(interleave_index(true));
 
 /// 64 FP8 codes (bytes of `x`) to 64 bf16 bit patterns by table, in order: codes 0..32
-/// in the first register, 32..64 in the second. As [`lut16`], 64 lanes at once: both
-/// bytes of each value looked up (`vpermi2b`), the sign bit moved over, low and high
-/// bytes interleaved into u16 (`vpermt2b`).
+/// in the first register, 32..64 in the second. `vpermi2b` looks up both bytes of each
+/// magnitude's bf16 (it reads the index's low 7 bits, so the sign bit needs no masking),
+/// the code's sign bit becomes the bf16's (bit 7 of the high byte), and `vpermt2b`
+/// interleaves low and high bytes into u16.
 ///
 /// # Safety
 /// The CPU supports avx512f/bw/vbmi.
@@ -225,9 +216,22 @@ unsafe fn decode64(
     x: std::arch::x86_64::__m512i,
 ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
     use std::arch::x86_64::*;
-    let tab = |p: &[u8; 128], h: usize| _mm512_load_si512(p.as_ptr().add(64 * h) as *const _);
-    let lo = _mm512_permutex2var_epi8(tab(&t.lo, 0), x, tab(&t.lo, 1));
-    let hi = _mm512_permutex2var_epi8(tab(&t.hi, 0), x, tab(&t.hi, 1));
+    // (loads written out, not in a closure: closures do not inherit target features)
+    let (lo_p, hi_p) = (
+        t.lo.as_ptr() as *const __m512i,
+        t.hi.as_ptr() as *const __m512i,
+    );
+    let lo = _mm512_permutex2var_epi8(
+        _mm512_load_si512(lo_p as *const _),
+        x,
+        _mm512_load_si512(lo_p.add(1) as *const _),
+    );
+    let hi = _mm512_permutex2var_epi8(
+        _mm512_load_si512(hi_p as *const _),
+        x,
+        _mm512_load_si512(hi_p.add(1) as *const _),
+    );
+    // hi | (x & 0x80): imm 0xF8 = A | (B & C)
     let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, x, _mm512_set1_epi8(0x80u8 as i8));
     let il = _mm512_load_si512(INTERLEAVE_LO.0.as_ptr() as *const _);
     let ih = _mm512_load_si512(INTERLEAVE_HI.0.as_ptr() as *const _);
