@@ -175,10 +175,12 @@ fn grid_lowp(m: usize, n: usize, k: usize, mr: usize, pool_threads: usize) -> Gr
     let g = grid_mr(m, n, k, mr, pool_threads);
     let (mp, np) = (m.div_ceil(mr), n.div_ceil(NR));
     if g.threads > 1 && m >= 4 * n && np <= TALL_MAX_COL_PANELS {
-        let rows = (m / MC_ROWS).clamp(1, mp).min(4 * g.threads.max(1) * 4);
+        // ranges of about MC_ROWS rows, at least one and at most 16 per thread (several,
+        // so rayon can rebalance when a core is busy elsewhere)
+        let rows = (m / MC_ROWS).clamp(g.threads, 16 * g.threads).min(mp);
         return Grid {
             threads: g.threads,
-            row_parts: rows.max(g.threads).min(mp),
+            row_parts: rows,
             col_parts: 1,
         };
     }
