@@ -51,4 +51,6 @@ pub mod scaling;
 
 pub use format::{CastMode, Fp8Format, E4M3, E5M2};
 pub use scaled::{ScaledError, ScaledF16, ScaledFp8};
-pub use scaling::{scale_for_amax, Quantized, ScaleRounding, ScaleState, ScalingRecipe};
+pub use scaling::{
+    merge_amax, scale_for_amax, Quantized, ScaleRounding, ScaleState, ScalingRecipe,
+};

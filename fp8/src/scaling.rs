@@ -60,6 +60,17 @@ fn split(x: f64) -> (i32, u64) {
     }
 }
 
+/// The amax of two tensors (or of two parts of one) from theirs: the larger, NaN if
+/// either is NaN (a tensor holding a NaN has a NaN amax, and merging must keep it, so
+/// `f32::max`, which drops NaN, is not enough).
+pub fn merge_amax(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Scale for `amax` so that `amax * scale` lands at or below `fmt_max`.
 /// Returns `None` for amax 0 or non-finite (callers keep their previous scale).
 /// Scales are kept within f32's normal range `[2^-126, 2^127]`.

@@ -58,6 +58,7 @@ pub use path::{path_calls, set_path_override, GemmPath, PathCalls, GEMM_ENV};
 
 use crate::Cpu;
 use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
+use fp8lm_fp8::merge_amax;
 use fp8lm_fp8::Fp8Format;
 use half::bf16;
 use rayon::prelude::*;
@@ -253,16 +254,7 @@ fn finish_fp8(f: &[f32], out: &mut [u8], fmt: Fp8Format, scale: f32) -> f32 {
     f.par_chunks(FINISH_CHUNK)
         .zip(out.par_chunks_mut(FINISH_CHUNK))
         .map(|(src, dst)| f32_to_fp8_amax(fmt, src, scale, dst))
-        .reduce(|| 0.0, nan_max)
-}
-
-/// max that propagates NaN (an amax of NaN must reach the scaling recipe).
-fn nan_max(x: f32, y: f32) -> f32 {
-    if x.is_nan() || y.is_nan() {
-        f32::NAN
-    } else {
-        x.max(y)
-    }
+        .reduce(|| 0.0, merge_amax)
 }
 
 /// Which micro-kernel / packer the CPU uses.

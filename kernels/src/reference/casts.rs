@@ -5,17 +5,9 @@ use super::{single, Reference};
 use crate::backend::{Backend, Fp8CastResult};
 use fp8lm_fp8::block::BlockCastStats;
 use fp8lm_fp8::cast::CastCounts;
+use fp8lm_fp8::merge_amax;
 use fp8lm_fp8::{CastMode, Fp8Format, ScaleRounding};
 use half::{bf16, f16};
-
-/// max that propagates NaN.
-fn nan_max(m: f32, x: f32) -> f32 {
-    if m.is_nan() || x.is_nan() {
-        f32::NAN
-    } else {
-        m.max(x)
-    }
-}
 
 impl Backend for Reference {
     fn name(&self) -> &'static str {
@@ -23,7 +15,7 @@ impl Backend for Reference {
     }
 
     fn amax_f32(&self, src: &[f32]) -> f32 {
-        src.iter().fold(0f32, |m, &x| nan_max(m, x.abs()))
+        src.iter().fold(0f32, |m, &x| merge_amax(m, x.abs()))
     }
 
     fn cast_fp8(
@@ -42,7 +34,7 @@ impl Backend for Reference {
         for (d, &x) in dst.iter_mut().zip(src) {
             let y = x * scale;
             *d = format.encode_mode(y, CastMode::SatFinite);
-            r.amax = nan_max(r.amax, x.abs());
+            r.amax = merge_amax(r.amax, x.abs());
             // inf saturates (and counts), NaN does not
             r.counts.saturated += (y.abs() > max) as u64;
             r.counts.flushed += (x != 0.0 && *d & 0x7F == 0) as u64;

@@ -11,6 +11,7 @@
 use super::Reference;
 use crate::backend::Backend;
 use fp8lm_fp8::cast::CastCounts;
+use fp8lm_fp8::merge_amax;
 use fp8lm_fp8::Fp8Format;
 use fp8lm_optim::update::{
     AdamWGrad, ChunkMut, ChunkOut, Fp8AdamChunk, GradChunk, StepConsts, UpdateOps,
@@ -155,9 +156,9 @@ impl UpdateOps for Reference {
                 decode(w, i, inv_old[0]),
             );
             for (s, x) in [wi, mi, vi].into_iter().enumerate() {
-                out.amax[s] = nan_max(out.amax[s], x.abs());
+                out.amax[s] = merge_amax(out.amax[s], x.abs());
             }
-            out.ratio = nan_max(out.ratio, u.abs());
+            out.ratio = merge_amax(out.ratio, u.abs());
         }
         out.saw_nan = out.amax.iter().any(|a| a.is_nan());
         if let Some(lim) = limits {
@@ -206,15 +207,5 @@ impl UpdateOps for Reference {
     ) -> (f32, CastCounts) {
         let r = self.cast_fp8(format, view, scale, dst);
         (r.amax, r.counts)
-    }
-}
-
-/// max where NaN wins (the host takes an integer max of |x|'s bits, where NaN bit
-/// patterns lie above infinity).
-fn nan_max(a: f32, x: f32) -> f32 {
-    if a.is_nan() || x.is_nan() {
-        f32::NAN
-    } else {
-        a.max(x)
     }
 }

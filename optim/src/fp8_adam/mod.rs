@@ -66,6 +66,7 @@ use crate::api::{
     AdamWHyper, Fp8Written, Grad, Optimizer, ParamMeta, ParamOut, StateBytes, StateTensor,
 };
 use crate::lanes::fp8_lane;
+use fp8lm_fp8::merge_amax;
 use fp8lm_fp8::{scale_for_amax, Fp8Format, ScaleRounding, ScaledF16};
 use rayon::prelude::*;
 
@@ -381,7 +382,7 @@ impl Fp8Adam {
                 let a = g
                     .par_chunks(1 << 16)
                     .map(fp8lm_fp8::cast::amax_f32)
-                    .reduce(|| 0.0, nan_max);
+                    .reduce(|| 0.0, merge_amax);
                 let c = g
                     .chunks(CHUNK)
                     .map(|c| GradChunk::F32(c, grad_scale))
@@ -522,7 +523,7 @@ impl Fp8Adam {
         // An FP8 compute copy whose scale comes from its own amax: re-cast from the new
         // master if the guess was not that scale (a second pass, only then).
         if let (Some(pol), Some((_, guess))) = (policy, cast) {
-            let amax_view = outs.iter().fold(0f32, |a, (_, p)| nan_max(a, p.amax));
+            let amax_view = outs.iter().fold(0f32, |a, (_, p)| merge_amax(a, p.amax));
             let want = pol.scale_for(amax_view);
             if want.to_bits() != guess.to_bits() {
                 let inv_w = 1.0 / s_final[0];
@@ -740,7 +741,7 @@ fn sum_parts<'a>(parts: impl Iterator<Item = &'a CastPart>, scale: f32) -> Fp8Wr
         ..Default::default()
     };
     for p in parts {
-        w.amax = nan_max(w.amax, p.amax);
+        w.amax = merge_amax(w.amax, p.amax);
         w.saturated += p.saturated;
         w.flushed += p.flushed;
     }
@@ -758,15 +759,6 @@ fn stored_amax(fmt: StateFormat, amax: f32, scale: f32) -> f32 {
             let lane = fp8_lane(f);
             lane.decode(lane.encode(amax * scale)) * (1.0 / scale)
         }
-    }
-}
-
-/// max that propagates NaN (a NaN anywhere must not be hidden by f32::max).
-fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else {
-        a.max(b)
     }
 }
 
@@ -867,7 +859,7 @@ impl Optimizer for Fp8Adam {
                 .map(|(c, p)| write_master_view(ops, master, c, inv_w, p, cast))
                 .collect();
             if let (Some(pol), Some((_, guess))) = (policy, cast) {
-                let amax = parts.iter().fold(0f32, |a, p| nan_max(a, p.amax));
+                let amax = parts.iter().fold(0f32, |a, p| merge_amax(a, p.amax));
                 let want = pol.scale_for(amax);
                 if want.to_bits() != guess.to_bits() {
                     let cast = Some((pol.format, want));

@@ -11,6 +11,7 @@ use crate::train::{clip_scale, global_grad_norm_on, grad_sum_squares_on, lr_at, 
 use anyhow::{anyhow, bail, Context, Result};
 use fp8lm_collectives::{next_mu, BufMut, Communicator, GradMethod, GradTally, ReduceOp};
 use fp8lm_fp8::cast::{decode_table, f16_to_f32_amax, f32_to_f16_amax, f32_to_fp8_counted};
+use fp8lm_fp8::merge_amax;
 use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
 use fp8lm_fp8::ScaledFp8;
 use fp8lm_optim::fp8_adam::SCALAR_BYTES_PER_TENSOR;
@@ -769,14 +770,6 @@ impl CastPolicy {
 /// scale and amax (f32) and its saturated and flushed counts (u64).
 const E4M3_UNIT_META: usize = 24;
 
-fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else {
-        a.max(b)
-    }
-}
-
 fn f32_at(b: &[u8], at: usize) -> f32 {
     f32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -905,7 +898,7 @@ impl Zero {
             let mut amax = vec![0f32; self.fp8_tensors.len()];
             for (k, &u) in lay.low.iter().enumerate() {
                 let j = self.fp8_of_unit[u].expect("an FP8 unit");
-                amax[j] = nan_max(amax[j], written[k].amax);
+                amax[j] = merge_amax(amax[j], written[k].amax);
             }
             let tc = Instant::now();
             comm.all_reduce(BufMut::F32(&mut amax), ReduceOp::Max)
@@ -1047,7 +1040,7 @@ impl Zero {
                         }
                         fp8lm_optim::Fp8Written {
                             scale: a.scale,
-                            amax: nan_max(a.amax, w.amax),
+                            amax: merge_amax(a.amax, w.amax),
                             saturated: a.saturated + w.saturated,
                             flushed: a.flushed + w.flushed,
                         }
