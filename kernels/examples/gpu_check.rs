@@ -253,22 +253,24 @@ fn gemms(be: &CudaBackend) -> R<Result<(), String>> {
     let shape = GemmShape::new(bt, oc, c).trans_b();
     let out_scale = 4.0f32;
     let mut cpu8 = vec![0u8; bt * oc];
-    let cpu_amax = Cpu.gemm_fp8_out(
-        shape,
-        MatRef::Fp8 {
-            data: &inp,
-            format: e4,
-            scale: 16.0,
-        },
-        MatRef::Fp8 {
-            data: &w,
-            format: e4,
-            scale: 32.0,
-        },
-        &mut cpu8,
-        e4,
-        out_scale,
-    );
+    let cpu_amax = Cpu
+        .gemm_fp8_out(
+            shape,
+            MatRef::Fp8 {
+                data: &inp,
+                format: e4,
+                scale: 16.0,
+            },
+            MatRef::Fp8 {
+                data: &w,
+                format: e4,
+                scale: 32.0,
+            },
+            &mut cpu8,
+            e4,
+            out_scale,
+        )
+        .amax;
     let (da, db) = (
         upload_fp8(be, &inp, e4, 16.0)?,
         upload_fp8(be, &w, e4, 32.0)?,

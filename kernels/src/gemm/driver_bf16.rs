@@ -17,6 +17,7 @@ use super::driver::{combined_scale, grid_mr, Grid, SendPtr};
 use super::pack::{E4M3Byte, E5M2Byte, Operand};
 use super::pack_bf16::{pack_pairs, pack_rows, BfSrc};
 use super::{dpbf16, GemmShape, MatRef, NR};
+use fp8lm_fp8::cast::{self, CastCounts};
 use fp8lm_fp8::Fp8Format;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -201,16 +202,121 @@ pub(crate) fn gemm_lowp(
     accumulate: bool,
     pool_threads: usize,
 ) {
-    let (m, n, k) = (s.m, s.n, s.k);
-    if m == 0 || n == 0 {
+    if s.m == 0 || s.n == 0 {
         return;
     }
-    if k == 0 {
+    if s.k == 0 {
         if !accumulate {
             c.fill(0.0);
         }
         return;
     }
+    let dest = Dest::F32 {
+        c: SendPtr(c.as_mut_ptr()),
+        accumulate,
+    };
+    run(unit, s, a, b, dest, pool_threads);
+}
+
+/// Whether [`gemm_lowp_fp8_out`] can fuse the cast for this shape: the whole K fits one
+/// K-block, so each tile's sum is final when the tile kernel returns.
+pub(crate) fn fuses_fp8_out(s: &GemmShape) -> bool {
+    s.k > 0 && s.k <= KC_MAX && s.m > 0 && s.n > 0
+}
+
+/// `out = fp8(alpha * op(A) @ op(B) * out_scale)` with the cast fused into the store:
+/// each `mr x NR` tile is summed into a local f32 buffer and cast from there (the
+/// casts of `fp8lm_fp8`, saturating, RNE), so the f32 result never reaches memory.
+/// Returns the amax of the f32 result (before `out_scale`; NaN if it holds a NaN) and
+/// the cast's counts: bit for bit what [`gemm_lowp`] into f32 followed by
+/// `par_f32_to_fp8_counted` gives (the same tile products, the same `alpha` multiply,
+/// the same cast). Requires [`fuses_fp8_out`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_lowp_fp8_out(
+    unit: Unit,
+    s: GemmShape,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    out: &mut [u8],
+    format: Fp8Format,
+    out_scale: f32,
+    pool_threads: usize,
+) -> (f32, CastCounts) {
+    assert!(
+        fuses_fp8_out(&s),
+        "gemm_lowp_fp8_out: K {} needs several K-blocks",
+        s.k
+    );
+    let dest = Dest::Fp8 {
+        out: SendPtr(out.as_mut_ptr()),
+        format,
+        scale: out_scale,
+        cast: cast::Backend::detect(),
+    };
+    let (bits, counts) = run(unit, s, a, b, dest, pool_threads);
+    (f32::from_bits(bits), counts)
+}
+
+/// Where [`run`]'s tiles go.
+#[derive(Clone, Copy)]
+enum Dest {
+    /// `c (+)= alpha * tile`, row stride n.
+    F32 { c: SendPtr<f32>, accumulate: bool },
+    /// `out = fp8(alpha * tile * scale)`, row stride n; one K-block only.
+    Fp8 {
+        out: SendPtr<u8>,
+        format: Fp8Format,
+        scale: f32,
+        cast: cast::Backend,
+    },
+}
+
+/// The fused FP8 store of one tile's valid `rows x cols` out of `t` (row stride NR) at
+/// `dst` (row stride `ldo`); returns the masked amax bits and counts.
+///
+/// # Safety
+/// `dst` valid for `rows` rows of `cols` bytes at stride `ldo`.
+unsafe fn store_fp8(
+    t: &[f32],
+    rows: usize,
+    cols: usize,
+    dst: *mut u8,
+    ldo: usize,
+    (format, scale, backend): (Fp8Format, f32, cast::Backend),
+) -> (u32, CastCounts) {
+    let mut codes = [0u8; amx::MR * NR];
+    let mut acc = (0u32, CastCounts::default());
+    let mut put = |src: &[f32], dst: &mut [u8]| {
+        let (a, c) = cast::f32_to_fp8_counted_with(format, backend, src, scale, dst);
+        acc = (acc.0.max(a.to_bits() & 0x7FFF_FFFF), acc.1 + c);
+    };
+    if cols == NR {
+        put(&t[..rows * NR], &mut codes[..rows * NR]);
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(codes[r * NR..].as_ptr(), dst.add(r * ldo), NR);
+        }
+    } else {
+        for r in 0..rows {
+            put(
+                &t[r * NR..r * NR + cols],
+                std::slice::from_raw_parts_mut(dst.add(r * ldo), cols),
+            );
+        }
+    }
+    acc
+}
+
+/// The blocked loop of [`gemm_lowp`] and [`gemm_lowp_fp8_out`] (m, n, k > 0); returns
+/// the FP8 store's masked amax bits and counts (zero for an f32 destination).
+fn run(
+    unit: Unit,
+    s: GemmShape,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    dest: Dest,
+    pool_threads: usize,
+) -> (u32, CastCounts) {
+    let (m, n, k) = (s.m, s.n, s.k);
     let (mr, ka) = (unit.mr(), unit.k_align());
     let alpha = combined_scale(&a, &b);
     let g = grid_lowp(m, n, k, mr, pool_threads);
@@ -227,7 +333,7 @@ pub(crate) fn gemm_lowp(
     let blocks_per_phase = (A_PACK_VALUES / a_block).clamp(1, k_blocks);
     let mut a_vec = A_BUF.take();
     let a_pack = aligned(&mut a_vec, blocks_per_phase * a_block);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let mut stats = (0u32, CastCounts::default());
 
     for phase0 in (0..k_blocks).step_by(blocks_per_phase) {
         let phase = phase0..(phase0 + blocks_per_phase).min(k_blocks);
@@ -265,11 +371,12 @@ pub(crate) fn gemm_lowp(
         let a_panels = &*a_panels;
 
         let item = |it: usize| {
+            let mut item_stats = (0u32, CastCounts::default());
             let (ri, ci) = (it / g.col_parts, it % g.col_parts);
             let (ip0, ip1) = (ri * rows_per, ((ri + 1) * rows_per).min(mp));
             let (jp0, jp1) = (ci * cols_per, ((ci + 1) * cols_per).min(np));
             if ip0 >= ip1 || jp0 >= jp1 {
-                return;
+                return item_stats;
             }
             // SAFETY (AMX): the caller checked amx::permission; this thread's tiles are
             // configured for the item and released at its end.
@@ -280,7 +387,7 @@ pub(crate) fn gemm_lowp(
             let mut edge = [0f32; amx::MR * NR];
             for bi in phase.clone() {
                 let (p0, kc, kcp) = (bi * kc_max, kc_of(bi), kcp_of(bi));
-                let beta_one = accumulate || bi > 0;
+
                 let (a_len, b_len) = (kcp * mr, kcp * NR);
                 let a_blk = &a_panels[(bi - phase0) * a_block..];
                 for (jp, dst) in (jp0..jp1).zip(b_pack.chunks_mut(b_len)) {
@@ -294,23 +401,45 @@ pub(crate) fn gemm_lowp(
                         for ip in ic..ic1 {
                             let rows = mr.min(m - ip * mr);
                             let a_panel = &a_blk[ip * kcp_max * mr..][..a_len];
-                            // SAFETY: the tile [ip*mr.., jp*NR..] lies inside C (full
-                            // tiles) and belongs to this work item alone; edge tiles go
-                            // through a local buffer; the unit was checked by the caller.
+                            let at = ip * mr * n + jp * NR;
+                            let (ap, bp) = (a_panel.as_ptr(), b_panel.as_ptr());
+                            // SAFETY: the tile [ip*mr.., jp*NR..] lies inside the output
+                            // (full tiles) and belongs to this work item alone; edge
+                            // tiles and FP8 stores go through a local buffer; the unit
+                            // was checked by the caller.
                             unsafe {
-                                let dst = c_ptr.get().add(ip * mr * n + jp * NR);
-                                let (ap, bp) = (a_panel.as_ptr(), b_panel.as_ptr());
-                                if rows == mr && cols == NR {
-                                    tile(unit, kcp, ap, bp, dst, n, alpha, beta_one);
-                                } else {
-                                    let t = edge.as_mut_ptr();
-                                    tile(unit, kcp, ap, bp, t, NR, 1.0, false);
-                                    for r in 0..rows {
-                                        for j in 0..cols {
-                                            let d = dst.add(r * n + j);
-                                            let v = alpha * edge[r * NR + j];
-                                            *d = if beta_one { *d + v } else { v };
+                                match dest {
+                                    Dest::F32 { c, accumulate } => {
+                                        let beta_one = accumulate || bi > 0;
+                                        let dst = c.get().add(at);
+                                        if rows == mr && cols == NR {
+                                            tile(unit, kcp, ap, bp, dst, n, alpha, beta_one);
+                                        } else {
+                                            let t = edge.as_mut_ptr();
+                                            tile(unit, kcp, ap, bp, t, NR, 1.0, false);
+                                            for r in 0..rows {
+                                                for j in 0..cols {
+                                                    let d = dst.add(r * n + j);
+                                                    let v = alpha * edge[r * NR + j];
+                                                    *d = if beta_one { *d + v } else { v };
+                                                }
+                                            }
                                         }
+                                    }
+                                    Dest::Fp8 {
+                                        out,
+                                        format,
+                                        scale,
+                                        cast,
+                                    } => {
+                                        // one K-block: this tile's sum is final; alpha
+                                        // is applied by the kernel's store, as for C
+                                        let t = edge.as_mut_ptr();
+                                        tile(unit, kcp, ap, bp, t, NR, alpha, false);
+                                        let o = (format, scale, cast);
+                                        let r =
+                                            store_fp8(&edge, rows, cols, out.get().add(at), n, o);
+                                        item_stats = merge_stats(item_stats, r);
                                     }
                                 }
                             }
@@ -319,12 +448,24 @@ pub(crate) fn gemm_lowp(
                 }
             }
             B_BUF.set(b_vec);
+            item_stats
         };
-        if g.threads > 1 && items > 1 {
-            (0..items).into_par_iter().for_each(item);
+        let phase_stats = if g.threads > 1 && items > 1 {
+            (0..items)
+                .into_par_iter()
+                .map(item)
+                .reduce(Default::default, merge_stats)
         } else {
-            (0..items).for_each(item);
-        }
+            (0..items).map(item).fold(Default::default(), merge_stats)
+        };
+        stats = merge_stats(stats, phase_stats);
     }
     A_BUF.set(a_vec);
+    stats
+}
+
+/// Two parts' FP8 store results: the larger masked amax bits (a NaN's bits exceed every
+/// finite value's and infinity's, so NaN propagates) and the summed counts.
+fn merge_stats(x: (u32, CastCounts), y: (u32, CastCounts)) -> (u32, CastCounts) {
+    (x.0.max(y.0), x.1 + y.1)
 }

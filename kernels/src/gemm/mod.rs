@@ -57,8 +57,8 @@ mod tests_bf16;
 pub use path::{path_calls, set_path_override, GemmPath, PathCalls, GEMM_ENV};
 
 use crate::Cpu;
-use fp8lm_fp8::cast::{decode_table, f32_to_fp8_amax};
-use fp8lm_fp8::merge_amax;
+use crate::Fp8CastResult;
+use fp8lm_fp8::cast::{decode_table, par_f32_to_fp8_counted};
 use fp8lm_fp8::Fp8Format;
 use half::bf16;
 use rayon::prelude::*;
@@ -174,7 +174,8 @@ pub trait GemmOps: Send + Sync {
 
     /// `out = fp8(op(A) @ op(B) * out_scale)` (saturating, round to nearest even, the
     /// casts of `fp8lm_fp8`), returning the amax of the f32 result before scaling (NaN
-    /// if the result holds a NaN) — what a scaling recipe needs for the next scale.
+    /// if the result holds a NaN) — what a scaling recipe needs for the next scale — and
+    /// the cast's saturation / underflow counts.
     fn gemm_fp8_out(
         &self,
         shape: GemmShape,
@@ -183,7 +184,7 @@ pub trait GemmOps: Send + Sync {
         out: &mut [u8],
         out_format: Fp8Format,
         out_scale: f32,
-    ) -> f32 {
+    ) -> Fp8CastResult {
         check_out_len(&shape, out.len());
         let mut f = vec![0f32; out.len()];
         self.gemm(shape, a, b, &mut f, false);
@@ -250,11 +251,9 @@ fn finish_bf16(f: &[f32], c: &mut [bf16], accumulate: bool) {
         .for_each(conv);
 }
 
-fn finish_fp8(f: &[f32], out: &mut [u8], fmt: Fp8Format, scale: f32) -> f32 {
-    f.par_chunks(FINISH_CHUNK)
-        .zip(out.par_chunks_mut(FINISH_CHUNK))
-        .map(|(src, dst)| f32_to_fp8_amax(fmt, src, scale, dst))
-        .reduce(|| 0.0, merge_amax)
+fn finish_fp8(f: &[f32], out: &mut [u8], fmt: Fp8Format, scale: f32) -> Fp8CastResult {
+    let (amax, counts) = par_f32_to_fp8_counted(fmt, f, scale, out);
+    Fp8CastResult { amax, counts }
 }
 
 /// Which micro-kernel / packer the CPU uses.
@@ -457,12 +456,27 @@ impl GemmOps for Cpu {
         out: &mut [u8],
         out_format: Fp8Format,
         out_scale: f32,
-    ) -> f32 {
+    ) -> Fp8CastResult {
         check_lens(&s, &a, &b, out.len());
         let path = auto_path(&a, &b);
-        with_scratch(out.len(), |f| {
-            run_path(path, s, a, b, f, false);
-            finish_fp8(f, out, out_format, out_scale)
-        })
+        let unit = match path {
+            GemmPath::Amx => Some(driver_bf16::Unit::Amx),
+            GemmPath::Avx512Bf16 => Some(driver_bf16::Unit::Dp),
+            GemmPath::Fma => None,
+        };
+        match unit {
+            // Matrix units, one K-block: the cast is fused into the tile store (the f32
+            // result never reaches memory); the same bits as the two passes below.
+            Some(u) if is_lowp(&a, &b) && driver_bf16::fuses_fp8_out(&s) => {
+                let threads = rayon::current_num_threads();
+                let (amax, counts) =
+                    driver_bf16::gemm_lowp_fp8_out(u, s, a, b, out, out_format, out_scale, threads);
+                Fp8CastResult { amax, counts }
+            }
+            _ => with_scratch(out.len(), |f| {
+                run_path(path, s, a, b, f, false);
+                finish_fp8(f, out, out_format, out_scale)
+            }),
+        }
     }
 }

@@ -99,6 +99,11 @@ impl Mat {
             Fp8Format::E4M3
         }
     }
+    /// Overwrite FP8 code `i` (e.g. with a NaN code), keeping `real` in step.
+    pub(super) fn set_code(&mut self, i: usize, code: u8) {
+        self.q[i] = code;
+        self.real[i] = self.fmt().decode(code) as f64 / self.scale as f64;
+    }
     pub(super) fn as_ref(&self) -> MatRef<'_> {
         match self.ty {
             Ty::F32 => MatRef::F32(&self.f),
@@ -278,7 +283,10 @@ fn k_zero() {
         Fp8Format::E4M3,
         1.0,
     );
-    assert_eq!((amax, q), (0.0, vec![0u8; 15]));
+    assert_eq!(
+        (amax.amax, amax.counts, q),
+        (0.0, Default::default(), vec![0u8; 15])
+    );
 }
 
 /// The thread grid: strips per thread multiple, row splits when n is narrow; and the
@@ -418,11 +426,18 @@ fn bf16_and_fp8_outputs() {
             // A scale that makes the largest output saturate: exercises the clamp.
             let out_scale = (fmt.max() as f64 / amax_ref * 1.5) as f32;
             let mut q = vec![0u8; m * n];
-            let amax = Cpu.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q, fmt, out_scale);
+            let got = Cpu.gemm_fp8_out(s, a.as_ref(), b.as_ref(), &mut q, fmt, out_scale);
             let mut q_want = vec![0u8; m * n];
-            let amax_want = fp8lm_fp8::cast::f32_to_fp8_amax(fmt, &c, out_scale, &mut q_want);
+            let (amax_want, counts_want) =
+                fp8lm_fp8::cast::f32_to_fp8_counted(fmt, &c, out_scale, &mut q_want);
             assert_eq!(q, q_want, "{fmt:?} output bytes");
-            assert_eq!(amax, amax_want, "{fmt:?} amax");
+            assert_eq!(got.amax, amax_want, "{fmt:?} amax");
+            assert_eq!(got.counts, counts_want, "{fmt:?} counts");
+            assert!(
+                counts_want.saturated > 0,
+                "the scale was chosen to saturate"
+            );
+            let amax = got.amax;
             let i_max = (0..m * n)
                 .max_by(|&x, &y| want[x].0.abs().total_cmp(&want[y].0.abs()))
                 .unwrap();

@@ -10,7 +10,7 @@
 //! block (`Unit::AmxModel`), which runs the AMX path's packing, driver and epilogue on
 //! any CPU (the tile instructions themselves only run where AMX exists).
 
-use super::driver_bf16::{gemm_lowp, Unit};
+use super::driver_bf16::{fuses_fp8_out, gemm_lowp, gemm_lowp_fp8_out, Unit, KC_MAX};
 use super::tests::{reference, shape, Mat, Rng, Ty, LAYOUTS, U};
 use super::*;
 
@@ -324,5 +324,90 @@ fn env_forcing() {
 fn start_up_self_check_passes_on_every_unit_here() {
     for unit in units() {
         super::path::self_check(unit).unwrap_or_else(|e| panic!("{unit:?}: {e}"));
+    }
+}
+
+/// The FP8 store fused into the tiles equals the f32 GEMM followed by the bulk cast, bit
+/// for bit: codes, amax (NaN included) and saturation / underflow counts, on every unit,
+/// every layout, full and ragged tiles, tall (row-range) grids, K up to one whole
+/// K-block, and 1-3 threads. Scales are picked to make some values saturate and some
+/// flush, so the counts are exercised (and asserted nonzero).
+#[test]
+fn fused_fp8_store_equals_gemm_then_cast() {
+    let mut rng = Rng(41);
+    assert!(fuses_fp8_out(&shape(1, 1, KC_MAX, false, false)));
+    assert!(!fuses_fp8_out(&shape(1, 1, KC_MAX + 1, false, false)));
+    for (m, n, k) in [
+        (64, 96, 256),
+        (37, 45, 19),
+        (1100, 40, 64),
+        (9, 200, KC_MAX),
+    ] {
+        for (ta, tb) in LAYOUTS {
+            let s = shape(m, n, k, ta, tb);
+            let mut a = Mat::random(&mut rng, m * k, Ty::E5M2, 8.0);
+            let b = Mat::random(&mut rng, k * n, Ty::E4M3, 16.0);
+            for unit in units() {
+                let mut c = vec![0f32; m * n];
+                gemm_lowp(unit, s, a.as_ref(), b.as_ref(), &mut c, false, 2);
+                let amax = c.iter().fold(0f32, |x, v| x.max(v.abs()));
+                let mut mags: Vec<f32> = c.iter().map(|v| v.abs()).collect();
+                mags.sort_by(f32::total_cmp);
+                let median = mags[mags.len() / 2];
+                for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+                    // 2x over the range: the largest values saturate; then a scale that
+                    // puts the median a quarter of the smallest subnormal: half flush.
+                    let tiny = fmt.decode(1) / 4.0;
+                    for (scale, saturating) in
+                        [(2.0 * fmt.max() / amax, true), (tiny / median, false)]
+                    {
+                        let mut want = vec![0u8; m * n];
+                        let (amax_want, counts_want) =
+                            fp8lm_fp8::cast::f32_to_fp8_counted(fmt, &c, scale, &mut want);
+                        let exercised = match saturating {
+                            true => counts_want.saturated,
+                            false => counts_want.flushed,
+                        };
+                        assert!(
+                            exercised > 0,
+                            "{unit:?} {s:?} {fmt:?} scale {scale}: count not exercised"
+                        );
+                        for t in [1, 2, 3] {
+                            let mut got = vec![0xAAu8; m * n];
+                            let (amax_got, counts_got) = gemm_lowp_fp8_out(
+                                unit,
+                                s,
+                                a.as_ref(),
+                                b.as_ref(),
+                                &mut got,
+                                fmt,
+                                scale,
+                                t,
+                            );
+                            let label = format!("{unit:?} {s:?} {fmt:?} {t} threads");
+                            assert_eq!(got, want, "{label}: codes");
+                            assert_eq!(amax_got.to_bits(), amax_want.to_bits(), "{label}: amax");
+                            assert_eq!(counts_got, counts_want, "{label}: counts");
+                        }
+                    }
+                }
+            }
+            // A NaN operand code reaches the amax through the fused store.
+            a.set_code(m * k / 2, 0x7F);
+            for unit in units() {
+                let mut got = vec![0u8; m * n];
+                let (amax, _) = gemm_lowp_fp8_out(
+                    unit,
+                    s,
+                    a.as_ref(),
+                    b.as_ref(),
+                    &mut got,
+                    Fp8Format::E5M2,
+                    1.0,
+                    2,
+                );
+                assert!(amax.is_nan(), "{unit:?} {s:?}: NaN lost in the fused store");
+            }
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! order. See the module docs of [`super`].
 
 use super::Reference;
-use crate::{GemmOps, GemmShape, MatRef};
+use crate::{Fp8CastResult, GemmOps, GemmShape, MatRef};
+use fp8lm_fp8::cast::cast_counts;
 use fp8lm_fp8::{CastMode, Fp8Format};
 use half::bf16;
 
@@ -117,7 +118,7 @@ impl GemmOps for Reference {
         out: &mut [u8],
         out_format: Fp8Format,
         out_scale: f32,
-    ) -> f32 {
+    ) -> Fp8CastResult {
         check(&s, &a, &b, out.len());
         let p = product(s, a, b);
         let mut amax = 0f32;
@@ -129,6 +130,7 @@ impl GemmOps for Reference {
                 amax.max(x.abs())
             };
         }
-        amax
+        let counts = cast_counts(out_format, &p, out_scale, out, true);
+        Fp8CastResult { amax, counts }
     }
 }
