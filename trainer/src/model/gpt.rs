@@ -1192,6 +1192,8 @@ impl Model {
                     self.grads[self.layout.range(i)].fill(0.0);
                 }
             }
+        } else {
+            sp::count_accumulated_once(spc, &mut self.grads, &self.layout);
         }
         let specs = self.grad_groups();
         let fp8 = !self.wgrad_f32.is_empty();

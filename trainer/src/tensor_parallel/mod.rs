@@ -27,7 +27,9 @@
 //! - [`sp`]: sequence parallelism's g / ḡ around the linears and the all-reduce of the
 //!   norms' partial gradients (the FP8 gathers are `Linear::forward_sp` /
 //!   `Linear::backward_sp`, `model/linear_sp.rs`);
-//! - [`step`]: `Trainer::new_tp`, `train_step_tp`, `evaluate_tokens_tp`;
+//! - [`step`]: `Trainer::new_tp`; `train_step_tp` / `train_step_dxt`, the one step path
+//!   (`crate::parallel::step`) with the group's communicator; the whole model's gradient
+//!   norm; `evaluate_tokens_tp`;
 //! - [`ckpt`]: checkpoints of the grid (one file per shard, an index) and loading them
 //!   into any other layout (file layout and re-sharding rules: `crate::checkpoint::tp`).
 //!
@@ -39,9 +41,9 @@
 //! all-gather it again in that format in the backward (Megatron's SP;
 //! `model/linear_sp.rs`), so a rank's activations are 1/T of the T = 1 run's within 10%
 //! in every precision (`plan/tests.rs`, GPT-2 C = 768, context 1024: fp32 1.015 x at
-//! T = 2 and 4; bf16 and FP8 1.008 x at T = 2, 1.023 x at T = 4). Not yet: resuming an
-//! fp8-o3 whole-model checkpoint
-//! with T > 1, gradient accumulation with SP.
+//! T = 2 and 4; bf16 and FP8 1.008 x at T = 2, 1.023 x at T = 4). Gradient accumulation
+//! works on one replica, SP included (`sp::count_accumulated_once`). Not yet: resuming an
+//! fp8-o3 whole-model checkpoint with T > 1.
 
 pub mod ckpt;
 pub mod layers;

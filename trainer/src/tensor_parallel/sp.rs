@@ -19,6 +19,7 @@
 //! plain layer or a no-op, so the T = 1 model runs exactly the code it always ran.
 
 use crate::model::linear::Linear;
+use crate::model::Layout;
 use fp8lm_collectives::mappings::{copy_to_tp, reduce_from_tp, reduce_scatter_to_sp};
 use fp8lm_collectives::{BufMut, Communicator, ReduceOp, Result};
 
@@ -156,6 +157,40 @@ pub fn reduce_partial_grads(
         }
     }
     Ok(())
+}
+
+/// The tensors whose gradients are partial sums over this rank's token rows under SP
+/// (what the backward hands to [`reduce_partial_grads`]): the norms' gains and shifts
+/// and the row-parallel linears' biases.
+pub fn partial_grad_tensors(lay: &Layout) -> Vec<usize> {
+    let blocks = lay.blocks.iter().flat_map(|bp| {
+        [
+            Some(bp.n1w),
+            bp.n1b,
+            Some(bp.n2w),
+            bp.n2b,
+            bp.projb,
+            bp.fprojb,
+        ]
+    });
+    [Some(lay.nfw), lay.nfb]
+        .into_iter()
+        .chain(blocks)
+        .flatten()
+        .collect()
+}
+
+/// Under SP, before the backward of a micro-batch after the first (`grad_accum`): the
+/// partial-sum tensors' gradients hold the earlier micro-batches' sum, already reduced
+/// and so the same on every rank; every rank but rank 0 zeroes it, so the all-reduce
+/// after this backward adds it once to the group's new partial sums (not T times). A
+/// no-op otherwise.
+pub fn count_accumulated_once(sp: Option<&dyn Communicator>, grads: &mut [f32], lay: &Layout) {
+    if sp.is_some_and(|c| c.rank() > 0) {
+        for i in partial_grad_tensors(lay) {
+            grads[lay.range(i)].fill(0.0);
+        }
+    }
 }
 
 /// Under SP: the f32 all-gather of this rank's rows `shard` into `full` (the embedding's
