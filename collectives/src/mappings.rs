@@ -19,7 +19,10 @@
 //! on every rank, so the amax is all-reduced (MAX) over the group first, with NaN turned
 //! into +inf (a MAX reduction may drop NaN; MS-AMP does the same) — then
 //! `gather(cast(shard_t))` equals `cast(gather(x))` byte for byte (tested). The backward of
-//! ḡ (an all-gather of the output gradient) uses the same function in E5M2.
+//! ḡ (an all-gather of the output gradient) uses the same function in E5M2. The model's
+//! FP8 linears (`fp8lm-trainer`'s `model/linear_sp.rs`) run its two steps,
+//! [`sp_group_amax`] and [`gather_from_sp_fp8_cast`], with their own scaling state
+//! (delayed or current) choosing the scale and their backend casting.
 //! Reductions (f's backward, f̄, ḡ, g's backward) stay in f32: a sum of partial products
 //! needs the precision (MS-AMP reduce-scatters the data gradient in high precision too).
 
@@ -92,6 +95,8 @@ pub struct Fp8Gather {
 /// bytes into `full_fp8` (`T * shard.len()` bytes). The scale is
 /// `scale_for_amax(fmt.max(), amax_group, margin, rounding)`; when the group amax is 0 or
 /// not finite, `fallback_scale` (the tensor's previous scale) is used on every rank.
+/// (The model's FP8 linears run the same two steps, [`sp_group_amax`] and
+/// [`gather_from_sp_fp8_cast`], with their own scaling state and the backend's cast.)
 pub fn gather_from_sp_fp8(
     comm: &dyn Communicator,
     fmt: Fp8Format,
@@ -102,17 +107,40 @@ pub fn gather_from_sp_fp8(
     full_fp8: &mut [u8],
 ) -> Result<Fp8Gather> {
     check_rows(comm, "sp fp8 all_gather", full_fp8.len(), shard.len())?;
-    let local = amax_f32(shard);
-    // MAX may ignore NaN: make it +inf, which MAX keeps and which selects the fallback.
-    let local = if local.is_nan() { f32::INFINITY } else { local };
-    let amax = comm.all_reduce_scalar(local, ReduceOp::Max)?;
+    let amax = sp_group_amax(comm, amax_f32(shard))?;
     let scale = scale_for_amax(fmt.max(), amax, margin, rounding).unwrap_or(fallback_scale);
-    let r = chunk_range(full_fp8.len(), comm.size(), comm.rank());
-    let (_, counts) = f32_to_fp8_counted(fmt, shard, scale, &mut full_fp8[r]);
-    comm.all_gather(BufMut::Fp8(full_fp8, fmt))?;
+    let counts = gather_from_sp_fp8_cast(comm, fmt, full_fp8, shard.len(), |dst| {
+        f32_to_fp8_counted(fmt, shard, scale, dst).1
+    })?;
     Ok(Fp8Gather {
         scale,
         amax,
         counts,
     })
+}
+
+/// g in FP8, step 1: the group's amax from each rank's shard amax `local` (MAX over the
+/// group; NaN made +inf first, since a MAX may drop NaN while it keeps +inf, which then
+/// selects the fallback scale). Every rank gets the whole tensor's amax, hence the same
+/// scale.
+pub fn sp_group_amax(comm: &dyn Communicator, local: f32) -> Result<f32> {
+    let local = if local.is_nan() { f32::INFINITY } else { local };
+    comm.all_reduce_scalar(local, ReduceOp::Max)
+}
+
+/// g in FP8, step 2: `cast` writes this rank's `shard_len` FP8 bytes (cast with the
+/// group's scale) into its rows of `full_fp8`, then the bytes are all-gathered, one byte
+/// per element. Returns what `cast` returned.
+pub fn gather_from_sp_fp8_cast<R>(
+    comm: &dyn Communicator,
+    fmt: Fp8Format,
+    full_fp8: &mut [u8],
+    shard_len: usize,
+    cast: impl FnOnce(&mut [u8]) -> R,
+) -> Result<R> {
+    check_rows(comm, "sp fp8 all_gather", full_fp8.len(), shard_len)?;
+    let r = chunk_range(full_fp8.len(), comm.size(), comm.rank());
+    let out = cast(&mut full_fp8[r]);
+    comm.all_gather(BufMut::Fp8(full_fp8, fmt))?;
+    Ok(out)
 }

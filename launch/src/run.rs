@@ -694,17 +694,11 @@ fn train_ranked(
     let mut diverged: Option<String> = None;
     while tr.step() < max_steps {
         let t0 = Instant::now();
-        let st = match comm {
-            _ if tp_comm.is_some() => {
-                let tc = tp_comm.as_ref().expect("checked");
-                match dp_comm {
-                    Some(d) => tr.train_step_dxt(data.as_mut(), tc, d)?,
-                    None => tr.train_step_tp(data.as_mut(), tc)?,
-                }
-            }
-            Some(c) => tr.train_step_dist(data.as_mut(), c)?,
-            None => tr.train_step(data.as_mut())?,
-        };
+        // The one step path for every grid: the tensor-parallel group when T > 1, and
+        // the data-parallel group (the replicas' when T > 1, else the world's).
+        let tp_group = tp_comm.as_ref().map(|c| c as &dyn Communicator);
+        let dp_group = if tp_group.is_some() { dp_comm } else { comm };
+        let st = tr.train_step_on(data.as_mut(), tp_group, dp_group)?;
         let dt = t0.elapsed().as_secs_f64();
         let done = st.step + 1;
         let tok_s = st.tokens as f64 / dt.max(1e-9);

@@ -497,14 +497,20 @@ impl Trainer {
     /// The training forward (step 2 of `parallel::step`, which runs the backward itself,
     /// overlapped with the reduction under data parallelism): checks the tokens, resets
     /// the GEMM timer, returns the loss and the time the forward ended.
-    pub(crate) fn forward_train(&mut self, what: &str) -> Result<(f32, Instant)> {
+    /// `tp`: the tensor-parallel group, whose collectives the model calls (a failed one
+    /// is returned).
+    pub(crate) fn forward_train(
+        &mut self,
+        what: &str,
+        tp: Option<&dyn fp8lm_collectives::Communicator>,
+    ) -> Result<(f32, Instant)> {
         let d = self.model.dims;
         self.check_tokens(what)?;
         self.model.take_gemm_time();
         let wte = wte_master(&self.model, self.optimizer.as_ref());
         let loss = self
             .model
-            .forward_ext(&self.inputs, Some(&self.targets), d.b, d.t, true, wte)
+            .forward_tp(&self.inputs, Some(&self.targets), d.b, d.t, true, wte, tp)?
             .expect("targets given");
         Ok((loss, Instant::now()))
     }

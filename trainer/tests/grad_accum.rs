@@ -86,6 +86,70 @@ fn accumulated_micro_batches_match_one_big_batch() {
     );
 }
 
+/// One step of a T-way tensor-parallel group (`Trainer::train_step_tp`, the same step
+/// path as `train_step`): every rank's loss and its shard's gradients.
+fn one_step_tp(
+    precision: Precision,
+    batch: usize,
+    accum: usize,
+    tp: usize,
+    sp: bool,
+) -> Vec<(f32, Vec<f64>)> {
+    let mut cfg = RunConfig {
+        precision,
+        batch,
+        grad_accum: accum,
+        max_steps: 1,
+        ..RunConfig::default()
+    };
+    cfg.model.context = 16;
+    cfg.dist.tensor_parallel = tp;
+    cfg.dist.sequence_parallel = sp;
+    fp8lm_collectives::run_ranks(tp, |comm| {
+        use fp8lm_collectives::Communicator;
+        let mut data = Rows { next: 0, vocab: 64 };
+        let mut tr = Trainer::new_tp(&cfg, 64, comm.rank())?;
+        let st = tr.train_step_tp(&mut data, comm)?;
+        assert_eq!(st.tokens, batch * accum * 16);
+        assert_eq!(data.next, (batch * accum) as u64);
+        anyhow::Ok((st.loss, grads_f64(&tr)))
+    })
+    .unwrap()
+}
+
+/// The same under tensor parallelism (T = 2), with and without sequence parallelism:
+/// each rank's shard of the accumulated gradient / k against its shard of the big
+/// batch's. Both sides shard alike (the same regrouped sums over the group), so what
+/// differs is what differs on one rank, and the bounds are the single-rank test's. With
+/// SP the norms' and row-parallel biases' gradients are partial sums over each rank's
+/// token rows, all-reduced over the group after every micro-batch's backward: what the
+/// earlier micro-batches left (already reduced) must be counted once, not T times.
+/// Measured (k = 2, B = 2, context 16): fp32 gradient 9.6e-8 (1.3e-7 with SP) against
+/// the bound 1.5e-5; fp8-o2 5.3e-2 against 0.16. Control: counting the earlier sum T
+/// times (SP) is off by 0.44 in fp32.
+#[test]
+fn accumulated_micro_batches_match_one_big_batch_under_tensor_parallelism() {
+    let (k, b, t, tp) = (2usize, 2usize, 16usize, 2usize);
+    let tol32 = 4.0 * (k * b * t) as f64 * 2f64.powi(-24);
+    let tol8 = ((k + 3) as f64).sqrt() * 2f64.powi(-3) / 3f64.sqrt();
+    for sp in [false, true] {
+        for (p, tol) in [(Precision::Fp32, tol32), (Precision::Fp8O2, tol8)] {
+            let acc = one_step_tp(p, b, k, tp, sp);
+            let big = one_step_tp(p, k * b, 1, tp, sp);
+            for (r, ((l_acc, g_acc), (l_big, g_big))) in acc.iter().zip(&big).enumerate() {
+                let what = format!("{p:?}, sp = {sp}, rank {r} of {tp}");
+                let lt = if p == Precision::Fp32 { tol32 } else { 0.01 };
+                assert!(
+                    ((l_acc - l_big) / l_big).abs() as f64 <= lt,
+                    "{what}: loss {l_acc} vs {l_big}"
+                );
+                let e = rel_l2(g_acc, g_big, 1.0 / k as f64);
+                assert!(e <= tol, "{what}: gradient relative error {e:e} > {tol:e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn grad_accum_zero_is_refused() {
     let e =

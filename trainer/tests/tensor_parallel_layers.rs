@@ -1,21 +1,20 @@
 //! Tensor-parallel layers against the unsharded computation, on in-process ranks:
-//! an MLP (column-parallel fc, GELU, row-parallel proj) with and without sequence
-//! parallelism, in f32 and FP8, for T = 2 and 4; and the vocabulary-parallel embedding
-//! and cross-entropy against the full softmax.
+//! an MLP (column-parallel fc, GELU, row-parallel proj: the model's
+//! `ColumnParallelLinear` / `RowParallelLinear` over its `Linear`) with and without
+//! sequence parallelism, in f32 and FP8, for T = 2 and 4; and the vocabulary-parallel
+//! embedding and cross-entropy against the full softmax.
 //!
 //! The reference is the same code on a group of one rank (every shard = the whole
 //! tensor), so a difference can only come from the sharding and the collectives.
 
-use fp8lm_collectives::mappings::{
-    copy_to_tp, gather_from_sp, gather_from_sp_fp8, reduce_from_tp, reduce_scatter_to_sp,
-};
+use fp8lm_collectives::mappings::reduce_from_tp;
 use fp8lm_collectives::{run_ranks, BufMut, CommError, Communicator, ReduceOp};
-use fp8lm_fp8::ScaleRounding;
+use fp8lm_fp8::ScalingRecipe;
 use fp8lm_kernels::{Cpu, GemmOps, LayerOps, MatRef};
-use fp8lm_trainer::tensor_parallel::layers::{quantize, G, X};
+use fp8lm_trainer::model::{Linear, LinearPrecision};
 use fp8lm_trainer::tensor_parallel::{
     even_part, qkv_rows, vocab_parallel_cross_entropy, ColumnParallelLinear, RowParallelLinear,
-    TpGemm, VocabParallelEmbedding,
+    VocabParallelEmbedding,
 };
 
 fn values(seed: u64, n: usize, amp: f32) -> Vec<f32> {
@@ -67,119 +66,93 @@ struct Out {
     db_proj: Vec<f32>,
 }
 
-fn run_mlp(m: &Mlp, t: usize, sp: bool, mode: TpGemm) -> Vec<Out> {
+/// FP8 as the layer tests run it: current (just-in-time) power-of-two scaling of every
+/// operand, no margin.
+const FP8: LinearPrecision = LinearPrecision::Fp8 {
+    recipe: ScalingRecipe::Current,
+    margin: 0,
+};
+
+fn run_mlp(m: &Mlp, t: usize, sp: bool, p: LinearPrecision) -> Vec<Out> {
     let (n, c) = (m.n, m.c);
     run_ranks(t, |comm| -> Result<Out, CommError> {
         let r = comm.rank();
+        // This rank's shards: fc's rows (output features), proj's columns (input features).
         let part = even_part("fc width", 4 * c, t, r).unwrap();
-        let mut fc =
-            ColumnParallelLinear::from_full(&m.w_fc, Some(&m.b_fc), c, std::slice::from_ref(&part));
-        let mut proj = RowParallelLinear::from_full(&m.w_proj, Some(&m.b_proj), 4 * c, part);
-        let f = fc.oc_local;
+        let f = part.len();
+        let w_fc = m.w_fc[part.start * c..part.end * c].to_vec();
+        let b_fc = m.b_fc[part.clone()].to_vec();
+        let w_proj: Vec<f32> = (0..c)
+            .flat_map(|o| m.w_proj[o * 4 * c + part.start..o * 4 * c + part.end].to_vec())
+            .collect();
+        let mut fc = Linear::new("fc".into(), c, f, n, p);
+        let mut proj = Linear::new("proj".into(), f, c, n, p);
+        if sp {
+            // As the model runs a column-parallel layer under SP: only its input's shard
+            // is kept, re-gathered for the backward.
+            fc.keep_input_shard(t, n);
+        }
         let rows = even_part("tokens", n, t, r).unwrap();
         let shard = |v: &[f32]| v[rows.start * c..rows.end * c].to_vec();
+        let tp: Option<&dyn Communicator> = Some(comm);
 
         // ---- forward: x -> (f | g) -> fc -> GELU -> proj -> (f̄ | ḡ) -> + b
-        let (mut xf32, mut xb) = (vec![0f32; n * c], vec![0u8; n * c]);
-        let xin: MatRef = if sp {
-            match mode {
-                TpGemm::F32 => {
-                    gather_from_sp(comm, &shard(&m.x), &mut xf32)?;
-                    MatRef::F32(&xf32)
-                }
-                TpGemm::Fp8 { margin } => {
-                    let g = gather_from_sp_fp8(
-                        comm,
-                        X,
-                        &shard(&m.x),
-                        margin,
-                        ScaleRounding::PowerOfTwo,
-                        1.0,
-                        &mut xb,
-                    )?;
-                    MatRef::Fp8 {
-                        data: &xb,
-                        format: X,
-                        scale: g.scale,
-                    }
-                }
-            }
-        } else {
-            xf32.copy_from_slice(&m.x);
-            let mut q = Vec::new();
-            let op = quantize(mode, X, &xf32, &mut q);
-            if let MatRef::Fp8 { data, scale, .. } = op {
-                xb.copy_from_slice(data);
-                MatRef::Fp8 {
-                    data: &xb,
-                    format: X,
-                    scale,
-                }
-            } else {
-                MatRef::F32(&xf32)
-            }
-        };
+        let x_shard = shard(&m.x);
+        let mut x_full = if sp { vec![0f32; n * c] } else { m.x.clone() };
         let mut h = vec![0f32; n * f];
-        fc.forward(mode, &mut h, xin, n);
+        ColumnParallelLinear::new(&mut fc, tp, sp).forward(
+            &mut h,
+            &mut x_full,
+            &x_shard,
+            &w_fc,
+            Some(&b_fc),
+            n,
+            true,
+        )?;
         let mut a = vec![0f32; n * f];
         Cpu.gelu_forward(&mut a, &h);
-        let mut partial = vec![0f32; n * c];
-        proj.forward(mode, &mut partial, &a, n);
-        let y = if sp {
-            let mut y = vec![0f32; rows.len() * c];
-            reduce_scatter_to_sp(comm, &mut partial, &mut y)?;
-            proj.add_bias(&mut y);
-            y
-        } else {
-            reduce_from_tp(comm, &mut partial)?;
-            proj.add_bias(&mut partial);
-            partial
-        };
+        let (mut partial, mut y_shard) = (vec![0f32; n * c], vec![0f32; n * c]);
+        let y = RowParallelLinear::new(&mut proj, tp, sp)
+            .forward(
+                &mut partial,
+                &mut y_shard,
+                &a,
+                &w_proj,
+                Some(&m.b_proj),
+                n,
+                true,
+            )?
+            .to_vec();
 
         // ---- backward
         let dy_rows = if sp { shard(&m.dy) } else { m.dy.clone() };
-        let (mut dyf, mut dyb, mut dyq) = (vec![0f32; n * c], vec![0u8; n * c], Vec::new());
-        let dout: MatRef = if sp {
-            match mode {
-                TpGemm::F32 => {
-                    gather_from_sp(comm, &dy_rows, &mut dyf)?;
-                    MatRef::F32(&dyf)
-                }
-                TpGemm::Fp8 { margin } => {
-                    let g = gather_from_sp_fp8(
-                        comm,
-                        G,
-                        &dy_rows,
-                        margin,
-                        ScaleRounding::PowerOfTwo,
-                        1.0,
-                        &mut dyb,
-                    )?;
-                    MatRef::Fp8 {
-                        data: &dyb,
-                        format: G,
-                        scale: g.scale,
-                    }
-                }
-            }
-        } else {
-            quantize(mode, G, &m.dy, &mut dyq)
-        };
-        let mut da = vec![0f32; n * f];
-        proj.backward(mode, &mut da, dout, &dy_rows, &a, n);
+        let (mut da, mut dw_proj) = (vec![0f32; n * f], vec![0f32; c * f]);
+        let (mut db_proj, mut scratch) = (vec![0f32; c], vec![0f32; n * c]);
+        RowParallelLinear::new(&mut proj, tp, sp).backward(
+            &mut da,
+            &mut dw_proj,
+            Some(&mut db_proj),
+            &dy_rows,
+            &mut scratch,
+            &a,
+            &w_proj,
+            n,
+        )?;
         let mut dh = vec![0f32; n * f];
         Cpu.gelu_backward(&mut dh, &h, &da);
-        let mut dx_partial = vec![0f32; n * c];
-        fc.backward(mode, &mut dx_partial, &dh, xin, n);
-        let dx = if sp {
-            let mut dx = vec![0f32; rows.len() * c];
-            reduce_scatter_to_sp(comm, &mut dx_partial, &mut dx)?;
-            dx
-        } else {
-            copy_to_tp(comm, &mut dx_partial)?;
-            dx_partial
-        };
-        let mut db_proj = proj.dbias.clone().unwrap();
+        let (mut dx_partial, mut dx_shard) = (vec![0f32; n * c], vec![0f32; n * c]);
+        let (mut dw_fc, mut db_fc) = (vec![0f32; f * c], vec![0f32; f]);
+        let mut col = ColumnParallelLinear::new(&mut fc, tp, sp);
+        col.backward(
+            &mut dx_partial,
+            &mut dw_fc,
+            Some(&mut db_fc),
+            &dh,
+            &x_full,
+            &w_fc,
+            n,
+        )?;
+        let dx = col.input_grad(&mut dx_partial, &mut dx_shard)?.to_vec();
         if sp {
             // Each rank summed its own rows: the bias gradient is reduced like a norm's.
             comm.all_reduce(BufMut::F32(&mut db_proj), ReduceOp::Sum)?;
@@ -187,9 +160,9 @@ fn run_mlp(m: &Mlp, t: usize, sp: bool, mode: TpGemm) -> Vec<Out> {
         Ok(Out {
             y,
             dx,
-            dw_fc: fc.dweight,
-            db_fc: fc.dbias.unwrap(),
-            dw_proj: proj.dweight,
+            dw_fc,
+            db_fc,
+            dw_proj,
             db_proj,
         })
     })
@@ -254,11 +227,11 @@ fn check(m: &Mlp, got: &[Out], want: &Out, sp: bool, tol: f32, what: &str) -> f3
 #[test]
 fn tp_mlp_f32_matches_unsharded_with_and_without_sp() {
     let m = mlp();
-    let want = run_mlp(&m, 1, false, TpGemm::F32).remove(0);
+    let want = run_mlp(&m, 1, false, LinearPrecision::Fp32).remove(0);
     let tol = 2.0 * 256.0 * 2f32.powi(-24) * 4.0;
     for t in [2, 4] {
         for sp in [false, true] {
-            let got = run_mlp(&m, t, sp, TpGemm::F32);
+            let got = run_mlp(&m, t, sp, LinearPrecision::Fp32);
             let e = check(&m, &got, &want, sp, tol, &format!("f32 T={t} sp={sp}"));
             eprintln!("f32 T={t} sp={sp}: worst relative difference {e:.2e}");
         }
@@ -278,9 +251,8 @@ fn tp_mlp_f32_matches_unsharded_with_and_without_sp() {
 #[test]
 fn tp_mlp_fp8_matches_unsharded_fp8_and_sp_gathers_fp8() {
     let m = mlp();
-    let mode = TpGemm::Fp8 { margin: 0 };
-    let want = run_mlp(&m, 1, false, mode).remove(0);
-    let want_f32 = run_mlp(&m, 1, false, TpGemm::F32).remove(0);
+    let want = run_mlp(&m, 1, false, FP8).remove(0);
+    let want_f32 = run_mlp(&m, 1, false, LinearPrecision::Fp32).remove(0);
     // The FP8 path really is FP8: it differs from f32 by far more than the tolerance.
     assert!(
         rel_err(&want.y, &want_f32.y) > 5e-3,
@@ -288,7 +260,7 @@ fn tp_mlp_fp8_matches_unsharded_fp8_and_sp_gathers_fp8() {
     );
     for t in [2, 4] {
         for sp in [false, true] {
-            let got = run_mlp(&m, t, sp, mode);
+            let got = run_mlp(&m, t, sp, FP8);
             let e = check(&m, &got, &want, sp, 2e-3, &format!("fp8 T={t} sp={sp}"));
             eprintln!("fp8 T={t} sp={sp}: worst relative difference {e:.2e}");
         }

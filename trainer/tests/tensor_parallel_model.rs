@@ -206,3 +206,22 @@ fn sequence_parallel_trains_like_tensor_parallel() {
         }
     }
 }
+
+/// The one step path refuses a tensor-parallel trainer stepped without its group (it
+/// used to panic inside the model), naming the shard and the call to make.
+#[test]
+fn a_tensor_parallel_rank_refuses_the_step_without_its_group() {
+    let c = cfg(Arch::Gpt2, Precision::Fp32, 2);
+    let mut data = MarkovCorpus::new(3);
+    let mut tr = Trainer::new_tp(&c, data.vocab_size(), 1).unwrap();
+    let e = tr.train_step(&mut data).unwrap_err().to_string();
+    assert!(
+        e.contains("shard 1 of dist.tensor_parallel = 2") && e.contains("train_step_tp"),
+        "{e}"
+    );
+    let e = tr
+        .train_step_on(&mut data, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shard 1 of dist.tensor_parallel = 2"), "{e}");
+}

@@ -17,6 +17,7 @@
 use super::linear::{Linear, LinearPrecision};
 use super::params::{split_tensors_mut, Dims, Layout};
 use crate::config::Arch;
+use crate::tensor_parallel::layers::{ColumnParallelLinear, RowParallelLinear};
 use crate::tensor_parallel::shard::{self as tp, TpShard};
 use crate::tensor_parallel::sp;
 use fp8lm_collectives::Communicator;
@@ -917,7 +918,6 @@ impl Model {
         let tp_vocab = self.tp.map(|s| s.vocab(&self.dims));
         let ca = self.attn_width();
         let (sp, spt) = self.sp_size();
-        let spc = comm.filter(|_| sp);
         let d = self.local;
         assert!(
             b <= d.b && t <= d.t && inputs.len() == b * t,
@@ -1013,17 +1013,23 @@ impl Model {
             );
             let qkv = at_mut(&mut a.qkv, l, bt * 3 * ca, n * 3 * ca);
             let (w, bias, sh) = (p(bp.qkvw), bp.qkvb.map(p), &a.sp_a[..ks]);
-            sp::column_forward(&mut lin[0], spc, qkv, ln1, sh, w, bias, n, record)?;
+            ColumnParallelLinear::new(&mut lin[0], comm, sp)
+                .forward(qkv, ln1, sh, w, bias, n, record)?;
             if d.arch == Arch::Llama {
                 be.rope_forward(qkv, rope, t, ca, d.h);
             }
             let atty = at_mut(&mut a.atty, l, s_a, n * ca);
             let att = at_mut(&mut a.att, l, d.b * d.h * d.t * d.t, b * d.h * t * t);
             be.attention_forward(atty, att, qkv, t, ca, d.h);
-            let attproj = &mut a.attproj[..n * c];
-            let bias = tp::bias_in_gemm(comm, bp.projb.map(p));
-            lin[1].forward(attproj, atty, p(bp.projw), bias, n, record);
-            let attproj = sp::row_output(comm, sp, attproj, &mut a.sp_b, bp.projb.map(p))?;
+            let attproj = RowParallelLinear::new(&mut lin[1], comm, sp).forward(
+                &mut a.attproj[..n * c],
+                &mut a.sp_b,
+                atty,
+                p(bp.projw),
+                bp.projb.map(p),
+                n,
+                record,
+            )?;
             let residual2 = at_mut(&mut a.residual2, l, bts * c, ns * c);
             be.residual_forward(residual2, residual, attproj);
             let ln2 = match sp {
@@ -1046,16 +1052,22 @@ impl Model {
             );
             let fch = at_mut(&mut a.fch, l, bt * fc, n * fc);
             let (w, bias, sh) = (p(bp.fcw), bp.fcb.map(p), &a.sp_a[..ks]);
-            sp::column_forward(&mut lin[2], spc, fch, ln2, sh, w, bias, n, record)?;
+            ColumnParallelLinear::new(&mut lin[2], comm, sp)
+                .forward(fch, ln2, sh, w, bias, n, record)?;
             let fch_act = at_mut(&mut a.fch_act, l, s_f, n * f);
             match d.arch {
                 Arch::Gpt2 => be.gelu_forward(fch_act, fch),
                 Arch::Llama => be.swiglu_forward(fch_act, fch, f),
             }
-            let fcproj = &mut a.fcproj[..n * c];
-            let bias = tp::bias_in_gemm(comm, bp.fprojb.map(p));
-            lin[3].forward(fcproj, fch_act, p(bp.fprojw), bias, n, record);
-            let fcproj = sp::row_output(comm, sp, fcproj, &mut a.sp_b, bp.fprojb.map(p))?;
+            let fcproj = RowParallelLinear::new(&mut lin[3], comm, sp).forward(
+                &mut a.fcproj[..n * c],
+                &mut a.sp_b,
+                fch_act,
+                p(bp.fprojw),
+                bp.fprojb.map(p),
+                n,
+                record,
+            )?;
             be.residual_forward(&mut cur[..ns * c], residual2, fcproj);
         }
         let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
@@ -1079,7 +1091,15 @@ impl Model {
         );
         let logits = &mut a.logits[..n * d.v];
         let (head, sh) = (&mut linears[4 * l_n], &a.sp_a[..ks]);
-        sp::column_forward(head, spc, logits, lnf, sh, p(lay.head), None, n, record)?;
+        ColumnParallelLinear::new(head, comm, sp).forward(
+            logits,
+            lnf,
+            sh,
+            p(lay.head),
+            None,
+            n,
+            record,
+        )?;
         let Some(targets) = targets else {
             return Ok(None);
         };
@@ -1192,6 +1212,8 @@ impl Model {
                     self.grads[self.layout.range(i)].fill(0.0);
                 }
             }
+        } else {
+            sp::count_accumulated_once(spc, &mut self.grads, &self.layout);
         }
         let specs = self.grad_groups();
         let fp8 = !self.wgrad_f32.is_empty();
@@ -1255,10 +1277,9 @@ impl Model {
             true => sp_norm_full(&mut a.ln1, n * c),
             false => &a.lnf[..n * c],
         };
-        head.with_input_gathered(n, spc, lnf, |li, x| {
-            li.backward(dlnf, dhead, None, dlogits, x, p(lay.head), n)
-        })?;
-        let dlnf = sp::input_grad(comm, sp, dlnf, &mut a.sp_a)?;
+        let mut head_col = ColumnParallelLinear::new(&mut *head, comm, sp);
+        head_col.backward(dlnf, dhead, None, dlogits, lnf, p(lay.head), n)?;
+        let dlnf = head_col.input_grad(dlnf, &mut a.sp_a)?;
         let dres = &mut a.dresidual[..ns * c];
         dres.fill(0.0);
         let last = at(&a.residual3, l_n - 1, bts * c, ns * c);
@@ -1320,9 +1341,7 @@ impl Model {
             let dfch_act = &mut a.dfch_act[..n * f];
             let (dw, db) = two_mut(grads, rng(bp.fprojw), bp.fprojb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            sp::row_backward(
-                &mut lin[3],
-                spc,
+            RowParallelLinear::new(&mut lin[3], comm, sp).backward(
                 dfch_act,
                 dw,
                 db,
@@ -1349,14 +1368,13 @@ impl Model {
                 true => sp_norm_full(&mut a.ln1, n * c),
                 false => at(&a.ln2, l, in_stride(keep, bt * c), n * c),
             };
-            lin[2].with_input_gathered(n, spc, ln2, |li, x| {
-                li.backward(dln, dw, db, dfch, x, p(bp.fcw), n)
-            })?;
+            let mut fc_col = ColumnParallelLinear::new(&mut lin[2], comm, sp);
+            fc_col.backward(dln, dw, db, dfch, ln2, p(bp.fcw), n)?;
             if fp8 {
-                let len = lin[2].c * lin[2].oc;
-                lin[2].quantize_wgrad_acc(&mut block_scratch[..len]);
+                let len = fc_col.lin.c * fc_col.lin.oc;
+                fc_col.lin.quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
+            let dln_s = fc_col.input_grad(dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n2w), bp.n2b.map(rng));
             let residual2 = at(&a.residual2, l, bts * c, ns * c);
             norm_backward(
@@ -1375,9 +1393,7 @@ impl Model {
             let datty = &mut a.datty[..n * ca];
             let (dw, db) = two_mut(grads, rng(bp.projw), bp.projb.map(rng));
             let dw = wgrad_target(fp8, dw, block_scratch);
-            sp::row_backward(
-                &mut lin[1],
-                spc,
+            RowParallelLinear::new(&mut lin[1], comm, sp).backward(
                 datty,
                 dw,
                 db,
@@ -1404,14 +1420,13 @@ impl Model {
                 true => sp_norm_full(&mut a.ln1, n * c),
                 false => at(&a.ln1, l, in_stride(keep, bt * c), n * c),
             };
-            lin[0].with_input_gathered(n, spc, ln1, |li, x| {
-                li.backward(dln, dw, db, dqkv, x, p(bp.qkvw), n)
-            })?;
+            let mut qkv_col = ColumnParallelLinear::new(&mut lin[0], comm, sp);
+            qkv_col.backward(dln, dw, db, dqkv, ln1, p(bp.qkvw), n)?;
             if fp8 {
-                let len = lin[0].c * lin[0].oc;
-                lin[0].quantize_wgrad_acc(&mut block_scratch[..len]);
+                let len = qkv_col.lin.c * qkv_col.lin.oc;
+                qkv_col.lin.quantize_wgrad_acc(&mut block_scratch[..len]);
             }
-            let dln_s = sp::input_grad(comm, sp, dln, &mut a.sp_a)?;
+            let dln_s = qkv_col.input_grad(dln, &mut a.sp_a)?;
             let (dw, db) = two_mut(grads, rng(bp.n1w), bp.n1b.map(rng));
             norm_backward(
                 be,

@@ -10,7 +10,8 @@
 //! would choose for the gathered tensor, and the gathered bytes equal the cast of the
 //! gathered f32 tensor byte for byte. Delayed scaling records the group amax, so every
 //! rank's history (and next scale) is the same. The cast counts in the stats are this
-//! rank's shard's. fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
+//! rank's shard's. The amax agreement and the gather are g's FP8 steps in
+//! `fp8lm_collectives::mappings` (`sp_group_amax`, `gather_from_sp_fp8_cast`). fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
 //!
 //! Memory (Megatron-LM's SP): a column-parallel layer keeps only this rank's shard of
 //! its input ([`Linear::keep_input_shard`]), in the format its dW GEMM reads: E4M3 bytes
@@ -21,8 +22,8 @@
 //! `(T - 1) / T` of `n x c` elements more traffic per layer (1, 4 or 2 bytes each).
 
 use super::*;
-use fp8lm_collectives::mappings::gather_from_sp;
-use fp8lm_collectives::{chunk_range, BufMut, Communicator, ReduceOp, Result};
+use fp8lm_collectives::mappings::{gather_from_sp, gather_from_sp_fp8_cast, sp_group_amax};
+use fp8lm_collectives::{chunk_range, BufMut, Communicator, Result};
 
 impl Fp8Operand {
     /// Cast this rank's `shard` with the group's shared scale into its rows of the first
@@ -40,14 +41,15 @@ impl Fp8Operand {
             self.block.is_none(),
             "sequence parallelism with the block recipe is refused at start-up"
         );
-        let local = be.amax_f32(shard);
-        let local = if local.is_nan() { f32::INFINITY } else { local };
-        let amax = comm.all_reduce_scalar(local, ReduceOp::Max)?;
+        // g's FP8 protocol (`fp8lm_collectives::mappings`), with this operand's scaling
+        // state choosing the scale and the backend casting.
+        let amax = sp_group_amax(comm, be.amax_f32(shard))?;
         let scale = self.cast_scale(record, || amax);
         let fmt = self.state.format;
-        let r = chunk_range(full, comm.size(), comm.rank());
-        let cast = be.cast_fp8(fmt, shard, scale, &mut self.t.fp8_bytes_mut()[r]);
-        comm.all_gather(BufMut::Fp8(&mut self.t.fp8_bytes_mut()[..full], fmt))?;
+        let bytes = &mut self.t.fp8_bytes_mut()[..full];
+        let cast = gather_from_sp_fp8_cast(comm, fmt, bytes, shard.len(), |dst| {
+            be.cast_fp8(fmt, shard, scale, dst)
+        })?;
         // The group amax: the gathered bytes are the whole tensor's cast.
         self.t.set_scaling(Scaling::PerTensor { scale, amax });
         // (the counts are this rank's shard's)

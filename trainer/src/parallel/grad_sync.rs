@@ -142,11 +142,14 @@ pub(super) struct Reduced {
 impl Trainer {
     /// The backward, with every group of gradients reduced as the backward finishes it
     /// (FP8-LM all-reduce for FP8 weight gradients, f32 mean for the rest), in the fixed
-    /// order of [`Model::grad_groups`] on every rank (see [`run_backward`]).
+    /// order of [`Model::grad_groups`] on every rank (see [`run_backward`]). On a
+    /// tensor-parallel rank `comm` is its data-parallel group and `tp` its
+    /// tensor-parallel group (whose collectives the backward calls).
     pub(super) fn backward_and_reduce(
         &mut self,
         dist: &mut DistState,
         comm: &dyn Communicator,
+        tp: Option<&dyn Communicator>,
     ) -> Result<Reduced> {
         let DistState {
             rank,
@@ -183,6 +186,7 @@ impl Trainer {
             rank,
             *overlap,
             *panic_after_groups,
+            tp,
             &mut reduce,
         )?;
         if next != groups.len() {
@@ -224,69 +228,5 @@ impl DistState {
         let mine = self.rank * rows..(self.rank + 1) * rows;
         inputs.copy_from_slice(&self.global_inputs[mine.clone()]);
         targets.copy_from_slice(&self.global_targets[mine]);
-    }
-
-    /// The backward of a tensor-parallel rank (`tp`: its group, whose collectives the
-    /// model calls) with each group of final gradients averaged over the data-parallel
-    /// group `dp` as the backward hands it out ([`reduce_group`]: FP8-LM all-reduce for
-    /// the FP8 weight gradients, f32 ring mean for the rest), on the calling thread (the
-    /// TP collectives run inside the backward, so no overlap thread). Returns whether the
-    /// FP8 scale agreement saw a non-finite gradient. After a failed reduction the
-    /// backward runs to its end without reducing and the error is returned.
-    pub(crate) fn tp_backward_and_reduce(
-        &mut self,
-        model: &mut Model,
-        tp: &dyn Communicator,
-        dp: &dyn Communicator,
-    ) -> Result<bool> {
-        let DistState {
-            rank,
-            fp8_reducer,
-            f32_reducer,
-            groups,
-            tally,
-            ..
-        } = self;
-        *tally = GradTally::default();
-        let rank = *rank;
-        let nfp8 = groups.iter().map(|g| g.fp8.len()).sum::<usize>();
-        let initial_mu = fp8_reducer.cfg.initial_mu;
-        fp8_reducer.mu.resize(nfp8, initial_mu);
-        let mut next = 0usize;
-        let mut nonfinite = false;
-        let mut failed: Option<anyhow::Error> = None;
-        let r = model.backward_tp(Some(tp), &mut |g: FinalGrads<'_>| {
-            if failed.is_some() {
-                return;
-            }
-            let plan = match groups.get(next) {
-                Some(plan) if plan.group == g.group => plan,
-                plan => {
-                    failed = Some(anyhow::anyhow!(
-                        "data-parallel rank {rank}: the backward finished gradient group {:?} where group {:?} was due",
-                        g.group,
-                        plan.map(|p| p.group)
-                    ));
-                    return;
-                }
-            };
-            next += 1;
-            match reduce_group(plan, g, fp8_reducer, f32_reducer, dp, tally) {
-                Ok(nf) => nonfinite |= nf,
-                Err(e) => failed = Some(e),
-            }
-        });
-        r.map_err(comm_err)?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if next != groups.len() {
-            bail!(
-                "data-parallel rank {rank}: the backward finished {next} gradient groups, {} expected",
-                groups.len()
-            );
-        }
-        fp8_reducer.steps += 1;
-        Ok(nonfinite)
     }
 }

@@ -106,7 +106,8 @@
 //!
 //! ## Map
 //! - [`step`]: the one step path (`Trainer::train_step` on one rank,
-//!   `Trainer::train_step_dist` on many) and where tensor/sequence parallelism plug in;
+//!   `Trainer::train_step_dist` on many, `Trainer::train_step_tp` / `train_step_dxt` on
+//!   a tensor-parallel rank: all `Trainer::train_step_on`);
 //! - `grad_sync`: replicated precisions' per-group reduction (FP8-LM all-reduce, f32
 //!   ring mean);
 //! - `zero`: fp8-o3's partition, packing of owner segments, reduce-scatter, owner update,

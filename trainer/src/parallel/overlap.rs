@@ -77,11 +77,17 @@ pub(super) fn resolve_overlap(o: Overlap, comm: &dyn Communicator) -> bool {
 /// rank, so the job aborts as for any rank error. After `handle` fails, the remaining
 /// groups are drained unhandled (the backward finishes on its own) and its error is
 /// returned. `panic_after` is the test hook of [`Trainer::inject_backward_panic`].
+///
+/// On a tensor-parallel rank (`tp`: its group) the backward calls the group's
+/// collectives itself, so it runs on this thread (the communicator's) and each group is
+/// handled the moment it is handed out, between those collectives: no overlap thread.
+/// A failed TP collective ends the backward and is returned (before `handle`'s error).
 pub(super) fn run_backward(
     model: &mut Model,
     rank: usize,
     overlap: bool,
     panic_after: Option<usize>,
+    tp: Option<&dyn Communicator>,
     handle: &mut dyn FnMut(FinalGrads<'_>) -> Result<()>,
 ) -> Result<(Instant, Duration, Duration)> {
     let mut spent = Duration::ZERO;
@@ -105,7 +111,16 @@ pub(super) fn run_backward(
         }
         done += 1;
     };
-    let backward_end = if overlap {
+    let overlap = overlap && tp.is_none();
+    let backward_end = if let Some(tp) = tp {
+        model
+            .backward_tp(Some(tp), &mut |g| {
+                fault(&g);
+                step(g);
+            })
+            .map_err(super::comm_err)?;
+        Instant::now()
+    } else if overlap {
         let joined = std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel();
             let h = s.spawn(move || {

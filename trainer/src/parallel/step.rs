@@ -1,23 +1,26 @@
-//! The one training step, on one rank or many. [`Trainer::train_step`] is this step with
-//! no communicator, [`Trainer::train_step_dist`] with one; both run `Trainer::run_step`:
+//! The one training step, on one rank or many, with or without tensor parallelism.
+//! [`Trainer::train_step`] is this step with no communicator, [`Trainer::train_step_dist`]
+//! with a data-parallel one, [`Trainer::train_step_tp`] / [`Trainer::train_step_dxt`]
+//! (`crate::tensor_parallel::step`) with a tensor-parallel group (and a data-parallel
+//! one); all four are [`Trainer::train_step_on`], i.e. `Trainer::run_step`:
 //!
-//! 1. batch: one rank draws `B` rows; N ranks each draw the same `N*B`-row global batch
-//!    and keep their rows (so the token stream is a single-rank run's with `N*B` rows);
-//! 2. forward (`Trainer::forward_train`);
-//! 3. backward, and with several ranks the gradient reduction of each group as the
-//!    backward finishes it (`grad_sync`: replicated precisions; `zero`:
-//!    fp8-o3's scale agreement and packing), overlapped or not (`overlap`);
-//!    steps 1-3 run `grad_accum` times on one rank (each backward adds to the gradients);
-//! 4. the loss, averaged over the ranks (one scalar all-reduce);
-//! 5. norm, skip, clip and update: `Trainer::norm_and_update` for replicated optimizers,
+//! 1. batch: one rank draws `B` rows; N data-parallel ranks each draw the same
+//!    `N*B`-row global batch and keep their rows (so the token stream is a single-rank
+//!    run's with `N*B` rows); the T ranks of a tensor-parallel group keep the same rows;
+//! 2. forward (`Trainer::forward_train`; under TP the model calls the group's
+//!    collectives at the Megatron points);
+//! 3. backward, and with several data-parallel ranks the gradient reduction of each group
+//!    as the backward finishes it (`grad_sync`: replicated precisions; `zero`:
+//!    fp8-o3's scale agreement and packing), overlapped or not (`overlap`; under TP on
+//!    the step's thread, between the backward's TP collectives);
+//!    steps 1-3 run `grad_accum` times (each backward adds to the gradients);
+//! 4. the loss, averaged over the data-parallel ranks (one scalar all-reduce); under TP
+//!    the FP8 scale agreements' non-finite flags are shared over the group as well;
+//! 5. a device backend's error ends the step; then norm, skip, clip and update:
+//!    `Trainer::norm_and_update` for replicated optimizers (under TP the norm adds the
+//!    sharded tensors' squares over the group, `Trainer::tp_norm_and_update`),
 //!    `Trainer::zero_update` (reduce-scatter to the owners, owner update, master
 //!    all-gather) for fp8-o3.
-//!
-//! With tensor/sequence parallelism ([`Trainer::train_step_dxt`], in
-//! `crate::tensor_parallel::step`): the batch of step 1 is shared by the ranks of one
-//! tensor-parallel group, steps 2-3 call the TP collectives from inside the model, and
-//! the reductions of step 3 (the same `grad_sync` calls, not overlapped) run over the
-//! data-parallel subgroup; step 5's norm is summed over the TP group.
 
 use super::overlap::run_backward;
 use super::zero::ZeroPacked;
@@ -54,7 +57,7 @@ impl Trainer {
                 dist.size
             );
         }
-        self.run_step(data, None)
+        self.run_step(data, None, None)
     }
 
     /// One data-parallel optimizer step: this rank's shard of the next global batch,
@@ -70,18 +73,64 @@ impl Trainer {
         if self.dist.is_none() {
             bail!("train_step_dist: call enable_data_parallel first");
         }
-        self.run_step(data, Some(comm))
+        self.run_step(data, Some(comm), None)
     }
 
-    /// The step path of both (module docs): `comm` is given exactly when the trainer is
-    /// set up for data parallelism.
-    fn run_step(
+    /// One optimizer step of any grid (the module's step): `tp` is this rank's
+    /// tensor-parallel group, given exactly when the trainer holds a shard
+    /// ([`Trainer::new_tp`]); `dp` its data-parallel group, given exactly when the
+    /// trainer is set up for data parallelism ([`Trainer::enable_data_parallel`]). The
+    /// four named steps are this call with the communicators they take.
+    pub fn train_step_on(
+        &mut self,
+        data: &mut dyn Dataset,
+        tp: Option<&dyn Communicator>,
+        dp: Option<&dyn Communicator>,
+    ) -> Result<StepStats> {
+        match (&self.dist, dp) {
+            (Some(dist), None) => bail!(
+                "train_step: this trainer is data-parallel rank {} of {}; pass the \
+                 data-parallel communicator",
+                dist.rank,
+                dist.size
+            ),
+            (None, Some(_)) => bail!("train_step: call enable_data_parallel first"),
+            _ => {}
+        }
+        self.run_step(data, dp, tp)
+    }
+
+    /// The step path of all of them (module docs): `comm` is given exactly when the
+    /// trainer is set up for data parallelism, `tp` exactly when it holds a
+    /// tensor-parallel shard.
+    pub(crate) fn run_step(
         &mut self,
         data: &mut dyn Dataset,
         comm: Option<&dyn Communicator>,
+        tp: Option<&dyn Communicator>,
     ) -> Result<StepStats> {
+        match (self.model.tp, tp) {
+            (Some(s), None) => bail!(
+                "train_step: this trainer holds shard {} of dist.tensor_parallel = {}; \
+                 call train_step_tp (or train_step_dxt) with the tensor-parallel communicator",
+                s.rank,
+                s.size
+            ),
+            (None, Some(_)) => {
+                bail!("train_step_tp: this trainer holds the whole model; call train_step")
+            }
+            (Some(s), Some(c)) if c.size() != s.size || c.rank() != s.rank => bail!(
+                "train_step_tp: the tensor-parallel communicator is rank {} of {}, the \
+                 trainer holds shard {} of dist.tensor_parallel = {}",
+                c.rank(),
+                c.size(),
+                s.rank,
+                s.size
+            ),
+            _ => {}
+        }
         let mut dist = self.dist.take();
-        let r = self.run_step_with(data, dist.as_deref_mut().zip(comm));
+        let r = self.run_step_with(data, dist.as_deref_mut().zip(comm), tp);
         self.dist = dist;
         r
     }
@@ -90,6 +139,7 @@ impl Trainer {
         &mut self,
         data: &mut dyn Dataset,
         mut dp: Option<(&mut DistState, &dyn Communicator)>,
+        tp: Option<&dyn Communicator>,
     ) -> Result<StepStats> {
         if self.zero_deferred && dp.is_none() {
             bail!(
@@ -112,11 +162,12 @@ impl Trainer {
         let d = self.model.dims;
         let (n, rank) = dp.as_ref().map_or((1, 0), |(s, _)| (s.size, s.rank));
         let rows = d.b * d.t;
-        // `grad_accum` micro-batches (one rank only; data parallelism refuses k > 1 when
-        // it is enabled): each backward (of its own mean loss) adds to the gradients
-        // held; the sum is scaled by 1/k in the update (folded into grad_scale with the
-        // clip factor), so no buffer is rescaled. FP8 weight gradients accumulate in
-        // E5M2 (see `Linear::quantize_wgrad_acc`).
+        // `grad_accum` micro-batches (one data-parallel rank only: data parallelism
+        // refuses k > 1 when it is enabled, sequence parallelism at `Trainer::new_tp`):
+        // each backward (of its own mean loss) adds to the gradients held; the sum is
+        // scaled by 1/k in the update (folded into grad_scale with the clip factor), so
+        // no buffer is rescaled. FP8 weight gradients accumulate in E5M2 (see
+        // `Linear::quantize_wgrad_acc`).
         let k = self.cfg.grad_accum.max(1);
         let label = match dp {
             Some(_) => format!("training batch (rank {rank})"),
@@ -133,22 +184,13 @@ impl Trainer {
             match dp.as_mut() {
                 None => data.next_train_batch(d.b, d.t, &mut self.inputs, &mut self.targets),
                 Some((dist, _)) => {
-                    data.next_train_batch(
-                        n * d.b,
-                        d.t,
-                        &mut dist.global_inputs,
-                        &mut dist.global_targets,
-                    );
-                    let mine = rank * rows..(rank + 1) * rows;
-                    self.inputs
-                        .copy_from_slice(&dist.global_inputs[mine.clone()]);
-                    self.targets.copy_from_slice(&dist.global_targets[mine]);
+                    dist.draw_rows(data, d.b, d.t, &mut self.inputs, &mut self.targets)
                 }
             }
             // 2-3. Forward, backward (+ reduction).
             self.model.set_accumulate(micro > 0);
-            let r = self.forward_train(&label).and_then(|(l, t1)| {
-                let b = self.backward_phase(dp.as_mut().map(|(s, c)| (&mut **s, *c)))?;
+            let r = self.forward_train(&label, tp).and_then(|(l, t1)| {
+                let b = self.backward_phase(dp.as_mut().map(|(s, c)| (&mut **s, *c)), tp)?;
                 Ok((l, t1, b))
             });
             self.model.set_accumulate(false);
@@ -177,6 +219,14 @@ impl Trainer {
                 .all_reduce_scalar(loss, ReduceOp::Sum)
                 .map_err(comm_err)?
                 / n as f32;
+            if let Some(tp) = tp {
+                // The FP8 scale agreements' non-finite flags: only the replicas of one
+                // shard saw each, so the group shares them and the whole grid skips.
+                let nf = tp
+                    .all_reduce_scalar(if nonfinite { 1.0 } else { 0.0 }, ReduceOp::Max)
+                    .map_err(comm_err)?;
+                nonfinite = nf > 0.0;
+            }
             let dt = tc.elapsed();
             comm_time += dt;
             exposed += dt;
@@ -185,16 +235,22 @@ impl Trainer {
         // 5. Norm, skip, clip, update.
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
+        // Under TP every rank of the group sees the same loss (the cross-entropy's
+        // reductions) and norm, so the group skips or steps together.
+        let skip = |g: f32| nonfinite || !loss.is_finite() || !g.is_finite();
+        let sharded = tp.map(|_| self.tp_sharded());
+        let tp_sharded = tp.zip(sharded.as_deref());
         let (grad_norm, skipped) = match (dp, packed) {
             (Some((dist, comm)), Some(packed)) => {
                 let before = comm_time;
-                let r = self.zero_update(dist, comm, loss, &mut comm_time, packed, None)?;
+                let r = self.zero_update(dist, comm, loss, &mut comm_time, packed, tp_sharded)?;
                 exposed += comm_time - before;
                 r
             }
-            _ => self.norm_and_update(lr, clip, k, |g| {
-                nonfinite || !loss.is_finite() || !g.is_finite()
-            }),
+            _ => match tp_sharded {
+                Some((tp, sharded)) => self.tp_norm_and_update(tp, sharded, lr, clip, k, skip)?,
+                None => self.norm_and_update(lr, clip, k, skip),
+            },
         };
         if skipped {
             self.skipped += 1;
@@ -231,9 +287,10 @@ impl Trainer {
     fn backward_phase(
         &mut self,
         dp: Option<(&mut DistState, &dyn Communicator)>,
+        tp: Option<&dyn Communicator>,
     ) -> Result<BackwardDone> {
         let Some((dist, comm)) = dp else {
-            self.model.backward();
+            self.model.backward_tp(tp, &mut |_| {}).map_err(comm_err)?;
             return Ok(BackwardDone {
                 end: Instant::now(),
                 comm: Duration::ZERO,
@@ -244,7 +301,7 @@ impl Trainer {
         };
         let (n, rank) = (dist.size, dist.rank);
         let Some(z) = dist.zero.as_ref() else {
-            let r = self.backward_and_reduce(dist, comm)?;
+            let r = self.backward_and_reduce(dist, comm, tp)?;
             return Ok(BackwardDone {
                 end: r.backward_end,
                 comm: r.comm,
@@ -272,6 +329,7 @@ impl Trainer {
             rank,
             dist.overlap,
             dist.panic_after_groups,
+            tp,
             &mut pack,
         )?;
         if next != z.groups.len() {

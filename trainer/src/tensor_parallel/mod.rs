@@ -1,11 +1,13 @@
 //! Tensor parallelism (Megatron-LM layout, FP8 as in FP8-LM §5): the sharded layers.
 //!
 //! - [`layers`]: [`ColumnParallelLinear`] (output features split over the group: qkv with
-//!   its heads, the MLP's fc) and [`RowParallelLinear`] (input features split: attention
-//!   and MLP output projections), forward and backward side by side.
-//! - [`vocab`]: [`VocabParallelEmbedding`] and [`vocab_parallel_cross_entropy`] (the LM
-//!   head's logits stay sharded over the vocabulary; max and sum-exp are all-reduced).
-//! - The region operators between them (f, f̄, g, ḡ) and the FP8 all-gather of sequence
+//!   its heads, the MLP's fc, the LM head) and [`RowParallelLinear`] (input features
+//!   split: attention and MLP output projections): the model's own `Linear` (every
+//!   precision) with its region operators, forward and backward side by side; the only
+//!   tensor-parallel linears there are.
+//! - [`vocab`]: [`vocab_parallel_cross_entropy`] (the LM head's logits stay sharded over
+//!   the vocabulary; max and sum-exp are all-reduced) and [`VocabParallelEmbedding`].
+//! - The region operators themselves (f, f̄, g, ḡ) and the FP8 all-gather of sequence
 //!   parallelism are in `fp8lm_collectives::mappings`; the process grid and its
 //!   sub-communicators in `fp8lm_collectives::grid`.
 //!
@@ -18,16 +20,16 @@
 //! E4M3 bytes of the LN output after a group amax agreement) and f̄ becomes ḡ
 //! (reduce-scatter). A row-parallel layer's bias is added once, after the reduction.
 //!
-//! The model itself ([`crate::model::Model`] with a [`TpShard`]) does not use the layer
-//! structs above (they are the reference the layer tests check against); it uses
-//! [`vocab_parallel_cross_entropy`], keeps its flat parameter buffer of shards and
-//! calls, at the Megatron points, the functions of
+//! The model ([`crate::model::Model`] with a [`TpShard`]) keeps its flat parameter buffer
+//! of shards and, at the Megatron points, runs its linears as [`layers`]' column- and
+//! row-parallel linears and calls
 //! - [`shard`]: which slice of each tensor a rank holds ([`TpShard::split`]), the
-//!   vocabulary-parallel embedding, f̄ / f, and the whole model's gradient norm;
-//! - [`sp`]: sequence parallelism's g / ḡ around the linears and the all-reduce of the
-//!   norms' partial gradients (the FP8 gathers are `Linear::forward_sp` /
-//!   `Linear::backward_sp`, `model/linear_sp.rs`);
-//! - [`step`]: `Trainer::new_tp`, `train_step_tp`, `evaluate_tokens_tp`;
+//!   vocabulary-parallel embedding (f̄), and the whole model's gradient norm;
+//! - [`sp`]: the rest of sequence parallelism (norms on shards, the all-reduce of the
+//!   norms' partial gradients, the gather for the embedding's backward);
+//! - [`step`]: `Trainer::new_tp`; `train_step_tp` / `train_step_dxt`, the one step path
+//!   (`crate::parallel::step`) with the group's communicator; the whole model's gradient
+//!   norm; `evaluate_tokens_tp`;
 //! - [`ckpt`]: checkpoints of the grid (one file per shard, an index) and loading them
 //!   into any other layout (file layout and re-sharding rules: `crate::checkpoint::tp`).
 //!
@@ -39,9 +41,9 @@
 //! all-gather it again in that format in the backward (Megatron's SP;
 //! `model/linear_sp.rs`), so a rank's activations are 1/T of the T = 1 run's within 10%
 //! in every precision (`plan/tests.rs`, GPT-2 C = 768, context 1024: fp32 1.015 x at
-//! T = 2 and 4; bf16 and FP8 1.008 x at T = 2, 1.023 x at T = 4). Not yet: resuming an
-//! fp8-o3 whole-model checkpoint
-//! with T > 1, gradient accumulation with SP.
+//! T = 2 and 4; bf16 and FP8 1.008 x at T = 2, 1.023 x at T = 4). Gradient accumulation
+//! works on one replica, SP included (`sp::count_accumulated_once`). Not yet: resuming an
+//! fp8-o3 whole-model checkpoint with T > 1.
 
 pub mod ckpt;
 pub mod layers;
@@ -50,7 +52,7 @@ pub mod sp;
 pub mod step;
 pub mod vocab;
 
-pub use layers::{ColumnParallelLinear, RowParallelLinear, TpGemm};
+pub use layers::{ColumnParallelLinear, RowParallelLinear};
 pub use shard::TpShard;
 pub use vocab::{vocab_parallel_cross_entropy, VocabParallelEmbedding};
 

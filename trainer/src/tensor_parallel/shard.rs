@@ -248,19 +248,6 @@ pub fn embed_backward(
     }
 }
 
-/// The bias a row-parallel linear adds inside its GEMM call: none under TP (it is added
-/// once, after the reduction, by [`row_output`]), the layer's own otherwise.
-pub fn bias_in_gemm<'a>(
-    comm: Option<&dyn Communicator>,
-    bias: Option<&'a [f32]>,
-) -> Option<&'a [f32]> {
-    if comm.is_some() {
-        None
-    } else {
-        bias
-    }
-}
-
 /// [`embed_forward`] from the model's storage: the f32 shard `wte` or, when the model
 /// keeps none (fp8-o2's tied embedding), the optimizer's FP16 master shard and its
 /// scale, decoded row by row (`f16 / scale`, exact for a power-of-two scale).
