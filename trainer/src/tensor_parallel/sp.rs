@@ -38,7 +38,7 @@ pub fn norm_out<'a>(
 }
 
 /// A column-parallel linear's forward: under SP (`sp`: the group) the input is the shard
-/// and g gathers it ([`Linear::forward_sp`]; `full` receives the f32 gather in fp32/bf16);
+/// and g gathers it ([`Linear::forward_sp`]; `full` receives the f32 gather in fp32);
 /// otherwise `full` is the input, as always.
 #[allow(clippy::too_many_arguments)]
 pub fn column_forward(
