@@ -8,8 +8,9 @@
 //! taking the grid's 8 rows a step) the state is re-cut across the tensor slices
 //! (`trainer::checkpoint::tp_reshard`) and the run continues within 4e-3 relative of the
 //! straight 2 x 2 run's losses (the bound of trainer/tests/tensor_parallel_o3_reshard.rs:
-//! FP8 noise of another layout, T vs 1 plus D vs 1, each within 2e-3); `fp8lm eval` on
-//! one process loads its weights. Built only with the `mpi` feature; FAILS (never skips)
+//! FP8 noise of another layout, T vs 1 plus D vs 1, each within 2e-3; measured 5.5e-5
+//! and 2.0e-6), the first half of the metrics bit for bit; `fp8lm eval` and `sample` on
+//! one process load its weights. Built only with the `mpi` feature; FAILS (never skips)
 //! when `mpirun` is missing.
 
 #![cfg(feature = "mpi")]
@@ -74,7 +75,7 @@ fn files_of(ck: &Path) -> Vec<String> {
 }
 
 #[test]
-fn mpirun_fp8_o3_grid_2x2_checkpoint_resumes_bit_for_bit() {
+fn mpirun_fp8_o3_grid_2x2_checkpoint_resumes_bit_for_bit_and_on_another_t() {
     let dir = common::tmp_dir("mpi-tp-o3-ckpt", "grid");
     let (a, b, c, d) = (dir.join("a"), dir.join("b"), dir.join("c"), dir.join("d"));
     // Straight: 6 steps. Split: 3 steps (its checkpoint), copied, resumed on 4 ranks.
@@ -182,5 +183,19 @@ fn mpirun_fp8_o3_grid_2x2_checkpoint_resumes_bit_for_bit() {
     let t = common::text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("val loss "), "{t}");
+    // And sample on one process (the run resumed on one process, too).
+    for run in [&a, &d] {
+        let o = common::fp8lm(&[
+            "sample",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            "the ",
+            "--tokens",
+            "8",
+        ]);
+        assert!(o.status.success(), "{}", common::text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("the "));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
