@@ -176,22 +176,6 @@ fn sources(ck: &Checkpoint, names: &[String], numels: &[usize]) -> Result<Vec<So
     })
 }
 
-/// Source `k`'s file, opened on first use (headers only; tensors are read by range).
-fn open<'f>(
-    files: &'f mut HashMap<usize, ShardFile>,
-    ck: &Checkpoint,
-    srcs: &[Source],
-    k: usize,
-) -> Result<&'f ShardFile> {
-    if let std::collections::hash_map::Entry::Vacant(v) = files.entry(k) {
-        v.insert(ShardFile::open(
-            ck.dir.join(&srcs[k].file),
-            srcs[k].who.clone(),
-        )?);
-    }
-    Ok(&files[&k])
-}
-
 fn scalar_of(st: &StateTensor) -> f64 {
     match st {
         StateTensor::Scalar(x) => *x,
@@ -222,6 +206,148 @@ fn restrict(r: &[(usize, usize)], off: usize, n: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// Runs of full-tensor elements `(start, length)`, in a layout's local order.
+type Runs = Vec<(usize, usize)>;
+
+/// The stored units of a checkpoint, their full-tensor runs, and their files (opened on
+/// first use: headers only; tensors are read by range).
+struct Stored<'a> {
+    ck: &'a Checkpoint,
+    srcs: Vec<Source>,
+    /// Per source, per unit: its runs.
+    runs: Vec<Vec<Runs>>,
+    files: HashMap<usize, ShardFile>,
+}
+
+impl Stored<'_> {
+    fn file(&mut self, k: usize) -> Result<&ShardFile> {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.files.entry(k) {
+            let s = &self.srcs[k];
+            v.insert(ShardFile::open(self.ck.dir.join(&s.file), s.who.clone())?);
+        }
+        Ok(&self.files[&k])
+    }
+
+    /// A stored unit holding exactly the elements `dst` of tensor `tensor`.
+    fn same_as(&self, tensor: usize, dst: &Runs) -> Option<(usize, usize)> {
+        (0..self.srcs.len()).find_map(|k| {
+            let units = &self.srcs[k].units;
+            (0..units.len())
+                .find(|&j| units[j].tensor == tensor && self.runs[k][j] == *dst)
+                .map(|j| (k, j))
+        })
+    }
+
+    /// Unit `u`'s entries copied from stored unit `j` of source `k` (bytes, scales and
+    /// amax scalars as stored).
+    fn verbatim(&mut self, u: &UnitSpan, (k, j): (usize, usize)) -> Result<Vec<NamedState>> {
+        let (pre, o) = (self.srcs[k].prefix, self.srcs[k].units[j].clone());
+        let f = self.file(k)?;
+        let mut out = Vec::with_capacity(7);
+        for s in STATES {
+            let src = format!("{pre}{}.{s}", o.name);
+            out.push((format!("{}.{s}", u.name), f.state(&src, 0, o.numel)?));
+            let a = f.state(&format!("{src}.amax"), 0, 1)?;
+            out.push((format!("{}.{s}.amax", u.name), a));
+        }
+        let ua = f.state(&format!("{pre}{}.update_amax", o.name), 0, 1)?;
+        out.push((format!("{}.update_amax", u.name), ua));
+        Ok(out)
+    }
+
+    /// Unit `u` (elements `dst`) assembled from every stored unit that overlaps it, each
+    /// read once over the range of its pieces, and re-encoded (module docs).
+    fn assemble(&mut self, u: &UnitSpan, dst: &Runs) -> Result<Vec<NamedState>> {
+        let mut vals: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; u.numel]);
+        // Each state's stored kind (format; data left empty), for the re-encoding.
+        let mut kinds: [Option<StateTensor>; 3] = [None, None, None];
+        let mut filled = vec![false; u.numel];
+        let (mut covered, mut ratio) = (0usize, 0f64);
+        for k in 0..self.srcs.len() {
+            for j in 0..self.srcs[k].units.len() {
+                if covered == u.numel {
+                    break;
+                }
+                if self.srcs[k].units[j].tensor != u.tensor {
+                    continue;
+                }
+                // (offset in the stored unit, offset in the wanted one, length), for
+                // elements not taken yet (replicated tensors: from the first source).
+                let pieces: Vec<_> = overlaps(dst, &self.runs[k][j])
+                    .into_iter()
+                    .filter(|&(_, d, n)| filled[d..d + n].iter().any(|x| !x))
+                    .collect();
+                let (Some(lo), Some(hi)) = (
+                    pieces.iter().map(|p| p.0).min(),
+                    pieces.iter().map(|p| p.0 + p.2).max(),
+                ) else {
+                    continue;
+                };
+                let (pre, name) = (self.srcs[k].prefix, self.srcs[k].units[j].name.clone());
+                let f = self.file(k)?;
+                for (si, s) in STATES.iter().enumerate() {
+                    let st = f.state(&format!("{pre}{name}.{s}"), lo, hi)?;
+                    let v = state_values(&st);
+                    for &(sp, d, n) in &pieces {
+                        for q in 0..n {
+                            if !filled[d + q] {
+                                vals[si][d + q] = v[sp - lo + q];
+                            }
+                        }
+                    }
+                    kinds[si].get_or_insert_with(|| empty_like(&st, u.numel));
+                }
+                for &(_, d, n) in &pieces {
+                    for x in &mut filled[d..d + n] {
+                        covered += usize::from(!*x);
+                        *x = true;
+                    }
+                }
+                let ua = f.state(&format!("{pre}{name}.update_amax"), 0, 1)?;
+                ratio = ratio.max(scalar_of(&ua));
+            }
+        }
+        if covered != u.numel {
+            bail!(
+                "the stored units cover {covered} of the {} elements of unit {}",
+                u.numel,
+                u.name
+            );
+        }
+        let mut out = Vec::with_capacity(7);
+        for (si, s) in STATES.iter().enumerate() {
+            let kind = kinds[si].take().expect("covered, so read");
+            let v = std::mem::take(&mut vals[si]);
+            out.push((format!("{}.{s}", u.name), encode_like(&kind, &v)));
+            let a = StateTensor::Scalar(amax_f32(&v) as f64);
+            out.push((format!("{}.{s}.amax", u.name), a));
+        }
+        out.push((
+            format!("{}.update_amax", u.name),
+            StateTensor::Scalar(ratio),
+        ));
+        Ok(out)
+    }
+}
+
+/// `st`'s kind and format with no data, shaped as a unit of `numel` elements.
+fn empty_like(st: &StateTensor, numel: usize) -> StateTensor {
+    match st {
+        StateTensor::F32(_) => StateTensor::F32(Vec::new()),
+        StateTensor::F16 { scale, .. } => StateTensor::F16 {
+            data: Vec::new(),
+            scale: *scale,
+        },
+        StateTensor::Fp8(t) => StateTensor::Fp8(fp8lm_fp8::ScaledFp8 {
+            data: Vec::new(),
+            shape: vec![numel],
+            format: t.format,
+            scale: t.scale,
+        }),
+        StateTensor::Scalar(x) => StateTensor::Scalar(*x),
+    }
+}
+
 /// The stored fp8-o3 state that overlaps the units `want` of a layout whose tensor `i`
 /// holds slice `dst_split(i)` of the full tensor (`names`, `numels`: the model's full
 /// tensors), re-cut from any stored layout (module docs). Returns `step` first, then
@@ -247,15 +373,10 @@ pub(crate) fn read_units_resharded(
     if srcs.is_empty() {
         bail!("{}: no optimizer state files listed", ctx());
     }
-    let mut files: HashMap<usize, ShardFile> = HashMap::new();
-    let step = open(&mut files, ck, &srcs, 0)?
-        .state(&format!("{}step", srcs[0].prefix), 0, 1)
-        .with_context(ctx)?;
-    // Each stored unit's full-tensor runs, computed once.
-    let mut src_runs: Vec<Vec<(usize, Vec<(usize, usize)>)>> = Vec::with_capacity(srcs.len());
+    let mut all_runs = Vec::with_capacity(srcs.len());
     for s in &srcs {
         let mut v = Vec::with_capacity(s.units.len());
-        for (j, o) in s.units.iter().enumerate() {
+        for o in &s.units {
             let (Some(split), Some(&full)) = (s.splits.get(o.tensor), numels.get(o.tensor)) else {
                 bail!(
                     "{}: {}: unit {} of tensor {} the model does not have",
@@ -267,10 +388,21 @@ pub(crate) fn read_units_resharded(
             };
             let r =
                 runs(split, full).with_context(|| format!("{}: {}: {}", ctx(), s.who, o.name))?;
-            v.push((j, restrict(&r, o.offset, o.numel)));
+            v.push(restrict(&r, o.offset, o.numel));
         }
-        src_runs.push(v);
+        all_runs.push(v);
     }
+    let mut st = Stored {
+        ck,
+        srcs,
+        runs: all_runs,
+        files: HashMap::new(),
+    };
+    let pre = st.srcs[0].prefix;
+    let step = st
+        .file(0)?
+        .state(&format!("{pre}step"), 0, 1)
+        .with_context(ctx)?;
     let mut out: Vec<NamedState> = vec![("step".to_string(), step)];
     for u in want {
         let full = *numels
@@ -280,94 +412,11 @@ pub(crate) fn read_units_resharded(
         if dst.iter().map(|r| r.1).sum::<usize>() != u.numel {
             bail!("{}: unit {} does not fit its tensor's slice", ctx(), u.name);
         }
-        // The same elements stored as one unit: verbatim.
-        let same = srcs.iter().enumerate().find_map(|(k, s)| {
-            src_runs[k]
-                .iter()
-                .find(|(j, r)| s.units[*j].tensor == u.tensor && *r == dst)
-                .map(|(j, _)| (k, *j))
-        });
-        if let Some((k, j)) = same {
-            let (pre, o) = (srcs[k].prefix, srcs[k].units[j].clone());
-            let f = open(&mut files, ck, &srcs, k).with_context(ctx)?;
-            for s in STATES {
-                let src = format!("{pre}{}.{s}", o.name);
-                out.push((format!("{}.{s}", u.name), f.state(&src, 0, o.numel)?));
-                let a = f.state(&format!("{src}.amax"), 0, 1)?;
-                out.push((format!("{}.{s}.amax", u.name), a));
-            }
-            let ua = f.state(&format!("{pre}{}.update_amax", o.name), 0, 1)?;
-            out.push((format!("{}.update_amax", u.name), ua));
-            continue;
-        }
-        let mut vals: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; u.numel]);
-        let mut kinds: [Option<StateTensor>; 3] = [None, None, None];
-        let mut filled = vec![false; u.numel];
-        let (mut covered, mut ratio) = (0usize, 0f64);
-        for k in 0..srcs.len() {
-            for (j, r) in &src_runs[k] {
-                if covered == u.numel {
-                    break;
-                }
-                let o = &srcs[k].units[*j];
-                if o.tensor != u.tensor {
-                    continue;
-                }
-                // (offset in the stored unit, offset in the wanted one, length)
-                let pieces: Vec<_> = overlaps(&dst, r)
-                    .into_iter()
-                    .filter(|&(_, d, n)| filled[d..d + n].iter().any(|x| !x))
-                    .collect();
-                if pieces.is_empty() {
-                    continue;
-                }
-                let lo = pieces.iter().map(|p| p.0).min().expect("non-empty");
-                let hi = pieces.iter().map(|p| p.0 + p.2).max().expect("non-empty");
-                let pre = srcs[k].prefix;
-                let f = open(&mut files, ck, &srcs, k).with_context(ctx)?;
-                for (si, s) in STATES.iter().enumerate() {
-                    let st = f.state(&format!("{pre}{}.{s}", o.name), lo, hi)?;
-                    let v = state_values(&st);
-                    for &(sp, d, n) in &pieces {
-                        for q in 0..n {
-                            if !filled[d + q] {
-                                vals[si][d + q] = v[sp - lo + q];
-                            }
-                        }
-                    }
-                    kinds[si].get_or_insert(st);
-                }
-                for &(_, d, n) in &pieces {
-                    for x in &mut filled[d..d + n] {
-                        covered += usize::from(!*x);
-                        *x = true;
-                    }
-                }
-                let ua = f.state(&format!("{pre}{}.update_amax", o.name), 0, 1)?;
-                ratio = ratio.max(scalar_of(&ua));
-            }
-        }
-        if covered != u.numel {
-            bail!(
-                "{}: the stored units cover {covered} of the {} elements of unit {}",
-                ctx(),
-                u.numel,
-                u.name
-            );
-        }
-        for (si, s) in STATES.iter().enumerate() {
-            let kind = kinds[si].take().expect("covered, so read");
-            let v = std::mem::take(&mut vals[si]);
-            out.push((format!("{}.{s}", u.name), encode_like(&kind, &v)));
-            out.push((
-                format!("{}.{s}.amax", u.name),
-                StateTensor::Scalar(amax_f32(&v) as f64),
-            ));
-        }
-        out.push((
-            format!("{}.update_amax", u.name),
-            StateTensor::Scalar(ratio),
-        ));
+        let entries = match st.same_as(u.tensor, &dst) {
+            Some(kj) => st.verbatim(u, kj),
+            None => st.assemble(u, &dst),
+        };
+        out.extend(entries.with_context(ctx)?);
     }
     Ok((out, want.to_vec()))
 }
