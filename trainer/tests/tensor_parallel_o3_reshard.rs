@@ -457,3 +457,40 @@ fn t2_fp8_o3_checkpoint_resumes_on_t4_and_without_tp() {
     }
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Bad input names the checkpoint, both grids and the unit: an index whose units do not
+/// cover a tensor (one unit of a sharded tensor dropped from a rank's list; a replicated
+/// tensor's would still be found on the other tensor-parallel rank), resumed on one
+/// process.
+#[test]
+fn a_gap_in_the_stored_units_is_named() {
+    let root = tmpdir("gap");
+    run((2, 2, B), Start::Fresh, 1, Some(&root));
+    let mut ck = Checkpoint::load(&root).unwrap();
+    let splits = ck.meta.tp_shards.as_ref().unwrap().shards[1]
+        .tensors
+        .clone();
+    let os = ck.meta.optimizer_shards.as_mut().unwrap();
+    assert_eq!(os.shards[1].tp_rank, 1);
+    let units = &mut os.shards[1].units;
+    let k = units
+        .iter()
+        .position(|u| splits[u.tensor].split != Split::Full)
+        .expect("a unit of a sharded tensor");
+    let dropped = units.remove(k);
+    let mut data = MarkovCorpus::new(3);
+    let mut tr = Trainer::new(&cfg(1, 2 * B, 2 * K), data.vocab_size()).unwrap();
+    let e = format!(
+        "{:#}",
+        snapshot::restore(&mut tr, &mut data, &ck).unwrap_err()
+    );
+    assert!(
+        e.contains(&root.display().to_string())
+            && e.contains("2 x 2")
+            && e.contains("1 x 1")
+            && e.contains("cover"),
+        "{e}"
+    );
+    eprintln!("dropped {}: {e}", dropped.name);
+    std::fs::remove_dir_all(&root).ok();
+}
