@@ -14,7 +14,12 @@ use crate::ConfigArgs;
 pub fn bench(args: &ConfigArgs, steps: usize, ranks: usize, tps: &[usize]) -> Result<()> {
     let cfg = crate::run::load(args)?;
     use fp8lm_trainer::Precision;
-    let precisions = [Precision::Fp32, Precision::Fp8O1, Precision::Fp8O3];
+    let precisions = [
+        Precision::Fp32,
+        Precision::Bf16,
+        Precision::Fp8O1,
+        Precision::Fp8O3,
+    ];
     let table = |c: &dyn fp8lm_collectives::Communicator| {
         if tps.is_empty() {
             bench_train_dist_table(&cfg, c, steps)

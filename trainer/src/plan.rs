@@ -424,9 +424,9 @@ pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
 /// - without SP, all-reduces of `[n, C]` f32: f̄ after the embedding and both row-parallel
 ///   layers, f's backward before both column-parallel layers of a block and the head
 ///   (4L + 2), and the vocabulary-parallel cross-entropy's `[n]` row max and `[2n]` sums;
-/// - with SP, g all-gathers the 2L + 1 norm outputs (E4M3 in the FP8 precisions, f32
-///   otherwise) and gathers them again in the backward, the column-parallel layers
-///   keeping only their shard (E4M3, f32 or bf16), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
+/// - with SP, g all-gathers the 2L + 1 norm outputs (E4M3 in the FP8 precisions, bf16
+///   in bf16, f32 in fp32) and gathers them again in the backward, the column-parallel
+///   layers keeping only their shard (in that format), ḡ's backward all-gathers the 2L row-parallel output gradients (E5M2 /
 ///   f32), the embedding's backward one f32 `[n, C]`; reduce-scatters: ḡ after the 2L
 ///   row-parallel layers and the embedding, g's backward for the 2L + 1 norm outputs;
 ///   all-reduces: the cross-entropy's and the replicated tensors' gradients (norms,
@@ -468,26 +468,25 @@ fn tp_collective_bytes(cfg: &RunConfig, sh: &Shape, grid: PlanGrid) -> Vec<Colle
             frac(n * c * 4),
         );
     } else {
-        push(
-            "all-gather",
-            "f32 norm outputs, output gradients and the embedding's gradient",
-            frac((4 * l + 2) * n * c * 4),
-        );
-        // The column-parallel layers keep their input shard and gather it again for dW,
-        // in the format it is kept in.
-        let elem = if cfg.precision == Precision::Bf16 {
-            2
+        // The norm outputs move in the format the column-parallel GEMMs read: f32, or
+        // bf16 (rounded before g: `Linear::forward_sp`); the column-parallel layers keep
+        // their input shard and gather it again for dW in that format.
+        let (elem, what) = if cfg.precision == Precision::Bf16 {
+            (
+                2,
+                "bf16 norm outputs (g, and again for dW of the column-parallel layers)",
+            )
         } else {
-            4
+            (
+                4,
+                "f32 norm outputs (g, and again for dW of the column-parallel layers)",
+            )
         };
+        push("all-gather", what, frac(2 * (2 * l + 1) * n * c * elem));
         push(
             "all-gather",
-            if elem == 2 {
-                "bf16 norm outputs again (dW of the column-parallel layers)"
-            } else {
-                "f32 norm outputs again (dW of the column-parallel layers)"
-            },
-            frac((2 * l + 1) * n * c * elem),
+            "f32 output gradients and the embedding's gradient",
+            frac((2 * l + 1) * n * c * 4),
         );
     }
     push(

@@ -26,6 +26,7 @@ fn grid_bench_counts_the_planned_bytes_per_group() {
     let vocab = fp8lm_trainer::data::synthetic::MarkovCorpus::new(0).vocab_size();
     for (p, t, sp) in [
         (Precision::Fp32, 2, true),
+        (Precision::Bf16, 2, true),
         (Precision::Fp8O1, 2, true),
         (Precision::Fp8O1, 2, false),
         (Precision::Fp8O1, 1, false),

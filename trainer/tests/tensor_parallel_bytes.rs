@@ -5,15 +5,17 @@
 //!
 //! Expected (a ring over T ranks sends (T - 1) / T of a gathered tensor per rank; n = B x
 //! context tokens, C channels, L blocks), per step with SP:
-//! - g forward: 2L + 1 gathers of the norm outputs `[n, C]` (two per block, the final norm);
+//! - g forward: 2L + 1 gathers of the norm outputs `[n, C]` (two per block, the final
+//!   norm): E4M3 (FP8), bf16 (bf16: the shard rounded before the gather, which the GEMM
+//!   would have done to the gathered input, element by element), f32 (fp32);
 //! - ḡ backward: 2L gathers of the output gradient `[n, C]` (the two row-parallel layers);
 //! - the embedding's backward: 1 f32 gather of `[n, C]` (its vocabulary shard sees every
 //!   token), in every precision;
 //! - g backward: 2L + 1 re-gathers of the column-parallel layers' inputs (each rank keeps
 //!   only its shard of them), in the format kept: E4M3 (FP8), f32 (fp32), bf16 (bf16);
 //!
-//! so fp32 gathers (6L + 3) n C 4 (T - 1) / T bytes of f32, bf16 (4L + 2) n C 4 (T - 1) / T
-//! of f32 and (2L + 1) n C 2 (T - 1) / T of bf16, and FP8 (6L + 2) n C (T - 1) / T bytes of
+//! so fp32 gathers (6L + 3) n C 4 (T - 1) / T bytes of f32, bf16 (2L + 1) n C 4 (T - 1) / T
+//! of f32 and 2 (2L + 1) n C 2 (T - 1) / T of bf16, and FP8 (6L + 2) n C (T - 1) / T bytes of
 //! FP8 plus the embedding's n C 4 (T - 1) / T of f32.
 
 use fp8lm_collectives::{run_ranks, CollectiveBytes, Communicator, CountingComm};
@@ -80,8 +82,13 @@ fn fp8_sequence_parallel_gathers_move_a_quarter_of_f32() {
         assert_eq!(f32b.all_gather_fp8, 0);
         assert_eq!(
             bf16b.all_gather,
-            frac((4 * l + 2) * n * ch * 4) + 2 * regather,
-            "bf16 re-gathers its bf16 input shards"
+            frac((2 * l + 1) * n * ch * 4) + 2 * regather + 2 * regather,
+            "bf16 gathers its norm outputs (g) and re-gathers its input shards as bf16"
+        );
+        // g itself: bf16 moves half of fp32's bytes.
+        assert_eq!(
+            2 * (bf16b.all_gather - frac((2 * l + 1) * n * ch * 4) - 2 * regather),
+            f32b.all_gather - frac((2 * l + 1) * n * ch * 4) - 4 * regather
         );
         assert_eq!(bf16b.all_gather_fp8, 0);
         // The converters' 4L + 1 gathers (2L + 1 norm outputs, 2L output gradients), and

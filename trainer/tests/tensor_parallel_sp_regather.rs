@@ -5,7 +5,14 @@
 //! input gradient and the weight gradient. The re-gathered input is the forward's: the
 //! same f32 values (fp32), the same bf16 roundings, the same E4M3 bytes with the same
 //! scale (the group amax is the whole tensor's). Also: each rank keeps 1/T of the input's
-//! bytes in its own format, and the re-gather moves (T - 1) / T of `n x c` elements of it.
+//! bytes in its own format, and the forward's gather (g) and the re-gather each move
+//! (T - 1) / T of `n x c` elements in it (bf16: 2 bytes, half of fp32's).
+//!
+//! bf16's forward gather moves the shard rounded to bf16: the GEMM rounds its input to
+//! bf16 element by element anyway (`cast_bf16`: `half`'s bits on the SIMD body and on the
+//! scalar tail alike), so gather(bf16(shard)) == bf16(gather(x)) byte for byte; tested on
+//! its own on rounding edge cases (ties, carries, subnormals, NaN payloads, overflow)
+//! with shards whose length is not a multiple of the SIMD width, and through the layer.
 
 use fp8lm_collectives::{run_ranks, Communicator, CountingComm};
 use fp8lm_fp8::ScalingRecipe;
@@ -64,7 +71,9 @@ fn column_parallel_input_shards_regather_bit_identically() {
                 let shard = &x[c.rank() * rows..(c.rank() + 1) * rows];
                 let mut out = vec![0f32; N * OC];
                 let mut full = vec![0f32; N * C];
-                lin.forward_sp(&mut out, shard, &mut full, &w, None, N, true, c)?;
+                let fwd = CountingComm::new(c);
+                lin.forward_sp(&mut out, shard, &mut full, &w, None, N, true, &fwd)?;
+                let fb = fwd.bytes();
                 let (mut dinp, mut dw) = (vec![0f32; N * C], vec![0f32; OC * C]);
                 let counting = CountingComm::new(c);
                 // `inp` is not read by a layer keeping a shard: hand it garbage.
@@ -73,10 +82,14 @@ fn column_parallel_input_shards_regather_bit_identically() {
                     li.backward(&mut dinp, &mut dw, None, &dy, inp, &w, N)
                 })?;
                 let b = counting.bytes();
-                anyhow::Ok(([out, dinp, dw], kept, b.all_gather + b.all_gather_fp8))
+                let moved = (
+                    fb.all_gather + fb.all_gather_fp8,
+                    b.all_gather + b.all_gather_fp8,
+                );
+                anyhow::Ok(([out, dinp, dw], kept, moved))
             })
             .unwrap();
-            for (r, (g, kept, moved)) in got.iter().enumerate() {
+            for (r, (g, kept, (g_fwd, moved))) in got.iter().enumerate() {
                 let what = format!("{p:?} T = {t} rank {r}");
                 for (k, name) in ["forward output", "dinp", "dW"].iter().enumerate() {
                     let same = g[k]
@@ -91,7 +104,58 @@ fn column_parallel_input_shards_regather_bit_identically() {
                     elem * N * C * (t - 1) / t,
                     "{what}: bytes the re-gather sent"
                 );
+                assert_eq!(
+                    *g_fwd as usize,
+                    elem * N * C * (t - 1) / t,
+                    "{what}: bytes the forward's gather (g) sent"
+                );
             }
+        }
+    }
+}
+
+/// gather(bf16(shard)) == bf16(gather(x)), byte for byte (module docs): shards of 24 and
+/// 12 elements (SIMD body + scalar tail, or tail only) against the whole 48 (SIMD only).
+#[test]
+fn bf16_of_the_shards_gathered_is_bf16_of_the_gathered_input() {
+    use fp8lm_collectives::BufMut;
+    use half::bf16;
+    let edge: [u32; 16] = [
+        0x3F80_8000, // tie, rounds to even (down)
+        0x3F81_8000, // tie, rounds to even (up)
+        0x3F80_8001,
+        0x3FFF_FFFF, // carry into the exponent
+        0x7F7F_FFFF, // past bf16's range: infinity
+        0xFF7F_FFFF,
+        0x0040_0000, // f32 subnormal (hardware conversion would flush it)
+        0x8000_0001,
+        0x7F80_0001, // signalling NaN with a payload: quiet, payload kept
+        0xFFC1_2345,
+        0x7F80_0000,
+        0x8000_0000,
+        0x0000_0000,
+        0x3EAA_AAAB,
+        0xC2F6_E979,
+        0x0080_0000, // smallest normal
+    ];
+    let x: Vec<f32> = (0..48)
+        .map(|i| f32::from_bits(edge[(i * 7) % 16] ^ ((i as u32 / 16) << 1)))
+        .collect();
+    let be = fp8lm_kernels::default_backend();
+    let mut want = vec![bf16::ZERO; x.len()];
+    be.cast_bf16(&x, &mut want);
+    for t in [2, 4] {
+        let got = run_ranks(t, |c| {
+            let k = x.len() / t;
+            let mut g = vec![bf16::ZERO; x.len()];
+            be.cast_bf16(&x[c.rank() * k..][..k], &mut g[c.rank() * k..][..k]);
+            c.all_gather(BufMut::Bf16(&mut g))?;
+            anyhow::Ok(g)
+        })
+        .unwrap();
+        for (r, g) in got.iter().enumerate() {
+            let same = g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "T = {t} rank {r}: {g:?} vs {want:?}");
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod meta;
 pub mod shard;
 pub mod stream;
 pub mod tp;
+pub mod tp_reshard;
 
 pub use format::{read_safetensors_file, CkptDtype, CkptTensor};
 pub use fs::{list_checkpoints, resolve, step_dir_name, write_atomic};

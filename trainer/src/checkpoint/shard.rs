@@ -516,24 +516,16 @@ const STATES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 /// [`crate::repartition::repartition_state`]. Nothing outside `want`
 /// is read, beyond the `step` scalar and the files' headers.
 pub fn read_units(ck: &Checkpoint, want: &[UnitSpan]) -> Result<(Vec<NamedState>, Vec<UnitSpan>)> {
+    if ck.meta.tp_shards.is_some() {
+        // Units cut from tensor-parallel shards: re-cut into whole tensors' coordinates.
+        return super::tp_reshard::read_units_untp(ck, want);
+    }
     let idx = ck.meta.optimizer_shards.as_ref().with_context(|| {
         format!(
             "{}: the optimizer state is not sharded (no optimizer_shards in {META_FILE})",
             ck.dir.display()
         )
     })?;
-    if let Some(tp) = &ck.meta.tp_shards {
-        // Units cut from tensor-parallel shards, in their local coordinates.
-        bail!(
-            "{}: an fp8-o3 tensor-parallel checkpoint written on a {} x {} grid (D x T) \
-             cannot be resumed under fp8-o3 without tensor parallelism: its ZeRO units are \
-             cut from each tensor-parallel shard; resume it with dist.tensor_parallel = {}",
-            ck.dir.display(),
-            tp.dp,
-            tp.tp,
-            tp.tp
-        );
-    }
     let sources: Vec<UnitSource<'_>> = idx
         .shards
         .iter()

@@ -29,9 +29,9 @@
 //! tensor-parallel rank's files that overlap the units it owns under its new partition:
 //! the same D copies every unit verbatim (bit for bit), another D (one replica included,
 //! which takes whole tensors) re-partitions by [`crate::repartition`]'s rule, as the
-//! data-parallel fp8-o3 checkpoints do. Another T (one process included) is refused with
-//! an error naming both grids: re-cutting ZeRO units across tensor slices is not done.
-//! The model slices load anywhere, as above (`eval`, `sample`).
+//! data-parallel fp8-o3 checkpoints do. Another T (one process included) re-cuts the
+//! units across tensor slices, reading by range ([`super::tp_reshard`]). The model
+//! slices load anywhere, as above (`eval`, `sample`).
 
 //! ## Re-sharding ([`TpReader`])
 //! A resuming rank (any D' x T', one process included) reads, for each of its tensors,
@@ -481,8 +481,8 @@ impl<'a> TpReader<'a> {
 /// written under fp8-o3 over D > 1 replicas (`optimizer_shards`: only the entries of
 /// `tp_rank`), or, from one written with one replica, from shard `tp_rank`'s file, whose
 /// optimizer state is held whole per tensor (`whole`: the shard's tensors as units). The
-/// units are the shard's own, so `t` must be the checkpoint's T: another T is refused,
-/// naming both grids.
+/// units are the shard's own, so `t` must be the checkpoint's T (another T is refused
+/// here, naming both grids; [`super::tp_reshard`] re-cuts them for it).
 pub fn read_tp_units(
     ck: &Checkpoint,
     (d, t, tp_rank): (usize, usize, usize),

@@ -536,33 +536,9 @@ impl Linear {
         match self.precision {
             LinearPrecision::Fp32 => self.gemm(shape, MatRef::F32(inp), MatRef::F32(w), out, false),
             LinearPrecision::Bf16 => {
-                let mut cache = self.bf16.take().expect("bf16 cache");
+                let cache = self.bf16.as_mut().expect("bf16 cache");
                 self.be.cast_bf16(inp, &mut cache.x[..n * c]);
-                let x = MatRef::Bf16(&cache.x[..n * c]);
-                let tr = bf16_tile_rows(c, oc);
-                BF16_TILES.with(|t| {
-                    let t = &mut *t.borrow_mut();
-                    for o0 in (0..oc).step_by(tr) {
-                        let m = tr.min(oc - o0);
-                        grow(&mut t.w, m * c);
-                        self.be
-                            .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
-                        let wt = MatRef::Bf16(&t.w[..m * c]);
-                        let sh = GemmShape::new(n, m, c).trans_b();
-                        if m == oc {
-                            self.gemm(sh, x, wt, out, false);
-                        } else {
-                            // out[:, o0..o0+m] through a contiguous tile.
-                            grow(&mut t.out, n * m);
-                            self.gemm(sh, x, wt, &mut t.out[..n * m], false);
-                            for r in 0..n {
-                                out[r * oc + o0..r * oc + o0 + m]
-                                    .copy_from_slice(&t.out[r * m..(r + 1) * m]);
-                            }
-                        }
-                    }
-                });
-                self.bf16 = Some(cache);
+                self.gemm_bf16_input(out, w, n);
             }
             LinearPrecision::Fp8 { .. } => {
                 let mut f = self.fp8.take().expect("fp8 state");
@@ -582,6 +558,39 @@ impl Linear {
         if let Some(b) = bias {
             self.be.bias_forward(out, b);
         }
+    }
+
+    /// The bf16 forward GEMM, out\[n,oc\] = x @ w^T, on the input already rounded to bf16
+    /// in the cache's `x` (`forward` rounds it; under sequence parallelism the bf16
+    /// gather fills it, `linear_sp`), the weight rounded tile by tile. No bias.
+    pub(super) fn gemm_bf16_input(&mut self, out: &mut [f32], w: &[f32], n: usize) {
+        let (c, oc) = (self.c, self.oc);
+        let cache = self.bf16.take().expect("bf16 cache");
+        let x = MatRef::Bf16(&cache.x[..n * c]);
+        let tr = bf16_tile_rows(c, oc);
+        BF16_TILES.with(|t| {
+            let t = &mut *t.borrow_mut();
+            for o0 in (0..oc).step_by(tr) {
+                let m = tr.min(oc - o0);
+                grow(&mut t.w, m * c);
+                self.be
+                    .cast_bf16(&w[o0 * c..(o0 + m) * c], &mut t.w[..m * c]);
+                let wt = MatRef::Bf16(&t.w[..m * c]);
+                let sh = GemmShape::new(n, m, c).trans_b();
+                if m == oc {
+                    self.gemm(sh, x, wt, out, false);
+                } else {
+                    // out[:, o0..o0+m] through a contiguous tile.
+                    grow(&mut t.out, n * m);
+                    self.gemm(sh, x, wt, &mut t.out[..n * m], false);
+                    for r in 0..n {
+                        out[r * oc + o0..r * oc + o0 + m]
+                            .copy_from_slice(&t.out[r * m..(r + 1) * m]);
+                    }
+                }
+            }
+        });
+        self.bf16 = Some(cache);
     }
 
     /// dinp\[n,c\] = dout @ w and dw\[oc,c\] = dout^T @ inp (both overwritten: each weight has

@@ -11,7 +11,10 @@
 //! gathered f32 tensor byte for byte. Delayed scaling records the group amax, so every
 //! rank's history (and next scale) is the same. The cast counts in the stats are this
 //! rank's shard's. The amax agreement and the gather are g's FP8 steps in
-//! `fp8lm_collectives::mappings` (`sp_group_amax`, `gather_from_sp_fp8_cast`). fp32 / bf16 gather in f32 (exact) and run the ordinary layer.
+//! `fp8lm_collectives::mappings` (`sp_group_amax`, `gather_from_sp_fp8_cast`). fp32
+//! gathers in f32 (exact) and runs the ordinary layer; bf16 rounds the shard to bf16
+//! first and gathers the bf16 (the rounding is element-wise, so the same bytes as
+//! rounding the gathered f32: half of fp32's traffic).
 //!
 //! Memory (Megatron-LM's SP): a column-parallel layer keeps only this rank's shard of
 //! its input ([`Linear::keep_input_shard`]), in the format its dW GEMM reads: E4M3 bytes
@@ -80,8 +83,9 @@ fn bias_grad(be: &dyn Backend, db: Option<&mut [f32]>, dout_shard: &[f32]) {
 impl Linear {
     /// [`Linear::forward`] of a column-parallel layer under sequence parallelism: `shard`
     /// is this rank's `[n / T, c]` rows of the input; `full` (`[n, c]`) receives the f32
-    /// gather in fp32 / bf16 (the input the backward reads) and is untouched in FP8, whose
-    /// gather moves the E4M3 bytes into the layer's own input storage.
+    /// gather of an unsharded fp32 / bf16 layer (the input its backward reads) and is
+    /// untouched otherwise: FP8's gather moves the E4M3 bytes into the layer's own input
+    /// storage, bf16's the bf16 into the shared buffer, each keeping its shard.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_sp(
         &mut self,
@@ -114,22 +118,28 @@ impl Linear {
                 });
             }
             LinearPrecision::Bf16 if sharded => {
-                gather_from_sp(comm, shard, &mut full[..n * c])?;
                 return X_BF16_GATHERED.with(|g| {
                     let mut g = g.borrow_mut();
                     grow(&mut g, n * c);
-                    // The forward rounds the gathered input into the shared buffer (lent
-                    // to the cache); this rank's rows of that rounding are kept.
-                    let mut cache = self.bf16.take().expect("bf16 cache");
-                    std::mem::swap(&mut *g, &mut cache.x);
-                    self.bf16 = Some(cache);
-                    self.forward(out, &full[..n * c], w, bias, n, record);
-                    let mut cache = self.bf16.take().expect("bf16 cache");
-                    std::mem::swap(&mut *g, &mut cache.x);
+                    // This rank's rows are rounded to bf16 *before* g: the rounding is
+                    // element-wise (`fp8lm_fp8::cast::f32_to_bf16`, `half`'s bits on every
+                    // path), so the gathered bf16 equal the rounding of the gathered f32
+                    // input byte for byte and g moves 2 bytes per element, not 4.
                     let rows = chunk_range(n * c, comm.size(), comm.rank());
-                    let own = rows.len();
-                    cache.x[..own].copy_from_slice(&g[rows]);
+                    self.be.cast_bf16(shard, &mut g[rows.clone()]);
+                    comm.all_gather(BufMut::Bf16(&mut g[..n * c]))?;
+                    // This rank's rows are kept (the backward gathers them again); the
+                    // gathered input is lent to the cache for the GEMM.
+                    let mut cache = self.bf16.take().expect("bf16 cache");
+                    cache.x[..rows.len()].copy_from_slice(&g[rows]);
+                    std::mem::swap(&mut *g, &mut cache.x);
                     self.bf16 = Some(cache);
+                    self.gemm_bf16_input(out, w, n);
+                    if let Some(b) = bias {
+                        self.be.bias_forward(out, b);
+                    }
+                    let cache = self.bf16.as_mut().expect("bf16 cache");
+                    std::mem::swap(&mut *g, &mut cache.x);
                     Ok(())
                 });
             }

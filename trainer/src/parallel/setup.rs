@@ -91,7 +91,8 @@ impl Trainer {
     ) -> Result<()> {
         match ck {
             Some(ck) if self.cfg.precision == Precision::Fp8O3 => {
-                if ck.meta.optimizer_shards.is_some() {
+                // (a tensor-parallel checkpoint is read by range too, re-cut across slices)
+                if ck.meta.optimizer_shards.is_some() || ck.meta.tp_shards.is_some() {
                     self.enable_data_parallel_from(comm, Some(ZeroState::Sharded(ck)))
                 } else {
                     let (st, units) = crate::snapshot::stored_optimizer_state(self, ck)?;

@@ -16,7 +16,9 @@
 //! `optimizer_shards`); nobody gathers the state. A resume on the same T reads, per
 //! rank, only the stored pieces that overlap its units under the new partition
 //! ([`Trainer::enable_data_parallel_from_tp_checkpoint`]): the same D copies every unit
-//! verbatim (bit for bit), another D re-partitions by [`crate::repartition`]'s rule.
+//! verbatim (bit for bit), another D re-partitions by [`crate::repartition`]'s rule;
+//! another T (or a whole-model checkpoint) re-cuts the units across tensor slices
+//! (`crate::checkpoint::tp_reshard`).
 
 use super::zero::Zero;
 use crate::checkpoint::shard::agree_outcome;
@@ -34,7 +36,8 @@ impl Trainer {
     /// fp8-o3: this rank's units under the ZeRO partition of its shard over `dp` are read
     /// from the checkpoint by range (its tensor-parallel rank's stored pieces that overlap
     /// them: `checkpoint::tp::read_tp_units`), re-partitioned when the checkpoint's D
-    /// differs, and become its optimizer; the shard's whole state that
+    /// differs, re-cut across tensor slices when its T does (or it was written without
+    /// tensor parallelism: `checkpoint::tp_reshard`), and become its optimizer; the shard's whole state that
     /// `Trainer::new_tp` built is dropped first, so no rank holds more than its share
     /// besides what it reads. Every rank of `world` (the whole grid) learns whether every
     /// rank read its share (an error names the ranks that did not). Other precisions, or

@@ -18,6 +18,7 @@ use crate::checkpoint::tp::{
     merge_scaling, read_tp_units, tp_shard_file_name, Assembled, ReplicaScaling, TpIndex, TpReader,
     TpShardEntry, TpTensor, MODEL_PREFIX, OPTIM_PREFIX,
 };
+use crate::checkpoint::tp_reshard::read_units_resharded;
 use crate::checkpoint::Checkpoint;
 use crate::data::Dataset;
 use crate::model::Layout;
@@ -298,7 +299,7 @@ fn param_of(entry: &str) -> Option<&str> {
 
 /// Load the whole state of a tensor-parallel checkpoint into `tr` (weights and optimizer
 /// state re-sharded for `tr`'s layout; fp8-o3's ZeRO shares, `optimizer_shards`, on the
-/// same T only, re-partitioned for `tr`'s units); returns the FP8 scaling states to
+/// re-cut for `tr`'s layout and units, [`read_units_for`]); returns the FP8 scaling states to
 /// restore: the shard's own when `tr` has the checkpoint's T (and so the same slices),
 /// else the merged ones (`crate::checkpoint::tp`). The caller restores them with step,
 /// RNG and data position.
@@ -387,23 +388,53 @@ fn grid_of(tr: &Trainer) -> (usize, usize, usize) {
     tr.tp_shard().map_or((d, 1, 0), |s| (d, s.size, s.rank))
 }
 
-/// The optimizer state of an fp8-o3 tensor-parallel checkpoint written over D > 1
-/// replicas (`optimizer_shards` of (dp, tp) files) into `tr`, which holds its shard's
-/// whole state (one replica) or, under ZeRO, its units: this rank's tensor-parallel
-/// rank's units that overlap them are read by range and re-partitioned
-/// ([`crate::repartition`]: verbatim where a unit is stored whole under its name).
-/// Another T is refused ([`read_tp_units`]).
+/// The fp8-o3 optimizer state of checkpoint `ck` (written in ZeRO units, or whole
+/// per tensor-parallel shard) into `tr`, which holds its shard's whole state (one
+/// replica, one process included): its tensors are read by range as units
+/// ([`read_units_for`]) and become its state.
 fn restore_tp_zero_units(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
     let dir = ck.dir.display().to_string();
-    let whole = crate::snapshot::whole_tensor_units(tr);
-    let want = tr.zero_owned_spans().unwrap_or_else(|| whole.clone());
-    let (stored, old) = read_tp_units(ck, grid_of(tr), &whole, &want)?;
+    let want = tr
+        .zero_owned_spans()
+        .unwrap_or_else(|| crate::snapshot::whole_tensor_units(tr));
+    let (stored, old) = read_units_for(tr, ck, grid_of(tr).0, &want)?;
     let template = tr.optimizer().export_state();
     let state = crate::repartition::repartition_state_owned(stored, &old, &template, &want)
         .with_context(|| format!("{dir}: fp8-o3 optimizer state"))?;
     tr.optimizer_mut()
         .import_state(state)
         .map_err(|e| anyhow::anyhow!("{dir}: optimizer state: {e}"))
+}
+
+/// This rank's fp8-o3 units `want` (in its own layout's coordinates) of a run on `d`
+/// replicas of `tr`'s tensor-parallel layout, from `ck`, read by range: on the
+/// checkpoint's own T from its tensor-parallel rank's files ([`read_tp_units`]: the
+/// same D verbatim, another D re-partitioned); from any other layout (another T, or a
+/// whole-model checkpoint) re-cut across tensor slices
+/// ([`crate::checkpoint::tp_reshard`]).
+pub(crate) fn read_units_for(
+    tr: &Trainer,
+    ck: &Checkpoint,
+    d: usize,
+    want: &[UnitSpan],
+) -> Result<(Vec<crate::repartition::NamedState>, Vec<UnitSpan>)> {
+    let (_, t, tp) = grid_of(tr);
+    if ck.meta.tp_shards.as_ref().is_some_and(|i| i.tp == t) {
+        let whole = crate::snapshot::whole_tensor_units(tr);
+        return read_tp_units(ck, (d, t, tp), &whole, want);
+    }
+    let full = Layout::new(&tr.model().dims);
+    let names: Vec<String> = full.metas.iter().map(|m| m.name.clone()).collect();
+    let numels: Vec<usize> = full.metas.iter().map(|m| m.numel()).collect();
+    let grid = format!("{d} x {t}");
+    read_units_resharded(
+        ck,
+        &names,
+        &numels,
+        &|i| slice_of(tr, &full, i),
+        want,
+        &grid,
+    )
 }
 
 /// fp8-o3 over D > 1 tensor-parallel replicas, resumed from `ck`: everything
@@ -416,18 +447,14 @@ pub fn restore_tp_except_optimizer(
     data: &mut dyn Dataset,
     ck: &Checkpoint,
 ) -> Result<()> {
-    let dir = ck.dir.display().to_string();
-    if ck.meta.tp_shards.is_none() {
-        let (_, t, _) = grid_of(tr);
-        bail!(
-            "{dir}: fp8-o3 over tensor-parallel replicas (dist.tensor_parallel = {t}) \
-             resumes only from a tensor-parallel checkpoint; this one was written without \
-             tensor parallelism (resume it with dist.tensor_parallel = 1)"
-        );
-    }
     ck.check_model_shape(&tr.cfg)?;
-    restore_tp_weights(tr, ck)?;
-    let scaling = tp_scaling(tr, ck);
+    let scaling = if ck.meta.tp_shards.is_some() {
+        restore_tp_weights(tr, ck)?;
+        tp_scaling(tr, ck)
+    } else {
+        // A whole-model checkpoint: each tensor cut to this rank's slice.
+        restore_whole_into_shard(tr, ck, true)?
+    };
     crate::snapshot::restore_scaling(tr, ck, &scaling)?;
     tr.set_step(ck.meta.step);
     tr.rng.state = ck.meta.rng_state;
@@ -444,9 +471,7 @@ pub(crate) fn read_own_units(
     d: usize,
     want: &[UnitSpan],
 ) -> Result<(Vec<crate::repartition::NamedState>, Vec<UnitSpan>)> {
-    let (_, t, tp) = grid_of(tr);
-    let whole = crate::snapshot::whole_tensor_units(tr);
-    read_tp_units(ck, (d, t, tp), &whole, want)
+    read_units_for(tr, ck, d, want)
 }
 
 /// After data parallelism is enabled on a trainer resumed from a tensor-parallel
@@ -502,7 +527,7 @@ pub fn tp_dist_extra(tr: &Trainer, ck: &Checkpoint) -> Option<Value> {
 /// starts from the whole tensors' FP8 scaling states (their amax bounds each slice's).
 /// With `weights_only` the optimizer state is left alone. Returns the scaling states to
 /// restore. fp8-o3 checkpoints (state cut into ZeRO units of the whole model) are
-/// refused: their units would have to be re-cut across tensor slices.
+/// re-cut into the slice's tensors by range ([`read_units_for`]).
 pub fn restore_whole_into_shard(
     tr: &mut Trainer,
     ck: &Checkpoint,
@@ -512,13 +537,6 @@ pub fn restore_whole_into_shard(
     let Some(shard) = tr.tp_shard() else {
         bail!("{dir}: restore_whole_into_shard needs a tensor-parallel trainer");
     };
-    if ck.meta.optimizer_shards.is_some() || crate::snapshot::zero_units(ck)?.is_some() {
-        bail!(
-            "{dir}: an fp8-o3 checkpoint (optimizer state in ZeRO units) cannot be resumed \
-             with dist.tensor_parallel = {} yet; resume it with dist.tensor_parallel = 1",
-            shard.size
-        );
-    }
     let tg = Target::of(tr);
     let dims = tr.model().dims;
     let cut = |i: usize, full: &[f32]| shard.shard(&dims, &tg.full, i, full);
@@ -536,6 +554,12 @@ pub fn restore_whole_into_shard(
         }
     }
     if weights_only {
+        return Ok(ck.meta.scaling.clone());
+    }
+    if ck.meta.optimizer_shards.is_some() || crate::snapshot::zero_units(ck)?.is_some() {
+        // fp8-o3 state in ZeRO units of the whole model: re-cut into this slice's
+        // tensors, read by range.
+        restore_tp_zero_units(tr, ck)?;
         return Ok(ck.meta.scaling.clone());
     }
     let stored = ck

@@ -45,7 +45,7 @@ impl<'a> ColumnParallelLinear<'a> {
 
     /// `out[n, oc_local] = inp @ W_t^T + b_t`. Under SP the input is this rank's rows
     /// `shard` and g gathers it ([`Linear::forward_sp`]; `full` receives the f32 gather in
-    /// fp32/bf16); otherwise `full` is the input (f's forward is the identity).
+    /// fp32); otherwise `full` is the input (f's forward is the identity).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
