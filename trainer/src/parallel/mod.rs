@@ -126,6 +126,7 @@ mod setup;
 pub mod step;
 mod zero;
 mod zero_dxt;
+pub(crate) mod zero_start;
 
 pub use bench::{
     bench_train_dist, bench_train_dist_table, bench_train_grid, bench_train_grid_table,
