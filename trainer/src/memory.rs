@@ -615,7 +615,8 @@ impl ZeroPeakReport {
 
 /// [`measure_peak`] for fp8-o3 on one of `comm.size()` data-parallel ranks, as `fp8lm
 /// train` runs under `mpirun`: the trainer built for its rank count (no whole-state
-/// transient), `steps` steps and one evaluation, then a sharded checkpoint save into
+/// transient, no whole f32 model: `parallel::zero_start`) and its start-up's peak,
+/// `steps` steps and one evaluation, then a sharded checkpoint save into
 /// `dir` (every rank writes its own shard), then a resume from it on a fresh trainer and
 /// one step (the checkpoint removed after). Every rank must call it; run
 /// each rank in its own process (`fp8lm bench memory --ranks N` runs `mpirun` children)
@@ -845,6 +846,7 @@ mod tests {
             params: 100,
             state_bytes,
             total_state_bytes: 4_000_000,
+            peak_start_bytes: 5_000_000,
             peak_train_bytes: 9_000_000,
             peak_bytes: 9_500_000,
             peak_resume_bytes: None,
@@ -858,7 +860,7 @@ mod tests {
         let cells: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             cells,
-            ["1", "1.1", "1.0", "1.150", "9.0", "9.5", "-"],
+            ["1", "1.1", "1.0", "1.150", "5.0", "9.0", "9.5", "-"],
             "{t}"
         );
     }

@@ -372,7 +372,7 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
         );
     }
     if tr.zero_weights == crate::parallel::zero_start::ZeroWeights::Undrawn {
-        if ck.meta.tp_shards.is_none() {
+        if ck.meta.tp_shards.is_none() && tr.zero_reads_f32_only() {
             // fp8-o3 built for several ranks: the linears' weights come from the owners'
             // masters (the optimizer shards); only the f32 tensors are read.
             return crate::parallel::zero_start::restore_f32_tensors(tr, ck);

@@ -260,10 +260,12 @@ impl Trainer {
 
     /// [`Trainer::new`] for one of `ranks` data-parallel ranks. The same, except for
     /// fp8-o3 on several ranks: no optimizer state is built here (the whole state would
-    /// be a transient the size of every rank's share together); the weights are rounded
-    /// in place to the master's view, as the single-rank optimizer would leave them, and
-    /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
-    /// step.
+    /// be a transient the size of every rank's share together), and (without tensor
+    /// parallelism) no weight is drawn either: `enable_data_parallel` draws them tensor
+    /// by tensor, keeping this rank's units' masters, or a resume reads only the f32
+    /// tensors (`parallel::zero_start`), so no rank holds the whole model in f32. Until
+    /// then the trainer cannot step. (Under tensor parallelism the weights are rounded
+    /// in place to the master's view, as the single-rank optimizer would leave them.)
     pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
         Self::new_on_for_ranks(cfg, vocab, Self::backend_of(cfg)?, ranks)
     }
@@ -328,10 +330,11 @@ impl Trainer {
             // by the rank's ZeRO share and (`Model::hold_linear_weights_as_e4m3`) these
             // f32 weights by the E4M3 ones the owners cast and share (the f32 view of
             // the masters stays for the block recipe and tensor parallelism).
-            // Without tensor parallelism the weights are not even drawn here: each rank
-            // draws (or reads from the checkpoint) only what it keeps
-            // (`parallel::zero_start`), so no rank holds a full-precision model.
-            Precision::Fp8O3 if ranks > 1 && shard.is_none() => {
+            // With E4M3 weight storage (no tensor parallelism, no block recipe, which
+            // keep the f32 view) the weights are not even drawn here: each rank draws
+            // (or reads from the checkpoint) only what it keeps (`parallel::zero_start`),
+            // so no rank holds a full-precision model.
+            Precision::Fp8O3 if ranks > 1 && shard.is_none() && cfg.fp8.recipe != "block" => {
                 let model = Model::new_undrawn_on(be, dims, precision);
                 (model, Box::new(Fp8Adam::empty(cfg8)))
             }
@@ -368,7 +371,11 @@ impl Trainer {
             dist: None,
             zero_deferred: cfg.precision == Precision::Fp8O3 && ranks > 1,
             zero_f32_view: false,
-            zero_weights: if cfg.precision == Precision::Fp8O3 && ranks > 1 && shard.is_none() {
+            zero_weights: if cfg.precision == Precision::Fp8O3
+                && ranks > 1
+                && shard.is_none()
+                && cfg.fp8.recipe != "block"
+            {
                 crate::parallel::zero_start::ZeroWeights::Undrawn
             } else {
                 crate::parallel::zero_start::ZeroWeights::Held

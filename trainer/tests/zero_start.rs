@@ -84,7 +84,13 @@ fn fresh(
             tr.zero_draw_whole_model()?;
         }
         tr.enable_data_parallel(c)?;
-        assert!(tr.zero_holds_e4m3(), "rank {}: E4M3 storage", c.rank());
+        let e4m3 = cfg.fp8.recipe != "block";
+        assert_eq!(
+            tr.zero_holds_e4m3(),
+            e4m3,
+            "rank {}: E4M3 storage",
+            c.rank()
+        );
         let mut losses = vec![];
         for s in 0..steps {
             let st = tr.train_step_dist(&mut data, c)?;
@@ -106,17 +112,22 @@ fn fresh(
 fn resume(cfg: &RunConfig, dir: &Path, ranks: usize, steps: usize, whole: bool) -> Vec<End> {
     run_ranks(ranks, |c: &LocalComm| -> anyhow::Result<End> {
         let leave: &[&str] = if whole { &[] } else { &["model"] };
-        let ck = Checkpoint::load_leaving(dir, leave)?;
-        assert_eq!(
-            ck.groups.contains_key("model"),
-            whole,
-            "model group in memory"
-        );
+        let mut ck = Checkpoint::load_leaving(dir, leave)?;
         let mut data = MarkovCorpus::new(cfg.seed);
         let mut tr = Trainer::new_for_ranks(cfg, data.vocab_size(), ranks)?;
         if whole {
             tr.zero_draw_whole_model()?;
         }
+        // As `fp8lm train --resume` does: the model group read whole only where needed.
+        if !tr.zero_reads_f32_only() {
+            ck.load_left("model")?;
+        }
+        let e4m3 = cfg.fp8.recipe != "block";
+        assert_eq!(
+            ck.groups.contains_key("model"),
+            whole || !e4m3,
+            "model group in memory"
+        );
         snapshot::restore_except_optimizer(&mut tr, &mut data, &ck)?;
         tr.enable_data_parallel_from_checkpoint(c, Some(&ck))?;
         tr.restore_dist_extra(&ck.meta.extra)?;
@@ -204,4 +215,23 @@ fn resuming_from_the_f32_tensors_and_the_shards_is_bit_for_bit_the_old_resume() 
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// The paths that keep the f32 view of the masters (the block recipe; the test hook
+/// `keep_zero_f32_view`) still draw and read the whole model: a block-recipe run resumes
+/// from its sharded checkpoint with the uninterrupted run's losses.
+#[test]
+fn the_block_recipe_keeps_the_whole_f32_view_and_resumes() {
+    let cfg = small(Arch::Gpt2, "block");
+    let dir = tmp("block");
+    let full = fresh(&cfg, 2, 5, false, Some((&dir, 3)));
+    let new = resume(&cfg, &dir, 2, 2, false);
+    for (r, (x, y)) in new.iter().zip(&full).enumerate() {
+        assert_eq!(
+            x.losses,
+            y.losses[3..],
+            "block recipe: rank {r}: resume vs uninterrupted"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

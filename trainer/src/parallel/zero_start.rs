@@ -182,7 +182,8 @@ impl Trainer {
     /// come from the owners' masters), so the model group can stay on disk
     /// ([`Checkpoint::load_leaving`]).
     pub fn zero_reads_f32_only(&self) -> bool {
-        self.zero_weights == ZeroWeights::Undrawn
+        // (`keep_zero_f32_view` asks for the whole f32 view: read whole.)
+        self.zero_weights == ZeroWeights::Undrawn && !self.zero_f32_view
     }
 
     /// fp8-o3 built for several ranks: draw the whole f32 model now, as start-up did
