@@ -13,7 +13,7 @@
 //!   the rank's units are pushed into its optimizer as they pass, so each master is cast
 //!   as it is drawn. The other tensors (norms, biases, positions) are drawn into
 //!   `params`, which every rank keeps in f32 anyway. The same bits as the old path,
-//!   which drew the whole f32 model first (`trainer/tests/zero_start_memory.rs`).
+//!   which drew the whole f32 model first (`trainer/tests/zero_start.rs`; the memory, `zero_start_memory.rs`).
 //! - resume ([`restore_f32_tensors`], then [`template_share`]): only the tensors kept in
 //!   f32 are read from the model group, by range
 //!   ([`Checkpoint::model_tensor`](crate::checkpoint::Checkpoint::model_tensor), which
@@ -23,6 +23,10 @@
 //!   so their f32 copies in the model group are never read
 //!   ([`ZeroWeights::Restored`]). The optimizer is built over zeros in the scratch and
 //!   its state imported.
+//!
+//! Before `enable_data_parallel` the linears' ranges of `params` are zeros, so the ranks'
+//! start-up agreement (`agreement::weights_hash`) compares the f32 tensors only (step
+//! and data position as ever); the masters come from the owners' shards.
 //!
 //! With the f32 view of the masters (the block recipe, `Trainer::keep_zero_f32_view`,
 //! tensor parallelism) every rank holds the whole model in f32 by design; those paths
