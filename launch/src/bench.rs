@@ -288,10 +288,11 @@ fn memory_zero(ranks: usize) -> Result<()> {
         );
     }
     println!(
-        "fp8-o3 on {ranks} ranks (one mpirun process each; peak resident set after 2 steps \
-         and an evaluation, after a sharded checkpoint save too, and of a resume from it on \
+        "fp8-o3 on {ranks} ranks (one mpirun process each; peak resident set after the \
+         start-up (trainer built, data parallelism enabled), after 2 steps and an evaluation, after a sharded checkpoint save too, and of a resume from it on \
          a fresh trainer with one step; state: the rank's optimizer + master bytes; \
-         MB = 1e6 bytes):"
+         MB = 1e6 bytes; FP8LM_ZERO_START=whole measures the start-up and resume that \
+         drew the whole f32 model and loaded the whole model group):"
     );
     print!("{}", fp8lm_trainer::memory::zero_peak_table(&rows));
     Ok(())

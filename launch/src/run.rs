@@ -436,7 +436,9 @@ fn train_ranked(
     // 1. Everything that can be wrong with the inputs is checked before any work.
     let (cfg, ck, run_dir) = match opts.resume {
         Some(r) => {
-            let ck = resume_check::find_checkpoint(r)?;
+            // The model group stays on disk until the run knows whether it reads it
+            // whole (fp8-o3 ranks read only their f32 tensors, by range).
+            let ck = resume_check::find_checkpoint_leaving(r, &["model"])?;
             let cfg = match &args.config {
                 Some(_) => load(args)?,
                 None => config_from_checkpoint(&ck, &args.set)?,
@@ -533,6 +535,10 @@ fn train_ranked(
     // fp8-o3 over D > 1 tensor-parallel replicas: likewise, each rank reads only its own
     // units of its shard's state when data parallelism is enabled.
     let zero_dxt = dp_comm.is_some() && cfg.precision == Precision::Fp8O3;
+    let mut ck = ck;
+    if let (Some(ck), false) = (ck.as_mut(), zero_dist && tr.zero_reads_f32_only()) {
+        ck.load_left("model")?;
+    }
     if let Some(ck) = &ck {
         if zero_dist {
             snapshot::restore_except_optimizer(&mut tr, data.as_mut(), ck)?;

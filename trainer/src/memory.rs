@@ -593,6 +593,9 @@ pub struct ZeroPeakReport {
     pub state_bytes: usize,
     /// The whole optimizer state, every rank's share together (the partition's figures).
     pub total_state_bytes: usize,
+    /// Peak resident set of the start-up: the trainer built and data parallelism
+    /// enabled, before the first step.
+    pub peak_start_bytes: usize,
     /// Peak resident set after start-up, the training steps and the evaluation.
     pub peak_train_bytes: usize,
     /// Peak resident set after the sharded checkpoint save too.
@@ -612,7 +615,8 @@ impl ZeroPeakReport {
 
 /// [`measure_peak`] for fp8-o3 on one of `comm.size()` data-parallel ranks, as `fp8lm
 /// train` runs under `mpirun`: the trainer built for its rank count (no whole-state
-/// transient), `steps` steps and one evaluation, then a sharded checkpoint save into
+/// transient, no whole f32 model: `parallel::zero_start`) and its start-up's peak,
+/// `steps` steps and one evaluation, then a sharded checkpoint save into
 /// `dir` (every rank writes its own shard), then a resume from it on a fresh trainer and
 /// one step (the checkpoint removed after). Every rank must call it; run
 /// each rank in its own process (`fp8lm bench memory --ranks N` runs `mpirun` children)
@@ -626,8 +630,17 @@ pub fn measure_peak_zero(
 ) -> anyhow::Result<ZeroPeakReport> {
     let mut c = cfg.clone();
     c.precision = crate::config::Precision::Fp8O3;
+    // `FP8LM_ZERO_START=whole`: the start-up and resume before `parallel::zero_start`
+    // (the whole f32 model drawn, the whole model group loaded), for before/after
+    // figures from one binary.
+    let whole = std::env::var("FP8LM_ZERO_START").is_ok_and(|v| v == "whole");
     let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+    if whole {
+        tr.zero_draw_whole_model()?;
+    }
     tr.enable_data_parallel(comm)?;
+    let no_peak = || anyhow::anyhow!("no /proc/self/status: peak resident memory unknown");
+    let peak_start_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
     let mut data = RandomTokens {
         vocab: tr.model().dims.v.min(vocab.max(1)),
         state: 0x2545_F491_4F6C_DD1D,
@@ -636,7 +649,6 @@ pub fn measure_peak_zero(
         tr.train_step_dist(&mut data, comm)?;
     }
     tr.evaluate(&data, 1)?;
-    let no_peak = || anyhow::anyhow!("no /proc/self/status: peak resident memory unknown");
     let peak_train_bytes = peak_resident_bytes().ok_or_else(no_peak)?;
     let saved = crate::snapshot::save_trainer_sharded(
         &tr,
@@ -656,6 +668,7 @@ pub fn measure_peak_zero(
             params: tr.model().num_params(),
             state_bytes: tr.optimizer().state_bytes(),
             total_state_bytes: shares.iter().sum(),
+            peak_start_bytes,
             peak_train_bytes,
             peak_bytes,
             peak_resume_bytes: None,
@@ -664,8 +677,13 @@ pub fn measure_peak_zero(
         // trainer (the old one freed) with the peak counter reset where Linux allows it.
         drop(tr);
         let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-        let ck = crate::checkpoint::Checkpoint::load(&ck_dir)?;
+        // The model group stays on disk: a rank reads only the tensors it keeps in f32.
+        let leave: &[&str] = if whole { &[] } else { &["model"] };
+        let ck = crate::checkpoint::Checkpoint::load_leaving(&ck_dir, leave)?;
         let mut tr = Trainer::new_for_ranks(&c, vocab, comm.size())?;
+        if whole {
+            tr.zero_draw_whole_model()?;
+        }
         crate::snapshot::restore_except_optimizer(&mut tr, &mut data, &ck)?;
         tr.enable_data_parallel_from_checkpoint(comm, Some(&ck))?;
         drop(ck);
@@ -689,11 +707,12 @@ pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "  {:>4} {:>11} {:>13} {:>11} {:>16} {:>16} {:>17}",
+        "  {:>4} {:>11} {:>13} {:>11} {:>16} {:>16} {:>16} {:>17}",
         "rank",
         "state (MB)",
         "state/N (MB)",
         "state/(s/N)",
+        "peak start (MB)",
         "peak train (MB)",
         "peak +ckpt (MB)",
         "peak resume (MB)"
@@ -701,11 +720,12 @@ pub fn zero_peak_table(rows: &[ZeroPeakReport]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "  {:>4} {:>11.1} {:>13.1} {:>11.3} {:>16.1} {:>16.1} {:>17}",
+            "  {:>4} {:>11.1} {:>13.1} {:>11.3} {:>16.1} {:>16.1} {:>16.1} {:>17}",
             r.rank,
             mb(r.state_bytes),
             mb(r.total_state_bytes) / r.ranks.max(1) as f64,
             r.share_ratio(),
+            mb(r.peak_start_bytes),
             mb(r.peak_train_bytes),
             mb(r.peak_bytes),
             r.peak_resume_bytes
@@ -826,6 +846,7 @@ mod tests {
             params: 100,
             state_bytes,
             total_state_bytes: 4_000_000,
+            peak_start_bytes: 5_000_000,
             peak_train_bytes: 9_000_000,
             peak_bytes: 9_500_000,
             peak_resume_bytes: None,
@@ -839,7 +860,7 @@ mod tests {
         let cells: Vec<&str> = lines[2].split_whitespace().collect();
         assert_eq!(
             cells,
-            ["1", "1.1", "1.0", "1.150", "9.0", "9.5", "-"],
+            ["1", "1.1", "1.0", "1.150", "5.0", "9.0", "9.5", "-"],
             "{t}"
         );
     }

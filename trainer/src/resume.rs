@@ -68,8 +68,15 @@ pub fn describe_dir(dir: &Path) -> String {
 /// directory, or a run directory / checkpoint folder (its newest intact checkpoint).
 /// See the module docs for what is skipped, refused and reported.
 pub fn find_checkpoint(path: &Path) -> Result<Checkpoint> {
+    find_checkpoint_leaving(path, &[])
+}
+
+/// [`find_checkpoint`], leaving the groups in `leave` on disk
+/// ([`Checkpoint::load_leaving`]; `fp8lm train --resume` leaves the model group there
+/// until it knows whether the run reads it whole).
+pub fn find_checkpoint_leaving(path: &Path, leave: &[&str]) -> Result<Checkpoint> {
     if path.join(META_FILE).is_file() {
-        return Checkpoint::load(path);
+        return Checkpoint::load_leaving(path, leave);
     }
     if !path.exists() {
         bail!("{}: no such checkpoint or run directory", path.display());
@@ -108,7 +115,7 @@ pub fn find_checkpoint(path: &Path) -> Result<Checkpoint> {
             );
             continue;
         }
-        match Checkpoint::load(dir) {
+        match Checkpoint::load_leaving(dir, leave) {
             Ok(ck) => {
                 if let Some((bad, e)) = newest_err {
                     bail!(

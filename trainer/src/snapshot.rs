@@ -371,6 +371,14 @@ pub fn restore_weights(tr: &mut Trainer, ck: &Checkpoint) -> Result<()> {
             tr.rank()
         );
     }
+    if tr.zero_weights == crate::parallel::zero_start::ZeroWeights::Undrawn {
+        if ck.meta.tp_shards.is_none() && tr.zero_reads_f32_only() {
+            // fp8-o3 built for several ranks: the linears' weights come from the owners'
+            // masters (the optimizer shards); only the f32 tensors are read.
+            return crate::parallel::zero_start::restore_f32_tensors(tr, ck);
+        }
+        crate::parallel::zero_start::materialize(tr)?;
+    }
     if tr.tp_shard().is_some() && ck.meta.tp_shards.is_none() {
         crate::tensor_parallel::ckpt::restore_whole_into_shard(tr, ck, true)?;
         return sync_compute_weights(tr);

@@ -144,6 +144,9 @@ pub struct Trainer {
     /// fp8-o3: keep the f32 view of the masters on every rank instead of the E4M3
     /// weights (what fp8-o3 held before; [`Trainer::keep_zero_f32_view`], for tests).
     pub(crate) zero_f32_view: bool,
+    /// fp8-o3 on several ranks: whether `params` holds the initial weights yet
+    /// (`parallel::zero_start`: each rank draws or reads only what it keeps).
+    pub(crate) zero_weights: crate::parallel::zero_start::ZeroWeights,
 }
 
 /// Overwrite `model`'s weights with the f32 view of the masters `Fp8Adam` would build
@@ -152,32 +155,39 @@ pub struct Trainer {
 /// without building the optimizer. FP16 masters (FP8-LM's) are rounded chunk by chunk
 /// with the casts `Fp8Adam::push_tensor` uses (the same bits, tested); another format
 /// falls back to a throw-away optimizer over one tensor at a time.
-fn round_to_master_view(model: &mut Model, cfg: &Fp8AdamConfig) -> Result<()> {
+pub(crate) fn round_to_master_view(model: &mut Model, cfg: &Fp8AdamConfig) -> Result<()> {
+    let metas = model.layout.metas.clone();
+    for (i, meta) in metas.iter().enumerate() {
+        if model.linear_of_tensor[i].is_some() {
+            round_tensor_to_master_view(meta, &mut model.params[model.layout.range(i)], cfg)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`round_to_master_view`] for one FP8 linear weight `p` (`meta`'s values).
+pub(crate) fn round_tensor_to_master_view(
+    meta: &fp8lm_optim::ParamMeta,
+    p: &mut [f32],
+    cfg: &Fp8AdamConfig,
+) -> Result<()> {
     use fp8lm_fp8::cast::{amax_f32, f16_to_f32_amax, f32_to_f16_amax};
     use fp8lm_fp8::scaling::{scale_for_amax, ScaleRounding};
-    let metas = model.layout.metas.clone();
     let [f_master, _, _] = cfg.formats();
-    let mut h = vec![half::f16::ZERO; 1 << 14];
-    for (i, meta) in metas.iter().enumerate() {
-        if model.linear_of_tensor[i].is_none() {
-            continue;
-        }
-        let p = &mut model.params[model.layout.range(i)];
-        if f_master != fp8lm_optim::StateFormat::F16 {
-            let mut one = Fp8Adam::empty(*cfg);
-            one.push_tensor(meta, p, true).map_err(anyhow::Error::msg)?;
-            continue;
-        }
-        let amax = amax_f32(p);
-        if !amax.is_finite() {
-            bail!("parameter {:?} has non-finite initial values", meta.name);
-        }
-        let s = scale_for_amax(65504.0, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
-        for c in p.chunks_mut(h.len()) {
-            let h = &mut h[..c.len()];
-            f32_to_f16_amax(c, s, h);
-            f16_to_f32_amax(h, 1.0 / s, c);
-        }
+    if f_master != fp8lm_optim::StateFormat::F16 {
+        let mut one = Fp8Adam::empty(*cfg);
+        return one.push_tensor(meta, p, true).map_err(anyhow::Error::msg);
+    }
+    let amax = amax_f32(p);
+    if !amax.is_finite() {
+        bail!("parameter {:?} has non-finite initial values", meta.name);
+    }
+    let s = scale_for_amax(65504.0, amax, 0, ScaleRounding::PowerOfTwo).unwrap_or(1.0);
+    let mut h = [half::f16::ZERO; 1 << 12];
+    for c in p.chunks_mut(h.len()) {
+        let h = &mut h[..c.len()];
+        f32_to_f16_amax(c, s, h);
+        f16_to_f32_amax(h, 1.0 / s, c);
     }
     Ok(())
 }
@@ -250,10 +260,12 @@ impl Trainer {
 
     /// [`Trainer::new`] for one of `ranks` data-parallel ranks. The same, except for
     /// fp8-o3 on several ranks: no optimizer state is built here (the whole state would
-    /// be a transient the size of every rank's share together); the weights are rounded
-    /// in place to the master's view, as the single-rank optimizer would leave them, and
-    /// `enable_data_parallel` builds this rank's share. Until then the trainer cannot
-    /// step.
+    /// be a transient the size of every rank's share together), and (without tensor
+    /// parallelism) no weight is drawn either: `enable_data_parallel` draws them tensor
+    /// by tensor, keeping this rank's units' masters, or a resume reads only the f32
+    /// tensors (`parallel::zero_start`), so no rank holds the whole model in f32. Until
+    /// then the trainer cannot step. (Under tensor parallelism the weights are rounded
+    /// in place to the master's view, as the single-rank optimizer would leave them.)
     pub fn new_for_ranks(cfg: &RunConfig, vocab: usize, ranks: usize) -> Result<Trainer> {
         Self::new_on_for_ranks(cfg, vocab, Self::backend_of(cfg)?, ranks)
     }
@@ -318,6 +330,14 @@ impl Trainer {
             // by the rank's ZeRO share and (`Model::hold_linear_weights_as_e4m3`) these
             // f32 weights by the E4M3 ones the owners cast and share (the f32 view of
             // the masters stays for the block recipe and tensor parallelism).
+            // With E4M3 weight storage (no tensor parallelism, no block recipe, which
+            // keep the f32 view) the weights are not even drawn here: each rank draws
+            // (or reads from the checkpoint) only what it keeps (`parallel::zero_start`),
+            // so no rank holds a full-precision model.
+            Precision::Fp8O3 if ranks > 1 && shard.is_none() && cfg.fp8.recipe != "block" => {
+                let model = Model::new_undrawn_on(be, dims, precision);
+                (model, Box::new(Fp8Adam::empty(cfg8)))
+            }
             Precision::Fp8O3 if ranks > 1 => {
                 let mut model = Model::new_tp_on(be, dims, precision, cfg.seed, shard);
                 round_to_master_view(&mut model, &cfg8)?;
@@ -351,6 +371,15 @@ impl Trainer {
             dist: None,
             zero_deferred: cfg.precision == Precision::Fp8O3 && ranks > 1,
             zero_f32_view: false,
+            zero_weights: if cfg.precision == Precision::Fp8O3
+                && ranks > 1
+                && shard.is_none()
+                && cfg.fp8.recipe != "block"
+            {
+                crate::parallel::zero_start::ZeroWeights::Undrawn
+            } else {
+                crate::parallel::zero_start::ZeroWeights::Held
+            },
         })
     }
 

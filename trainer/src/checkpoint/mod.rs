@@ -20,6 +20,7 @@
 
 pub mod format;
 pub mod fs;
+pub mod lazy;
 pub mod meta;
 pub mod shard;
 pub mod stream;
@@ -126,6 +127,14 @@ impl Checkpoint {
     /// group except a sharded optimizer state's, which stay on disk, see [`shard`]). `path` may be a checkpoint directory, a folder of
     /// checkpoints (the newest is taken) or a run directory (its `checkpoints/`).
     pub fn load(path: &Path) -> Result<Checkpoint> {
+        Self::load_leaving(path, &[])
+    }
+
+    /// [`Checkpoint::load`], leaving the groups named in `leave` on disk: their files are
+    /// verified by streaming (size and CRC-32, never held whole) and their tensors read
+    /// one at a time, by range, when asked for ([`Checkpoint::model_tensor`],
+    /// [`lazy`]). fp8-o3 ranks resume so: no rank holds the model group's f32 weights.
+    pub fn load_leaving(path: &Path, leave: &[&str]) -> Result<Checkpoint> {
         let dir = resolve(path)?;
         let mpath = dir.join(META_FILE);
         let mbytes =
@@ -152,6 +161,10 @@ impl Checkpoint {
                     shard::verify_file(&p, sum, &who)?;
                     continue;
                 }
+            }
+            if leave.contains(&fname.trim_end_matches(".safetensors")) {
+                shard::verify_file(&p, sum, "left on disk")?;
+                continue;
             }
             let bytes = std::fs::read(&p)
                 .with_context(|| format!("{}: missing or unreadable", p.display()))?;

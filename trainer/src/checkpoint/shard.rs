@@ -346,6 +346,8 @@ pub(crate) struct ShardFile {
     file: File,
     /// name -> (dtype, element count, absolute byte range in the file).
     pub(crate) tensors: HashMap<String, (CkptDtype, usize, u64, u64)>,
+    /// name -> shape, as the header gives it.
+    pub(crate) shapes: HashMap<String, Vec<usize>>,
 }
 
 impl ShardFile {
@@ -378,6 +380,7 @@ impl ShardFile {
             serde_json::from_slice(&h).map_err(|e| bad(format!("header is not JSON ({e})")))?;
         let base = 8 + hlen;
         let mut tensors = HashMap::new();
+        let mut shapes = HashMap::new();
         for (name, v) in header {
             if name == "__metadata__" {
                 continue;
@@ -410,17 +413,19 @@ impl ShardFile {
                     off[0], off[1]
                 )));
             }
-            tensors.insert(name, (dt, numel, base + off[0], base + off[1]));
+            tensors.insert(name.clone(), (dt, numel, base + off[0], base + off[1]));
+            shapes.insert(name, shape);
         }
         Ok(ShardFile {
             path,
             who,
             file,
             tensors,
+            shapes,
         })
     }
 
-    fn bytes(&self, name: &str, lo: usize, hi: usize) -> Result<(CkptDtype, Vec<u8>)> {
+    pub(crate) fn bytes(&self, name: &str, lo: usize, hi: usize) -> Result<(CkptDtype, Vec<u8>)> {
         let &(dt, numel, start, _) = self
             .tensors
             .get(name)
@@ -440,7 +445,7 @@ impl ShardFile {
         Ok((dt, b))
     }
 
-    fn scale(&self, name: &str) -> Result<Option<f32>> {
+    pub(crate) fn scale(&self, name: &str) -> Result<Option<f32>> {
         let key = format!("{name}.scale");
         if !self.tensors.contains_key(&key) {
             return Ok(None);

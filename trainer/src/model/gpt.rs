@@ -570,29 +570,66 @@ impl Model {
         let layout = Self::layout_of(&dims, tp);
         let params = vec![0f32; layout.total];
         let mut m = Self::assemble(be, dims, layout, params, precision, true, tp);
+        m.init_tensors(seed, on_tensor)?;
+        Ok(m)
+    }
+
+    /// fp8-o3 on several data-parallel ranks: a model whose weights are not drawn yet
+    /// (`params` a fresh zero mapping, never touched): the rank draws them once it knows
+    /// its ZeRO units ([`Model::init_tensors`]) or restores them from a checkpoint.
+    pub(crate) fn new_undrawn_on(
+        be: Arc<dyn Backend>,
+        dims: Dims,
+        precision: LinearPrecision,
+    ) -> Model {
+        let layout = Layout::new(&dims);
+        let params = vec![0f32; layout.total];
+        Self::assemble(be, dims, layout, params, precision, false, None)
+    }
+
+    /// Draw every tensor's initial values from `seed`, in order ([`Model::new_tp`]'s
+    /// values), handing each to `on_tensor(i, values, is_linear_weight)`: the other
+    /// tensors' values are drawn into `params`, the linears' weights one at a time into
+    /// the weight-gradient scratch, so no full-precision copy of the model is made.
+    pub(crate) fn init_tensors(
+        &mut self,
+        seed: u64,
+        on_tensor: &mut TensorInit<'_>,
+    ) -> Result<(), String> {
+        let (dims, tp) = (self.dims, self.tp);
         let full = Layout::new(&dims);
         let mut rng = crate::rng::Rng::new(seed);
-        let mut scratch = std::mem::take(&mut m.wgrad_f32);
-        for i in 0..m.layout.metas.len() {
-            let r = m.layout.range(i);
-            let linear = m.linear_of_tensor[i].is_some();
+        let mut scratch = std::mem::take(&mut self.wgrad_f32);
+        let mut out = Ok(());
+        for i in 0..self.layout.metas.len() {
+            let r = self.layout.range(i);
+            let linear = self.linear_of_tensor[i].is_some();
             let dst = if linear {
                 &mut scratch[..r.len()]
             } else {
-                &mut m.params[r]
+                &mut self.params[r]
             };
             match tp {
-                None => m.layout.init_tensor(&dims, i, dst, &mut rng),
+                None => self.layout.init_tensor(&dims, i, dst, &mut rng),
                 Some(s) => {
                     let mut whole = vec![0f32; full.metas[i].numel()];
                     full.init_tensor(&dims, i, &mut whole, &mut rng);
                     dst.copy_from_slice(&s.shard(&dims, &full, i, &whole));
                 }
             }
-            on_tensor(i, dst, linear)?;
+            out = on_tensor(i, dst, linear);
+            if out.is_err() {
+                break;
+            }
         }
-        m.wgrad_f32 = scratch;
-        Ok(m)
+        self.wgrad_f32 = scratch;
+        out
+    }
+
+    /// The FP8 linears' weight-gradient scratch (resident while training anyway), lent
+    /// as working space outside the backward (fp8-o3's start-up).
+    pub(crate) fn wgrad_scratch_mut(&mut self) -> &mut [f32] {
+        &mut self.wgrad_f32
     }
 
     fn assemble(

@@ -101,7 +101,9 @@
 //! per rank, only the ranges of the units it owns under its partition, re-partitioned
 //! when the rank count changed ([`crate::repartition`]). At start-up
 //! ([`Trainer::new_for_ranks`](crate::Trainer::new_for_ranks)) a rank builds only its own share, so no rank ever holds
-//! the whole optimizer state. ([`Trainer::gather_optimizer_state`](crate::Trainer::gather_optimizer_state) still gathers it, for
+//! the whole optimizer state, nor (`zero_start`) the whole model in f32: fresh, it draws
+//! each tensor in turn and keeps its units' masters; resumed, it reads the model group's
+//! f32 tensors only, by range, the linears' weights being the owners' masters. ([`Trainer::gather_optimizer_state`](crate::Trainer::gather_optimizer_state) still gathers it, for
 //! tests and tools; `fp8lm train` does not call it.)
 //!
 //! ## Map
@@ -118,6 +120,9 @@
 //!   communicator's thread; `dist.overlap = "auto"`;
 //! - `setup`: `enable_data_parallel*` (config agreement, plans, this rank's share, resume
 //!   from whole or sharded state), accessors, the checkpointed `extra` state;
+//! - `zero_start`: what an fp8-o3 rank built for several ranks draws at a fresh start
+//!   (each tensor in turn, keeping only its units' masters) and reads on resume (only
+//!   the f32 tensors of the model group, by range): no whole f32 model on any rank;
 //! - `bench`: the whole data-parallel loop and `fp8lm bench train --dist`.
 
 mod bench;
@@ -127,6 +132,7 @@ mod setup;
 pub mod step;
 mod zero;
 mod zero_dxt;
+pub(crate) mod zero_start;
 
 pub use bench::{
     bench_train_dist, bench_train_dist_table, bench_train_grid, bench_train_grid_table,

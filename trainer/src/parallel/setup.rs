@@ -5,6 +5,7 @@
 use super::grad_sync::group_plans;
 use super::overlap::resolve_overlap;
 use super::zero::Zero;
+use super::zero_start::{self, ZeroWeights};
 use super::{comm_err, slices_mut, DistState, WGRAD};
 use crate::checkpoint::shard::read_units;
 use crate::checkpoint::Checkpoint;
@@ -143,14 +144,29 @@ impl Trainer {
             let metas: Vec<_> = owned.iter().map(|&u| z.units[u].meta()).collect();
             // As fp8-o2: low-precision state for the FP8 linears' weights, f32 for the rest.
             let low: Vec<bool> = owned.iter().map(|&u| z.fp8_of_unit[u].is_some()).collect();
-            let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
             // The single-rank optimizer `Trainer::new` built (if any) goes first, so the
             // whole state and this rank's share never coexist.
             self.optimizer = Box::new(Fp8Adam::empty(ocfg));
             self.zero_deferred = false;
-            let mut ps = slices_mut(&mut self.model.params, &rs);
-            let mut opt =
-                Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low).map_err(|e| anyhow!(e))?;
+            if !self.zero_e4m3_eligible(size) {
+                // The f32 view of the masters: the whole model in `params`, as before.
+                zero_start::materialize(self)
+                    .map_err(|e| anyhow!("fp8-o3 on rank {rank} of {size}: {e:#}"))?;
+            }
+            zero_start::need_state(self, zero_state.is_some(), rank, size)?;
+            // A rank built for several ranks draws (fresh) or has read (resumed) only
+            // what it keeps (`zero_start`); one built whole takes its units from `params`.
+            let mut opt = match self.zero_weights {
+                ZeroWeights::Undrawn => zero_start::draw_share(self, &z, &owned, &low, ocfg)?,
+                ZeroWeights::Restored => zero_start::template_share(self, &z, &owned, &low, ocfg)?,
+                ZeroWeights::Held => {
+                    let rs: Vec<_> = owned.iter().map(|&u| z.ranges[u].clone()).collect();
+                    let mut ps = slices_mut(&mut self.model.params, &rs);
+                    Fp8Adam::with_low_precision(&metas, &mut ps, ocfg, &low)
+                        .map_err(|e| anyhow!(e))?
+                }
+            };
+            self.zero_weights = ZeroWeights::Held;
             let new_units = z.spans(&owned);
             // Names and formats only: no copy of the state.
             let template = state_template(&opt);
