@@ -109,15 +109,6 @@ impl Trainer {
         comm: &dyn Communicator,
         zero_state: Option<ZeroState<'_>>,
     ) -> Result<()> {
-        if self.cfg.grad_accum > 1 {
-            bail!(
-                "grad_accum = {}: gradient accumulation is not supported with data \
-                 parallelism yet (rank {} of {}); use grad_accum = 1 or one process",
-                self.cfg.grad_accum,
-                comm.rank(),
-                comm.size()
-            );
-        }
         // Under tensor parallelism `comm` is the data-parallel group of this rank's shard:
         // fp8-o3 partitions the shard's tensors over it (`super::zero_dxt`).
         let toml = crate::config_file::to_toml(&self.cfg);

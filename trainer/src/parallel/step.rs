@@ -162,11 +162,11 @@ impl Trainer {
         let d = self.model.dims;
         let (n, rank) = dp.as_ref().map_or((1, 0), |(s, _)| (s.size, s.rank));
         let rows = d.b * d.t;
-        // `grad_accum` micro-batches (one data-parallel rank only: data parallelism
-        // refuses k > 1 when it is enabled, sequence parallelism at `Trainer::new_tp`):
-        // each backward (of its own mean loss) adds to the gradients held; the sum is
-        // scaled by 1/k in the update (folded into grad_scale with the clip factor), so
-        // no buffer is rescaled. FP8 weight gradients accumulate in E5M2 (see
+        // `grad_accum` micro-batches: each backward (of its own mean loss) adds to the
+        // gradients held, and only the last one's reduces them over the data-parallel
+        // replicas (FP8-LM all-reduce, or fp8-o3's reduce-scatter, of the sums); the sum
+        // is scaled by 1/k in the update (folded into grad_scale with the clip factor),
+        // so no buffer is rescaled. FP8 weight gradients accumulate in E5M2 (see
         // `Linear::quantize_wgrad_acc`).
         let k = self.cfg.grad_accum.max(1);
         let label = match dp {
@@ -189,8 +189,11 @@ impl Trainer {
             }
             // 2-3. Forward, backward (+ reduction).
             self.model.set_accumulate(micro > 0);
+            // Only the last micro-batch's backward reduces over the replicas: the ones
+            // before it only add into this rank's gradients.
+            let reduce = dp.as_mut().filter(|_| micro + 1 == k);
             let r = self.forward_train(&label, tp).and_then(|(l, t1)| {
-                let b = self.backward_phase(dp.as_mut().map(|(s, c)| (&mut **s, *c)), tp)?;
+                let b = self.backward_phase(reduce.map(|(s, c)| (&mut **s, *c)), tp)?;
                 Ok((l, t1, b))
             });
             self.model.set_accumulate(false);
@@ -243,7 +246,8 @@ impl Trainer {
         let (grad_norm, skipped) = match (dp, packed) {
             (Some((dist, comm)), Some(packed)) => {
                 let before = comm_time;
-                let r = self.zero_update(dist, comm, loss, &mut comm_time, packed, tp_sharded)?;
+                let r =
+                    self.zero_update(dist, comm, loss, &mut comm_time, packed, tp_sharded, k)?;
                 exposed += comm_time - before;
                 r
             }

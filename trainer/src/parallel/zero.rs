@@ -593,7 +593,11 @@ impl Trainer {
         comm_time: &mut Duration,
         packed: ZeroPacked,
         tp: Option<(&dyn Communicator, &[bool])>,
+        micro: usize,
     ) -> Result<(f32, bool)> {
+        // `micro` batches summed into the gradients: the mean is the sum / micro, folded
+        // into the norm and the update's gradient scale (x * 1.0 == x for one).
+        let inv = 1.0 / micro.max(1) as f32;
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let (n, me) = (dist.size, dist.rank);
@@ -696,6 +700,7 @@ impl Trainer {
                 (shards + sq[1]).sqrt()
             }
         };
+        let grad_norm = grad_norm * inv;
         *comm_time += tc.elapsed();
         // FP8-LM's mu: halve on overflow, else grow to 2x over `growth_steps`, cap max_mu
         // (the configured rule, `dist.fp8_allreduce`); the fixed-mu methods keep theirs.
@@ -719,7 +724,7 @@ impl Trainer {
             // E4M3 weight storage: the owners write the compute bytes from their masters
             // in the update's pass and all-gather them (after a skipped step, re-cast
             // with the scale the forward may have moved, as fp8-o2 does).
-            let update = (!skipped).then_some((&grads[..], lr, clip_scale(grad_norm, clip)));
+            let update = (!skipped).then_some((&grads[..], lr, clip_scale(grad_norm, clip) * inv));
             let opt = self.optimizer.as_mut();
             *comm_time += z.update_and_share_e4m3(comm, model, opt, update)?;
             return Ok((grad_norm, skipped));
@@ -731,8 +736,13 @@ impl Trainer {
         let be = model.backend().clone();
         let mut ps = slices_mut(&mut model.params, &rs);
         let mut outs: Vec<ParamOut<'_>> = ps.iter_mut().map(|p| ParamOut::F32(p)).collect();
-        self.optimizer
-            .step_on(&*be, &mut outs, &grads, lr, clip_scale(grad_norm, clip));
+        self.optimizer.step_on(
+            &*be,
+            &mut outs,
+            &grads,
+            lr,
+            clip_scale(grad_norm, clip) * inv,
+        );
         // 5. Owners share the new weights.
         let tc = Instant::now();
         z.share_weights(comm, &mut model.params)?;

@@ -97,8 +97,7 @@ impl Trainer {
     /// `parallel::grad_sync`), then the norm (over `tp`, of the reduced gradients), skip,
     /// clip and update as [`Trainer::train_step_tp`]. The reported loss is the mean over
     /// `dp` of the replicas' losses. fp8-o3: ZeRO over `dp` instead of the averaging
-    /// (`parallel::zero_dxt`). Needs [`Trainer::enable_data_parallel`]`(dp)` first (which
-    /// refuses `grad_accum > 1`).
+    /// (`parallel::zero_dxt`). Needs [`Trainer::enable_data_parallel`]`(dp)` first.
     pub fn train_step_dxt(
         &mut self,
         data: &mut dyn Dataset,
