@@ -246,8 +246,7 @@ impl Trainer {
         let (grad_norm, skipped) = match (dp, packed) {
             (Some((dist, comm)), Some(packed)) => {
                 let before = comm_time;
-                let r =
-                    self.zero_update(dist, comm, loss, &mut comm_time, packed, tp_sharded, k)?;
+                let r = self.zero_update(dist, comm, loss, &mut comm_time, packed, tp_sharded)?;
                 exposed += comm_time - before;
                 r
             }

@@ -593,11 +593,11 @@ impl Trainer {
         comm_time: &mut Duration,
         packed: ZeroPacked,
         tp: Option<(&dyn Communicator, &[bool])>,
-        micro: usize,
     ) -> Result<(f32, bool)> {
-        // `micro` batches summed into the gradients: the mean is the sum / micro, folded
-        // into the norm and the update's gradient scale (x * 1.0 == x for one).
-        let inv = 1.0 / micro.max(1) as f32;
+        // `grad_accum` micro-batches summed into the gradients (`run_step`): the mean is
+        // the sum / k, folded into the norm and the update's gradient scale (x * 1.0 == x
+        // for one).
+        let inv = 1.0 / self.cfg.grad_accum.max(1) as f32;
         let lr = lr_at(&self.cfg.optim, self.step, self.cfg.max_steps);
         let clip = self.cfg.optim.grad_clip;
         let (n, me) = (dist.size, dist.rank);
