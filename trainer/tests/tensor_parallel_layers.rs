@@ -12,9 +12,9 @@ use fp8lm_collectives::{run_ranks, BufMut, CommError, Communicator, ReduceOp};
 use fp8lm_fp8::ScalingRecipe;
 use fp8lm_kernels::{Cpu, GemmOps, LayerOps, MatRef};
 use fp8lm_trainer::model::{Linear, LinearPrecision};
+use fp8lm_trainer::tensor_parallel::shard::embed_forward;
 use fp8lm_trainer::tensor_parallel::{
     even_part, qkv_rows, vocab_parallel_cross_entropy, ColumnParallelLinear, RowParallelLinear,
-    VocabParallelEmbedding,
 };
 
 fn values(seed: u64, n: usize, amp: f32) -> Vec<f32> {
@@ -308,15 +308,16 @@ fn vocab_parallel_embedding_and_cross_entropy_match_full_softmax() {
     for t in [2, 4] {
         let out = run_ranks(t, |comm| -> Result<_, CommError> {
             let vr = even_part("vocabulary", v, t, comm.rank()).unwrap();
-            let emb = VocabParallelEmbedding::from_full(&wte, c, vr.clone());
+            // the model's vocabulary-parallel lookup (f̄ included), on this rank's rows
+            let wte_t = &wte[vr.start * c..vr.end * c];
+            let row = |i: usize, o: &mut [f32]| o.copy_from_slice(&wte_t[i * c..(i + 1) * c]);
             let mut e = vec![0f32; n * c];
-            emb.forward(&mut e, &tokens);
-            reduce_from_tp(comm, &mut e)?;
+            embed_forward(comm, &mut e, &tokens, vr.clone(), &row, None, 1, c, None)?;
             let mut lg = vec![0f32; n * vr.len()];
             Cpu.gemm(
                 fp8lm_kernels::GemmShape::new(n, vr.len(), c).trans_b(),
                 MatRef::F32(&x),
-                MatRef::F32(&emb.weight),
+                MatRef::F32(wte_t),
                 &mut lg,
                 false,
             );

@@ -8,6 +8,7 @@
 //! - resume from a sharded checkpoint at step 3 (model group left on disk, only the f32
 //!   tensors read by range), on the same and another rank count: the same bits as the
 //!   old resume; on the same rank count the losses of the uninterrupted run.
+//!
 //! Tolerance: none; every comparison is of bit patterns.
 
 use fp8lm_collectives::{run_ranks, Communicator, LocalComm};

@@ -6,7 +6,8 @@
 //!   precision) with its region operators, forward and backward side by side; the only
 //!   tensor-parallel linears there are.
 //! - [`vocab`]: [`vocab_parallel_cross_entropy`] (the LM head's logits stay sharded over
-//!   the vocabulary; max and sum-exp are all-reduced) and [`VocabParallelEmbedding`].
+//!   the vocabulary; max and sum-exp are all-reduced); the vocabulary-parallel
+//!   embedding lookup itself is [`shard::embed_forward`] / [`shard::embed_backward`].
 //! - The region operators themselves (f, f̄, g, ḡ) and the FP8 all-gather of sequence
 //!   parallelism are in `fp8lm_collectives::mappings`; the process grid and its
 //!   sub-communicators in `fp8lm_collectives::grid`.
@@ -54,7 +55,7 @@ pub mod vocab;
 
 pub use layers::{ColumnParallelLinear, RowParallelLinear};
 pub use shard::TpShard;
-pub use vocab::{vocab_parallel_cross_entropy, VocabParallelEmbedding};
+pub use vocab::vocab_parallel_cross_entropy;
 
 use std::ops::Range;
 

@@ -1,5 +1,6 @@
-//! The vocabulary split over the tensor-parallel group: token embedding and the LM head's
-//! cross-entropy (Megatron's `VocabParallelEmbedding`, `vocab_parallel_cross_entropy`).
+//! The vocabulary split over the tensor-parallel group: the LM head's cross-entropy
+//! (Megatron's `vocab_parallel_cross_entropy`; the embedding's lookup, Megatron's
+//! `VocabParallelEmbedding`, is `super::shard::embed_forward`).
 //! GPT-2 124M spends 31% of its parameters on `wte`; without this split TP saves little.
 //!
 //! ```text
@@ -15,58 +16,6 @@
 
 use fp8lm_collectives::{BufMut, Communicator, ReduceOp, Result};
 use std::ops::Range;
-
-/// This rank's rows `vocab` of the token embedding `wte[V, c]`.
-#[derive(Clone, Debug)]
-pub struct VocabParallelEmbedding {
-    pub vocab: Range<usize>,
-    pub c: usize,
-    /// `[vocab.len(), c]`.
-    pub weight: Vec<f32>,
-    pub dweight: Vec<f32>,
-}
-
-impl VocabParallelEmbedding {
-    pub fn from_full(full: &[f32], c: usize, vocab: Range<usize>) -> Self {
-        let weight = full[vocab.start * c..vocab.end * c].to_vec();
-        VocabParallelEmbedding {
-            dweight: vec![0.0; weight.len()],
-            vocab,
-            c,
-            weight,
-        }
-    }
-
-    /// `out[n, c]`: this rank's partial lookup (rows of tokens outside its range are 0);
-    /// the caller all-reduces it over the group (f̄).
-    pub fn forward(&self, out: &mut [f32], tokens: &[u32]) {
-        let c = self.c;
-        for (row, &tok) in out.chunks_exact_mut(c).zip(tokens) {
-            let tok = tok as usize;
-            if self.vocab.contains(&tok) {
-                let i = tok - self.vocab.start;
-                row.copy_from_slice(&self.weight[i * c..(i + 1) * c]);
-            } else {
-                row.fill(0.0);
-            }
-        }
-    }
-
-    /// `dwte_t[tok - v0] += dout[n]` for this rank's tokens (`dout` is the full gradient,
-    /// identical on every rank: f̄'s backward is the identity).
-    pub fn backward(&mut self, dout: &[f32], tokens: &[u32]) {
-        let c = self.c;
-        for (row, &tok) in dout.chunks_exact(c).zip(tokens) {
-            let tok = tok as usize;
-            if self.vocab.contains(&tok) {
-                let i = tok - self.vocab.start;
-                for (d, &g) in self.dweight[i * c..(i + 1) * c].iter_mut().zip(row) {
-                    *d += g;
-                }
-            }
-        }
-    }
-}
 
 /// Cross-entropy over logits sharded by vocabulary. In place, `logits[n, v_local]` (this
 /// rank's columns `vocab`) become `dlogits = (p - onehot) * dloss`; `losses[n]` receive
