@@ -27,6 +27,8 @@
 //!   tensor_parallel_o3_reshard.rs.
 //! - A rank failing to write: no checkpoint, every rank's error names it.
 
+mod o3_grid;
+
 use fp8lm_collectives::grid::Grid;
 use fp8lm_collectives::{run_ranks, Communicator};
 use fp8lm_optim::StateTensor;
@@ -35,11 +37,10 @@ use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::repartition::{state_values, UnitSpan};
 use fp8lm_trainer::snapshot;
-use fp8lm_trainer::tensor_parallel::ckpt::{
-    restore_tp_except_optimizer, restore_tp_replica, save_trainer_tp,
-};
+use fp8lm_trainer::tensor_parallel::ckpt::save_trainer_tp;
 use fp8lm_trainer::{Precision, RunConfig, Trainer};
-use std::path::{Path, PathBuf};
+use o3_grid::{grid_run, half_spacing, scale_of, tmpdir};
+use std::path::Path;
 
 const STEPS: usize = 6;
 
@@ -53,13 +54,6 @@ fn cfg(tp: usize) -> RunConfig {
     c.model.context = 32;
     c.dist.tensor_parallel = tp;
     c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fp8lm-tpo3ckpt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -121,43 +115,12 @@ enum Start<'a> {
 /// `d` x 2 ranks: start, `steps` steps, then (with `save`) a checkpoint. With `d` = 1
 /// the T ranks run without data parallelism (fp8-o3 then holds each shard whole).
 fn grid(d: usize, start: Start<'_>, steps: usize, save: Option<&Path>) -> Vec<End> {
-    let c = cfg(2);
+    let resume = match start {
+        Start::Fresh => None,
+        Start::Resume(root) => Some(root),
+    };
     let g = Grid::new(2 * d, 2).unwrap();
-    run_ranks(2 * d, |world| {
-        let (tp, dp) = g.groups(world)?;
-        let mut data = MarkovCorpus::new(3);
-        let mut tr = Trainer::new_tp(&c, data.vocab_size(), tp.rank())?;
-        let ck = match start {
-            Start::Fresh => None,
-            Start::Resume(root) => Some(Checkpoint::load(root)?),
-        };
-        if d > 1 {
-            if let Some(ck) = &ck {
-                restore_tp_except_optimizer(&mut tr, &mut data, ck)?;
-            }
-            tr.enable_data_parallel_from_tp_checkpoint(&dp, world, ck.as_ref())?;
-            if let Some(ck) = &ck {
-                restore_tp_replica(&mut tr, ck)?;
-            }
-        } else if let Some(ck) = &ck {
-            snapshot::restore(&mut tr, &mut data, ck)?;
-        }
-        let losses = (0..steps)
-            .map(|_| {
-                if d > 1 {
-                    tr.train_step_dxt(&mut data, &tp, &dp).map(|s| s.loss)
-                } else {
-                    tr.train_step_tp(&mut data, &tp).map(|s| s.loss)
-                }
-            })
-            .collect::<anyhow::Result<Vec<f32>>>()?;
-        if let Some(root) = save {
-            let e = serde_json::Value::Object(tr.dist_checkpoint_extra());
-            save_trainer_tp(&tr, &data, e, world, dp.rank(), root, 0, &mut |_| Ok(()))?;
-        }
-        anyhow::Ok(end(&tr, dp.rank(), tp.rank(), losses))
-    })
-    .unwrap()
+    grid_run(&cfg(2), &g, resume, steps, save, end)
 }
 
 #[test]
@@ -276,23 +239,6 @@ fn grid_2x2_fp8_o3_resumes_bit_for_bit() {
         }
     }
     std::fs::remove_dir_all(&root).ok();
-}
-
-fn scale_of(s: &StateTensor) -> f32 {
-    match s {
-        StateTensor::F16 { scale, .. } => *scale,
-        StateTensor::Fp8(t) => t.scale,
-        _ => 1.0,
-    }
-}
-
-/// Half a subnormal spacing of `s`'s format at scale 1 (0 for f32: exact).
-fn half_spacing(s: &StateTensor) -> f32 {
-    match s {
-        StateTensor::F16 { .. } => 2f32.powi(-25),
-        StateTensor::Fp8(_) => 2f32.powi(-10),
-        _ => 0.0,
-    }
 }
 
 /// `whole` holds every tensor of a shard whole (`names`); `parts` the units `units` of

@@ -33,8 +33,10 @@
 //!   1x2 -> 2x1 101; none for 1x1 -> 1x2 and 1x2 -> 1x4 (each slice inside one stored
 //!   tensor: its scale is at least the stored one; asserted).
 
+mod o3_grid;
+
 use fp8lm_collectives::grid::Grid;
-use fp8lm_collectives::{run_ranks, Communicator};
+use fp8lm_collectives::run_ranks;
 use fp8lm_optim::StateTensor;
 use fp8lm_trainer::checkpoint::tp::runs;
 use fp8lm_trainer::checkpoint::Checkpoint;
@@ -43,14 +45,12 @@ use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::model::{Dims, Layout};
 use fp8lm_trainer::repartition::{state_values, UnitSpan};
 use fp8lm_trainer::snapshot;
-use fp8lm_trainer::tensor_parallel::ckpt::{
-    restore_tp_except_optimizer, restore_tp_replica, save_trainer_tp,
-};
 use fp8lm_trainer::tensor_parallel::shard::Split;
 use fp8lm_trainer::tensor_parallel::TpShard;
 use fp8lm_trainer::{Precision, RunConfig, Trainer};
+use o3_grid::{grid_run, half_spacing, scale_of, tmpdir};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Rows per replica.
 const B: usize = 4;
@@ -69,13 +69,6 @@ fn cfg(tp: usize, batch: usize, steps: usize) -> RunConfig {
     c.model.context = 32;
     c.dist.tensor_parallel = tp;
     c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fp8lm-o3reshard-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// One rank's end: its coordinates, losses, optimizer state and its units (`None`:
@@ -153,39 +146,15 @@ fn run(
         })
         .unwrap();
     }
+    let resume = match start {
+        Start::Fresh => None,
+        // (the control is one process only: not here)
+        Start::Resume(root) | Start::WithoutOptimizer(root) => Some(root),
+    };
     let g = Grid::new(d * t, t).unwrap();
-    run_ranks(d * t, |world| {
-        let (tp, dp) = g.groups(world)?;
-        let mut data = MarkovCorpus::new(3);
-        let mut tr = Trainer::new_tp(&c, data.vocab_size(), tp.rank())?;
-        let ck = ck()?;
-        if d > 1 {
-            if let Some(ck) = &ck {
-                restore_tp_except_optimizer(&mut tr, &mut data, ck)?;
-            }
-            tr.enable_data_parallel_from_tp_checkpoint(&dp, world, ck.as_ref())?;
-            if let Some(ck) = &ck {
-                restore_tp_replica(&mut tr, ck)?;
-            }
-        } else if let Some(ck) = &ck {
-            snapshot::restore(&mut tr, &mut data, ck)?;
-        }
-        let losses = (0..steps)
-            .map(|_| {
-                if d > 1 {
-                    tr.train_step_dxt(&mut data, &tp, &dp).map(|s| s.loss)
-                } else {
-                    tr.train_step_tp(&mut data, &tp).map(|s| s.loss)
-                }
-            })
-            .collect::<anyhow::Result<Vec<f32>>>()?;
-        if let Some(root) = save {
-            let e = serde_json::Value::Object(tr.dist_checkpoint_extra());
-            save_trainer_tp(&tr, &data, e, world, dp.rank(), root, 0, &mut |_| Ok(()))?;
-        }
-        anyhow::Ok(end(&tr, tp.rank(), losses))
+    grid_run(&c, &g, resume, steps, save, |tr, _dp, tp, losses| {
+        end(tr, tp, losses)
     })
-    .unwrap()
 }
 
 /// The full model's layout.
@@ -237,23 +206,6 @@ fn find<'a>(st: &'a [(String, StateTensor)], k: &str) -> &'a StateTensor {
         .find(|(n, _)| n == k)
         .unwrap_or_else(|| panic!("no state {k}"))
         .1
-}
-
-fn scale_of(s: &StateTensor) -> f32 {
-    match s {
-        StateTensor::F16 { scale, .. } => *scale,
-        StateTensor::Fp8(t) => t.scale,
-        _ => 1.0,
-    }
-}
-
-/// Half a subnormal spacing of `s`'s format at scale 1 (0 for f32: exact).
-fn half_spacing(s: &StateTensor) -> f32 {
-    match s {
-        StateTensor::F16 { .. } => 2f32.powi(-25),
-        StateTensor::Fp8(_) => 2f32.powi(-10),
-        _ => 0.0,
-    }
 }
 
 const STATES: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
