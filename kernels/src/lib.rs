@@ -28,8 +28,9 @@
 //! - [`GemmOps`]: matrix products with f32 accumulation whose operands may be f32, bf16 or
 //!   scaled FP8 ([`MatRef`]). FP8 operands are decoded while packing, so the decode costs
 //!   O(mk + kn), not O(mnk). Outputs f32 ([`GemmOps::gemm`], optionally `C +=`), bf16
-//!   ([`GemmOps::gemm_bf16_out`]) or FP8 with the result's amax
-//!   ([`GemmOps::gemm_fp8_out`]). The CPU kernel is picked at run time ([`Isa`]:
+//!   ([`GemmOps::gemm_bf16_out`]) or FP8 with the result's amax and cast counts
+//!   ([`GemmOps::gemm_fp8_out`]; on the matrix units, with K in one K-block, the cast is
+//!   fused into the tile store and no f32 result is written). The CPU kernel is picked at run time ([`Isa`]:
 //!   AVX-512F, AVX2+FMA, or portable).
 //! - [`LayerOps`]: the non-GEMM ops (embeddings, LayerNorm/RMSNorm, GELU/SwiGLU, bias,
 //!   residual, rotary embeddings, causal attention, softmax cross-entropy), f32 at every
