@@ -7,7 +7,6 @@
 //! The reference is the same code on a group of one rank (every shard = the whole
 //! tensor), so a difference can only come from the sharding and the collectives.
 
-use fp8lm_collectives::mappings::reduce_from_tp;
 use fp8lm_collectives::{run_ranks, BufMut, CommError, Communicator, ReduceOp};
 use fp8lm_fp8::ScalingRecipe;
 use fp8lm_kernels::{Cpu, GemmOps, LayerOps, MatRef};
