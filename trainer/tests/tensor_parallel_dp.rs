@@ -36,6 +36,9 @@ use fp8lm_trainer::data::synthetic::MarkovCorpus;
 use fp8lm_trainer::data::Dataset;
 use fp8lm_trainer::{Arch, Precision, RunConfig, Trainer};
 
+mod rows;
+use rows::Rows;
+
 const STEPS: usize = 10;
 const B: usize = 4;
 
@@ -315,6 +318,57 @@ fn fp8_o3_dp_over_tp_trains_like_twice_the_batch() {
                 e.tp,
                 e.state.total(),
                 whole.total()
+            );
+        }
+    }
+}
+
+/// D = 2 x T = 2, `batch` rows per replica from [`Rows`] (row r a fixed function of r,
+/// so k micro-batches draw exactly the rows one batch of k * B draws): rank 0's
+/// (loss, gradient norm) per step.
+fn grid_rows(c: &RunConfig, steps: usize) -> Vec<(f32, f32)> {
+    let grid = Grid::new(4, 2).unwrap();
+    run_ranks(4, |world| {
+        let (tp, dp) = grid.groups(world)?;
+        let mut data = Rows { next: 0, vocab: 64 };
+        let mut tr = Trainer::new_tp(c, 64, tp.rank())?;
+        tr.enable_data_parallel(&dp)?;
+        (0..steps)
+            .map(|_| {
+                let s = tr.train_step_dxt(&mut data, &tp, &dp)?;
+                Ok((s.loss, s.grad_norm))
+            })
+            .collect::<anyhow::Result<Vec<(f32, f32)>>>()
+    })
+    .unwrap()
+    .swap_remove(0)
+}
+
+/// `grad_accum = 2` on the 2 x 2 grid (micro-batches add, the last one's backward
+/// reduces over the replicas) equals one batch of twice the rows: the bounds of
+/// `tests/tests/dp_grad_accum.rs` (fp32: f32 summation order, 1e-5; FP8: the E5M2
+/// accumulation bound 0.16 on the norm, the FP8 D-vs-1 bound 2e-3 on the losses; a
+/// missing 1/k doubles the norm).
+#[test]
+fn grad_accum_on_the_grid_equals_one_big_batch() {
+    for (p, loss_tol, norm_tol) in [
+        (Precision::Fp32, 1e-5, 1e-5),
+        (Precision::Fp8O1, 2e-3, 0.16),
+        (Precision::Fp8O3, 2e-3, 0.16),
+    ] {
+        let mut accum = cfg(Arch::Gpt2, p, B / 2);
+        accum.grad_accum = 2;
+        let (a, b) = (grid_rows(&accum, 3), grid_rows(&cfg(Arch::Gpt2, p, B), 3));
+        for (step, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate() {
+            let rel = |x: f32, y: f32| ((x - y) / y).abs() as f64;
+            println!("{p:?} step {step}: loss {la} vs {lb}, norm {na} vs {nb}");
+            assert!(
+                rel(*la, *lb) <= loss_tol,
+                "{p:?} step {step}: loss {la} vs {lb}"
+            );
+            assert!(
+                rel(*na, *nb) <= norm_tol,
+                "{p:?} step {step}: norm {na} vs {nb}"
             );
         }
     }
