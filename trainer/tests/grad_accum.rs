@@ -28,7 +28,8 @@ fn grads_f64(tr: &Trainer) -> Vec<f64> {
     out
 }
 
-fn one_step(precision: Precision, batch: usize, accum: usize) -> (f32, Vec<f64>) {
+/// One optimizer step of `accum` micro-batches of `batch` rows, context 16.
+fn one_step_cfg(precision: Precision, batch: usize, accum: usize) -> RunConfig {
     let mut cfg = RunConfig {
         precision,
         batch,
@@ -37,6 +38,11 @@ fn one_step(precision: Precision, batch: usize, accum: usize) -> (f32, Vec<f64>)
         ..RunConfig::default()
     };
     cfg.model.context = 16;
+    cfg
+}
+
+fn one_step(precision: Precision, batch: usize, accum: usize) -> (f32, Vec<f64>) {
+    let cfg = one_step_cfg(precision, batch, accum);
     let mut data = Rows { next: 0, vocab: 64 };
     let mut tr = Trainer::new(&cfg, 64).unwrap();
     let st = tr.train_step(&mut data).unwrap();
@@ -95,14 +101,7 @@ fn one_step_tp(
     tp: usize,
     sp: bool,
 ) -> Vec<(f32, Vec<f64>)> {
-    let mut cfg = RunConfig {
-        precision,
-        batch,
-        grad_accum: accum,
-        max_steps: 1,
-        ..RunConfig::default()
-    };
-    cfg.model.context = 16;
+    let mut cfg = one_step_cfg(precision, batch, accum);
     cfg.dist.tensor_parallel = tp;
     cfg.dist.sequence_parallel = sp;
     fp8lm_collectives::run_ranks(tp, |comm| {
