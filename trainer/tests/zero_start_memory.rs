@@ -8,8 +8,9 @@
 //! owners' all-gather, activations, gradients). The issue's target: within 10% of it.
 //! The control: the start-up and resume this replaced (`Trainer::zero_draw_whole_model`,
 //! the whole model group loaded) measured the same way peak above the new ones by at
-//! least one rank's whole f32 model (4 B/param) on resume, a quarter of one at start-up
-//! (see the test), else the measurement could not see what it is meant to catch.
+//! least 0.9 of one rank's whole f32 model (4 B/param) on resume, else the measurement
+//! could not see what it is meant to catch; the start-up gap depends on scheduling and is
+//! printed (see the test).
 //!
 //! One test in this binary: each measurement is of the whole process.
 
@@ -148,22 +149,31 @@ fn o3_start_up_and_resume_hold_no_transient_f32_model() {
         mb(old_resume.1),
     );
     // The old resume holds its whole f32 model and the model group's f32 bytes on every
-    // rank across the phase: at least one f32 model apart. The old start-up's f32 model
-    // is freed before its owners' all-gather (part of the peak here, not in the new
-    // start-up's: the two ranks reach it at times the scheduler decides), so only a
-    // quarter of one is asked for: 0.7 and 1.7 f32 models were seen.
+    // rank across the phase: at least one f32 model apart, asserted (the control that
+    // the measurement sees an f32 model). The old start-up's f32 model is freed before
+    // its owners' all-gather, and how much of it overlaps the rest of the peak depends on
+    // when the scheduler runs the two ranks: 0.16 to 1.7 f32 models apart were seen (0.16
+    // on a loaded CI machine), so that gap is printed, not asserted.
     for (what, new, old, control) in [
-        ("start-up", new_start, old_start, f32_model / 4),
-        ("resume", new_resume, old_resume, f32_model * 9 / 10),
+        ("start-up", new_start, old_start, None),
+        ("resume", new_resume, old_resume, Some(f32_model * 9 / 10)),
     ] {
-        assert!(
-            old.0 >= new.0 + control,
-            "control: the old {what} peaked at {:.1} MB, the new at {:.1} MB: less than \
-             {:.1} MB apart, so the measurement does not see the f32 model",
+        eprintln!(
+            "{what}: old {:.1} MB vs new {:.1} MB ({:.2} f32 models apart)",
             mb(old.0),
             mb(new.0),
-            mb(control)
+            (old.0 as f64 - new.0 as f64) / f32_model as f64
         );
+        if let Some(control) = control {
+            assert!(
+                old.0 >= new.0 + control,
+                "control: the old {what} peaked at {:.1} MB, the new at {:.1} MB: less than \
+                 {:.1} MB apart, so the measurement does not see the f32 model",
+                mb(old.0),
+                mb(new.0),
+                mb(control)
+            );
+        }
         assert!(
             new.0 as f64 <= 1.1 * new.1 as f64,
             "fp8-o3 {what} peaked at {:.1} MB, over 1.1 x the {:.1} MB of the step after it",
