@@ -143,7 +143,7 @@ fn linears(d: &Dims, ca: usize, lay: &Layout) -> Vec<(usize, LinearShape)> {
     out
 }
 
-/// f32 elements of the activation arena (`Acts` in `model/gpt.rs`): what the forward
+/// f32 elements of the activation arena (`Acts` in `model/gpt/acts.rs`): what the forward
 /// keeps for the backward, and the backward's one-layer scratch, for a rank with dims
 /// `d`, attention width `ca` and `1 / spt` of the residual stream's rows.
 /// `keep_linear_inputs`: fp32 keeps every layer's linear inputs (its dW GEMMs read them
@@ -419,7 +419,7 @@ pub fn plan(cfg: &RunConfig, vocab: usize, grid: PlanGrid) -> Result<Plan> {
 }
 
 /// Bytes one rank sends per step inside its tensor-parallel group (rings over T ranks;
-/// n = batch x context tokens, C channels, L blocks), as `model/gpt.rs` and
+/// n = batch x context tokens, C channels, L blocks), as `model/gpt/` and
 /// `tensor_parallel/` move them:
 /// - without SP, all-reduces of `[n, C]` f32: f̄ after the embedding and both row-parallel
 ///   layers, f's backward before both column-parallel layers of a block and the head

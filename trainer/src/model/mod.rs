@@ -2,7 +2,9 @@
 //!
 //! - [`params`]: shapes ([`Dims`]), the flat parameter layout and GPT-2 init;
 //! - [`linear`]: the single linear layer every GEMM goes through, per precision mode;
-//! - [`gpt`]: the network, its activation arena and the forward/backward passes.
+//! - [`gpt`]: the network (`gpt/mod.rs`: the `Model` and its construction), its
+//!   activation arena (`acts.rs`), the forward (`forward.rs`) and backward
+//!   (`backward.rs`) passes, and the gradients the rest of the step sees (`grads.rs`).
 //!
 //! Every op (GEMMs, the non-GEMM layer ops of `fp8lm_kernels::layers`, casts, amax,
 //! decodes) is a backend op: the model and its linears hold one `Arc<dyn
